@@ -1,0 +1,183 @@
+"""What a run is: the model (`ModelConfig`, with presets) and the work it does (`Workload`).
+
+Both are frozen dataclasses validated on construction. Every error is a `ValueError` whose one-line
+message names the field and says what would fit, so the CLI can print it as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXPERT_KINDS = ("mlp", "swiglu")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise ValueError(message)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    """`"fp32"` or `"bf16"` to a torch dtype (fp16 is left out: its CPU matmul is unusably slow)."""
+    _check(name in DTYPES, f"unknown dtype {name!r}; use one of: {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A decoder-only MoE transformer: every layer is attention + an MoE block of routed experts.
+
+    Router convention: softmax over all `n_experts` router logits, keep the `top_k` largest; with
+    `renormalize` the kept weights are divided by their sum, which equals a softmax over the top-k
+    logits (Mixtral, OLMoE). Without it the weights are the raw probabilities (Qwen2-MoE default).
+    Experts: `mlp` is down(gelu(up(x))) (two matrices, the seed's), `swiglu` is
+    down(silu(gate(x)) * up(x)) (three matrices: Mixtral, Qwen2-MoE, OLMoE).
+    """
+
+    name: str
+    n_layers: int
+    n_experts: int
+    top_k: int
+    d_model: int
+    n_heads: int
+    head_dim: int
+    expert_hidden: int
+    vocab_size: int
+    max_seq_len: int
+    n_kv_heads: int | None = None  # None: same as n_heads (plain multi-head attention)
+    expert_kind: str = "mlp"
+    renormalize: bool = True
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    tie_embeddings: bool = False
+    dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        for name in ("n_layers", "n_experts", "top_k", "d_model", "n_heads", "head_dim",
+                     "expert_hidden", "vocab_size", "max_seq_len"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0,
+                   f"ModelConfig.{name}={value!r} must be a positive integer")
+        if self.n_kv_heads is None:
+            object.__setattr__(self, "n_kv_heads", self.n_heads)
+        _check(isinstance(self.n_kv_heads, int) and self.n_kv_heads > 0,
+               f"ModelConfig.n_kv_heads={self.n_kv_heads!r} must be a positive integer")
+        _check(self.n_heads % self.n_kv_heads == 0,
+               f"ModelConfig.n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}; "
+               f"use a divisor of {self.n_heads}")
+        _check(self.top_k <= self.n_experts,
+               f"ModelConfig.top_k={self.top_k} must be <= n_experts={self.n_experts}")
+        _check(self.expert_kind in EXPERT_KINDS,
+               f"ModelConfig.expert_kind={self.expert_kind!r}; use one of: {', '.join(EXPERT_KINDS)}")
+        _check(self.head_dim % 2 == 0,
+               f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
+        _check(self.rope_theta > 0, f"ModelConfig.rope_theta={self.rope_theta} must be > 0")
+        _check(self.norm_eps > 0, f"ModelConfig.norm_eps={self.norm_eps} must be > 0")
+        parse_dtype(self.dtype)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def matrices_per_expert(self) -> int:
+        return 3 if self.expert_kind == "swiglu" else 2
+
+    def with_(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed, validated again."""
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # The seed's model. The seed gives layers, experts, d_model, heads x head_dim, expert hidden,
+    # BF16 and "MLP" experts; it does not give top-k, vocabulary, norm or position encoding, so
+    # these are assumptions: top-2 routing (as Mixtral / GShard), RMSNorm, RoPE, vocab 32000,
+    # a context of 10,000 prompt tokens plus room to generate.
+    "paper": ModelConfig(
+        name="paper", n_layers=16, n_experts=16, top_k=2, d_model=4096, n_heads=32, head_dim=128,
+        expert_hidden=16384, vocab_size=32000, max_seq_len=16384, expert_kind="mlp", dtype="bf16",
+    ),
+    # The same architecture scaled down for tests: 16 experts so that 16 ranks hold one each,
+    # 8 heads x 32 so that TP=8 divides heads and KV heads.
+    "tiny": ModelConfig(
+        name="tiny", n_layers=4, n_experts=16, top_k=2, d_model=256, n_heads=8, head_dim=32,
+        expert_hidden=1024, vocab_size=1024, max_seq_len=512, expert_kind="mlp", dtype="fp32",
+    ),
+    # Sized so that one CPU rank does real work in a benchmark: matmuls of 1024 x 2816 are large
+    # enough to run near this machine's matmul peak, while a whole run stays within seconds.
+    "small": ModelConfig(
+        name="small", n_layers=4, n_experts=8, top_k=2, d_model=1024, n_heads=16, head_dim=64,
+        expert_hidden=2816, vocab_size=8192, max_seq_len=2048, expert_kind="mlp", dtype="bf16",
+    ),
+}
+
+
+def preset(name: str, **overrides) -> ModelConfig:
+    """A preset by name, optionally with fields overridden (`preset("tiny", dtype="bf16")`)."""
+    _check(name in PRESETS, f"unknown preset {name!r}; use one of: {', '.join(PRESETS)}")
+    return PRESETS[name].with_(**overrides) if overrides else PRESETS[name]
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A batch of prompts and how much to generate from each.
+
+    Prompts are either synthetic (`batch_size` x `prompt_len` ids drawn from `seed`) or explicit
+    `prompt_ids`, one equal-length tuple per sequence. `temperature == 0` is greedy decoding;
+    otherwise temperature / top-p sampling from a generator seeded with `seed`.
+    """
+
+    batch_size: int = 8
+    prompt_len: int = 64
+    gen_len: int = 32
+    seed: int = 0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    prompt_ids: tuple[tuple[int, ...], ...] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.prompt_ids is not None:
+            ids = tuple(tuple(int(t) for t in p) for p in self.prompt_ids)
+            _check(len(ids) > 0 and all(len(p) > 0 for p in ids),
+                   "prompt ids are empty; give at least one token id per prompt")
+            _check(len({len(p) for p in ids}) == 1,
+                   "prompts have different lengths; give prompts of equal length in one batch")
+            object.__setattr__(self, "prompt_ids", ids)
+            object.__setattr__(self, "batch_size", len(ids))
+            object.__setattr__(self, "prompt_len", len(ids[0]))
+        _check(isinstance(self.batch_size, int) and self.batch_size > 0,
+               f"batch size {self.batch_size} must be at least 1")
+        _check(isinstance(self.prompt_len, int) and self.prompt_len > 0,
+               f"prompt length {self.prompt_len} must be at least 1")
+        _check(isinstance(self.gen_len, int) and self.gen_len > 0,
+               f"generation length {self.gen_len} must be at least 1")
+        _check(self.temperature >= 0, f"temperature {self.temperature} must be >= 0 (0 is greedy)")
+        _check(0 < self.top_p <= 1, f"top_p {self.top_p} must be in (0, 1]")
+
+    @property
+    def total_len(self) -> int:
+        return self.prompt_len + self.gen_len
+
+    def validate_for(self, config: ModelConfig) -> None:
+        """Errors a model would hit mid-run, raised before any work starts."""
+        _check(self.total_len <= config.max_seq_len,
+               f"prompt length {self.prompt_len} + generation length {self.gen_len} = "
+               f"{self.total_len} exceeds the model's maximum length {config.max_seq_len}; "
+               f"shorten the prompt or generate fewer tokens")
+        if self.prompt_ids is not None:
+            bad = [t for p in self.prompt_ids for t in p if not 0 <= t < config.vocab_size]
+            _check(not bad, f"token id {bad[0] if bad else 0} is outside the vocabulary "
+                            f"[0, {config.vocab_size}); use ids below {config.vocab_size}")
+
+    def prompts(self, config: ModelConfig) -> torch.Tensor:
+        """The prompt token ids, `[batch_size, prompt_len]` int64."""
+        self.validate_for(config)
+        if self.prompt_ids is not None:
+            return torch.tensor(self.prompt_ids, dtype=torch.long)
+        gen = torch.Generator().manual_seed(self.seed)
+        return torch.randint(0, config.vocab_size, (self.batch_size, self.prompt_len), generator=gen)

@@ -1,0 +1,133 @@
+"""The prefill / decode loop of one rank, the same for every deployment.
+
+A rank runs the layers it holds for the sequences it owns, in micro-batches. On a single device
+that is the whole model and the whole batch in one micro-batch. Under pipeline parallelism the
+`StageLinks` move hidden states to the next stage and sampled tokens from the last stage back to
+the first; under expert parallelism the MoE layers exchange tokens inside the model's forward, so
+every rank of a stage must run every micro-batch, even one with no sequence of its own.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from expertmesh.config import Workload
+from expertmesh.engine.sampling import sample
+from expertmesh.model.transformer import MoETransformer
+
+
+class StageLinks(Protocol):
+    """Pipeline neighbours of a stage (implemented in `parallel/pipeline.py`)."""
+
+    is_first: bool
+    is_last: bool
+
+    def send_hidden(self, micro: int, h: torch.Tensor) -> None: ...
+    def recv_hidden(self, micro: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+    def send_tokens(self, micro: int, tokens: torch.Tensor) -> None: ...
+    def recv_tokens(self, micro: int, n: int) -> torch.Tensor: ...
+    def finish(self) -> None: ...
+
+
+class SingleStage:
+    """The whole model on this rank: no neighbours."""
+
+    is_first = True
+    is_last = True
+
+    def finish(self) -> None:
+        pass
+
+
+@dataclass
+class Generation:
+    """What one rank produced: tokens `[b, gen_len]` of its sequences `rows` (global indices).
+
+    `step_times` is the event log of `engine/metrics.py`, relative to `start`; it is filled on
+    ranks that sample (the last pipeline stage). `logits` `[b, gen_len, V]` only when recorded.
+    """
+
+    rows: list[int]
+    tokens: torch.Tensor
+    start: float
+    step_times: list[float] = field(default_factory=list)
+    logits: torch.Tensor | None = None
+    kv_cache_bytes: int = 0
+
+
+def micro_batches(n: int, parts: int) -> list[slice]:
+    """Split n rows into `parts` contiguous slices, sizes differing by at most one (some may be empty)."""
+    base, extra = divmod(n, parts)
+    bounds = [0]
+    for i in range(parts):
+        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
+    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
+
+
+def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, rows: list[int],
+             n_micro: int = 1, links: StageLinks | None = None, record_logits: bool = False,
+             on_step: Callable[[int], None] | None = None) -> Generation:
+    """Prefill then decode `workload.gen_len` tokens for this rank's sequences.
+
+    prompts `[b, prompt_len]` int64 are the prompts of the global sequences `rows` (needed on the
+    first stage only). Returns this rank's `Generation`.
+    """
+    links = links or SingleStage()
+    record_logits = record_logits and links.is_last
+    device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
+    b, P, G = len(rows), workload.prompt_len, workload.gen_len
+    caches = model.make_caches(b, workload.total_len)
+    parts = micro_batches(b, n_micro)
+    tokens = torch.zeros(b, G, dtype=torch.long, device=device)
+    global_rows = torch.tensor(rows, dtype=torch.long)
+    prompts = prompts.to(device)
+    logits_log = [] if record_logits else None
+    result = Generation(rows=rows, tokens=tokens, start=0.0,
+                        kv_cache_bytes=sum(c.nbytes for c in caches.values()))
+    d_model = model.cfg.d_model
+
+    result.start = time.perf_counter()
+    with torch.inference_mode():
+        for step in range(G):
+            start, length = (0, P) if step == 0 else (P + step - 1, 1)
+            step_logits = []
+            for m, part in enumerate(parts):
+                n = part.stop - part.start
+                if links.is_first:
+                    if step == 0:
+                        x = prompts[part]
+                    else:
+                        if not links.is_last and n:
+                            tokens[part, step - 1] = links.recv_tokens(m, n).to(device)
+                        x = tokens[part, step - 1:step]
+                else:
+                    shape = (n, length, d_model)
+                    x = links.recv_hidden(m, shape, dtype) if n else torch.zeros(shape, dtype=dtype, device=device)
+                out = model(x, caches, part, start)
+                if not links.is_last:
+                    if n:
+                        links.send_hidden(m, out)
+                    continue
+                next_tokens = sample(out, global_rows[part], step, workload)
+                tokens[part, step] = next_tokens
+                if record_logits:
+                    step_logits.append(out.float().cpu())
+                if not links.is_first and n and step < G - 1:
+                    links.send_tokens(m, next_tokens)
+            if links.is_last:
+                result.step_times.append(time.perf_counter())
+                if record_logits:
+                    logits_log.append(torch.cat(step_logits))
+            if on_step is not None:
+                on_step(step)
+    links.finish()
+    if record_logits:
+        result.logits = torch.stack(logits_log, dim=1)
+    result.tokens = tokens.cpu()
+    return result

@@ -1,0 +1,139 @@
+"""Start the ranks of a run: locally (one forked process per rank, gloo on loopback) or by joining
+a group that `torchrun` set up (RANK / WORLD_SIZE / LOCAL_RANK in the environment; NCCL and one
+GPU per rank when CUDA is available).
+
+Failures are bounded: when a local rank raises or dies, the launcher kills every other rank and
+raises `RankFailure` naming the rank and its error; when the run outlives `timeout` seconds it
+does the same, naming the ranks that had not finished. No child outlives the launcher.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import multiprocessing as mp
+import os
+import pickle
+import signal
+import socket
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from datetime import timedelta
+from typing import TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+POLL_S = 0.05
+
+
+class RankFailure(RuntimeError):
+    def __init__(self, rank: int | None, message: str):
+        super().__init__(f"rank {rank} failed: {message}" if rank is not None else message)
+        self.rank = rank
+
+
+def under_torchrun() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def default_backend() -> str:
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None = None,
+           timeout: float = 600.0) -> T | None:
+    """Run `fn(device)` on every rank of a `world_size` group; returns rank 0's value (None elsewhere)."""
+    if under_torchrun():
+        return _join_torchrun(fn, world_size, backend, timeout)
+    return _run_local(fn, world_size, backend or "gloo", timeout)
+
+
+def _join_torchrun(fn, world_size, backend, timeout):
+    env_world = int(os.environ["WORLD_SIZE"])
+    if env_world != world_size:
+        raise ValueError(f"torchrun started {env_world} processes but the deployment needs "
+                         f"{world_size}; set --nnodes x --nproc-per-node to {world_size}")
+    backend = backend or default_backend()
+    device = torch.device("cpu")
+    if backend == "nccl":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    try:
+        return fn(device)
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process if the launcher dies, so no rank is orphaned."""
+    if sys.platform.startswith("linux"):
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+def _child(rank, world_size, port, fn, queue, backend, timeout):
+    _die_with_parent()
+    torch.set_num_threads(1)  # ranks share the cores: one thread each avoids oversubscription
+    status, payload = "ok", None
+    try:
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                world_size=world_size, timeout=timedelta(seconds=timeout))
+        result = fn(torch.device("cpu"))
+        payload = pickle.dumps(result) if rank == 0 else None
+    except BaseException as exc:  # report anything, KeyboardInterrupt included, then exit
+        traceback.print_exc(file=sys.stderr)
+        status, payload = "error", f"{type(exc).__name__}: {exc}"
+    queue.put((rank, status, payload))
+    os._exit(0 if status == "ok" else 1)  # skip teardown that could wait on dead peers
+
+
+def _run_local(fn, world_size, backend, timeout):
+    ctx = mp.get_context("fork")
+    queue = ctx.SimpleQueue()
+    port = free_port()
+    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, queue, backend, timeout),
+                         daemon=True) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + timeout
+    done: dict[int, object] = {}
+    try:
+        while len(done) < world_size:
+            while not queue.empty():
+                rank, status, payload = queue.get()
+                if status == "error":
+                    raise RankFailure(rank, payload)
+                done[rank] = payload
+            for rank, p in enumerate(procs):
+                if rank not in done and p.exitcode is not None and queue.empty():
+                    raise RankFailure(rank, _describe_exit(p.exitcode))
+            if time.monotonic() > deadline:
+                missing = [r for r in range(world_size) if r not in done]
+                raise RankFailure(None, f"timed out after {timeout:.0f} s; ranks {missing} had not "
+                                        f"finished (raise --timeout if the run is just slow)")
+            time.sleep(POLL_S)
+        for p in procs:
+            p.join()
+        return pickle.loads(done[0])
+    finally:
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join(timeout=5)
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        return f"process died from signal {signal.Signals(-code).name}"
+    return f"process exited with code {code} without reporting"

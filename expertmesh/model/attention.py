@@ -1,0 +1,88 @@
+"""Grouped-query attention with rotary position embeddings and a preallocated KV cache.
+
+Notation: b sequences, L new positions, S = start + L cached positions, h query heads,
+g KV heads (h % g == 0), d head_dim, D d_model.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.model.layers import Linear
+
+
+def rotary(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
+    """Rotate `x: [b, L, heads, d]` for positions start .. start+L-1 (half-split convention)."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    pos = torch.arange(start, start + x.shape[1], dtype=torch.float32, device=x.device)
+    angles = torch.outer(pos, inv_freq)  # [L, d/2]
+    cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None, :]
+    sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None, :]
+    xf = x.float()
+    rotated = torch.cat([-xf[..., d // 2:], xf[..., : d // 2]], -1)
+    return (xf * cos + rotated * sin).to(x.dtype)
+
+
+class KVCache:
+    """Keys and values of one layer for a rank's sequences: `k, v: [batch, max_len, g, d]`.
+
+    Allocated once for the whole run (batch x prompt + generation), written in place.
+    """
+
+    def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
+        self.v = torch.zeros_like(self.k)
+
+    def update(self, rows: slice, start: int, k: torch.Tensor, v: torch.Tensor):
+        """Store `k, v: [b, L, g, d]` at `rows`, positions start..; return all cached `[b, S, g, d]`."""
+        end = start + k.shape[1]
+        self.k[rows, start:end] = k
+        self.v[rows, start:end] = v
+        return self.k[rows, :end], self.v[rows, :end]
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+class Attention(nn.Module):
+    """Multi-head attention: x `[b, L, D]` -> `[b, L, D]`.
+
+    Tensor parallelism shards the projections by heads and lowers `n_heads` / `n_kv_heads` to the
+    local counts; nothing here changes.
+    """
+
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, theta: float):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim, self.theta = n_heads, n_kv_heads, head_dim, theta
+        self.wq = Linear(d_model, n_heads * head_dim)
+        self.wk = Linear(d_model, n_kv_heads * head_dim)
+        self.wv = Linear(d_model, n_kv_heads * head_dim)
+        self.wo = Linear(n_heads * head_dim, d_model)
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None, rows: slice, start: int) -> torch.Tensor:
+        b, L, _ = x.shape
+        q = rotary(self.wq(x).view(b, L, self.n_heads, self.head_dim), start, self.theta)
+        k = rotary(self.wk(x).view(b, L, self.n_kv_heads, self.head_dim), start, self.theta)
+        v = self.wv(x).view(b, L, self.n_kv_heads, self.head_dim)
+        if cache is not None:
+            k, v = cache.update(rows, start, k, v)
+        elif start != 0:
+            raise ValueError("attention without a KV cache must start at position 0")
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, positions, d]
+        if b == 0:
+            out = q
+        else:
+            S = k.shape[2]
+            if L == 1:
+                mask = None  # one new position sees every cached one
+            else:
+                q_pos = torch.arange(start, start + L, device=x.device)[:, None]
+                mask = torch.arange(S, device=x.device)[None, :] <= q_pos
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
+        return self.wo(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim))

@@ -1,0 +1,132 @@
+"""The MoE block: router -> dispatch to experts -> grouped expert compute -> weighted combine.
+
+Notation: T tokens, D d_model, H expert hidden, E experts held by this module (all of them on a
+single device, the local ones under expert parallelism), k experts per token, N = T * k
+(token, expert) assignments.
+
+The block owns a `dispatcher`, the one step that parallelism replaces: `LocalDispatcher` runs
+every expert here; the expert-parallel dispatcher (`parallel/dispatch.py`) sends assignments to
+the rank that holds their expert and back.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.model.layers import meta_weight
+
+
+class Router(nn.Module):
+    """Top-k gating: x `[T, D]` -> expert ids `[T, k]` (int64), weights `[T, k]` (x's dtype).
+
+    Softmax over all experts in fp32, keep the k largest; with `renormalize` divide by their sum
+    (identical to a softmax over the top-k logits).
+    """
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, renormalize: bool):
+        super().__init__()
+        self.top_k, self.renormalize = top_k, renormalize
+        self.weight = meta_weight(n_experts, d_model)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        probs = F.linear(x, self.weight).float().softmax(dim=-1)
+        weights, ids = probs.topk(self.top_k, dim=-1)
+        if self.renormalize:
+            weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights.to(x.dtype)
+
+
+class GroupedExperts(nn.Module):
+    """E experts with stacked weights, computed over tokens already grouped by expert.
+
+    Weights: `w_up [E, H, D]`, `w_down [E, D, H]` and, for SwiGLU, `w_gate [E, H, D]` (the
+    `[out, in]` layout of `nn.Linear`, stacked). Forward: x `[N, D]` sorted by expert,
+    counts `[E]` -> `[N, D]`, one grouped matmul per weight (`torch._grouped_mm`), or one matmul
+    per expert over its tokens where the grouped kernel does not apply.
+    """
+
+    def __init__(self, n_experts: int, d_model: int, hidden: int, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.n_experts = n_experts
+        self.w_up = meta_weight(n_experts, hidden, d_model)
+        self.w_down = meta_weight(n_experts, d_model, hidden)
+        if kind == "swiglu":
+            self.w_gate = meta_weight(n_experts, hidden, d_model)
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 0:
+            return x.new_zeros(0, self.w_down.shape[1])
+        if _grouped_mm_applies(x):
+            offs = counts.cumsum(0).to(torch.int32)
+
+            def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+        else:
+            splits = counts.tolist()  # host sync: the per-expert loop needs Python ints
+
+            def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+                parts = a.split(splits)
+                return torch.cat([p @ w[e].T for e, p in enumerate(parts)])
+
+        if self.kind == "swiglu":
+            h = F.silu(mm(x, self.w_gate)) * mm(x, self.w_up)
+        else:
+            h = F.gelu(mm(x, self.w_up))
+        return mm(h, self.w_down)
+
+
+def _grouped_mm_applies(x: torch.Tensor) -> bool:
+    # The CUDA kernel takes bf16 only (and needs Hopper or newer); the CPU one takes any float.
+    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+
+
+def sort_assignments(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group assignments by slot: slots `[T, k]` -> order `[N]` (stable), counts `[n_slots]`.
+
+    `order` lists flat assignment indices (token = index // k) so that those of slot 0 come first.
+    """
+    flat = slots.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat, minlength=n_slots)
+    return order, counts
+
+
+def combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Undo `sort_assignments` and sum each token's k expert outputs with its router weights.
+
+    sorted_out `[N, D]` in `order`, weights `[T, k]` -> `[T, D]`; the k terms are summed in a
+    fixed order, so the result does not depend on how assignments were grouped.
+    """
+    T, k = weights.shape
+    unsorted = torch.empty_like(sorted_out)
+    unsorted[order] = sorted_out
+    return (unsorted.view(T, k, sorted_out.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
+
+
+class LocalDispatcher:
+    """Every expert is on this device: sort by expert, compute grouped, combine."""
+
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 experts: GroupedExperts) -> torch.Tensor:
+        order, counts = sort_assignments(ids, experts.n_experts)
+        out = experts(x[order // ids.shape[1]], counts)
+        return combine(out, order, weights)
+
+
+class MoEBlock(nn.Module):
+    """x `[b, L, D]` -> `[b, L, D]`: route each token to its top-k experts and mix their outputs."""
+
+    def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, kind: str,
+                 renormalize: bool):
+        super().__init__()
+        self.router = Router(d_model, n_experts, top_k, renormalize)
+        self.experts = GroupedExperts(n_experts, d_model, hidden, kind)
+        self.dispatcher = LocalDispatcher()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, x.shape[-1])
+        ids, weights = self.router(flat)
+        return self.dispatcher(flat, ids, weights, self.experts).view_as(x)

@@ -1,0 +1,64 @@
+"""Tensor parallelism applied to a plain model (the baseline's "TP shard of every expert").
+
+Attention: the query, key and value projections are split by heads (column parallel, each rank
+keeps `n_heads / tp` query heads and `n_kv_heads / tp` KV heads, and their KV cache); the output
+projection is split along its input (row parallel) and its partial outputs are summed with an
+all-reduce of `[b, L, D]`. Experts: every expert's hidden dimension is split (up and gate column
+parallel, down row parallel); the MoE block's output `[b, L, D]` is all-reduced once, after the
+weighted combine, which is linear in the partial outputs. The router is replicated, so every
+rank routes identically.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from expertmesh.model.layers import Linear, meta_weight
+from expertmesh.model.synthetic import mark_shard
+from expertmesh.model.transformer import MoETransformer
+
+
+def _split_linear(old: Linear, dim: int, tp: int, rank: int) -> Linear:
+    """This rank's 1/tp of `old` along `dim` (0: output features, 1: input features)."""
+    out_f, in_f = old.weight.shape
+    size = (out_f if dim == 0 else in_f) // tp
+    new = Linear(in_f if dim == 0 else size, size if dim == 0 else out_f)
+    index = [slice(None), slice(None)]
+    index[dim] = slice(rank * size, (rank + 1) * size)
+    mark_shard(new, "weight", (out_f, in_f), index)
+    return new
+
+
+def _all_reduce_output(group: dist.ProcessGroup):
+    def hook(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+        dist.all_reduce(output, group=group)
+        return output
+    return hook
+
+
+def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: int,
+                          tp_rank: int) -> MoETransformer:
+    cfg = model.cfg
+    hidden = cfg.expert_hidden // tp
+    h_slice = slice(tp_rank * hidden, (tp_rank + 1) * hidden)
+    for layer in model.layers.values():
+        attn = layer.attn
+        attn.wq, attn.wk, attn.wv = (_split_linear(lin, 0, tp, tp_rank) for lin in (attn.wq, attn.wk, attn.wv))
+        attn.wo = _split_linear(attn.wo, 1, tp, tp_rank)
+        attn.n_heads //= tp
+        attn.n_kv_heads //= tp
+        attn.register_forward_hook(_all_reduce_output(group))
+
+        experts = layer.moe.experts
+        for name in ("w_up", "w_gate"):
+            if hasattr(experts, name):
+                E, H, D = getattr(experts, name).shape
+                setattr(experts, name, meta_weight(E, hidden, D))
+                mark_shard(experts, name, (E, H, D), (slice(None), h_slice, slice(None)))
+        E, D, H = experts.w_down.shape
+        experts.w_down = meta_weight(E, D, hidden)
+        mark_shard(experts, "w_down", (E, D, H), (slice(None), slice(None), h_slice))
+        layer.moe.register_forward_hook(_all_reduce_output(group))
+    return model
