@@ -118,15 +118,15 @@ class Deployment:
         stage, i = self.coords(rank)
         return stage == self.pp - 1 and (self.tp == 1 or i == 0)
 
-    def describe(self) -> str:
-        """What one rank holds, in words (the seed's "per-GPU deployment" column)."""
+    def describe(self, n_experts: int) -> str:
+        """What one rank holds, in few words (the seed's "per-GPU deployment" column)."""
         if self.world_size == 1:
             return "whole model"
         parts = []
         if self.ep > 1:
-            parts.append(f"1/{self.ep} of the experts, attention for 1/{self.ep} of the sequences")
+            parts.append(f"{n_experts // self.ep} expert/layer, 1/{self.ep} of seqs")
         if self.tp > 1:
-            parts.append(f"1/{self.tp} TP shard of attention and every expert")
+            parts.append(f"TP 1/{self.tp} shard")
         if self.pp > 1:
-            parts.append(f"1 of {self.pp} pipeline stages")
-        return "; ".join(parts)
+            parts.append(f"1/{self.pp} of layers")
+        return ", ".join(parts)

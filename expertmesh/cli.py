@@ -1,0 +1,248 @@
+"""`expertmesh run | compare` (and the simulator's commands): parse, validate, launch, report.
+
+Every user mistake is caught before a rank starts and printed as one line (`error: ...`) with a
+non-zero exit; a failing rank ends the run with its message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import Progress
+from rich.table import Table
+
+from expertmesh.config import DTYPES, Workload, preset
+from expertmesh.deployment import Deployment
+from expertmesh.engine.worker import RunResult, RunSpec, run_rank
+from expertmesh.launch import RankFailure, launch, under_torchrun
+
+console = Console()
+FP32_LOGIT_TOLERANCE = 1e-4  # max |logit - reference| accepted in fp32 (observed: about 1e-6)
+
+
+class LazyProgress:
+    """A rich progress bar over generation steps that appears only once a run has taken 1 s."""
+
+    def __init__(self, total: int, label: str):
+        self.total, self.label = total, label
+        self.t0 = time.perf_counter()
+        self.progress: Progress | None = None
+
+    def __call__(self, step: int) -> None:
+        if self.progress is None and time.perf_counter() - self.t0 > 1.0 and step + 1 < self.total:
+            self.progress = Progress(console=Console(stderr=True), transient=True)
+            self.progress.start()
+            self.task = self.progress.add_task(self.label, total=self.total)
+        if self.progress is not None:
+            self.progress.update(self.task, completed=step + 1,
+                                 description=f"{self.label} ({'prefill' if step == 0 else 'decode'})")
+            if step + 1 >= self.total:
+                self.progress.stop()
+
+
+def _prompt_ids(text: str | None):
+    if not text:
+        return None
+    try:
+        return tuple(tuple(int(t) for t in p.split(",") if t.strip()) for p in text.split(";"))
+    except ValueError:
+        raise ValueError(f"cannot read --prompt-ids {text!r}; give comma-separated integers, "
+                         f"prompts separated by ';' (e.g. 1,2,3;4,5,6)") from None
+
+
+def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
+    if args.dtype is not None and args.dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {args.dtype!r}; use one of: {', '.join(DTYPES)}")
+    cfg = preset(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
+    workload = Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+                        seed=args.seed, temperature=args.temperature, top_p=args.top_p,
+                        prompt_ids=_prompt_ids(args.prompt_ids))
+    spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
+                   record_logits=record_logits)
+    spec.validate(deployment.world_size)
+    return spec
+
+
+def execute(spec: RunSpec, args, label: str) -> RunResult | None:
+    """Run a validated spec: in this process for `single`, else one process per rank."""
+    progress = LazyProgress(spec.workload.gen_len, label)
+    if spec.deployment.world_size == 1 and not under_torchrun():
+        torch.set_num_threads(max(1, os.cpu_count() or 1))
+        return run_rank(spec, torch.device("cpu"), on_step=progress)
+    fn = functools.partial(run_rank, spec, on_step=progress)
+    return launch(fn, spec.deployment.world_size, backend=args.backend, timeout=args.timeout)
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}"
+
+
+def _num(x: float | None) -> str:
+    return "-" if x is None else f"{x:,.0f}"
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:,.1f}"
+
+
+def cmd_run(args) -> int:
+    spec = _spec(args, Deployment.parse(args.deployment))
+    result = execute(spec, args, spec.deployment.name)
+    if result is None:  # a torchrun rank other than 0
+        return 0
+    m = result.metrics
+    table = Table(title=f"expertmesh run: {spec.cfg.name} ({spec.cfg.dtype}), {result.deployment} "
+                        f"on {result.world_size} rank(s)")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    rows = [("batch x prompt + generated", f"{m.batch_size} x {m.prompt_len} + {m.gen_len}"),
+            ("TTFT (ms)", _ms(m.ttft_s)), ("TPOT (ms)", _ms(m.tpot_s)),
+            ("prefill TPS (prompt tok/s)", _num(m.prefill_tps)),
+            ("decode TPS (generated tok/s)", _num(m.decode_tps)),
+            ("overall TPS (all tok/s)", _num(m.overall_tps)),
+            ("parameters per rank (MiB, max)", _mib(max(result.param_bytes))),
+            ("KV cache per rank (MiB, max)", _mib(max(result.kv_cache_bytes)))]
+    for name, value in rows:
+        table.add_row(name, value)
+    console.print(table)
+    console.print("timings exclude a warm-up run (prompt 8, 2 tokens)", style="dim")
+    _oversubscription_note(result.world_size)
+    if args.show_tokens:
+        for i, seq in enumerate(result.tokens.tolist()):
+            console.print(f"sequence {i}: {seq}")
+    if args.json:
+        _write_json(args.json, {"preset": spec.cfg.to_dict(), "workload": _workload_dict(spec),
+                                "result": result.to_dict()})
+    return 0
+
+
+def cmd_compare(args) -> int:
+    deployments = [Deployment.parse(d) for d in args.deployments.split(",") if d.strip()]
+    if not deployments:
+        raise ValueError("--deployments is empty; give a comma-separated list such as tp8pp2,ep16")
+    specs = [_spec(args, d, record_logits=True) for d in deployments]  # validate all first
+    results = [execute(s, args, s.deployment.name) for s in specs]
+    if any(r is None for r in results):
+        return 0
+    # The reference runs last, in this process, so no rank is forked from a process that computed.
+    reference = execute(_spec(args, Deployment(), record_logits=True), args, "reference")
+    exact = specs[0].cfg.dtype == "fp32" and specs[0].workload.temperature == 0
+    table = Table(title=f"expertmesh compare: {specs[0].cfg.name} ({specs[0].cfg.dtype}), batch "
+                        f"{args.batch} x prompt {args.prompt_len} + {args.gen_len} generated")
+    for col in ("method", "ranks", "per-rank deployment", "decode TPS", "overall TPS",
+                "TPOT ms", "TTFT ms", "tokens = ref", "max |Δlogit|"):
+        table.add_column(col, justify="left" if col in ("method", "per-rank deployment") else "right")
+    all_match = True
+    for spec, r in zip(specs, results):
+        match = bool(torch.equal(r.tokens, reference.tokens))
+        diff = (r.logits - reference.logits).abs().max().item()
+        all_match &= match and (not exact or diff <= FP32_LOGIT_TOLERANCE)
+        m = r.metrics
+        table.add_row(r.deployment, str(r.world_size), spec.deployment.describe(spec.cfg.n_experts),
+                      _num(m.decode_tps), _num(m.overall_tps), _ms(m.tpot_s), _ms(m.ttft_s),
+                      "yes" if match else "NO", f"{diff:.2e}")
+    console.print(table)
+    if len(results) >= 2:
+        base, other = results[0].metrics, results[-1].metrics
+        console.print(f"{results[-1].deployment} vs {results[0].deployment}: "
+                      f"decode TPS x{_ratio(other.decode_tps, base.decode_tps)}, "
+                      f"overall TPS x{_ratio(other.overall_tps, base.overall_tps)}, "
+                      f"TPOT x{_ratio(other.tpot_s, base.tpot_s)}, TTFT x{_ratio(other.ttft_s, base.ttft_s)}")
+    console.print("timings exclude a warm-up run (prompt 8, 2 tokens); reference: one process, "
+                  f"same weights and prompts; logit tolerance {FP32_LOGIT_TOLERANCE:g} in fp32",
+                  style="dim")
+    _oversubscription_note(max(r.world_size for r in results))
+    if args.json:
+        _write_json(args.json, {"preset": specs[0].cfg.to_dict(), "workload": _workload_dict(specs[0]),
+                                "reference_tokens": reference.tokens.tolist(),
+                                "results": [r.to_dict() for r in results]})
+    if not all_match:
+        msg = "outputs differ from the single-process reference"
+        if not exact:
+            console.print(f"[yellow]note: {msg}; expected outside fp32 greedy decoding[/yellow]")
+            return 0
+        console.print(f"[red]error: {msg}[/red]")
+        return 1
+    return 0
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "-" if not a or not b else f"{a / b:.2f}"
+
+
+def _oversubscription_note(world_size: int) -> None:
+    cores = os.cpu_count() or 1
+    if world_size > cores and not torch.cuda.is_available():
+        console.print(f"[yellow]note: {world_size} ranks share {cores} CPU cores, so these timings "
+                      f"measure an oversubscribed CPU, not the deployments; use `expertmesh "
+                      f"simulate` for GPU predictions[/yellow]")
+
+
+def _workload_dict(spec: RunSpec) -> dict:
+    w = spec.workload
+    return {"batch_size": w.batch_size, "prompt_len": w.prompt_len, "gen_len": w.gen_len,
+            "seed": w.seed, "temperature": w.temperature, "top_p": w.top_p}
+
+
+def _write_json(path: str, data: dict) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(data, indent=2))
+    console.print(f"wrote {path}", style="dim")
+
+
+def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_len: int) -> None:
+    p.add_argument("--preset", default="tiny", help="model preset: tiny, small, paper (default tiny)")
+    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the preset's)")
+    p.add_argument("--batch", type=int, default=batch, help="sequences in the batch")
+    p.add_argument("--prompt-len", type=int, default=prompt_len, help="synthetic prompt tokens per sequence")
+    p.add_argument("--gen-len", type=int, default=gen_len, help="tokens to generate per sequence")
+    p.add_argument("--prompt-ids", default=None, help="explicit prompts: 1,2,3;4,5,6 (overrides batch / prompt-len)")
+    p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches (default: pp)")
+    p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck run is stopped")
+    p.add_argument("--json", default=None, help="write metrics and generated token ids to this file")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run one deployment and print its metrics")
+    _add_run_args(run, batch=8, prompt_len=64, gen_len=32)
+    run.add_argument("--deployment", default="single", help="single, ep16, tp8pp2, ep8pp2, tp2, ...")
+    run.add_argument("--show-tokens", action="store_true", help="print the generated token ids")
+    run.set_defaults(func=cmd_run)
+    compare = sub.add_parser("compare", help="run several deployments on the same workload, check "
+                                             "them against the reference and print them side by side")
+    _add_run_args(compare, batch=16, prompt_len=32, gen_len=16)
+    compare.add_argument("--deployments", default="tp8pp2,ep16",
+                         help="comma-separated deployments, baseline first (default tp8pp2,ep16)")
+    compare.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RankFailure as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
