@@ -27,6 +27,10 @@ import torch.distributed as dist
 
 T = TypeVar("T")
 POLL_S = 0.05
+FAILURE_GRACE_S = 1.0
+# What gloo and NCCL say on a rank whose peer failed first.
+_PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
+              "NCCL communicator was aborted")
 
 
 class RankFailure(RuntimeError):
@@ -107,16 +111,18 @@ def _run_local(fn, world_size, backend, timeout):
         p.start()
     deadline = time.monotonic() + timeout
     done: dict[int, object] = {}
+    failures: dict[int, str] = {}
     try:
         while len(done) < world_size:
-            while not queue.empty():
-                rank, status, payload = queue.get()
-                if status == "error":
-                    raise RankFailure(rank, payload)
-                done[rank] = payload
-            for rank, p in enumerate(procs):
-                if rank not in done and p.exitcode is not None and queue.empty():
-                    raise RankFailure(rank, _describe_exit(p.exitcode))
+            _poll(procs, queue, done, failures)
+            if failures:
+                # One rank's fault makes its peers fail too ("connection closed by peer"): wait a
+                # moment for the whole picture, then blame the root cause, not a bystander.
+                grace = time.monotonic() + FAILURE_GRACE_S
+                while time.monotonic() < grace and len(done) + len(failures) < world_size:
+                    time.sleep(POLL_S)
+                    _poll(procs, queue, done, failures)
+                raise _root_cause(failures)
             if time.monotonic() > deadline:
                 missing = [r for r in range(world_size) if r not in done]
                 raise RankFailure(None, f"timed out after {timeout:.0f} s; ranks {missing} had not "
@@ -131,6 +137,29 @@ def _run_local(fn, world_size, backend, timeout):
                 p.kill()
         for p in procs:
             p.join(timeout=5)
+
+
+def _poll(procs, queue, done: dict, failures: dict) -> None:
+    """Collect reports from the queue, and ranks that exited without one."""
+    while not queue.empty():
+        rank, status, payload = queue.get()
+        if status == "error":
+            failures[rank] = payload
+        else:
+            done[rank] = payload
+    for rank, p in enumerate(procs):
+        if rank not in done and rank not in failures and p.exitcode is not None and queue.empty():
+            failures[rank] = _describe_exit(p.exitcode)
+
+
+def _root_cause(failures: dict[int, str]) -> RankFailure:
+    """Prefer a rank that died or raised on its own over ranks that lost a peer."""
+    def secondary(message: str) -> bool:
+        return any(s in message for s in _PEER_LOST)
+    rank = min(failures, key=lambda r: (secondary(failures[r]), r))
+    others = len(failures) - 1
+    tail = f" ({others} other rank{'s' if others > 1 else ''} failed after it)" if others else ""
+    return RankFailure(rank, failures[rank] + tail)
 
 
 def _describe_exit(code: int) -> str:
