@@ -18,8 +18,10 @@ TB = 1e12
 
 @dataclass(frozen=True)
 class HardwareProfile:
-    """One device type. `compute_slots`: devices that compute at once per node (None: every rank
-    has its own device; a CPU host shares its cores between the ranks on it)."""
+    """One device type. `launch_overlaps`: a GPU queues kernels while earlier ones run, so an op
+    takes max(launch, work); a CPU issues and runs them in turn, launch + work. `compute_slots`:
+    devices that compute at once per node (None: every rank has its own device; a CPU host
+    shares its cores between the ranks on it)."""
 
     name: str
     bf16_flops: float            # dense BF16 matmul peak, FLOP/s
@@ -35,6 +37,7 @@ class HardwareProfile:
     gemm_peak_efficiency: float  # fraction of peak a large GEMM reaches
     gemm_half_tokens: float      # tokens (GEMM rows) at which a GEMM reaches half that fraction
     hbm_efficiency: float        # fraction of hbm_bw a streaming read reaches
+    launch_overlaps: bool = True  # launches queue while earlier work runs (a GPU stream)
     compute_slots: int | None = None
     source: str = "catalogue"
 

@@ -1,11 +1,13 @@
 """Where ranks sit: `nodes` machines of `gpus_per_node` devices each, ranks filled node by node.
 
-Kept free of torch and of the rest of expertmesh so that the engine (process groups,
-topology-aware placement) can import it as well as the simulator.
+The engine takes it from torchrun's environment (LOCAL_WORLD_SIZE) or `--gpus-per-node`, so that
+several "nodes" can be played on one CPU machine; the token exchange uses it to count (and,
+hierarchically, to reduce) the bytes that cross node boundaries, and the simulator to price links.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 
@@ -19,6 +21,14 @@ class Topology:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"Topology.{name}={value!r} must be a positive integer")
+
+    @classmethod
+    def detect(cls, world_size: int, gpus_per_node: int | None = None) -> "Topology":
+        """Explicit node size, else torchrun's LOCAL_WORLD_SIZE, else one node holding every rank."""
+        per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        if per_node < 1 or world_size % per_node:
+            raise ValueError(f"--gpus-per-node {per_node} must divide the world size {world_size}")
+        return cls(world_size // per_node, per_node)
 
     @classmethod
     def for_gpus(cls, gpus: int, gpus_per_node: int) -> "Topology":

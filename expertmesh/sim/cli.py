@@ -1,0 +1,135 @@
+"""Command line of the simulator: `simulate`, `plan`, `calibrate`.
+
+`add_commands(subparsers)` registers them on an argparse subparsers object; each handler takes
+the parsed arguments and returns an exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from expertmesh.config import Workload, preset
+from expertmesh.deployment import Deployment
+from expertmesh.sim.hardware import get_profile
+from expertmesh.sim.plan import OBJECTIVES, evaluate, tps
+from expertmesh.sim.report import SWEEP_GPUS, console as report_console, plot_sweep, print_assumptions, results_table, sweep
+from expertmesh.sim.routing import Routing
+from expertmesh.sim.scenario import Scenario
+from expertmesh.sim.simulator import simulate
+
+_UNITS = {"ms": 1e-3, "us": 1e-6, "s": 1.0}
+
+
+def parse_seconds(text: str) -> float:
+    """`"10ms"`, `"500us"`, `"0.01s"` or `"0.01"` (seconds) -> seconds."""
+    for unit, scale in _UNITS.items():
+        if text.endswith(unit) and not (unit == "s" and text[:-1].endswith(("m", "u"))):
+            return float(text[: -len(unit)]) * scale
+    return float(text)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--preset", default="paper", help="model preset (default: paper)")
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, b200 or a calibrated profile JSON")
+    p.add_argument("--batch", type=int, default=128, help="sequences in the batch")
+    p.add_argument("--prompt-len", type=int, default=10000, help="prompt tokens per sequence")
+    p.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence")
+    p.add_argument("--gpus-per-node", type=int, help="default: the hardware's (8 for the GPUs)")
+    p.add_argument("--a2a-chunks", type=int, default=1,
+                   help="EP exchange chunks overlapped with expert compute (1: none, as the engine)")
+    p.add_argument("--hierarchical", action="store_true", help="hierarchical (rail-aligned) all-to-all")
+    p.add_argument("--routing", default="uniform", help="uniform, or zipf[:skew] for skewed expert load")
+    p.add_argument("--micro", type=int, help="micro-batches (default: one per pipeline stage)")
+
+
+def _base(args, deployment: Deployment, gpus: int | None) -> Scenario:
+    return Scenario(preset(args.preset), deployment,
+                    Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len),
+                    get_profile(args.gpu), gpus=gpus, gpus_per_node=args.gpus_per_node,
+                    a2a_chunks=args.a2a_chunks, hierarchical_a2a=args.hierarchical,
+                    routing=Routing.parse(args.routing), n_micro=args.micro)
+
+
+def cmd_simulate(args) -> int:
+    console = report_console()
+    deployments = [Deployment.parse(d) for d in args.deployments.split(",")]
+    base = _base(args, deployments[0], args.gpus)
+    if args.sweep:
+        curves = sweep(base, [n for n in SWEEP_GPUS if n <= args.max_gpus])
+        for path in plot_sweep(curves, args.out):
+            console.print(f"wrote {path}")
+        console.print(results_table([r for rs in curves.values() for r in rs], "sweep"))
+        print_assumptions(console, base)
+        return 0
+    results = [simulate(Scenario(base.cfg, d, base.workload, base.hardware, gpus=args.gpus,
+                                 gpus_per_node=args.gpus_per_node, a2a_chunks=args.a2a_chunks,
+                                 hierarchical_a2a=args.hierarchical, routing=base.routing,
+                                 n_micro=args.micro)) for d in deployments]
+    console.print(results_table(results, f"simulated on {base.hardware.name}"))
+    print_assumptions(console, base)
+    if args.trace:
+        Path(args.trace).mkdir(parents=True, exist_ok=True)
+        for r in results:
+            path = Path(args.trace) / f"{r.scenario.deployment.name}.trace.json"
+            path.write_text(json.dumps(r.trace))
+            console.print(f"wrote {path} (open in ui.perfetto.dev)")
+    if args.json:
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    return 0
+
+
+def cmd_plan(args) -> int:
+    console = report_console()
+    slo = parse_seconds(args.tpot_slo) if args.tpot_slo else None
+    base = _base(args, Deployment(), None)
+    verdicts = evaluate(base, args.gpus, slo)
+    ranked = sorted((v for v in verdicts if v.ok), key=lambda v: tps(v.result, args.objective), reverse=True)
+    rejected = [v for v in verdicts if not v.ok]
+    console.print(results_table([v.result for v in ranked],
+                                f"deployments on {args.gpus} x {base.hardware.name}, best {args.objective} TPS first"))
+    for v in rejected:
+        why = [] if v.fits else [f"needs {v.result.memory.total_bytes / 1e9:.1f} GB per GPU"]
+        why += [] if v.meets_slo else [f"TPOT {v.result.metrics.tpot_s * 1e3:.2f} ms over the SLO"]
+        console.print(f"  rejected {v.result.scenario.deployment.name}: {'; '.join(why)}")
+    print_assumptions(console, base)
+    if args.json:
+        Path(args.json).write_text(json.dumps([v.result.to_dict() for v in ranked], indent=2))
+    return 0 if ranked else 1
+
+
+def cmd_calibrate(args) -> int:
+    from expertmesh.sim.calibrate import calibrate  # imports the engine and launcher: only here
+
+    profile = calibrate(max_ranks=args.max_ranks, repeat=args.repeat)
+    profile.save(args.out)
+    report_console().print(f"wrote {args.out}: {profile}")
+    return 0
+
+
+def add_commands(subparsers) -> None:
+    sim = subparsers.add_parser("simulate", help="predict TPS, TPOT, TTFT and memory on a GPU cluster")
+    _common(sim)
+    sim.add_argument("--deployments", default="tp8pp2,ep16", help="comma-separated, e.g. tp8pp2,ep16")
+    sim.add_argument("--gpus", type=int, help="GPUs in all; beyond one deployment: data-parallel replicas")
+    sim.add_argument("--json", help="write the results here")
+    sim.add_argument("--trace", help="write a Perfetto trace of one decode step per deployment here")
+    sim.add_argument("--sweep", action="store_true", help="plot TPS and TPOT against GPU count")
+    sim.add_argument("--max-gpus", type=int, default=256, help="largest GPU count of the sweep")
+    sim.add_argument("--out", default="results/sweep", help="where --sweep writes its plots")
+    sim.set_defaults(func=cmd_simulate)
+
+    plan = subparsers.add_parser("plan", help="rank every deployment that fits on N GPUs")
+    _common(plan)
+    plan.add_argument("--gpus", type=int, required=True, help="GPUs in all")
+    plan.add_argument("--tpot-slo", help="largest acceptable TPOT, e.g. 10ms")
+    plan.add_argument("--objective", choices=OBJECTIVES, default="overall", help="which TPS to rank by")
+    plan.add_argument("--json", help="write the ranked results here")
+    plan.set_defaults(func=cmd_plan)
+
+    cal = subparsers.add_parser("calibrate", help="measure this machine into a hardware profile")
+    cal.add_argument("--out", default="profile.json")
+    cal.add_argument("--max-ranks", type=int, default=4, help="collectives are measured at 2 .. this")
+    cal.add_argument("--repeat", type=int, default=5)
+    cal.set_defaults(func=cmd_calibrate)

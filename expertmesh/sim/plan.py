@@ -1,0 +1,74 @@
+"""The planner: every deployment of a model on a GPU count, simulated and ranked.
+
+Candidates are every `epN`, `tpN`, `ppN`, `epNppM`, `tpNppM` whose rank count divides the GPU
+count and that `Deployment.validate` accepts; the GPUs beyond one deployment run data-parallel
+replicas of it. A candidate is kept when its fullest GPU holds its weights and KV cache and its
+TPOT meets the SLO; the kept ones are ranked by predicted throughput.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from expertmesh.config import ModelConfig
+from expertmesh.deployment import Deployment
+from expertmesh.sim.scenario import Scenario
+from expertmesh.sim.simulator import SimResult, simulate
+
+OBJECTIVES = ("overall", "decode", "prefill")
+
+
+def candidates(cfg: ModelConfig, gpus: int) -> list[Deployment]:
+    """Every valid deployment whose rank count divides `gpus`, smallest world first."""
+    found = []
+    for world in (n for n in range(1, gpus + 1) if gpus % n == 0):
+        for pp in (p for p in range(1, world + 1) if world % p == 0):
+            inner = world // pp
+            for dep in {Deployment(ep=inner, pp=pp), Deployment(tp=inner, pp=pp)}:
+                try:
+                    dep.validate(cfg)
+                except ValueError:
+                    continue
+                found.append(dep)
+    return sorted(found, key=lambda d: (d.world_size, d.name))
+
+
+@dataclass(frozen=True)
+class Verdict:
+    result: SimResult
+    fits: bool
+    meets_slo: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.fits and self.meets_slo
+
+
+def tps(result: SimResult, objective: str) -> float:
+    m = result.metrics
+    return {"overall": m.overall_tps, "decode": m.decode_tps or 0.0, "prefill": m.prefill_tps}[objective]
+
+
+def evaluate(base: Scenario, gpus: int, tpot_slo_s: float | None = None) -> list[Verdict]:
+    """Simulate every candidate on `gpus` GPUs, with everything else as in `base`."""
+    if tpot_slo_s is not None and tpot_slo_s <= 0:
+        raise ValueError(f"TPOT SLO {tpot_slo_s} s must be > 0")
+    out = []
+    for dep in candidates(base.cfg, gpus):
+        if base.workload.batch_size < gpus // dep.world_size:
+            continue  # more replicas than sequences: a smaller deployment would idle GPUs
+        result = simulate(dataclasses.replace(base, deployment=dep, gpus=gpus))
+        tpot = result.metrics.tpot_s
+        meets = tpot_slo_s is None or (tpot is not None and tpot <= tpot_slo_s)
+        out.append(Verdict(result, result.memory.fits, meets))
+    return out
+
+
+def plan(base: Scenario, gpus: int, tpot_slo_s: float | None = None,
+         objective: str = "overall") -> list[SimResult]:
+    """The deployments that fit and meet the SLO, best predicted throughput first."""
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r}; use one of: {', '.join(OBJECTIVES)}")
+    kept = [v.result for v in evaluate(base, gpus, tpot_slo_s) if v.ok]
+    return sorted(kept, key=lambda r: tps(r, objective), reverse=True)

@@ -1,0 +1,139 @@
+"""What the ranks of one pipeline stage do for one micro-batch of one step, as costed phases.
+
+A stage task is `embed` (first stage) + n_layers x `layer` + `head` (last stage). A layer follows
+the engine (model/attention.py, model/moe.py, parallel/*.py), per rank with t = b x L tokens:
+
+  attention    norm, q/k/v GEMMs, rotary, KV-cache write, causal attention, output GEMM
+  [tp] all-reduce of [t, D]
+  moe pre      norm, router GEMM [t, E], softmax / top-k / sort
+  [ep] all-to-all of the counts, then dispatch [N, D] -> experts -> combine [N, D] in chunks
+  [no ep] experts over all local experts; [tp] all-reduce of [t, D]
+  combine      un-permute, weighted sum, residual
+
+Phases are `compute` (each rank on its own clock), `sync` (a collective: starts when the last
+rank arrives, ends for all when the slowest is done) or an `Exchange` (the EP pipeline).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from expertmesh.sim import cost
+from expertmesh.sim.cost import Cost
+from expertmesh.sim.scenario import Scenario
+
+# Framework ops (kernel launches on a GPU) the engine issues besides its GEMMs and attention,
+# counted in its code: RMSNorm ~8 ops, rotary ~17 per call on q and k, cache writes and views,
+# the router's softmax / top-k / renormalise, sorting, gathers, the combine, the residuals.
+ATTENTION_OPS = 50
+MOE_OPS = 30
+EP_OPS = 15
+HEAD_OPS = 12
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    costs: tuple[Cost, ...]  # one per rank of the stage
+    sync: bool = False
+
+
+@dataclass(frozen=True)
+class Exchange:
+    """EP dispatch -> local experts -> combine, in `chunks` equal chunks; costs per rank, per chunk."""
+
+    dispatch: tuple[Cost, ...]
+    experts: tuple[Cost, ...]
+    combine: tuple[Cost, ...]
+    chunks: int
+
+
+@dataclass(frozen=True)
+class StageProgram:
+    embed: tuple
+    layer: tuple
+    head: tuple
+    n_layers: int
+
+
+def _experts(sc: Scenario, loads: list[float]) -> Cost:
+    """Grouped expert MLP over `loads[e]` rows per local expert (TP: 1/tp of the hidden units)."""
+    cfg, dt, isz = sc.cfg, sc.cfg.dtype, sc.itemsize
+    H, D = cfg.expert_hidden // sc.deployment.tp, cfg.d_model
+    rows = tuple(loads)
+    up = cost.grouped_gemm(sc.hardware, dt, isz, rows, H, D)
+    ins = [up] * (cfg.matrices_per_expert - 1)
+    act = cost.elementwise(sc.hardware, sum(loads) * H * (cfg.matrices_per_expert) * isz, 1)
+    return cost.total([*ins, act, cost.grouped_gemm(sc.hardware, dt, isz, rows, D, H)])
+
+
+def _attention(sc: Scenario, b: int, L: int, start: int) -> Cost:
+    cfg, hw, dt, isz = sc.cfg, sc.hardware, sc.cfg.dtype, sc.itemsize
+    tp, D, d = sc.deployment.tp, cfg.d_model, cfg.head_dim
+    h, g, t = cfg.n_heads // tp, cfg.n_kv_heads // tp, b * L
+    # bytes of the norm, rotary on q and k, the cache write and the residual add
+    moved = (2 * t * D + 2 * t * (h + g) * d + 2 * t * g * d + 3 * t * D) * isz
+    parts = [cost.elementwise(hw, moved, ATTENTION_OPS),
+             cost.gemm(hw, dt, isz, t, h * d, D), cost.gemm(hw, dt, isz, t, g * d, D),
+             cost.gemm(hw, dt, isz, t, g * d, D),
+             cost.attention(hw, dt, isz, b, L, start, h, g, d) if b else Cost(hw.launch_s, "launch"),
+             cost.gemm(hw, dt, isz, t, D, h * d)]
+    return cost.total(parts)
+
+
+def _moe_pre(sc: Scenario, t: int) -> Cost:
+    cfg, hw, isz = sc.cfg, sc.hardware, sc.itemsize
+    return cost.total([cost.elementwise(hw, 4 * t * cfg.d_model * isz, MOE_OPS),
+                       cost.gemm(hw, cfg.dtype, isz, t, cfg.n_experts, cfg.d_model)])
+
+
+def _combine(sc: Scenario, t: int) -> Cost:
+    """Un-permute the k results per token, weight, sum, add the residual."""
+    moved = (2 * sc.cfg.top_k + 3) * t * sc.cfg.d_model * sc.itemsize
+    return cost.elementwise(sc.hardware, moved, EP_OPS if sc.deployment.ep > 1 else 1)
+
+
+def stage_program(sc: Scenario, stage: int, rows: list[int], L: int, start: int) -> StageProgram:
+    """`rows[i]`: sequences the stage's i-th rank holds in this micro-batch; L new positions each."""
+    cfg, dep, hw, isz = sc.cfg, sc.deployment, sc.hardware, sc.itemsize
+    ranks = list(range(stage * dep.inner, (stage + 1) * dep.inner))
+    topo = sc.topology
+    tokens = [b * L for b in rows]
+    D, k = cfg.d_model, cfg.top_k
+    shares = sc.routing.shares(cfg.n_experts, k)
+    per = cfg.n_experts // dep.ep
+
+    layer: list = [Phase("attention", tuple(_attention(sc, b, L, start) for b in rows))]
+    if dep.tp > 1:
+        link = cost.link_for(hw, topo, ranks)
+        layer.append(Phase("all-reduce", tuple(cost.all_reduce(link, t * D * isz, dep.tp) for t in tokens), True))
+    layer.append(Phase("router", tuple(_moe_pre(sc, t) for t in tokens)))
+    if dep.ep > 1:
+        a2a = cost.hierarchical_all_to_all if sc.hierarchical_a2a else cost.all_to_all
+        counts = [[per * 8.0] * dep.ep for _ in ranks]
+        layer.append(Phase("a2a counts", tuple(a2a(hw, topo, ranks, counts)), True))
+        C = sc.a2a_chunks
+        rank_share = [sum(shares[j * per:(j + 1) * per]) for j in range(dep.ep)]
+        send = [[t * k * rank_share[j] * D * isz / C for j in range(dep.ep)] for t in tokens]
+        back = [list(col) for col in zip(*send)]
+        loads = [[sum(tokens) * k * shares[j * per + e] / C for e in range(per)] for j in range(dep.ep)]
+        layer.append(Exchange(tuple(a2a(hw, topo, ranks, send)), tuple(_experts(sc, l) for l in loads),
+                              tuple(a2a(hw, topo, ranks, back)), C))
+    else:
+        loads = [[t * k * s for s in shares] for t in tokens]
+        layer.append(Phase("experts", tuple(_experts(sc, l) for l in loads)))
+        if dep.tp > 1:
+            link = cost.link_for(hw, topo, ranks)
+            layer.append(Phase("all-reduce", tuple(cost.all_reduce(link, t * D * isz, dep.tp) for t in tokens), True))
+    layer.append(Phase("combine", tuple(_combine(sc, t) for t in tokens)))
+
+    embed, head = (), ()
+    if stage == 0:
+        embed = (Phase("embed", tuple(cost.elementwise(hw, 2 * t * D * isz, 1) for t in tokens)),)
+    if stage == dep.pp - 1:
+        # the head sees the last position of each sequence; every TP rank computes all of it
+        head = (Phase("head", tuple(cost.total([
+            cost.elementwise(hw, (2 * b * D + 2 * b * cfg.vocab_size) * isz, HEAD_OPS),
+            cost.gemm(hw, cfg.dtype, isz, b, cfg.vocab_size, D)]) for b in rows)),)
+    n_layers = len(dep.stage_layers(cfg.n_layers)[stage])
+    return StageProgram(embed, tuple(layer), head, n_layers)
