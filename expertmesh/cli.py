@@ -19,10 +19,17 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from expertmesh.checkpoint import config_from_hf, decode, encode, has_tokenizer
 from expertmesh.config import DTYPES, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunResult, RunSpec, run_rank
 from expertmesh.launch import RankFailure, launch, under_torchrun
+from expertmesh.sim.cli import add_commands as add_simulator_commands
+from expertmesh.parallel.placement import (cross_node_rows, default_placement, load_placement,
+                                           load_routing, optimise_placement, save_placement,
+                                           save_routing)
+from expertmesh.topology import Topology
+from expertmesh.trace import write_trace
 
 console = Console()
 FP32_LOGIT_TOLERANCE = 1e-4  # max |logit - reference| accepted in fp32 (observed: about 1e-6)
@@ -58,15 +65,37 @@ def _prompt_ids(text: str | None):
                          f"prompts separated by ';' (e.g. 1,2,3;4,5,6)") from None
 
 
+def _chunks(text: str) -> int | None:
+    if text == "auto":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--a2a-chunks {text!r} must be a positive integer or auto") from None
+
+
 def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}; use one of: {', '.join(DTYPES)}")
-    cfg = preset(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
+    if args.model:
+        cfg = config_from_hf(args.model, args.dtype)
+    else:
+        cfg = preset(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
+    if args.prompt and not args.model:
+        raise ValueError("--prompt needs --model PATH, whose tokenizer.json encodes the text; "
+                         "with a preset give --prompt-ids")
+    prompt_ids = (encode(args.model, args.prompt),) if args.prompt else _prompt_ids(args.prompt_ids)
     workload = Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                         seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                        prompt_ids=_prompt_ids(args.prompt_ids))
+                        prompt_ids=prompt_ids)
+    placement = (load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
+                 if args.placement and deployment.ep > 1 else None)
     spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
-                   record_logits=record_logits)
+                   record_logits=record_logits, checkpoint=args.model, a2a=args.a2a,
+                   a2a_chunks=_chunks(args.a2a_chunks), a2a_overlap=not args.no_overlap,
+                   gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else None,
+                   placement=placement,
+                   record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace))
     spec.validate(deployment.world_size)
     return spec
 
@@ -110,6 +139,12 @@ def cmd_run(args) -> int:
             ("overall TPS (all tok/s)", _num(m.overall_tps)),
             ("parameters per rank (MiB, max)", _mib(max(result.param_bytes))),
             ("KV cache per rank (MiB, max)", _mib(max(result.kv_cache_bytes)))]
+    if result.checkpoint_bytes:
+        rows.append(("checkpoint read per rank (MiB, max)", _mib(max(result.checkpoint_bytes))))
+    if result.exchange:
+        x = result.exchange
+        rows += [("token exchange", f"{x['a2a']}, {x['nodes']} node(s) x {x['gpus_per_node']}"),
+                 ("cross-node MiB per step (all ranks)", _mib(x["cross_node_bytes_per_step"]))]
     for name, value in rows:
         table.add_row(name, value)
     console.print(table)
@@ -118,9 +153,51 @@ def cmd_run(args) -> int:
     if args.show_tokens:
         for i, seq in enumerate(result.tokens.tolist()):
             console.print(f"sequence {i}: {seq}")
+    if args.model and has_tokenizer(args.model):
+        for i, seq in enumerate(result.tokens.tolist()):
+            console.print(f"text {i}: {decode(args.model, seq)}", markup=False, highlight=False)
     if args.json:
         _write_json(args.json, {"preset": spec.cfg.to_dict(), "workload": _workload_dict(spec),
                                 "result": result.to_dict()})
+    _write_outputs(args, [result])
+    if args.record_routing:
+        if result.routing is None:
+            raise ValueError("--record-routing needs an expert-parallel deployment (epN)")
+        save_routing(args.record_routing, result.routing)
+        console.print(f"wrote {args.record_routing}", style="dim")
+    return 0
+
+
+def _write_outputs(args, results: list[RunResult]) -> None:
+    """The Perfetto trace of each run, when asked for (`--trace DIR`)."""
+    if not args.trace:
+        return
+    for r in results:
+        path = write_trace(Path(args.trace) / f"trace_{r.deployment}.json", r.spans)
+        console.print(f"wrote {path} (open in https://ui.perfetto.dev)", style="dim")
+
+
+def cmd_place(args) -> int:
+    """Optimise expert placement from recorded routing statistics."""
+    cfg = preset(args.preset)
+    dep = Deployment.parse(args.deployment)
+    dep.validate(cfg)
+    if dep.ep == 1:
+        raise ValueError("placement needs an expert-parallel deployment such as ep16")
+    topology = Topology.detect(dep.world_size, args.gpus_per_node)
+    stats = load_routing(args.routing)
+    if len(stats) != cfg.n_layers:
+        raise ValueError(f"{args.routing} has {len(stats)} layers, {cfg.name} has {cfg.n_layers}; "
+                         f"record it with the same preset")
+    start = default_placement(cfg.n_layers, cfg.n_experts, dep.ep)
+    hierarchical = args.a2a == "hierarchical"
+    best = [optimise_placement(p, layer, topology, hierarchical) for p, layer in zip(start, stats)]
+    before = sum(cross_node_rows(p, l, topology, hierarchical) for p, l in zip(start, stats))
+    after = sum(cross_node_rows(p, l, topology, hierarchical) for p, l in zip(best, stats))
+    save_placement(args.out, best, cfg.n_experts)
+    console.print(f"cross-node rows per recorded run ({args.a2a} exchange, {topology.nodes} nodes x "
+                  f"{topology.gpus_per_node}): default {before:,} -> optimised {after:,} "
+                  f"(x{_ratio(after, before)}); wrote {args.out}")
     return 0
 
 
@@ -164,6 +241,7 @@ def cmd_compare(args) -> int:
         _write_json(args.json, {"preset": specs[0].cfg.to_dict(), "workload": _workload_dict(specs[0]),
                                 "reference_tokens": reference.tokens.tolist(),
                                 "results": [r.to_dict() for r in results]})
+    _write_outputs(args, results)
     if not all_match:
         msg = "outputs differ from the single-process reference"
         if not exact:
@@ -200,6 +278,9 @@ def _write_json(path: str, data: dict) -> None:
 
 def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_len: int) -> None:
     p.add_argument("--preset", default="tiny", help="model preset: tiny, small, paper (default tiny)")
+    p.add_argument("--model", default=None, help="a Hugging Face model directory (Mixtral, "
+                                                 "Qwen2-MoE, OLMoE; safetensors) instead of a preset")
+    p.add_argument("--prompt", default=None, help="prompt text, encoded with --model's tokenizer.json")
     p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the preset's)")
     p.add_argument("--batch", type=int, default=batch, help="sequences in the batch")
     p.add_argument("--prompt-len", type=int, default=prompt_len, help="synthetic prompt tokens per sequence")
@@ -212,6 +293,14 @@ def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_l
     p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck run is stopped")
     p.add_argument("--json", default=None, help="write metrics and generated token ids to this file")
+    p.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"),
+                   help="token exchange: flat all-to-all, or hierarchical (cross each node boundary once)")
+    p.add_argument("--a2a-chunks", default="auto", help="chunks whose exchange overlaps expert compute (default auto)")
+    p.add_argument("--no-overlap", action="store_true", help="wait for every exchange at once (for comparison)")
+    p.add_argument("--gpus-per-node", type=int, default=None,
+                   help="ranks per node (default: LOCAL_WORLD_SIZE, or one node)")
+    p.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")
+    p.add_argument("--trace", default=None, help="write a Perfetto trace JSON per run to this folder")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -221,6 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(run, batch=8, prompt_len=64, gen_len=32)
     run.add_argument("--deployment", default="single", help="single, ep16, tp8pp2, ep8pp2, tp2, ...")
     run.add_argument("--show-tokens", action="store_true", help="print the generated token ids")
+    run.add_argument("--record-routing", default=None,
+                     help="write which experts each rank's tokens chose (input of `expertmesh place`)")
     run.set_defaults(func=cmd_run)
     compare = sub.add_parser("compare", help="run several deployments on the same workload, check "
                                              "them against the reference and print them side by side")
@@ -228,6 +319,15 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--deployments", default="tp8pp2,ep16",
                          help="comma-separated deployments, baseline first (default tp8pp2,ep16)")
     compare.set_defaults(func=cmd_compare)
+    place = sub.add_parser("place", help="optimise expert placement over nodes from recorded routing")
+    place.add_argument("--routing", required=True, help="statistics from `run --record-routing`")
+    place.add_argument("--preset", default="tiny")
+    place.add_argument("--deployment", default="ep16")
+    place.add_argument("--gpus-per-node", type=int, default=None)
+    place.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"))
+    place.add_argument("--out", default="placement.json")
+    place.set_defaults(func=cmd_place)
+    add_simulator_commands(sub)
     return parser
 
 

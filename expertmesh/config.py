@@ -34,6 +34,10 @@ class ModelConfig:
     logits (Mixtral, OLMoE). Without it the weights are the raw probabilities (Qwen2-MoE default).
     Experts: `mlp` is down(gelu(up(x))) (two matrices, the seed's), `swiglu` is
     down(silu(gate(x)) * up(x)) (three matrices: Mixtral, Qwen2-MoE, OLMoE).
+    Options of Hugging Face families: `shared_expert_hidden > 0` adds a SwiGLU shared expert that
+    every token passes through, scaled by sigmoid(shared_gate(x)) (Qwen2-MoE); `qkv_bias` gives
+    the query, key and value projections a bias (Qwen2-MoE); `qk_norm` applies RMSNorm to the
+    whole query and key projections, before splitting heads and RoPE (OLMoE).
     """
 
     name: str
@@ -53,6 +57,9 @@ class ModelConfig:
     norm_eps: float = 1e-5
     tie_embeddings: bool = False
     dtype: str = "fp32"
+    shared_expert_hidden: int = 0
+    qkv_bias: bool = False
+    qk_norm: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_experts", "top_k", "d_model", "n_heads", "head_dim",
@@ -75,7 +82,11 @@ class ModelConfig:
                f"ModelConfig.head_dim={self.head_dim} must be even for rotary embeddings")
         _check(self.rope_theta > 0, f"ModelConfig.rope_theta={self.rope_theta} must be > 0")
         _check(self.norm_eps > 0, f"ModelConfig.norm_eps={self.norm_eps} must be > 0")
-        parse_dtype(self.dtype)
+        _check(isinstance(self.shared_expert_hidden, int) and self.shared_expert_hidden >= 0,
+               f"ModelConfig.shared_expert_hidden={self.shared_expert_hidden!r} must be an integer "
+               f">= 0 (0: no shared expert)")
+        _check(self.dtype in DTYPES,
+               f"ModelConfig.dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
 
     @property
     def torch_dtype(self) -> torch.dtype:
@@ -86,7 +97,13 @@ class ModelConfig:
         return 3 if self.expert_kind == "swiglu" else 2
 
     def with_(self, **changes) -> "ModelConfig":
-        """A copy with some fields changed, validated again."""
+        """A copy with some fields changed, validated again.
+
+        Plain multi-head attention stays plain when only `n_heads` changes (`n_kv_heads` was
+        filled in from `n_heads`, so keeping it would reject `preset("tiny", n_heads=4)`).
+        """
+        if "n_heads" in changes and "n_kv_heads" not in changes and self.n_kv_heads == self.n_heads:
+            changes["n_kv_heads"] = None
         return replace(self, **changes)
 
     def to_dict(self) -> dict:

@@ -19,6 +19,7 @@ import torch
 from expertmesh.config import Workload
 from expertmesh.engine.sampling import sample
 from expertmesh.model.transformer import MoETransformer
+from expertmesh.trace import span
 
 
 class StageLinks(Protocol):
@@ -114,7 +115,8 @@ def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, r
                     if n:
                         links.send_hidden(m, out)
                     continue
-                next_tokens = sample(out, global_rows[part], step, workload)
+                with span("sample"):
+                    next_tokens = sample(out, global_rows[part], step, workload)
                 tokens[part, step] = next_tokens
                 if record_logits:
                     step_logits.append(out.float().cpu())

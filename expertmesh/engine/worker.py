@@ -8,29 +8,43 @@ warms up, runs `generate`, and sends what it produced to rank 0 (`gather_object`
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from collections import Counter
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
+from expertmesh.checkpoint.loader import load_checkpoint
 from expertmesh.engine.generate import Generation, generate
 from expertmesh.engine.metrics import Metrics, merge_step_times
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model, parameter_bytes
-from expertmesh.parallel.dispatch import contiguous_placement
-from expertmesh.parallel.expert import apply_expert_parallel
+from expertmesh.parallel.dispatch import ExchangeStats
+from expertmesh.parallel.expert import apply_expert_parallel, dispatchers
+from expertmesh.parallel.placement import default_placement, validate_placement
 from expertmesh.parallel.mesh import stage_group
 from expertmesh.parallel.pipeline import PipelineLinks, apply_pipeline
 from expertmesh.parallel.tensor import apply_tensor_parallel
+from expertmesh.topology import Topology
+from expertmesh.trace import start_tracing, take_spans
 
 WARMUP_PROMPT, WARMUP_GEN = 8, 2
 
 
 @dataclass(frozen=True)
 class RunSpec:
-    """Everything a rank needs to run its part of a plan. `n_micro=None`: one per pipeline stage."""
+    """Everything a rank needs to run its part of a plan.
+
+    n_micro: pipeline micro-batches (None: one per stage). a2a: "flat" or "hierarchical" token
+    exchange; a2a_chunks: None picks per layer call; a2a_overlap: False waits on every exchange.
+    gpus_per_node: node size of the topology (None: LOCAL_WORLD_SIZE, or one node).
+    placement: experts per EP rank per layer (None: contiguous). record_routing: count which
+    experts each rank's tokens choose. trace: record spans for a Perfetto trace.
+    checkpoint: a Hugging Face model directory whose weights each rank reads its shard of
+    (`cfg` from `expertmesh.checkpoint.config_from_hf`), instead of synthetic weights.
+    """
 
     cfg: ModelConfig
     deployment: Deployment
@@ -39,6 +53,14 @@ class RunSpec:
     n_micro: int | None = None
     record_logits: bool = False
     warmup: bool = True
+    a2a: str = "flat"
+    a2a_chunks: int | None = None
+    a2a_overlap: bool = True
+    gpus_per_node: int | None = None
+    placement: list | None = None
+    record_routing: bool = False
+    trace: bool = False
+    checkpoint: str | None = None
 
     def validate(self, world_size: int | None = None) -> None:
         """All checks that can fail, before any rank starts."""
@@ -46,6 +68,20 @@ class RunSpec:
         self.workload.validate_for(self.cfg)
         if self.n_micro is not None and self.n_micro < 1:
             raise ValueError(f"micro-batches {self.n_micro} must be at least 1")
+        if self.a2a not in ("flat", "hierarchical"):
+            raise ValueError(f"unknown exchange {self.a2a!r}; use flat or hierarchical")
+        if self.a2a_chunks is not None and self.a2a_chunks < 1:
+            raise ValueError(f"--a2a-chunks {self.a2a_chunks} must be at least 1 (or auto)")
+        topology = self.topology
+        if self.a2a == "hierarchical" and self.deployment.ep % topology.gpus_per_node and topology.nodes > 1:
+            raise ValueError(f"hierarchical exchange needs --gpus-per-node {topology.gpus_per_node} "
+                             f"to divide ep={self.deployment.ep}")
+        if self.placement is not None:
+            validate_placement(self.placement, self.cfg.n_layers, self.cfg.n_experts, self.deployment.ep)
+
+    @property
+    def topology(self) -> Topology:
+        return Topology.detect(self.deployment.world_size, self.gpus_per_node)
 
     @property
     def micro_batches(self) -> int:
@@ -63,14 +99,17 @@ class RunResult:
     param_bytes: list[int]
     kv_cache_bytes: list[int]
     logits: torch.Tensor | None = None
-    notes: list[str] = field(default_factory=list)
+    exchange: dict | None = None
+    routing: list | None = None
+    spans: dict[int, list] | None = None
+    checkpoint_bytes: list[int] | None = None
 
     def to_dict(self) -> dict:
         return {
             "deployment": self.deployment, "world_size": self.world_size,
             "metrics": self.metrics.to_dict(), "param_bytes_per_rank": self.param_bytes,
-            "kv_cache_bytes_per_rank": self.kv_cache_bytes, "tokens": self.tokens.tolist(),
-            "notes": self.notes,
+            "kv_cache_bytes_per_rank": self.kv_cache_bytes, "exchange": self.exchange,
+            "tokens": self.tokens.tolist(),
         }
 
 
@@ -84,7 +123,12 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
     if dep.tp > 1:
         apply_tensor_parallel(model, group, dep.tp, inner)
     if dep.ep > 1:
-        apply_expert_parallel(model, group, inner, contiguous_placement(spec.cfg.n_experts, dep.ep))
+        topology = spec.topology
+        placements = spec.placement or default_placement(spec.cfg.n_layers, spec.cfg.n_experts, dep.ep)
+        peer_nodes = [topology.node_of(stage * dep.inner + i) for i in range(dep.ep)]
+        apply_expert_parallel(model, group, inner, placements, chunks=spec.a2a_chunks,
+                              overlap=spec.a2a_overlap, peer_nodes=peer_nodes,
+                              hierarchical=spec.a2a == "hierarchical")
     return model
 
 
@@ -93,7 +137,11 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
     rank = dist.get_rank() if dist.is_initialized() else 0
     dep = spec.deployment
     group = stage_group(dep, rank) if dist.is_initialized() else None
-    model = materialize(shard_model(spec, rank, group), spec.seed, spec.cfg.torch_dtype, device)
+    model = shard_model(spec, rank, group)
+    if spec.checkpoint:
+        checkpoint_bytes = load_checkpoint(model, spec.checkpoint, spec.cfg.torch_dtype, device)
+    else:
+        model, checkpoint_bytes = materialize(model, spec.seed, spec.cfg.torch_dtype, device), 0
     links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
     rows = dep.rows_of(rank, spec.workload.batch_size)
     prompts = spec.workload.prompts(spec.cfg)[rows]
@@ -102,13 +150,22 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
         warm = dataclasses.replace(spec.workload, prompt_ids=None, gen_len=min(WARMUP_GEN, spec.workload.gen_len),
                                    prompt_len=min(WARMUP_PROMPT, spec.workload.prompt_len))
         generate(model, warm, warm.prompts(spec.cfg)[rows], rows, spec.micro_batches, links)
+    exchange = dispatchers(model)
+    for d in exchange.values():  # count the measured run only
+        d.stats = ExchangeStats()
+        d.routing = Counter() if spec.record_routing else None
     if dist.is_initialized():
         dist.barrier()
+    if spec.trace:
+        start_tracing()
     gen = generate(model, spec.workload, prompts, rows, spec.micro_batches, links,
                    record_logits=spec.record_logits, on_step=on_step if rank == 0 else None)
     payload = {
         "rank": rank, "reports": dep.reports(rank), "gen": gen,
-        "param_bytes": parameter_bytes(model, spec.cfg.torch_dtype),
+        "param_bytes": parameter_bytes(model, spec.cfg.torch_dtype), "checkpoint_bytes": checkpoint_bytes,
+        "exchange": {layer: d.stats for layer, d in exchange.items()},
+        "routing": {layer: d.routing for layer, d in exchange.items()} if spec.record_routing else None,
+        "spans": take_spans() if spec.trace else None,
     }
     if not dist.is_initialized():
         return assemble(spec, [payload])
@@ -137,5 +194,41 @@ def assemble(spec: RunSpec, payloads: list[dict]) -> RunResult:
         metrics=Metrics.from_events(start, step_times, B, spec.workload.prompt_len),
         param_bytes=[p["param_bytes"] for p in payloads],
         kv_cache_bytes=[p["gen"].kv_cache_bytes for p in payloads], logits=logits,
+        exchange=_exchange_summary(spec, payloads), routing=_routing_stats(spec, payloads),
+        spans={p["rank"]: p["spans"] for p in payloads} if spec.trace else None,
+        checkpoint_bytes=[p["checkpoint_bytes"] for p in payloads] if spec.checkpoint else None,
     )
+
+
+def _exchange_summary(spec: RunSpec, payloads: list[dict]) -> dict | None:
+    """Rows and bytes the EP exchange moved, summed over ranks, per layer and per step."""
+    if spec.deployment.ep == 1:
+        return None
+    per_layer: dict[int, ExchangeStats] = {}
+    for p in payloads:
+        for layer, stats in p["exchange"].items():
+            total = per_layer.setdefault(layer, ExchangeStats())
+            total.rows_sent += stats.rows_sent
+            total.cross_node_rows += stats.cross_node_rows
+            total.cross_node_bytes += stats.cross_node_bytes
+    steps = spec.workload.gen_len
+    cross = sum(s.cross_node_bytes for s in per_layer.values())
+    return {
+        "a2a": spec.a2a, "nodes": spec.topology.nodes, "gpus_per_node": spec.topology.gpus_per_node,
+        "rows_sent": sum(s.rows_sent for s in per_layer.values()),
+        "cross_node_bytes": cross, "cross_node_bytes_per_step": cross / steps,
+        "cross_node_bytes_per_layer": {layer: s.cross_node_bytes for layer, s in sorted(per_layer.items())},
+    }
+
+
+def _routing_stats(spec: RunSpec, payloads: list[dict]) -> list | None:
+    """[layer]{source EP rank: Counter(expert tuple -> tokens)} over the measured run."""
+    if not spec.record_routing or spec.deployment.ep == 1:
+        return None
+    layers: list[dict] = [{} for _ in range(spec.cfg.n_layers)]
+    for p in payloads:
+        ep_rank = spec.deployment.coords(p["rank"])[1]
+        for layer, counter in p["routing"].items():
+            layers[layer].setdefault(ep_rank, Counter()).update(counter)
+    return layers
 

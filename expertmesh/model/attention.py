@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.model.layers import Linear
+from expertmesh.model.layers import Linear, RMSNorm
 
 
 def rotary(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
@@ -53,21 +53,30 @@ class Attention(nn.Module):
     """Multi-head attention: x `[b, L, D]` -> `[b, L, D]`.
 
     Tensor parallelism shards the projections by heads and lowers `n_heads` / `n_kv_heads` to the
-    local counts; nothing here changes.
+    local counts; nothing here changes. `qkv_bias`: the q, k, v projections have a bias.
+    `qk_norm_eps`: RMSNorm over the whole projected query `[h * d]` and key `[g * d]`, before
+    splitting heads and RoPE (OLMoE); None for none.
     """
 
-    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, theta: float):
+    def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, theta: float,
+                 qkv_bias: bool = False, qk_norm_eps: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = n_heads, n_kv_heads, head_dim, theta
-        self.wq = Linear(d_model, n_heads * head_dim)
-        self.wk = Linear(d_model, n_kv_heads * head_dim)
-        self.wv = Linear(d_model, n_kv_heads * head_dim)
+        self.wq = Linear(d_model, n_heads * head_dim, qkv_bias)
+        self.wk = Linear(d_model, n_kv_heads * head_dim, qkv_bias)
+        self.wv = Linear(d_model, n_kv_heads * head_dim, qkv_bias)
         self.wo = Linear(n_heads * head_dim, d_model)
+        with_norm = qk_norm_eps is not None
+        self.q_norm = RMSNorm(n_heads * head_dim, qk_norm_eps) if with_norm else None
+        self.k_norm = RMSNorm(n_kv_heads * head_dim, qk_norm_eps) if with_norm else None
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, rows: slice, start: int) -> torch.Tensor:
         b, L, _ = x.shape
-        q = rotary(self.wq(x).view(b, L, self.n_heads, self.head_dim), start, self.theta)
-        k = rotary(self.wk(x).view(b, L, self.n_kv_heads, self.head_dim), start, self.theta)
+        q, k = self.wq(x), self.wk(x)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = rotary(q.view(b, L, self.n_heads, self.head_dim), start, self.theta)
+        k = rotary(k.view(b, L, self.n_kv_heads, self.head_dim), start, self.theta)
         v = self.wv(x).view(b, L, self.n_kv_heads, self.head_dim)
         if cache is not None:
             k, v = cache.update(rows, start, k, v)

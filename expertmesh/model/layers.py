@@ -13,14 +13,15 @@ def meta_weight(*shape: int) -> nn.Parameter:
 
 
 class Linear(nn.Module):
-    """y = x @ weight.T, weight `[out_features, in_features]`, no bias."""
+    """y = x @ weight.T (+ bias), weight `[out_features, in_features]`, bias `[out_features]`."""
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
         super().__init__()
         self.weight = meta_weight(out_features, in_features)
+        self.bias = meta_weight(out_features) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
 
 class Embedding(nn.Module):

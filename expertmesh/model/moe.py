@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.model.layers import meta_weight
+from expertmesh.model.layers import Linear, meta_weight
+from expertmesh.trace import span
 
 
 class Router(nn.Module):
@@ -59,7 +60,7 @@ class GroupedExperts(nn.Module):
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         if x.shape[0] == 0:
             return x.new_zeros(0, self.w_down.shape[1])
-        if _grouped_mm_applies(x):
+        if _grouped_mm_applies(x, self.w_up.shape[1]):
             offs = counts.cumsum(0).to(torch.int32)
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -78,9 +79,13 @@ class GroupedExperts(nn.Module):
         return mm(h, self.w_down)
 
 
-def _grouped_mm_applies(x: torch.Tensor) -> bool:
+def _grouped_mm_applies(x: torch.Tensor, hidden: int) -> bool:
     # The CUDA kernel takes bf16 only (and needs Hopper or newer); the CPU one takes any float.
-    return hasattr(torch, "_grouped_mm") and (x.device.type == "cpu" or x.dtype == torch.bfloat16)
+    # Both reject operands whose row stride (d_model or hidden elements) is not a multiple of
+    # 16 bytes ("strides should be multiple of 16 bytes").
+    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], hidden))
+    return (hasattr(torch, "_grouped_mm") and aligned
+            and (x.device.type == "cpu" or x.dtype == torch.bfloat16))
 
 
 def sort_assignments(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,21 +117,48 @@ class LocalDispatcher:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
         order, counts = sort_assignments(ids, experts.n_experts)
-        out = experts(x[order // ids.shape[1]], counts)
+        with span("expert compute"):
+            out = experts(x[order // ids.shape[1]], counts)
         return combine(out, order, weights)
 
 
+class SharedExpert(nn.Module):
+    """A dense SwiGLU MLP every token passes through, gated per token (Qwen2-MoE):
+    x `[T, D]` -> sigmoid(gate(x)) * down(silu(w_gate(x)) * w_up(x)) `[T, D]`, hidden Hs.
+
+    The output is linear in `w_down`'s partial sums, so tensor parallelism may split Hs and
+    all-reduce the block's output once, with the routed experts' partial output.
+    """
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w_gate = Linear(d_model, hidden)
+        self.w_up = Linear(d_model, hidden)
+        self.w_down = Linear(hidden, d_model)
+        self.gate = Linear(d_model, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.silu(self.w_gate(x)) * self.w_up(x)
+        return torch.sigmoid(self.gate(x)) * self.w_down(h)
+
+
 class MoEBlock(nn.Module):
-    """x `[b, L, D]` -> `[b, L, D]`: route each token to its top-k experts and mix their outputs."""
+    """x `[b, L, D]` -> `[b, L, D]`: route each token to its top-k experts and mix their outputs,
+    plus the shared expert's output when `shared_hidden > 0`."""
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, kind: str,
-                 renormalize: bool):
+                 renormalize: bool, shared_hidden: int = 0):
         super().__init__()
         self.router = Router(d_model, n_experts, top_k, renormalize)
         self.experts = GroupedExperts(n_experts, d_model, hidden, kind)
         self.dispatcher = LocalDispatcher()
+        self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
-        ids, weights = self.router(flat)
-        return self.dispatcher(flat, ids, weights, self.experts).view_as(x)
+        with span("route"):
+            ids, weights = self.router(flat)
+        out = self.dispatcher(flat, ids, weights, self.experts)
+        if self.shared is not None:
+            out = out + self.shared(flat)
+        return out.view_as(x)

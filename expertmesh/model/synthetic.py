@@ -12,9 +12,10 @@ every parameter of a model built on the `meta` device.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -84,9 +85,11 @@ def shard_of(module: nn.Module, param: str) -> tuple[tuple[int, ...], tuple, str
     return module.__dict__.get("_shards", {}).get(param)
 
 
-def materialize(model: nn.Module, seed: int, dtype: torch.dtype,
-                device: torch.device | str = "cpu") -> nn.Module:
-    """Replace every (meta) parameter with its synthetic values; returns `model` in eval mode."""
+def fill_parameters(model: nn.Module, values_of: Callable[[str, tuple, tuple | None], torch.Tensor],
+                    dtype: torch.dtype, device: torch.device | str = "cpu") -> nn.Module:
+    """Replace every (meta) parameter with `values_of(name, global_shape, index)`: the elements
+    `index` (None: all) of global tensor `name` (the shard's `source` if marked, else the
+    parameter's own name). Returns `model` in eval mode."""
     for module_name, module in model.named_modules():
         for pname, param in list(module._parameters.items()):
             if param is None:
@@ -94,10 +97,16 @@ def materialize(model: nn.Module, seed: int, dtype: torch.dtype,
             full_name = f"{module_name}.{pname}" if module_name else pname
             shard = shard_of(module, pname)
             global_shape, index, source = shard if shard else (tuple(param.shape), None, None)
-            values = synthetic_values(seed, source or full_name, global_shape, index)
+            values = values_of(source or full_name, global_shape, index)
             if values.shape != param.shape:
                 raise RuntimeError(f"shard of {full_name} is {tuple(values.shape)}, "
                                    f"parameter is {tuple(param.shape)}")
             module._parameters[pname] = nn.Parameter(values.to(device=device, dtype=dtype),
                                                      requires_grad=False)
     return model.eval()
+
+
+def materialize(model: nn.Module, seed: int, dtype: torch.dtype,
+                device: torch.device | str = "cpu") -> nn.Module:
+    """Replace every (meta) parameter with its synthetic values; returns `model` in eval mode."""
+    return fill_parameters(model, functools.partial(synthetic_values, seed), dtype, device)

@@ -16,19 +16,22 @@ from expertmesh.model.attention import Attention, KVCache
 from expertmesh.model.layers import Embedding, Linear, RMSNorm
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.synthetic import mark_shard, materialize
+from expertmesh.trace import span
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta)
+        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
+                              cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe = MoEBlock(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden,
-                            cfg.expert_kind, cfg.renormalize)
+                            cfg.expert_kind, cfg.renormalize, cfg.shared_expert_hidden)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, rows: slice, start: int) -> torch.Tensor:
-        x = x + self.attn(self.attn_norm(x), cache, rows, start)
+        with span("attention"):
+            x = x + self.attn(self.attn_norm(x), cache, rows, start)
         return x + self.moe(self.moe_norm(x))
 
 

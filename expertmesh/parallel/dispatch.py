@@ -1,29 +1,45 @@
 """Expert-parallel token exchange: send each (token, expert) assignment to the rank holding the
-expert, compute there, send the result back.
+expert, compute there, send the result back; batched, chunked and overlapped.
 
-Notation: T tokens on this rank, k experts per token, N = T * k assignments, D d_model,
-P ranks in the EP group, El experts per rank, R assignments received by this rank.
+Notation: T tokens on this rank, k experts per token, D d_model, P ranks in the EP group, El
+experts per rank, S fine token slices (the unit of counting), C chunks (the unit of overlap).
 
-The pipeline of one MoE layer on one rank:
+The flat pipeline of one MoE layer on one rank (`_exchange_and_compute`):
 
-  1. slots = slot_of_expert[ids]            [T, k]  slot = owner rank * El + local expert index
-  2. order, counts = sort by slot           [N], [P * El]
-  3. all_to_all_single(counts)              P * El int64 each way; the host waits here, because
-                                            the token exchange needs its split sizes as ints
-  4. all_to_all_single(x[order // k])       sends N x D, receives R x D (uneven splits)
-  5. regroup the R rows by local expert, grouped expert compute, ungroup
-  6. all_to_all_single(results)             the reverse of 4: sends R x D, receives N x D
-  7. combine(results, order, weights)       un-permute, weighted sum of each token's k outputs
+  1. slots = slot_of_expert[ids]        [T, k]  slot = owner rank * El + local expert (-1: skip)
+  2. counts per fine slice              [S, P * El], sent with T as one message per peer:
+     all_to_all_single(counts)          (S * El + 1) int64 each way, once per layer. The host
+                                        waits here: split sizes must be Python ints, and C is
+                                        chosen from the largest T any rank has, so all agree.
+  3. for each chunk c (T / C tokens), in the order disp(0), disp(1), ret(0), disp(2), ret(1), ...
+     which every rank issues identically:
+       all_to_all_single(rows of c)     async; one message per (source, destination) pair
+       wait disp(c); regroup received rows by local expert; grouped expert compute
+       all_to_all_single(results of c)  async, back to the senders
+     so the exchange of chunk c+1 and the return of chunk c-1 are in flight while c computes.
+  4. wait the returns; per chunk, un-permute and combine with the router weights.
 
-Every rank runs all steps for every layer, also with T = 0 or R = 0, so the collectives match.
+With `hierarchical`, a token crosses to each remote node at most once, to the rank with the same
+local index there (which relays it to the experts of its node and sums their weighted outputs
+before sending one row back), instead of once per assignment: see `_hierarchical`.
+
+Every rank runs every step for every layer, also with T = 0 or nothing received.
 """
 
 from __future__ import annotations
 
+import time
+from collections import Counter
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 
+from expertmesh.trace import COMM, record, span
 from expertmesh.model.moe import GroupedExperts, combine, sort_assignments
+
+AUTO_SLICES = 8               # fine slices counted per layer when the chunk count is automatic
+MIN_ROWS_PER_CHUNK = 256      # auto: split only while every chunk keeps this many assignments
 
 
 def slot_table(placement: list[list[int]], n_experts: int) -> torch.Tensor:
@@ -42,34 +58,220 @@ def contiguous_placement(n_experts: int, ep: int) -> list[list[int]]:
     return [list(range(r * per, (r + 1) * per)) for r in range(ep)]
 
 
-class AllToAllDispatcher:
-    """The EP step of an MoE block (replaces `LocalDispatcher`); see the module docstring."""
+def slices(n: int, parts: int) -> list[slice]:
+    """n rows in `parts` contiguous slices whose sizes differ by at most one."""
+    base, extra = divmod(n, parts)
+    out, start = [], 0
+    for i in range(parts):
+        size = base + (1 if i < extra else 0)
+        out.append(slice(start, start + size))
+        start += size
+    return out
 
-    def __init__(self, group: dist.ProcessGroup, placement: list[list[int]], n_experts: int):
+
+@dataclass
+class ExchangeStats:
+    """Rows this rank sent, over all calls: all of them, and those to another node."""
+
+    calls: int = 0
+    rows_sent: int = 0
+    cross_node_rows: int = 0
+    cross_node_bytes: int = 0
+
+    def add(self, splits: list[int], peer_nodes: list[int], my_node: int, row_bytes: int) -> None:
+        cross = sum(n for n, node in zip(splits, peer_nodes) if node != my_node)
+        self.rows_sent += sum(splits)
+        self.cross_node_rows += cross
+        self.cross_node_bytes += cross * row_bytes
+
+
+class AllToAllDispatcher:
+    """The EP step of an MoE block (replaces `LocalDispatcher`); see the module docstring.
+
+    chunks: None chooses per call (1 for decode-sized batches); an int fixes it.
+    overlap: False waits for every exchange as soon as it is issued (same chunks, same order:
+    the synchronous reference of the overlapped path, bit for bit).
+    peer_nodes: the node of each rank of the group (for byte counts and `hierarchical`).
+    rank: this rank's index in `group` (and in `placement`).
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, placement: list[list[int]], n_experts: int,
+                 rank: int, chunks: int | None = None, overlap: bool = True,
+                 peer_nodes: list[int] | None = None, hierarchical: bool = False):
         self.group = group
-        self.ep = len(placement)
-        self.n_local = len(placement[0])
+        self.P = len(placement)
+        self.El = len(placement[0])
         self.slots = slot_table(placement, n_experts)
+        self.slot_node = torch.tensor([(peer_nodes or [0] * self.P)[s // self.El]
+                                       for s in range(self.P * self.El)])
+        self.fine = chunks or AUTO_SLICES
+        self.auto = chunks is None
+        self.overlap = overlap
+        self.peer_nodes = peer_nodes or [0] * self.P
+        self.rank = rank
+        per_node = [self.peer_nodes.count(n) for n in set(self.peer_nodes)]
+        if hierarchical and len(set(per_node)) > 1:
+            raise ValueError(f"hierarchical exchange needs the same number of EP ranks on every "
+                             f"node, got {sorted(per_node)}; use --gpus-per-node dividing ep")
+        self.hierarchical = hierarchical and len(per_node) > 1
+        self.stats = ExchangeStats()
+        self.routing: Counter | None = None  # set to a Counter to record this rank's routing
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
-        k = ids.shape[1]
-        order, counts = sort_assignments(self.slots.to(ids.device)[ids], self.ep * self.n_local)
-        recv_counts = torch.empty_like(counts)
-        dist.all_to_all_single(recv_counts, counts, group=self.group)
-        send_splits = counts.view(self.ep, self.n_local).sum(1).tolist()
-        recv_matrix = recv_counts.view(self.ep, self.n_local)  # [source rank, local expert]
-        recv_splits = recv_matrix.sum(1).tolist()
+        self.stats.calls += 1
+        if self.routing is not None and ids.numel():
+            choices, tokens = torch.unique(ids.sort(dim=1).values, dim=0, return_counts=True)
+            self.routing.update(dict(zip(map(tuple, choices.tolist()), tokens.tolist())))
+        slots = self.slots.to(ids.device)[ids]
+        if self.hierarchical:
+            return self._hierarchical(x, slots, weights, experts)
+        return self._exchange_and_compute(x, slots, weights, experts)
 
-        received = self._exchange(x[order // k], recv_splits, send_splits)
-        regroup, per_expert = _group_by_local_expert(recv_matrix)
-        computed = experts(received[regroup], per_expert)
-        results = torch.empty_like(computed)
-        results[regroup] = computed
-        returned = self._exchange(results, send_splits, recv_splits)
-        return combine(returned, order, weights)
+    # -- flat, chunked exchange ------------------------------------------------------------
 
-    def _exchange(self, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
+    def _exchange_and_compute(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                              experts: GroupedExperts) -> torch.Tensor:
+        """x `[T, D]`, slots `[T, k]` (-1: not here), weights `[T, k]` -> weighted sums `[T, D]`."""
+        T, k = slots.shape
+        P, El, S = self.P, self.El, self.fine
+        slots = torch.where(slots >= 0, slots, P * El)  # skipped assignments sort last, unsent
+        fine = slices(T, S)
+        fine_counts = torch.stack([torch.bincount(slots[f].reshape(-1), minlength=P * El + 1)[:-1]
+                                   for f in fine])  # [S, P * El]
+        message = torch.cat([fine_counts.view(S, P, El).transpose(0, 1).reshape(P, S * El),
+                             torch.full((P, 1), T, dtype=torch.long)], dim=1)
+        received = torch.empty_like(message)
+        with span("count exchange"):
+            dist.all_to_all_single(received, message.to(x.device), group=self.group)
+        received = received.cpu()
+        recv_counts = received[:, :-1].view(P, S, El)  # [source, fine slice, local expert]
+        C = self._chunk_count(int(received[:, -1].max()) * k)
+        row_bytes = x.shape[1] * x.element_size()
+
+        plans = []
+        for c in range(C):
+            lo, hi = fine[c * S // C].start, fine[(c + 1) * S // C - 1].stop
+            order, counts = sort_assignments(slots[lo:hi], P * El + 1)
+            send = counts[:-1].view(P, El).sum(1).tolist()
+            recv_matrix = recv_counts[:, c * S // C:(c + 1) * S // C].sum(1)  # [P, El]
+            recv = recv_matrix.sum(1).tolist()
+            plans.append((lo, hi, order, send, recv_matrix, recv))
+            for splits in (send, recv):  # rows go out, and results go back to their senders
+                self.stats.add(splits, self.peer_nodes, self.peer_nodes[self.rank], row_bytes)
+
+        def start(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], name: str):
+            out = rows.new_empty(sum(out_splits), rows.shape[1])
+            work = dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits,
+                                          group=self.group, async_op=True)
+            flight = out, work, name, time.perf_counter_ns()
+            if not self.overlap:
+                finish(flight)
+            return flight
+
+        def finish(flight) -> torch.Tensor:
+            out, work, name, t0 = flight
+            with span(f"{name} wait"):
+                work.wait()
+            record(name, t0, time.perf_counter_ns(), COMM)
+            return out
+
+        def dispatch(c: int):
+            lo, _, order, send, _, recv = plans[c]
+            rows = x[lo + order[:sum(send)] // k]
+            return start(rows, recv, send, "dispatch exchange")
+
+        returns = []
+        in_flight = dispatch(0)
+        for c in range(C):
+            following = dispatch(c + 1) if c + 1 < C else None
+            rows = finish(in_flight)
+            _, _, _, send, recv_matrix, recv = plans[c]
+            with span("expert compute"):
+                regroup, per_expert = _group_by_local_expert(recv_matrix)
+                computed = experts(rows[regroup], per_expert)
+                results = torch.empty_like(computed)
+                results[regroup] = computed
+            returns.append(start(results, send, recv, "combine exchange"))
+            in_flight = following
+
+        out = x.new_empty(T, x.shape[1])
+        for c, flight in enumerate(returns):
+            back = finish(flight)
+            lo, hi, order, send, _, _ = plans[c]
+            with span("combine"):
+                full = back.new_zeros(order.numel(), x.shape[1])
+                full[:back.shape[0]] = back  # skipped assignments contribute exact zeros
+                out[lo:hi] = combine(full, order, weights[lo:hi])
+        return out
+
+    def _chunk_count(self, max_assignments: int) -> int:
+        if not self.auto:
+            return self.fine
+        chunks = 1
+        while chunks < self.fine and max_assignments // (2 * chunks) >= MIN_ROWS_PER_CHUNK:
+            chunks *= 2
+        return chunks
+
+    # -- hierarchical exchange -------------------------------------------------------------
+
+    def _hierarchical(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+                      experts: GroupedExperts) -> torch.Tensor:
+        """Two-level exchange over the same group (zero splits to the other ranks):
+
+        A. each token goes once to every remote node holding one of its experts, to the rank
+           with this rank's local index there (the relay), with its slots and weights on that
+           node (`[rows, D]` + `[rows, 2k]` fp32 metadata cross the node boundary);
+        B. a flat exchange inside the node (own tokens + relayed rows) computes every
+           assignment and sums each row's weighted outputs;
+        A'. the relay sends that one partial sum per row back across the boundary.
+        The token's output is the sum of its per-node partials: with k <= 2 exactly the flat
+        path's result (a sum of two terms does not depend on their order).
+        """
+        T, k = slots.shape
+        node_of = self.slot_node.to(slots.device)[slots.clamp(min=0)]  # [T, k]
+        nodes = sorted(set(self.peer_nodes))
+        me, my_node = self.rank, self.peer_nodes[self.rank]
+        local_index = [r for r in range(self.P) if self.peer_nodes[r] == my_node].index(me)
+        relay_of = {n: [r for r in range(self.P) if self.peer_nodes[r] == n][local_index] for n in nodes}
+
+        on_node = [(node_of == n) & (slots >= 0) for n in nodes]  # [T, k] per node
+        token_idx, meta, splits = [], [], [0] * self.P
+        for n, mask in zip(nodes, on_node):
+            if n == my_node:
+                continue
+            rows = mask.any(dim=1).nonzero().squeeze(1)
+            token_idx.append(rows)
+            meta.append(torch.cat([torch.where(mask[rows], slots[rows], -1).float(),
+                                   torch.where(mask[rows], weights[rows].float(), 0.0)], dim=1))
+            splits[relay_of[n]] = rows.numel()
+        token_idx = torch.cat(token_idx) if token_idx else slots.new_zeros(0)
+        meta = torch.cat(meta) if meta else x.new_zeros(0, 2 * k, dtype=torch.float32)
+
+        recv_splits = self._exchange_counts(splits, x.device)
+        self.stats.add(splits, self.peer_nodes, my_node, x.shape[1] * x.element_size() + 8 * k)
+        with span("relay exchange"):
+            relayed = self._a2a(x[token_idx], recv_splits, splits)
+            relayed_meta = self._a2a(meta, recv_splits, splits)
+
+        mine = on_node[nodes.index(my_node)]
+        local_x = torch.cat([x, relayed])
+        local_slots = torch.cat([torch.where(mine, slots, -1), relayed_meta[:, :k].long()])
+        local_w = torch.cat([torch.where(mine, weights, 0), relayed_meta[:, k:].to(weights.dtype)])
+        partial = self._exchange_and_compute(local_x, local_slots, local_w, experts)
+
+        with span("relay return"):
+            back = self._a2a(partial[T:], splits, recv_splits)
+        self.stats.add(recv_splits, self.peer_nodes, my_node, x.shape[1] * x.element_size())
+        return partial[:T].index_add(0, token_idx, back)
+
+    def _exchange_counts(self, splits: list[int], device: torch.device) -> list[int]:
+        send = torch.tensor(splits, dtype=torch.long, device=device)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.group)
+        return recv.tolist()
+
+    def _a2a(self, rows: torch.Tensor, out_splits: list[int], in_splits: list[int]) -> torch.Tensor:
         out = rows.new_empty(sum(out_splits), rows.shape[1])
         dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits, group=self.group)
         return out

@@ -1,9 +1,9 @@
 """Expert parallelism applied to a plain model: each rank keeps its experts and exchanges tokens.
 
 `apply_expert_parallel` changes two things per MoE block: the stacked expert weights shrink to
-the rank's experts `[El, ...]` (marked as slices of the global `[E, ...]` weights), and the block's
-dispatcher becomes the all-to-all one. Attention is untouched: under EP it is data-parallel, each
-rank running it for its own sequences.
+the rank's experts `[El, ...]` (marked as slices of the global `[E, ...]` weights, in the order
+the layer's placement gives), and the block's dispatcher becomes the all-to-all one. Attention is
+untouched: under EP it is data-parallel, each rank running it for its own sequences.
 """
 
 from __future__ import annotations
@@ -17,15 +17,22 @@ from expertmesh.parallel.dispatch import AllToAllDispatcher
 
 
 def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_rank: int,
-                          placement: list[list[int]]) -> MoETransformer:
-    """Keep `placement[ep_rank]`'s experts in every layer; route tokens over `group`."""
+                          placements: list[list[list[int]]], **exchange) -> MoETransformer:
+    """Keep `placements[layer][ep_rank]`'s experts in every layer held here; route tokens over
+    `group`. `exchange` goes to `AllToAllDispatcher` (chunks, overlap, peer_nodes, hierarchical)."""
     cfg = model.cfg
-    mine = placement[ep_rank]
-    for layer in model.layers.values():
+    for name, layer in model.layers.items():
+        placement = placements[int(name)]
+        mine = placement[ep_rank]
         experts = GroupedExperts(len(mine), cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
-        for name, param in experts.named_parameters():
-            global_shape = (cfg.n_experts, *param.shape[1:])
-            mark_shard(experts, name, global_shape, (mine, slice(None), slice(None)))
+        for pname, param in experts.named_parameters():
+            mark_shard(experts, pname, (cfg.n_experts, *param.shape[1:]), (mine, slice(None), slice(None)))
         layer.moe.experts = experts
-        layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts)
+        layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, ep_rank, **exchange)
     return model
+
+
+def dispatchers(model: MoETransformer) -> dict[int, AllToAllDispatcher]:
+    """The all-to-all dispatchers of the layers held here, by global layer index."""
+    return {int(name): layer.moe.dispatcher for name, layer in model.layers.items()
+            if isinstance(layer.moe.dispatcher, AllToAllDispatcher)}

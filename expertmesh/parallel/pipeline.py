@@ -16,6 +16,7 @@ from torch import nn
 
 from expertmesh.deployment import Deployment
 from expertmesh.model.transformer import MoETransformer
+from expertmesh.trace import span
 
 _HIDDEN, _TOKENS = 0, 1
 
@@ -50,11 +51,13 @@ class PipelineLinks:
         self.pending.append(work)
 
     def send_hidden(self, micro: int, h: torch.Tensor) -> None:
-        self._track(dist.isend(h.contiguous(), self.next_rank, tag=_HIDDEN))
+        with span("pipeline send"):
+            self._track(dist.isend(h.contiguous(), self.next_rank, tag=_HIDDEN))
 
     def recv_hidden(self, micro: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         buf = torch.empty(shape, dtype=dtype, device=self.device)
-        dist.recv(buf, self.prev_rank, tag=_HIDDEN)
+        with span("pipeline recv"):
+            dist.recv(buf, self.prev_rank, tag=_HIDDEN)
         return buf
 
     def send_tokens(self, micro: int, tokens: torch.Tensor) -> None:
@@ -62,7 +65,8 @@ class PipelineLinks:
 
     def recv_tokens(self, micro: int, n: int) -> torch.Tensor:
         buf = torch.empty(n, dtype=torch.long, device=self.device)
-        dist.recv(buf, self.token_peer, tag=_TOKENS)
+        with span("pipeline recv tokens"):
+            dist.recv(buf, self.token_peer, tag=_TOKENS)
         return buf
 
     def finish(self) -> None:

@@ -6,7 +6,10 @@ projection is split along its input (row parallel) and its partial outputs are s
 all-reduce of `[b, L, D]`. Experts: every expert's hidden dimension is split (up and gate column
 parallel, down row parallel); the MoE block's output `[b, L, D]` is all-reduced once, after the
 weighted combine, which is linear in the partial outputs. The router is replicated, so every
-rank routes identically.
+rank routes identically. A shared expert (Qwen2-MoE) is split like the experts; its gate is
+replicated, so sigmoid(gate(x)) * partial output is a partial sum of the same all-reduce.
+The q / k norms of OLMoE span all heads: each rank keeps its heads' slice of the norm weight and
+all-reduces the sum of squares `[b, L, 1]` (`ShardedRMSNorm`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from expertmesh.model.layers import Linear, meta_weight
+from expertmesh.model.layers import Linear, RMSNorm, meta_weight
 from expertmesh.model.synthetic import mark_shard
 from expertmesh.model.transformer import MoETransformer
 
@@ -24,11 +27,38 @@ def _split_linear(old: Linear, dim: int, tp: int, rank: int) -> Linear:
     """This rank's 1/tp of `old` along `dim` (0: output features, 1: input features)."""
     out_f, in_f = old.weight.shape
     size = (out_f if dim == 0 else in_f) // tp
-    new = Linear(in_f if dim == 0 else size, size if dim == 0 else out_f)
+    part = slice(rank * size, (rank + 1) * size)
+    if old.bias is not None and dim == 1:
+        raise ValueError("a row-parallel linear layer with a bias is not supported; the bias "
+                         "would be added tp times")
+    new = Linear(in_f if dim == 0 else size, size if dim == 0 else out_f, old.bias is not None)
     index = [slice(None), slice(None)]
-    index[dim] = slice(rank * size, (rank + 1) * size)
+    index[dim] = part
     mark_shard(new, "weight", (out_f, in_f), index)
+    if new.bias is not None:
+        mark_shard(new, "bias", (out_f,), (part,))
     return new
+
+
+class ShardedRMSNorm(nn.Module):
+    """RMSNorm over a feature dimension split across the TP group: x `[..., F/tp]` -> same shape.
+
+    The mean of squares is taken over all F features: one all-reduce of `[..., 1]` per call.
+    """
+
+    def __init__(self, old: RMSNorm, group: dist.ProcessGroup, tp: int, rank: int):
+        super().__init__()
+        full = old.weight.shape[0]
+        size = full // tp
+        self.eps, self.full, self.group = old.eps, full, group
+        self.weight = meta_weight(size)
+        mark_shard(self, "weight", (full,), (slice(rank * size, (rank + 1) * size),))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        sum_sq = xf.pow(2).sum(-1, keepdim=True)
+        dist.all_reduce(sum_sq, group=self.group)
+        return (xf * torch.rsqrt(sum_sq / self.full + self.eps)).to(x.dtype) * self.weight
 
 
 def _all_reduce_output(group: dist.ProcessGroup):
@@ -49,6 +79,9 @@ def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: i
         attn.wo = _split_linear(attn.wo, 1, tp, tp_rank)
         attn.n_heads //= tp
         attn.n_kv_heads //= tp
+        if attn.q_norm is not None:
+            attn.q_norm = ShardedRMSNorm(attn.q_norm, group, tp, tp_rank)
+            attn.k_norm = ShardedRMSNorm(attn.k_norm, group, tp, tp_rank)
         attn.register_forward_hook(_all_reduce_output(group))
 
         experts = layer.moe.experts
@@ -60,5 +93,9 @@ def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: i
         E, D, H = experts.w_down.shape
         experts.w_down = meta_weight(E, D, hidden)
         mark_shard(experts, "w_down", (E, D, H), (slice(None), slice(None), h_slice))
+        shared = layer.moe.shared
+        if shared is not None:
+            shared.w_gate, shared.w_up = (_split_linear(lin, 0, tp, tp_rank) for lin in (shared.w_gate, shared.w_up))
+            shared.w_down = _split_linear(shared.w_down, 1, tp, tp_rank)
         layer.moe.register_forward_hook(_all_reduce_output(group))
     return model

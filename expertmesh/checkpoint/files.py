@@ -1,0 +1,77 @@
+"""The safetensors files of a checkpoint directory: which file holds which tensor, and reads of
+exactly the slices a rank needs.
+
+Only safetensors are read: a checkpoint with only pickled weights (`*.bin`, `*.pt`) is rejected,
+never unpickled. A file is opened (its header parsed, the data memory-mapped) the first time one
+of its tensors is read; `get_slice(name)[index]` copies just the indexed elements, and those are
+the bytes counted in `bytes_read`.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+INDEX, SINGLE = "model.safetensors.index.json", "model.safetensors"
+_PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _weight_map(root: Path) -> dict[str, str]:
+    """tensor name -> file name, from the index of a sharded checkpoint or the single file's header."""
+    if (root / INDEX).is_file():
+        weight_map = json.loads((root / INDEX).read_text()).get("weight_map") or {}
+        for file in sorted(set(weight_map.values())):
+            if not (root / file).is_file():
+                raise ValueError(f"{root / file}: shard file listed in {INDEX} is missing; "
+                                 f"download it again or re-save the checkpoint")
+        return weight_map
+    if (root / SINGLE).is_file():
+        with safe_open(str(root / SINGLE), framework="pt") as f:
+            return {name: SINGLE for name in f.keys()}
+    if any(p for pattern in _PICKLED for p in root.glob(pattern)):
+        raise ValueError(f"{root}: only pickled weights found; expertmesh reads safetensors only "
+                         f"(it never unpickles a checkpoint); convert with transformers' "
+                         f"save_pretrained(..., safe_serialization=True)")
+    raise ValueError(f"{root}: neither {SINGLE} nor {INDEX} found; point --model at a Hugging Face "
+                     f"model directory")
+
+
+class CheckpointFiles:
+    """Slices of the tensors of checkpoint directory `root`; `bytes_read` counts what was copied."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.weight_map = _weight_map(self.root)
+        self._open: dict[str, object] = {}
+        self.bytes_read = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.weight_map
+
+    def _slice(self, name: str, shape: Sequence[int]):
+        """The lazy slice of tensor `name`, its shape checked against the expected `shape`."""
+        if name not in self.weight_map:
+            raise ValueError(f"{self.root}: tensor {name} is in no safetensors file; the checkpoint "
+                             f"is incomplete or not of the family config.json names")
+        file = self.weight_map[name]
+        if file not in self._open:
+            self._open[file] = safe_open(str(self.root / file), framework="pt")
+        part = self._open[file].get_slice(name)
+        if list(part.get_shape()) != list(shape):
+            raise ValueError(f"{self.root / file}: tensor {name} has shape {list(part.get_shape())}, "
+                             f"config.json implies {list(shape)}; use the config.json saved with "
+                             f"these weights")
+        return part
+
+    def read(self, name: str, shape: Sequence[int], index: Sequence[slice]) -> torch.Tensor:
+        """Elements `index` (one slice per dim) of tensor `name`, whose full shape must be `shape`."""
+        values = self._slice(name, shape)[tuple(index)]
+        self.bytes_read += values.nbytes
+        return values
+
+    def close(self) -> None:
+        self._open.clear()

@@ -1,0 +1,103 @@
+"""`config.json` of a Hugging Face MoE checkpoint -> `ModelConfig`.
+
+Families and what differs between them (all: SwiGLU experts, grouped-query attention, RoPE with
+the half-split convention, RMSNorm, softmax router over all experts then top-k):
+
+| model_type | router weights              | extras                                        |
+|------------|-----------------------------|-----------------------------------------------|
+| mixtral    | always renormalized         | -                                             |
+| qwen2_moe  | renormalized if norm_topk_prob | shared expert + sigmoid gate, q/k/v bias   |
+| olmoe      | renormalized if norm_topk_prob | RMSNorm on the whole q and k projections   |
+
+Anything that would make the result differ from transformers (another activation, RoPE scaling,
+dense layers between MoE layers, q/k/v clipping) is rejected with a ValueError naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from expertmesh.config import ModelConfig
+
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
+# checkpoint dtype -> expertmesh dtype; fp16 is widened to fp32, which holds it exactly
+_DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
+
+
+def read_hf_config(path: str | Path) -> dict:
+    """The parsed `config.json` of checkpoint directory `path`, its family checked."""
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise ValueError(f"{file} not found; point --model at a Hugging Face model directory "
+                         f"(config.json + *.safetensors)")
+    raw = json.loads(file.read_text())
+    family = raw.get("model_type")
+    if family not in FAMILIES:
+        arch = ", ".join(raw.get("architectures") or []) or "no architectures"
+        raise ValueError(f"{file}: model_type {family!r} ({arch}) is not supported; use a "
+                         f"checkpoint of one of: {', '.join(FAMILIES)}")
+    return raw
+
+
+def _get(raw: dict, key: str, file: Path):
+    if key not in raw:
+        raise ValueError(f"{file}: field {key!r} is missing; add it to config.json "
+                         f"(transformers' save_pretrained writes it)")
+    return raw[key]
+
+
+def _rope_theta(raw: dict, file: Path) -> float:
+    params = raw.get("rope_parameters") or {}
+    scaling = raw.get("rope_scaling") or {}
+    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
+    if kind != "default":
+        raise ValueError(f"{file}: rope_type {kind!r} is not supported; only default RoPE "
+                         f"(no scaling) is, so remove rope scaling or use another checkpoint")
+    theta = params.get("rope_theta", raw.get("rope_theta"))
+    if theta is None:
+        raise ValueError(f"{file}: no rope_theta (in rope_parameters or top level); add it")
+    return float(theta)
+
+
+def _reject(ok: bool, file: Path, what: str) -> None:
+    if not ok:
+        raise ValueError(f"{file}: {what} is not supported; use a checkpoint without it")
+
+
+def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
+    """The `ModelConfig` of the checkpoint at `path`; `dtype` (fp32, bf16) overrides the file's."""
+    raw = read_hf_config(path)
+    file = Path(path) / "config.json"
+    family = raw["model_type"]
+    g = lambda key: _get(raw, key, file)  # noqa: E731
+    _reject(raw.get("hidden_act", "silu") == "silu", file, f"hidden_act={raw.get('hidden_act')!r}")
+    d_model, n_heads = g("hidden_size"), g("num_attention_heads")
+    max_len = g("max_position_embeddings")
+    if raw.get("sliding_window") and (family != "qwen2_moe" or raw.get("use_sliding_window")):
+        max_len = min(max_len, raw["sliding_window"])  # within the window attention is full
+    fields = dict(
+        name=Path(path).resolve().name, n_layers=g("num_hidden_layers"), top_k=g("num_experts_per_tok"),
+        d_model=d_model, n_heads=n_heads, n_kv_heads=raw.get("num_key_value_heads") or n_heads,
+        head_dim=raw.get("head_dim") or d_model // n_heads, vocab_size=g("vocab_size"),
+        max_seq_len=max_len, expert_kind="swiglu", rope_theta=_rope_theta(raw, file),
+        norm_eps=g("rms_norm_eps"), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
+        dtype=dtype or _DTYPES.get(raw.get("dtype") or raw.get("torch_dtype"), "fp32"),
+    )
+    if family == "mixtral":
+        fields.update(n_experts=g("num_local_experts"), expert_hidden=g("intermediate_size"),
+                      renormalize=True)
+    elif family == "qwen2_moe":
+        _reject(not raw.get("mlp_only_layers") and raw.get("decoder_sparse_step", 1) == 1, file,
+                "a dense MLP layer (mlp_only_layers, decoder_sparse_step > 1)")
+        fields.update(n_experts=g("num_experts"), expert_hidden=g("moe_intermediate_size"),
+                      renormalize=bool(raw.get("norm_topk_prob", False)),
+                      shared_expert_hidden=g("shared_expert_intermediate_size"),
+                      qkv_bias=bool(raw.get("qkv_bias", True)))
+    else:
+        _reject(raw.get("clip_qkv") is None, file, f"clip_qkv={raw.get('clip_qkv')}")
+        _reject(not raw.get("attention_bias"), file, "attention_bias=true")
+        _reject(fields["head_dim"] * n_heads == d_model, file, "head_dim * heads != hidden_size")
+        fields.update(n_experts=g("num_experts"), expert_hidden=g("intermediate_size"),
+                      renormalize=bool(raw.get("norm_topk_prob", False)), qk_norm=True)
+    return ModelConfig(**fields)

@@ -1,0 +1,84 @@
+"""Tiny random Hugging Face checkpoints, and what transformers computes from them: the fixtures
+of the parity tests, and a way to try `expertmesh run --model` without a download.
+
+Needs `transformers` (imported on call). Weights are drawn with a larger spread than transformers'
+default (std 0.02), so that router choices and greedy tokens are not near-ties that a float
+rounding could flip.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+_COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15,
+               bos_token_id=None, eos_token_id=None, pad_token_id=None)
+_FAMILY = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM",
+                dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(intermediate_size=96, moe_intermediate_size=48, num_experts=4,
+                       num_experts_per_tok=2, shared_expert_intermediate_size=80)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
+              dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
+}
+
+
+def save_tiny_checkpoint(family: str, path: str | Path, fused: bool = False,
+                         max_shard_size: str | None = None, tokenizer: bool = False,
+                         seed: int = 0, **overrides) -> Path:
+    """Save a random 2-layer `family` model (hidden 64, 4 heads, 2 KV heads) at `path`, fp32.
+
+    `fused`: write the expert weights as transformers holds them in memory (stacked
+    `experts.gate_up_proj [E, 2H, D]`, `experts.down_proj [E, D, H]`) instead of the per-expert
+    tensors `save_pretrained` writes. `max_shard_size` splits the weights over several files with
+    an index. `tokenizer`: add a word-level `tokenizer.json` (words w0 .. w{vocab-1}).
+    """
+    import transformers
+    from safetensors.torch import save_file
+
+    config_cls, model_cls, extra = _FAMILY[family]
+    config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})
+    torch.manual_seed(seed)
+    model = getattr(transformers, model_cls)(config).eval()
+    path = Path(path)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(path, **kwargs)
+    if fused:
+        for file in path.glob("model*.safetensors*"):
+            file.unlink()
+        state = {k: v.contiguous() for k, v in model.state_dict().items()}
+        if config.tie_word_embeddings:
+            state.pop("lm_head.weight")
+        save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
+    if tokenizer:
+        _save_tokenizer(path, config.vocab_size)
+    return path
+
+
+def _save_tokenizer(path: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece()
+    tok.save(str(path / "tokenizer.json"))
+
+
+def reference_greedy(path: str | Path, prompts: torch.Tensor, gen_len: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' greedy decoding of `prompts [B, P]`: tokens `[B, gen_len]` and the logits
+    `[B, gen_len, V]` each token was chosen from (one full forward per step, no cache)."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ids, logits = prompts, []
+    with torch.no_grad():
+        for _ in range(gen_len):
+            last = model(ids).logits[:, -1].float()
+            logits.append(last)
+            ids = torch.cat([ids, last.argmax(-1, keepdim=True)], dim=1)
+    return ids[:, prompts.shape[1]:], torch.stack(logits, dim=1)

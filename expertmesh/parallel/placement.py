@@ -1,0 +1,113 @@
+"""Which EP rank holds which expert, per layer: default, optimised from routing statistics, on disk.
+
+Routing statistics come from a calibration run (`expertmesh run --record-routing FILE`): per
+layer, how many tokens of each source rank chose each set of k experts. From them the cross-node
+rows of a placement follow: the flat exchange moves one row per assignment whose expert is on
+another node than its token; the hierarchical one moves one row per (token, remote node holding
+one of its experts). `optimise_placement` swaps experts between nodes while that count drops, so
+it never does worse than the placement it starts from. Placement inside a node does not change
+cross-node traffic, and outputs are identical under any placement.
+
+File format (JSON): {"n_experts": E, "ep": P, "layers": [[[experts of rank 0], ...], ...]}.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+from expertmesh.parallel.dispatch import contiguous_placement
+from expertmesh.topology import Topology
+
+Placement = list[list[int]]                       # placement[rank] = experts, in local order
+RoutingStats = list[dict[int, Counter]]            # [layer][source rank][expert tuple] = tokens
+
+
+def cross_node_rows(placement: Placement, stats_layer: dict[int, Counter], topology: Topology,
+                    hierarchical: bool) -> int:
+    """Rows one layer's dispatch sends across node boundaries (the return sends as many)."""
+    node_of_expert = {e: topology.node_of(r) for r, experts in enumerate(placement) for e in experts}
+    rows = 0
+    for source, choices in stats_layer.items():
+        home = topology.node_of(source)
+        for experts, tokens in choices.items():
+            remote = [node_of_expert[e] for e in experts if node_of_expert[e] != home]
+            rows += tokens * (len(set(remote)) if hierarchical else len(remote))
+    return rows
+
+
+def optimise_placement(start: Placement, stats_layer: dict[int, Counter], topology: Topology,
+                       hierarchical: bool) -> Placement:
+    """Greedy pairwise swaps of experts on different nodes while cross-node rows decrease."""
+    best = [list(experts) for experts in start]
+    best_cost = cross_node_rows(best, stats_layer, topology, hierarchical)
+    improved = True
+    while improved:
+        improved = False
+        for r1 in range(len(best)):
+            for r2 in range(r1 + 1, len(best)):
+                if topology.node_of(r1) == topology.node_of(r2):
+                    continue
+                for i in range(len(best[r1])):
+                    for j in range(len(best[r2])):
+                        trial = [list(experts) for experts in best]
+                        trial[r1][i], trial[r2][j] = best[r2][j], best[r1][i]
+                        cost = cross_node_rows(trial, stats_layer, topology, hierarchical)
+                        if cost < best_cost:
+                            best, best_cost, improved = trial, cost, True
+    return best
+
+
+def validate_placement(layers: list[Placement], n_layers: int, n_experts: int, ep: int) -> None:
+    if len(layers) != n_layers:
+        raise ValueError(f"placement has {len(layers)} layers, the model has {n_layers}; "
+                         f"make a placement for this model")
+    for i, placement in enumerate(layers):
+        if len(placement) != ep:
+            raise ValueError(f"placement layer {i} covers {len(placement)} ranks, the deployment "
+                             f"has ep={ep}; make a placement for this deployment")
+        flat = sorted(e for experts in placement for e in experts)
+        if flat != list(range(n_experts)) or len({len(x) for x in placement}) != 1:
+            raise ValueError(f"placement layer {i} must hold each of the {n_experts} experts "
+                             f"exactly once, {n_experts // ep} per rank")
+
+
+def save_placement(path: str | Path, layers: list[Placement], n_experts: int) -> None:
+    Path(path).write_text(json.dumps({"n_experts": n_experts, "ep": len(layers[0]), "layers": layers}))
+
+
+def load_placement(path: str | Path, n_layers: int, n_experts: int, ep: int) -> list[Placement]:
+    try:
+        data = json.loads(Path(path).read_text())
+        layers = [[[int(e) for e in experts] for experts in layer] for layer in data["layers"]]
+    except FileNotFoundError:
+        raise ValueError(f"placement file {path} does not exist") from None
+    except (ValueError, KeyError, TypeError):
+        raise ValueError(f"placement file {path} is not a placement (JSON with a 'layers' list "
+                         f"of experts per rank); write it with `expertmesh place`") from None
+    validate_placement(layers, n_layers, n_experts, ep)
+    return layers
+
+
+def default_placement(n_layers: int, n_experts: int, ep: int) -> list[Placement]:
+    return [contiguous_placement(n_experts, ep) for _ in range(n_layers)]
+
+
+def save_routing(path: str | Path, stats: RoutingStats) -> None:
+    """Routing statistics as JSON: [layer]{source rank: [[experts..., tokens], ...]}."""
+    data = [{str(src): [[*experts, n] for experts, n in sorted(c.items())] for src, c in layer.items()}
+            for layer in stats]
+    Path(path).write_text(json.dumps({"layers": data}))
+
+
+def load_routing(path: str | Path) -> RoutingStats:
+    try:
+        data = json.loads(Path(path).read_text())["layers"]
+        return [{int(src): Counter({tuple(row[:-1]): row[-1] for row in rows}) for src, rows in layer.items()}
+                for layer in data]
+    except FileNotFoundError:
+        raise ValueError(f"routing statistics file {path} does not exist") from None
+    except (ValueError, KeyError, TypeError, AttributeError):
+        raise ValueError(f"{path} is not a routing statistics file; record one with "
+                         f"`expertmesh run --record-routing FILE`") from None
