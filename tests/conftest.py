@@ -1,0 +1,68 @@
+"""Shared fixtures: a model small enough for a test and the cached decode that tests compare."""
+
+import pytest
+import torch
+
+from expertmesh.config import preset
+from expertmesh.model.transformer import reference_model
+
+# The tiny preset's architecture, shrunk further so that a test builds a model in milliseconds.
+SMALL = dict(n_layers=2, n_experts=4, d_model=64, n_heads=4, head_dim=16, expert_hidden=128,
+             vocab_size=128, max_seq_len=64)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """The tests' matrices are tiny: a second thread only adds synchronization (3x slower on a busy
+    2-core machine). Set per test because `expertmesh run` sets the thread count itself."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
+def small_config():
+    """`small_config(**overrides)`: the shrunk tiny preset (fp32)."""
+    return lambda **overrides: preset("tiny", **{**SMALL, **overrides})
+
+
+@pytest.fixture
+def small_model(small_config):
+    """`small_model(seed=0, **overrides)`: the reference model of `small_config(**overrides)`."""
+    return lambda seed=0, **overrides: reference_model(small_config(**overrides), seed=seed)
+
+
+@pytest.fixture
+def cached_logits():
+    """`cached_logits(model, ids, prompt_len, parts)`: logits of positions prompt_len-1 .. end
+    `[b, 1 + L - prompt_len, V]`, from a prefill of the first `prompt_len` ids and then one id at a
+    time (teacher-forced), each micro-batch of `parts` (row slices) using its rows of one cache."""
+
+    def run(model, ids: torch.Tensor, prompt_len: int, parts: list[slice] | None = None):
+        b, L = ids.shape
+        parts = parts or [slice(0, b)]
+        caches = model.make_caches(b, L)
+        steps = []
+        with torch.inference_mode():
+            for start in [0, *range(prompt_len, L)]:
+                end = prompt_len if start == 0 else start + 1
+                steps.append(torch.cat([model(ids[p, start:end], caches, p, start) for p in parts]))
+        return torch.stack(steps, dim=1)
+
+    return run
+
+
+@pytest.fixture
+def naive_greedy():
+    """`naive_greedy(model, prompts, n)`: n greedy tokens `[b, n]`, each the argmax of a forward
+    pass over the whole sequence so far, with no cache."""
+
+    def run(model, prompts: torch.Tensor, n: int) -> torch.Tensor:
+        ids = prompts
+        with torch.inference_mode():
+            for _ in range(n):
+                ids = torch.cat([ids, model(ids, all_logits=True)[:, -1].argmax(-1, keepdim=True)], 1)
+        return ids[:, prompts.shape[1]:]
+
+    return run

@@ -1,0 +1,76 @@
+"""The command line (cli.py): bad input is one `error:` line and a non-zero exit, before any work;
+a good `run` prints its metrics and writes them, with the generated token ids, as JSON."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from expertmesh.cli import main
+from expertmesh.config import Workload, preset
+from expertmesh.model.transformer import reference_model
+
+BAD_INPUT = {
+    "batch 0": ["run", "--batch", "0"],
+    "too long": ["run", "--prompt-len", "500", "--gen-len", "13"],  # tiny: max_seq_len 512
+    "token outside vocabulary": ["run", "--prompt-ids", "1,2;3,1024"],  # tiny: vocab 1024
+    "negative token": ["run", "--prompt-ids", "1,-2"],
+    "empty prompt": ["run", "--prompt-ids", "1,2;"],
+    "unequal prompts": ["run", "--prompt-ids", "1,2;3"],
+    "unreadable prompts": ["run", "--prompt-ids", "1,x"],
+    "unknown preset": ["run", "--preset", "nope"],
+    "unknown dtype": ["run", "--dtype", "fp16"],
+    "generation 0": ["run", "--gen-len", "0"],
+    "negative temperature": ["run", "--temperature", "-1"],
+    "top-p 0": ["run", "--top-p", "0"],
+    "micro-batches 0": ["run", "--micro-batches", "0"],
+    "compare unknown preset": ["compare", "--preset", "nope"],
+    "compare batch 0": ["compare", "--batch", "0"],
+    "compare no deployments": ["compare", "--deployments", ","],
+}
+
+
+def assert_one_error_line(stderr: str) -> None:
+    lines = stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert "Traceback" not in stderr
+
+
+@pytest.mark.parametrize("argv", BAD_INPUT.values(), ids=BAD_INPUT.keys())
+def test_bad_input_is_one_error_line_and_a_nonzero_exit(argv, capsys):
+    assert main(argv) != 0
+    out, err = capsys.readouterr()
+    assert_one_error_line(err)
+    assert out == ""
+
+
+def test_run_prints_metrics_and_writes_them_with_the_greedy_tokens(tmp_path, capsys, naive_greedy):
+    path = tmp_path / "out" / "run.json"
+    argv = ["run", "--preset", "tiny", "--batch", "2", "--prompt-len", "8", "--gen-len", "4",
+            "--json", str(path)]
+    assert main(argv) == 0
+    out, err = capsys.readouterr()
+    assert "TPOT (ms)" in out and "decode TPS" in out and "Traceback" not in err
+
+    data = json.loads(path.read_text())
+    metrics = data["result"]["metrics"]
+    assert (metrics["batch_size"], metrics["prompt_len"], metrics["gen_len"]) == (2, 8, 4)
+    assert metrics["ttft_s"] > 0 and metrics["tpot_s"] > 0 and metrics["overall_tps"] > 0
+    assert data["preset"]["name"] == "tiny" and data["workload"]["gen_len"] == 4
+
+    cfg = preset("tiny")
+    prompts = Workload(batch_size=2, prompt_len=8, gen_len=4, seed=0).prompts(cfg)
+    expected = naive_greedy(reference_model(cfg, seed=0), prompts, 4)
+    assert data["result"]["tokens"] == expected.tolist()
+
+
+def test_the_console_script_reports_an_unknown_preset_in_one_line():
+    script = Path(sys.executable).parent / "expertmesh"
+    assert script.exists(), "install the package (pip install -e .) to get the console script"
+    proc = subprocess.run([str(script), "run", "--preset", "nope"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode != 0
+    assert_one_error_line(proc.stderr)
+    assert "unknown preset 'nope'" in proc.stderr
