@@ -25,9 +25,10 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunResult, RunSpec, run_rank
 from expertmesh.launch import RankFailure, launch, under_torchrun
 from expertmesh.sim.cli import add_commands as add_simulator_commands
+from expertmesh.engine.load import expert_loads
 from expertmesh.parallel.placement import (cross_node_rows, default_placement, load_placement,
-                                           load_routing, optimise_placement, save_placement,
-                                           save_routing)
+                                           load_routing, optimise_placement, plan_redundant,
+                                           planned_rank_loads, save_placement, save_routing)
 from expertmesh.topology import Topology
 from expertmesh.trace import write_trace
 
@@ -74,6 +75,31 @@ def _chunks(text: str) -> int | None:
         raise ValueError(f"--a2a-chunks {text!r} must be a positive integer or auto") from None
 
 
+def _skew(text: str | None) -> float:
+    if not text:
+        return 0.0
+    kind, _, value = text.partition(":")
+    try:
+        if kind == "zipf" and float(value) >= 0:
+            return float(value)
+    except ValueError:
+        pass
+    raise ValueError(f"--router-skew {text!r}: write zipf:S with S >= 0, e.g. zipf:1.2")
+
+
+def _balanced_placement(args, cfg, deployment: Deployment) -> list:
+    """`--redundant-experts R`: replicas planned from the loads of recorded routing."""
+    if not args.routing:
+        raise ValueError("--redundant-experts needs --routing FILE (from `run --record-routing`) "
+                         "to know which experts are hot")
+    stats = load_routing(args.routing)
+    if len(stats) != cfg.n_layers:
+        raise ValueError(f"{args.routing} has {len(stats)} layers, the model has {cfg.n_layers}; "
+                         f"record it with the same preset")
+    return [plan_redundant(expert_loads(layer, cfg.n_experts), deployment.ep, args.redundant_experts)
+            for layer in stats]
+
+
 def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}; use one of: {', '.join(DTYPES)}")
@@ -81,6 +107,8 @@ def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
         cfg = config_from_hf(args.model, args.dtype)
     else:
         cfg = preset(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
+    cfg = cfg.with_(router_skew=_skew(args.router_skew), capacity_factor=args.capacity_factor,
+                    overflow=args.overflow)
     if args.prompt and not args.model:
         raise ValueError("--prompt needs --model PATH, whose tokenizer.json encodes the text; "
                          "with a preset give --prompt-ids")
@@ -90,6 +118,8 @@ def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
                         prompt_ids=prompt_ids)
     placement = (load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
                  if args.placement and deployment.ep > 1 else None)
+    if args.redundant_experts and deployment.ep > 1:
+        placement = _balanced_placement(args, cfg, deployment)
     spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
                    record_logits=record_logits, checkpoint=args.model, a2a=args.a2a,
                    a2a_chunks=_chunks(args.a2a_chunks), a2a_overlap=not args.no_overlap,
@@ -141,6 +171,13 @@ def cmd_run(args) -> int:
             ("KV cache per rank (MiB, max)", _mib(max(result.kv_cache_bytes)))]
     if result.checkpoint_bytes:
         rows.append(("checkpoint read per rank (MiB, max)", _mib(max(result.checkpoint_bytes))))
+    if result.load:
+        rows.append(("load imbalance, max/mean rank (mean, worst)",
+                     f"{result.load['imbalance_mean']:.2f}, {result.load['imbalance_max']:.2f}"))
+    if result.overflow:
+        o = result.overflow
+        rows.append(("capacity: rerouted / dropped assignments",
+                     f"{o['rerouted']:,} / {o['dropped']:,} of {o['assignments']:,}"))
     if result.exchange:
         x = result.exchange
         rows += [("token exchange", f"{x['a2a']}, {x['nodes']} node(s) x {x['gpus_per_node']}"),
@@ -190,6 +227,16 @@ def cmd_place(args) -> int:
         raise ValueError(f"{args.routing} has {len(stats)} layers, {cfg.name} has {cfg.n_layers}; "
                          f"record it with the same preset")
     start = default_placement(cfg.n_layers, cfg.n_experts, dep.ep)
+    if args.redundant_experts:
+        loads = [expert_loads(layer, cfg.n_experts) for layer in stats]
+        best = [plan_redundant(l, dep.ep, args.redundant_experts) for l in loads]
+        before = max(max(planned_rank_loads(p, l)) for p, l in zip(start, loads))
+        after = max(max(planned_rank_loads(p, l)) for p, l in zip(best, loads))
+        save_placement(args.out, best, cfg.n_experts)
+        console.print(f"busiest rank's planned tokens (worst layer): default {before:,.0f} -> with "
+                      f"{args.redundant_experts} redundant experts {after:,.0f} (x{_ratio(after, before)}); "
+                      f"wrote {args.out}")
+        return 0
     hierarchical = args.a2a == "hierarchical"
     best = [optimise_placement(p, layer, topology, hierarchical) for p, layer in zip(start, stats)]
     before = sum(cross_node_rows(p, l, topology, hierarchical) for p, l in zip(start, stats))
@@ -301,10 +348,26 @@ def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_l
                    help="ranks per node (default: LOCAL_WORLD_SIZE, or one node)")
     p.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")
     p.add_argument("--trace", default=None, help="write a Perfetto trace JSON per run to this folder")
+    p.add_argument("--router-skew", default=None, help="bias expert popularity, e.g. zipf:1.2 (experiments)")
+    p.add_argument("--capacity-factor", type=float, default=None,
+                   help="cap tokens per expert per call at C x fair share (default: no cap, dropless)")
+    p.add_argument("--overflow", default="drop", choices=("drop", "reroute"),
+                   help="with --capacity-factor: drop the assignment or reroute it to the next-best expert")
+    p.add_argument("--redundant-experts", type=int, default=0,
+                   help="extra replicas of hot experts, planned from --routing statistics")
+    p.add_argument("--routing", default=None, help="routing statistics from `run --record-routing`")
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage mistakes as one line, like every other user error."""
+
+    def error(self, message: str):
+        print(f"error: {self.prog}: {message} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="expertmesh", description=__doc__.splitlines()[0])
+    parser = _Parser(prog="expertmesh", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one deployment and print its metrics")
     _add_run_args(run, batch=8, prompt_len=64, gen_len=32)
@@ -326,6 +389,8 @@ def build_parser() -> argparse.ArgumentParser:
     place.add_argument("--gpus-per-node", type=int, default=None)
     place.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"))
     place.add_argument("--out", default="placement.json")
+    place.add_argument("--redundant-experts", type=int, default=0,
+                       help="plan replicas of hot experts to balance load (instead of node placement)")
     place.set_defaults(func=cmd_place)
     add_simulator_commands(sub)
     return parser

@@ -10,6 +10,8 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
+from expertmesh.model.capacity import Capacity
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPERT_KINDS = ("mlp", "swiglu")
 
@@ -58,6 +60,9 @@ class ModelConfig:
     tie_embeddings: bool = False
     dtype: str = "fp32"
     shared_expert_hidden: int = 0
+    router_skew: float = 0.0
+    capacity_factor: float | None = None
+    overflow: str = "drop"
     qkv_bias: bool = False
     qk_norm: bool = False
 
@@ -85,8 +90,15 @@ class ModelConfig:
         _check(isinstance(self.shared_expert_hidden, int) and self.shared_expert_hidden >= 0,
                f"ModelConfig.shared_expert_hidden={self.shared_expert_hidden!r} must be an integer "
                f">= 0 (0: no shared expert)")
+        _check(self.router_skew >= 0, f"ModelConfig.router_skew={self.router_skew} must be >= 0")
+        if self.capacity_factor is not None:
+            Capacity(self.capacity_factor, self.overflow)  # validates factor and policy
         _check(self.dtype in DTYPES,
                f"ModelConfig.dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
+
+    @property
+    def capacity(self) -> Capacity | None:
+        return Capacity(self.capacity_factor, self.overflow) if self.capacity_factor else None
 
     @property
     def torch_dtype(self) -> torch.dtype:

@@ -18,7 +18,7 @@ from expertmesh.config import Workload  # noqa: E402
 from expertmesh.deployment import Deployment  # noqa: E402
 from expertmesh.engine.worker import RunSpec, run_rank  # noqa: E402
 from expertmesh.launch import launch  # noqa: E402
-from expertmesh.model import build_model  # noqa: E402
+from expertmesh.model.transformer import build_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunSpec, run_rank, shard_model
 from expertmesh.launch import launch
-from expertmesh.model import build_model, parameter_bytes
+from expertmesh.model.transformer import build_model, parameter_bytes
 
 FP32_ATOL = 1e-4  # observed max |Δlogit| about 2e-6: only the order of float sums differs
 BF16_MEAN_ATOL = 0.1  # mean |Δ prefill logit| of bf16 vs fp32 (observed about 0.04)

@@ -10,7 +10,7 @@ import torch
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunSpec, shard_model
-from expertmesh.model import build_model, parameter_bytes
+from expertmesh.model.transformer import build_model, parameter_bytes
 from expertmesh.sim import simulator
 from expertmesh.sim.cost import Cost
 from expertmesh.sim.hardware import get_profile

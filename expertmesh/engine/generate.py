@@ -5,17 +5,25 @@ that is the whole model and the whole batch in one micro-batch. Under pipeline p
 `StageLinks` move hidden states to the next stage and sampled tokens from the last stage back to
 the first; under expert parallelism the MoE layers exchange tokens inside the model's forward, so
 every rank of a stage must run every micro-batch, even one with no sequence of its own.
+
+NaN and inf are caught where they appear: every layer output a rank computes, and the logits of
+the sampling rank, leave a 0-dim `isfinite(x).all()` flag, and the flags are read once per step
+(one host sync, which sampling already implies), raising `NonFiniteError` with the step and the
+first layer whose output was non-finite.
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
 
+from expertmesh import faults
 from expertmesh.config import Workload
 from expertmesh.engine.sampling import sample
 from expertmesh.model.transformer import MoETransformer
@@ -45,6 +53,53 @@ class SingleStage:
         pass
 
 
+class NonFiniteError(RuntimeError):
+    """NaN or inf in a layer output or in the logits."""
+
+
+class FiniteCheck:
+    """Flags `isfinite(x).all()` of every layer output (forward hooks, removed on exit) and of what
+    `add` is given; `check(step)` reads the step's flags at once and raises on the first
+    non-finite one."""
+
+    LOGITS = -1
+
+    def __init__(self, model: MoETransformer):
+        self.flags: list[torch.Tensor] = []
+        self.layers: list[int] = []  # the layer of each flag, LOGITS for the logits
+        self.handles = [layer.register_forward_hook(functools.partial(self._hook, int(name)))
+                        for name, layer in model.layers.items()]
+
+    def _hook(self, layer: int, module, args, out: torch.Tensor) -> None:
+        self.add(layer, out)
+
+    def add(self, layer: int, x: torch.Tensor) -> None:
+        self.flags.append(torch.isfinite(x).all())
+        self.layers.append(layer)
+
+    def check(self, step: int) -> None:
+        if not self.flags:
+            return
+        ok = torch.stack(self.flags).cpu()
+        bad = {layer for layer, fine in zip(self.layers, ok.tolist()) if not fine}
+        self.flags, self.layers = [], []
+        if not bad:
+            return
+        what = "logits" if self.LOGITS in bad else "hidden states"
+        held = [layer for layer in bad if layer != self.LOGITS]
+        where = (f"layer {min(held)}" if held else
+                 "none of the layers on this rank (an earlier pipeline stage, or the final norm "
+                 "and head)")
+        raise NonFiniteError(f"non-finite {what} at step {step}; first non-finite layer output: {where}")
+
+    def __enter__(self) -> "FiniteCheck":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
 @dataclass
 class Generation:
     """What one rank produced: tokens `[b, gen_len]` of its sequences `rows` (global indices).
@@ -72,11 +127,12 @@ def micro_batches(n: int, parts: int) -> list[slice]:
 
 def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, rows: list[int],
              n_micro: int = 1, links: StageLinks | None = None, record_logits: bool = False,
-             on_step: Callable[[int], None] | None = None) -> Generation:
+             on_step: Callable[[int], None] | None = None, check_finite: bool = True) -> Generation:
     """Prefill then decode `workload.gen_len` tokens for this rank's sequences.
 
     prompts `[b, prompt_len]` int64 are the prompts of the global sequences `rows` (needed on the
-    first stage only). Returns this rank's `Generation`.
+    first stage only). Returns this rank's `Generation`. `check_finite=False` skips the NaN / inf
+    check (to measure its cost).
     """
     links = links or SingleStage()
     record_logits = record_logits and links.is_last
@@ -94,8 +150,9 @@ def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, r
     d_model = model.cfg.d_model
 
     result.start = time.perf_counter()
-    with torch.inference_mode():
+    with torch.inference_mode(), FiniteCheck(model) if check_finite else nullcontext() as finite:
         for step in range(G):
+            faults.at_step(step, model)  # test-only fault injection; nothing unless asked
             start, length = (0, P) if step == 0 else (P + step - 1, 1)
             step_logits = []
             for m, part in enumerate(parts):
@@ -115,6 +172,8 @@ def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, r
                     if n:
                         links.send_hidden(m, out)
                     continue
+                if finite is not None:
+                    finite.add(FiniteCheck.LOGITS, out)
                 with span("sample"):
                     next_tokens = sample(out, global_rows[part], step, workload)
                 tokens[part, step] = next_tokens
@@ -122,6 +181,8 @@ def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, r
                     step_logits.append(out.float().cpu())
                 if not links.is_first and n and step < G - 1:
                     links.send_tokens(m, next_tokens)
+            if finite is not None:
+                finite.check(step)
             if links.is_last:
                 result.step_times.append(time.perf_counter())
                 if record_logits:

@@ -18,6 +18,7 @@ from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
 from expertmesh.checkpoint.loader import load_checkpoint
 from expertmesh.engine.generate import Generation, generate
+from expertmesh.engine.load import load_summary
 from expertmesh.engine.metrics import Metrics, merge_step_times
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model, parameter_bytes
@@ -101,6 +102,8 @@ class RunResult:
     logits: torch.Tensor | None = None
     exchange: dict | None = None
     routing: list | None = None
+    load: dict | None = None
+    overflow: dict | None = None
     spans: dict[int, list] | None = None
     checkpoint_bytes: list[int] | None = None
 
@@ -109,6 +112,7 @@ class RunResult:
             "deployment": self.deployment, "world_size": self.world_size,
             "metrics": self.metrics.to_dict(), "param_bytes_per_rank": self.param_bytes,
             "kv_cache_bytes_per_rank": self.kv_cache_bytes, "exchange": self.exchange,
+            "load": self.load, "overflow": self.overflow,
             "tokens": self.tokens.tolist(),
         }
 
@@ -124,7 +128,7 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
         apply_tensor_parallel(model, group, dep.tp, inner)
     if dep.ep > 1:
         topology = spec.topology
-        placements = spec.placement or default_placement(spec.cfg.n_layers, spec.cfg.n_experts, dep.ep)
+        placements = _placements(spec)
         peer_nodes = [topology.node_of(stage * dep.inner + i) for i in range(dep.ep)]
         apply_expert_parallel(model, group, inner, placements, chunks=spec.a2a_chunks,
                               overlap=spec.a2a_overlap, peer_nodes=peer_nodes,
@@ -154,6 +158,8 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
     for d in exchange.values():  # count the measured run only
         d.stats = ExchangeStats()
         d.routing = Counter() if spec.record_routing else None
+    for layer in model.layers.values():
+        layer.moe.overflow = dict.fromkeys(layer.moe.overflow, 0)
     if dist.is_initialized():
         dist.barrier()
     if spec.trace:
@@ -164,6 +170,7 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
         "rank": rank, "reports": dep.reports(rank), "gen": gen,
         "param_bytes": parameter_bytes(model, spec.cfg.torch_dtype), "checkpoint_bytes": checkpoint_bytes,
         "exchange": {layer: d.stats for layer, d in exchange.items()},
+        "overflow": {int(name): layer.moe.overflow for name, layer in model.layers.items()},
         "routing": {layer: d.routing for layer, d in exchange.items()} if spec.record_routing else None,
         "spans": take_spans() if spec.trace else None,
     }
@@ -195,6 +202,7 @@ def assemble(spec: RunSpec, payloads: list[dict]) -> RunResult:
         param_bytes=[p["param_bytes"] for p in payloads],
         kv_cache_bytes=[p["gen"].kv_cache_bytes for p in payloads], logits=logits,
         exchange=_exchange_summary(spec, payloads), routing=_routing_stats(spec, payloads),
+        load=_load(spec, payloads), overflow=_overflow(spec, payloads),
         spans={p["rank"]: p["spans"] for p in payloads} if spec.trace else None,
         checkpoint_bytes=[p["checkpoint_bytes"] for p in payloads] if spec.checkpoint else None,
     )
@@ -219,6 +227,36 @@ def _exchange_summary(spec: RunSpec, payloads: list[dict]) -> dict | None:
         "cross_node_bytes": cross, "cross_node_bytes_per_step": cross / steps,
         "cross_node_bytes_per_layer": {layer: s.cross_node_bytes for layer, s in sorted(per_layer.items())},
     }
+
+
+def _placements(spec: RunSpec) -> list:
+    return spec.placement or default_placement(spec.cfg.n_layers, spec.cfg.n_experts, spec.deployment.ep)
+
+
+def _load(spec: RunSpec, payloads: list[dict]) -> dict | None:
+    if spec.deployment.ep == 1:
+        return None
+    per_layer: dict[int, dict[int, list]] = {}
+    for p in payloads:
+        ep_rank = spec.deployment.coords(p["rank"])[1]
+        for layer, stats in p["exchange"].items():
+            per_layer.setdefault(layer, {})[ep_rank] = stats.loads
+    return load_summary(per_layer, _placements(spec), spec.cfg.n_experts)
+
+
+def _overflow(spec: RunSpec, payloads: list[dict]) -> dict | None:
+    """Assignments rerouted or dropped by capacity, over the run (each token counted once:
+    TP ranks all see every token, so only the first of each TP group reports)."""
+    if spec.cfg.capacity is None:
+        return None
+    total = {"assignments": 0, "rerouted": 0, "dropped": 0}
+    for p in payloads:
+        if spec.deployment.tp > 1 and spec.deployment.coords(p["rank"])[1] != 0:
+            continue
+        for counts in p["overflow"].values():
+            for key in total:
+                total[key] += counts[key]
+    return total
 
 
 def _routing_stats(spec: RunSpec, payloads: list[dict]) -> list | None:

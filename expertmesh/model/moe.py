@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.model.capacity import DROPPED, REROUTED, Capacity, apply_capacity
 from expertmesh.model.layers import Linear, meta_weight
 from expertmesh.trace import span
 
@@ -23,19 +24,33 @@ class Router(nn.Module):
     """Top-k gating: x `[T, D]` -> expert ids `[T, k]` (int64), weights `[T, k]` (x's dtype).
 
     Softmax over all experts in fp32, keep the k largest; with `renormalize` divide by their sum
-    (identical to a softmax over the top-k logits).
+    (identical to a softmax over the top-k logits). `skew` > 0 biases the logits of expert e by
+    -skew * log(e + 1), multiplying its probability by (e + 1)^-skew (a Zipf-like popularity,
+    for producing load imbalance on purpose with synthetic weights).
     """
 
-    def __init__(self, d_model: int, n_experts: int, top_k: int, renormalize: bool):
+    def __init__(self, d_model: int, n_experts: int, top_k: int, renormalize: bool, skew: float = 0.0):
         super().__init__()
-        self.top_k, self.renormalize = top_k, renormalize
+        self.top_k, self.renormalize, self.skew = top_k, renormalize, skew
         self.weight = meta_weight(n_experts, d_model)
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.linear(x, self.weight).float().softmax(dim=-1)
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[T, D]` -> router probabilities `[T, E]` (fp32)."""
+        logits = F.linear(x, self.weight).float()
+        if self.skew:
+            ranks = torch.arange(1, logits.shape[-1] + 1, device=x.device, dtype=torch.float32)
+            logits = logits - self.skew * ranks.log()
+        return logits.softmax(dim=-1)
+
+    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """probs `[T, E]` -> ids `[T, k]`, weights `[T, k]` (fp32)."""
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.renormalize:
             weights = weights / weights.sum(dim=-1, keepdim=True)
+        return ids, weights
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, weights = self.select(self.probs(x))
         return ids, weights.to(x.dtype)
 
 
@@ -114,11 +129,19 @@ def combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
 class LocalDispatcher:
     """Every expert is on this device: sort by expert, compute grouped, combine."""
 
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Rows of every token of the call (here: all of them are local), and where ours start."""
+        return rows, 0
+
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
-        order, counts = sort_assignments(ids, experts.n_experts)
+        E = experts.n_experts
+        order, counts = sort_assignments(torch.where(ids >= 0, ids, E), E + 1)  # -1 (dropped) last
+        computed = order.numel() - int(counts[E])
         with span("expert compute"):
-            out = experts(x[order // ids.shape[1]], counts)
+            out = experts(x[order[:computed] // ids.shape[1]], counts[:E])
+        if computed < order.numel():  # dropped assignments contribute exact zeros
+            out = torch.cat([out, out.new_zeros(order.numel() - computed, out.shape[1])])
         return combine(out, order, weights)
 
 
@@ -147,9 +170,12 @@ class MoEBlock(nn.Module):
     plus the shared expert's output when `shared_hidden > 0`."""
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, kind: str,
-                 renormalize: bool, shared_hidden: int = 0):
+                 renormalize: bool, shared_hidden: int = 0, router_skew: float = 0.0,
+                 capacity: Capacity | None = None):
         super().__init__()
-        self.router = Router(d_model, n_experts, top_k, renormalize)
+        self.router = Router(d_model, n_experts, top_k, renormalize, router_skew)
+        self.capacity = capacity
+        self.overflow = {"assignments": 0, "rerouted": 0, "dropped": 0}  # of this rank's tokens
         self.experts = GroupedExperts(n_experts, d_model, hidden, kind)
         self.dispatcher = LocalDispatcher()
         self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
@@ -157,8 +183,23 @@ class MoEBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
         with span("route"):
-            ids, weights = self.router(flat)
-        out = self.dispatcher(flat, ids, weights, self.experts)
+            ids, weights = self._route(flat)
+        out = self.dispatcher(flat, ids, weights.to(flat.dtype), self.experts)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view_as(x)
+
+    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing, then capacity (if any) decided over every token of the call: the
+        dispatcher gathers all ranks' router probabilities `[T_all, E]` in global token order."""
+        probs = self.router.probs(x)
+        if self.capacity is None:
+            return self.router.select(probs)
+        everyone, offset = self.dispatcher.gather(probs)
+        ids, weights = self.router.select(everyone)
+        ids, weights, status = apply_capacity(everyone, ids, weights, self.capacity)
+        mine = slice(offset, offset + x.shape[0])
+        self.overflow["assignments"] += status[mine].numel()
+        self.overflow["rerouted"] += int((status[mine] == REROUTED).sum())
+        self.overflow["dropped"] += int((status[mine] == DROPPED).sum())
+        return ids[mine], weights[mine]

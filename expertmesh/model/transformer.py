@@ -27,7 +27,8 @@ class DecoderLayer(nn.Module):
                               cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.moe = MoEBlock(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden,
-                            cfg.expert_kind, cfg.renormalize, cfg.shared_expert_hidden)
+                            cfg.expert_kind, cfg.renormalize, cfg.shared_expert_hidden,
+                            cfg.router_skew, cfg.capacity)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None, rows: slice, start: int) -> torch.Tensor:
         with span("attention"):

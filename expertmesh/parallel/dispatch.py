@@ -2,13 +2,15 @@
 expert, compute there, send the result back; batched, chunked and overlapped.
 
 Notation: T tokens on this rank, k experts per token, D d_model, P ranks in the EP group, El
-experts per rank, S fine token slices (the unit of counting), C chunks (the unit of overlap).
+expert slots on this rank (El_p on rank p, n_slots in all: more than E with redundant experts),
+S fine token slices (the unit of counting), C chunks (the unit of overlap).
 
 The flat pipeline of one MoE layer on one rank (`_exchange_and_compute`):
 
-  1. slots = slot_of_expert[ids]        [T, k]  slot = owner rank * El + local expert (-1: skip)
-  2. counts per fine slice              [S, P * El], sent with T as one message per peer:
-     all_to_all_single(counts)          (S * El + 1) int64 each way, once per layer. The host
+  1. slots = slot_of_expert[ids]        [T, k]  slots number (rank, local expert) rank by rank;
+                                                -1: skip (dropped by capacity, or another node's)
+  2. counts per fine slice              [S, n_slots], sent with T as one message per peer:
+     all_to_all_single(counts)          (S * El_p + 1) int64 to peer p, once per layer. The host
                                         waits here: split sizes must be Python ints, and C is
                                         chosen from the largest T any rank has, so all agree.
   3. for each chunk c (T / C tokens), in the order disp(0), disp(1), ret(0), disp(2), ret(1), ...
@@ -30,7 +32,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -42,14 +44,28 @@ AUTO_SLICES = 8               # fine slices counted per layer when the chunk cou
 MIN_ROWS_PER_CHUNK = 256      # auto: split only while every chunk keeps this many assignments
 
 
-def slot_table(placement: list[list[int]], n_experts: int) -> torch.Tensor:
-    """placement[r] = the experts rank r holds, in local order -> slot of each expert `[E]`."""
-    n_local = len(placement[0])
-    slots = torch.full((n_experts,), -1, dtype=torch.long)
+def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
+               peer_nodes: list[int] | None = None) -> torch.Tensor:
+    """The slot each expert's tokens from rank `source` go to `[E]`.
+
+    placement[r] lists the experts rank r holds, in local order; slots number them rank by rank.
+    An expert with replicas (redundant experts) is served, for this source, by the replica on
+    the source rank itself, else one on its node, else replica `source % replicas`, so that each
+    source's traffic stays local where it can and spreads evenly otherwise.
+    """
+    nodes = peer_nodes or [0] * len(placement)
+    holders: dict[int, list[tuple[int, int]]] = {}
+    slot = 0
     for rank, experts in enumerate(placement):
-        for local, expert in enumerate(experts):
-            slots[expert] = rank * n_local + local
-    return slots
+        for expert in experts:
+            holders.setdefault(expert, []).append((rank, slot))
+            slot += 1
+    table = torch.full((n_experts,), -1, dtype=torch.long)
+    for expert, replicas in holders.items():
+        same_rank = [s for r, s in replicas if r == source]
+        same_node = [s for r, s in replicas if nodes[r] == nodes[source]]
+        table[expert] = (same_rank or same_node or [replicas[source % len(replicas)][1]])[0]
+    return table
 
 
 def contiguous_placement(n_experts: int, ep: int) -> list[list[int]]:
@@ -71,12 +87,14 @@ def slices(n: int, parts: int) -> list[slice]:
 
 @dataclass
 class ExchangeStats:
-    """Rows this rank sent, over all calls: all of them, and those to another node."""
+    """Rows this rank sent, over all calls: all of them, and those to another node; and the
+    rows its experts computed in each call (its load)."""
 
     calls: int = 0
     rows_sent: int = 0
     cross_node_rows: int = 0
     cross_node_bytes: int = 0
+    loads: list[list[int]] = field(default_factory=list)  # per call: rows per local slot
 
     def add(self, splits: list[int], peer_nodes: list[int], my_node: int, row_bytes: int) -> None:
         cross = sum(n for n, node in zip(splits, peer_nodes) if node != my_node)
@@ -100,15 +118,16 @@ class AllToAllDispatcher:
                  peer_nodes: list[int] | None = None, hierarchical: bool = False):
         self.group = group
         self.P = len(placement)
-        self.El = len(placement[0])
-        self.slots = slot_table(placement, n_experts)
-        self.slot_node = torch.tensor([(peer_nodes or [0] * self.P)[s // self.El]
-                                       for s in range(self.P * self.El)])
+        self.peer_nodes = peer_nodes or [0] * self.P
+        self.rank = rank
+        self.slots_per_rank = [len(experts) for experts in placement]  # may differ with replicas
+        self.n_slots = sum(self.slots_per_rank)
+        self.slot_rank = torch.repeat_interleave(torch.arange(self.P), torch.tensor(self.slots_per_rank))
+        self.slot_node = torch.tensor([self.peer_nodes[r] for r in self.slot_rank.tolist()])
+        self.slots = slot_table(placement, n_experts, rank, self.peer_nodes)
         self.fine = chunks or AUTO_SLICES
         self.auto = chunks is None
         self.overlap = overlap
-        self.peer_nodes = peer_nodes or [0] * self.P
-        self.rank = rank
         per_node = [self.peer_nodes.count(n) for n in set(self.peer_nodes)]
         if hierarchical and len(set(per_node)) > 1:
             raise ValueError(f"hierarchical exchange needs the same number of EP ranks on every "
@@ -122,11 +141,26 @@ class AllToAllDispatcher:
         self.stats.calls += 1
         if self.routing is not None and ids.numel():
             choices, tokens = torch.unique(ids.sort(dim=1).values, dim=0, return_counts=True)
-            self.routing.update(dict(zip(map(tuple, choices.tolist()), tokens.tolist())))
-        slots = self.slots.to(ids.device)[ids]
+            self.routing.update({tuple(e for e in c if e >= 0): n  # -1: dropped by capacity
+                                 for c, n in zip(choices.tolist(), tokens.tolist())})
+        slots = torch.where(ids >= 0, self.slots.to(ids.device)[ids.clamp(min=0)], -1)
         if self.hierarchical:
             return self._hierarchical(x, slots, weights, experts)
         return self._exchange_and_compute(x, slots, weights, experts)
+
+    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """Every EP rank's rows `[T_r, F]`, concatenated in rank order (= global token order), and
+        the offset of this rank's rows. Two all-gathers: the row counts, then the rows padded to
+        the largest count. Used by capacity decisions only."""
+        counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(self.P)]
+        dist.all_gather(counts, torch.tensor([rows.shape[0]], device=rows.device), group=self.group)
+        counts = [int(c) for c in counts]
+        padded = rows.new_zeros(max(counts), rows.shape[1])
+        padded[:rows.shape[0]] = rows
+        parts = [torch.empty_like(padded) for _ in range(self.P)]
+        with span("capacity gather"):
+            dist.all_gather(parts, padded, group=self.group)
+        return torch.cat([p[:n] for p, n in zip(parts, counts)]), sum(counts[:self.rank])
 
     # -- flat, chunked exchange ------------------------------------------------------------
 
@@ -134,26 +168,30 @@ class AllToAllDispatcher:
                               experts: GroupedExperts) -> torch.Tensor:
         """x `[T, D]`, slots `[T, k]` (-1: not here), weights `[T, k]` -> weighted sums `[T, D]`."""
         T, k = slots.shape
-        P, El, S = self.P, self.El, self.fine
-        slots = torch.where(slots >= 0, slots, P * El)  # skipped assignments sort last, unsent
+        P, S, n_slots = self.P, self.fine, self.n_slots
+        El = self.slots_per_rank[self.rank]
+        slots = torch.where(slots >= 0, slots, n_slots)  # skipped assignments sort last, unsent
         fine = slices(T, S)
-        fine_counts = torch.stack([torch.bincount(slots[f].reshape(-1), minlength=P * El + 1)[:-1]
-                                   for f in fine])  # [S, P * El]
-        message = torch.cat([fine_counts.view(S, P, El).transpose(0, 1).reshape(P, S * El),
-                             torch.full((P, 1), T, dtype=torch.long)], dim=1)
-        received = torch.empty_like(message)
+        fine_counts = torch.stack([torch.bincount(slots[f].reshape(-1).cpu(), minlength=n_slots + 1)[:-1]
+                                   for f in fine])  # [S, n_slots]
+        per_peer = fine_counts.split(self.slots_per_rank, dim=1)
+        message = torch.cat([torch.cat([c.reshape(-1), torch.tensor([T])]) for c in per_peer])
+        received = torch.empty(P * (S * El + 1), dtype=torch.long)
         with span("count exchange"):
-            dist.all_to_all_single(received, message.to(x.device), group=self.group)
-        received = received.cpu()
+            received = received.to(x.device)
+            dist.all_to_all_single(received, message.to(x.device), [S * El + 1] * P,
+                                   [S * n + 1 for n in self.slots_per_rank], group=self.group)
+        received = received.cpu().view(P, S * El + 1)
         recv_counts = received[:, :-1].view(P, S, El)  # [source, fine slice, local expert]
         C = self._chunk_count(int(received[:, -1].max()) * k)
+        self.stats.loads.append(recv_counts.sum((0, 1)).tolist())
         row_bytes = x.shape[1] * x.element_size()
 
         plans = []
         for c in range(C):
             lo, hi = fine[c * S // C].start, fine[(c + 1) * S // C - 1].stop
-            order, counts = sort_assignments(slots[lo:hi], P * El + 1)
-            send = counts[:-1].view(P, El).sum(1).tolist()
+            order, counts = sort_assignments(slots[lo:hi], n_slots + 1)
+            send = torch.zeros(P, dtype=torch.long).index_add_(0, self.slot_rank, counts[:-1].cpu()).tolist()
             recv_matrix = recv_counts[:, c * S // C:(c + 1) * S // C].sum(1)  # [P, El]
             recv = recv_matrix.sum(1).tolist()
             plans.append((lo, hi, order, send, recv_matrix, recv))

@@ -60,6 +60,8 @@ def optimise_placement(start: Placement, stats_layer: dict[int, Counter], topolo
 
 
 def validate_placement(layers: list[Placement], n_layers: int, n_experts: int, ep: int) -> None:
+    """Every layer places every expert at least once (more: replicas), on the deployment's ranks,
+    never twice on one rank, and every rank holds at least one expert."""
     if len(layers) != n_layers:
         raise ValueError(f"placement has {len(layers)} layers, the model has {n_layers}; "
                          f"make a placement for this model")
@@ -67,10 +69,69 @@ def validate_placement(layers: list[Placement], n_layers: int, n_experts: int, e
         if len(placement) != ep:
             raise ValueError(f"placement layer {i} covers {len(placement)} ranks, the deployment "
                              f"has ep={ep}; make a placement for this deployment")
-        flat = sorted(e for experts in placement for e in experts)
-        if flat != list(range(n_experts)) or len({len(x) for x in placement}) != 1:
-            raise ValueError(f"placement layer {i} must hold each of the {n_experts} experts "
-                             f"exactly once, {n_experts // ep} per rank")
+        held = {e for experts in placement for e in experts}
+        if held != set(range(n_experts)) or any(len(set(x)) != len(x) or not x for x in placement):
+            raise ValueError(f"placement layer {i} must hold each of the {n_experts} experts at "
+                             f"least once and no expert twice on one rank")
+
+
+def planned_rank_loads(placement: Placement, loads: list[float]) -> list[float]:
+    """Load of each rank if each expert's tokens split evenly over its replicas."""
+    replicas = Counter(e for experts in placement for e in experts)
+    return [sum(loads[e] / replicas[e] for e in experts) for experts in placement]
+
+
+def plan_redundant(loads: list[float], ep: int, redundant: int) -> Placement:
+    """At most `redundant` extra expert slots, chosen to lower the busiest rank's planned load.
+
+    Two candidates, the better one wins: (a) replicate the hottest experts (by load per
+    replica), then pack all slots onto ranks heaviest first, each to the least loaded rank with
+    room that does not hold that expert yet (EPLB-style); (b) the contiguous placement, plus
+    replicas of the hottest expert on the least loaded rank, each kept only if it lowers the
+    busiest rank's load. (b) never raises it, so neither does the plan.
+    """
+    E = len(loads)
+    redundant = min(redundant, E * (ep - 1))  # an expert has at most one replica per rank
+    replicas = [1] * E
+    for _ in range(redundant):
+        hottest = max((e for e in range(E) if replicas[e] < ep), key=lambda e: loads[e] / replicas[e])
+        replicas[hottest] += 1
+    n_slots = E + redundant
+    room = [n_slots // ep + (1 if r < n_slots % ep else 0) for r in range(ep)]
+    packed: Placement | None = [[] for _ in range(ep)]
+    rank_load = [0.0] * ep
+    # experts with more replicas first (they need distinct ranks), then heaviest first
+    for _, load, e in sorted(((replicas[e], loads[e] / replicas[e], e) for e in range(E)
+                              for _ in range(replicas[e])), reverse=True):
+        free = [r for r in range(ep) if room[r] and e not in packed[r]]
+        if not free:  # packing painted itself into a corner: keep candidate (b) only
+            packed = None
+            break
+        r = min(free, key=lambda r: (rank_load[r], -room[r]))
+        packed[r].append(e)
+        room[r] -= 1
+        rank_load[r] += load
+
+    greedy = contiguous_placement(E, ep)
+    for _ in range(redundant):
+        current = max(planned_rank_loads(greedy, loads))
+        best = None
+        for e in sorted(range(E), key=lambda e: -loads[e]):
+            for r in range(ep):
+                if e in greedy[r]:
+                    continue
+                trial = [list(x) for x in greedy]
+                trial[r].append(e)
+                peak = max(planned_rank_loads(trial, loads))
+                if peak < current and (best is None or peak < best[0]):
+                    best = (peak, trial)
+            if best:
+                break
+        if best is None:
+            break
+        greedy = best[1]
+    candidates = [greedy] + ([[sorted(x) for x in packed]] if packed else [])
+    return min(candidates, key=lambda p: max(planned_rank_loads(p, loads)))
 
 
 def save_placement(path: str | Path, layers: list[Placement], n_experts: int) -> None:

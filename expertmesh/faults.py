@@ -1,0 +1,86 @@
+"""Fault injection for tests only: make one rank fail at one generation step, on purpose.
+
+Not a user feature. The reliability tests set the environment variable
+
+    EXPERTMESH_FAULT=RANK:STEP:KIND[:LAYER]      e.g. EXPERTMESH_FAULT=1:3:kill
+
+and check that the run ends within its timeout, names the rank and leaves no process behind.
+KIND is `raise` (a RuntimeError), `kill` (SIGKILL to itself), `stall` (sleep for an hour) or
+`nan` (the output of LAYER, default the first layer the rank holds, becomes NaN for that step,
+which the decode loop's finite check must report). The loop calls `at_step` once per step of
+every `generate` call, the 2-step warm-up included, so a fault at step >= 2 hits the measured run
+(and the warm-up passes through it first, at steps 0 and 1). Unset, `at_step` costs one
+environment lookup per step and does nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+ENV = "EXPERTMESH_FAULT"
+KINDS = ("raise", "kill", "stall", "nan")
+STALL_S = 3600.0
+_poisoned: list = []  # hook handles of an active nan fault
+
+
+@dataclass(frozen=True)
+class Fault:
+    rank: int
+    step: int
+    kind: str
+    layer: int | None = None
+
+
+@functools.lru_cache(maxsize=8)
+def parse(text: str) -> Fault:
+    """`"1:3:kill"` -> Fault(rank=1, step=3, kind="kill"); `"0:2:nan:1"` poisons layer 1."""
+    parts = text.split(":")
+    try:
+        if len(parts) not in (3, 4) or parts[2] not in KINDS:
+            raise ValueError
+        layer = int(parts[3]) if len(parts) == 4 else None
+        if layer is not None and parts[2] != "nan":
+            raise ValueError
+        return Fault(int(parts[0]), int(parts[1]), parts[2], layer)
+    except ValueError:
+        raise ValueError(f"{ENV}={text!r} must be RANK:STEP:KIND with KIND one of "
+                         f"{', '.join(KINDS)} (nan takes an optional :LAYER)") from None
+
+
+def at_step(step: int, model: torch.nn.Module) -> None:
+    """Inject the fault of `EXPERTMESH_FAULT` if it names this rank and `step`."""
+    text = os.environ.get(ENV)
+    if not text:
+        return
+    while _poisoned:  # a nan fault lasts one step
+        _poisoned.pop().remove()
+    fault = parse(text)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if fault.rank != rank or fault.step != step:
+        return
+    if fault.kind == "raise":
+        raise RuntimeError(f"injected fault ({ENV}) at step {step}")
+    if fault.kind == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    if fault.kind == "stall":
+        time.sleep(STALL_S)
+    if fault.kind == "nan":
+        _poison(model, fault.layer)
+
+
+def _poison(model: torch.nn.Module, layer: int | None) -> None:
+    """Make the outputs of one decoder layer NaN until the next step (every micro-batch)."""
+    layers = model.layers
+    name = str(layer) if layer is not None else next(iter(layers))
+    if name not in layers:
+        raise ValueError(f"{ENV}: this rank holds layers {list(layers)}, not layer {layer}")
+    # prepend: the poison runs before the decode loop's finite check sees the output
+    _poisoned.append(layers[name].register_forward_hook(
+        lambda module, args, out: out.fill_(float("nan")), prepend=True))

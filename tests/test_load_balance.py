@@ -1,0 +1,161 @@
+"""Load balancing: capacity with drop / reroute, redundant experts, load statistics, skew."""
+
+import functools
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from expertmesh.config import Workload, preset
+from expertmesh.deployment import Deployment
+from expertmesh.engine.load import load_summary
+from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.launch import launch
+from expertmesh.model.capacity import DROPPED, KEPT, REROUTED, Capacity, apply_capacity
+from expertmesh.parallel.dispatch import contiguous_placement, slot_table
+from expertmesh.parallel.placement import plan_redundant, planned_rank_loads
+
+
+def naive_capacity(probs, k, factor, policy):
+    """Token by token, choice by choice: the policy as the docs state it."""
+    T, E = len(probs), len(probs[0])
+    limit = max(1, math.ceil(factor * T * k / E))
+    order = [sorted(range(E), key=lambda e: -probs[t][e]) for t in range(T)]
+    ids = [row[:k] for row in order]
+    used = [0] * E
+    status = [[KEPT] * k for _ in range(T)]
+    for t in range(T):
+        for j in range(k):
+            if used[ids[t][j]] < limit:
+                used[ids[t][j]] += 1
+            else:
+                status[t][j] = DROPPED
+    if policy == "reroute":
+        for t in range(T):
+            for j in range(k):
+                if status[t][j] != DROPPED:
+                    continue
+                for e in order[t]:
+                    if used[e] < limit and e not in ids[t]:
+                        ids[t][j], used[e], status[t][j] = e, used[e] + 1, REROUTED
+                        break
+    return [[-1 if s == DROPPED else e for e, s in zip(i, st_)] for i, st_ in zip(ids, status)], status
+
+
+@settings(max_examples=60, deadline=None)
+@given(T=st.integers(1, 40), E=st.integers(2, 8), k=st.integers(1, 2), factor=st.floats(0.1, 2.0),
+       policy=st.sampled_from(["drop", "reroute"]), one_expert=st.booleans(), seed=st.integers(0, 999))
+def test_capacity_accounts_for_every_assignment(T, E, k, factor, policy, one_expert, seed):
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(T, E, generator=gen)
+    if one_expert:
+        logits[:, 0] += 50  # every token's first choice is expert 0
+    probs = logits.softmax(-1)
+    w, ids = probs.topk(k, dim=-1)
+    got_ids, got_w, status = apply_capacity(probs, ids, w, Capacity(factor, policy))
+    want_ids, want_status = naive_capacity(probs.tolist(), k, factor, policy)
+    assert got_ids.tolist() == want_ids and status.tolist() == want_status
+    # conservation: each assignment is computed once (kept or rerouted) or counted as dropped
+    limit = max(1, math.ceil(factor * T * k / E))
+    computed = got_ids[got_ids >= 0]
+    assert int((status == KEPT).sum() + (status == REROUTED).sum() + (status == DROPPED).sum()) == T * k
+    assert computed.numel() == int((status != DROPPED).sum())
+    assert torch.bincount(computed, minlength=E).max() <= limit
+    assert torch.equal(got_w[status == DROPPED], torch.zeros(int((status == DROPPED).sum())))
+    assert torch.equal(got_w[status != DROPPED], w[status != DROPPED])  # a slot keeps its weight
+    if policy == "drop":
+        assert not (status == REROUTED).any()
+
+
+def _run(deployment, cfg, **kw):
+    dep = Deployment.parse(deployment)
+    spec = RunSpec(cfg, dep, Workload(batch_size=16, prompt_len=12, gen_len=4, seed=1), seed=4,
+                   record_logits=True, **kw)
+    spec.validate(dep.world_size)
+    if dep.world_size == 1:
+        return run_rank(spec, torch.device("cpu"))
+    return launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
+
+
+SKEWED = preset("tiny", router_skew=1.2)
+
+
+@pytest.mark.parametrize("deployment", ["ep2", "ep4", "ep16"])
+def test_capacity_with_reroute_gives_the_reference_outputs(deployment):
+    cfg = SKEWED.with_(capacity_factor=1.0, overflow="reroute")
+    ref, result = _run("single", cfg), _run(deployment, cfg)
+    assert torch.equal(result.tokens, ref.tokens)
+    assert (result.logits - ref.logits).abs().max() < 1e-4
+    assert result.overflow["rerouted"] == ref.overflow["rerouted"] > 0
+    assert result.overflow["dropped"] == ref.overflow["dropped"]
+
+
+def test_dropping_changes_outputs_and_is_counted():
+    ref = _run("single", SKEWED)
+    dropped = _run("ep4", SKEWED.with_(capacity_factor=0.5, overflow="drop"))
+    assert dropped.overflow["dropped"] > 0 and dropped.overflow["rerouted"] == 0
+    assert not torch.equal(dropped.logits, ref.logits)
+
+
+@pytest.mark.parametrize("deployment, redundant", [("ep2", 2), ("ep4", 3), ("ep16", 4)])
+def test_redundant_experts_change_loads_not_outputs(deployment, redundant):
+    ep = Deployment.parse(deployment).ep
+    loads = [100 / (e + 1) ** 1.2 for e in range(16)]
+    placement = [plan_redundant(loads, ep, redundant) for _ in range(SKEWED.n_layers)]
+    assert sum(len(x) for x in placement[0]) > 16  # replicas are really there
+    ref = _run("single", SKEWED)
+    plain = _run(deployment, SKEWED)
+    replicated = _run(deployment, SKEWED, placement=placement)
+    assert torch.equal(replicated.tokens, ref.tokens)
+    assert (replicated.logits - ref.logits).abs().max() < 1e-4
+    assert replicated.load["imbalance_mean"] < plain.load["imbalance_mean"]
+    assert sum(replicated.load["tokens_per_expert"][0]) == sum(plain.load["tokens_per_expert"][0])
+
+
+@settings(max_examples=50, deadline=None)
+@given(loads=st.lists(st.floats(0, 1000), min_size=4, max_size=16), ep=st.sampled_from([2, 4]),
+       redundant=st.integers(0, 6))
+def test_planner_never_raises_the_busiest_rank(loads, ep, redundant):
+    E = len(loads) - len(loads) % ep
+    loads = loads[:E]
+    plan = plan_redundant(loads, ep, redundant)
+    default = max(planned_rank_loads(contiguous_placement(E, ep), loads))
+    assert max(planned_rank_loads(plan, loads)) <= default + 1e-9
+    assert {e for x in plan for e in x} == set(range(E))
+    assert all(len(set(x)) == len(x) for x in plan)
+    assert sum(len(x) for x in plan) <= E + redundant
+
+
+def test_planner_lowers_the_busiest_rank_on_zipf_loads():
+    loads = [100 / (e + 1) ** 1.2 for e in range(16)]
+    default = max(planned_rank_loads(contiguous_placement(16, 16), loads))
+    planned = [max(planned_rank_loads(plan_redundant(loads, 16, r), loads)) for r in (1, 2, 4)]
+    assert planned[0] < default and planned[2] <= planned[1] <= planned[0]
+
+
+def test_replicas_serve_the_source_rank_then_its_node_then_spread():
+    placement = [[0, 1], [2, 0], [3], [1]]  # expert 0 on ranks 0 and 1, expert 1 on ranks 0 and 3
+    nodes = [0, 0, 1, 1]
+    # slots: rank0 -> 0, 1; rank1 -> 2, 3; rank2 -> 4; rank3 -> 5
+    assert slot_table(placement, 4, 1, nodes).tolist() == [3, 1, 2, 4]   # expert 0 from rank 1 itself
+    assert slot_table(placement, 4, 2, nodes).tolist() == [0, 5, 2, 4]   # expert 1 on node 1 (rank 3)
+    assert slot_table(placement, 4, 3, nodes)[0] == 3  # no local replica of 0: 3 % 2 -> rank 1's
+
+
+def test_load_summary_arithmetic():
+    per_layer = {0: {0: [[6, 2], [1, 1]], 1: [[2], [0]]}}  # two calls; rank 1 holds one slot
+    placement = [[[0, 1], [2]]]
+    s = load_summary(per_layer, placement, 3)
+    assert s["imbalance_per_layer"][0] == pytest.approx(((8 / 5) + (2 / 1)) / 2)
+    assert s["imbalance_max"] == pytest.approx(2.0)
+    assert s["tokens_per_rank"] == [10, 2] and s["tokens_per_expert"][0] == [7, 3, 2]
+
+
+def test_router_skew_biases_popularity_as_zipf():
+    from expertmesh.model.moe import Router
+    r = Router(4, 4, 1, True, skew=1.0)
+    r.weight = torch.nn.Parameter(torch.zeros(4, 4), requires_grad=False)
+    probs = r.probs(torch.ones(1, 4))[0]
+    assert torch.allclose(probs, torch.tensor([1, 1 / 2, 1 / 3, 1 / 4]) / (1 + 1 / 2 + 1 / 3 + 1 / 4))
