@@ -50,8 +50,8 @@ def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
 
     placement[r] lists the experts rank r holds, in local order; slots number them rank by rank.
     An expert with replicas (redundant experts) is served, for this source, by the replica on
-    the source rank itself, else one on its node, else replica `source % replicas`, so that each
-    source's traffic stays local where it can and spreads evenly otherwise.
+    the source rank itself, else by one of those on its node (else of all), chosen by
+    `source % count`, so that traffic stays local where it can and spreads over the replicas.
     """
     nodes = peer_nodes or [0] * len(placement)
     holders: dict[int, list[tuple[int, int]]] = {}
@@ -64,7 +64,8 @@ def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
     for expert, replicas in holders.items():
         same_rank = [s for r, s in replicas if r == source]
         same_node = [s for r, s in replicas if nodes[r] == nodes[source]]
-        table[expert] = (same_rank or same_node or [replicas[source % len(replicas)][1]])[0]
+        candidates = same_node or [s for _, s in replicas]
+        table[expert] = same_rank[0] if same_rank else candidates[source % len(candidates)]
     return table
 
 
