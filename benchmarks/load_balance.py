@@ -23,7 +23,7 @@ except ImportError:
     from common import interleaved, run
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.load import expert_loads
+from expertmesh.parallel.placement import expert_loads
 from expertmesh.engine.worker import RunSpec
 from expertmesh.parallel.placement import plan_redundant
 

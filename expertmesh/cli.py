@@ -24,12 +24,9 @@ from expertmesh.config import DTYPES, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunResult, RunSpec, run_rank
 from expertmesh.launch import RankFailure, launch, under_torchrun
+from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing, save_routing
+from expertmesh.place_cli import add_commands as add_place_command
 from expertmesh.sim.cli import add_commands as add_simulator_commands
-from expertmesh.engine.load import expert_loads
-from expertmesh.parallel.placement import (cross_node_rows, default_placement, load_placement,
-                                           load_routing, optimise_placement, plan_redundant,
-                                           planned_rank_loads, save_placement, save_routing)
-from expertmesh.topology import Topology
 from expertmesh.trace import write_trace
 
 console = Console()
@@ -87,19 +84,6 @@ def _skew(text: str | None) -> float:
     raise ValueError(f"--router-skew {text!r}: write zipf:S with S >= 0, e.g. zipf:1.2")
 
 
-def _balanced_placement(args, cfg, deployment: Deployment) -> list:
-    """`--redundant-experts R`: replicas planned from the loads of recorded routing."""
-    if not args.routing:
-        raise ValueError("--redundant-experts needs --routing FILE (from `run --record-routing`) "
-                         "to know which experts are hot")
-    stats = load_routing(args.routing)
-    if len(stats) != cfg.n_layers:
-        raise ValueError(f"{args.routing} has {len(stats)} layers, the model has {cfg.n_layers}; "
-                         f"record it with the same preset")
-    return [plan_redundant(expert_loads(layer, cfg.n_experts), deployment.ep, args.redundant_experts)
-            for layer in stats]
-
-
 def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}; use one of: {', '.join(DTYPES)}")
@@ -119,7 +103,11 @@ def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
     placement = (load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
                  if args.placement and deployment.ep > 1 else None)
     if args.redundant_experts and deployment.ep > 1:
-        placement = _balanced_placement(args, cfg, deployment)
+        if not args.routing:
+            raise ValueError("--redundant-experts needs --routing FILE (from `run --record-routing`) "
+                             "to know which experts are hot")
+        placement = balanced_placement(load_routing(args.routing), cfg, deployment.ep,
+                                       args.redundant_experts)
     spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
                    record_logits=record_logits, checkpoint=args.model, a2a=args.a2a,
                    a2a_chunks=_chunks(args.a2a_chunks), a2a_overlap=not args.no_overlap,
@@ -212,40 +200,6 @@ def _write_outputs(args, results: list[RunResult]) -> None:
     for r in results:
         path = write_trace(Path(args.trace) / f"trace_{r.deployment}.json", r.spans)
         console.print(f"wrote {path} (open in https://ui.perfetto.dev)", style="dim")
-
-
-def cmd_place(args) -> int:
-    """Optimise expert placement from recorded routing statistics."""
-    cfg = preset(args.preset)
-    dep = Deployment.parse(args.deployment)
-    dep.validate(cfg)
-    if dep.ep == 1:
-        raise ValueError("placement needs an expert-parallel deployment such as ep16")
-    topology = Topology.detect(dep.world_size, args.gpus_per_node)
-    stats = load_routing(args.routing)
-    if len(stats) != cfg.n_layers:
-        raise ValueError(f"{args.routing} has {len(stats)} layers, {cfg.name} has {cfg.n_layers}; "
-                         f"record it with the same preset")
-    start = default_placement(cfg.n_layers, cfg.n_experts, dep.ep)
-    if args.redundant_experts:
-        loads = [expert_loads(layer, cfg.n_experts) for layer in stats]
-        best = [plan_redundant(l, dep.ep, args.redundant_experts) for l in loads]
-        before = max(max(planned_rank_loads(p, l)) for p, l in zip(start, loads))
-        after = max(max(planned_rank_loads(p, l)) for p, l in zip(best, loads))
-        save_placement(args.out, best, cfg.n_experts)
-        console.print(f"busiest rank's planned tokens (worst layer): default {before:,.0f} -> with "
-                      f"{args.redundant_experts} redundant experts {after:,.0f} (x{_ratio(after, before)}); "
-                      f"wrote {args.out}")
-        return 0
-    hierarchical = args.a2a == "hierarchical"
-    best = [optimise_placement(p, layer, topology, hierarchical) for p, layer in zip(start, stats)]
-    before = sum(cross_node_rows(p, l, topology, hierarchical) for p, l in zip(start, stats))
-    after = sum(cross_node_rows(p, l, topology, hierarchical) for p, l in zip(best, stats))
-    save_placement(args.out, best, cfg.n_experts)
-    console.print(f"cross-node rows per recorded run ({args.a2a} exchange, {topology.nodes} nodes x "
-                  f"{topology.gpus_per_node}): default {before:,} -> optimised {after:,} "
-                  f"(x{_ratio(after, before)}); wrote {args.out}")
-    return 0
 
 
 def cmd_compare(args) -> int:
@@ -382,16 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--deployments", default="tp8pp2,ep16",
                          help="comma-separated deployments, baseline first (default tp8pp2,ep16)")
     compare.set_defaults(func=cmd_compare)
-    place = sub.add_parser("place", help="optimise expert placement over nodes from recorded routing")
-    place.add_argument("--routing", required=True, help="statistics from `run --record-routing`")
-    place.add_argument("--preset", default="tiny")
-    place.add_argument("--deployment", default="ep16")
-    place.add_argument("--gpus-per-node", type=int, default=None)
-    place.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"))
-    place.add_argument("--out", default="placement.json")
-    place.add_argument("--redundant-experts", type=int, default=0,
-                       help="plan replicas of hot experts to balance load (instead of node placement)")
-    place.set_defaults(func=cmd_place)
+    add_place_command(sub)
     add_simulator_commands(sub)
     return parser
 

@@ -4,18 +4,27 @@ GPU per rank when CUDA is available).
 
 Failures are bounded: when a local rank raises or dies, the launcher kills every other rank and
 raises `RankFailure` naming the rank and its error; when the run outlives `timeout` seconds it
-does the same, naming the ranks that had not finished. No child outlives the launcher.
+does the same, naming the ranks that had not finished, after they print their Python stacks to
+stderr (where each one waits). No child outlives the launcher.
+
+Under torchrun `timeout` bounds each rank's run the same way: a rank still running after
+`timeout` seconds prints its stacks and exits with code 1, and torchrun stops the others. (The
+collectives' own timeout, also `timeout`, would miss a hang in a group made by `new_group` with
+its default 30 min, or in a kernel.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import faulthandler
 import multiprocessing as mp
 import os
 import pickle
 import signal
 import socket
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -28,6 +37,7 @@ import torch.distributed as dist
 T = TypeVar("T")
 POLL_S = 0.05
 FAILURE_GRACE_S = 1.0
+STACK_DUMP_S = 0.2  # what a timed-out rank gets to print its stacks
 # What gloo and NCCL say on a rank whose peer failed first.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
               "NCCL communicator was aborted")
@@ -50,6 +60,13 @@ def default_backend() -> str:
 def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None = None,
            timeout: float = 600.0) -> T | None:
     """Run `fn(device)` on every rank of a `world_size` group; returns rank 0's value (None elsewhere)."""
+    if not timeout > 0:
+        raise ValueError(f"timeout {timeout} must be a positive number of seconds (--timeout)")
+    if backend not in (None, "gloo", "nccl"):
+        raise ValueError(f"unknown backend {backend!r}; use gloo or nccl (--backend)")
+    if backend == "nccl" and not (under_torchrun() and torch.cuda.is_available()):
+        raise ValueError("--backend nccl needs ranks started by torchrun, one per visible CUDA GPU; "
+                         "local ranks use gloo")
     if under_torchrun():
         return _join_torchrun(fn, world_size, backend, timeout)
     return _run_local(fn, world_size, backend or "gloo", timeout)
@@ -65,11 +82,23 @@ def _join_torchrun(fn, world_size, backend, timeout):
     if backend == "nccl":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
+    watchdog = threading.Timer(timeout, _expire, args=(int(os.environ["RANK"]), timeout))
+    watchdog.daemon = True
+    watchdog.start()
     dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
     try:
         return fn(device)
     finally:
+        watchdog.cancel()
         dist.destroy_process_group()
+
+
+def _expire(rank: int, timeout: float) -> None:
+    """A torchrun rank outlived --timeout: say so, show where every thread waits, exit."""
+    print(f"error: rank {rank} timed out after {timeout:.0f} s (raise --timeout if the run is just "
+          f"slow); its stacks follow", file=sys.stderr, flush=True)
+    faulthandler.dump_traceback(file=2, all_threads=True)
+    os._exit(1)
 
 
 def free_port() -> int:
@@ -87,6 +116,8 @@ def _die_with_parent() -> None:
 
 def _child(rank, world_size, port, fn, queue, backend, timeout):
     _die_with_parent()
+    # The launcher's request at a timeout; to fd 2, which exists even when sys.stderr is replaced.
+    faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
     torch.set_num_threads(1)  # ranks share the cores: one thread each avoids oversubscription
     status, payload = "ok", None
     try:
@@ -125,8 +156,14 @@ def _run_local(fn, world_size, backend, timeout):
                 raise _root_cause(failures)
             if time.monotonic() > deadline:
                 missing = [r for r in range(world_size) if r not in done]
+                for r in missing:  # one at a time, so that their stacks do not interleave
+                    print(f"rank {r} at the timeout:", file=sys.stderr, flush=True)
+                    with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                        os.kill(procs[r].pid, signal.SIGUSR1)
+                    time.sleep(STACK_DUMP_S)
                 raise RankFailure(None, f"timed out after {timeout:.0f} s; ranks {missing} had not "
-                                        f"finished (raise --timeout if the run is just slow)")
+                                        f"finished (raise --timeout if the run is just slow; their "
+                                        f"stacks are on stderr)")
             time.sleep(POLL_S)
         for p in procs:
             p.join()

@@ -69,8 +69,9 @@ def test_placement_and_routing_files_round_trip(tmp_path):
 
 @pytest.mark.parametrize("content, fragment", [
     ({"layers": [[[0, 1], [2, 3]]]}, "placement has 1 layers, the model has 2"),
-    ({"layers": [[[0, 1], [2, 3]], [[0, 1], [2, 9]]]}, "layer 1 must hold each of the 4 experts exactly once"),
+    ({"layers": [[[0, 1], [2, 3]], [[0, 1], [2, 9]]]}, "layer 1 must hold each of the 4 experts at least once"),
     ({"layers": [[[0, 1, 2, 3]], [[0, 1, 2, 3]]]}, "covers 1 ranks, the deployment has ep=2"),
+    ({"layers": [[[0, 1], [2, 3]], [[0, 0], [1, 2, 3]]]}, "no expert twice on one rank"),
     ({"nope": 1}, "is not a placement"),
 ])
 def test_bad_placement_files_are_rejected_with_the_fix(tmp_path, content, fragment):

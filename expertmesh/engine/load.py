@@ -45,12 +45,3 @@ def load_summary(per_layer: dict[int, dict[int, list[list[int]]]],
         "tokens_per_expert": tokens_per_expert,
     }
 
-
-def expert_loads(routing_layer: dict[int, "Counter"], n_experts: int) -> list[int]:
-    """Recorded routing of one layer ({source: Counter(expert tuple -> tokens)}) -> tokens per expert."""
-    loads = [0] * n_experts
-    for choices in routing_layer.values():
-        for experts, tokens in choices.items():
-            for e in experts:
-                loads[e] += tokens
-    return loads

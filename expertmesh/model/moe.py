@@ -99,8 +99,9 @@ def _grouped_mm_applies(x: torch.Tensor, hidden: int) -> bool:
     # Both reject operands whose row stride (d_model or hidden elements) is not a multiple of
     # 16 bytes ("strides should be multiple of 16 bytes").
     aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], hidden))
-    return (hasattr(torch, "_grouped_mm") and aligned
-            and (x.device.type == "cpu" or x.dtype == torch.bfloat16))
+    cuda_ok = (x.device.type == "cuda" and x.dtype == torch.bfloat16
+               and torch.cuda.get_device_capability(x.device) >= (9, 0))
+    return hasattr(torch, "_grouped_mm") and aligned and (x.device.type == "cpu" or cuda_ok)
 
 
 def sort_assignments(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -134,6 +134,24 @@ def plan_redundant(loads: list[float], ep: int, redundant: int) -> Placement:
     return min(candidates, key=lambda p: max(planned_rank_loads(p, loads)))
 
 
+def expert_loads(routing_layer: dict[int, Counter], n_experts: int) -> list[int]:
+    """Recorded routing of one layer ({source: Counter(expert tuple -> tokens)}) -> tokens per expert."""
+    loads = [0] * n_experts
+    for choices in routing_layer.values():
+        for experts, tokens in choices.items():
+            for e in experts:
+                loads[e] += tokens
+    return loads
+
+
+def balanced_placement(stats: RoutingStats, cfg, ep: int, redundant: int) -> list[Placement]:
+    """Per layer, `plan_redundant` on the expert loads of recorded routing `stats`."""
+    if len(stats) != cfg.n_layers:
+        raise ValueError(f"routing statistics have {len(stats)} layers, {cfg.name} has "
+                         f"{cfg.n_layers}; record them with the same model")
+    return [plan_redundant(expert_loads(layer, cfg.n_experts), ep, redundant) for layer in stats]
+
+
 def save_placement(path: str | Path, layers: list[Placement], n_experts: int) -> None:
     Path(path).write_text(json.dumps({"n_experts": n_experts, "ep": len(layers[0]), "layers": layers}))
 

@@ -1,0 +1,46 @@
+"""Shared by the benchmark scripts: run a plan (in-process for `single`, else local ranks),
+interleave repetitions so that machine noise hits every variant alike, and take medians."""
+
+from __future__ import annotations
+
+import functools
+import os
+import statistics
+from collections.abc import Callable
+
+import torch
+
+from expertmesh.engine.worker import RunResult, RunSpec, run_rank
+from expertmesh.launch import launch
+
+
+def run(spec: RunSpec) -> RunResult:
+    spec.validate(spec.deployment.world_size)
+    if spec.deployment.world_size == 1:
+        # the single process may use every core the ranks of the other deployments share
+        torch.set_num_threads(min(os.cpu_count() or 1, 2))
+        return run_rank(spec, torch.device("cpu"))
+    return launch(functools.partial(run_rank, spec), spec.deployment.world_size, timeout=1800)
+
+
+def interleaved(variants: dict[str, Callable[[], dict]], reps: int) -> dict[str, dict[str, float]]:
+    """Run each variant once per round, `reps` rounds; the median of every reported number."""
+    samples: dict[str, list[dict]] = {name: [] for name in variants}
+    for _ in range(reps):
+        for name, fn in variants.items():
+            samples[name].append(fn())
+    return {name: {key: statistics.median(s[key] for s in runs if s[key] is not None)
+                   for key in runs[0]} for name, runs in samples.items()}
+
+
+def moe_time_shares(spans: dict[int, list]) -> dict[str, float]:
+    """Seconds the ranks spent in the MoE layers' steps (means over ranks), from trace spans."""
+    steps = {"route": ("route",), "count exchange": ("count exchange",),
+             "exchange wait": ("dispatch exchange wait", "combine exchange wait", "relay exchange",
+                               "relay return"),
+             "expert compute": ("expert compute",), "combine": ("combine",)}
+    out = {}
+    for step, names in steps.items():
+        per_rank = [sum(s[2] for s in rank_spans if s[0] in names) for rank_spans in spans.values()]
+        out[step] = statistics.mean(per_rank) / 1e9
+    return out

@@ -1,0 +1,359 @@
+"""expertmesh's MoE layer against the ones users would pick instead, on the same machine, the same
+weights and the same tokens, in one process (or one pair of local ranks):
+
+- `deepspeed_moe`: expert parallelism, 2 gloo ranks, EP=2, against `deepspeed.moe.layer.MoE`
+  (top-2, `drop_tokens=False`: its capacity is the largest expert load of the call, so it drops
+  nothing), GELU MLP experts (the seed's) given to DeepSpeed as an `nn.Module` with our weights.
+- `transformers_blocks`: one device, against transformers' `MixtralSparseMoeBlock` and
+  `Qwen2MoeSparseMoeBlock` under each experts implementation transformers has (`eager`, its
+  per-expert loop; `grouped_mm`; `batched_mm` where its per-token weight copies fit in memory).
+
+Each comparison first checks, in fp32, that both sides compute the same function on the same
+tokens (bf16 rounding of the router logits can flip a near-tie between two experts, which makes a
+bf16 comparison say little), then times bf16 with interleaved repetitions and reports medians.
+A peer that is not installed or cannot run here is reported as skipped with its reason.
+
+A section is a dict: title, status ("ok", "skipped", "failed"), reason, setup, columns
+(`{"key", "header", "fmt"}`), rows (dicts of numbers), notes; `report.py` renders it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import importlib
+import io
+import logging
+import os
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from expertmesh.config import preset
+from expertmesh.launch import launch
+from expertmesh.model.moe import MoEBlock
+from expertmesh.model.synthetic import materialize
+from expertmesh.model.transformer import build_model
+from expertmesh.parallel.expert import apply_expert_parallel
+from expertmesh.parallel.placement import default_placement
+
+FP32_RTOL = 1e-4  # max |ours - peer| / max |ours| in fp32 (observed ~1e-7)
+PEERS_EXTRA = "pip install -e .[peers]"
+
+
+@dataclass(frozen=True)
+class Dims:
+    """One MoE layer's shape: d_model, experts, top-k, expert hidden, shared expert hidden."""
+
+    d_model: int
+    experts: int
+    top_k: int
+    hidden: int
+    shared: int = 0
+
+    def flops_per_token(self, kind: str) -> int:
+        matrices = 3 if kind == "swiglu" else 2
+        routed = 2 * matrices * self.top_k * self.d_model * self.hidden
+        return routed + 2 * 3 * self.d_model * self.shared + 2 * self.d_model * self.experts
+
+
+def section(title: str, **fields) -> dict:
+    return {"title": title, "status": "ok", "reason": None, "setup": {}, "columns": [], "rows": [],
+            "notes": [], **fields}
+
+
+def skipped(title: str, reason: str) -> dict:
+    return section(title, status="skipped", reason=reason)
+
+
+def col(key: str, header: str, fmt: str = "{:,.0f}") -> dict:
+    return {"key": key, "header": header, "fmt": fmt}
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def relative_diff(ours: torch.Tensor, peer: torch.Tensor) -> float:
+    ours, peer = ours.float(), peer.float()
+    return (ours - peer).abs().max().item() / max(ours.abs().max().item(), 1e-30)
+
+
+# -- DeepSpeed-MoE, expert-parallel ------------------------------------------------------------
+
+
+class GeluMLP(nn.Module):
+    """expertmesh's `mlp` expert as an `nn.Module` for DeepSpeed: x -> down(gelu(up(x)))."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down(F.gelu(self.up(x)))
+
+
+def import_deepspeed():
+    """deepspeed, quietly; raises whatever stops it from importing here."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")  # the comparison runs on CPU ranks over gloo
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed = importlib.import_module("deepspeed")
+        importlib.import_module("deepspeed.moe.layer")
+    logging.getLogger("DeepSpeed").setLevel(logging.ERROR)
+    return deepspeed
+
+
+def _ep_layers(dims: Dims, seed: int) -> tuple[nn.Module, nn.Module]:
+    """(ours, DeepSpeed's) expert-parallel MoE layer for this rank, fp32, the same weights."""
+    deepspeed = import_deepspeed()
+    from deepspeed.moe.layer import MoE
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        deepspeed.init_distributed(dist_backend="gloo")  # joins the group launch() made
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    cfg = preset("small", n_layers=1, d_model=dims.d_model, n_experts=dims.experts,
+                 top_k=dims.top_k, expert_hidden=dims.hidden, expert_kind="mlp", renormalize=True)
+    model = build_model(cfg)
+    apply_expert_parallel(model, dist.group.WORLD, rank, default_placement(1, dims.experts, ranks))
+    ours = materialize(model, seed, torch.float32).layers["0"].moe
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        peer = MoE(dims.d_model, GeluMLP(dims.d_model, dims.hidden), num_experts=dims.experts,
+                   ep_size=ranks, k=dims.top_k, drop_tokens=False, use_rts=False,
+                   top2_2nd_expert_sampling=False)
+        peer.set_deepspeed_parallelism()
+    # DeepSpeed's rank r holds experts r*El .. r*El+El-1 (it splits the [E, C, D] buffer evenly),
+    # which is expertmesh's contiguous placement: local expert i is the same expert on both.
+    with torch.no_grad():
+        peer.deepspeed_moe.gate.wg.weight.copy_(ours.router.weight)
+        for i, expert in enumerate(peer.deepspeed_moe.experts.deepspeed_experts):
+            expert.up.weight.copy_(ours.experts.w_up[i])
+            expert.down.weight.copy_(ours.experts.w_down[i])
+    return ours, peer.eval()
+
+
+def _timed_pair(fns: dict[str, Callable[[], object]], reps: int, sync: Callable[[], None]) -> dict:
+    """Interleaved repetitions of every fn after one warm-up each; seconds per call, all reps."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            sync()
+            t0 = time.perf_counter()
+            fn()
+            sync()
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def _ep_rank(device: torch.device, dims: Dims, tokens: int, reps: int, seed: int) -> dict:
+    """On each rank: check agreement in fp32, then time both layers in bf16 on `tokens` tokens."""
+    ours, peer = _ep_layers(dims, seed)
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(seed + 1)
+    x = torch.randn(ranks * tokens, dims.d_model, generator=gen)[rank * tokens:(rank + 1) * tokens]
+    x = x.view(1, tokens, dims.d_model)
+    with torch.inference_mode():
+        diff = torch.tensor([relative_diff(ours(x), peer(x)[0])])
+        dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+        if diff.item() > FP32_RTOL:
+            return {"diff": diff.item()}
+        ours.to(torch.bfloat16)
+        peer.to(torch.bfloat16)
+        xb = x.to(torch.bfloat16)
+        peer(xb)  # sets exp_counts: this rank's assignments per expert
+        capacity = peer.deepspeed_moe.exp_counts.max().view(1)
+        dist.all_reduce(capacity, op=dist.ReduceOp.MAX)  # DeepSpeed's capacity for the call
+        times = _timed_pair({"expertmesh": lambda: ours(xb), "deepspeed": lambda: peer(xb)},
+                            reps, dist.barrier)
+    return {"diff": diff.item(), "times": times, "capacity": int(capacity)}
+
+
+def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: int = 0,
+                  progress: Callable[[], None] | None = None, timeout: float = 900) -> dict:
+    """expertmesh EP=2 against DeepSpeed-MoE EP=2 (2 local gloo ranks, one thread each)."""
+    title = "Expert-parallel MoE layer, EP=2: expertmesh vs DeepSpeed-MoE"
+    try:
+        deepspeed = import_deepspeed()
+    except Exception as exc:  # not installed, or its import fails on this machine
+        return skipped(title, f"deepspeed cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
+    out = section(title, setup={**asdict(dims), "kind": "mlp (GELU)", "dtype": "bf16",
+                                "ranks": 2, "threads_per_rank": 1, "reps": reps,
+                                "deepspeed": deepspeed.__version__})
+    out["columns"] = [col("tokens_per_rank", "tokens / rank"), col("expertmesh_tps", "expertmesh tok/s"),
+                      col("deepspeed_tps", "DeepSpeed tok/s"), col("ratio", "expertmesh / DS", "x{:.2f}"),
+                      col("deepspeed_rows_per_assignment", "DS rows computed / assignment", "{:.2f}"),
+                      col("fp32_rel_diff", "fp32 rel. diff", "{:.1e}")]
+    out["plot"] = {"kind": "line", "x": "tokens_per_rank", "y": ["expertmesh_tps", "deepspeed_tps"],
+                   "labels": ["expertmesh", "DeepSpeed-MoE"], "ylabel": "tokens/s (both ranks)",
+                   "logx": True}
+    out["summary"] = f"tokens/rank {min(token_counts)}..{max(token_counts)}, bf16, 2 gloo ranks"
+    out["notes"] = [
+        "DeepSpeed: MoE(k=2, drop_tokens=False, use_rts=False, top2_2nd_expert_sampling=False): "
+        "its capacity per expert is the largest expert load of the call (all-reduced over the EP "
+        "group), so no token is dropped; its 2nd expert is the plain argmax (no Gumbel sampling), "
+        "its top-2 weights renormalized, as expertmesh's router.",
+        "tokens/s counts the tokens of both ranks; a call is timed from a barrier to a barrier.",
+        "agreement: max |expertmesh - DeepSpeed| / max |expertmesh| in fp32, same tokens, before timing.",
+    ]
+    for tokens in token_counts:
+        try:
+            r = launch(functools.partial(_ep_rank, dims=dims, tokens=tokens, reps=reps, seed=seed),
+                       2, timeout=timeout)
+        except Exception as exc:  # a peer that cannot run here is a skip with its reason
+            return {**out, "status": "skipped", "reason": f"DeepSpeed-MoE failed to run: {_first_line(exc)}"}
+        if progress:
+            progress()
+        if "times" not in r:
+            return {**out, "status": "failed",
+                    "reason": f"outputs differ in fp32 at {tokens} tokens/rank: rel. diff {r['diff']:.1e}"}
+        ours = statistics.median(r["times"]["expertmesh"])
+        peer = statistics.median(r["times"]["deepspeed"])
+        out["rows"].append({"tokens_per_rank": tokens, "expertmesh_tps": 2 * tokens / ours,
+                            "deepspeed_tps": 2 * tokens / peer, "ratio": peer / ours,
+                            "fp32_rel_diff": r["diff"], "expertmesh_s": ours, "deepspeed_s": peer,
+                            "deepspeed_capacity": r["capacity"],
+                            "deepspeed_rows_per_assignment": dims.experts * r["capacity"] / (tokens * dims.top_k)})
+    return out
+
+
+# -- transformers' sparse MoE blocks, one device -----------------------------------------------
+
+FAMILIES = ("mixtral", "qwen2_moe")
+BATCHED_MM_LIMIT = 1 << 30  # bytes: batched_mm copies every assignment's expert weights
+
+
+def experts_implementations() -> list[str]:
+    """transformers' experts implementations, `eager` (its per-expert loop) first."""
+    from transformers.integrations import moe as hf_moe
+
+    registered = getattr(hf_moe, "ALL_EXPERTS_FUNCTIONS", {})
+    return ["eager", *[name for name in ("grouped_mm", "batched_mm") if name in registered]]
+
+
+def _hf_block(family: str, ours: MoEBlock, dims: Dims, implementation: str) -> nn.Module:
+    """transformers' block of `family` holding `ours`' weights (fp32, eval)."""
+    if family == "mixtral":
+        from transformers.models.mixtral.configuration_mixtral import MixtralConfig
+        from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
+
+        config = MixtralConfig(hidden_size=dims.d_model, intermediate_size=dims.hidden,
+                               num_local_experts=dims.experts, num_experts_per_tok=dims.top_k,
+                               hidden_act="silu")
+        block_class = MixtralSparseMoeBlock
+    else:
+        from transformers.models.qwen2_moe.configuration_qwen2_moe import Qwen2MoeConfig
+        from transformers.models.qwen2_moe.modeling_qwen2_moe import Qwen2MoeSparseMoeBlock
+
+        config = Qwen2MoeConfig(hidden_size=dims.d_model, moe_intermediate_size=dims.hidden,
+                                shared_expert_intermediate_size=dims.shared,
+                                num_experts=dims.experts, num_experts_per_tok=dims.top_k,
+                                norm_topk_prob=False, hidden_act="silu")
+        block_class = Qwen2MoeSparseMoeBlock
+    config._experts_implementation = implementation
+    block = block_class(config).float().eval()
+    with torch.no_grad():
+        block.gate.weight.copy_(ours.router.weight)
+        block.experts.gate_up_proj.copy_(torch.cat([ours.experts.w_gate, ours.experts.w_up], dim=1))
+        block.experts.down_proj.copy_(ours.experts.w_down)
+        if family == "qwen2_moe":
+            for name in ("gate_proj", "up_proj", "down_proj"):
+                ours_name = {"gate_proj": "w_gate", "up_proj": "w_up", "down_proj": "w_down"}[name]
+                getattr(block.shared_expert, name).weight.copy_(getattr(ours.shared, ours_name).weight)
+            block.shared_expert_gate.weight.copy_(ours.shared.gate.weight)
+    return block
+
+
+def family_dims(family: str, base: Dims) -> Dims:
+    """Mixtral: top-2 of E experts, no shared expert. Qwen2-MoE: the same FLOPs per token as
+    twice as many experts of a quarter the hidden size, top-4, plus a shared expert of the full
+    hidden size (as Qwen1.5-MoE: 60 experts of 1408, top-4, shared 5632)."""
+    if family == "mixtral":
+        return Dims(base.d_model, base.experts, 2, base.hidden)
+    return Dims(base.d_model, 2 * base.experts, 4, base.hidden // 4, shared=base.hidden)
+
+
+def transformers_blocks(token_counts: tuple[int, ...], reps: int, base: Dims, threads: int = 2,
+                        seed: int = 0, progress: Callable[[], None] | None = None) -> dict:
+    """expertmesh's MoEBlock (swiglu) against transformers' Mixtral and Qwen2-MoE blocks."""
+    title = "Single-device MoE block: expertmesh vs transformers"
+    try:
+        transformers = importlib.import_module("transformers")
+        implementations = experts_implementations()
+    except Exception as exc:
+        return skipped(title, f"transformers cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
+    out = section(title, setup={"base": asdict(base), "dtype": "bf16", "threads": threads,
+                                "reps": reps, "transformers": transformers.__version__,
+                                "experts_implementations": implementations})
+    out["columns"] = [col("family", "block", "{}"), col("tokens", "tokens"),
+                      col("expertmesh_tps", "expertmesh tok/s"),
+                      *[col(f"hf_{impl}_tps", f"HF {impl} tok/s") for impl in implementations],
+                      col("best", "HF best", "{}"), col("ratio", "expertmesh / HF best", "x{:.2f}"),
+                      col("fp32_rel_diff", "fp32 rel. diff", "{:.1e}")]
+    out["plot"] = {"kind": "line", "x": "tokens", "group": "family",
+                   "y": ["expertmesh_tps", *[f"hf_{impl}_tps" for impl in implementations]],
+                   "labels": ["expertmesh", *[f"transformers {impl}" for impl in implementations]],
+                   "ylabel": "tokens/s", "logx": True}
+    out["summary"] = f"tokens {min(token_counts)}..{max(token_counts)}, bf16, {threads} threads; vs HF's fastest"
+    out["notes"] = [
+        "Same weights copied into both (gate_up_proj = [w_gate; w_up]); Mixtral renormalizes the "
+        "top-2 weights, Qwen2-MoE does not (norm_topk_prob=False) and adds its sigmoid-gated "
+        "shared expert, which expertmesh's MoEBlock holds as `shared`.",
+        f"batched_mm is timed only where its copies of the expert weights stay under "
+        f"{BATCHED_MM_LIMIT >> 30} GiB.",
+        "agreement: max |expertmesh - HF| / max |expertmesh| in fp32, per implementation, before timing.",
+    ]
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for family in FAMILIES:
+            dims = family_dims(family, base)
+            out["setup"][family] = asdict(dims)
+            ours = materialize(MoEBlock(dims.d_model, dims.experts, dims.top_k, dims.hidden, "swiglu",
+                                        renormalize=family == "mixtral", shared_hidden=dims.shared),
+                               seed, torch.float32)
+            peers = {impl: _hf_block(family, ours, dims, impl) for impl in implementations}
+            gen = torch.Generator().manual_seed(seed + 1)
+            x = torch.randn(1, max(token_counts), dims.d_model, generator=gen)
+            check = x[:, :64]
+            with torch.inference_mode():
+                reference = ours(check)
+                diffs = {impl: relative_diff(reference, block(check)) for impl, block in peers.items()}
+            bad = {impl: d for impl, d in diffs.items() if d > FP32_RTOL}
+            if bad:
+                return {**out, "status": "failed",
+                        "reason": f"{family}: outputs differ in fp32: {bad}"}
+            ours.to(torch.bfloat16)
+            for block in peers.values():
+                block.to(torch.bfloat16)
+            for tokens in token_counts:
+                xb = x[:, :tokens].to(torch.bfloat16)
+                fns = {"expertmesh": functools.partial(ours, xb)}
+                for impl, block in peers.items():
+                    copies = tokens * dims.top_k * 3 * dims.d_model * dims.hidden * 2
+                    if impl != "batched_mm" or copies <= BATCHED_MM_LIMIT:
+                        fns[impl] = functools.partial(block, xb)
+                with torch.inference_mode():
+                    times = _timed_pair(fns, reps, lambda: None)
+                med = {name: statistics.median(ts) for name, ts in times.items()}
+                best = min((impl for impl in med if impl != "expertmesh"), key=med.get)
+                row = {"family": family, "tokens": tokens, "expertmesh_tps": tokens / med["expertmesh"],
+                       "best": best, "ratio": med[best] / med["expertmesh"],
+                       "fp32_rel_diff": max(diffs.values())}
+                for impl in implementations:
+                    row[f"hf_{impl}_tps"] = tokens / med[impl] if impl in med else None
+                out["rows"].append(row)
+                if progress:
+                    progress()
+    finally:
+        torch.set_num_threads(before)
+    return out
