@@ -42,7 +42,7 @@ def smallest(label: str, predicate, values) -> str:
     for v in values:
         if predicate(v):
             return f"{label} {v}"
-    return f"no {label} tried ({values[0]} .. {values[-1]}) reaches it"
+    return f"no {label} from {values[0]} to {values[-1]} reaches it"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,13 +100,13 @@ def main(argv: list[str] | None = None) -> int:
         dep = Deployment.parse(name)
         gpu_options = [n for n in (16, 32, 64, 128, 256, 512, 1024, 2048) if n % dep.world_size == 0
                        and n // dep.world_size <= w.batch_size]
-        need_gpus = smallest("GPUs:", lambda n: run(name, n).metrics.tpot_s <= tpot, gpu_options)
-        need_ctx = smallest("prompt tokens:", lambda c: simulate(Scenario(
+        need_gpus = smallest("GPU count", lambda n: run(name, n).metrics.tpot_s <= tpot, gpu_options)
+        need_ctx = smallest("prompt length", lambda c: simulate(Scenario(
             cfg, dep, dataclasses.replace(w, prompt_len=c), hw)).metrics.tpot_s <= tpot, contexts)
-        need_topk = smallest("top-k:", lambda k: simulate(Scenario(
+        need_topk = smallest("top-k", lambda k: simulate(Scenario(
             cfg.with_(top_k=k), dep, w, hw)).metrics.tpot_s <= tpot, [1])
         no_launch = run(name, 16, hardware=hw.with_(launch_s=0.0)).metrics.tpot_s
-        tps_gpus = smallest("GPUs:", lambda n: run(name, n).metrics.decode_tps >= tps, gpu_options)
+        tps_gpus = smallest("GPU count", lambda n: run(name, n).metrics.decode_tps >= tps, gpu_options)
         counts = {label: value for label, value in (
             ("decode", results[name, 16].metrics.decode_tps),
             ("overall", results[name, 16].metrics.overall_tps),

@@ -25,7 +25,8 @@ class Topology:
     @classmethod
     def detect(cls, world_size: int, gpus_per_node: int | None = None) -> "Topology":
         """Explicit node size, else torchrun's LOCAL_WORLD_SIZE, else one node holding every rank."""
-        per_node = gpus_per_node or int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+        per_node = (gpus_per_node if gpus_per_node is not None
+                    else int(os.environ.get("LOCAL_WORLD_SIZE", world_size)))
         if per_node < 1 or world_size % per_node:
             raise ValueError(f"--gpus-per-node {per_node} must divide the world size {world_size}")
         return cls(world_size // per_node, per_node)

@@ -72,12 +72,22 @@ class HardwareProfile:
 
     @classmethod
     def load(cls, path: str | Path) -> "HardwareProfile":
-        data = json.loads(Path(path).read_text())
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"profile {path} is not valid JSON ({exc}); write it with "
+                             f"`expertmesh calibrate`") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"profile {path} must be a JSON object of profile fields; write it "
+                             f"with `expertmesh calibrate`")
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise ValueError(f"profile {path} has unknown fields {sorted(unknown)}; "
                              f"write it with `expertmesh calibrate`")
-        return cls(**data)
+        try:
+            return cls(**data)
+        except TypeError as exc:  # a missing field, or a value of the wrong type
+            raise ValueError(f"profile {path}: {exc}; write it with `expertmesh calibrate`") from None
 
 
 # Assumptions shared by the GPU entries (no datasheet gives them):

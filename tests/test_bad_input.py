@@ -1,0 +1,185 @@
+"""Bad input, wherever a user gives it (flags, deployment strings, world size, prompts, checkpoint
+and placement files, hardware profiles), is one `error: ...` line, exit code 2, before any rank
+starts; random deployments and workloads are either accepted and then run correctly, or rejected
+with a ValueError and nothing else. The README's bad-input table lists the same cases.
+
+(tests/test_cli.py covers batch, lengths, token ids, presets, dtypes and sampling flags;
+tests/test_checkpoint.py missing shards, missing tensors and tensors of the wrong shape.)
+"""
+
+import functools
+import json
+
+import pytest
+import torch
+
+from expertmesh.cli import main
+from expertmesh.config import Workload, preset
+from expertmesh.deployment import Deployment
+from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.launch import launch
+
+hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install -e '.[test]')")
+from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
+
+TINY = preset("tiny")  # 4 layers, 16 experts, 8 heads, expert hidden 1024, vocab 1024, max 512
+FULL_PLACEMENT = [list(range(8)), list(range(8, 16))]  # ep2: experts 0-7 on rank 0, 8-15 on 1
+
+
+def _placement(path, layers) -> str:
+    path.write_text(json.dumps({"n_experts": 16, "ep": len(layers[0]), "layers": layers}))
+    return str(path)
+
+
+def _profile(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+# name: (argv builder taking tmp_path, a part of the expected message)
+BAD_INPUT = {
+    "deployment unparsable": (lambda d: ["run", "--deployment", "gpu8"], "cannot parse deployment 'gpu8'"),
+    "deployment axis twice": (lambda d: ["run", "--deployment", "ep4ep2"], "names an axis twice"),
+    "deployment size 0": (lambda d: ["run", "--deployment", "ep0"], "ep=0 must be a positive integer"),
+    "ep not dividing experts": (lambda d: ["run", "--deployment", "ep3"], "ep=3 must divide the 16 experts"),
+    "tp not dividing heads": (lambda d: ["run", "--deployment", "tp3"], "tp=3 must divide n_heads=8"),
+    "pp beyond layers": (lambda d: ["run", "--deployment", "pp5"], "pp=5 exceeds the 4 layers"),
+    "ep and tp in a stage": (lambda d: ["run", "--deployment", "ep2tp2"], "expert and tensor parallelism"),
+    "compare bad deployment": (lambda d: ["compare", "--deployments", "ep2,ep5"], "ep=5 must divide"),
+    "timeout 0": (lambda d: ["run", "--deployment", "ep2", "--timeout", "0"], "timeout 0.0 must be a positive"),
+    "unknown backend": (lambda d: ["run", "--deployment", "ep2", "--backend", "mpi"], "unknown backend 'mpi'"),
+    "nccl on local ranks": (lambda d: ["run", "--deployment", "ep2", "--backend", "nccl"],
+                            "--backend nccl needs ranks started by torchrun"),
+    "a2a chunks text": (lambda d: ["run", "--a2a-chunks", "many"], "--a2a-chunks 'many' must be"),
+    "a2a chunks 0": (lambda d: ["run", "--a2a-chunks", "0"], "--a2a-chunks 0 must be at least 1"),
+    "hierarchical node size": (lambda d: ["run", "--deployment", "ep4", "--a2a", "hierarchical",
+                                          "--gpus-per-node", "3"], "--gpus-per-node 3 must divide"),
+    "prompt text without a model": (lambda d: ["run", "--prompt", "hello"], "--prompt needs --model"),
+    "prompt ids too long": (lambda d: ["run", "--prompt-ids", ",".join(["7"] * 500)],
+                            "= 532 exceeds the model's maximum length 512"),
+    "prompt ids all empty": (lambda d: ["run", "--prompt-ids", ";"], "prompt ids are empty"),
+    "checkpoint directory missing": (lambda d: ["run", "--model", str(d / "nope")], "config.json not found"),
+    "placement file missing": (lambda d: ["run", "--deployment", "ep2", "--placement", str(d / "p.json")],
+                               "does not exist"),
+    "placement not json": (lambda d: ["run", "--deployment", "ep2", "--placement",
+                                      _profile(d / "p.json", "[[0, 1")], "is not a placement"),
+    "placement layer count": (lambda d: ["run", "--deployment", "ep2", "--placement",
+                                         _placement(d / "p.json", [FULL_PLACEMENT] * 3)],
+                              "placement has 3 layers, the model has 4"),
+    "placement unknown expert": (lambda d: ["run", "--deployment", "ep2", "--placement",
+                                            _placement(d / "p.json", [[list(range(7)) + [99], list(range(8, 16))]] * 4)],
+                                 "placement layer 0 must hold each of the 16 experts"),
+    "placement for another ep": (lambda d: ["run", "--deployment", "ep2", "--placement",
+                                            _placement(d / "p.json", [[[e] for e in range(16)]] * 4)],
+                                 "covers 16 ranks, the deployment has ep=2"),
+    "profile unknown name": (lambda d: ["simulate", "--gpu", "h900"], "unknown hardware 'h900'"),
+    "profile unknown field": (lambda d: ["simulate", "--gpu", _profile(d / "gpu.json", '{"speed": 1}')],
+                              "unknown fields ['speed']"),
+}
+
+# Hardware profiles that are not JSON, or lack fields, name the file and how to write one.
+MALFORMED_PROFILES = {
+    "profile malformed json": (lambda d: ["simulate", "--gpu", _profile(d / "gpu.json", "{not json")],
+                               "is not valid JSON"),
+    "profile missing fields": (lambda d: ["simulate", "--gpu", _profile(d / "gpu.json", '{"name": "x"}')],
+                               "gpu.json"),
+}
+
+
+def assert_one_error_line(err: str, expected: str) -> None:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert expected in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("name", BAD_INPUT)
+def test_bad_input_is_one_error_line_before_any_rank_starts(name, tmp_path, capfd):
+    argv, expected = BAD_INPUT[name]
+    assert main(argv(tmp_path)) == 2  # 2: a ValueError, raised before launching (1 is a rank's)
+    out, err = capfd.readouterr()  # capfd: a forked rank's output would show here
+    assert out == ""
+    assert_one_error_line(err, expected)
+
+
+@pytest.mark.parametrize("name", list(MALFORMED_PROFILES))
+def test_malformed_hardware_profile_is_one_error_line(name, tmp_path, capfd):
+    argv, expected = MALFORMED_PROFILES[name]
+    assert main(argv(tmp_path)) == 2
+    assert_one_error_line(capfd.readouterr().err, expected)
+
+
+def test_world_size_that_torchrun_gave_must_match_the_deployment(monkeypatch, capfd):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["run", "--deployment", "ep4"]) == 2
+    assert_one_error_line(capfd.readouterr().err, "torchrun started 2 processes but the deployment needs 4")
+
+
+# Deployment strings: well-formed ones with random sizes (often not fitting the model), and
+# random text over the same alphabet.
+_AXES = st.lists(st.tuples(st.sampled_from(["ep", "tp", "pp"]), st.integers(0, 20)), min_size=1, max_size=3)
+DEPLOYMENTS = st.one_of(
+    _AXES.map(lambda axes: "".join(f"{a}{n}" for a, n in axes)),
+    st.text(alphabet="eptsingl0123456789 ", max_size=8),
+    st.sampled_from(["single", "EP4", " ep2 ", "ep16", "tp8pp2", "ep8pp2"]),
+)
+WORKLOADS = st.fixed_dictionaries({
+    "batch_size": st.integers(-1, 20), "prompt_len": st.integers(-1, 600), "gen_len": st.integers(-1, 100),
+    "temperature": st.floats(-1, 2, allow_nan=False), "top_p": st.floats(-0.5, 1.5, allow_nan=False),
+})
+
+
+def _validated(text: str, workload: dict, world_size: int | None) -> RunSpec:
+    """The validator the CLI runs before launching: parse, build, validate."""
+    spec = RunSpec(TINY, Deployment.parse(text), Workload(**workload))
+    spec.validate(world_size)
+    return spec
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=DEPLOYMENTS, workload=WORKLOADS, world_size=st.one_of(st.none(), st.integers(1, 20)))
+def test_validator_accepts_only_runs_that_fit_or_raises_value_error(text, workload, world_size):
+    try:
+        spec = _validated(text, workload, world_size)
+    except ValueError as exc:
+        assert str(exc) and "\n" not in str(exc)  # one line, printed as is by the CLI
+        return
+    dep, w = spec.deployment, spec.workload
+    assert world_size in (None, dep.world_size)
+    assert TINY.n_experts % dep.ep == 0 and TINY.n_heads % dep.tp == 0 and TINY.expert_hidden % dep.tp == 0
+    assert dep.pp <= TINY.n_layers and not (dep.ep > 1 and dep.tp > 1)
+    assert w.batch_size >= 1 and w.gen_len >= 1 and w.prompt_len >= 1
+    assert w.total_len <= TINY.max_seq_len and w.temperature >= 0 and 0 < w.top_p <= 1
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=DEPLOYMENTS)
+def test_a_rejected_deployment_is_one_cli_error_line(text, capfd):
+    try:
+        _validated(text.strip() or "single", {}, None)
+        accepted = True
+    except ValueError:
+        accepted = False
+    assume(not accepted and text.strip() and not text.strip().startswith("-"))
+    capfd.readouterr()
+    assert main(["run", "--deployment", text]) == 2
+    out, err = capfd.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("error: ")
+
+
+@settings(max_examples=3, deadline=None)
+@given(axes=st.fixed_dictionaries({"ep": st.sampled_from([1, 2, 4]), "tp": st.sampled_from([1, 2]),
+                                   "pp": st.sampled_from([1, 2, 3])}),
+       batch=st.integers(1, 5), prompt_len=st.integers(1, 6), gen_len=st.integers(1, 3),
+       temperature=st.sampled_from([0.0, 0.8]))
+def test_an_accepted_random_run_reproduces_the_reference(axes, batch, prompt_len, gen_len, temperature):
+    """Accepted runs of 2 to 4 ranks run for real and give the single-process tokens."""
+    text = "".join(f"{a}{n}" for a, n in axes.items() if n > 1) or "single"
+    workload = dict(batch_size=batch, prompt_len=prompt_len, gen_len=gen_len, temperature=temperature,
+                    seed=batch)
+    dep = Deployment.parse(text) if not (axes["ep"] > 1 and axes["tp"] > 1) else None
+    assume(dep is not None and 1 < dep.world_size <= 4)
+    spec = _validated(text, workload, dep.world_size)
+    reference = run_rank(RunSpec(TINY, Deployment(), spec.workload), torch.device("cpu")).tokens
+    result = launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
+    assert torch.equal(result.tokens, reference)
