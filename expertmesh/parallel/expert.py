@@ -4,11 +4,17 @@
 the rank's experts `[El, ...]` (marked as slices of the global `[E, ...]` weights, in the order
 the layer's placement gives), and the block's dispatcher becomes the all-to-all one. Attention is
 untouched: under EP it is data-parallel, each rank running it for its own sequences.
+
+`rebalance` moves a running model to another placement (more or fewer replicas, experts on other
+ranks) between batches: each expert a rank newly holds is sent by the lowest rank that held it,
+point to point; nothing is reloaded and no process restarts.
 """
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
+from torch import nn
 
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard
@@ -36,3 +42,55 @@ def dispatchers(model: MoETransformer) -> dict[int, AllToAllDispatcher]:
     """The all-to-all dispatchers of the layers held here, by global layer index."""
     return {int(name): layer.moe.dispatcher for name, layer in model.layers.items()
             if isinstance(layer.moe.dispatcher, AllToAllDispatcher)}
+
+
+def rebalance(model: MoETransformer, placements: list[list[list[int]]]) -> int:
+    """Move every EP layer held here to `placements[layer]`; returns the bytes this rank received.
+
+    Per layer, each rank sends the weights `[H, D]`, `[D, H]` (and `[H, D]`) of every expert that
+    another rank newly holds and this rank is the lowest old holder of, and receives those it
+    newly holds; all ranks of the EP group must call it with the same placements.
+    """
+    received = 0
+    for layer_index, old in dispatchers(model).items():
+        layer = model.layers[str(layer_index)]
+        new = placements[layer_index]
+        me, group = old.rank, old.group
+        owner = {}
+        for r, experts in enumerate(old.placement):
+            for e in experts:
+                owner.setdefault(e, r)
+        old_local = {e: i for i, e in enumerate(old.placement[me])}
+        names = [n for n, _ in layer.moe.experts.named_parameters()]
+        current = dict(layer.moe.experts.named_parameters())
+        fresh = {n: torch.empty(len(new[me]), *p.shape[1:], dtype=p.dtype, device=p.device)
+                 for n, p in current.items()}
+        ops = []
+        for r, experts in enumerate(new):
+            for slot, e in enumerate(experts):
+                if e in old.placement[r]:
+                    continue  # r keeps it
+                if r == me:
+                    for n in names:
+                        ops.append(dist.P2POp(dist.irecv, fresh[n][slot],
+                                              dist.get_global_rank(group, owner[e]), group))
+                elif owner[e] == me:
+                    for n in names:
+                        ops.append(dist.P2POp(dist.isend, current[n][old_local[e]].contiguous(),
+                                              dist.get_global_rank(group, r), group))
+        for slot, e in enumerate(new[me]):
+            if e in old_local:
+                for n in names:
+                    fresh[n][slot] = current[n][old_local[e]]
+            else:
+                received += sum(fresh[n][slot].nbytes for n in names)
+        if ops:
+            for work in dist.batch_isend_irecv(ops):
+                work.wait()
+        experts = GroupedExperts(len(new[me]), model.cfg.d_model, model.cfg.expert_hidden, model.cfg.expert_kind)
+        for n in names:
+            setattr(experts, n, nn.Parameter(fresh[n], requires_grad=False))
+            mark_shard(experts, n, (model.cfg.n_experts, *fresh[n].shape[1:]), (new[me], slice(None), slice(None)))
+        layer.moe.experts = experts
+        layer.moe.dispatcher = AllToAllDispatcher(group, new, model.cfg.n_experts, me, **old.options)
+    return received
