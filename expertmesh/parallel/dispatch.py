@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.trace import COMM, record, span
+from expertmesh.engine.generate import micro_batches
 from expertmesh.model.moe import GroupedExperts, combine, sort_assignments
 
 AUTO_SLICES = 8               # fine slices counted per layer when the chunk count is automatic
@@ -76,17 +77,6 @@ def contiguous_placement(n_experts: int, ep: int) -> list[list[int]]:
     """Rank r holds experts r*E/P .. (r+1)*E/P - 1."""
     per = n_experts // ep
     return [list(range(r * per, (r + 1) * per)) for r in range(ep)]
-
-
-def slices(n: int, parts: int) -> list[slice]:
-    """n rows in `parts` contiguous slices whose sizes differ by at most one."""
-    base, extra = divmod(n, parts)
-    out, start = [], 0
-    for i in range(parts):
-        size = base + (1 if i < extra else 0)
-        out.append(slice(start, start + size))
-        start += size
-    return out
 
 
 @dataclass
@@ -177,7 +167,7 @@ class AllToAllDispatcher:
         P, S, n_slots = self.P, self.fine, self.n_slots
         El = self.slots_per_rank[self.rank]
         slots = torch.where(slots >= 0, slots, n_slots)  # skipped assignments sort last, unsent
-        fine = slices(T, S)
+        fine = micro_batches(T, S)
         fine_counts = torch.stack([torch.bincount(slots[f].reshape(-1).cpu(), minlength=n_slots + 1)[:-1]
                                    for f in fine])  # [S, n_slots]
         per_peer = fine_counts.split(self.slots_per_rank, dim=1)
