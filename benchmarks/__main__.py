@@ -62,7 +62,7 @@ class Profile:
 
 PROFILES = {
     "full": Profile("full", SMALL, ds_tokens=(8, 64, 512), ds_reps=5, hf_tokens=(8, 128, 1024),
-                    hf_reps=3, eff_tokens=1024, eff_reps=3, dep_reps=3, dep_quick=False),
+                    hf_reps=3, eff_tokens=1024, eff_reps=3, dep_reps=2, dep_quick=False),
     "quick": Profile("quick", SMALL, ds_tokens=(8, 128), ds_reps=3, hf_tokens=(8, 256), hf_reps=2,
                      eff_tokens=256, eff_reps=3, dep_reps=1, dep_quick=True, overlap_quick=True),
     "smoke": Profile("smoke", TINY, ds_tokens=(4, 32), ds_reps=1, hf_tokens=(4, 32), hf_reps=1,
