@@ -35,10 +35,6 @@ def take_spans() -> list[tuple[str, int, int, int]]:
     return spans
 
 
-def tracing() -> bool:
-    return _spans is not None
-
-
 class _Span:
     __slots__ = ("name", "lane", "t0")
 

@@ -128,7 +128,14 @@ def combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
 
 
 class LocalDispatcher:
-    """Every expert is on this device: sort by expert, compute grouped, combine."""
+    """Every expert is on this device: sort by expert, compute grouped, combine.
+
+    `may_drop`: ids can be -1 (dropped by capacity). Only then is the number of computed rows read
+    on the host; the dropless path keeps the grouped kernel free of host syncs.
+    """
+
+    def __init__(self, may_drop: bool = False):
+        self.may_drop = may_drop
 
     def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
         """Rows of every token of the call (here: all of them are local), and where ours start."""
@@ -137,6 +144,11 @@ class LocalDispatcher:
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
         E = experts.n_experts
+        if not self.may_drop:
+            order, counts = sort_assignments(ids, E)
+            with span("expert compute"):
+                out = experts(x[order // ids.shape[1]], counts)
+            return combine(out, order, weights)
         order, counts = sort_assignments(torch.where(ids >= 0, ids, E), E + 1)  # -1 (dropped) last
         computed = order.numel() - int(counts[E])
         with span("expert compute"):
@@ -178,7 +190,7 @@ class MoEBlock(nn.Module):
         self.capacity = capacity
         self.overflow = {"assignments": 0, "rerouted": 0, "dropped": 0}  # of this rank's tokens
         self.experts = GroupedExperts(n_experts, d_model, hidden, kind)
-        self.dispatcher = LocalDispatcher()
+        self.dispatcher = LocalDispatcher(may_drop=capacity is not None)
         self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

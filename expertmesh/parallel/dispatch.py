@@ -84,7 +84,6 @@ class ExchangeStats:
     """Rows this rank sent, over all calls: all of them, and those to another node; and the
     rows its experts computed in each call (its load)."""
 
-    calls: int = 0
     rows_sent: int = 0
     cross_node_rows: int = 0
     cross_node_bytes: int = 0
@@ -134,7 +133,6 @@ class AllToAllDispatcher:
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
-        self.stats.calls += 1
         if self.routing is not None and ids.numel():
             choices, tokens = torch.unique(ids.sort(dim=1).values, dim=0, return_counts=True)
             self.routing.update({tuple(e for e in c if e >= 0): n  # -1: dropped by capacity
