@@ -19,6 +19,7 @@ from expertmesh.launch import launch
 from expertmesh.model import moe
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import reference_model
+from expertmesh.parallel.expert import dispatchers
 from expertmesh.parallel.mesh import stage_group
 from fake_device import FakeDevice, MixedDevices, OnDevice, move_to_device, to_host
 
@@ -40,13 +41,21 @@ def _prefill_and_decode(model, prompts: torch.Tensor, device_mode: FakeDevice | 
     return to_host(first), to_host(second), syncs
 
 
+def _low_latency(model, tokens: int | None):
+    for d in dispatchers(model).values():
+        d.low_latency_tokens = tokens
+    return model
+
+
 def _rank_on_fake_device(deployment: str, grouped: bool, device) -> tuple[float, int]:
     """This rank's shard on the pretend device vs the same shard on the CPU: max |Δlogit| and
     the host reads of one decode step (max over ranks)."""
     if grouped:  # the pretend device is no CPU: take the grouped-kernel path as on Hopper
         moe._grouped_mm_applies = lambda x, hidden: True
+    deployment, _, exchange = deployment.partition("-")
     dep = Deployment.parse(deployment)
     rank = dist.get_rank() if dist.is_initialized() else 0
+    bound = BATCH * PROMPT if exchange == "low-latency" else None  # every rank's tokens, or more
     spec = RunSpec(CFG, dep, Workload())
     group = stage_group(dep, rank) if dist.is_initialized() else None
     rows = dep.rows_of(rank, BATCH)
@@ -54,6 +63,7 @@ def _rank_on_fake_device(deployment: str, grouped: bool, device) -> tuple[float,
     host = materialize(shard_model(spec, rank, group), seed=3, dtype=torch.float32)
     want = _prefill_and_decode(host, prompts, None)
     on_device = move_to_device(materialize(shard_model(spec, rank, group), seed=3, dtype=torch.float32))
+    _low_latency(on_device, bound)
     with FakeDevice() as mode:
         got = _prefill_and_decode(on_device, prompts, mode)
     diff = max((g - w).abs().max().item() if w.numel() else 0.0 for g, w in zip(got[:2], want[:2]))
@@ -64,11 +74,13 @@ def _rank_on_fake_device(deployment: str, grouped: bool, device) -> tuple[float,
 
 
 @pytest.mark.parametrize("grouped", [True, False], ids=["grouped-mm", "per-expert-loop"])
-@pytest.mark.parametrize("deployment, syncs", [("single", 0), ("ep2", CFG.n_layers), ("tp2", 0)])
+@pytest.mark.parametrize("deployment, syncs", [
+    ("single", 0), ("ep2", CFG.n_layers), ("ep2-low-latency", 0), ("tp2", 0)])
 def test_every_kernel_runs_on_the_activations_device(deployment, syncs, grouped):
-    """Outputs equal the CPU run's; a decode step reads the device once per EP MoE layer (the
-    exchange's split sizes) and never in the dropless single-device or TP layers."""
-    world = Deployment.parse(deployment).world_size
+    """Outputs equal the CPU run's (standard exchange); a decode step reads the device once per
+    EP MoE layer with the standard exchange (its split sizes), and never with the low-latency
+    exchange, in the dropless single-device layers or in the TP layers."""
+    world = Deployment.parse(deployment.partition("-")[0]).world_size
     run = functools.partial(_rank_on_fake_device, deployment, grouped)
     diff, decode_syncs = run(torch.device("cpu")) if world == 1 else launch(run, world, timeout=120)
     assert diff < 1e-5

@@ -60,7 +60,8 @@ class GroupedExperts(nn.Module):
     Weights: `w_up [E, H, D]`, `w_down [E, D, H]` and, for SwiGLU, `w_gate [E, H, D]` (the
     `[out, in]` layout of `nn.Linear`, stacked). Forward: x `[N, D]` sorted by expert,
     counts `[E]` -> `[N, D]`, one grouped matmul per weight (`torch._grouped_mm`), or one matmul
-    per expert over its tokens where the grouped kernel does not apply.
+    per expert over its tokens where the grouped kernel does not apply. Rows past sum(counts)
+    are padding (fixed-size buffers): their outputs are undefined.
     """
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, kind: str):
@@ -86,14 +87,17 @@ class GroupedExperts(nn.Module):
             splits = splits if splits is not None else counts.tolist()  # the loop needs ints
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                parts = a.split(splits)
+                parts = a[:sum(splits)].split(splits)
                 return torch.cat([p @ w[e].T for e, p in enumerate(parts)])
 
         if self.kind == "swiglu":
             h = F.silu(mm(x, self.w_gate)) * mm(x, self.w_up)
         else:
             h = F.gelu(mm(x, self.w_up))
-        return mm(h, self.w_down)
+        out = mm(h, self.w_down)
+        if out.shape[0] < x.shape[0]:  # the loop computed no padding rows
+            out = torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
+        return out
 
 
 def _grouped_mm_applies(x: torch.Tensor, hidden: int) -> bool:

@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from expertmesh.trace import COMM, record, span
 from expertmesh.model.moe import GroupedExperts, combine
+from expertmesh.parallel.low_latency import LowLatencyExchange
 from expertmesh.split import split_evenly
 
 AUTO_SLICES = 8               # fine slices counted per layer when the chunk count is automatic
@@ -46,6 +47,11 @@ AUTO_SLICES = 8               # fine slices counted per layer when the chunk cou
 # (benchmarks/overlap.py, small preset, 1024 tokens per rank): 2 chunks hid the whole exchange,
 # 4 and 8 chunks were slower than none; below ~1k rows a chunk's fixed costs outweigh the overlap.
 MIN_ROWS_PER_CHUNK = 1024
+# The low-latency exchange (`low_latency.py`) runs when the caller's bound on every rank's tokens
+# is at most this. Measured on 2 CPU ranks (benchmarks/low_latency.py, small preset, fp32): level
+# with or faster than the standard exchange up to 64 tokens per rank, 0.8x at 256, where its
+# fixed-size messages carry twice the rows that are needed.
+LOW_LATENCY_TOKENS = 64
 
 
 def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
@@ -88,6 +94,10 @@ class ExchangeStats:
     cross_node_rows: int = 0
     cross_node_bytes: int = 0
     loads: list[list[int]] = field(default_factory=list)  # per call: rows per local slot
+
+    def __getstate__(self) -> dict:
+        """Loads the low-latency exchange kept on the device are read here, once, after a run."""
+        return {**self.__dict__, "loads": [x.tolist() if isinstance(x, torch.Tensor) else x for x in self.loads]}
 
     def add(self, splits: list[int], peer_nodes: list[int], my_node: int, row_bytes: int) -> None:
         cross = sum(n for n, node in zip(splits, peer_nodes) if node != my_node)
@@ -145,6 +155,10 @@ class AllToAllDispatcher:
         self.hierarchical = hierarchical and len(per_node) > 1
         self.stats = ExchangeStats()
         self.routing: Counter | None = None  # set to a Counter to record this rank's routing
+        self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes)
+        # Set by the caller for each forward, to the same value on every rank of the group: a bound
+        # on every rank's tokens under which the low-latency exchange runs (None: the standard one).
+        self.low_latency_tokens: int | None = None
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
@@ -157,6 +171,9 @@ class AllToAllDispatcher:
         slots = torch.where(ids >= 0, self.slots[ids.clamp(min=0)], -1)
         if self.hierarchical:
             return self._hierarchical(x, slots, weights, experts)
+        if self.low_latency_tokens is not None:
+            skipped_last = torch.where(slots >= 0, slots, self.n_slots)
+            return self.low_latency(x, skipped_last, weights, experts, self.low_latency_tokens, self.stats)
         return self._exchange_and_compute(x, slots, weights, experts)
 
     # -- flat, chunked exchange ------------------------------------------------------------
