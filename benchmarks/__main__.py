@@ -32,7 +32,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from benchmarks import deployments, moe_block, overlap, peers, report
-from benchmarks.peers import Dims, col, section, skipped
+from benchmarks.peers import Dims, col, section
 from expertmesh.config import Workload, preset
 
 SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap", "cross-node")

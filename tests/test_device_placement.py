@@ -18,7 +18,6 @@ from expertmesh.engine.worker import RunSpec, shard_model
 from expertmesh.launch import launch
 from expertmesh.model import moe
 from expertmesh.model.synthetic import materialize
-from expertmesh.model.transformer import reference_model
 from expertmesh.parallel.expert import dispatchers
 from expertmesh.parallel.mesh import stage_group
 from fake_device import FakeDevice, MixedDevices, OnDevice, move_to_device, to_host
