@@ -37,11 +37,11 @@ def test_gemm_efficiency_halves_at_half_tokens():
     assert cost.gemm_efficiency(hw, 64) == pytest.approx(0.4)
 
 
-def test_launch_adds_on_cpu_and_hides_on_gpu():
+def test_launch_adds_on_cpu_and_is_host_time_on_gpu():
     cpu = cost.gemm(profile(launch_s=1e-3, launch_overlaps=False), "bf16", 2, 1000, 1000, 1000)
     gpu = cost.gemm(profile(launch_s=1e-3, launch_overlaps=True), "bf16", 2, 1000, 1000, 1000)
-    assert cpu.seconds == pytest.approx(2e-3 + 1e-3)
-    assert gpu.seconds == pytest.approx(2e-3)
+    assert cpu.seconds == pytest.approx(2e-3 + 1e-3) and cpu.host_s == 0
+    assert gpu.seconds == pytest.approx(2e-3) and gpu.host_s == pytest.approx(1e-3)
 
 
 def test_decode_attention_reads_the_kv_cache():
@@ -60,9 +60,9 @@ def test_prefill_attention_flops_grow_with_the_square_of_the_prompt():
     assert two / one == pytest.approx(4, rel=1e-2)
 
 
-def test_ring_all_reduce():
-    link = cost.Link("nvlink", 1e-6, 1e10)
-    c = cost.all_reduce(link, 8e6, 4)
+def test_ring_all_reduce_without_published_curves():
+    hw = profile(gpus_per_node=4)
+    c = cost.all_reduce(hw, Topology(nodes=1, gpus_per_node=4), [0, 1, 2, 3], 8e6)
     assert c.seconds == pytest.approx(6 * 1e-6 + 1.5 * 8e6 / 1e10)
     assert c.nvlink_bytes == pytest.approx(1.5 * 8e6)
 

@@ -7,12 +7,14 @@ the parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from expertmesh.config import Workload, preset
+from expertmesh.config import Workload
 from expertmesh.deployment import Deployment
 from expertmesh.sim.hardware import get_profile
+from expertmesh.sim.models import load_model
 from expertmesh.sim.plan import OBJECTIVES, evaluate, tps
 from expertmesh.sim.report import SWEEP_GPUS, console as report_console, plot_sweep, print_assumptions, results_table, sweep
 from expertmesh.sim.routing import Routing
@@ -32,6 +34,8 @@ def parse_seconds(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="paper", help="model preset (default: paper)")
+    p.add_argument("--model", help="a Hugging Face config.json or checkpoint directory (no weights are "
+                                   "read): Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, dense Llama / Qwen2")
     p.add_argument("--gpu", default="h100", help="h100, h200, a100, b200 or a calibrated profile JSON")
     p.add_argument("--batch", type=int, default=128, help="sequences in the batch")
     p.add_argument("--prompt-len", type=int, default=10000, help="prompt tokens per sequence")
@@ -41,15 +45,25 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="EP exchange chunks overlapped with expert compute (1: none, as the engine)")
     p.add_argument("--hierarchical", action="store_true", help="hierarchical (rail-aligned) all-to-all")
     p.add_argument("--routing", default="uniform", help="uniform, or zipf[:skew] for skewed expert load")
-    p.add_argument("--micro", type=int, help="micro-batches (default: one per pipeline stage)")
+    p.add_argument("--micro", type=int, help="micro-batches of prefill and decode (default: one per stage)")
+    p.add_argument("--prefill-micro", type=int, help="micro-batches of the prefill step (default: --micro)")
+    p.add_argument("--decode-micro", type=int, help="micro-batches of each decode step (default: --micro)")
+    p.add_argument("--a2a-kernel", choices=("nccl", "low-latency"), default="nccl",
+                   help="EP all-to-all: nccl (count exchange + all_to_all, as the engine) or a "
+                        "DeepEP-style low-latency kernel")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode steps replay captured CUDA graphs")
+    p.add_argument("--fp8", action="store_true", help="FP8 weights, KV cache, dispatch and GEMMs")
 
 
 def _base(args, deployment: Deployment, gpus: int | None) -> Scenario:
-    return Scenario(preset(args.preset), deployment,
+    return Scenario(load_model(args.preset, args.model), deployment,
                     Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len),
                     get_profile(args.gpu), gpus=gpus, gpus_per_node=args.gpus_per_node,
                     a2a_chunks=args.a2a_chunks, hierarchical_a2a=args.hierarchical,
-                    routing=Routing.parse(args.routing), n_micro=args.micro)
+                    routing=Routing.parse(args.routing),
+                    prefill_micro=args.prefill_micro or args.micro,
+                    decode_micro=args.decode_micro or args.micro, a2a_kernel=args.a2a_kernel,
+                    cuda_graphs=args.cuda_graphs, fp8=args.fp8)
 
 
 def cmd_simulate(args) -> int:
@@ -63,12 +77,9 @@ def cmd_simulate(args) -> int:
         console.print(results_table([r for rs in curves.values() for r in rs], "sweep"))
         print_assumptions(console, base)
         return 0
-    results = [simulate(Scenario(base.cfg, d, base.workload, base.hardware, gpus=args.gpus,
-                                 gpus_per_node=args.gpus_per_node, a2a_chunks=args.a2a_chunks,
-                                 hierarchical_a2a=args.hierarchical, routing=base.routing,
-                                 n_micro=args.micro)) for d in deployments]
+    results = [simulate(dataclasses.replace(base, deployment=d, gpus=args.gpus)) for d in deployments]
     console.print(results_table(results, f"simulated on {base.hardware.name}"))
-    print_assumptions(console, base)
+    print_assumptions(console, [r.scenario for r in results])
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
         for r in results:
@@ -77,6 +88,9 @@ def cmd_simulate(args) -> int:
             console.print(f"wrote {path} (open in ui.perfetto.dev)")
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    if not any(r.fits for r in results):
+        console.print("no deployment fits in device memory: use more GPUs, a shorter context or a smaller batch")
+        return 1
     return 0
 
 

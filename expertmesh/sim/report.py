@@ -34,19 +34,29 @@ def results_table(results: list[SimResult], title: str) -> Table:
     for r in results:
         sc, m, b, mem = r.scenario, r.metrics, r.bound, r.memory
         method = sc.deployment.name + (f" x{sc.replicas} replicas" if sc.replicas > 1 else "")
+        fit = r.fits  # a deployment that does not fit gets no figures, only its memory
         table.add_row(
-            method, str(sc.gpus), sc.deployment.describe(sc.cfg.n_experts), f"{m.overall_tps:,.0f}",
-            f"{m.decode_tps:,.0f}" if m.decode_tps else "-", ms(m.tpot_s),
-            f"{ms(b.tpot_s)} ({b.tpot_resource})" if b.tpot_s else "-", ms(m.ttft_s),
+            method, str(sc.gpus), sc.deployment.describe(sc.cfg.n_experts),
+            f"{m.overall_tps:,.0f}" if fit else "-",
+            f"{m.decode_tps:,.0f}" if fit and m.decode_tps else "-", ms(m.tpot_s) if fit else "-",
+            f"{ms(b.tpot_s)} ({b.tpot_resource})" if b.tpot_s else "-", ms(m.ttft_s) if fit else "-",
             f"{ms(b.ttft_s)} ({b.ttft_resource})",
-            f"{mem.total_bytes / 1e9:,.1f}" + ("" if mem.fits else f" > {mem.capacity_bytes / 1e9:.0f}: DOES NOT FIT"),
-            f"{r.busiest} {r.busiest_fraction:.0%}")
+            f"{mem.total_bytes / 1e9:,.1f}" + ("" if fit else f" > {mem.capacity_bytes / 1e9:.0f}: DOES NOT FIT"),
+            f"{r.busiest} {r.busiest_fraction:.0%}" if fit else "-")
     return table
 
 
-def print_assumptions(console: Console, sc: Scenario) -> None:
-    for key, text in sc.assumptions().items():
-        console.print(f"  [bold]{key}[/bold]: {text}")
+def print_assumptions(console: Console, scenarios: list[Scenario] | Scenario) -> None:
+    """Every assumption of every scenario shown: shared ones once, the rest per deployment."""
+    scenarios = scenarios if isinstance(scenarios, list) else [scenarios]
+    per = [sc.assumptions() for sc in scenarios]
+    for key in per[0]:
+        texts = [a[key] for a in per]
+        if len(set(texts)) == 1:
+            console.print(f"  [bold]{key}[/bold]: {texts[0]}")
+            continue
+        for sc, text in zip(scenarios, texts):
+            console.print(f"  [bold]{key}[/bold] ({sc.deployment.name}, {sc.gpus} GPUs): {text}")
     console.print("  [bold]metrics[/bold]: TPS overall = batch x (prompt + generated) / run time; "
                   "TPS decode = batch x (generated - 1) / decode time; TPOT, TTFT as engine/metrics.py")
 
