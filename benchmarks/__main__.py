@@ -8,6 +8,7 @@ Sections (in this order):
   efficiency    the MoE block's GFLOP/s vs plain matmuls of the same shapes (moe_block.py)
   deployments   single / ep2 / tp2 / pp2 end to end on 2 ranks (deployments.py)
   overlap       the overlapped vs synchronous token exchange (overlap.py, when it exists)
+  simulator     the simulator's predictions vs published H100 / H200 figures (sim_vs_published.py)
 
 Every section interleaves its repetitions and reports medians. Prints the tables, writes
 DIR/results.json and one PNG per section. A peer that is not installed (`pip install -e .[peers]`)
@@ -35,7 +36,7 @@ from benchmarks import deployments, moe_block, peers, report
 from benchmarks.peers import Dims, col, section, skipped
 from expertmesh.config import Workload, preset
 
-SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap")
+SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap", "simulator")
 SMALL = Dims(d_model=1024, experts=8, top_k=2, hidden=2816)  # the `small` preset's MoE layer
 TINY = Dims(d_model=64, experts=4, top_k=2, hidden=128)
 
@@ -78,7 +79,7 @@ def steps(name: str, p: Profile) -> int:
     """Progress steps of a section (what its `progress` callback is called for)."""
     loads = len(p.dep_loads) if p.dep_loads else len(deployments.workloads(p.dep_quick))
     return {"deepspeed": len(p.ds_tokens), "transformers": len(peers.FAMILIES) * len(p.hf_tokens),
-            "efficiency": 1, "overlap": 1,
+            "efficiency": 1, "overlap": 1, "simulator": 1,
             "deployments": loads * (len(deployments.DEPLOYMENTS) * p.dep_reps + 1)}[name]
 
 
@@ -201,6 +202,10 @@ def run_section(name: str, p: Profile, progress: Callable[[], None]) -> dict:
         return efficiency(p, progress)
     if name == "deployments":
         return deployment_section(p, progress)
+    if name == "simulator":
+        from benchmarks.sim_vs_published import benchmark_section
+        progress()
+        return benchmark_section()
     return overlap_section(p, progress)
 
 

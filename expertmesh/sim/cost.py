@@ -252,8 +252,9 @@ def all_to_all(hw: HardwareProfile, topology: Topology, ranks: list[int],
 
 def low_latency_all_to_all(hw: HardwareProfile, topology: Topology, ranks: list[int],
                            send: list[list[float]]) -> list[Cost]:
-    """DeepEP-style low-latency all-to-all: every byte goes over RDMA (NVLink peers too), at the
-    published kernel's latency for the group size (EP 8's below 8) and its bandwidth."""
+    """DeepEP-style low-latency all-to-all: every byte goes through the kernel's RDMA buffers
+    (NVLink peers and the rank's own experts too), at the published kernel's latency for the
+    group size (EP 8's below 8) and its bandwidth."""
     if hw.low_latency_a2a is None:
         raise ValueError(f"profile {hw.name} has no low-latency all-to-all figures; "
                          f"use --a2a-kernel nccl")
@@ -262,8 +263,8 @@ def low_latency_all_to_all(hw: HardwareProfile, topology: Topology, ranks: list[
     latency = lat8 + per_doubling * max(0.0, math.log2(p / 8))
     out = []
     for i in range(p):
-        sent = sum(send[i][j] for j in range(p) if j != i)
-        received = sum(send[j][i] for j in range(p) if j != i)
+        sent = sum(send[i][j] for j in range(p))
+        received = sum(send[j][i] for j in range(p))
         out.append(Cost(latency + max(sent, received) / bw, "network", network_bytes=sent))
     return out
 
