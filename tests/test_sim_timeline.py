@@ -78,11 +78,13 @@ def test_small_all_to_all_pays_one_collective_latency_not_one_per_peer():
     assert c == pytest.approx(cost.collective_latency(H100, 8) + 56 / (H100.nvlink_bw * H100.nvlink_efficiency))
 
 
-def test_low_latency_kernel_has_no_count_exchange_and_no_host_sync():
+def test_low_latency_kernel_drops_the_count_exchange_and_host_sync_of_decode_only():
     sc = Scenario(PAPER, Deployment(ep=16), SHORT, H100, a2a_kernel="low-latency")
-    names = [getattr(p, "name", "exchange") for p in stage_program(sc, 0, [((8, 1, 1000),)] * 16).layer]
-    assert "a2a counts" not in names and "exchange" in names
-    assert sc.host_syncs.startswith("none")
+    decode = [getattr(p, "name", "exchange") for p in stage_program(sc, 0, [((8, 1, 1000),)] * 16).layer]
+    prefill = [getattr(p, "name", "exchange") for p in stage_program(sc, 0, [((8, 1000, 0),)] * 16).layer]
+    assert "a2a counts" not in decode and "exchange" in decode
+    assert "a2a counts" in prefill
+    assert "prefill step only" in sc.host_syncs
     nccl = Scenario(PAPER, Deployment(ep=16), SHORT, H100)
     assert "count exchange" in nccl.host_syncs
     with pytest.raises(ValueError, match="a2a kernel"):

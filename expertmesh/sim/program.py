@@ -140,7 +140,8 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
         out_isz, back_isz = sc.dispatch_itemsize, isz
         send = [[t * k * rank_share[j] * D * out_isz / C for j in range(dep.ep)] for t in tokens]
         back = [[v * back_isz / out_isz for v in col] for col in zip(*send)]
-        if sc.a2a_kernel == "low-latency":
+        decode = all(L == 1 for w in work for _, L, _ in w)
+        if sc.a2a_kernel == "low-latency" and decode:
             a2a = cost.low_latency_all_to_all
         else:
             a2a = cost.hierarchical_all_to_all if sc.hierarchical_a2a else cost.all_to_all

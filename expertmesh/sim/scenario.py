@@ -26,8 +26,8 @@ class Scenario:
     `a2a_chunks`: chunks an EP exchange is split into, the exchange of one overlapping the expert
     compute of the previous (1: no overlap, what the engine's dispatcher does today).
     `a2a_kernel`: `nccl` (the engine's all_to_all_single, preceded by a count exchange the host
-    waits for) or `low-latency` (a DeepEP-style kernel into fixed-size buffers: no count exchange,
-    no host sync). `prefill_micro` / `decode_micro` None: one micro-batch per pipeline stage, as
+    waits for) or `low-latency` (for decode steps, a DeepEP-style kernel into fixed-size buffers:
+    no count exchange, no host sync; prefill keeps the NCCL exchange, whose bandwidth suits it). `prefill_micro` / `decode_micro` None: one micro-batch per pipeline stage, as
     the engine. `cuda_graphs`: decode steps replay captured graphs, one launch per stretch between
     host syncs instead of one per op. `fp8`: FP8 weights, KV cache and EP dispatch, FP8 GEMMs
     (as TensorRT-LLM's FP8 mode); activations and the combine stay 16-bit."""
@@ -121,6 +121,8 @@ class Scenario:
         """Where the host waits for the device inside a step, as the engine runs this plan."""
         if self.deployment.ep > 1 and self.a2a_kernel == "nccl":
             return "every MoE layer (the EP count exchange is read on the host to size the dispatch)"
+        if self.deployment.ep > 1:
+            return "every MoE layer of a prefill step only (decode uses the sync-free low-latency kernel)"
         return "none inside a step (kernels queue ahead of the device)"
 
     def assumptions(self) -> dict[str, str]:

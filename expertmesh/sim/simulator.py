@@ -45,6 +45,15 @@ class SimResult:
     busiest: str             # the resource busiest on its busiest rank
     busiest_fraction: float  # its busy time / the run's time
     trace: dict              # Chrome / Perfetto trace-event JSON of one step
+    phases: dict             # phase -> device seconds per rank (mean over ranks) of the traced step
+    traced_s: float          # the traced step's length
+
+    def dominant(self) -> tuple[str, float]:
+        """The phase that took the largest share of the traced step (a decode step unless only
+        one token is generated), with that share; "idle" is device time waiting (for the host,
+        a pipeline peer, a slower rank)."""
+        name = max(self.phases, key=self.phases.get)
+        return name, self.phases[name] / self.traced_s
 
     @property
     def fits(self) -> bool:
@@ -60,7 +69,8 @@ class SimResult:
                            "reserve_bytes": mem.reserve_bytes, "total_bytes": mem.total_bytes,
                            "capacity_bytes": mem.capacity_bytes, "fits": mem.fits},
                 "bound": self.bound.to_dict(), "busiest": self.busiest,
-                "busiest_fraction": self.busiest_fraction, "assumptions": sc.assumptions()}
+                "busiest_fraction": self.busiest_fraction, "phases": self.phases,
+                "traced_step_s": self.traced_s, "assumptions": sc.assumptions()}
 
 
 class _Task:
@@ -216,8 +226,19 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
                             key=lambda x: x[1])
     # under a pipeline a step's first micro-batch starts before the previous step's last ends
     origin = min((t for _, _, t, _ in events), default=0.0)
-    return SimResult(sc, metrics, scenario_memory(sc), roofline(sc),
-                     resource, seconds / metrics.total_s, chrome_trace(sc, events, origin))
+    traced = step_times[trace_step] - (step_times[trace_step - 1] if trace_step else 0.0)
+    return SimResult(sc, metrics, scenario_memory(sc), roofline(sc), resource,
+                     seconds / metrics.total_s, chrome_trace(sc, events, origin),
+                     phase_seconds(events, dep.world_size, traced), traced)
+
+
+def phase_seconds(events: list[Event], ranks: int, step_s: float) -> dict[str, float]:
+    """Device seconds per phase (chunk numbers dropped), mean over ranks; the rest is "idle"."""
+    out: dict[str, float] = defaultdict(float)
+    for _, name, _, d in events:
+        out[name.split(" ")[0] if name.split(" ")[-1].isdigit() else name] += d / ranks
+    out["idle"] = max(step_s - sum(out.values()), 0.0)
+    return dict(out)
 
 
 def chrome_trace(sc: Scenario, events: list[Event], origin: float) -> dict:
