@@ -117,3 +117,32 @@ def test_a_replica_that_holds_no_sequence_is_refused():
     sc = dataclasses.replace(_single(preset("paper"), 1, 1000), hardware=H100.with_(hbm_bytes=40e9))
     with pytest.raises(ValueError, match="less than one"):
         offline(sc, 8000, 8000)
+
+
+def test_plan_under_a_rate_ranks_by_goodput_and_says_why_the_top_choice_wins(tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert _cli("plan", "--gpus", "4", "--batch", "16", "--prompt-len", "500", "--gen-len", "20",
+                "--rate", "4", "--ttft-slo", "1s", "--tpot-slo", "30ms", "--json", str(out)) == 0
+    printed = capsys.readouterr().out
+    assert "best goodput first" in printed and "wins: the highest goodput" in printed
+    assert "of a step" in printed  # the dominant cost of the top candidates
+    assert all(r["memory"]["fits"] for r in json.loads(out.read_text()))
+
+
+def test_goodput_counts_only_requests_within_both_slos():
+    sc = _single(preset("paper"), 1, 1000)
+    s = serve(sc, 2.0, 200, 20, requests=40)
+    assert s.goodput(None, None) == pytest.approx(40 / s.arrival_span_s)
+    tight = sorted(s.tpot_s)[len(s.tpot_s) // 2]  # half the requests at most
+    assert s.goodput(None, tight) < s.goodput(None, None)
+
+
+def test_the_expert_sweep_grows_ep_with_the_gpus_up_to_the_expert_count():
+    from expertmesh.sim.report import expert_sweep
+    base = Scenario(preset("paper"), Deployment(), Workload(batch_size=64, prompt_len=200, gen_len=2), H100)
+    curves = expert_sweep(base, (16, 32, 64), experts=(16, 64))
+    assert [r.scenario.deployment.ep for r in curves["EP, 16 experts"]] == [16, 16, 16]
+    assert [r.scenario.replicas for r in curves["EP, 16 experts"]] == [1, 2, 4]
+    assert [r.scenario.deployment.ep for r in curves["EP, 64 experts"]] == [16, 32, 64]
+    assert all(r.scenario.cfg.top_k == 2 and r.scenario.cfg.expert_hidden == 16384
+               for r in curves["EP, 64 experts"])

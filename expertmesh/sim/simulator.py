@@ -222,8 +222,9 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
         step_times.append(step_end)
 
     metrics = Metrics.from_events(0.0, step_times, sc.workload.batch_size, P)
-    resource, seconds = max(((res, max(b[res] for b in busy)) for res in cost.RESOURCES),
-                            key=lambda x: x[1])
+    # on a GPU the host's launch time is not a device resource: when it shows, it shows as idle
+    resources = [r for r in cost.RESOURCES if r != "launch" or not hw.launch_overlaps]
+    resource, seconds = max(((res, max(b[res] for b in busy)) for res in resources), key=lambda x: x[1])
     # under a pipeline a step's first micro-batch starts before the previous step's last ends
     origin = min((t for _, _, t, _ in events), default=0.0)
     traced = step_times[trace_step] - (step_times[trace_step - 1] if trace_step else 0.0)
