@@ -146,8 +146,10 @@ def main(argv: list[str] | None = None) -> int:
     contexts = [8000, 4000, 2000, 1000, 500, 250, 100]
     for name, (claim_tpot, tps) in CLAIMS.items():
         dep = Deployment.parse(name)
+        # up to one sequence per EP rank: a rank with none would idle, and the bound, which
+        # spreads bytes evenly over GPUs, would stop meaning anything
         gpu_options = [n for n in (16, 32, 64, 128, 256, 512, 1024, 2048) if n % dep.world_size == 0
-                       and n // dep.world_size <= w.batch_size]
+                       and n // dep.world_size * dep.ep <= w.batch_size]
         need_gpus = smallest("GPU count", gpu_options, lambda n: tpot(scenario(name, n)),
                              lambda n: achieved_bound(scenario(name, n)), claim_tpot)
         short = lambda c: dataclasses.replace(w, prompt_len=c)  # noqa: E731

@@ -141,7 +141,14 @@ _MEASURED = dict(gemm_peak_efficiency=794.5 / 989, fp8_gemm_efficiency=1377 / 19
 # - one point-to-point message costs ~3 us inside a node, ~10 us across InfiniBand;
 # - one kernel launch costs ~4 us of host time when kernels are not captured in CUDA graphs.
 _ASSUMED = dict(gemm_half_tokens=64.0, nvlink_latency_s=3e-6, net_latency_s=10e-6, launch_s=4e-6)
-# A100 and B200 have no published rows here: their efficiencies are the H100's, assumed.
+# A100 and B200 have no published rows here: their efficiencies and latencies are the H100's
+# and their all-reduce bandwidths the H100's scaled by NVLink bandwidth, assumed.
+
+
+def _scaled(table: tuple, factor: float) -> tuple:
+    return tuple((name, lat, lat_gpu, bw * factor, bw_gpu * factor) for name, lat, lat_gpu, bw, bw_gpu in table)
+
+
 _GPU_ASSUMPTIONS = dict(**_ASSUMED, **_MEASURED)
 
 CATALOGUE: dict[str, HardwareProfile] = {
@@ -167,14 +174,15 @@ CATALOGUE: dict[str, HardwareProfile] = {
     "a100": HardwareProfile(
         name="A100 80GB SXM", bf16_flops=312e12, fp32_flops=19.5e12, hbm_bytes=80 * GB,
         hbm_bw=2.039 * TB, nvlink_bw=300 * GB, net_bw=25 * GB, gpus_per_node=8, hbm_efficiency=0.89,
-        **_GPU_ASSUMPTIONS),
+        # no NVLink SHARP (NVLS) on A100's NVSwitch: the H100 curves without it, bandwidths scaled
+        **{**_GPU_ASSUMPTIONS, "nvlink_all_reduce": _scaled(_H100_ALL_REDUCE[:3], 300 / 450)}),
     # NVIDIA DGX B200 datasheet: 8 B200 GPUs, 1,440 GB HBM3e in total (180 GB each) at 64 TB/s in
     # total (8 TB/s each), 72 PFLOPS FP8 training (9 sparse, so 2.25 dense BF16 per GPU), NVLink 5
     # 1.8 TB/s per GPU (both directions), ConnectX-7 400 Gb/s per GPU. FP32 is not on it.
     "b200": HardwareProfile(
         name="B200", bf16_flops=2.25e15, fp32_flops=None, hbm_bytes=180 * GB, hbm_bw=8 * TB,
         nvlink_bw=900 * GB, net_bw=50 * GB, gpus_per_node=8, fp8_flops=4.5e15, hbm_efficiency=0.89,
-        **_GPU_ASSUMPTIONS),
+        **{**_GPU_ASSUMPTIONS, "nvlink_all_reduce": _scaled(_H100_ALL_REDUCE, 900 / 450)}),
 }
 
 
