@@ -43,7 +43,10 @@ QWEN3 = ModelConfig(name="Qwen3-235B-A22B", n_layers=94, n_experts=128, top_k=8,
                     n_heads=64, n_kv_heads=4, head_dim=128, expert_hidden=1536, vocab_size=151936,
                     max_seq_len=40960, expert_kind="swiglu", dtype="bf16")
 
-# TensorRT-LLM throughput runs (perf-overview, v0.17), output tokens/s; workloads input/output
+# TensorRT-LLM throughput runs (perf-overview, v0.17), output tokens/s; workloads input/output.
+# trtllm-bench chooses its batch limits per run and does not publish them: simulated with FP8
+# weights, KV cache and GEMMs, CUDA graphs, at most 2048 sequences and 8192 tokens per iteration,
+# the KV cache in 90% of the memory left after weights (its kv_cache_free_gpu_mem_fraction default).
 TRTLLM = {
     ("h100", 1): (15_962, 8_290, 1_893, 3_983), ("h100", 2): (27_451, 22_830, 3_334, 10_686),
     ("h100", 8): (50_850, 61_608, 6_988, 30_983), ("h200", 1): (17_158, 15_095, 2_010, 6_940),
