@@ -114,3 +114,26 @@ def test_topology_places_ranks_node_by_node():
     assert topo.nodes == 3 and topo.node_of(7) == 0 and topo.node_of(8) == 1
     with pytest.raises(ValueError, match="outside"):
         topo.node_of(24)
+
+
+def test_grouped_gemm_reads_the_weights_of_the_experts_expected_to_be_used():
+    hw = profile()
+    all_used = cost.grouped_gemm(hw, "bf16", 2, (0.5, 0.5), 8, 4)
+    half = cost.grouped_gemm(hw, "bf16", 2, (0.5, 0.5), 8, 4, (0.5, 0.5))
+    assert all_used.hbm_bytes - half.hbm_bytes == pytest.approx(1 * 8 * 4 * 2)  # one weight fewer
+
+
+def test_one_token_of_a_top2_model_reads_two_experts_weights():
+    from expertmesh.config import Workload, preset
+    from expertmesh.deployment import Deployment
+    from expertmesh.sim import program
+    from expertmesh.sim.hardware import get_profile
+    from expertmesh.sim.scenario import Scenario
+
+    sc = Scenario(preset("paper"), Deployment(), Workload(batch_size=1, prompt_len=8, gen_len=2),
+                  get_profile("h100"))
+    c = program._experts(sc, [2 / 16] * 16, 1.0)
+    weights = 2 * 2 * 16384 * 4096 * 2            # 2 experts x (up, down) x [H, D] in bf16
+    rows = 2 * 2 * (4096 + 16384) * 2             # 2 rows in and out of both GEMMs
+    activation = 2 * 16384 * 2 * 2                # gelu over [2, H], read and written
+    assert c.hbm_bytes == pytest.approx(weights + rows + activation)

@@ -107,19 +107,21 @@ def gemm(hw: HardwareProfile, dtype: str, itemsize: int, m: float, n: int, k: in
 
 @lru_cache(maxsize=None)
 def grouped_gemm(hw: HardwareProfile, dtype: str, itemsize: int, rows: tuple[float, ...],
-                 n: int, k: int) -> Cost:
+                 n: int, k: int, used: tuple[float, ...] | None = None) -> Cost:
     """One grouped matmul over experts: expert e multiplies `[rows[e], k]` by its `[k, n]` weight.
 
-    Only experts that receive rows read their weight; the FLOPs of each expert run at the
-    efficiency of its own row count.
+    Only experts that receive rows read their weight: `used[e]` is the chance that expert e
+    gets any (expected rows are fractions; default: 1 wherever rows[e] > 0). The FLOPs of each
+    expert run at the efficiency of its own row count.
     """
-    used = [m for m in rows if m > 0]
-    if not used:
+    active = [m for m in rows if m > 0]
+    if not active:
         return launched(hw, 1)
+    readers = sum(used) if used is not None else len(active)
     peak = hw.matmul_flops(dtype)
-    t_compute = sum(2.0 * m * n * k / (peak * gemm_efficiency(hw, max(m, 1.0), dtype)) for m in used)
-    flops = sum(2.0 * m * n * k for m in used)
-    nbytes = len(used) * k * n * weight_itemsize(dtype, itemsize) + sum(used) * (k + n) * itemsize
+    t_compute = sum(2.0 * m * n * k / (peak * gemm_efficiency(hw, max(m, 1.0), dtype)) for m in active)
+    flops = sum(2.0 * m * n * k for m in active)
+    nbytes = readers * k * n * weight_itemsize(dtype, itemsize) + sum(active) * (k + n) * itemsize
     return _op(hw, t_compute, nbytes / (hw.hbm_bw * hw.hbm_efficiency), 1, flops, nbytes)
 
 

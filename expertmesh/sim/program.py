@@ -66,15 +66,18 @@ class StageProgram:
     n_layers: int
 
 
-def _experts(sc: Scenario, loads: list[float]) -> Cost:
-    """Grouped expert MLP over `loads[e]` rows per local expert (TP: 1/tp of the hidden units)."""
+def _experts(sc: Scenario, loads: list[float], tokens: float) -> Cost:
+    """Grouped expert MLP over `loads[e]` rows per local expert (TP: 1/tp of the hidden units),
+    the expected rows of `tokens` routed tokens. Expert e is used by some token with chance
+    1 - (1 - loads[e] / tokens)^tokens: at small batches fewer weights are read than held."""
     cfg, dt, isz = sc.cfg, sc.compute_dtype, sc.itemsize
     H, D = cfg.expert_hidden // sc.deployment.tp, cfg.d_model
     rows = tuple(loads)
-    up = cost.grouped_gemm(sc.hardware, dt, isz, rows, H, D)
+    used = tuple(1.0 - (1.0 - min(1.0, l / tokens)) ** tokens if tokens else 0.0 for l in loads)
+    up = cost.grouped_gemm(sc.hardware, dt, isz, rows, H, D, used)
     ins = [up] * (cfg.matrices_per_expert - 1)
     act = cost.elementwise(sc.hardware, sum(loads) * H * (cfg.matrices_per_expert) * isz, 1)
-    return cost.total([*ins, act, cost.grouped_gemm(sc.hardware, dt, isz, rows, D, H)])
+    return cost.total([*ins, act, cost.grouped_gemm(sc.hardware, dt, isz, rows, D, H, used)])
 
 
 def _attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
@@ -149,11 +152,12 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
             layer.append(Phase("a2a counts", tuple(c + cost.launched(hw, 1) for c in
                                                    a2a(hw, topo, ranks, counts)), True, host_sync=True))
         loads = [[sum(tokens) * k * shares[j * per + e] / C for e in range(per)] for j in range(dep.ep)]
-        layer.append(Exchange(tuple(a2a(hw, topo, ranks, send)), tuple(_experts(sc, l) for l in loads),
+        routed = sum(tokens) / C
+        layer.append(Exchange(tuple(a2a(hw, topo, ranks, send)), tuple(_experts(sc, l, routed) for l in loads),
                               tuple(a2a(hw, topo, ranks, back)), C))
     else:
         loads = [[t * k * s for s in shares] for t in tokens]
-        layer.append(Phase("experts", tuple(_experts(sc, l) for l in loads)))
+        layer.append(Phase("experts", tuple(_experts(sc, l, t) for l, t in zip(loads, tokens))))
         if dep.tp > 1:
             layer.append(_collective(sc, ranks, "all-reduce", [t * D * isz for t in tokens]))
     layer.append(Phase("combine", tuple(_combine(sc, t) for t in tokens)))
