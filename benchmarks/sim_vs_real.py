@@ -3,9 +3,10 @@
     python benchmarks/sim_vs_real.py [--profile profile.json] [--quick] [--repeat N] [--json out.json]
 
 Protocol: the machine is measured into a profile (`expertmesh calibrate`: matmuls, memory
-bandwidth, gloo collectives; or --profile). Its one engine-level constant, the per-op framework
-overhead (`launch_s`), is then fitted to a *calibration* set of real runs (deployments
-`single`, `ep2`, one workload), by least squares on their relative TTFT and TPOT errors. The
+bandwidth, gloo collectives; or --profile). Two engine-level constants, the per-op framework
+overhead (`launch_s`) and a scale on the microbenchmark's matmul rate, are then fitted to a
+*calibration* set of real runs (deployments `single`, `ep2`, one workload), by least squares on
+their relative TTFT and TPOT errors. The
 profile then predicts a *held-out* set: other deployments (`tp2`, `pp2`, `ep2pp2` ... ) at another
 batch and prompt length, none of which informed any constant. Each deployment runs as local gloo
 ranks (expertmesh.launch), one thread per rank, the tiny preset in fp32, `--repeat` times; the
@@ -58,19 +59,36 @@ def predict(profile: HardwareProfile, name: str, workload: Workload) -> dict[str
     return {m: getattr(metrics, m) for m in METRICS}
 
 
-def fit_launch(profile: HardwareProfile, runs: list[tuple[str, Workload, dict]]) -> HardwareProfile:
-    """`launch_s` minimising the squared relative error over the calibration runs. On a CPU
-    profile every op's launch adds to its time, so each prediction is linear in launch_s."""
+COMPUTE_SCALES = tuple(2 ** (i / 4) for i in range(-4, 13))  # 0.5x .. 8x the microbenchmark's time
+
+
+def _launch_for(profile: HardwareProfile, runs) -> tuple[float, float]:
+    """(launch_s, squared relative error) minimising the error over `runs` for this profile. On a
+    CPU profile every op's launch adds to its time, so each prediction is linear in launch_s."""
     unit = 1e-3
-    num = den = 0.0
+    pairs = []  # (prediction at launch 0, slope, measured)
     for name, workload, measured in runs:
         t0 = predict(profile.with_(launch_s=0.0), name, workload)
         t1 = predict(profile.with_(launch_s=unit), name, workload)
-        for m in METRICS:
-            slope = (t1[m] - t0[m]) / unit
-            num += slope * (measured[m] - t0[m]) / measured[m] ** 2
-            den += slope ** 2 / measured[m] ** 2
-    return profile.with_(launch_s=max(num / den, 0.0) if den else profile.launch_s)
+        pairs += [(t0[m], (t1[m] - t0[m]) / unit, measured[m]) for m in METRICS]
+    num = sum(a * (y - p) / y ** 2 for p, a, y in pairs)
+    den = sum(a ** 2 / y ** 2 for _, a, y in pairs)
+    launch = max(num / den, 0.0) if den else profile.launch_s
+    return launch, sum(((p + a * launch) - y) ** 2 / y ** 2 for p, a, y in pairs)
+
+
+def fit_profile(profile: HardwareProfile, runs) -> HardwareProfile:
+    """The profile's two engine-level constants fitted to the calibration runs: the per-op
+    overhead `launch_s`, and how much slower the engine's matmuls run than the microbenchmark's
+    (other shapes, caches, and other processes on the cores), as one scale on the matmul peaks,
+    searched over COMPUTE_SCALES with the best launch_s for each."""
+    def scaled(c: float) -> HardwareProfile:
+        return profile.with_(bf16_flops=profile.bf16_flops / c,
+                             fp32_flops=profile.fp32_flops / c if profile.fp32_flops else None)
+
+    fits = [(_launch_for(scaled(c), runs), c) for c in COMPUTE_SCALES]
+    (launch, _), c = min(fits, key=lambda f: f[0][1])
+    return scaled(c).with_(launch_s=launch)
 
 
 def rows_for(profile: HardwareProfile, runs, kind: str) -> list[dict]:
@@ -89,7 +107,7 @@ def compare(profile: HardwareProfile, calibration: Workload, held_out: Workload,
             held_out_deployments=HELD_OUT) -> tuple[HardwareProfile, list[dict]]:
     """Fit on the calibration runs, predict the held-out ones: (fitted profile, rows of both)."""
     cal = [(n, calibration, measure(n, calibration, repeat)) for n in CALIBRATE_ON]
-    fitted = fit_launch(profile, cal)
+    fitted = fit_profile(profile, cal)
     held = [(n, held_out, measure(n, held_out, repeat)) for n in held_out_deployments]
     return fitted, rows_for(fitted, cal, "calibration") + rows_for(fitted, held, "held-out")
 
@@ -124,8 +142,10 @@ def main(argv: list[str] | None = None) -> int:
     fitted, rows = compare(profile, calibration, held_out, args.repeat, held_out_deployments)
     stats = summary(rows)
 
-    table = Table(title=f"simulated vs measured, tiny fp32, {fitted.name}; launch_s fitted "
-                        f"{fitted.launch_s * 1e6:.0f} us on the calibration set")
+    scale = profile.fp32_flops / fitted.fp32_flops
+    table = Table(title=f"simulated vs measured, tiny fp32, {fitted.name}; fitted on the calibration "
+                        f"set: launch_s {fitted.launch_s * 1e6:.0f} us, matmuls {scale:.2f}x slower "
+                        f"than the microbenchmark")
     for col in ("set", "deployment", "batch x prompt", "metric", "predicted ms", "measured ms", "error %"):
         table.add_column(col, justify="left" if col in ("set", "deployment", "metric") else "right")
     for r in rows:

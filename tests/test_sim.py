@@ -53,7 +53,7 @@ def test_chunked_exchange_overlaps_the_next_dispatch_with_expert_compute():
         return Exchange((Cost(1.0 * scale, "network"),), (Cost(2.0 * scale, "compute"),),
                         (Cost(1.0 * scale, "network"),), chunks)
 
-    task = simulator._Task(1, 1.0, busy, None, 0.0, False)
+    task = simulator.StageTask(1, 1.0, busy, None, 0.0, False)
     # C=1: 2 + 4 + 2. C=2: D0 [0,1], E0 [1,3], D1 [1,2], E1 [3,5], R0 [3,4], R1 [5,6]
     assert task.play([ex(1, 2.0)], [0.0], [0.0])[0] == [8.0]
     assert task.play([ex(2, 1.0)], [0.0], [0.0])[0] == [6.0]

@@ -23,7 +23,7 @@ SHORT = Workload(batch_size=128, prompt_len=1000, gen_len=4)
 
 def _play(phases, launch_s=0.0, graphs=False) -> float:
     busy = [dict.fromkeys(cost.RESOURCES, 0.0)]
-    task = simulator._Task(1, 1.0, busy, None, launch_s, graphs)
+    task = simulator.StageTask(1, 1.0, busy, None, launch_s, graphs)
     dev, _ = task.play(phases, [0.0], [launch_s if graphs else 0.0])
     return dev[0]
 

@@ -27,7 +27,7 @@ from functools import lru_cache
 from expertmesh.sim.memory import RESERVE_FRACTION, memory_report
 from expertmesh.sim.program import stage_program
 from expertmesh.sim.scenario import Scenario
-from expertmesh.sim.simulator import _Task
+from expertmesh.sim.simulator import StageTask
 
 
 def _split(n: float, sc: Scenario) -> list[float]:
@@ -49,7 +49,7 @@ def iteration_seconds(sc: Scenario, decode: float, context: float, prompts: floa
         work = [(((d / M, 1, context),) if d else ()) + (((p / M, prompt_len, 0.0),) if p else ())
                 for d, p in zip(_split(decode, sc), _split(prompts, sc))]
         busy = [defaultdict(float) for _ in range(dep.inner)]
-        stage_time.append(_Task(dep.inner, 1.0, busy, None, hw.launch_s, graphs).run(
+        stage_time.append(StageTask(dep.inner, 1.0, busy, None, hw.launch_s, graphs).run(
             stage_program(sc, s, work)))
     return M * max(stage_time) if dep.pp > 1 else stage_time[0]
 

@@ -73,7 +73,7 @@ class SimResult:
                 "traced_step_s": self.traced_s, "assumptions": sc.assumptions()}
 
 
-class _Task:
+class StageTask:
     """Plays one stage program on `n` ranks, each with a device and a host clock; accumulates
     busy time per rank and resource, and events."""
 
@@ -207,7 +207,7 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
                 if has_rows and s == 0 and step > 0 and dep.pp > 1:
                     ready = max(ready, tokens_at[m])
                 log = [] if step == trace_step else None
-                task = _Task(inner, slow, busy[s * inner:(s + 1) * inner], log, hw.launch_s, graphs)
+                task = StageTask(inner, slow, busy[s * inner:(s + 1) * inner], log, hw.launch_s, graphs)
                 end = ready + task.run(stage_program(sc, s, [((n, L, start),) for n in b]))
                 if log is not None:
                     events += [(s * inner + r, name, ready + t0, d) for r, name, t0, d in log]
