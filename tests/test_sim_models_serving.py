@@ -4,6 +4,7 @@ that do not fit."""
 import argparse
 import dataclasses
 import json
+import sys
 
 import pytest
 
@@ -146,3 +147,9 @@ def test_the_expert_sweep_grows_ep_with_the_gpus_up_to_the_expert_count():
     assert [r.scenario.deployment.ep for r in curves["EP, 64 experts"]] == [16, 32, 64]
     assert all(r.scenario.cfg.top_k == 2 and r.scenario.cfg.expert_hidden == 16384
                for r in curves["EP, 64 experts"])
+
+
+def test_a_sweep_without_matplotlib_is_a_one_line_error_before_any_work(monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
+    with pytest.raises(ValueError, match=r"pip install expertmesh\[plot\]"):
+        _cli("simulate", "--sweep", "--max-gpus", "16", "--prompt-len", "100", "--gen-len", "2")

@@ -17,7 +17,8 @@ from expertmesh.sim.hardware import get_profile
 from expertmesh.sim.models import load_model
 from expertmesh.sim.plan import OBJECTIVES, evaluate, rank_by_goodput, serve_deployment, tps
 from expertmesh.sim.report import (SWEEP_GPUS, console as report_console, dominant, expert_sweep, plot_sweep,
-                                   print_assumptions, results_table, serving_table, sweep)
+                                   print_assumptions, require_matplotlib, results_table, serving_table,
+                                   sweep)
 from expertmesh.sim.routing import Routing
 from expertmesh.sim.scenario import Scenario
 from expertmesh.sim.simulator import simulate
@@ -76,6 +77,7 @@ def cmd_simulate(args) -> int:
     deployments = [Deployment.parse(d) for d in args.deployments.split(",")]
     base = _base(args, deployments[0], args.gpus)
     if args.sweep:
+        require_matplotlib()
         counts = [n for n in SWEEP_GPUS if n <= args.max_gpus]
         curves = sweep(base, counts)
         if args.sweep_experts:

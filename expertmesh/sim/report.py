@@ -96,14 +96,20 @@ def expert_sweep(base: Scenario, gpu_counts=SWEEP_GPUS, experts=(16, 64, 256)) -
     return out
 
 
-def plot_sweep(curves: dict[str, list[SimResult]], out_dir: str | Path) -> list[Path]:
-    """Write tps.png and tpot.png (overall TPS and TPOT against GPU count) into `out_dir`."""
+def require_matplotlib():
+    """pyplot on the Agg backend, or a one-line ValueError naming the fix (before any work)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("plots need matplotlib; install it with `pip install expertmesh[plot]`") from exc
+    except ImportError:
+        raise ValueError("--sweep plots need matplotlib; install it with `pip install expertmesh[plot]`") from None
+    return plt
+
+
+def plot_sweep(curves: dict[str, list[SimResult]], out_dir: str | Path) -> list[Path]:
+    """Write tps.png and tpot.png (overall TPS and TPOT against GPU count) into `out_dir`."""
+    plt = require_matplotlib()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
