@@ -112,6 +112,8 @@ def test_serving_latency_grows_with_load_and_goodput_never_exceeds_the_rate():
     assert heavy.output_tokens == light.output_tokens > 60
     with pytest.raises(ValueError, match="rate"):
         serve(sc, 0.0, 10, 10)
+    with pytest.raises(ValueError, match="cannot hold the KV cache of one"):  # never admitted: no hang
+        serve(dataclasses.replace(sc, hardware=H100.with_(hbm_bytes=72e9)), 1.0, 8000, 100, requests=3)
 
 
 def test_a_replica_that_holds_no_sequence_is_refused():

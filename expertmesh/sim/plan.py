@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from expertmesh.config import ModelConfig
 from expertmesh.deployment import Deployment
 from expertmesh.sim.scenario import Scenario
-from expertmesh.sim.serving import Served, serve
+from expertmesh.sim.serving import Served, holds_request, serve
 from expertmesh.sim.simulator import SimResult, simulate
 
 OBJECTIVES = ("decode", "overall", "prefill")
@@ -97,9 +97,9 @@ def rank_by_goodput(verdicts: list[Verdict], rate: float, ttft_slo_s: float | No
     workload's prompt and output lengths; candidates that fit, best goodput first."""
     out = []
     for v in verdicts:
-        if not v.fits:
-            continue
         sc = v.result.scenario
+        if not v.fits or not holds_request(sc, sc.workload.prompt_len, sc.workload.gen_len):
+            continue
         served = serve_deployment(sc, rate, requests)
         out.append(Goodput(v.result, served, served.goodput(ttft_slo_s, tpot_slo_s) * sc.replicas))
     # ties (every candidate keeps up) go to the lower TPOT, then TTFT, at the 90th percentile

@@ -118,6 +118,9 @@ def serve(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests:
     while KV room allows (a request reserves its whole context on admission)."""
     if rate <= 0:
         raise ValueError(f"arrival rate {rate} must be > 0 requests/s")
+    if not holds_request(sc, prompt_len, output_len):
+        raise ValueError(f"{sc.deployment.name} cannot hold the KV cache of one {longest(prompt_len, output_len)}"
+                         f"-token request; use more GPUs or shorter requests")
     rng = random.Random(seed)
     t, arrivals = 0.0, []
     for _ in range(requests):
@@ -168,6 +171,16 @@ def serve(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests:
             tpot[i] = (now - r[2]) / max(arrivals[i][2] - 1, 1)
             used -= arrivals[i][1] + arrivals[i][2]
     return Served(tuple(ttft), tuple(tpot), now - arrivals[0][0], arrivals[-1][0] - arrivals[0][0], delivered)
+
+
+def longest(prompt_len: int, output_len: int) -> int:
+    """Tokens of the longest request `serve` draws (both lengths at 3/2 of their mean)."""
+    return prompt_len * 3 // 2 + max(2, output_len * 3 // 2)
+
+
+def holds_request(sc: Scenario, prompt_len: int, output_len: int) -> bool:
+    """Whether one replica's KV cache holds the longest request `serve` may draw."""
+    return kv_capacity_tokens(sc) >= longest(prompt_len, output_len)
 
 
 def _bucket(n: float) -> int:
