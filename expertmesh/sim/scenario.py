@@ -137,7 +137,8 @@ class Scenario:
             "hardware": f"{self.hardware.name} ({self.hardware.source}), {t.gpus_per_node} per node",
             "gpus": f"{self.gpus} = {self.replicas} replica(s) x {self.deployment.world_size} ranks "
                     f"of {self.deployment.name}; each replica serves <= {self.replica_workload.batch_size} "
-                    f"sequences",
+                    f"sequences" + ("; replicas share no link (each GPU has its own NVLink ports and "
+                                    "network port)" if self.replicas > 1 else ""),
             "schedule": f"{self.micro_batches(True)} prefill / {self.micro_batches(False)} decode "
                         f"micro-batch(es)"
                         + (f"; EP exchange ({self.a2a_kernel} kernel) in {self.a2a_chunks} chunk(s)"
