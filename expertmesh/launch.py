@@ -24,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import faulthandler
+import itertools
 import math
 import multiprocessing as mp
 import os
@@ -51,6 +52,7 @@ STACK_DUMP_S = 0.2  # what a timed-out rank gets to print its stacks
 TEARDOWN_S = 30.0  # what destroy_process_group gets (NCCL's can hang after a peer died)
 LOOPBACK = "lo"  # Linux's loopback interface, where gloo binds for a local run
 _HEADER = struct.Struct("!Q")  # a rank's report: its length, then the pickled (status, payload)
+_TORCHRUN_LAUNCHES = itertools.count()  # every rank makes the same calls: equal counts
 # What gloo and NCCL say on a rank whose peer failed first.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
               "NCCL communicator was aborted")
@@ -96,14 +98,18 @@ def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None
 def _join_torchrun(fn, backend, timeout):
     _die_with_agent()
     backend = backend or default_backend()
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torchrun_device(backend)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
     rank = int(os.environ["RANK"])
     watchdog = _watchdog(timeout, f"rank {rank} timed out after {timeout:.0f} s (raise --timeout "
                                   f"if the run is just slow)")
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    # A fresh key space per launch: `compare` launches once per deployment in one process, and
+    # a second group on the same keys would find the first one's (closed) gloo addresses.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    store = dist.PrefixStore(f"expertmesh/launch{next(_TORCHRUN_LAUNCHES)}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
     try:
         return fn(device)
     finally:
@@ -113,6 +119,13 @@ def _join_torchrun(fn, backend, timeout):
                                     f"within {grace:.0f} s")
         dist.destroy_process_group()
         teardown.cancel()
+
+
+def torchrun_device(backend: str | None) -> torch.device:
+    """This torchrun rank's device: its GPU (LOCAL_RANK) under NCCL, else the CPU."""
+    if (backend or default_backend()) == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def _watchdog(seconds: float, message: str) -> threading.Timer:
