@@ -7,6 +7,7 @@ the parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 
@@ -56,6 +57,9 @@ def cmd_simulate(args) -> int:
     console = report_console()
     deployments = [Deployment.parse(d) for d in args.deployments.split(",")]
     base = _base(args, deployments[0], args.gpus)
+    if args.sweep and importlib.util.find_spec("matplotlib") is None:
+        raise ValueError("simulate --sweep plots with matplotlib, which is not installed; "
+                         "pip install 'expertmesh[plot]', or drop --sweep")
     if args.sweep:
         curves = sweep(base, [n for n in SWEEP_GPUS if n <= args.max_gpus])
         for path in plot_sweep(curves, args.out):
