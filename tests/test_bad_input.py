@@ -271,3 +271,18 @@ def test_an_accepted_random_run_reproduces_the_reference(axes, batch, prompt_len
     reference = run_rank(RunSpec(TINY, Deployment(), spec.workload), torch.device("cpu")).tokens
     result = launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
     assert torch.equal(result.tokens, reference)
+
+
+def test_property_tests_draw_the_same_examples_on_every_run():
+    """conftest.py loads a derandomized hypothesis profile: CI failures reproduce."""
+    def draws() -> list:
+        seen = []
+
+        @given(st.integers())
+        def record(x):
+            seen.append(x)
+
+        record()
+        return seen
+
+    assert draws() == draws()

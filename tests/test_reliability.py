@@ -187,6 +187,31 @@ def test_cli_nan_in_a_pipeline_stage_names_the_stage_and_layer(monkeypatch, capf
         "first non-finite layer output: layer 1")
 
 
+def test_ctrl_c_stops_every_rank_and_prints_one_line(tmp_path):
+    leftovers = Leftovers()
+    err_path = tmp_path / "stderr"
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([sys.executable, FAULTY_CLI, *RUN, "--deployment", "ep2", "--timeout", "120"],
+                                env=leftovers.env(**{faults.ENV: "0:3:stall"}), stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        while "stalls at step 3" not in err_path.read_text():  # both ranks are in decode
+            assert time.monotonic() < deadline and proc.poll() is None, err_path.read_text()
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: SIGINT to the terminal's whole process group
+        code = proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = err_path.read_text()
+    assert code == 130, text
+    assert "Traceback" not in text
+    assert last_line(text) == "error: interrupted (Ctrl-C); every rank was stopped"
+    assert leftovers.alive() == []
+
+
 @pytest.mark.parametrize("layer", [0, 2])
 def test_nan_in_a_layer_is_reported_with_the_step_and_that_layer(monkeypatch, faults_on, layer):
     monkeypatch.setenv(faults.ENV, f"0:4:nan:{layer}")
