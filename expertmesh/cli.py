@@ -112,14 +112,14 @@ def _spec(args, deployment: Deployment, record_logits: bool = False, ep_flags: b
     if ep_flags:
         refuse_off_ep("--placement", bool(args.placement), deployment)
         refuse_off_ep("--redundant-experts", bool(args.redundant_experts), deployment)
-    if args.placement and ep_flags:
-        placement = load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
-    if args.redundant_experts and ep_flags:
-        if not args.routing:
-            raise ValueError("--redundant-experts needs --routing FILE (from `run --record-routing`) "
-                             "to know which experts are hot")
-        placement = balanced_placement(load_routing(args.routing), cfg, deployment.ep,
-                                       args.redundant_experts)
+        if args.placement:
+            placement = load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
+        if args.redundant_experts:
+            if not args.routing:
+                raise ValueError("--redundant-experts needs --routing FILE (from `run "
+                                 "--record-routing`) to know which experts are hot")
+            placement = balanced_placement(load_routing(args.routing), cfg, deployment.ep,
+                                           args.redundant_experts)
     spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
                    record_logits=record_logits, checkpoint=args.model,
                    a2a=args.a2a if ep_flags else "flat",
