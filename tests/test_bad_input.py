@@ -173,9 +173,30 @@ def _pickled_only(path) -> None:
     (path / "pytorch_model.bin").write_bytes(b"not a pickle: must never be opened")
 
 
+def _drop_tensor(path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors[name]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _index_with_a_missing_shard(path) -> None:
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
 # name: (how to spoil a copy of the checkpoint, a part of the expected message); each under ep2,
 # whose ranks would otherwise find the fault only while loading
 BAD_CHECKPOINTS = {
+    "unsupported family": (lambda p: _edit_config(p, model_type="llama"), "model_type 'llama' (MixtralForCausalLM)"),
+    "unsupported option": (lambda p: _edit_config(p, hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    "listed shard missing": (_index_with_a_missing_shard,
+                             "model-00002-of-00002.safetensors: shard file listed in model.safetensors.index.json"),
+    "tensor missing": (lambda p: _drop_tensor(p, "model.layers.1.self_attn.k_proj.weight"),
+                       "tensor model.layers.1.self_attn.k_proj.weight is in no safetensors file"),
     "only pickled weights": (_pickled_only, "only pickled weights found; expertmesh reads safetensors only"),
     "tensor of the wrong shape": (lambda p: _edit_config(p, intermediate_size=64),
                                   "model.safetensors: tensor model.layers.0.block_sparse_moe.experts.0."),
