@@ -103,7 +103,8 @@ def require_matplotlib():
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise ValueError("--sweep plots need matplotlib; install it with `pip install expertmesh[plot]`") from None
+        raise ValueError("simulate --sweep plots with matplotlib, which is not installed; install it "
+                         "with `pip install expertmesh[plot]`, or drop --sweep") from None
     return plt
 
 
