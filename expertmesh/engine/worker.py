@@ -17,9 +17,12 @@ import torch.distributed as dist
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
 from expertmesh.checkpoint.loader import load_checkpoint
+from expertmesh.engine.engine import Engine
 from expertmesh.engine.generate import Generation, generate
 from expertmesh.engine.load import load_summary
 from expertmesh.engine.metrics import Metrics, merge_step_times
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.serve import Transcript, serve
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model, parameter_bytes
 from expertmesh.parallel.dispatch import ExchangeStats
@@ -136,8 +139,9 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
     return model
 
 
-def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | None:
-    """Run `spec` as this rank of the default process group; rank 0 returns the result."""
+def load_rank(spec: RunSpec, device: torch.device) -> tuple[MoETransformer, PipelineLinks | None, int]:
+    """This rank's shard of the model with its weights, its pipeline links, and the checkpoint
+    bytes it read."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     dep = spec.deployment
     group = stage_group(dep, rank) if dist.is_initialized() else None
@@ -147,6 +151,25 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
     else:
         model, checkpoint_bytes = materialize(model, spec.seed, spec.cfg.torch_dtype, device), 0
     links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
+    return model, links, checkpoint_bytes
+
+
+def serve_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list = (),
+               device: torch.device = torch.device("cpu"), eos: tuple[int, ...] = (),
+               clock: str = "step", record_logits: bool = False) -> Transcript | None:
+    """Serve `arrivals` / `aborts` (see `engine/serve.py`) with `spec`'s model and deployment, as
+    this rank of the default process group; rank 0 returns the transcript."""
+    model, links, _ = load_rank(spec, device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    eng = Engine(model, spec.cfg, spec.deployment, engine, rank, links, eos, record_logits)
+    return serve(eng, arrivals, aborts, clock)
+
+
+def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | None:
+    """Run `spec` as this rank of the default process group; rank 0 returns the result."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dep = spec.deployment
+    model, links, checkpoint_bytes = load_rank(spec, device)
     rows = dep.rows_of(rank, spec.workload.batch_size)
     prompts = spec.workload.prompts(spec.cfg)[rows]
 
