@@ -72,7 +72,7 @@ def decode_rank(spec: RunSpec, reps: int, device: torch.device) -> list[dict] | 
 
 def decode_section(quick: bool) -> dict:
     cfg = preset("small")
-    B, P, G = (8, 64, 16) if quick else (16, 256, 24)
+    B, P, G = (8, 64, 16) if quick else (16, 128, 24)
     spec = RunSpec(cfg, Deployment.parse("ep2"), Workload(batch_size=B, prompt_len=P, gen_len=G, seed=1))
     spec.validate(2)
     runs = launch(functools.partial(decode_rank, spec, 2 if quick else 3), 2, timeout=1800)

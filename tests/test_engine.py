@@ -127,3 +127,13 @@ def test_eos_ids_come_from_generation_config_else_config(tmp_path):
     assert eos_ids(tmp_path) == (2,)
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 32000]}))
     assert eos_ids(tmp_path) == (2, 32000)
+
+
+def test_an_aborted_id_can_be_reused_at_once(model):
+    engine = make_engine(model, num_blocks=16, block_size=4)
+    engine.add_request(Request("a", (1, 2, 3), max_tokens=5))
+    engine.step()
+    engine.abort("a")
+    engine.add_request(Request("a", (4, 5), max_tokens=2))
+    tokens = [o.token for o in engine.step() + engine.step()]
+    assert tokens == naive_tokens(model, (4, 5), 2) and not engine.has_work

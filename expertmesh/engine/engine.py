@@ -72,7 +72,7 @@ class Engine:
         self.num_blocks = pool_blocks(cfg, deployment, engine)
         self.scheduler = Scheduler(engine, self.num_blocks, eos)
         self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro)
-        stage, inner = deployment.coords(rank)
+        inner = deployment.coords(rank)[1]
         self.dp = inner if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)
         self.distributed = dist.is_initialized()
@@ -130,11 +130,11 @@ class Engine:
             self.stopped = True
             self.runner.close()
             return []
+        for request_id in message["aborts"]:  # before the new ones, which may reuse an aborted id
+            self.scheduler.abort(request_id)
         for dp, request in message["new"]:
             if dp == self.dp:
                 self.scheduler.add(request)
-        for request_id in message["aborts"]:
-            self.scheduler.abort(request_id)
         faults.at_step(self.runner.steps, self.runner.model)  # test-only; nothing unless asked
         chosen = self.scheduler.schedule()
         sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen))
