@@ -157,8 +157,9 @@ class Workload:
     """A batch of prompts and how much to generate from each.
 
     Prompts are either synthetic (`batch_size` x `prompt_len` ids drawn from `seed`) or explicit
-    `prompt_ids`, one equal-length tuple per sequence. `temperature == 0` is greedy decoding;
-    otherwise temperature / top-p sampling from a generator seeded with `seed`.
+    `prompt_ids`, one tuple per sequence, of any lengths (`prompt_len` is then the longest).
+    `temperature == 0` is greedy decoding; otherwise temperature / top-p sampling from a
+    generator seeded with `seed`.
     """
 
     batch_size: int = 8
@@ -174,11 +175,9 @@ class Workload:
             ids = tuple(tuple(int(t) for t in p) for p in self.prompt_ids)
             _check(len(ids) > 0 and all(len(p) > 0 for p in ids),
                    "prompt ids are empty; give at least one token id per prompt")
-            _check(len({len(p) for p in ids}) == 1,
-                   "prompts have different lengths; give prompts of equal length in one batch")
             object.__setattr__(self, "prompt_ids", ids)
             object.__setattr__(self, "batch_size", len(ids))
-            object.__setattr__(self, "prompt_len", len(ids[0]))
+            object.__setattr__(self, "prompt_len", max(len(p) for p in ids))
         _check(isinstance(self.batch_size, int) and self.batch_size > 0,
                f"batch size {self.batch_size} must be at least 1")
         _check(isinstance(self.prompt_len, int) and self.prompt_len > 0,
@@ -203,10 +202,19 @@ class Workload:
             _check(not bad, f"token id {bad[0] if bad else 0} is outside the vocabulary "
                             f"[0, {config.vocab_size}); use ids below {config.vocab_size}")
 
+    def prompt_lists(self, config: ModelConfig) -> list[tuple[int, ...]]:
+        """The prompts' token ids, one tuple per sequence (lengths may differ)."""
+        if self.prompt_ids is not None:
+            self.validate_for(config)
+            return list(self.prompt_ids)
+        return [tuple(p) for p in self.prompts(config).tolist()]
+
     def prompts(self, config: ModelConfig) -> torch.Tensor:
-        """The prompt token ids, `[batch_size, prompt_len]` int64."""
+        """The prompt token ids, `[batch_size, prompt_len]` int64 (prompts of equal length)."""
         self.validate_for(config)
         if self.prompt_ids is not None:
+            _check(len({len(p) for p in self.prompt_ids}) == 1,
+                   "prompts have different lengths; this path needs prompts of equal length")
             return torch.tensor(self.prompt_ids, dtype=torch.long)
         gen = torch.Generator().manual_seed(self.seed)
         return torch.randint(0, config.vocab_size, (self.batch_size, self.prompt_len), generator=gen)

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from expertmesh.model.attention import Attention
+from expertmesh.model.attention import Attention, Contiguous
 from expertmesh.model.synthetic import materialize
 
 THETA = 10000.0
@@ -49,15 +49,14 @@ def test_attention_equals_a_naive_causal_softmax_per_head(n_kv_heads):
     attn = materialize(Attention(d_model=16, n_heads=4, n_kv_heads=n_kv_heads, head_dim=8, theta=THETA),
                        seed=3, dtype=torch.float32)
     x = torch.randn(2, 6, 16, generator=torch.Generator().manual_seed(0))
-    out = attn(x, None, slice(None), 0)
+    out = attn(x, Contiguous(None))
     for b in range(2):
         torch.testing.assert_close(out[b].double(), naive_attention(attn, x[b]), rtol=1e-5, atol=1e-5)
 
 
 def test_attention_without_a_cache_must_start_at_position_zero():
-    attn = materialize(Attention(16, 4, 4, 8, THETA), seed=0, dtype=torch.float32)
     with pytest.raises(ValueError, match="without a KV cache"):
-        attn(torch.zeros(1, 2, 16), None, slice(None), 3)
+        Contiguous(None, slice(None), 3)
 
 
 @pytest.mark.parametrize("n_kv_heads", [None, 2, 1], ids=["mha", "gqa2", "mqa"])

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from expertmesh.cli import main
 from expertmesh.config import Workload, preset
@@ -22,7 +23,6 @@ BAD_INPUT = {
                                  "token id 1024 is outside the vocabulary [0, 1024)"),
     "negative token": (["run", "--prompt-ids", "1,-2"], "token id -2 is outside the vocabulary"),
     "empty prompt": (["run", "--prompt-ids", "1,2;"], "prompt ids are empty"),
-    "unequal prompts": (["run", "--prompt-ids", "1,2;3"], "prompts have different lengths"),
     "unreadable prompts": (["run", "--prompt-ids", "1,x"], "cannot read --prompt-ids '1,x'"),
     "unknown preset": (["run", "--preset", "nope"], "unknown preset 'nope'; use one of: paper, tiny, small"),
     "unknown dtype": (["run", "--dtype", "fp16"], "unknown dtype 'fp16'; use one of: fp32, bf16"),
@@ -69,6 +69,15 @@ def test_run_prints_metrics_and_writes_them_with_the_greedy_tokens(tmp_path, cap
     prompts = Workload(batch_size=2, prompt_len=8, gen_len=4, seed=0).prompts(cfg)
     expected = naive_greedy(reference_model(cfg, seed=0), prompts, 4)
     assert data["result"]["tokens"] == expected.tolist()
+
+
+def test_run_takes_prompts_of_different_lengths_and_gives_each_its_greedy_tokens(tmp_path, naive_greedy):
+    path = tmp_path / "run.json"
+    assert main(["run", "--preset", "tiny", "--prompt-ids", "1,2,3;4,5", "--gen-len", "3",
+                 "--deployment", "ep2", "--json", str(path)]) == 0
+    tokens = json.loads(path.read_text())["result"]["tokens"]
+    model = reference_model(preset("tiny"), seed=0)
+    assert tokens == [naive_greedy(model, torch.tensor([p]), 3)[0].tolist() for p in ([1, 2, 3], [4, 5])]
 
 
 def test_the_console_script_reports_an_unknown_preset_in_one_line():

@@ -100,7 +100,6 @@ def test_dtypes_parse_by_name():
     (dict(top_p=1.5), r"top_p 1.5 must be in \(0, 1\]"),
     (dict(prompt_ids=()), "prompt ids are empty"),
     (dict(prompt_ids=((1, 2), ())), "prompt ids are empty"),
-    (dict(prompt_ids=((1, 2), (3,))), "prompts have different lengths"),
 ])
 def test_workload_errors(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -136,3 +135,11 @@ def test_synthetic_prompts_are_in_the_vocabulary_and_fixed_by_the_seed():
     assert 0 <= a.min() and a.max() < cfg.vocab_size
     assert torch.equal(a, Workload(batch_size=3, prompt_len=7, gen_len=1, seed=4).prompts(cfg))
     assert not torch.equal(a, Workload(batch_size=3, prompt_len=7, gen_len=1, seed=5).prompts(cfg))
+
+
+def test_explicit_prompts_may_differ_in_length():
+    w = Workload(prompt_ids=((1, 2, 3), (4,)), gen_len=2)
+    assert (w.batch_size, w.prompt_len, w.total_len) == (2, 3, 5)
+    assert w.prompt_lists(ModelConfig(**VALID)) == [(1, 2, 3), (4,)]
+    with pytest.raises(ValueError, match="prompts have different lengths"):
+        w.prompts(ModelConfig(**VALID))

@@ -2,10 +2,11 @@
 run `expertmesh.cli run` across them and produce the single-process reference's tokens; a rank
 killed mid-decode ends the whole job, on both nodes, non-zero, well within the timeout (torchrun's
 propagation, not the watchdog), leaving no process; ranks die with a killed agent; `compare`
-works under torchrun; a torchrun rank that stalls, or whose process group teardown hangs, is
+works under torchrun; the engine serves a staggered stream of requests across both nodes
+(`torchrun_serve.py`) with each request's reference tokens; a torchrun rank that stalls, or whose process group teardown hangs, is
 stopped by its own watchdog.
 
-These are the expensive tests (every process imports torch): five torchrun launches in all.
+These are the expensive tests (every process imports torch): six torchrun launches in all.
 """
 
 import json
@@ -98,6 +99,33 @@ def test_compare_under_torchrun_checks_every_deployment_against_the_reference(tm
     assert data["reference_tokens"] == reference_tokens.tolist()
     assert [r["deployment"] for r in data["results"]] == ["ep2", "pp2"]
     assert all(r["tokens"] == reference_tokens.tolist() for r in data["results"])
+    assert leftovers.alive() == []
+
+
+def test_two_torchrun_nodes_serve_a_staggered_stream_with_the_reference_tokens(tmp_path):
+    """The engine's control path across nodes: requests arrive at rank 0 over several steps, go
+    to the EP ranks of both nodes, one is aborted; every finished request has the tokens of the
+    single-device model generating it alone, and every rank's pool ends free."""
+    import torchrun_serve
+    from serving import naive_tokens
+    from expertmesh.model.transformer import reference_model
+
+    out = tmp_path / "serve.json"
+    leftovers = Leftovers()
+    script = str(Path(__file__).with_name("torchrun_serve.py"))
+    codes = wait_all(torchrun([script, "ep4", str(out)], leftovers.env(), logs_of(tmp_path)), limit_s=180)
+    assert codes == [0, 0], text_of(tmp_path)
+    data = json.loads(out.read_text())
+    model = reference_model(preset("tiny"), seed=0)
+    for _, request in torchrun_serve.arrivals(preset("tiny").vocab_size):
+        got = data["tokens"][str(request.id)]
+        want = naive_tokens(model, request.prompt, request.max_tokens)
+        if request.id == torchrun_serve.ABORTED:
+            assert got == want[:len(got)]
+        else:
+            assert got == want and data["finished"][str(request.id)] == "length"
+    assert len(data["rank_stats"]) == 4
+    assert all(s["blocks_free"] == torchrun_serve.ENGINE.num_blocks for s in data["rank_stats"])
     assert leftovers.alive() == []
 
 

@@ -1,7 +1,8 @@
 """Choosing the next token from logits: greedy, or temperature / top-p with seeded randomness.
 
-The random draw for a sequence depends only on (seed, step, global sequence index), never on how
-sequences are split over ranks, so every deployment samples the same tokens from the same logits.
+A random draw never depends on what else is in the batch or on which rank samples: `sample`
+(the static batch) draws from (seed, step, global sequence index), `sample_requests` (the
+serving engine) from (request seed, index of the token in the request's output).
 """
 
 from __future__ import annotations
@@ -17,13 +18,38 @@ def sample(logits: torch.Tensor, rows: torch.Tensor, step: int, workload: Worklo
         return logits.argmax(dim=-1)
     gen = torch.Generator().manual_seed(workload.seed * 1_000_003 + step)
     u = torch.rand(workload.batch_size, generator=gen, dtype=torch.float64)[rows.cpu()]
-    probs = (logits.double() / workload.temperature).softmax(dim=-1).cpu()
+    n = len(rows)
+    tokens = _nucleus(logits, torch.full((n,), workload.temperature, dtype=torch.float64),
+                      torch.full((n,), workload.top_p, dtype=torch.float64), u)
+    return tokens.to(logits.device)
+
+
+def sample_requests(logits: torch.Tensor, temperature: list[float], top_p: list[float],
+                    seeds: list[int], index: list[int]) -> list[int]:
+    """logits `[S, V]`, one row per request, with its sampling values and the index of the token
+    being drawn in its output -> S token ids. Row i's draw is seeded by (seeds[i], index[i])."""
+    tokens = logits.argmax(dim=-1).tolist()
+    drawn = [i for i, t in enumerate(temperature) if t > 0]
+    if drawn:
+        u = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(seeds[i] * 1_000_003 + index[i]),
+                                     dtype=torch.float64).item() for i in drawn], dtype=torch.float64)
+        picked = _nucleus(logits[drawn], torch.tensor([temperature[i] for i in drawn], dtype=torch.float64),
+                          torch.tensor([top_p[i] for i in drawn], dtype=torch.float64), u)
+        for i, t in zip(drawn, picked.tolist()):
+            tokens[i] = t
+    return tokens
+
+
+def _nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,
+             u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw per row: logits `[n, V]`, temperature, top_p, u (uniform in [0, 1)) `[n]`."""
+    probs = (logits.double().cpu() / temperature[:, None]).softmax(dim=-1)
     sorted_p, sorted_ids = probs.sort(dim=-1, descending=True)
     cdf = sorted_p.cumsum(dim=-1)
     # top-p: keep the smallest prefix whose mass reaches top_p (always at least one token)
-    keep = (cdf - sorted_p) < workload.top_p
+    keep = (cdf - sorted_p) < top_p[:, None]
     sorted_p = sorted_p * keep
     cdf = sorted_p.cumsum(dim=-1)
     u = u * cdf[:, -1]
     choice = torch.searchsorted(cdf, u.unsqueeze(-1)).clamp(max=probs.shape[-1] - 1)
-    return sorted_ids.gather(-1, choice).squeeze(-1).to(logits.device)
+    return sorted_ids.gather(-1, choice).squeeze(-1)

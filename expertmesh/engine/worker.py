@@ -2,7 +2,8 @@
 
 A plan (`RunSpec`) is a ModelConfig + Deployment + Workload + seed. Each rank builds the model on
 the meta device, applies the deployment's parallelism to it, materializes only its own shard,
-warms up, runs `generate`, and sends what it produced to rank 0 (`gather_object`).
+warms up, and serves the workload's batch through the engine (`engine/engine.py`: one arrival of
+B requests); rank 0 gets the tokens as they come and every rank's statistics at the end.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import torch.distributed as dist
 
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
+from expertmesh.checkpoint.hf_config import eos_ids
 from expertmesh.checkpoint.loader import check_checkpoint, load_checkpoint
-from expertmesh.engine.generate import Generation, generate
+from expertmesh.engine.engine import Engine
 from expertmesh.engine.load import load_summary
-from expertmesh.engine.metrics import Metrics, merge_step_times
+from expertmesh.engine.metrics import Metrics
+from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.serve import Transcript, serve
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model, parameter_bytes
 from expertmesh.parallel.dispatch import ExchangeStats
@@ -150,8 +155,9 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
     return model
 
 
-def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | None:
-    """Run `spec` as this rank of the default process group; rank 0 returns the result."""
+def load_rank(spec: RunSpec, device: torch.device) -> tuple[MoETransformer, PipelineLinks | None, int]:
+    """This rank's shard of the model with its weights, its pipeline links, and the checkpoint
+    bytes it read."""
     rank = dist.get_rank() if dist.is_initialized() else 0
     dep = spec.deployment
     group = stage_group(dep, rank) if dist.is_initialized() else None
@@ -161,13 +167,57 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
     else:
         model, checkpoint_bytes = materialize(model, spec.seed, spec.cfg.torch_dtype, device), 0
     links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
-    rows = dep.rows_of(rank, spec.workload.batch_size)
-    prompts = spec.workload.prompts(spec.cfg)[rows]
+    return model, links, checkpoint_bytes
+
+
+def serve_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list = (),
+               device: torch.device = torch.device("cpu"), eos: tuple[int, ...] | None = None,
+               clock: str = "step", record_logits: bool = False) -> Transcript | None:
+    """Serve `arrivals` / `aborts` (see `engine/serve.py`) with `spec`'s model and deployment, as
+    this rank of the default process group; rank 0 returns the transcript. `eos`: the
+    checkpoint's EOS ids when None."""
+    if eos is None:
+        eos = eos_ids(spec.checkpoint) if spec.checkpoint else ()
+    model, links, _ = load_rank(spec, device)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    eng = Engine(model, spec.cfg, spec.deployment, engine, rank, links, eos, record_logits,
+                 spec.micro_batches)
+    return serve(eng, arrivals, aborts, clock)
+
+
+def static_requests(workload: Workload, cfg: ModelConfig, gen_len: int | None = None) -> list[Request]:
+    """The static batch as requests: sequence i's prompt, `gen_len` tokens (no stop token), and
+    a sampling seed of its own derived from the workload's."""
+    return [Request(i, prompt, gen_len or workload.gen_len, temperature=workload.temperature,
+                    top_p=workload.top_p, seed=workload.seed * 1_000_003 + i)
+            for i, prompt in enumerate(workload.prompt_lists(cfg))]
+
+
+def static_engine(requests: list[Request], deployment: Deployment) -> EngineConfig:
+    """A pool and budget in which each data-parallel rank prefills its share of the batch in one
+    step and decodes it to the end (the assignment rule deals equal requests round-robin)."""
+    share = -(-len(requests) // deployment.dp)
+    longest = max(len(r.prompt) + r.max_tokens for r in requests)
+    block = 16
+    return EngineConfig(block_size=block, num_blocks=share * -(-longest // block),
+                        max_batched_tokens=share * longest, max_seqs=share, chunked_prefill=False)
+
+
+def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | None:
+    """Run `spec` as this rank of the default process group: the static batch is one arrival of
+    B requests at the serving engine. Rank 0 returns the result."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dep, w = spec.deployment, spec.workload
+    model, links, checkpoint_bytes = load_rank(spec, device)
+
+    def engine(requests: list[Request], record_logits: bool = False) -> Engine:
+        return Engine(model, spec.cfg, dep, static_engine(requests, dep), rank, links,
+                      record_logits=record_logits, n_micro=spec.micro_batches)
 
     if spec.warmup:
-        warm = dataclasses.replace(spec.workload, prompt_ids=None, gen_len=min(WARMUP_GEN, spec.workload.gen_len),
-                                   prompt_len=min(WARMUP_PROMPT, spec.workload.prompt_len))
-        generate(model, warm, warm.prompts(spec.cfg)[rows], rows, spec.micro_batches, links)
+        warm = dataclasses.replace(w, prompt_ids=None, prompt_len=min(WARMUP_PROMPT, w.prompt_len))
+        requests = static_requests(warm, spec.cfg, min(WARMUP_GEN, w.gen_len))
+        serve(engine(requests), [(0, r) for r in requests])
     exchange = dispatchers(model)
     for d in exchange.values():  # count the measured run only
         d.stats = ExchangeStats()
@@ -178,10 +228,12 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
         dist.barrier()
     if spec.trace:
         start_tracing()
-    gen = generate(model, spec.workload, prompts, rows, spec.micro_batches, links,
-                   record_logits=spec.record_logits, on_step=on_step if rank == 0 else None)
+    requests = static_requests(w, spec.cfg)
+    measured = engine(requests, spec.record_logits)
+    progress = (lambda t: on_step(t.steps - 1)) if on_step is not None and rank == 0 else None
+    transcript = serve(measured, [(0, r) for r in requests], on_step=progress)
     payload = {
-        "rank": rank, "reports": dep.reports(rank), "gen": gen,
+        "rank": rank, "kv_cache_bytes": measured.runner.kv_cache_bytes,
         "param_bytes": parameter_bytes(model, spec.cfg.torch_dtype), "checkpoint_bytes": checkpoint_bytes,
         "exchange": {layer: d.stats for layer, d in exchange.items()},
         "overflow": {int(name): layer.moe.overflow for name, layer in model.layers.items()},
@@ -189,32 +241,31 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
         "spans": take_spans() if spec.trace else None,
     }
     if not dist.is_initialized():
-        return assemble(spec, [payload])
+        return assemble(spec, transcript, [payload])
     gathered = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(payload, gathered, dst=0)
-    return assemble(spec, gathered) if rank == 0 else None
+    return assemble(spec, transcript, gathered) if rank == 0 else None
 
 
-def assemble(spec: RunSpec, payloads: list[dict]) -> RunResult:
-    """Put the ranks' sequences back in global order and merge their event logs."""
-    B, G = spec.workload.batch_size, spec.workload.gen_len
-    tokens = torch.full((B, G), -1, dtype=torch.long)
+def assemble(spec: RunSpec, transcript: Transcript, payloads: list[dict]) -> RunResult:
+    """The batch's tokens `[B, gen_len]` (and logits) from the engine's transcript, its metrics
+    from the step times (every sequence gets token i at step i), and the ranks' statistics."""
+    w = spec.workload
+    B, G = w.batch_size, w.gen_len
+    if transcript.rejected:
+        raise ValueError(next(iter(transcript.rejected.values())))
+    if any(len(transcript.tokens[i]) != G for i in range(B)):
+        raise RuntimeError("some sequences did not produce every token")
+    tokens = torch.tensor([transcript.tokens[i] for i in range(B)], dtype=torch.long)
     logits = None
-    reporting: list[Generation] = [p["gen"] for p in payloads if p["reports"]]
-    for gen in reporting:
-        tokens[gen.rows] = gen.tokens
-        if gen.logits is not None:
-            if logits is None:
-                logits = torch.zeros(B, G, gen.logits.shape[-1])
-            logits[gen.rows] = gen.logits
-    if (tokens < 0).any():
-        raise RuntimeError("some sequences were reported by no rank")
-    start, step_times = merge_step_times([(g.start, g.step_times) for g in reporting if g.rows])
+    if spec.record_logits:
+        logits = torch.stack([torch.stack(transcript.logits[i]) for i in range(B)])
+    step_times = transcript.token_times[0]
     return RunResult(
         deployment=spec.deployment.name, world_size=spec.deployment.world_size, tokens=tokens,
-        metrics=Metrics.from_events(start, step_times, B, spec.workload.prompt_len),
+        metrics=Metrics.from_events(0.0, step_times, B, w.prompt_len),
         param_bytes=[p["param_bytes"] for p in payloads],
-        kv_cache_bytes=[p["gen"].kv_cache_bytes for p in payloads], logits=logits,
+        kv_cache_bytes=[p["kv_cache_bytes"] for p in payloads], logits=logits,
         exchange=_exchange_summary(spec, payloads), routing=_routing_stats(spec, payloads),
         load=_load(spec, payloads), overflow=_overflow(spec, payloads),
         spans={p["rank"]: p["spans"] for p in payloads} if spec.trace else None,

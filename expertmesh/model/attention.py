@@ -1,7 +1,14 @@
-"""Grouped-query attention with rotary position embeddings and a preallocated KV cache.
+"""Grouped-query attention with rotary position embeddings, over a KV cache.
 
 Notation: b sequences, L new positions, S = start + L cached positions, h query heads,
 g KV heads (h % g == 0), d head_dim, D d_model.
+
+The attention module projects and rotates; where keys and values are kept and which positions a
+query sees is the job of the KV view it is given: `Contiguous` (rows of a preallocated
+`KVCache`, or no cache at all) or `PagedView` (`model/paged.py`: a ragged batch of sequences
+over a pool of fixed-size blocks). A view has `positions(L)` (`[L]` int64, the position of each
+new token), `attend(q, k, v)` (store k, v; return the attention output) and `seq_lens` (the
+lengths of the consecutive sequences of a ragged batch; None when each row is a sequence).
 """
 
 from __future__ import annotations
@@ -13,12 +20,11 @@ from torch import nn
 from expertmesh.model.layers import Linear, RMSNorm
 
 
-def rotary(x: torch.Tensor, start: int, theta: float) -> torch.Tensor:
-    """Rotate `x: [b, L, heads, d]` for positions start .. start+L-1 (half-split convention)."""
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+    """Rotate `x: [b, L, heads, d]` for `positions: [L]` (half-split convention)."""
     d = x.shape[-1]
     inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
-    pos = torch.arange(start, start + x.shape[1], dtype=torch.float32, device=x.device)
-    angles = torch.outer(pos, inv_freq)  # [L, d/2]
+    angles = torch.outer(positions.to(device=x.device, dtype=torch.float32), inv_freq)  # [L, d/2]
     cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None, :]
     sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None, :]
     xf = x.float()
@@ -49,8 +55,41 @@ class KVCache:
         return self.k.nbytes + self.v.nbytes
 
 
+class Contiguous:
+    """Equal-length sequences at rows `rows` of `cache`, new positions start .. start+L-1; with no
+    cache, the sequences of `x` alone (start must be 0)."""
+
+    seq_lens = None
+
+    def __init__(self, cache: KVCache | None, rows: slice = slice(None), start: int = 0):
+        if cache is None and start != 0:
+            raise ValueError("attention without a KV cache must start at position 0")
+        self.cache, self.rows, self.start = cache, rows, start
+
+    def positions(self, L: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.start, self.start + L, device=device)
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q `[b, L, h, d]`, k, v `[b, L, g, d]` -> `[b, L, h, d]`."""
+        if self.cache is not None:
+            k, v = self.cache.update(self.rows, self.start, k, v)
+        b, L = q.shape[:2]
+        if b == 0:
+            return q
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, positions, d]
+        S = k.shape[2]
+        if L == 1:
+            mask = None  # one new position sees every cached one
+        else:
+            q_pos = torch.arange(self.start, self.start + L, device=q.device)[:, None]
+            mask = torch.arange(S, device=q.device)[None, :] <= q_pos
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             enable_gqa=q.shape[1] != k.shape[1])
+        return out.transpose(1, 2)
+
+
 class Attention(nn.Module):
-    """Multi-head attention: x `[b, L, D]` -> `[b, L, D]`.
+    """Multi-head attention: x `[b, L, D]` -> `[b, L, D]` (a ragged batch is `b = 1`, L = N tokens).
 
     Tensor parallelism shards the projections by heads and lowers `n_heads` / `n_kv_heads` to the
     local counts; nothing here changes. `qkv_bias`: the q, k, v projections have a bias.
@@ -70,28 +109,15 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(n_heads * head_dim, qk_norm_eps) if with_norm else None
         self.k_norm = RMSNorm(n_kv_heads * head_dim, qk_norm_eps) if with_norm else None
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, rows: slice, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
+        """x `[b, L, D]` and a KV view (`Contiguous` or `PagedView`) -> `[b, L, D]`."""
         b, L, _ = x.shape
         q, k = self.wq(x), self.wk(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q = rotary(q.view(b, L, self.n_heads, self.head_dim), start, self.theta)
-        k = rotary(k.view(b, L, self.n_kv_heads, self.head_dim), start, self.theta)
+        pos = kv.positions(L, x.device)
+        q = rotary(q.view(b, L, self.n_heads, self.head_dim), pos, self.theta)
+        k = rotary(k.view(b, L, self.n_kv_heads, self.head_dim), pos, self.theta)
         v = self.wv(x).view(b, L, self.n_kv_heads, self.head_dim)
-        if cache is not None:
-            k, v = cache.update(rows, start, k, v)
-        elif start != 0:
-            raise ValueError("attention without a KV cache must start at position 0")
-        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, heads, positions, d]
-        if b == 0:
-            out = q
-        else:
-            S = k.shape[2]
-            if L == 1:
-                mask = None  # one new position sees every cached one
-            else:
-                q_pos = torch.arange(start, start + L, device=x.device)[:, None]
-                mask = torch.arange(S, device=x.device)[None, :] <= q_pos
-            out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, enable_gqa=self.n_heads != self.n_kv_heads)
-        return self.wo(out.transpose(1, 2).reshape(b, L, self.n_heads * self.head_dim))
+        out = kv.attend(q, k, v)
+        return self.wo(out.reshape(b, L, self.n_heads * self.head_dim))

@@ -4,6 +4,10 @@ Layers live in a `ModuleDict` keyed by their global index, so that pipeline para
 the layers of other stages and every parameter keeps its name (`layers.3.moe.experts.w_up`).
 A stage without the embedding takes hidden states `[b, L, D]` instead of token ids `[b, L]`; a
 stage without the head returns hidden states instead of logits.
+
+Two entry points share the layers: `forward` (equal-length sequences over a contiguous
+`KVCache`, or no cache) and `forward_paged` (a ragged batch: many sequences, each at its own
+position, flattened to `[N]` tokens, over per-layer block pools; `model/paged.py`).
 """
 
 from __future__ import annotations
@@ -12,9 +16,10 @@ import torch
 from torch import nn
 
 from expertmesh.config import ModelConfig
-from expertmesh.model.attention import Attention, KVCache
+from expertmesh.model.attention import Attention, Contiguous, KVCache
 from expertmesh.model.layers import Embedding, Linear, RMSNorm
 from expertmesh.model.moe import MoEBlock
+from expertmesh.model.paged import KVPool, PagedBatch, PagedView
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.trace import span
 
@@ -30,10 +35,13 @@ class DecoderLayer(nn.Module):
                             cfg.expert_kind, cfg.renormalize, cfg.shared_expert_hidden,
                             cfg.router_skew, cfg.capacity)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None, rows: slice, start: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
+        """x `[b, L, D]` with a KV view (`model/attention.py`) -> `[b, L, D]`."""
         with span("attention"):
-            x = x + self.attn(self.attn_norm(x), cache, rows, start)
-        return x + self.moe(self.moe_norm(x))
+            x = x + self.attn(self.attn_norm(x), kv)
+        if kv.seq_lens is None:  # each row of x is one sequence
+            return x + self.moe(self.moe_norm(x))
+        return x + self.moe(self.moe_norm(x)[0], kv.seq_lens).unsqueeze(0)  # a ragged batch, b = 1
 
 
 class MoETransformer(nn.Module):
@@ -64,11 +72,30 @@ class MoETransformer(nn.Module):
         """
         h = self.embed(x) if self.embed is not None else x
         for name, layer in self.layers.items():
-            h = layer(h, caches[name] if caches is not None else None, rows, start)
+            h = layer(h, Contiguous(caches[name] if caches is not None else None, rows, start))
         if self.lm_head is None:
             return h
         h = self.norm(h if all_logits else h[:, -1])
         return self.lm_head(h)
+
+    def make_pools(self, num_blocks: int, block_size: int) -> dict[str, KVPool]:
+        """One KV block pool `[num_blocks, block_size, g, d]` per layer held here."""
+        pools = {}
+        for name, layer in self.layers.items():
+            attn, ref = layer.attn, layer.attn.wk.weight
+            pools[name] = KVPool(num_blocks, block_size, attn.n_kv_heads, attn.head_dim, ref.dtype, ref.device)
+        return pools
+
+    def forward_paged(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch) -> torch.Tensor:
+        """Token ids `[N]` (or hidden `[N, D]` on a later stage) of a ragged batch -> logits `[S, V]`
+        of each sequence's last new token, or hidden `[N, D]` on a stage without the head."""
+        h = (self.embed(x) if self.embed is not None else x).unsqueeze(0)  # [1, N, D]
+        for name, layer in self.layers.items():
+            h = layer(h, PagedView(pools[name], batch))
+        h = h[0]
+        if self.lm_head is None:
+            return h
+        return self.lm_head(self.norm(h[batch.last]))
 
 
 def build_model(cfg: ModelConfig) -> MoETransformer:

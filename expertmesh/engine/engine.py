@@ -1,0 +1,185 @@
+"""The serving engine: requests in, tokens out, on every deployment.
+
+Each rank holds an `Engine`; rank 0's is the API (`add_request`, `abort`, `step`, `shutdown`),
+the others follow (`follow`). One engine step on every rank:
+
+  1. control: rank 0 broadcasts the step's new requests (each with the data-parallel rank it
+     goes to), aborts, and whether to stop (`broadcast_object_list` over a gloo group);
+  2. each rank adds its data-parallel rank's requests to its scheduler replica and schedules;
+  3. each rank runs one forward of that batch (`Runner`; zero tokens if idle);
+  4. the last stage's first rank of each data-parallel rank samples and records the step; one
+     `all_gather_object` gives every rank those outputs and scheduler stats, so every replica
+     (TP and pipeline peers) records the same tokens, and rank 0 streams them out.
+
+Data-parallel ranks: under `epN` each EP index is one (its own scheduler and KV pool, replicated
+on its pipeline peers); otherwise there is one. A new request goes to the data-parallel rank
+with the most free KV blocks, then the fewest queued sequences, then the lowest index, as of the
+last step, less what this step's earlier requests will take. A request stays on its rank.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch.distributed as dist
+
+from expertmesh import faults
+from expertmesh.config import ModelConfig
+from expertmesh.deployment import Deployment
+from expertmesh.engine.request import Request, TokenOutput
+from expertmesh.engine.runner import Runner
+from expertmesh.engine.scheduler import EngineConfig, Scheduler
+from expertmesh.engine.generate import StageLinks
+from expertmesh.model.transformer import MoETransformer
+
+
+def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine: EngineConfig) -> int:
+    """Blocks per pool: `engine.num_blocks`, else as many as `kv_cache_gb` holds on the rank with
+    the most KV bytes per block (most layers, KV heads / tp), the same number on every rank so
+    that the replicas of a scheduler agree."""
+    if engine.num_blocks is not None:
+        return engine.num_blocks
+    layers = max(len(r) for r in deployment.stage_layers(cfg.n_layers))
+    per_block = (2 * engine.block_size * (cfg.n_kv_heads // deployment.tp) * cfg.head_dim
+                 * cfg.torch_dtype.itemsize * layers)
+    blocks = int(engine.kv_cache_gb * 2**30) // per_block
+    if blocks < 1:
+        raise ValueError(f"--kv-cache-gb {engine.kv_cache_gb} holds no KV block of {per_block} bytes; "
+                         f"raise it")
+    return blocks
+
+
+def assign_ranks(prompt_blocks: list[int], stats: list[dict]) -> list[int]:
+    """The data-parallel rank of each new request, in order: the most free KV blocks, then the
+    fewest queued (waiting + running) sequences, then the lowest index; each choice takes the
+    request's prompt blocks and one queue place from its rank before the next is made."""
+    free = [s["blocks_free"] for s in stats]
+    queued = [s["waiting"] + s["running"] for s in stats]
+    out = []
+    for blocks in prompt_blocks:
+        dp = min(range(len(free)), key=lambda i: (-free[i], queued[i], i))
+        free[dp] -= blocks
+        queued[dp] += 1
+        out.append(dp)
+    return out
+
+
+class Engine:
+    def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
+                 engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
+                 eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1):
+        self.cfg, self.deployment, self.rank = cfg, deployment, rank
+        self.num_blocks = pool_blocks(cfg, deployment, engine)
+        self.scheduler = Scheduler(engine, self.num_blocks, eos)
+        self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro)
+        inner = deployment.coords(rank)[1]
+        self.dp = inner if deployment.ep > 1 else 0
+        self.reports = deployment.reports(rank)
+        self.distributed = dist.is_initialized()
+        self.group = None
+        if self.distributed and dist.get_backend() != "gloo":
+            self.group = dist.new_group(backend="gloo")  # the control path stays on the CPU
+        # rank 0's view of the front
+        self.new: list[Request] = []
+        self.aborts: list = []
+        self.live: set = set()
+        self.dp_stats = [self.scheduler.stats() for _ in range(deployment.dp)]
+        self.stopped = False
+
+    # ---- rank 0's API ----
+    def add_request(self, request: Request) -> None:
+        """Queue a request for the next step; a bad one raises ValueError and changes nothing."""
+        request.check_for(self.cfg.vocab_size, self.cfg.max_seq_len)
+        self.scheduler.check(request)
+        if request.id in self.live:
+            raise ValueError(f"request id {request.id!r} is already in flight; use a new id")
+        self.live.add(request.id)
+        self.new.append(request)
+
+    def abort(self, request_id) -> None:
+        """End a request at the next step; its KV blocks are freed then. Unknown ids are ignored."""
+        if request_id in self.live:
+            self.live.discard(request_id)
+            self.new = [r for r in self.new if r.id != request_id]
+            self.aborts.append(request_id)
+
+    @property
+    def has_work(self) -> bool:
+        """Rank 0: something is queued or running on some data-parallel rank."""
+        return bool(self.new) or any(s["waiting"] or s["running"] for s in self.dp_stats)
+
+    def stats(self) -> list[dict]:
+        """Rank 0: per data-parallel rank, KV blocks used / free, waiting and running sequences."""
+        return self.dp_stats
+
+    def shutdown(self) -> None:
+        """Rank 0: tell every rank to stop (after the work it wants done)."""
+        self._control(stop=True)
+        self.runner.close()
+
+    # ---- every rank ----
+    def follow(self) -> None:
+        """Ranks other than 0: run steps until rank 0 says stop."""
+        while not self.stopped:
+            self.step()
+
+    def step(self) -> list[TokenOutput]:
+        """One engine step on this rank (collective); rank 0 returns the step's tokens, in order."""
+        message = self._control()
+        if message["stop"]:
+            self.stopped = True
+            self.runner.close()
+            return []
+        for request_id in message["aborts"]:  # before the new ones, which may reuse an aborted id
+            self.scheduler.abort(request_id)
+        for dp, request in message["new"]:
+            if dp == self.dp:
+                self.scheduler.add(request)
+        faults.at_step(self.runner.steps, self.runner.model)  # test-only; nothing unless asked
+        chosen = self.scheduler.schedule()
+        sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen))
+        mine = None
+        if self.reports:
+            tokens = {rid: t for rid, (t, _) in sampled.items()}
+            outputs = self.scheduler.finish(chosen, tokens)
+            if self.runner.record_logits:
+                outputs = [replace(o, logits=sampled[o.request_id][1]) for o in outputs]
+            mine = (self.dp, outputs, self.scheduler.stats())
+        everyone = self._gather(mine)
+        if not self.reports:
+            column = next(p for p in everyone if p is not None and p[0] == self.dp)
+            self.scheduler.finish(chosen, {o.request_id: o.token for o in column[1]})
+        if self.rank != 0:
+            return []
+        result = []
+        for dp, outputs, stats in (p for p in everyone if p is not None):
+            self.dp_stats[dp] = stats
+            for out in outputs:
+                if out.request_id in self.live:
+                    result.append(out)
+                    if out.finished:
+                        self.live.discard(out.request_id)
+        return result
+
+    def _control(self, stop: bool = False) -> dict:
+        message = None
+        if self.rank == 0:
+            message = {"new": self._assign(), "aborts": self.aborts, "stop": stop}
+            self.new, self.aborts = [], []
+        if self.distributed:
+            box = [message]
+            dist.broadcast_object_list(box, src=0, group=self.group)
+            message = box[0]
+        return message
+
+    def _assign(self) -> list[tuple[int, Request]]:
+        blocks = [self.scheduler.blocks_for(len(r.prompt)) for r in self.new]
+        return list(zip(assign_ranks(blocks, self.dp_stats), self.new))
+
+    def _gather(self, mine):
+        if not self.distributed:
+            return [mine]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, mine, group=self.group)
+        return everyone
+

@@ -1,0 +1,74 @@
+"""The serving engine on every deployment (local gloo ranks): a mixed stream of requests with
+staggered arrivals, aborts, EOS and stop tokens gives every request the tokens of the
+single-device model generating it alone without a cache; every rank's KV pool ends empty.
+
+Under epN each EP rank schedules its own requests and every rank runs one forward per step
+(some with no token); under tpN and ppN the ranks of a scheduler's group agree on every batch.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from expertmesh.config import Workload, preset
+from expertmesh.deployment import Deployment
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.worker import RunSpec, serve_rank
+from expertmesh.launch import launch
+from expertmesh.model.transformer import reference_model
+from serving import Mixed
+
+SEED = 11
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.set_num_threads(1)
+    return reference_model(preset("tiny"), seed=SEED)
+
+
+@pytest.fixture(scope="module")
+def mixed(model):
+    return Mixed(model, n=40, max_prompt=200, max_new=8, spread=12, n_aborts=3, seed=2)
+
+
+@pytest.fixture(scope="module")
+def small(model):
+    """For 16 ranks on two cores: fewer, shorter requests, still arriving over the run."""
+    return Mixed(model, n=20, max_prompt=120, max_new=6, spread=8, n_aborts=2, seed=3)
+
+
+def serve_on(deployment: str, work: Mixed, engine: EngineConfig, n_micro: int | None = None):
+    dep = Deployment.parse(deployment)
+    spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED, n_micro=n_micro)
+    spec.validate(dep.world_size)
+    fn = functools.partial(serve_rank, spec, engine, work.arrivals, work.aborts, eos=(work.eos,))
+    if dep.world_size == 1:
+        return fn(torch.device("cpu"))
+    return launch(fn, dep.world_size, timeout=300)
+
+
+CHUNKED = EngineConfig(num_blocks=160, block_size=16, max_batched_tokens=96, max_seqs=16)
+PREEMPTING = EngineConfig(num_blocks=28, block_size=8, max_batched_tokens=128, max_seqs=8)
+WHOLE = EngineConfig(num_blocks=160, block_size=16, max_batched_tokens=256, chunked_prefill=False)
+
+
+@pytest.mark.parametrize("deployment", ["single", "ep4", "tp2", "pp2", "ep2pp2"])
+@pytest.mark.parametrize("engine", [CHUNKED, PREEMPTING, WHOLE], ids=["chunked", "preempting", "whole"])
+def test_deployment_serves_each_request_its_reference_tokens(deployment, engine, mixed):
+    out = serve_on(deployment, mixed, engine)
+    mixed.check(out, engine.num_blocks)
+    if engine is PREEMPTING:
+        assert sum(s["preemptions"] for s in out.rank_stats) > 0
+
+
+@pytest.mark.parametrize("deployment", ["ep16", "tp8pp2"])
+def test_sixteen_rank_deployments_serve_each_request_its_reference_tokens(deployment, small):
+    engine = EngineConfig(num_blocks=20, block_size=8, max_batched_tokens=64, max_seqs=4)
+    small.check(serve_on(deployment, small, engine), engine.num_blocks)
+
+
+@pytest.mark.parametrize("deployment, n_micro", [("pp2", 3), ("ep2pp2", 2)])
+def test_pipeline_micro_batches_within_a_step_change_no_token(deployment, n_micro, mixed):
+    mixed.check(serve_on(deployment, mixed, PREEMPTING, n_micro), PREEMPTING.num_blocks)

@@ -1,0 +1,92 @@
+"""The ragged forward over a paged KV cache (model/paged.py, MoETransformer.forward_paged): every
+sequence's logits equal those of the model run on that sequence alone with no cache, whatever
+else shares the forward, however its prompt is chunked and wherever its blocks lie."""
+
+import random
+
+import pytest
+import torch
+
+from expertmesh.model.paged import PagedBatch
+
+BLOCK = 4
+
+
+def reference_logits(model, ids: list[int]) -> torch.Tensor:
+    """Logits `[len(ids), V]` of every position of one sequence, no cache."""
+    with torch.inference_mode():
+        return model(torch.tensor([ids]), all_logits=True)[0]
+
+
+def run_schedule(model, seqs: list[list[int]], steps: list[list[tuple[int, int]]], tables):
+    """Feed `steps[t] = [(sequence, n new tokens), ...]`; return {sequence: [(position, logits)]}
+    for the last new token of each chunk."""
+    pools = model.make_pools(num_blocks=64, block_size=BLOCK)
+    done = [0] * len(seqs)
+    seen: dict[int, list] = {i: [] for i in range(len(seqs))}
+    with torch.inference_mode():
+        for step in steps:
+            chunks, ids = [], []
+            for i, n in step:
+                chunks.append((done[i], n, tables[i]))
+                ids += seqs[i][done[i]:done[i] + n]
+            batch = PagedBatch(chunks, BLOCK, torch.device("cpu"))
+            logits = model.forward_paged(torch.tensor(ids, dtype=torch.long), pools, batch)
+            assert logits.shape == (len(step), model.cfg.vocab_size)
+            for row, (i, n) in enumerate(step):
+                done[i] += n
+                seen[i].append((done[i] - 1, logits[row]))
+    return seen
+
+
+def scattered_tables(n_seqs: int, blocks_each: int, seed: int) -> list[list[int]]:
+    """Disjoint block tables in a shuffled order of a 64-block pool."""
+    ids = list(range(64))
+    random.Random(seed).shuffle(ids)
+    return [ids[i * blocks_each:(i + 1) * blocks_each] for i in range(n_seqs)]
+
+
+@pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
+def test_prefill_chunks_and_decodes_of_many_sequences_in_one_forward_are_exact(n_kv_heads, small_model):
+    model = small_model(seed=1, n_kv_heads=n_kv_heads)
+    gen = torch.Generator().manual_seed(0)
+    lengths = [9, 1, 14, 6]
+    seqs = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in lengths]
+    # sequence 0: prefill 5 then 4 decodes; 1: a single token; 2: chunks 3, 7, 4 beside the
+    # others' decodes; 3: whole prompt at step 2, then one decode
+    steps = [[(0, 5), (2, 3)], [(0, 1), (1, 1), (2, 7)], [(0, 1), (2, 4), (3, 5)],
+             [(0, 1), (3, 1)], [(0, 1)]]
+    seen = run_schedule(model, seqs, steps, scattered_tables(4, 4, seed=2))
+    for i, ids in enumerate(seqs):
+        ref = reference_logits(model, ids)
+        assert seen[i], f"sequence {i} never ran"
+        for pos, logits in seen[i]:
+            torch.testing.assert_close(logits, ref[pos], rtol=1e-4, atol=1e-4)
+
+
+def test_a_sequence_does_not_see_the_others_in_its_batch(small_model):
+    model = small_model()
+    a = list(range(1, 8))
+    tables = scattered_tables(2, 2, seed=3)
+    steps = [[(0, 6), (1, 6)], [(0, 1), (1, 1)]]
+    alone = run_schedule(model, [a, a], steps, tables)
+    other = run_schedule(model, [a, [(t * 7) % 128 for t in a]], steps, tables)
+    for (_, x), (_, y) in zip(alone[0], other[0]):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(alone[1][-1][1], other[1][-1][1])
+
+
+def test_batch_metadata_places_each_token_in_its_block():
+    batch = PagedBatch([(0, 3, [5, 2]), (6, 1, [7, 1]), (2, 3, [3, 0])], BLOCK, torch.device("cpu"))
+    assert batch.seq_lens == [3, 1, 3]
+    assert batch.positions.tolist() == [0, 1, 2, 6, 2, 3, 4]
+    assert batch.slots.tolist() == [20, 21, 22, 6, 14, 15, 0]
+    assert batch.last.tolist() == [2, 3, 6]
+
+
+def test_an_empty_batch_runs_and_returns_nothing(small_model):
+    model = small_model()
+    pools = model.make_pools(num_blocks=2, block_size=BLOCK)
+    with torch.inference_mode():
+        out = model.forward_paged(torch.zeros(0, dtype=torch.long), pools, PagedBatch([], BLOCK, torch.device("cpu")))
+    assert out.shape == (0, model.cfg.vocab_size)
