@@ -75,13 +75,15 @@ def _save_tokenizer(path: Path, vocab_size: int) -> None:
     (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def reference_greedy(path: str | Path, prompts: torch.Tensor, gen_len: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_greedy(path, prompts: torch.Tensor, gen_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' greedy decoding of `prompts [B, P]`: tokens `[B, gen_len]` and the logits
-    `[B, gen_len, V]` each token was chosen from (one full forward per step, no cache)."""
+    `[B, gen_len, V]` each token was chosen from (one full forward per step, no cache).
+    `path`: the checkpoint directory, or the transformers model loaded from it."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = path
+    if isinstance(path, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids, logits = prompts, []
     with torch.no_grad():
         for _ in range(gen_len):

@@ -46,6 +46,7 @@ class Api:
     tokenizer: object | None = None
     max_waiting: int = 256
     timeout_s: float = 600.0
+    grace_s: float = 30.0  # what a stream gets to finish once the server is stopping
     waiting: int = 0  # accepted requests without their first token yet
     created: int = field(default_factory=lambda: int(time.time()))
 
@@ -170,7 +171,7 @@ def create_app(api: Api) -> FastAPI:
             return completion_body(gen.request.id, api.name, delta, new, reason,
                                    gen.usage() if final else None, chunk=True)
         if body.stream:
-            return EventSourceResponse(_events(gen, piece, body.include_usage, first=None))
+            return _stream(api, _events(gen, piece, body.include_usage, first=None))
         text, reason = await _collect(gen)
         return completion_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
 
@@ -184,7 +185,7 @@ def create_app(api: Api) -> FastAPI:
                              gen.usage() if final else None, chunk=True)
         if body.stream:
             first = chat_body(gen.request.id, api.name, "", [], None, None, chunk=True, first=True)
-            return EventSourceResponse(_events(gen, piece, body.include_usage, first=first))
+            return _stream(api, _events(gen, piece, body.include_usage, first=first))
         text, reason = await _collect(gen)
         return chat_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
 
@@ -246,6 +247,11 @@ async def _collect(gen: Generation) -> tuple[str, str]:
         raise
     finally:
         gen.close(error)
+
+
+def _stream(api: Api, events) -> EventSourceResponse:
+    # sse-starlette ends every stream when uvicorn starts shutting down, unless given a grace.
+    return EventSourceResponse(events, shutdown_grace_period=api.grace_s)
 
 
 async def _events(gen: Generation, piece, include_usage: bool, first: dict | None):

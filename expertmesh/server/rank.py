@@ -94,7 +94,7 @@ def _serve_api(engine: Engine, model, spec: RunSpec, options: ServeOptions) -> N
     loop.start()
     _warm_up(loop, spec, options.timeout_s)
     api = Api(options.name, spec.cfg, loop, engine.scheduler, metrics, _tokenizer(options.tokenizer),
-              options.max_waiting, options.timeout_s)
+              options.max_waiting, options.timeout_s, options.grace_s)
     config = uvicorn.Config(create_app(api), host=options.host, port=options.port, log_level="warning",
                             timeout_graceful_shutdown=options.grace_s, lifespan="off")
     server = uvicorn.Server(config)
