@@ -7,7 +7,8 @@ Sections (in this order):
   transformers  single-device MoE block vs transformers' Mixtral and Qwen2-MoE blocks (peers.py)
   efficiency    the MoE block's GFLOP/s vs plain matmuls of the same shapes (moe_block.py)
   deployments   single / ep2 / tp2 / pp2 end to end on 2 ranks (deployments.py)
-  overlap       the overlapped vs synchronous token exchange (overlap.py, when it exists)
+  overlap       the overlapped vs synchronous token exchange, EP=2 layer (overlap.py part 1)
+  cross-node    cross-node bytes, flat vs hierarchical exchange, 16 ranks as 4 x 4 (overlap.py part 2)
 
 Every section interleaves its repetitions and reports medians. Prints the tables, writes
 DIR/results.json and one PNG per section. A peer that is not installed (`pip install -e .[peers]`)
@@ -17,7 +18,6 @@ or cannot run here is reported as skipped with the reason.
 from __future__ import annotations
 
 import argparse
-import importlib
 import os
 import platform
 import sys
@@ -31,11 +31,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks import deployments, moe_block, peers, report
-from benchmarks.peers import Dims, col, section, skipped
+from benchmarks import deployments, moe_block, overlap, peers, report
+from benchmarks.peers import Dims, col, section
 from expertmesh.config import Workload, preset
 
-SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap")
+SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap", "cross-node")
 SMALL = Dims(d_model=1024, experts=8, top_k=2, hidden=2816)  # the `small` preset's MoE layer
 TINY = Dims(d_model=64, experts=4, top_k=2, hidden=128)
 
@@ -57,20 +57,21 @@ class Profile:
     dep_quick: bool
     dep_cfg: dict | None = None     # preset("tiny", **dep_cfg) instead of `small`
     dep_loads: dict = field(default_factory=dict)
-    overlap_quick: bool = False
+    overlap_argv: tuple[str, ...] = ("--dtype", "fp32", "--tokens", "1024", "--reps", "2")
 
 
 PROFILES = {
     "full": Profile("full", SMALL, ds_tokens=(8, 64, 512), ds_reps=5, hf_tokens=(8, 128, 1024),
                     hf_reps=3, eff_tokens=1024, eff_reps=3, dep_reps=2, dep_quick=False),
     "quick": Profile("quick", SMALL, ds_tokens=(8, 128), ds_reps=3, hf_tokens=(8, 256), hf_reps=2,
-                     eff_tokens=256, eff_reps=3, dep_reps=1, dep_quick=True, overlap_quick=True),
+                     eff_tokens=256, eff_reps=3, dep_reps=1, dep_quick=True,
+                     overlap_argv=("--quick", "--tokens", "256")),
     "smoke": Profile("smoke", TINY, ds_tokens=(4, 32), ds_reps=1, hf_tokens=(4, 32), hf_reps=1,
                      eff_tokens=64, eff_reps=1, dep_reps=1, dep_quick=True,
                      dep_cfg=dict(n_layers=2, n_experts=4, d_model=64, n_heads=4, head_dim=16,
                                   expert_hidden=128, vocab_size=128, max_seq_len=64),
                      dep_loads={"smoke": Workload(batch_size=2, prompt_len=8, gen_len=2)},
-                     overlap_quick=True),
+                     overlap_argv=("--quick", "--preset", "tiny", "--dtype", "fp32", "--tokens", "64")),
 }
 
 
@@ -78,7 +79,7 @@ def steps(name: str, p: Profile) -> int:
     """Progress steps of a section (what its `progress` callback is called for)."""
     loads = len(p.dep_loads) if p.dep_loads else len(deployments.workloads(p.dep_quick))
     return {"deepspeed": len(p.ds_tokens), "transformers": len(peers.FAMILIES) * len(p.hf_tokens),
-            "efficiency": 1, "overlap": 1,
+            "efficiency": 1, "overlap": 1, "cross-node": 1,
             "deployments": loads * (len(deployments.DEPLOYMENTS) * p.dep_reps + 1)}[name]
 
 
@@ -146,37 +147,33 @@ def deployment_section(p: Profile, progress: Callable[[], None]) -> dict:
 
 
 def overlap_section(p: Profile, progress: Callable[[], None]) -> dict:
-    """HOOK: `benchmarks/overlap.py` (the lead's) is gathered here: its `measure(quick=...)` if it
-    has one, else its `main(["--quick"] | [])` (which prints its own tables); either returns data
-    (a list of row dicts, or a dict of name -> dict of numbers). Without the file, or at --smoke
-    sizes without `measure`, the section is reported as skipped and does nothing."""
-    title = "Overlap of token exchange and expert compute"
-    benchmarks_dir = str(Path(__file__).resolve().parent)
-    if benchmarks_dir not in sys.path:  # overlap.py may import `common` as its sibling scripts do
-        sys.path.append(benchmarks_dir)
-    try:
-        overlap = importlib.import_module("benchmarks.overlap")
-    except ModuleNotFoundError as exc:
-        if exc.name != "benchmarks.overlap":
-            raise
-        progress()
-        return skipped(title, "benchmarks/overlap.py does not exist yet (hook: no-op)")
-    measure = getattr(overlap, "measure", None)
-    if measure is None and p.name != "smoke" and callable(getattr(overlap, "main", None)):
-        measure = lambda quick: overlap.main(["--quick"] if quick else [])  # noqa: E731 (prints too)
-    if measure is None:
-        progress()
-        return skipped(title, "benchmarks/overlap.py has no measure(quick=...) returning data"
-                              + (" (its main() is not run at --smoke sizes)" if p.name == "smoke" else ""))
-    data = measure(quick=p.overlap_quick)
+    """overlap.py part 1: the EP=2 layer, synchronous vs overlapped with 1-8 chunks."""
+    title, rows = overlap.part1(overlap.parse_args(list(p.overlap_argv)))
     progress()
-    rows = (data if isinstance(data, list)
-            else [{"name": k, **v} if isinstance(v, dict) else {"name": k, "value": v}
-                  for k, v in data.items()])
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    out = section(title, rows=rows, setup={"data": data})
-    out["columns"] = [col(k, k, "{:,.3g}" if all(isinstance(r.get(k), float) for r in rows) else "{}")
-                      for k in keys]
+    sync = rows[0]["ms"]
+    for r in rows[1:len(overlap.VARIANTS)]:
+        r["ratio"] = sync / r["ms"]  # speed-up of the overlapped call over the synchronous one
+    out = section("Overlap: EP=2 MoE layer, overlapped vs synchronous exchange", rows=rows)
+    out["columns"] = [col(*c) for c in overlap.LAYER_COLUMNS]
+    best = max((r for r in rows if r["efficiency"] is not None), key=lambda r: r["efficiency"])
+    out["summary"] = f"vs sync; best {best['variant']} hides {best['efficiency']:.0%} of the exchange"
+    out["plot"] = {"kind": "bar", "x": "variant", "y": ["ms"], "labels": ["ms per call"], "ylabel": "ms"}
+    out["notes"] = [title, "overlap efficiency = time saved vs sync / min(exchange alone, compute alone)"]
+    return out
+
+
+def cross_node_section(p: Profile, progress: Callable[[], None]) -> dict:
+    """overlap.py part 2: cross-node bytes of flat vs hierarchical, default vs optimised placement."""
+    title, rows = overlap.part2(overlap.parse_args(list(p.overlap_argv)))
+    progress()
+    for r in rows:
+        r["ratio"] = 1 / r["vs_flat"]  # how many times fewer bytes than flat with default placement
+    out = section("Cross-node bytes: flat vs hierarchical exchange, 16 ranks as 4 nodes x 4", rows=rows,
+                  notes=[title, overlap.CROSS_NODE_NOTE])
+    out["columns"] = [col(*c) for c in overlap.CROSS_NODE_COLUMNS]
+    out["summary"] = "bytes of flat exchange, default placement / bytes of each variant"
+    out["plot"] = {"kind": "bar", "x": "exchange", "y": ["kib_per_step"], "labels": ["KiB per step"],
+                   "ylabel": "KiB per step"}
     return out
 
 
@@ -201,7 +198,9 @@ def run_section(name: str, p: Profile, progress: Callable[[], None]) -> dict:
         return efficiency(p, progress)
     if name == "deployments":
         return deployment_section(p, progress)
-    return overlap_section(p, progress)
+    if name == "overlap":
+        return overlap_section(p, progress)
+    return cross_node_section(p, progress)
 
 
 def parse_sections(text: str | None) -> list[str]:

@@ -14,6 +14,10 @@ Steps, each timed with the device synchronized (medians of a few calls after a w
      and one decode step of 8 sequences against a 10k cache
   5. end to end: `single` run of `preset("paper", n_layers=2)`, batch 8, prompt 512, gen 16, and
      the simulator's prediction for it from the measured profile
+  6. the parallel code paths on this one device, in a process group of world size 1 (NCCL on a
+     GPU): the same model and workload as step 5 with the expert-parallel all-to-all dispatcher
+     forced (ep1), and with the tensor-parallel layers applied (tp1, all-reduce hooks); each
+     must give the single-device path's tokens (greedy), and its max |Δlogit| is reported
 
 Writes DIR/profile.json (a `HardwareProfile`: `expertmesh simulate --hardware DIR/profile.json`)
 and DIR/gpu_check.json (every timing). Link figures (NVLink, network) cannot be measured on one GPU
@@ -41,10 +45,15 @@ import torch.nn.functional as F
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine import worker
+from expertmesh.engine.generate import generate
 from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.launch import free_port
 from expertmesh.model.attention import KVCache
 from expertmesh.model.synthetic import materialize
-from expertmesh.model.transformer import DecoderLayer
+from expertmesh.model.transformer import DecoderLayer, build_model
+from expertmesh.parallel.expert import apply_expert_parallel
+from expertmesh.parallel.placement import default_placement
+from expertmesh.parallel.tensor import apply_tensor_parallel
 from expertmesh.sim.calibrate import fit_gemm
 from expertmesh.sim.hardware import CATALOGUE, HardwareProfile
 
@@ -209,6 +218,40 @@ def end_to_end(s: Sizes, device: torch.device, dtype: str, grouped: bool) -> tup
             "metrics": m.to_dict()}, cfg
 
 
+def parallel_paths(s: Sizes, device: torch.device, dtype: str, grouped: bool) -> dict:
+    """Tokens and logits of the ep1 (all-to-all dispatcher) and tp1 paths against `single`."""
+    import torch.distributed as dist
+
+    cfg = preset("paper", n_layers=s.e2e_layers, dtype=dtype, **s.layer_cfg)
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            device_id=device if device.type == "cuda" else None)
+    group = dist.group.WORLD
+    transforms = {
+        "single": lambda m: m,
+        "ep1 (all-to-all dispatcher)": lambda m: apply_expert_parallel(
+            m, group, 0, default_placement(cfg.n_layers, cfg.n_experts, 1)),
+        "tp1 (tensor-parallel layers)": lambda m: apply_tensor_parallel(m, group, 1, 0),
+    }
+    prompts = s.e2e.prompts(cfg)
+    rows = list(range(s.e2e.batch_size))
+    out = {}
+    try:
+        with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
+            for name, transform in transforms.items():
+                model = worker.materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, device)
+                t0 = time.perf_counter()
+                gen = generate(model, s.e2e, prompts, rows, record_logits=True)
+                out[name] = {"wall_s": time.perf_counter() - t0, "tokens": gen.tokens, "logits": gen.logits}
+                del model
+    finally:
+        dist.destroy_process_group()
+    reference = out["single"]
+    return {name: {"wall_s": r["wall_s"], "tokens_match": bool(torch.equal(r["tokens"], reference["tokens"])),
+                   "max_abs_logit_diff": (r["logits"] - reference["logits"]).abs().max().item()}
+            for name, r in out.items()}
+
+
 def catalogue_entry(name: str) -> tuple[str, HardwareProfile]:
     """The catalogue profile whose key appears in the device name (H100 when none does)."""
     lowered = name.lower().replace(" ", "")
@@ -280,6 +323,8 @@ def check(out_dir: Path, dry_run: bool, log: Callable[[str], None] = print) -> d
     e2e, cfg = step("end to end", lambda: end_to_end(s, device, "fp32" if dry_run else "bf16", grouped))
     record["end_to_end"] = e2e
     record["end_to_end"]["simulated"] = predicted(cfg, s.e2e, profile)
+    record["parallel_paths"] = step("parallel paths", lambda: parallel_paths(
+        s, device, "fp32" if dry_run else "bf16", grouped))
     record["profile"] = asdict(profile)
     record["elapsed_s"] = time.perf_counter() - t0
     (out_dir / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
@@ -304,6 +349,8 @@ def summary(r: dict) -> str:
         f"end to end: TTFT {e2e['ttft_s'] * 1e3:.1f} ms, TPOT {e2e['tpot_s'] * 1e3:.2f} ms"
         + (f" (simulated from this profile: TTFT {sim['ttft_s'] * 1e3:.1f} ms, TPOT {sim['tpot_s'] * 1e3:.2f} ms)"
            if "tpot_s" in sim else ""),
+        *(f"{name}: tokens {'= single' if p['tokens_match'] else 'DIFFER from single'}, max |Δlogit| "
+          f"{p['max_abs_logit_diff']:.2e}" for name, p in r["parallel_paths"].items() if name != "single"),
         f"in {r['elapsed_s']:.0f} s",
     ]
     return "\n".join(lines)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
+import sys
 import time
 
 import torch
@@ -44,7 +45,7 @@ VARIANTS = ["sync 1 chunk", "overlap 1", "overlap 2", "overlap 4", "overlap 8"]
 class _NoCompute(torch.nn.Module):
     """Experts that return their input: the exchange alone."""
 
-    def forward(self, x, counts):
+    def forward(self, x, counts, splits=None):
         return x
 
 
@@ -59,8 +60,9 @@ def _time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def _layer_times(dtype_name: str, tokens: int, reps: int, rounds: int, device) -> dict[str, float]:
-    cfg = preset("small", dtype=dtype_name)
+def _layer_times(preset_name: str, dtype_name: str, tokens: int, reps: int, rounds: int,
+                 device) -> dict[str, float]:
+    cfg = preset(preset_name, dtype=dtype_name)
     rank, ep = dist.get_rank(), dist.get_world_size()
     placement = contiguous_placement(cfg.n_experts, ep)
     experts = GroupedExperts(cfg.n_experts // ep, cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
@@ -93,24 +95,25 @@ def _layer_times(dtype_name: str, tokens: int, reps: int, rounds: int, device) -
     return dict(zip(variants, out.tolist()))
 
 
-def part1(args, console: Console) -> dict:
-    times = launch(functools.partial(_layer_times, args.dtype, args.tokens, args.reps, args.rounds), 2)
+def layer_rows(times: dict[str, float]) -> list[dict]:
+    """Part 1's medians as rows: ms per call, ratio to the synchronous call, overlap efficiency
+    (time saved / min(exchange alone, compute alone); None where it does not apply)."""
     sync, exchange, compute = times["sync 1 chunk"], times["exchange only"], times["compute only"]
-    table = Table(title=f"ep2 MoE layer, small ({args.dtype}), {args.tokens} tokens per rank: medians "
-                        f"of {args.rounds} rounds x {args.reps} calls")
-    for col in ("variant", "ms per call", "vs sync", "overlap efficiency"):
-        table.add_column(col, justify="right")
-    for name in VARIANTS:
-        t = times[name]
-        eff = (sync - t) / min(exchange, compute)
-        table.add_row(name, f"{t * 1e3:.1f}", f"x{t / sync:.2f}", "-" if name == VARIANTS[0] else f"{eff:.0%}")
-    table.add_row("exchange only", f"{exchange * 1e3:.1f}", f"x{exchange / sync:.2f}", "")
-    table.add_row("compute only", f"{compute * 1e3:.1f}", f"x{compute / sync:.2f}", "")
-    console.print(table)
-    return times
+    return [{"variant": name, "ms": times[name] * 1e3, "vs_sync": times[name] / sync,
+             "efficiency": (sync - times[name]) / min(exchange, compute)
+             if name in VARIANTS[1:] else None}
+            for name in [*VARIANTS, "exchange only", "compute only"]]
 
 
-def part2(args, console: Console) -> dict:
+def part1(args) -> tuple[str, list[dict]]:
+    times = launch(functools.partial(_layer_times, args.preset, args.dtype, args.tokens, args.reps,
+                                     args.rounds), 2)
+    title = (f"ep2 MoE layer, {args.preset} ({args.dtype}), {args.tokens} tokens per rank: medians of "
+             f"{args.rounds} rounds x {args.reps} calls")
+    return title, layer_rows(times)
+
+
+def part2(args) -> tuple[str, list[dict]]:
     cfg = preset("tiny", router_skew=1.2)
     dep = Deployment.parse("ep16")
     workload = Workload(batch_size=16, prompt_len=8 if args.quick else 32, gen_len=4 if args.quick else 8)
@@ -129,36 +132,50 @@ def part2(args, console: Console) -> dict:
             result = run(spec(a2a=a2a, placement=placement))
             results[f"{a2a}, {label} placement"] = result.exchange["cross_node_bytes_per_step"]
     base = results["flat, default placement"]
-    table = Table(title=f"ep16 as 4 nodes x 4, tiny (fp32) zipf:1.2 router, batch 16 x prompt "
-                        f"{workload.prompt_len} + {workload.gen_len}: cross-node bytes per step (all ranks)")
-    for col in ("exchange, placement", "KiB per step", "vs flat default"):
-        table.add_column(col, justify="right")
-    for name, b in results.items():
-        table.add_row(name, f"{b / 1024:,.1f}", f"x{b / base:.2f}")
-    console.print(table)
-    console.print("placement optimised for each exchange from the routing of a calibration run with "
-                  "the same prompts (an in-sample figure)", style="dim")
-    return results
+    title = (f"ep16 as 4 nodes x 4, tiny (fp32) zipf:1.2 router, batch 16 x prompt "
+             f"{workload.prompt_len} + {workload.gen_len}: cross-node bytes per step (all ranks)")
+    return title, [{"exchange": name, "kib_per_step": b / 1024, "vs_flat": b / base} for name, b in results.items()]
 
 
-def measure(quick: bool = False) -> dict:
-    """The figures as data, for `python -m benchmarks`: the quick sizes, or fp32 at 1024 tokens
-    per rank (about 2 minutes here; the bf16 default at 2048 tokens takes far longer on CPU)."""
-    return main(["--quick"] if quick else ["--dtype", "fp32", "--tokens", "1024", "--reps", "2"])
+LAYER_COLUMNS = [("variant", "variant", "{}"), ("ms", "ms per call", "{:.1f}"),
+                 ("vs_sync", "vs sync", "x{:.2f}"), ("efficiency", "overlap efficiency", "{:.0%}")]
+CROSS_NODE_COLUMNS = [("exchange", "exchange, placement", "{}"), ("kib_per_step", "KiB per step", "{:,.1f}"),
+                      ("vs_flat", "vs flat default", "x{:.2f}")]
+CROSS_NODE_NOTE = ("placement optimised for each exchange from the routing of a calibration run with "
+                   "the same prompts (an in-sample figure)")
 
 
-def main(argv=None) -> dict:
+def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", help="model of part 1's MoE layer")
     parser.add_argument("--dtype", default="bf16")
     parser.add_argument("--tokens", type=int, default=2048, help="tokens per rank in part 1")
     parser.add_argument("--reps", type=int, default=3, help="calls per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds (medians)")
-    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--quick", action="store_true", help="1 round of 1 call, shorter part 2")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.reps, args.rounds = 256, 1, 1
+        args.reps, args.rounds = 1, 1
+    return args
+
+
+def _print(console: Console, title: str, rows: list[dict], columns) -> None:
+    table = Table(title=title)
+    for _, header, _ in columns:
+        table.add_column(header, justify="right")
+    for row in rows:
+        table.add_row(*["-" if row[key] is None else fmt.format(row[key]) for key, _, fmt in columns])
+    console.print(table)
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv if argv is not None else sys.argv[1:])
     console = Console()
-    return {"layer_seconds": part1(args, console), "cross_node_bytes_per_step": part2(args, console)}
+    layer, cross = part1(args), part2(args)
+    _print(console, *layer, LAYER_COLUMNS)
+    _print(console, *cross, CROSS_NODE_COLUMNS)
+    console.print(CROSS_NODE_NOTE, style="dim")
+    return {"layer": layer[1], "cross_node": cross[1]}
 
 
 if __name__ == "__main__":

@@ -13,20 +13,25 @@ from expertmesh.sim.hardware import HardwareProfile
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of the repository, not an installed package
 
-from benchmarks import __main__ as bench, gpu_check, peers  # noqa: E402
+from benchmarks import __main__ as bench, gpu_check, peers, report  # noqa: E402
 
 
 def test_expertmesh_sections_write_results_and_plots(tmp_path):
-    results = bench.main(["--smoke", "--only", "efficiency,deployments,overlap", "--out", str(tmp_path)])
+    results = bench.main(["--smoke", "--only", "efficiency,deployments,overlap,cross-node", "--out", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
-    assert set(saved["sections"]) == {"efficiency", "deployments", "overlap"}
+    assert set(saved["sections"]) == {"efficiency", "deployments", "overlap", "cross-node"}
     efficiency = results["sections"]["efficiency"]
     assert efficiency["status"] == "ok"
     assert 0 < efficiency["rows"][0]["ratio"]
     deployments = results["sections"]["deployments"]
     assert {r["deployment"] for r in deployments["rows"]} == {"single", "ep2", "tp2", "pp2"}
     assert all(r["overall_tps"] > 0 for r in deployments["rows"])
-    assert results["sections"]["overlap"]["status"] in ("ok", "skipped")
+    overlap = results["sections"]["overlap"]  # rendered like the others: named columns, formats
+    assert overlap["status"] == "ok" and [c["header"] for c in overlap["columns"]] == [
+        "variant", "ms per call", "vs sync", "overlap efficiency"]
+    assert report.cell(overlap["rows"][1]["efficiency"], overlap["columns"][3]["fmt"]).endswith("%")
+    cross = results["sections"]["cross-node"]
+    assert cross["status"] == "ok" and len(cross["rows"]) == 4 and cross["rows"][0]["vs_flat"] == 1.0
     assert (tmp_path / "efficiency.png").stat().st_size > 0
     assert (tmp_path / "deployments.png").stat().st_size > 0
 
@@ -55,6 +60,8 @@ def test_gpu_check_dry_run_writes_a_profile_the_simulator_loads(tmp_path):
     assert profile.bf16_flops > 0 and profile.hbm_bw > 0 and profile.gemm_half_tokens > 0
     assert record["end_to_end"]["metrics"]["tpot_s"] > 0
     assert "tpot_s" in record["end_to_end"]["simulated"]
+    paths = record["parallel_paths"]  # ep1 and tp1 give single's tokens (fp32 in a dry run)
+    assert len(paths) == 3 and all(p["tokens_match"] and p["max_abs_logit_diff"] < 1e-4 for p in paths.values())
     assert json.loads((tmp_path / "gpu_check.json").read_text())["dry_run"]
 
 

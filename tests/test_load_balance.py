@@ -19,7 +19,7 @@ from expertmesh.parallel.placement import plan_redundant, planned_rank_loads
 
 
 def naive_capacity(probs, k, factor, policy):
-    """Token by token, choice by choice: the policy as the docs state it."""
+    """Token by token, choice by choice, over one capacity group: the policy as the docs state it."""
     T, E = len(probs), len(probs[0])
     limit = max(1, math.ceil(factor * T * k / E))
     order = [sorted(range(E), key=lambda e: -probs[t][e]) for t in range(T)]
@@ -45,28 +45,45 @@ def naive_capacity(probs, k, factor, policy):
 
 
 @settings(max_examples=60, deadline=None)
-@given(T=st.integers(1, 40), E=st.integers(2, 8), k=st.integers(1, 2), factor=st.floats(0.1, 2.0),
-       policy=st.sampled_from(["drop", "reroute"]), one_expert=st.booleans(), seed=st.integers(0, 999))
-def test_capacity_accounts_for_every_assignment(T, E, k, factor, policy, one_expert, seed):
+@given(sizes=st.lists(st.integers(1, 15), min_size=1, max_size=4), E=st.integers(2, 8),
+       k=st.integers(1, 2), factor=st.floats(0.1, 2.0), policy=st.sampled_from(["drop", "reroute"]),
+       one_expert=st.booleans(), seed=st.integers(0, 999))
+def test_capacity_accounts_for_every_assignment(sizes, E, k, factor, policy, one_expert, seed):
+    """Capacity groups (sequences) are decided independently, each as the naive policy says."""
+    T = sum(sizes)
     gen = torch.Generator().manual_seed(seed)
     logits = torch.randn(T, E, generator=gen)
     if one_expert:
         logits[:, 0] += 50  # every token's first choice is expert 0
     probs = logits.softmax(-1)
     w, ids = probs.topk(k, dim=-1)
-    got_ids, got_w, status = apply_capacity(probs, ids, w, Capacity(factor, policy))
-    want_ids, want_status = naive_capacity(probs.tolist(), k, factor, policy)
-    assert got_ids.tolist() == want_ids and status.tolist() == want_status
+    got_ids, got_w, status = apply_capacity(probs, ids, w, Capacity(factor, policy), sizes)
+    starts = [sum(sizes[:g]) for g in range(len(sizes))]
+    for start, n in zip(starts, sizes):
+        want_ids, want_status = naive_capacity(probs[start:start + n].tolist(), k, factor, policy)
+        assert got_ids[start:start + n].tolist() == want_ids
+        assert status[start:start + n].tolist() == want_status
+        # each expert takes at most its capacity in each group
+        computed = got_ids[start:start + n]
+        limit = max(1, math.ceil(factor * n * k / E))
+        assert torch.bincount(computed[computed >= 0], minlength=E).max() <= limit
     # conservation: each assignment is computed once (kept or rerouted) or counted as dropped
-    limit = max(1, math.ceil(factor * T * k / E))
-    computed = got_ids[got_ids >= 0]
     assert int((status == KEPT).sum() + (status == REROUTED).sum() + (status == DROPPED).sum()) == T * k
-    assert computed.numel() == int((status != DROPPED).sum())
-    assert torch.bincount(computed, minlength=E).max() <= limit
+    assert int((got_ids >= 0).sum()) == int((status != DROPPED).sum())
     assert torch.equal(got_w[status == DROPPED], torch.zeros(int((status == DROPPED).sum())))
     assert torch.equal(got_w[status != DROPPED], w[status != DROPPED])  # a slot keeps its weight
     if policy == "drop":
         assert not (status == REROUTED).any()
+
+
+def test_a_decode_token_never_exceeds_capacity():
+    """One token per group: its k distinct experts each have room for at least one assignment."""
+    probs = torch.tensor([[0.7, 0.2, 0.05, 0.05]] * 6)
+    w, ids = probs.topk(2, dim=-1)
+    got_ids, _, status = apply_capacity(probs, ids, w, Capacity(0.1, "drop"), [1] * 6)
+    assert torch.equal(got_ids, ids) and (status == KEPT).all()
+    _, _, status = apply_capacity(probs, ids, w, Capacity(0.1, "drop"))  # one group of 6: drops
+    assert (status == DROPPED).any()
 
 
 def _run(deployment, cfg, **kw):
@@ -82,14 +99,20 @@ def _run(deployment, cfg, **kw):
 SKEWED = preset("tiny", router_skew=1.2)
 
 
-@pytest.mark.parametrize("deployment", ["ep2", "ep4", "ep16"])
-def test_capacity_with_reroute_gives_the_reference_outputs(deployment):
-    cfg = SKEWED.with_(capacity_factor=1.0, overflow="reroute")
-    ref, result = _run("single", cfg), _run(deployment, cfg)
+@pytest.mark.parametrize("policy, factor", [("reroute", 1.0), ("drop", 0.5)])
+@pytest.mark.parametrize("deployment, micro", [
+    ("ep2", None), ("ep4", None), ("ep16", None), ("tp2", None), ("pp2", None), ("pp2", 1),
+    ("ep2pp2", None), ("tp2pp2", 4),
+])
+def test_capacity_gives_the_reference_outputs_on_every_deployment(policy, factor, deployment, micro):
+    """Capacity is decided per sequence, so micro-batches, EP ranks and TP shards see the same
+    groups as the single-device reference: same tokens, same logits, same counts."""
+    cfg = SKEWED.with_(capacity_factor=factor, overflow=policy)
+    ref, result = _run("single", cfg), _run(deployment, cfg, n_micro=micro)
     assert torch.equal(result.tokens, ref.tokens)
     assert (result.logits - ref.logits).abs().max() < 1e-4
-    assert result.overflow["rerouted"] == ref.overflow["rerouted"] > 0
-    assert result.overflow["dropped"] == ref.overflow["dropped"]
+    counted = "rerouted" if policy == "reroute" else "dropped"
+    assert result.overflow == ref.overflow and ref.overflow[counted] > 0
 
 
 def test_dropping_changes_outputs_and_is_counted():

@@ -49,6 +49,21 @@ def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine: EngineConfig) 
     return blocks
 
 
+def assign_ranks(prompt_blocks: list[int], stats: list[dict]) -> list[int]:
+    """The data-parallel rank of each new request, in order: the most free KV blocks, then the
+    fewest queued (waiting + running) sequences, then the lowest index; each choice takes the
+    request's prompt blocks and one queue place from its rank before the next is made."""
+    free = [s["blocks_free"] for s in stats]
+    queued = [s["waiting"] + s["running"] for s in stats]
+    out = []
+    for blocks in prompt_blocks:
+        dp = min(range(len(free)), key=lambda i: (-free[i], queued[i], i))
+        free[dp] -= blocks
+        queued[dp] += 1
+        out.append(dp)
+    return out
+
+
 class Engine:
     def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
                  engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
@@ -158,16 +173,8 @@ class Engine:
         return message
 
     def _assign(self) -> list[tuple[int, Request]]:
-        """Each new request's data-parallel rank (see the module's docstring for the rule)."""
-        free = [s["blocks_free"] for s in self.dp_stats]
-        queued = [s["waiting"] + s["running"] for s in self.dp_stats]
-        out = []
-        for request in self.new:
-            dp = min(range(len(free)), key=lambda i: (-free[i], queued[i], i))
-            free[dp] -= self.scheduler.blocks_for(len(request.prompt))
-            queued[dp] += 1
-            out.append((dp, request))
-        return out
+        blocks = [self.scheduler.blocks_for(len(r.prompt)) for r in self.new]
+        return list(zip(assign_ranks(blocks, self.dp_stats), self.new))
 
     def _gather(self, mine):
         if not self.distributed:

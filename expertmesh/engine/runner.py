@@ -14,7 +14,7 @@ import torch
 from expertmesh.engine.generate import FiniteCheck, SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
-from expertmesh.model.paged import PagedBatch
+from expertmesh.model.paged import PagedBatch, Workspace
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.trace import span
 
@@ -29,6 +29,7 @@ class Runner:
         self.device, self.dtype = ref.device, ref.dtype
         self.record_logits = record_logits and self.links.is_last
         self.finite = FiniteCheck(model)
+        self.workspace = Workspace()
         self.steps = 0
 
     @property
@@ -38,7 +39,8 @@ class Runner:
     def forward(self, chosen: list[tuple[Sequence, int]], sampled: list[bool]) -> dict | None:
         """Run the step's batch through the layers held here. On the last stage returns
         {request id: (token, logits [V] or None)} for the sequences in `sampled`; else None."""
-        batch = PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size, self.device)
+        batch = PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
+                           self.device, self.workspace)
         N = batch.n_tokens
         links = self.links
         with torch.inference_mode():

@@ -1,13 +1,17 @@
 """Expert capacity and dynamic gating (opt-in; without it every assignment is computed).
 
-With capacity factor C, each expert takes at most ceil(C * T * k / E) assignments per MoE call,
-where T counts every token of the call across the EP group. Assignments are admitted in global
-token order (sequence by sequence, position by position; a token's k choices best first), so
-every rank, and the single-device reference, takes the same decisions from the same router
-probabilities. An assignment over capacity is
+The unit of capacity is one sequence's tokens in one forward pass (a capacity group): with
+capacity factor C, each expert takes at most ceil(C * T_g * k / E) of the assignments of a group
+of T_g tokens. A sequence is never split across ranks or pipeline micro-batches, so every
+deployment (EP, TP, PP, micro-batched or not) and the single-device reference see the same groups
+and take the same decisions from the same router probabilities, without any collective. Decode
+steps (T_g = 1, k distinct experts) never exceed capacity; it bites in prefill.
+
+Inside a group assignments are admitted in token order (a token's k choices best first). An
+assignment over capacity is
 - `drop`: skipped; its share of the token's output is lost and the residual passes through;
-- `reroute`: given, in the same global order, to the token's next-best expert (by router
-  probability) that still has room and that the token does not use already, with the weight of
+- `reroute`: given, in the same order, to the token's next-best expert (by router probability)
+  that still has room in the group and that the token does not use already, with the weight of
   the slot it replaces; dropped if no expert has room.
 Every dropped and rerouted assignment is counted.
 """
@@ -39,29 +43,41 @@ class Capacity:
         return max(1, math.ceil(self.factor * tokens * top_k / n_experts))
 
 
-def apply_capacity(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                   capacity: Capacity) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """probs `[T, E]` (fp32), ids / weights `[T, k]` of every token of the call, in global order
-    -> ids (-1 where dropped), weights (0 where dropped), status `[T, k]` (KEPT/REROUTED/DROPPED)."""
+def apply_capacity(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, capacity: Capacity,
+                   group_sizes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """probs `[T, E]` (fp32), ids / weights `[T, k]` of T tokens made of consecutive capacity groups
+    of `group_sizes` tokens (None: one group) -> ids (-1 where dropped), weights (0 where dropped),
+    status `[T, k]` (KEPT/REROUTED/DROPPED)."""
     T, k = ids.shape
     E = probs.shape[1]
-    limit = capacity.limit(T, k, E)
+    sizes = group_sizes if group_sizes is not None else [T]
+    if sum(sizes) != T:
+        raise ValueError(f"capacity groups of {sum(sizes)} tokens for a call of {T} tokens")
+    limits = torch.tensor([capacity.limit(n, k, E) for n in sizes], device=ids.device)
+    group_of = torch.repeat_interleave(torch.arange(len(sizes), device=ids.device),
+                                       torch.tensor(sizes, device=ids.device) * k)  # [T * k]
     flat = ids.reshape(-1)
     hits = F.one_hot(flat, E)
-    position = (hits.cumsum(0) * hits).sum(1) - 1  # how many earlier assignments chose the expert
-    admitted = position < limit
+    seen = hits.cumsum(0)  # assignments so far per expert, over the whole call
+    first = torch.tensor([0, *sizes], device=ids.device).cumsum(0)[:-1] * k  # each group's start
+    before = torch.cat([seen.new_zeros(1, E), seen])[first]  # [groups, E]: counts before each group
+    position = ((seen - before[group_of]) * hits).sum(1) - 1  # earlier choices of the expert in the group
+    admitted = position < limits[group_of]
     status = torch.where(admitted, KEPT, DROPPED)
     ids, weights = flat.clone(), weights.reshape(-1).clone()
     overflow = (~admitted).nonzero().squeeze(1).tolist()
     if capacity.policy == "reroute" and overflow:
-        room = (limit - torch.bincount(flat[admitted], minlength=E)).tolist()
+        used = torch.zeros(len(sizes), E, dtype=torch.long).index_put_(
+            (group_of[admitted].cpu(), flat[admitted].cpu()), torch.ones((), dtype=torch.long), accumulate=True)
+        room = (limits.cpu()[:, None] - used).tolist()
         preference = probs.argsort(dim=1, descending=True).tolist()
+        groups = group_of.tolist()
         for a in overflow:
-            t = a // k
+            t, g = a // k, groups[a]
             taken = set(ids[t * k:(t + 1) * k].tolist())
             for e in preference[t]:
-                if room[e] > 0 and e not in taken:
-                    ids[a], room[e], status[a] = e, room[e] - 1, REROUTED
+                if room[g][e] > 0 and e not in taken:
+                    ids[a], room[g][e], status[a] = e, room[g][e] - 1, REROUTED
                     break
     dropped = status == DROPPED
     ids[dropped] = -1

@@ -60,7 +60,8 @@ class GroupedExperts(nn.Module):
     Weights: `w_up [E, H, D]`, `w_down [E, D, H]` and, for SwiGLU, `w_gate [E, H, D]` (the
     `[out, in]` layout of `nn.Linear`, stacked). Forward: x `[N, D]` sorted by expert,
     counts `[E]` -> `[N, D]`, one grouped matmul per weight (`torch._grouped_mm`), or one matmul
-    per expert over its tokens where the grouped kernel does not apply.
+    per expert over its tokens where the grouped kernel does not apply. Rows past sum(counts)
+    are padding (fixed-size buffers): their outputs are undefined.
     """
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, kind: str):
@@ -72,7 +73,9 @@ class GroupedExperts(nn.Module):
         if kind == "swiglu":
             self.w_gate = meta_weight(n_experts, hidden, d_model)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor, splits: list[int] | None = None) -> torch.Tensor:
+        """`splits`: `counts` as Python ints, when the caller has them (spares the per-expert loop
+        a host sync)."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.w_down.shape[1])
         if _grouped_mm_applies(x, self.w_up.shape[1]):
@@ -81,17 +84,20 @@ class GroupedExperts(nn.Module):
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
         else:
-            splits = counts.tolist()  # host sync: the per-expert loop needs Python ints
+            splits = splits if splits is not None else counts.tolist()  # the loop needs ints
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                parts = a.split(splits)
+                parts = a[:sum(splits)].split(splits)
                 return torch.cat([p @ w[e].T for e, p in enumerate(parts)])
 
         if self.kind == "swiglu":
             h = F.silu(mm(x, self.w_gate)) * mm(x, self.w_up)
         else:
             h = F.gelu(mm(x, self.w_up))
-        return mm(h, self.w_down)
+        out = mm(h, self.w_down)
+        if out.shape[0] < x.shape[0]:  # the loop computed no padding rows
+            out = torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
+        return out
 
 
 def _grouped_mm_applies(x: torch.Tensor, hidden: int) -> bool:
@@ -111,7 +117,8 @@ def sort_assignments(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, t
     """
     flat = slots.reshape(-1)
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat, minlength=n_slots)
+    # index_add, not bincount: bincount reads the largest value on the host (a sync on CUDA)
+    counts = torch.zeros(n_slots, dtype=torch.long, device=flat.device).index_add_(0, flat, torch.ones_like(flat))
     return order, counts
 
 
@@ -136,10 +143,6 @@ class LocalDispatcher:
 
     def __init__(self, may_drop: bool = False):
         self.may_drop = may_drop
-
-    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Rows of every token of the call (here: all of them are local), and where ours start."""
-        return rows, 0
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
@@ -180,7 +183,11 @@ class SharedExpert(nn.Module):
 
 class MoEBlock(nn.Module):
     """x `[b, L, D]` -> `[b, L, D]`: route each token to its top-k experts and mix their outputs,
-    plus the shared expert's output when `shared_hidden > 0`."""
+    plus the shared expert's output when `shared_hidden > 0`.
+
+    Each row of x is one sequence's tokens, the unit of capacity (`model/capacity.py`); a ragged
+    batch comes as x `[T, D]` with `seq_lens`, the lengths of its consecutive sequences.
+    """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, kind: str,
                  renormalize: bool, shared_hidden: int = 0, router_skew: float = 0.0,
@@ -193,26 +200,26 @@ class MoEBlock(nn.Module):
         self.dispatcher = LocalDispatcher(may_drop=capacity is not None)
         self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_lens: list[int] | None = None) -> torch.Tensor:
         flat = x.reshape(-1, x.shape[-1])
+        if x.dim() == 3:
+            seq_lens = [x.shape[1]] * x.shape[0]
         with span("route"):
-            ids, weights = self._route(flat)
+            ids, weights = self._route(flat, seq_lens)
         out = self.dispatcher(flat, ids, weights.to(flat.dtype), self.experts)
         if self.shared is not None:
             out = out + self.shared(flat)
         return out.view_as(x)
 
-    def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k routing, then capacity (if any) decided over every token of the call: the
-        dispatcher gathers all ranks' router probabilities `[T_all, E]` in global token order."""
+    def _route(self, x: torch.Tensor, seq_lens: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k routing, then capacity (if any) per sequence: local, since a sequence's tokens are
+        all on this rank."""
         probs = self.router.probs(x)
+        ids, weights = self.router.select(probs)
         if self.capacity is None:
-            return self.router.select(probs)
-        everyone, offset = self.dispatcher.gather(probs)
-        ids, weights = self.router.select(everyone)
-        ids, weights, status = apply_capacity(everyone, ids, weights, self.capacity)
-        mine = slice(offset, offset + x.shape[0])
-        self.overflow["assignments"] += status[mine].numel()
-        self.overflow["rerouted"] += int((status[mine] == REROUTED).sum())
-        self.overflow["dropped"] += int((status[mine] == DROPPED).sum())
-        return ids[mine], weights[mine]
+            return ids, weights
+        ids, weights, status = apply_capacity(probs, ids, weights, self.capacity, seq_lens)
+        self.overflow["assignments"] += status.numel()
+        self.overflow["rerouted"] += int((status == REROUTED).sum())
+        self.overflow["dropped"] += int((status == DROPPED).sum())
+        return ids, weights

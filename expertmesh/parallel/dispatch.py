@@ -38,14 +38,20 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.trace import COMM, record, span
-from expertmesh.engine.generate import micro_batches
-from expertmesh.model.moe import GroupedExperts, combine, sort_assignments
+from expertmesh.model.moe import GroupedExperts, combine
+from expertmesh.parallel.low_latency import LowLatencyExchange
+from expertmesh.split import split_evenly
 
 AUTO_SLICES = 8               # fine slices counted per layer when the chunk count is automatic
 # auto: split only while every chunk keeps this many assignments. Measured on 2 CPU ranks
 # (benchmarks/overlap.py, small preset, 1024 tokens per rank): 2 chunks hid the whole exchange,
 # 4 and 8 chunks were slower than none; below ~1k rows a chunk's fixed costs outweigh the overlap.
 MIN_ROWS_PER_CHUNK = 1024
+# The low-latency exchange (`low_latency.py`) runs when the caller's bound on every rank's tokens
+# is at most this. Measured on 2 CPU ranks (benchmarks/low_latency.py, small preset, fp32): level
+# with or faster than the standard exchange up to 64 tokens per rank, 0.8x at 256, where its
+# fixed-size messages carry twice the rows that are needed.
+LOW_LATENCY_TOKENS = 64
 
 
 def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
@@ -89,11 +95,30 @@ class ExchangeStats:
     cross_node_bytes: int = 0
     loads: list[list[int]] = field(default_factory=list)  # per call: rows per local slot
 
+    def __getstate__(self) -> dict:
+        """Loads the low-latency exchange kept on the device are read here, once, after a run."""
+        return {**self.__dict__, "loads": [x.tolist() if isinstance(x, torch.Tensor) else x for x in self.loads]}
+
     def add(self, splits: list[int], peer_nodes: list[int], my_node: int, row_bytes: int) -> None:
         cross = sum(n for n, node in zip(splits, peer_nodes) if node != my_node)
         self.rows_sent += sum(splits)
         self.cross_node_rows += cross
         self.cross_node_bytes += cross * row_bytes
+
+
+@dataclass
+class Chunk:
+    """One chunk of a layer's exchange. tokens: its slice of this rank's tokens; order `[n * k]`:
+    its assignments grouped by slot (device); send / recv: rows to / from each peer (host ints);
+    recv_by_expert `[P, El]`: rows from each peer per local expert (device); per_expert: rows per
+    local expert (host ints)."""
+
+    tokens: slice
+    order: torch.Tensor
+    send: list[int]
+    recv: list[int]
+    recv_by_expert: torch.Tensor
+    per_expert: list[int]
 
 
 class AllToAllDispatcher:
@@ -130,6 +155,10 @@ class AllToAllDispatcher:
         self.hierarchical = hierarchical and len(per_node) > 1
         self.stats = ExchangeStats()
         self.routing: Counter | None = None  # set to a Counter to record this rank's routing
+        self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes)
+        # Set by the caller for each forward, to the same value on every rank of the group: a bound
+        # on every rank's tokens under which the low-latency exchange runs (None: the standard one).
+        self.low_latency_tokens: int | None = None
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
@@ -137,24 +166,15 @@ class AllToAllDispatcher:
             choices, tokens = torch.unique(ids.sort(dim=1).values, dim=0, return_counts=True)
             self.routing.update({tuple(e for e in c if e >= 0): n  # -1: dropped by capacity
                                  for c, n in zip(choices.tolist(), tokens.tolist())})
-        slots = torch.where(ids >= 0, self.slots.to(ids.device)[ids.clamp(min=0)], -1)
+        if self.slots.device != ids.device:  # once: a copy per call would wait for the device
+            self.slots = self.slots.to(ids.device)
+        slots = torch.where(ids >= 0, self.slots[ids.clamp(min=0)], -1)
         if self.hierarchical:
             return self._hierarchical(x, slots, weights, experts)
+        if self.low_latency_tokens is not None:
+            skipped_last = torch.where(slots >= 0, slots, self.n_slots)
+            return self.low_latency(x, skipped_last, weights, experts, self.low_latency_tokens, self.stats)
         return self._exchange_and_compute(x, slots, weights, experts)
-
-    def gather(self, rows: torch.Tensor) -> tuple[torch.Tensor, int]:
-        """Every EP rank's rows `[T_r, F]`, concatenated in rank order (= global token order), and
-        the offset of this rank's rows. Two all-gathers: the row counts, then the rows padded to
-        the largest count. Used by capacity decisions only."""
-        counts = [torch.zeros(1, dtype=torch.long, device=rows.device) for _ in range(self.P)]
-        dist.all_gather(counts, torch.tensor([rows.shape[0]], device=rows.device), group=self.group)
-        counts = [int(c) for c in counts]
-        padded = rows.new_zeros(max(counts), rows.shape[1])
-        padded[:rows.shape[0]] = rows
-        parts = [torch.empty_like(padded) for _ in range(self.P)]
-        with span("capacity gather"):
-            dist.all_gather(parts, padded, group=self.group)
-        return torch.cat([p[:n] for p, n in zip(parts, counts)]), sum(counts[:self.rank])
 
     # -- flat, chunked exchange ------------------------------------------------------------
 
@@ -162,79 +182,115 @@ class AllToAllDispatcher:
                               experts: GroupedExperts) -> torch.Tensor:
         """x `[T, D]`, slots `[T, k]` (-1: not here), weights `[T, k]` -> weighted sums `[T, D]`."""
         T, k = slots.shape
-        P, S, n_slots = self.P, self.fine, self.n_slots
-        El = self.slots_per_rank[self.rank]
-        slots = torch.where(slots >= 0, slots, n_slots)  # skipped assignments sort last, unsent
-        fine = micro_batches(T, S)
-        fine_counts = torch.stack([torch.bincount(slots[f].reshape(-1).cpu(), minlength=n_slots + 1)[:-1]
-                                   for f in fine])  # [S, n_slots]
-        per_peer = fine_counts.split(self.slots_per_rank, dim=1)
-        message = torch.cat([torch.cat([c.reshape(-1), torch.tensor([T])]) for c in per_peer])
-        received = torch.empty(P * (S * El + 1), dtype=torch.long)
-        with span("count exchange"):
-            received = received.to(x.device)
-            dist.all_to_all_single(received, message.to(x.device), [S * El + 1] * P,
-                                   [S * n + 1 for n in self.slots_per_rank], group=self.group)
-        received = received.cpu().view(P, S * El + 1)
-        recv_counts = received[:, :-1].view(P, S, El)  # [source, fine slice, local expert]
-        C = self._chunk_count(int(received[:, -1].max()) * k)
-        self.stats.loads.append(recv_counts.sum((0, 1)).tolist())
+        slots = torch.where(slots >= 0, slots, self.n_slots)  # skipped assignments sort last, unsent
+        slices = split_evenly(T, self.fine)
+        counts = self._count_by_slice(slots, slices)  # [S, n_slots], on x's device
+        received = self._exchange_counts(counts, T)  # [P, S * El + 1], on x's device
+        chunks = self._plan_chunks(slots, slices, counts, received)
         row_bytes = x.shape[1] * x.element_size()
-
-        plans = []
-        for c in range(C):
-            lo, hi = fine[c * S // C].start, fine[(c + 1) * S // C - 1].stop
-            order, counts = sort_assignments(slots[lo:hi], n_slots + 1)
-            send = torch.zeros(P, dtype=torch.long).index_add_(0, self.slot_rank, counts[:-1].cpu()).tolist()
-            recv_matrix = recv_counts[:, c * S // C:(c + 1) * S // C].sum(1)  # [P, El]
-            recv = recv_matrix.sum(1).tolist()
-            plans.append((lo, hi, order, send, recv_matrix, recv))
-            for splits in (send, recv):  # rows go out, and results go back to their senders
+        for chunk in chunks:  # rows go out, and results come back to their senders
+            for splits in (chunk.send, chunk.recv):
                 self.stats.add(splits, self.peer_nodes, self.peer_nodes[self.rank], row_bytes)
 
-        def start(rows: torch.Tensor, out_splits: list[int], in_splits: list[int], name: str):
-            out = rows.new_empty(sum(out_splits), rows.shape[1])
-            work = dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits,
-                                          group=self.group, async_op=True)
-            flight = out, work, name, time.perf_counter_ns()
-            if not self.overlap:
-                finish(flight)
-            return flight
-
-        def finish(flight) -> torch.Tensor:
-            out, work, name, t0 = flight
-            with span(f"{name} wait"):
-                work.wait()
-            record(name, t0, time.perf_counter_ns(), COMM)
-            return out
-
-        def dispatch(c: int):
-            lo, _, order, send, _, recv = plans[c]
-            rows = x[lo + order[:sum(send)] // k]
-            return start(rows, recv, send, "dispatch exchange")
-
         returns = []
-        in_flight = dispatch(0)
-        for c in range(C):
-            following = dispatch(c + 1) if c + 1 < C else None
-            rows = finish(in_flight)
-            _, _, _, send, recv_matrix, recv = plans[c]
-            with span("expert compute"):
-                regroup, per_expert = _group_by_local_expert(recv_matrix)
-                computed = experts(rows[regroup], per_expert)
-                results = torch.empty_like(computed)
-                results[regroup] = computed
-            returns.append(start(results, send, recv, "combine exchange"))
+        in_flight = self._dispatch(x, chunks[0], k)
+        for c, chunk in enumerate(chunks):
+            following = self._dispatch(x, chunks[c + 1], k) if c + 1 < len(chunks) else None
+            results = self._compute(self._finish(in_flight), chunk, experts)
+            returns.append(self._start(results, chunk.send, chunk.recv, "combine exchange"))
             in_flight = following
 
         out = x.new_empty(T, x.shape[1])
-        for c, flight in enumerate(returns):
-            back = finish(flight)
-            lo, hi, order, send, _, _ = plans[c]
+        for chunk, flight in zip(chunks, returns):
+            back = self._finish(flight)
             with span("combine"):
-                full = back.new_zeros(order.numel(), x.shape[1])
+                full = back.new_zeros(chunk.order.numel(), x.shape[1])
                 full[:back.shape[0]] = back  # skipped assignments contribute exact zeros
-                out[lo:hi] = combine(full, order, weights[lo:hi])
+                out[chunk.tokens] = combine(full, chunk.order, weights[chunk.tokens])
+        return out
+
+    def _count_by_slice(self, slots: torch.Tensor, slices: list[slice]) -> torch.Tensor:
+        """slots `[T, k]` (n_slots: skipped) -> assignments per (fine slice, slot) `[S, n_slots]`,
+        computed on the device without a host sync."""
+        T, k = slots.shape
+        S, width = len(slices), self.n_slots + 1
+        base, extra = divmod(T, S)  # split_evenly: the first `extra` slices hold base + 1 tokens
+        token = torch.arange(T, device=slots.device)
+        in_big = extra * (base + 1)
+        slice_of_token = torch.where(token < in_big, token // (base + 1), extra + (token - in_big) // max(base, 1))
+        cell = (slice_of_token[:, None] * width + slots).reshape(-1)
+        counts = torch.zeros(S * width, dtype=torch.long, device=slots.device)
+        counts.index_add_(0, cell, torch.ones_like(cell))
+        return counts.view(S, width)[:, :-1]
+
+    def _exchange_counts(self, counts: torch.Tensor, T: int) -> torch.Tensor:
+        """Send each peer the counts of its slots per fine slice, and T: (S * El_p + 1) int64 to
+        peer p, one equal-split all_to_all_single; returns what every peer sent us `[P, S * El + 1]`."""
+        S, El = counts.shape[0], self.slots_per_rank[self.rank]
+        tail = torch.full((1,), T, dtype=torch.long, device=counts.device)
+        message = torch.cat([t for part in counts.split(self.slots_per_rank, dim=1)
+                             for t in (part.reshape(-1), tail)])
+        received = torch.empty(self.P * (S * El + 1), dtype=torch.long, device=counts.device)
+        with span("count exchange"):
+            dist.all_to_all_single(received, message, [S * El + 1] * self.P,
+                                   [S * n + 1 for n in self.slots_per_rank], group=self.group)
+        return received.view(self.P, S * El + 1)
+
+    def _plan_chunks(self, slots: torch.Tensor, slices: list[slice], counts: torch.Tensor,
+                     received: torch.Tensor) -> list[Chunk]:
+        """Split sizes of every chunk, from one copy of the counts to the host: the one host sync
+        of the layer (all_to_all_single takes its splits as Python ints, and the chunk count is
+        chosen from the largest T of any rank, so that all ranks agree)."""
+        S, P, El = len(slices), self.P, self.slots_per_rank[self.rank]
+        k = slots.shape[1]
+        with span("count sync"):
+            host = torch.cat([counts.reshape(-1), received.reshape(-1)]).cpu()
+        sent_h = host[:counts.numel()].view(S, self.n_slots)
+        received_h = host[counts.numel():].view(P, S * El + 1)
+        from_peer_h = received_h[:, :-1].view(P, S, El)  # [source, fine slice, local expert]
+        from_peer = received[:, :-1].view(P, S, El)
+        n_chunks = self._chunk_count(int(received_h[:, -1].max()) * k)
+        self.stats.loads.append(from_peer_h.sum((0, 1)).tolist())
+        chunks = []
+        for c in range(n_chunks):
+            fine = range(c * S // n_chunks, (c + 1) * S // n_chunks)
+            tokens = slice(slices[fine.start].start, slices[fine.stop - 1].stop)
+            send = torch.zeros(P, dtype=torch.long).index_add_(
+                0, self.slot_rank, sent_h[fine.start:fine.stop].sum(0)).tolist()
+            by_expert_h = from_peer_h[:, fine.start:fine.stop].sum(1)  # [P, El]
+            order = torch.argsort(slots[tokens].reshape(-1), stable=True)
+            chunks.append(Chunk(tokens, order, send, by_expert_h.sum(1).tolist(),
+                                from_peer[:, fine.start:fine.stop].sum(1), by_expert_h.sum(0).tolist()))
+        return chunks
+
+    def _dispatch(self, x: torch.Tensor, chunk: Chunk, k: int):
+        """Start sending the chunk's assignment rows `[sum(send), D]`, grouped by destination."""
+        rows = x[chunk.tokens.start + chunk.order[:sum(chunk.send)] // k]
+        return self._start(rows, chunk.recv, chunk.send, "dispatch exchange")
+
+    def _compute(self, rows: torch.Tensor, chunk: Chunk, experts: GroupedExperts) -> torch.Tensor:
+        """Received rows `[R, D]`, source-major -> expert outputs `[R, D]` in the same order."""
+        with span("expert compute"):
+            regroup, per_expert = _group_by_local_expert(chunk.recv_by_expert, sum(chunk.recv))
+            computed = experts(rows[regroup], per_expert, chunk.per_expert)
+            results = torch.empty_like(computed)
+            results[regroup] = computed
+        return results
+
+    def _start(self, rows: torch.Tensor, out_splits: list[int], in_splits: list[int], name: str):
+        out = rows.new_empty(sum(out_splits), rows.shape[1])
+        work = dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits,
+                                      group=self.group, async_op=True)
+        flight = out, work, name, time.perf_counter_ns()
+        if not self.overlap:
+            self._finish(flight)
+        return flight
+
+    def _finish(self, flight) -> torch.Tensor:
+        out, work, name, t0 = flight
+        with span(f"{name} wait"):
+            work.wait()
+        record(name, t0, time.perf_counter_ns(), COMM)
         return out
 
     def _chunk_count(self, max_assignments: int) -> int:
@@ -280,7 +336,7 @@ class AllToAllDispatcher:
         token_idx = torch.cat(token_idx) if token_idx else slots.new_zeros(0)
         meta = torch.cat(meta) if meta else x.new_zeros(0, 2 * k, dtype=torch.float32)
 
-        recv_splits = self._exchange_counts(splits, x.device)
+        recv_splits = self._exchange_splits(splits, x.device)
         self.stats.add(splits, self.peer_nodes, my_node, x.shape[1] * x.element_size() + 8 * k)
         with span("relay exchange"):
             relayed = self._a2a(x[token_idx], recv_splits, splits)
@@ -297,7 +353,8 @@ class AllToAllDispatcher:
         self.stats.add(recv_splits, self.peer_nodes, my_node, x.shape[1] * x.element_size())
         return partial[:T].index_add(0, token_idx, back)
 
-    def _exchange_counts(self, splits: list[int], device: torch.device) -> list[int]:
+    def _exchange_splits(self, splits: list[int], device: torch.device) -> list[int]:
+        """Rows to each peer -> rows from each peer (a host sync: the relay's sizes)."""
         send = torch.tensor(splits, dtype=torch.long, device=device)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.group)
@@ -309,10 +366,10 @@ class AllToAllDispatcher:
         return out
 
 
-def _group_by_local_expert(recv_matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows received source-major (`recv_matrix [P, El]` counts) -> order grouping them by local
-    expert `[R]`, and the count per local expert `[El]`."""
-    P, El = recv_matrix.shape
-    local_expert = torch.arange(P * El, device=recv_matrix.device) % El
-    expert_of_row = torch.repeat_interleave(local_expert, recv_matrix.reshape(-1))
-    return torch.argsort(expert_of_row, stable=True), recv_matrix.sum(0)
+def _group_by_local_expert(recv_by_expert: torch.Tensor, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`rows` rows received source-major (`recv_by_expert [P, El]` counts, on their device) ->
+    order grouping them by local expert `[rows]`, and the count per local expert `[El]`."""
+    P, El = recv_by_expert.shape
+    local_expert = torch.arange(P * El, device=recv_by_expert.device) % El
+    expert_of_row = torch.repeat_interleave(local_expert, recv_by_expert.reshape(-1), output_size=rows)
+    return torch.argsort(expert_of_row, stable=True), recv_by_expert.sum(0)

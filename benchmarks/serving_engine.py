@@ -1,0 +1,176 @@
+"""The serving engine measured against the static path it replaced, on this machine:
+
+    python benchmarks/serving_engine.py [--quick] [--json FILE]
+
+1. decode: the engine at a steady batch of B requests (one arrival, equal prompts) vs the static
+   loop (`engine/generate.py`, contiguous KV cache) on the same model, batch and context, on 2
+   ranks (ep2); generated tokens per second over the decode steps; goal ratio >= 0.85.
+2. attention: one decode step of paged attention (blocks gathered from a pool) vs contiguous
+   attention (rows of a preallocated cache) at 1k context, one process; goal ratio <= 1.2.
+3. poisson: requests arriving as a Poisson process (random prompt and output lengths) served
+   by single, ep2, tp2, pp2: TTFT and TPOT percentiles, generated and total tokens per second.
+
+Repetitions are interleaved (every variant once per round) and medians reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from expertmesh.config import Workload, preset  # noqa: E402
+from expertmesh.deployment import Deployment  # noqa: E402
+from expertmesh.engine.engine import Engine  # noqa: E402
+from expertmesh.engine.generate import generate  # noqa: E402
+from expertmesh.engine.request import Request  # noqa: E402
+from expertmesh.engine.scheduler import EngineConfig  # noqa: E402
+from expertmesh.engine.serve import serve  # noqa: E402
+from expertmesh.engine.worker import RunSpec, load_rank, serve_rank, static_engine, static_requests  # noqa: E402
+from expertmesh.launch import launch  # noqa: E402
+from expertmesh.model.attention import Attention, Contiguous, KVCache  # noqa: E402
+from expertmesh.model.paged import KVPool, PagedBatch, PagedView, Workspace  # noqa: E402
+from expertmesh.model.synthetic import materialize  # noqa: E402
+
+
+def decode_rank(spec: RunSpec, reps: int, device: torch.device) -> list[dict] | None:
+    """Both paths `reps` times, alternating, on one model; rank 0's decode tokens per second."""
+    rank = dist.get_rank()
+    model, links, _ = load_rank(spec, device)
+    dep, w = spec.deployment, spec.workload
+    rows = dep.rows_of(rank, w.batch_size)
+    prompts = w.prompts(spec.cfg)
+    requests = static_requests(w, spec.cfg)
+    decode_tokens = w.batch_size * (w.gen_len - 1)
+    out = []
+    for _ in range(reps + 1):  # the first round warms up
+        dist.barrier()
+        gen = generate(model, w, prompts[rows], rows, 1, links)
+        static_s = gen.step_times[-1] - gen.step_times[0]
+        dist.barrier()
+        engine = Engine(model, spec.cfg, dep, static_engine(requests, dep), rank, links)
+        t = serve(engine, [(0, r) for r in requests])
+        if rank == 0:
+            engine_s = t.token_times[0][-1] - t.token_times[0][0]
+            out.append({"static_tps": decode_tokens / static_s, "engine_tps": decode_tokens / engine_s})
+    return out[1:] if rank == 0 else None
+
+
+def decode_section(quick: bool) -> dict:
+    cfg = preset("small")
+    B, P, G = (8, 64, 16) if quick else (16, 256, 24)
+    spec = RunSpec(cfg, Deployment.parse("ep2"), Workload(batch_size=B, prompt_len=P, gen_len=G, seed=1))
+    spec.validate(2)
+    runs = launch(functools.partial(decode_rank, spec, 2 if quick else 3), 2, timeout=1800)
+    static = statistics.median(r["static_tps"] for r in runs)
+    engine = statistics.median(r["engine_tps"] for r in runs)
+    return {"preset": cfg.name, "deployment": "ep2", "batch": B, "prompt_len": P, "gen_len": G,
+            "static_decode_tps": static, "engine_decode_tps": engine, "ratio": engine / static,
+            "goal": ">= 0.85"}
+
+
+def attention_section(quick: bool) -> dict:
+    cfg = preset("small")
+    torch.set_num_threads(1)
+    B, ctx, block = (8, 1024, 16)
+    dtype = torch.float32
+    attn = materialize(Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta),
+                       seed=0, dtype=dtype)
+    x = torch.randn(B, 1, cfg.d_model, dtype=dtype)
+    cache = KVCache(B, ctx + 1, cfg.n_kv_heads, cfg.head_dim, dtype, torch.device("cpu"))
+    per_seq = -(-(ctx + 1) // block)
+    pool = KVPool(B * per_seq, block, cfg.n_kv_heads, cfg.head_dim, dtype, torch.device("cpu"))
+    order = list(range(B * per_seq))
+    random.Random(0).shuffle(order)  # blocks scattered over the pool, as after a long run
+    tables = [order[i * per_seq:(i + 1) * per_seq] for i in range(B)]
+    batch = PagedBatch([(ctx, 1, t) for t in tables], block, torch.device("cpu"), Workspace())
+
+    def contiguous():
+        attn(x, Contiguous(cache, slice(None), ctx))
+
+    def paged():
+        attn(x.view(1, B, cfg.d_model), PagedView(pool, batch))
+
+    times = {"contiguous": [], "paged": []}
+    with torch.inference_mode():
+        for _ in range(30 if quick else 200):
+            for name, fn in (("contiguous", contiguous), ("paged", paged)):
+                t0 = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t0)
+    c, p = statistics.median(times["contiguous"]), statistics.median(times["paged"])
+    return {"preset": cfg.name, "batch": B, "context": ctx, "block_size": block, "dtype": "fp32",
+            "contiguous_ms": c * 1e3, "paged_ms": p * 1e3, "ratio": p / c, "goal": "<= 1.2"}
+
+
+def poisson_arrivals(n: int, rate: float, vocab: int, seed: int) -> list[tuple[float, Request]]:
+    rng = random.Random(seed)
+    at, out = 0.0, []
+    for i in range(n):
+        at += rng.expovariate(rate)
+        prompt = tuple(rng.randrange(vocab) for _ in range(rng.randint(16, 256)))
+        out.append((at, Request(i, prompt, max_tokens=rng.randint(8, 48))))
+    return out
+
+
+def percentiles(values: list[float]) -> dict:
+    q = statistics.quantiles(values, n=100, method="inclusive")
+    return {"p50_ms": q[49] * 1e3, "p90_ms": q[89] * 1e3, "p99_ms": q[98] * 1e3}
+
+
+def poisson_section(quick: bool) -> dict:
+    cfg = preset("tiny")
+    n, rate = (16, 8.0) if quick else (64, 8.0)
+    arrivals = poisson_arrivals(n, rate, cfg.vocab_size, seed=0)
+    engine = EngineConfig(block_size=16, num_blocks=512, max_batched_tokens=256, max_seqs=32)
+    rows = []
+    for name in ("single", "ep2", "tp2", "pp2"):
+        dep = Deployment.parse(name)
+        spec = RunSpec(cfg, dep, Workload(), seed=0)
+        fn = functools.partial(serve_rank, spec, engine, arrivals, (), clock="time")
+        if dep.world_size == 1:
+            # one thread, like each rank of the others: two threads on two busy cores measured 6x
+            # slower (their barriers wait on cores other processes hold)
+            torch.set_num_threads(1)
+            t = fn(torch.device("cpu"))
+        else:
+            t = launch(fn, dep.world_size, timeout=1800)
+        ttft = [t.token_times[i][0] - t.submitted[i] for i in t.submitted]
+        tpot = [(ts[-1] - ts[0]) / (len(ts) - 1) for ts in t.token_times.values() if len(ts) > 1]
+        generated = sum(len(v) for v in t.tokens.values())
+        prompt = sum(len(r.prompt) for _, r in arrivals)
+        rows.append({"deployment": name, "requests": n, "rate_per_s": rate,
+                     "ttft": percentiles(ttft), "tpot": percentiles(tpot),
+                     "generated_tps": generated / t.elapsed, "total_tps": (generated + prompt) / t.elapsed,
+                     "elapsed_s": t.elapsed})
+    return {"preset": cfg.name, "rows": rows}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
+    p.add_argument("--only", default="decode,attention,poisson", help="sections to run")
+    p.add_argument("--json", default=None, help="write the figures here")
+    args = p.parse_args(argv)
+    sections = {"decode": decode_section, "attention": attention_section, "poisson": poisson_section}
+    results = {}
+    for name in args.only.split(","):
+        results[name] = sections[name](args.quick)
+        print(json.dumps({name: results[name]}, indent=1), flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The scheduler's decisions (engine/scheduler.py), without a model: token budget, cap on running
+sequences, chunked prefill, FCFS admission by free blocks, preemption of the newest."""
+
+from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import EngineConfig, Scheduler
+
+
+def plan(chosen):
+    return [(seq.request.id, n) for seq, n in chosen]
+
+
+def step(s: Scheduler, token: int = 7):
+    chosen = s.schedule()
+    s.finish(chosen, {seq.request.id: token for seq, n in chosen})
+    return plan(chosen)
+
+
+def test_prompts_are_chunked_to_the_token_budget_and_decodes_go_first():
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=10), num_blocks=100)
+    s.add(Request("a", (1,) * 3, max_tokens=5))
+    s.add(Request("b", (1,) * 25, max_tokens=5))
+    assert step(s) == [("a", 3), ("b", 7)]
+    assert step(s) == [("a", 1), ("b", 9)]
+    assert step(s) == [("a", 1), ("b", 9)]   # b's prompt is done: its first token is sampled
+    assert step(s) == [("a", 1), ("b", 1)]
+
+
+def test_without_chunking_a_prompt_waits_for_a_step_with_room_for_all_of_it():
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=10, chunked_prefill=False), num_blocks=100)
+    s.add(Request("a", (1,) * 6, max_tokens=5))
+    s.add(Request("b", (1,) * 6, max_tokens=5))
+    assert step(s) == [("a", 6)]
+    assert step(s) == [("a", 1), ("b", 6)]
+
+
+def test_admission_is_fcfs_by_free_blocks_and_capped_by_max_seqs():
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=100, max_seqs=2), num_blocks=4)
+    s.add(Request("big", (1,) * 12, max_tokens=2))   # 3 blocks
+    s.add(Request("mid", (1,) * 8, max_tokens=2))    # 2 blocks: does not fit beside big
+    s.add(Request("tiny", (1,), max_tokens=2))       # would fit, but may not overtake mid
+    assert step(s) == [("big", 12)]
+    assert s.stats()["waiting"] == 2 and s.stats()["blocks_free"] == 1
+    assert step(s) == [("big", 1)]                   # big finishes: its blocks come back
+    assert step(s) == [("mid", 8), ("tiny", 1)]
+    s.add(Request("late", (1,), max_tokens=1))
+    assert ("late", 1) not in step(s)                # two running already
+
+
+def test_the_newest_running_sequence_is_preempted_and_recomputed_later():
+    s = Scheduler(EngineConfig(block_size=2, max_batched_tokens=100), num_blocks=4)
+    s.add(Request("old", (1, 2, 3), max_tokens=4))
+    s.add(Request("new", (4, 5, 6), max_tokens=4))
+    assert step(s) == [("old", 3), ("new", 3)]      # 2 blocks each, pool full
+    assert step(s) == [("old", 1), ("new", 1)]      # position 3 still fits their blocks
+    assert step(s) == [("old", 1)]                  # old needs a third block: new is preempted
+    assert s.preemptions == 1 and s.waiting[0].request.id == "new"
+    assert s.waiting[0].tokens == [4, 5, 6, 7, 7] and s.waiting[0].computed == 0
+    while s.has_work:
+        step(s)
+    assert s.stats()["blocks_free"] == 4
