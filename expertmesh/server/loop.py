@@ -39,8 +39,8 @@ def rank_counters(model: MoETransformer, rank: int) -> dict:
     """This rank's counters since the last call, which resets them."""
     exchange = {}
     for layer, d in dispatchers(model).items():
-        exchange[layer] = {"loads": d.stats.loads, "rows_sent": d.stats.rows_sent,
-                           "cross_node_bytes": d.stats.cross_node_bytes, "placement": d.placement}
+        # The stats themselves: pickling them reads loads kept on the device to host lists.
+        exchange[layer] = {"stats": d.stats, "placement": d.placement}
         d.stats = ExchangeStats()
     overflow = {}
     for name, layer in model.layers.items():

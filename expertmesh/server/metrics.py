@@ -75,10 +75,11 @@ class ServerMetrics:
         placements: dict[int, list] = {}
         for i, r in enumerate(ranks):
             for layer, x in r["exchange"].items():
-                per_layer.setdefault(layer, {})[len(per_layer.get(layer, {}))] = x["loads"]
+                stats = x["stats"]
+                per_layer.setdefault(layer, {})[len(per_layer.get(layer, {}))] = stats.loads
                 placements[layer] = x["placement"]
-                self.exchanged.inc(x["rows_sent"] * self.row_bytes)
-                self.cross_node.inc(x["cross_node_bytes"])
+                self.exchanged.inc(stats.rows_sent * self.row_bytes)
+                self.cross_node.inc(stats.cross_node_bytes)
             if self.tp > 1 and i % self.tp:  # TP peers see the same tokens: count them once
                 continue
             for counts in r["overflow"].values():
