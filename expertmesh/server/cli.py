@@ -99,6 +99,44 @@ def _eos(path: str) -> tuple[int, ...]:
     return tuple(ids) if isinstance(ids, list) else (int(ids),)
 
 
+def cmd_bench_serve(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from expertmesh.server.bench import BenchConfig, parse_range, plot, run_bench, write_json
+
+    cfg = BenchConfig(url=args.url, num_prompts=args.num_prompts, rate=args.rate,
+                      input_len=parse_range(args.input_len, "--input-len"),
+                      output_len=parse_range(args.output_len, "--output-len"), seed=args.seed,
+                      model=args.model, endpoint=args.endpoint, tokenizer=args.tokenizer, vocab=args.vocab,
+                      ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=args.timeout)
+    console = Console()
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"{cfg.num_prompts} requests at {cfg.rate} req/s", total=cfg.num_prompts)
+        result = run_bench(cfg, on_done=lambda: progress.advance(task))
+    table = Table(title=f"expertmesh bench serve: {result['model']} at {cfg.url}, {cfg.num_prompts} "
+                        f"requests at {cfg.rate} req/s")
+    for col in ("metric", "mean", "p50", "p90", "p99"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        row = result[f"{name}_s"]
+        table.add_row(f"{name.upper()} (ms)", *["-" if row[k] is None else f"{row[k] * 1e3:.1f}"
+                                                for k in ("mean", "p50", "p90", "p99")])
+    console.print(table)
+    console.print(f"completed {result['completed']} / {cfg.num_prompts} in {result['duration_s']:.2f} s: "
+                  f"{result['request_throughput']:.2f} req/s, {result['output_token_throughput']:.1f} "
+                  f"output tok/s, {result['total_token_throughput']:.1f} total tok/s" +
+                  (f", goodput {result['goodput']:.2f} req/s" if result["goodput"] is not None else ""))
+    for error in result["errors"]:
+        console.print(f"[red]failed request: {error}[/red]")
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return 1 if result["failed"] else 0
+
+
 def add_commands(sub) -> None:
     serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the serving engine")
     serve.add_argument("--preset", default="tiny", help="model preset (token-id prompts only)")
@@ -134,3 +172,26 @@ def add_commands(sub) -> None:
     serve.add_argument("--overflow", default="drop", choices=("drop", "reroute"),
                        help="with --capacity-factor: drop or reroute assignments over capacity")
     serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks against a running server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    load = bench_sub.add_parser("serve", help="a load test of an OpenAI-compatible server: Poisson "
+                                "arrivals, streamed answers, TTFT / TPOT / ITL percentiles, goodput")
+    load.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's base URL")
+    load.add_argument("--num-prompts", type=int, default=100)
+    load.add_argument("--rate", type=float, default=float("inf"),
+                      help="requests per second, Poisson arrivals (inf: all at once)")
+    load.add_argument("--input-len", default="128", help="prompt tokens: N or LOW:HIGH")
+    load.add_argument("--output-len", default="64", help="generated tokens: N or LOW:HIGH")
+    load.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
+    load.add_argument("--model", default=None, help="model name (default: the server's first)")
+    load.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
+    load.add_argument("--tokenizer", default=None,
+                      help="a tokenizer directory: send the text of the random ids instead of ids")
+    load.add_argument("--vocab", type=int, default=100, help="prompt ids are drawn from 1 .. vocab-1")
+    load.add_argument("--ttft-slo", type=float, default=None, help="seconds, for goodput")
+    load.add_argument("--tpot-slo", type=float, default=None, help="seconds, for goodput")
+    load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    load.add_argument("--json", default=None, help="write the summary and every request's times here")
+    load.add_argument("--plot", default=None, help="write CDFs of TTFT, TPOT and ITL to this PNG")
+    load.set_defaults(func=cmd_bench_serve)
