@@ -14,6 +14,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,6 +29,7 @@ pytest.importorskip("fastapi")
 transformers = pytest.importorskip("transformers")
 
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
+from expertmesh.cli import main  # noqa: E402
 from expertmesh.launch import free_port  # noqa: E402
 from test_reliability import processes_tagged, tagged_env  # noqa: E402
 
@@ -241,7 +243,7 @@ def test_client_that_leaves_mid_stream_has_its_request_aborted_and_blocks_freed(
         time.sleep(0.2)
 
 
-def test_sigterm_finishes_in_flight_requests_refuses_new_ones_and_exits_0(server, hf_model):
+def test_sigterm_lets_in_flight_requests_finish_then_stops_listening_and_exits_0(server, hf_model):
     """Stops the module's server: runs last of the tests that use it."""
     prompt = [9, 8, 7]
     stream = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=60,
@@ -301,6 +303,34 @@ def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(sm
     with pytest.raises((openai.APIError, httpx.HTTPError)):
         for _ in stream:
             pass
+    try:  # rank 0 says so until the launcher, seeing rank 1 dead, stops it too
+        assert small_server.get("/health").status_code == 503
+    except httpx.ConnectError:
+        pass
     assert small_server.proc.wait(60) == 1
     assert re.search(r"error: rank 1 failed: process died from signal SIGKILL", small_server.output())
     assert processes_tagged(small_server.tag) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--deployment", "ep3"], "ep"),
+    (["--kv-cache-gb", "0.000001"], "--kv-cache-gb"),
+    (["--max-seqs", "0"], "max-seqs"),
+    (["--max-waiting", "-1"], "--max-waiting"),
+    (["--timeout", "0"], "--timeout"),
+    (["--grace", "-1"], "--grace"),
+    (["--a2a-chunks", "x", "--deployment", "ep2"], "--a2a-chunks"),
+])
+def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, capsys):
+    assert main(["serve", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_an_address_in_use_is_an_error_before_any_rank_starts(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and "--port" in err

@@ -60,6 +60,9 @@ def cmd_serve(args) -> int:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
             fn(torch.device("cpu"))
             return 0
+        if under_torchrun():  # this process is a rank: rank 0 answers the signals itself
+            launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
+            return 0
         previous = {s: signal.signal(s, _forward_to_ranks) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
