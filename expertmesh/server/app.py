@@ -79,6 +79,7 @@ class TextStream:
         hits = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if hits:
             text, self.stopped, last = text[:max(min(hits), self.sent)], True, True
+        # An incomplete UTF-8 character decodes to U+FFFD: hold it back until the rest arrives.
         end = len(text) if last else max(self.sent, len(text) - self.hold - text.endswith("\ufffd"))
         delta, self.sent = text[self.sent:end], end
         return delta
