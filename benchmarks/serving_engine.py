@@ -9,6 +9,8 @@
    attention (rows of a preallocated cache) at 1k context, one process; goal ratio <= 1.2.
 3. poisson: requests arriving as a Poisson process (random prompt and output lengths) served
    by single, ep2, tp2, pp2: TTFT and TPOT percentiles, generated and total tokens per second.
+4. soak: thousands of steps of requests coming, going and aborted (one process): resident
+   memory must stay flat and every KV block be free at the end.
 
 Repetitions are interleaved (every variant once per round) and medians reported.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import random
 import statistics
 import sys
@@ -41,6 +44,7 @@ from expertmesh.launch import launch  # noqa: E402
 from expertmesh.model.attention import Attention, Contiguous, KVCache  # noqa: E402
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView, Workspace  # noqa: E402
 from expertmesh.model.synthetic import materialize  # noqa: E402
+from expertmesh.model.transformer import build_model  # noqa: E402
 
 
 def decode_rank(spec: RunSpec, reps: int, device: torch.device) -> list[dict] | None:
@@ -68,7 +72,7 @@ def decode_rank(spec: RunSpec, reps: int, device: torch.device) -> list[dict] | 
 
 def decode_section(quick: bool) -> dict:
     cfg = preset("small")
-    B, P, G = (8, 64, 16) if quick else (16, 256, 24)
+    B, P, G = (8, 64, 16) if quick else (16, 128, 24)
     spec = RunSpec(cfg, Deployment.parse("ep2"), Workload(batch_size=B, prompt_len=P, gen_len=G, seed=1))
     spec.validate(2)
     runs = launch(functools.partial(decode_rank, spec, 2 if quick else 3), 2, timeout=1800)
@@ -156,13 +160,49 @@ def poisson_section(quick: bool) -> dict:
     return {"preset": cfg.name, "rows": rows}
 
 
+def rss_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def soak_section(quick: bool) -> dict:
+    """Thousands of steps of requests coming and going (one process): resident memory after the
+    first `settle` steps and at the end, and the pool entirely free once the stream ends."""
+    cfg = preset("tiny")
+    steps, settle = (300, 100) if quick else (3000, 300)
+    rng = random.Random(0)
+    arrivals, i = [], 0
+    for step in range(steps):
+        for _ in range(rng.choice((0, 0, 1, 2))):
+            prompt = tuple(rng.randrange(cfg.vocab_size) for _ in range(rng.randint(1, 64)))
+            arrivals.append((step, Request(i, prompt, max_tokens=rng.randint(1, 32))))
+            i += 1
+    aborts = [(at + 3, r.id) for at, r in arrivals[::10]]
+    torch.set_num_threads(1)
+    model = materialize(build_model(cfg), 0, cfg.torch_dtype, torch.device("cpu"))
+    engine = Engine(model, cfg, Deployment(), EngineConfig(block_size=16, num_blocks=40,
+                                                           max_batched_tokens=128, max_seqs=16))
+    rss = {}
+
+    def on_step(t) -> None:
+        if t.steps in (settle, steps):
+            rss[t.steps] = rss_bytes()
+
+    t = serve(engine, arrivals, aborts, on_step=on_step)
+    return {"steps": t.steps, "requests": len(arrivals), "aborted": len(aborts),
+            "preemptions": engine.scheduler.preemptions, "rss_settled_mib": rss[settle] / 2**20,
+            "rss_end_mib": rss[steps] / 2**20, "growth_mib": (rss[steps] - rss[settle]) / 2**20,
+            "blocks_free_at_end": t.rank_stats[0]["blocks_free"], "blocks": engine.num_blocks}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
-    p.add_argument("--only", default="decode,attention,poisson", help="sections to run")
+    p.add_argument("--only", default="decode,attention,poisson,soak", help="sections to run")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
-    sections = {"decode": decode_section, "attention": attention_section, "poisson": poisson_section}
+    sections = {"decode": decode_section, "attention": attention_section, "poisson": poisson_section,
+                "soak": soak_section}
     results = {}
     for name in args.only.split(","):
         results[name] = sections[name](args.quick)

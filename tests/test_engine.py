@@ -99,3 +99,41 @@ def test_new_requests_go_to_the_rank_with_most_free_blocks_then_the_shortest_que
     # equal ranks fill round-robin; a big prompt uses up its rank's lead
     assert assign_ranks([1, 1, 1, 1], [stats(8, 0), stats(8, 0)]) == [0, 1, 0, 1]
     assert assign_ranks([6, 1, 1], [stats(10, 0), stats(8, 0)]) == [0, 1, 1]
+
+
+def test_the_pool_is_sized_from_the_memory_budget_on_the_rank_with_most_kv_per_block():
+    from expertmesh.config import preset
+    from expertmesh.engine.engine import pool_blocks
+
+    cfg = preset("tiny")  # 4 layers, 8 KV heads x 32, fp32
+    per_layer_block = 2 * 16 * 8 * 32 * 4  # k and v of 16 tokens
+    budget = EngineConfig(block_size=16, kv_cache_gb=1.0)
+    assert pool_blocks(cfg, Deployment(), budget) == 2**30 // (4 * per_layer_block)
+    assert pool_blocks(cfg, Deployment(ep=4), budget) == 2**30 // (4 * per_layer_block)
+    assert pool_blocks(cfg, Deployment(tp=2), budget) == 2**30 // (4 * per_layer_block // 2)
+    assert pool_blocks(cfg, Deployment(pp=3), budget) == 2**30 // (2 * per_layer_block)  # 2+1+1 layers
+    assert pool_blocks(cfg, Deployment(), EngineConfig(num_blocks=7)) == 7
+    with pytest.raises(ValueError, match="holds no KV block"):
+        pool_blocks(cfg, Deployment(), EngineConfig(kv_cache_gb=1e-9))
+
+
+def test_eos_ids_come_from_generation_config_else_config(tmp_path):
+    import json
+
+    from expertmesh.checkpoint.hf_config import eos_ids
+
+    assert eos_ids(tmp_path) == ()
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": 2}))
+    assert eos_ids(tmp_path) == (2,)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 32000]}))
+    assert eos_ids(tmp_path) == (2, 32000)
+
+
+def test_an_aborted_id_can_be_reused_at_once(model):
+    engine = make_engine(model, num_blocks=16, block_size=4)
+    engine.add_request(Request("a", (1, 2, 3), max_tokens=5))
+    engine.step()
+    engine.abort("a")
+    engine.add_request(Request("a", (4, 5), max_tokens=2))
+    tokens = [o.token for o in engine.step() + engine.step()]
+    assert tokens == naive_tokens(model, (4, 5), 2) and not engine.has_work

@@ -39,9 +39,9 @@ def small(model):
     return Mixed(model, n=20, max_prompt=120, max_new=6, spread=8, n_aborts=2, seed=3)
 
 
-def serve_on(deployment: str, work: Mixed, engine: EngineConfig):
+def serve_on(deployment: str, work: Mixed, engine: EngineConfig, n_micro: int | None = None):
     dep = Deployment.parse(deployment)
-    spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED)
+    spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED, n_micro=n_micro)
     spec.validate(dep.world_size)
     fn = functools.partial(serve_rank, spec, engine, work.arrivals, work.aborts, eos=(work.eos,))
     if dep.world_size == 1:
@@ -67,3 +67,8 @@ def test_deployment_serves_each_request_its_reference_tokens(deployment, engine,
 def test_sixteen_rank_deployments_serve_each_request_its_reference_tokens(deployment, small):
     engine = EngineConfig(num_blocks=20, block_size=8, max_batched_tokens=64, max_seqs=4)
     small.check(serve_on(deployment, small, engine), engine.num_blocks)
+
+
+@pytest.mark.parametrize("deployment, n_micro", [("pp2", 3), ("ep2pp2", 2)])
+def test_pipeline_micro_batches_within_a_step_change_no_token(deployment, n_micro, mixed):
+    mixed.check(serve_on(deployment, mixed, PREEMPTING, n_micro), PREEMPTING.num_blocks)

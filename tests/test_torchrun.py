@@ -1,15 +1,18 @@
 """Under torchrun: two agents on loopback act as two nodes of two ranks each (c10d rendezvous),
-run `expertmesh.cli run` across them and produce the single-process reference's tokens; a rank
-killed mid-decode ends the whole job, on both nodes, non-zero, within the timeout, leaving no
-process; and a torchrun rank that stalls is stopped by its own --timeout watchdog.
+run `expertmesh.cli run` across them and produce the single-process reference's tokens, and
+serve a staggered stream of requests (`torchrun_serve.py`) with each request's reference
+tokens; a rank killed mid-decode ends the whole job, on both nodes, non-zero, within the
+timeout, leaving no process; and a torchrun rank that stalls is stopped by its own --timeout
+watchdog.
 
-These are the expensive tests (every process imports torch): three torchrun launches in all.
+These are the expensive tests (every process imports torch): four torchrun launches in all.
 """
 
 import json
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -66,6 +69,35 @@ def test_two_torchrun_nodes_reproduce_the_reference(tmp_path, reference_tokens, 
     if deployment == "ep4":  # torchrun's LOCAL_WORLD_SIZE made the topology 2 nodes x 2
         assert (result["exchange"]["nodes"], result["exchange"]["gpus_per_node"]) == (2, 2)
         assert result["exchange"]["cross_node_bytes"] > 0
+    assert processes_tagged(tag) == []
+
+
+def test_two_torchrun_nodes_serve_a_staggered_stream_with_the_reference_tokens(tmp_path):
+    """The engine's control path across nodes: requests arrive at rank 0 over several steps, go
+    to the EP ranks of both nodes, one is aborted; every finished request has the tokens of the
+    single-device model generating it alone, and every rank's pool ends free."""
+    import torchrun_serve
+    from serving import naive_tokens
+    from expertmesh.model.transformer import reference_model
+
+    out = tmp_path / "serve.json"
+    env, tag = tagged_env()
+    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]
+    script = str(Path(__file__).with_name("torchrun_serve.py"))
+    codes = torchrun_two_nodes([script, "ep4", str(out)], env, logs, limit_s=180)
+    text = "\n".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
+    assert codes == [0, 0], text
+    data = json.loads(out.read_text())
+    model = reference_model(preset("tiny"), seed=0)
+    for _, request in torchrun_serve.arrivals(preset("tiny").vocab_size):
+        got = data["tokens"][str(request.id)]
+        want = naive_tokens(model, request.prompt, request.max_tokens)
+        if request.id == torchrun_serve.ABORTED:
+            assert got == want[:len(got)]
+        else:
+            assert got == want and data["finished"][str(request.id)] == "length"
+    assert len(data["rank_stats"]) == 4
+    assert all(s["blocks_free"] == torchrun_serve.ENGINE.num_blocks for s in data["rank_stats"])
     assert processes_tagged(tag) == []
 
 

@@ -101,3 +101,15 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
         fields.update(n_experts=g("num_experts"), expert_hidden=g("intermediate_size"),
                       renormalize=bool(raw.get("norm_topk_prob", False)), qk_norm=True)
     return ModelConfig(**fields)
+
+
+def eos_ids(path: str | Path) -> tuple[int, ...]:
+    """The end-of-sequence token ids of checkpoint directory `path`: `eos_token_id` (an id or a
+    list) of `generation_config.json`, else of `config.json`; () when neither names one."""
+    for name in ("generation_config.json", "config.json"):
+        file = Path(path) / name
+        if file.is_file():
+            value = json.loads(file.read_text()).get("eos_token_id")
+            if value is not None:
+                return tuple(value) if isinstance(value, list) else (int(value),)
+    return ()

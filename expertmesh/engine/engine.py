@@ -67,12 +67,12 @@ def assign_ranks(prompt_blocks: list[int], stats: list[dict]) -> list[int]:
 class Engine:
     def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
                  engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
-                 eos: tuple[int, ...] = (), record_logits: bool = False):
+                 eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1):
         self.cfg, self.deployment, self.rank = cfg, deployment, rank
         self.num_blocks = pool_blocks(cfg, deployment, engine)
         self.scheduler = Scheduler(engine, self.num_blocks, eos)
-        self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits)
-        stage, inner = deployment.coords(rank)
+        self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro)
+        inner = deployment.coords(rank)[1]
         self.dp = inner if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)
         self.distributed = dist.is_initialized()
@@ -130,11 +130,11 @@ class Engine:
             self.stopped = True
             self.runner.close()
             return []
+        for request_id in message["aborts"]:  # before the new ones, which may reuse an aborted id
+            self.scheduler.abort(request_id)
         for dp, request in message["new"]:
             if dp == self.dp:
                 self.scheduler.add(request)
-        for request_id in message["aborts"]:
-            self.scheduler.abort(request_id)
         faults.at_step(self.runner.steps, self.runner.model)  # test-only; nothing unless asked
         chosen = self.scheduler.schedule()
         sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen))

@@ -1,4 +1,9 @@
-"""The prefill / decode loop of one rank, the same for every deployment.
+"""The static prefill / decode loop of one rank (equal prompts, a contiguous KV cache), the same
+for every deployment, and the finite check and stage links the serving engine shares with it.
+
+`run` and `compare` serve through the engine (`engine/engine.py`); this loop remains what the
+simulator's calibration times and the baseline `benchmarks/serving_engine.py` measures the
+engine against.
 
 A rank runs the layers it holds for the sequences it owns, in micro-batches. On a single device
 that is the whole model and the whole batch in one micro-batch. Under pipeline parallelism the

@@ -1,10 +1,12 @@
-"""One rank's forward of an engine step: the scheduler's choice -> a ragged batch -> tokens.
+"""One rank's forward of an engine step: the scheduler's choice -> ragged batches -> tokens.
 
-Every rank of a deployment runs exactly one `Runner.forward` per engine step, also with no
-sequence (N = 0), so that the collectives inside the model (the EP token exchange, the TP
-all-reduces) always match across ranks. Pipeline stages pass hidden states `[N, D]` of the whole
-step's batch to the next stage (one batch in flight per step); every stage knows N from its own
-replica of the scheduler. The last stage samples.
+Every rank of a deployment runs the same number of forwards per engine step (`n_micro`), also
+with no sequence (N = 0), so that the collectives inside the model (the EP token exchange, the
+TP all-reduces) always match across ranks. The step's sequences are split into `n_micro`
+contiguous micro-batches (by sequence, so capacity per sequence is unchanged); pipeline stages
+pass each micro-batch's hidden states `[N_m, D]` to the next stage as soon as it is done, so
+stage s + 1 works on micro-batch m while stage s works on m + 1. Every stage knows each N_m from
+its own replica of the scheduler. The last stage samples.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, Workspace
 from expertmesh.model.transformer import MoETransformer
+from expertmesh.split import split_evenly
 from expertmesh.trace import span
 
 
 class Runner:
     def __init__(self, model: MoETransformer, num_blocks: int, block_size: int,
-                 links: StageLinks | None = None, record_logits: bool = False):
-        self.model, self.block_size = model, block_size
+                 links: StageLinks | None = None, record_logits: bool = False, n_micro: int = 1):
+        self.model, self.block_size, self.n_micro = model, block_size, n_micro
         self.links = links or SingleStage()
         self.pools = model.make_pools(num_blocks, block_size)
         ref = next(model.parameters())
@@ -37,39 +40,46 @@ class Runner:
         return sum(p.nbytes for p in self.pools.values())
 
     def forward(self, chosen: list[tuple[Sequence, int]], sampled: list[bool]) -> dict | None:
-        """Run the step's batch through the layers held here. On the last stage returns
+        """Run the step's sequences through the layers held here. On the last stage returns
         {request id: (token, logits [V] or None)} for the sequences in `sampled`; else None."""
-        batch = PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
-                           self.device, self.workspace)
-        N = batch.n_tokens
-        links = self.links
+        result = {} if self.links.is_last else None
         with torch.inference_mode():
-            if links.is_first:
-                ids = [t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]]
-                x = torch.tensor(ids, dtype=torch.long, device=self.device)
-            elif N:
-                x = links.recv_hidden(0, (N, self.model.cfg.d_model), self.dtype)
-            else:
-                x = torch.zeros(0, self.model.cfg.d_model, dtype=self.dtype, device=self.device)
-            out = self.model.forward_paged(x, self.pools, batch)
-            result = None
-            if not links.is_last:
-                if N:
-                    links.send_hidden(0, out)
-            else:
-                rows = [i for i, s in enumerate(sampled) if s]
-                logits = out[rows]
-                self.finite.add(FiniteCheck.LOGITS, logits)
-                reqs = [chosen[i][0] for i in rows]
-                with span("sample"):
-                    tokens = sample_requests(logits, [s.request.temperature for s in reqs],
-                                             [s.request.top_p for s in reqs], [s.request.seed for s in reqs],
-                                             [s.generated for s in reqs])
-                kept = logits.float().cpu() if self.record_logits else [None] * len(rows)
-                result = {s.request.id: (t, row) for s, t, row in zip(reqs, tokens, kept)}
+            for m, part in enumerate(split_evenly(len(chosen), self.n_micro)):
+                logits = self._micro(m, chosen[part])
+                if result is not None:
+                    result.update(self._sample(chosen[part], sampled[part], logits))
             self.finite.check(self.steps)
         self.steps += 1
         return result
+
+    def _micro(self, m: int, chosen: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+        batch = PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
+                           self.device, self.workspace)
+        N, links, D = batch.n_tokens, self.links, self.model.cfg.d_model
+        if links.is_first:
+            ids = [t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]]
+            x = torch.tensor(ids, dtype=torch.long, device=self.device)
+        elif N:
+            x = links.recv_hidden(m, (N, D), self.dtype)
+        else:
+            x = torch.zeros(0, D, dtype=self.dtype, device=self.device)
+        out = self.model.forward_paged(x, self.pools, batch)
+        if links.is_last:
+            return out
+        if N:
+            links.send_hidden(m, out)
+        return None
+
+    def _sample(self, chosen: list[tuple[Sequence, int]], sampled: list[bool], logits: torch.Tensor) -> dict:
+        rows = [i for i, s in enumerate(sampled) if s]
+        logits = logits[rows]
+        self.finite.add(FiniteCheck.LOGITS, logits)
+        reqs = [chosen[i][0].request for i in rows]
+        with span("sample"):
+            tokens = sample_requests(logits, [r.temperature for r in reqs], [r.top_p for r in reqs],
+                                     [r.seed for r in reqs], [chosen[i][0].generated for i in rows])
+        kept = logits.float().cpu() if self.record_logits else [None] * len(rows)
+        return {r.id: (t, row) for r, t, row in zip(reqs, tokens, kept)}
 
     def close(self) -> None:
         self.links.finish()

@@ -17,6 +17,7 @@ import torch.distributed as dist
 
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
+from expertmesh.checkpoint.hf_config import eos_ids
 from expertmesh.checkpoint.loader import load_checkpoint
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.load import load_summary
@@ -156,13 +157,17 @@ def load_rank(spec: RunSpec, device: torch.device) -> tuple[MoETransformer, Pipe
 
 
 def serve_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list = (),
-               device: torch.device = torch.device("cpu"), eos: tuple[int, ...] = (),
+               device: torch.device = torch.device("cpu"), eos: tuple[int, ...] | None = None,
                clock: str = "step", record_logits: bool = False) -> Transcript | None:
     """Serve `arrivals` / `aborts` (see `engine/serve.py`) with `spec`'s model and deployment, as
-    this rank of the default process group; rank 0 returns the transcript."""
+    this rank of the default process group; rank 0 returns the transcript. `eos`: the
+    checkpoint's EOS ids when None."""
+    if eos is None:
+        eos = eos_ids(spec.checkpoint) if spec.checkpoint else ()
     model, links, _ = load_rank(spec, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
-    eng = Engine(model, spec.cfg, spec.deployment, engine, rank, links, eos, record_logits)
+    eng = Engine(model, spec.cfg, spec.deployment, engine, rank, links, eos, record_logits,
+                 spec.micro_batches)
     return serve(eng, arrivals, aborts, clock)
 
 
@@ -193,7 +198,7 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
 
     def engine(requests: list[Request], record_logits: bool = False) -> Engine:
         return Engine(model, spec.cfg, dep, static_engine(requests, dep), rank, links,
-                      record_logits=record_logits)
+                      record_logits=record_logits, n_micro=spec.micro_batches)
 
     if spec.warmup:
         warm = dataclasses.replace(w, prompt_ids=None, prompt_len=min(WARMUP_PROMPT, w.prompt_len))

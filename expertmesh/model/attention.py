@@ -7,7 +7,8 @@ The attention module projects and rotates; where keys and values are kept and wh
 query sees is the job of the KV view it is given: `Contiguous` (rows of a preallocated
 `KVCache`, or no cache at all) or `PagedView` (`model/paged.py`: a ragged batch of sequences
 over a pool of fixed-size blocks). A view has `positions(L)` (`[L]` int64, the position of each
-new token) and `attend(q, k, v)` (store k, v; return the attention output).
+new token), `attend(q, k, v)` (store k, v; return the attention output) and `seq_lens` (the
+lengths of the consecutive sequences of a ragged batch; None when each row is a sequence).
 """
 
 from __future__ import annotations
@@ -57,6 +58,8 @@ class KVCache:
 class Contiguous:
     """Equal-length sequences at rows `rows` of `cache`, new positions start .. start+L-1; with no
     cache, the sequences of `x` alone (start must be 0)."""
+
+    seq_lens = None
 
     def __init__(self, cache: KVCache | None, rows: slice = slice(None), start: int = 0):
         if cache is None and start != 0:

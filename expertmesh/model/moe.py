@@ -88,7 +88,7 @@ class GroupedExperts(nn.Module):
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 parts = a[:sum(splits)].split(splits)
-                return torch.cat([p @ w[e].T for e, p in enumerate(parts)])
+                return torch.cat([F.linear(p, w[e]) for e, p in enumerate(parts)])  # faster than p @ w.T on CPU
 
         if self.kind == "swiglu":
             h = F.silu(mm(x, self.w_gate)) * mm(x, self.w_up)

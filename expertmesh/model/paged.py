@@ -105,6 +105,7 @@ class PagedView:
 
     def __init__(self, pool: KVPool, batch: PagedBatch):
         self.pool, self.batch = pool, batch
+        self.seq_lens = batch.seq_lens
 
     def positions(self, L: int, device: torch.device) -> torch.Tensor:
         return self.batch.positions

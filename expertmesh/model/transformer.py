@@ -39,7 +39,9 @@ class DecoderLayer(nn.Module):
         """x `[b, L, D]` with a KV view (`model/attention.py`) -> `[b, L, D]`."""
         with span("attention"):
             x = x + self.attn(self.attn_norm(x), kv)
-        return x + self.moe(self.moe_norm(x))
+        if kv.seq_lens is None:  # each row of x is one sequence
+            return x + self.moe(self.moe_norm(x))
+        return x + self.moe(self.moe_norm(x)[0], kv.seq_lens).unsqueeze(0)  # a ragged batch, b = 1
 
 
 class MoETransformer(nn.Module):
