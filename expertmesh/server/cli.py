@@ -10,17 +10,16 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import multiprocessing as mp
 import os
 import signal
 import socket
 import sys
-from pathlib import Path
 
 import torch
 
-from expertmesh.checkpoint import has_tokenizer, read_hf_config
+from expertmesh.checkpoint import has_tokenizer
+from expertmesh.checkpoint.hf_config import eos_ids
 from expertmesh.deployment import Deployment
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
@@ -36,7 +35,7 @@ def cmd_serve(args) -> int:
 
     deployment = Deployment.parse(args.deployment)
     run_args = argparse.Namespace(**vars(args), prompt=None, prompt_ids=None, batch=1, prompt_len=1,
-                                  gen_len=1, temperature=0.0, top_p=1.0, micro_batches=None,
+                                  gen_len=1, temperature=0.0, top_p=1.0,
                                   record_routing=None, trace=None, redundant_experts=0, routing=None)
     spec = _spec(run_args, deployment)
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
@@ -50,7 +49,7 @@ def cmd_serve(args) -> int:
                          f"pip install -e '.[serve]'") from None
     tokenizer = args.model if args.model and has_tokenizer(args.model) else None
     options = ServeOptions(host=args.host, port=args.port, name=args.served_model_name or spec.cfg.name,
-                           tokenizer=tokenizer, eos=_eos(args.model) if args.model else (),
+                           tokenizer=tokenizer, eos=eos_ids(args.model) if args.model else (),
                            max_waiting=args.max_waiting, grace_s=args.grace, timeout_s=args.timeout)
     if not under_torchrun() or os.environ.get("RANK") == "0":
         _check_address(args.host, args.port)
@@ -90,16 +89,6 @@ def _check_address(host: str, port: int) -> None:
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
                          f"--port or --host") from None
-
-
-def _eos(path: str) -> tuple[int, ...]:
-    """The checkpoint's end-of-sequence ids: generation_config.json's, else config.json's."""
-    generation = Path(path) / "generation_config.json"
-    raw = json.loads(generation.read_text()) if generation.is_file() else {}
-    ids = raw.get("eos_token_id", read_hf_config(path).get("eos_token_id"))
-    if ids is None:
-        return ()
-    return tuple(ids) if isinstance(ids, list) else (int(ids),)
 
 
 def cmd_bench_serve(args) -> int:
@@ -158,6 +147,8 @@ def add_commands(sub) -> None:
     serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank (overrides --kv-cache-gb)")
     serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
     serve.add_argument("--max-seqs", type=int, default=64, help="running sequences per data-parallel rank")
+    serve.add_argument("--micro-batches", type=int, default=None,
+                       help="pipeline micro-batches per engine step (default: pp)")
     serve.add_argument("--max-waiting", type=int, default=256,
                        help="requests waiting for their first token before new ones get 429")
     serve.add_argument("--grace", type=float, default=30.0,

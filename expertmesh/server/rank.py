@@ -72,7 +72,8 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     model, links, _ = load_rank(spec, device)
-    engine = Engine(model, spec.cfg, spec.deployment, engine_cfg, rank, links, options.eos)
+    engine = Engine(model, spec.cfg, spec.deployment, engine_cfg, rank, links, options.eos,
+                    n_micro=spec.micro_batches)
     if rank != 0:
         follow(engine, model)
         return
