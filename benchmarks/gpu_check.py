@@ -48,7 +48,7 @@ from expertmesh.engine import worker
 from expertmesh.engine.generate import generate
 from expertmesh.engine.worker import RunSpec, run_rank
 from expertmesh.launch import free_port
-from expertmesh.model.attention import KVCache
+from expertmesh.model.attention import Contiguous, KVCache
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import DecoderLayer, build_model
 from expertmesh.parallel.expert import apply_expert_parallel
@@ -194,12 +194,12 @@ def paper_layer(s: Sizes, device: torch.device, dtype: torch.dtype, grouped: boo
     out = {"build_s": t_build, "grouped_mm": grouped}
     with torch.inference_mode(), loop:
         x = torch.randn(1, s.prefill_tokens, cfg.d_model, generator=gen).to(device, dtype)
-        out["prefill_s"] = median_time(lambda: layer(x, None, slice(None), 0), device, s.reps)
+        out["prefill_s"] = median_time(lambda: layer(x, Contiguous(None)), device, s.reps)
         out["prefill_tokens"] = s.prefill_tokens
         cache = KVCache(s.decode_batch, s.kv_len + 1, cfg.n_kv_heads, cfg.head_dim, dtype, device)
         step = torch.randn(s.decode_batch, 1, cfg.d_model, generator=gen).to(device, dtype)
-        out["decode_step_s"] = median_time(lambda: layer(step, cache, slice(None), s.kv_len), device,
-                                           s.reps)
+        at_kv_len = Contiguous(cache, slice(None), s.kv_len)
+        out["decode_step_s"] = median_time(lambda: layer(step, at_kv_len), device, s.reps)
         out["decode_batch"], out["kv_len"] = s.decode_batch, s.kv_len
     del layer
     return out
