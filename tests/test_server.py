@@ -334,3 +334,30 @@ def test_an_address_in_use_is_an_error_before_any_rank_starts(capsys):
         assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
     err = capsys.readouterr().err
     assert "cannot listen on 127.0.0.1" in err and "--port" in err
+
+
+def test_under_torchrun_rank_0_serves_and_sigterm_stops_every_rank(checkpoint, hf_model, tmp_path):
+    env, tag = tagged_env()
+    port = free_port()
+    with open(tmp_path / "torchrun.log", "w+") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc-per-node", "2", "-m", "expertmesh.cli", "serve", "--model",
+                                  str(checkpoint), "--deployment", "ep2", "--port", str(port),
+                                  "--num-blocks", "64"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            deadline = time.monotonic() + START_S
+            while True:
+                try:
+                    client.models.list()
+                    break
+                except openai.APIConnectionError:
+                    log.seek(0)
+                    assert agent.poll() is None and time.monotonic() < deadline, log.read()
+                    time.sleep(0.5)
+            r = client.completions.create(model="tinyqwen", prompt=[3, 1, 4, 1, 5], max_tokens=6, temperature=0)
+            assert r.choices[0].token_ids == expected(hf_model, [3, 1, 4, 1, 5], 6)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(90)
+    assert processes_tagged(tag) == []
