@@ -280,10 +280,11 @@ def test_text_needs_a_tokenizer(small_server):
 
 def test_full_queue_is_a_429_at_once(small_server):
     client = small_server.client
-    running = [client.completions.create(model="bare", prompt=[i + 1] * 8, max_tokens=150,
-                                         temperature=0, stream=True) for i in range(2)]
-    for stream in running:  # both EP ranks run one sequence each
-        next(iter(stream))
+    running = []
+    for i in range(2):  # both EP ranks run one sequence each, past its first token
+        running.append(client.completions.create(model="bare", prompt=[i + 1] * 8, max_tokens=150,
+                                                 temperature=0, stream=True))
+        next(iter(running[-1]))
     waiting = client.completions.create(model="bare", prompt=[5] * 8, max_tokens=2, temperature=0, stream=True)
     t0 = time.monotonic()
     with pytest.raises(openai.RateLimitError):
