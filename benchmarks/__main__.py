@@ -10,6 +10,7 @@ Sections (in this order):
   overlap       the overlapped vs synchronous token exchange, EP=2 layer (overlap.py part 1)
   cross-node    cross-node bytes, flat vs hierarchical exchange, 16 ranks as 4 x 4 (overlap.py part 2)
   simulator     the simulator's predictions vs published H100 / H200 figures (sim_vs_published.py)
+  serving       expertmesh serve (single, ep2, tp2) vs transformers serve under load (serving.py)
 
 Every section interleaves its repetitions and reports medians. Prints the tables, writes
 DIR/results.json and one PNG per section. A peer that is not installed (`pip install -e .[peers]`)
@@ -32,11 +33,12 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from benchmarks import deployments, moe_block, overlap, peers, report
+from benchmarks import deployments, moe_block, overlap, peers, report, serving
 from benchmarks.peers import Dims, col, section
 from expertmesh.config import Workload, preset
 
-SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap", "cross-node", "simulator")
+SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap", "cross-node", "simulator",
+            "serving")
 SMALL = Dims(d_model=1024, experts=8, top_k=2, hidden=2816)  # the `small` preset's MoE layer
 TINY = Dims(d_model=64, experts=4, top_k=2, hidden=128)
 
@@ -80,7 +82,7 @@ def steps(name: str, p: Profile) -> int:
     """Progress steps of a section (what its `progress` callback is called for)."""
     loads = len(p.dep_loads) if p.dep_loads else len(deployments.workloads(p.dep_quick))
     return {"deepspeed": len(p.ds_tokens), "transformers": len(peers.FAMILIES) * len(p.hf_tokens),
-            "efficiency": 1, "overlap": 1, "cross-node": 1, "simulator": 1,
+            "efficiency": 1, "overlap": 1, "cross-node": 1, "simulator": 1, "serving": serving.steps(p.name),
             "deployments": loads * (len(deployments.DEPLOYMENTS) * p.dep_reps + 1)}[name]
 
 
@@ -205,6 +207,8 @@ def run_section(name: str, p: Profile, progress: Callable[[], None]) -> dict:
         return benchmark_section()
     if name == "overlap":
         return overlap_section(p, progress)
+    if name == "serving":
+        return serving.serving_section(p.name, progress)
     return cross_node_section(p, progress)
 
 

@@ -27,6 +27,7 @@ from expertmesh.engine.worker import RunResult, RunSpec, refuse_off_ep, run_rank
 from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
 from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing, save_routing
 from expertmesh.place_cli import add_commands as add_place_command
+from expertmesh.server.cli import add_commands as add_server_commands
 from expertmesh.sim.cli import add_commands as add_simulator_commands
 from expertmesh.trace import write_trace
 
@@ -385,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated deployments, baseline first (default tp8pp2,ep16)")
     compare.set_defaults(func=cmd_compare)
     add_place_command(sub)
+    add_server_commands(sub)
     add_simulator_commands(sub)
     return parser
 

@@ -8,6 +8,7 @@ rounding could flip.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ import torch
 _COMMON = dict(vocab_size=128, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                num_key_value_heads=2, max_position_embeddings=256, initializer_range=0.15,
                bos_token_id=None, eos_token_id=None, pad_token_id=None)
+_CHAT_TEMPLATE = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
 _FAMILY = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM",
                 dict(intermediate_size=96, num_local_experts=4, num_experts_per_tok=2)),
@@ -34,7 +36,8 @@ def save_tiny_checkpoint(family: str, path: str | Path, fused: bool = False,
     `fused`: write the expert weights as transformers holds them in memory (stacked
     `experts.gate_up_proj [E, 2H, D]`, `experts.down_proj [E, D, H]`) instead of the per-expert
     tensors `save_pretrained` writes. `max_shard_size` splits the weights over several files with
-    an index. `tokenizer`: add a word-level `tokenizer.json` (words w0 .. w{vocab-1}).
+    an index. `tokenizer`: add a word-level `tokenizer.json` (words w0 .. w{vocab-1}) and a
+    `tokenizer_config.json` whose chat template joins the messages' contents.
     """
     import transformers
     from safetensors.torch import save_file
@@ -66,15 +69,21 @@ def _save_tokenizer(path: Path, vocab_size: int) -> None:
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece()
     tok.save(str(path / "tokenizer.json"))
+    # Without it transformers' AutoTokenizer takes the family's own tokenizer class, which does
+    # not read a word-level tokenizer.json.
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": _CHAT_TEMPLATE}
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
 
 
-def reference_greedy(path: str | Path, prompts: torch.Tensor, gen_len: int
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+def reference_greedy(path, prompts: torch.Tensor, gen_len: int) -> tuple[torch.Tensor, torch.Tensor]:
     """transformers' greedy decoding of `prompts [B, P]`: tokens `[B, gen_len]` and the logits
-    `[B, gen_len, V]` each token was chosen from (one full forward per step, no cache)."""
+    `[B, gen_len, V]` each token was chosen from (one full forward per step, no cache).
+    `path`: the checkpoint directory, or the transformers model loaded from it."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = path
+    if isinstance(path, (str, Path)):
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     ids, logits = prompts, []
     with torch.no_grad():
         for _ in range(gen_len):

@@ -1,0 +1,237 @@
+"""`expertmesh bench serve`: the client side of a load test against any OpenAI-compatible server.
+
+`num_prompts` requests with random prompts of `input_len` tokens (fixed, or drawn from a range)
+asking for exactly `output_len` tokens (greedy), sent at Poisson arrivals of `rate` requests/s
+(inf: all at once), each streamed so that every token is timed where the client receives it:
+
+- TTFT: request sent -> first token; E2E: request sent -> last token;
+- ITL: the gaps between consecutive chunks of a request;
+- TPOT: per request, (last - first token) / (tokens - 1) (`engine/metrics.py`'s definition);
+  tokens are the server's `usage` count when it sends one, else the chunks' `token_ids`, else
+  one per chunk with text;
+- throughput: completed requests and output (and prompt + output) tokens per second of the run;
+- goodput: completed requests per second whose TTFT <= `ttft_slo` and TPOT <= `tpot_slo`.
+
+Prompts are token ids, or, given a tokenizer directory, the text of random ids decoded (a server
+with its own tokenizer re-encodes it; its `usage` reports the prompt length it saw).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import random
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """input_len / output_len: (low, high) token counts, drawn uniformly per request (low == high:
+    fixed). vocab: prompt ids are drawn from [1, vocab). endpoint: completions or chat."""
+
+    url: str
+    num_prompts: int
+    rate: float
+    input_len: tuple[int, int]
+    output_len: tuple[int, int]
+    seed: int = 0
+    model: str | None = None
+    endpoint: str = "completions"
+    tokenizer: str | None = None
+    vocab: int = 100
+    ttft_slo: float | None = None
+    tpot_slo: float | None = None
+    timeout: float = 600.0
+
+    def __post_init__(self) -> None:
+        if self.num_prompts < 1:
+            raise ValueError(f"--num-prompts {self.num_prompts} must be at least 1")
+        if not self.rate > 0:
+            raise ValueError(f"--rate {self.rate} must be > 0 requests/s (inf: all at once)")
+        for name in ("input_len", "output_len"):
+            low, high = getattr(self, name)
+            if not 1 <= low <= high:
+                raise ValueError(f"--{name.replace('_', '-')} {low}:{high} must be 1 <= low <= high")
+        if self.endpoint not in ("completions", "chat"):
+            raise ValueError(f"--endpoint {self.endpoint!r}: use completions or chat")
+        if self.vocab < 2:
+            raise ValueError(f"--vocab {self.vocab} must be at least 2")
+
+
+def parse_range(text: str, flag: str) -> tuple[int, int]:
+    """"128" -> (128, 128); "64:256" -> (64, 256)."""
+    try:
+        low, _, high = text.partition(":")
+        return int(low), int(high or low)
+    except ValueError:
+        raise ValueError(f"{flag} {text!r}: give N or LOW:HIGH (token counts)") from None
+
+
+@dataclass
+class Outcome:
+    """One request as the client saw it; times in seconds since the run started."""
+
+    sent: float
+    prompt_tokens: int
+    times: list[float] = field(default_factory=list)  # when each chunk with tokens arrived
+    tokens: int = 0
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and bool(self.times)
+
+    @property
+    def ttft(self) -> float:
+        return self.times[0] - self.sent
+
+    @property
+    def tpot(self) -> float | None:
+        return (self.times[-1] - self.times[0]) / (self.tokens - 1) if self.tokens > 1 else None
+
+
+def workload(cfg: BenchConfig) -> list[tuple[float, list[int], int]]:
+    """(send time, prompt ids, max tokens) per request, from the seed alone."""
+    rng = random.Random(cfg.seed)
+    at, out = 0.0, []
+    for _ in range(cfg.num_prompts):
+        prompt = [rng.randrange(1, cfg.vocab) for _ in range(rng.randint(*cfg.input_len))]
+        out.append((at, prompt, rng.randint(*cfg.output_len)))
+        if math.isfinite(cfg.rate):
+            at += rng.expovariate(cfg.rate)
+    return out
+
+
+async def _one(client, cfg: BenchConfig, model: str, prompt, max_tokens: int, start: float,
+               outcome: Outcome, progress) -> None:
+    kwargs = dict(model=model, max_tokens=max_tokens, temperature=0, stream=True,
+                  stream_options={"include_usage": True})
+    try:
+        if cfg.endpoint == "chat":
+            text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+            stream = await client.chat.completions.create(messages=[{"role": "user", "content": text}], **kwargs)
+        else:
+            stream = await client.completions.create(prompt=prompt, **kwargs)
+        counted = None
+        async for chunk in stream:
+            now = time.perf_counter() - start
+            if chunk.usage is not None:
+                counted = chunk.usage.completion_tokens
+            if not chunk.choices:
+                continue
+            c = chunk.choices[0]
+            piece = c.delta.content if cfg.endpoint == "chat" else c.text
+            ids = getattr(c, "token_ids", None)
+            k = len(ids) if ids is not None else int(bool(piece))
+            if k:
+                outcome.times.append(now)
+                outcome.tokens += k
+        if counted is not None:
+            outcome.tokens = counted
+    except Exception as exc:  # a failed request is counted and reported, not fatal to the run
+        outcome.error = f"{type(exc).__name__}: {exc}"
+    progress()
+
+
+async def _run(cfg: BenchConfig, on_done) -> tuple[list[Outcome], float, str]:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url=cfg.url, api_key="none", max_retries=0, timeout=cfg.timeout)
+    model = cfg.model or (await client.models.list()).data[0].id
+    tokenizer = None
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    jobs = workload(cfg)
+    start = time.perf_counter()
+    outcomes, tasks = [], []
+    for at, ids, max_tokens in jobs:
+        delay = at - (time.perf_counter() - start)
+        if delay > 0:
+            await asyncio.sleep(delay)
+        prompt = tokenizer.decode(ids) if tokenizer is not None else ids
+        outcome = Outcome(time.perf_counter() - start, len(ids))
+        outcomes.append(outcome)
+        tasks.append(asyncio.create_task(_one(client, cfg, model, prompt, max_tokens, start, outcome, on_done)))
+    await asyncio.gather(*tasks)
+    duration = time.perf_counter() - start
+    await client.close()
+    return outcomes, duration, model
+
+
+def _percentiles(values: list[float]) -> dict:
+    if not values:
+        return {"mean": None, **{f"p{p}": None for p in PERCENTILES}}
+    if len(values) == 1:
+        return {"mean": values[0], **{f"p{p}": values[0] for p in PERCENTILES}}
+    cuts = statistics.quantiles(values, n=100, method="inclusive")
+    return {"mean": statistics.fmean(values), **{f"p{p}": cuts[p - 1] for p in PERCENTILES}}
+
+
+def summarize(cfg: BenchConfig, outcomes: list[Outcome], duration: float) -> dict:
+    done = [o for o in outcomes if o.ok]
+    itl = [b - a for o in done for a, b in zip(o.times, o.times[1:])]
+    output = sum(o.tokens for o in done)
+    good = [o for o in done if (cfg.ttft_slo is None or o.ttft <= cfg.ttft_slo)
+            and (cfg.tpot_slo is None or o.tpot is None or o.tpot <= cfg.tpot_slo)]
+    return {
+        "config": asdict(cfg), "duration_s": duration, "completed": len(done),
+        "failed": len(outcomes) - len(done),
+        "errors": sorted({o.error for o in outcomes if o.error})[:5],
+        "request_throughput": len(done) / duration,
+        "output_token_throughput": output / duration,
+        "total_token_throughput": (output + sum(o.prompt_tokens for o in done)) / duration,
+        "goodput": len(good) / duration if cfg.ttft_slo or cfg.tpot_slo else None,
+        "ttft_s": _percentiles([o.ttft for o in done]),
+        "tpot_s": _percentiles([o.tpot for o in done if o.tpot is not None]),
+        "itl_s": _percentiles(itl),
+        "e2e_s": _percentiles([o.times[-1] - o.sent for o in done]),
+        "requests": [asdict(o) for o in outcomes],
+    }
+
+
+def run_bench(cfg: BenchConfig, on_done=lambda: None) -> dict:
+    outcomes, duration, model = asyncio.run(_run(cfg, on_done))
+    result = summarize(cfg, outcomes, duration)
+    result["model"] = model
+    return result
+
+
+def plot(result: dict, path: str) -> None:
+    """Empirical CDFs of TTFT, TPOT and ITL (ms)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    done = [r for r in result["requests"] if r["error"] is None and r["times"]]
+    series = {
+        "TTFT": [r["times"][0] - r["sent"] for r in done],
+        "TPOT": [(r["times"][-1] - r["times"][0]) / (r["tokens"] - 1) for r in done if r["tokens"] > 1],
+        "ITL": [b - a for r in done for a, b in zip(r["times"], r["times"][1:])],
+    }
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, (name, values) in zip(axes, series.items()):
+        values = sorted(v * 1e3 for v in values)
+        ax.plot(values, [(i + 1) / len(values) for i in range(len(values))])
+        ax.set_xlabel(f"{name} (ms)")
+        ax.set_ylabel("fraction of " + ("gaps" if name == "ITL" else "requests"))
+        ax.grid(alpha=0.3)
+    c = result["config"]
+    fig.suptitle(f"{result['model']} at {c['rate']} req/s, {c['num_prompts']} requests")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_json(result: dict, path: str) -> None:
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(result, indent=2))

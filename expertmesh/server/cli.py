@@ -1,0 +1,191 @@
+"""`expertmesh serve` (the OpenAI-compatible server) and `expertmesh bench serve` (its load test).
+
+Everything the user can get wrong (model, deployment, engine budget, address) is checked here,
+before any rank starts. `single` serves in this process; other deployments start one process per
+rank (or join torchrun), and this process forwards SIGINT / SIGTERM to them as SIGTERM, which
+rank 0 answers with a graceful shutdown and the other ranks ignore.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import multiprocessing as mp
+import os
+import signal
+import socket
+import sys
+
+import torch
+
+from expertmesh.checkpoint import has_tokenizer
+from expertmesh.checkpoint.hf_config import eos_ids
+from expertmesh.deployment import Deployment
+from expertmesh.engine.engine import pool_blocks
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.launch import launch, under_torchrun
+
+# The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
+# each engine step instead (server/rank.py).
+SERVE_LIFETIME_S = 10 * 365 * 86400.0
+
+
+def cmd_serve(args) -> int:
+    from expertmesh.cli import _spec  # the run command's model, deployment and exchange checks
+
+    deployment = Deployment.parse(args.deployment)
+    run_args = argparse.Namespace(**vars(args), prompt=None, prompt_ids=None, batch=1, prompt_len=1,
+                                  gen_len=1, temperature=0.0, top_p=1.0,
+                                  record_routing=None, trace=None, redundant_experts=0, routing=None)
+    spec = _spec(run_args, deployment)
+    engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
+                          kv_cache_gb=args.kv_cache_gb, max_batched_tokens=args.max_batched_tokens,
+                          max_seqs=args.max_seqs)
+    pool_blocks(spec.cfg, deployment, engine)
+    try:
+        from expertmesh.server.rank import ServeOptions, serve_rank
+    except ImportError as exc:
+        raise ValueError(f"expertmesh serve needs the serve extra ({exc.name} is missing): "
+                         f"pip install -e '.[serve]'") from None
+    tokenizer = args.model if args.model and has_tokenizer(args.model) else None
+    options = ServeOptions(host=args.host, port=args.port, name=args.served_model_name or spec.cfg.name,
+                           tokenizer=tokenizer, eos=eos_ids(args.model) if args.model else (),
+                           max_waiting=args.max_waiting, grace_s=args.grace, timeout_s=args.timeout)
+    if not under_torchrun() or os.environ.get("RANK") == "0":
+        _check_address(args.host, args.port)
+    fn = functools.partial(serve_rank, spec, engine, options)
+    try:
+        if deployment.world_size == 1 and not under_torchrun():
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            fn(torch.device("cpu"))
+            return 0
+        if under_torchrun():  # this process is a rank: rank 0 answers the signals itself
+            launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
+            return 0
+        previous = {s: signal.signal(s, _forward_to_ranks) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    except RuntimeError as exc:  # the in-process server's failure (the launcher's is a RankFailure)
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        return 1
+    return 0
+
+
+def _forward_to_ranks(_signum, _frame) -> None:
+    for child in mp.active_children():
+        os.kill(child.pid, signal.SIGTERM)
+
+
+def _check_address(host: str, port: int) -> None:
+    """Fail now, not on rank 0 after loading: the address must be one this machine can listen on."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            s.bind((host, port))
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
+                         f"--port or --host") from None
+
+
+def cmd_bench_serve(args) -> int:
+    from rich.console import Console
+    from rich.progress import Progress
+    from rich.table import Table
+
+    from expertmesh.server.bench import BenchConfig, parse_range, plot, run_bench, write_json
+
+    cfg = BenchConfig(url=args.url, num_prompts=args.num_prompts, rate=args.rate,
+                      input_len=parse_range(args.input_len, "--input-len"),
+                      output_len=parse_range(args.output_len, "--output-len"), seed=args.seed,
+                      model=args.model, endpoint=args.endpoint, tokenizer=args.tokenizer, vocab=args.vocab,
+                      ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=args.timeout)
+    console = Console()
+    with Progress(console=Console(stderr=True), transient=True) as progress:
+        task = progress.add_task(f"{cfg.num_prompts} requests at {cfg.rate} req/s", total=cfg.num_prompts)
+        result = run_bench(cfg, on_done=lambda: progress.advance(task))
+    table = Table(title=f"expertmesh bench serve: {result['model']} at {cfg.url}, {cfg.num_prompts} "
+                        f"requests at {cfg.rate} req/s")
+    for col in ("metric", "mean", "p50", "p90", "p99"):
+        table.add_column(col, justify="left" if col == "metric" else "right")
+    for name in ("ttft", "tpot", "itl", "e2e"):
+        row = result[f"{name}_s"]
+        table.add_row(f"{name.upper()} (ms)", *["-" if row[k] is None else f"{row[k] * 1e3:.1f}"
+                                                for k in ("mean", "p50", "p90", "p99")])
+    console.print(table)
+    console.print(f"completed {result['completed']} / {cfg.num_prompts} in {result['duration_s']:.2f} s: "
+                  f"{result['request_throughput']:.2f} req/s, {result['output_token_throughput']:.1f} "
+                  f"output tok/s, {result['total_token_throughput']:.1f} total tok/s" +
+                  (f", goodput {result['goodput']:.2f} req/s" if result["goodput"] is not None else ""))
+    for error in result["errors"]:
+        console.print(f"[red]failed request: {error}[/red]")
+    if args.json:
+        write_json(result, args.json)
+    if args.plot:
+        plot(result, args.plot)
+    return 1 if result["failed"] else 0
+
+
+def add_commands(sub) -> None:
+    serve = sub.add_parser("serve", help="an OpenAI-compatible HTTP server over the serving engine")
+    serve.add_argument("--preset", default="tiny", help="model preset (token-id prompts only)")
+    serve.add_argument("--model", default=None, help="a Hugging Face model directory (Mixtral, "
+                       "Qwen2-MoE, OLMoE; safetensors), with a tokenizer for text and chat")
+    serve.add_argument("--served-model-name", default=None,
+                       help="the model's name in the API (default: the preset's or the directory's)")
+    serve.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the model's)")
+    serve.add_argument("--deployment", default="single", help="single, ep2, tp2, ep8pp2, ...")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="address to listen on (default loopback only; 0.0.0.0 for every interface)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--seed", type=int, default=0, help="seed of a preset's synthetic weights")
+    serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
+    serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per rank (GiB)")
+    serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank (overrides --kv-cache-gb)")
+    serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
+    serve.add_argument("--max-seqs", type=int, default=64, help="running sequences per data-parallel rank")
+    serve.add_argument("--micro-batches", type=int, default=None,
+                       help="pipeline micro-batches per engine step (default: pp)")
+    serve.add_argument("--max-waiting", type=int, default=256,
+                       help="requests waiting for their first token before new ones get 429")
+    serve.add_argument("--grace", type=float, default=30.0,
+                       help="seconds in-flight requests get to finish after SIGTERM / SIGINT")
+    serve.add_argument("--timeout", type=float, default=600.0,
+                       help="seconds one engine step (or the start-up) may take before the server gives up")
+    serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
+    serve.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"), help="EP token exchange")
+    serve.add_argument("--a2a-chunks", default="auto", help="chunks whose exchange overlaps expert compute")
+    serve.add_argument("--no-overlap", action="store_true", help="wait for every exchange at once")
+    serve.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node")
+    serve.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")
+    serve.add_argument("--router-skew", default=None, help="bias expert popularity, e.g. zipf:1.2")
+    serve.add_argument("--capacity-factor", type=float, default=None, help="cap tokens per expert per call")
+    serve.add_argument("--overflow", default="drop", choices=("drop", "reroute"),
+                       help="with --capacity-factor: drop or reroute assignments over capacity")
+    serve.set_defaults(func=cmd_serve)
+
+    bench = sub.add_parser("bench", help="benchmarks against a running server")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True)
+    load = bench_sub.add_parser("serve", help="a load test of an OpenAI-compatible server: Poisson "
+                                "arrivals, streamed answers, TTFT / TPOT / ITL percentiles, goodput")
+    load.add_argument("--url", default="http://127.0.0.1:8000/v1", help="the server's base URL")
+    load.add_argument("--num-prompts", type=int, default=100)
+    load.add_argument("--rate", type=float, default=float("inf"),
+                      help="requests per second, Poisson arrivals (inf: all at once)")
+    load.add_argument("--input-len", default="128", help="prompt tokens: N or LOW:HIGH")
+    load.add_argument("--output-len", default="64", help="generated tokens: N or LOW:HIGH")
+    load.add_argument("--seed", type=int, default=0, help="seed of prompts, lengths and arrivals")
+    load.add_argument("--model", default=None, help="model name (default: the server's first)")
+    load.add_argument("--endpoint", default="completions", choices=("completions", "chat"))
+    load.add_argument("--tokenizer", default=None,
+                      help="a tokenizer directory: send the text of the random ids instead of ids")
+    load.add_argument("--vocab", type=int, default=100, help="prompt ids are drawn from 1 .. vocab-1")
+    load.add_argument("--ttft-slo", type=float, default=None, help="seconds, for goodput")
+    load.add_argument("--tpot-slo", type=float, default=None, help="seconds, for goodput")
+    load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
+    load.add_argument("--json", default=None, help="write the summary and every request's times here")
+    load.add_argument("--plot", default=None, help="write CDFs of TTFT, TPOT and ITL to this PNG")
+    load.set_defaults(func=cmd_bench_serve)

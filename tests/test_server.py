@@ -1,0 +1,364 @@
+"""`expertmesh serve` as a client sees it: a real server (ep2: two local ranks) on a free loopback
+port, driven by the official `openai` client, on a tiny random Qwen2-MoE checkpoint with a
+word-level tokenizer. Greedy outputs must equal transformers' own greedy decoding of each request
+alone; bad requests get a 400 naming the field and the server keeps serving; a full queue gets a
+429 at once; a client that leaves mid-stream has its request aborted and its KV blocks freed;
+SIGTERM ends the server gracefully with exit 0, a killed rank ends it with an error, and neither
+leaves a process.
+
+Two servers per module, each reused by several tests: the last test of each stops it.
+"""
+
+import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+import torch
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+transformers = pytest.importorskip("transformers")
+
+from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
+from expertmesh.cli import main  # noqa: E402
+from expertmesh.launch import free_port  # noqa: E402
+from test_reliability import processes_tagged, tagged_env  # noqa: E402
+
+START_S = 240  # a server's start-up on a loaded 2-core machine: imports, two ranks, warm-up
+MAX_LEN = 256  # the checkpoint's max_position_embeddings
+
+
+class Server:
+    """`expertmesh serve ...` in a subprocess whose descendants carry a tag."""
+
+    def __init__(self, tmp, *args):
+        self.env, self.tag = tagged_env()
+        self.port = free_port()
+        self.log = open(tmp / f"server_{self.port}.log", "w+")
+        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port",
+                                      str(self.port), *args], env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, text=True)
+        deadline = time.monotonic() + START_S
+        while "ready at" not in self.output():
+            assert self.proc.poll() is None, f"the server exited: {self.output()}"
+            assert time.monotonic() < deadline, f"no ready line in {START_S} s: {self.output()}"
+            time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def ranks(self) -> list[int]:
+        """The rank processes, rank 0 first (forked in rank order)."""
+        pid = self.proc.pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return sorted(int(p) for p in f.read().split())
+
+    def get(self, path: str) -> httpx.Response:
+        return httpx.get(self.url + path, timeout=30)
+
+    def metric(self, name: str, **labels) -> float:
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.get("/metrics").text.splitlines():
+            key, _, value = line.rpartition(" ")
+            if key == (f"{name}{{{want}}}" if labels else name):
+                return float(value)
+        raise KeyError(f"{name} {labels} not in /metrics")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(30)
+        self.log.close()
+        assert processes_tagged(self.tag) == []
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint("qwen2_moe", tmp_path_factory.mktemp("ckpt") / "tinyqwen", tokenizer=True)
+
+
+@pytest.fixture(scope="module")
+def hf_model(checkpoint):
+    return transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def tokenizer(checkpoint):
+    return transformers.AutoTokenizer.from_pretrained(checkpoint)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, tmp_path_factory):
+    """ep2 with a small KV pool and token budget, so that 32 requests queue, chunk and share steps."""
+    s = Server(tmp_path_factory.mktemp("logs"), "--model", str(checkpoint), "--deployment", "ep2",
+               "--num-blocks", "96", "--block-size", "8", "--max-batched-tokens", "64",
+               "--max-seqs", "12", "--grace", "60", "--timeout", "120")
+    yield s
+    s.stop()
+
+
+def expected(hf_model, prompt: list[int], n: int) -> list[int]:
+    return reference_greedy(hf_model, torch.tensor([prompt]), n)[0][0].tolist()
+
+
+def test_token_id_completion_is_transformers_greedy_with_usage(server, hf_model):
+    prompt = [5, 17, 99, 3, 64, 2]
+    r = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=9, temperature=0)
+    choice = r.choices[0]
+    assert choice.token_ids == expected(hf_model, prompt, 9)
+    assert choice.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (6, 9, 15)
+
+
+def test_text_completion_streamed_equals_unstreamed_and_decodes_the_reference(server, hf_model, tokenizer):
+    prompt = "w5 w17 w99 w3"
+    whole = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=7, temperature=0)
+    want = expected(hf_model, tokenizer(prompt).input_ids, 7)
+    assert whole.choices[0].token_ids == want
+    assert whole.choices[0].text == tokenizer.decode(want, skip_special_tokens=True)
+    chunks = list(server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=7,
+                                                   temperature=0, stream=True,
+                                                   stream_options={"include_usage": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert [t for c in chunks if c.choices for t in c.choices[0].token_ids] == want
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 7
+
+
+def test_chat_renders_the_template_streamed_and_not(server, hf_model, tokenizer):
+    messages = [{"role": "system", "content": "w1 w2"}, {"role": "user", "content": "w40 w41 w42"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_dict=True)["input_ids"]
+    want = tokenizer.decode(expected(hf_model, list(ids), 6), skip_special_tokens=True)
+    r = server.client.chat.completions.create(model="tinyqwen", messages=messages, max_tokens=6, temperature=0)
+    assert r.choices[0].message.role == "assistant" and r.choices[0].message.content == want
+    assert r.usage.prompt_tokens == len(ids)
+    stream = server.client.chat.completions.create(model="tinyqwen", messages=messages, max_tokens=6,
+                                                   temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream) == want
+
+
+def test_stop_strings_and_stop_token_ids_end_generation_with_reason_stop(server, hf_model, tokenizer):
+    prompt = "w7 w8 w9"
+    full = expected(hf_model, tokenizer(prompt).input_ids, 8)
+    word = f"w{full[3]}"
+    r = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=8, temperature=0,
+                                         stop=[word])
+    text = tokenizer.decode(full, skip_special_tokens=True)
+    assert r.choices[0].finish_reason == "stop"
+    assert r.choices[0].text == text[:text.index(word)]
+    r = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=8, temperature=0,
+                                         extra_body={"stop_token_ids": [full[2]]})
+    cut = full.index(full[2])
+    assert r.choices[0].token_ids == full[:cut + 1] and r.choices[0].finish_reason == "stop"
+
+
+def test_32_concurrent_requests_each_get_the_tokens_of_the_request_alone(server, hf_model):
+    rng = random.Random(4)
+    jobs = [([rng.randrange(1, 128) for _ in range(rng.randint(1, 60))], rng.randint(1, 12), i % 2 == 1)
+            for i in range(32)]
+
+    def ask(job):
+        prompt, n, stream = job
+        r = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=n,
+                                             temperature=0, stream=stream)
+        return [t for c in r for t in c.choices[0].token_ids] if stream else r.choices[0].token_ids
+
+    with ThreadPoolExecutor(32) as pool:
+        got = list(pool.map(ask, jobs))
+    for (prompt, n, _), tokens in zip(jobs, got):
+        assert tokens == expected(hf_model, prompt, n), f"prompt length {len(prompt)}, {n} tokens"
+    assert server.metric("expertmesh_kv_blocks_used", dp_rank=0) == 0
+    assert server.metric("expertmesh_kv_blocks_used", dp_rank=1) == 0
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "gpt-4", "prompt": [1, 2]}, "model"),
+    ({"model": "tinyqwen"}, "prompt"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": -3}, "max_tokens"),
+    ({"model": "tinyqwen", "prompt": [1] * (MAX_LEN - 4), "max_tokens": 10}, "prompt"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "temperature": 2.5}, "temperature"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "top_p": 0}, "top_p"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "n": 2}, "n"),
+    ({"model": "tinyqwen", "prompt": [1, 500]}, "prompt"),
+])
+def test_invalid_request_is_a_400_naming_the_field_and_the_server_keeps_serving(server, body, param):
+    with pytest.raises(openai.BadRequestError) as err:
+        server.client.completions.create(**body) if "prompt" in body else \
+            server.client.post("/completions", body=body, cast_to=object)
+    assert err.value.status_code == 400
+    assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
+    assert server.get("/health").status_code == 200
+    r = server.client.completions.create(model="tinyqwen", prompt=[1, 2], max_tokens=2, temperature=0)
+    assert len(r.choices[0].token_ids) == 2
+
+
+def test_malformed_json_is_a_400(server):
+    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tinyqwen", "prompt": [1,',
+                   headers={"content-type": "application/json"}, timeout=30)
+    assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+
+
+def test_models_health_and_metrics(server):
+    models = server.client.models.list()
+    assert [m.id for m in models.data] == ["tinyqwen"]
+    assert server.get("/health").json() == {"status": "ok"}
+    assert server.metric("expertmesh_requests_total", outcome="length") > 0
+    assert server.metric("expertmesh_ttft_seconds_count") > 0
+    deadline = time.monotonic() + 60  # the ranks' counters arrive every few steps
+    while sum(server.metric("expertmesh_expert_tokens_total", layer=0, expert=e) for e in range(4)) == 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    assert server.metric("expertmesh_load_imbalance") >= 1.0
+    assert server.metric("expertmesh_exchanged_bytes_total") > 0
+
+
+def test_client_that_leaves_mid_stream_has_its_request_aborted_and_blocks_freed(server):
+    aborted = server.metric("expertmesh_requests_total", outcome="abort")
+    with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
+                      json={"model": "tinyqwen", "prompt": [3] * 40, "max_tokens": 200,
+                            "temperature": 0, "stream": True}) as r:
+        lines = (line for line in r.iter_lines() if line.startswith("data:"))
+        for _ in range(3):
+            next(lines)
+        used = server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \
+            server.metric("expertmesh_kv_blocks_used", dp_rank=1)
+        assert used > 0
+    deadline = time.monotonic() + 30
+    while server.metric("expertmesh_requests_total", outcome="abort") == aborted or \
+            server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \
+            server.metric("expertmesh_kv_blocks_used", dp_rank=1) > 0:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.2)
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_stops_listening_and_exits_0(server, hf_model):
+    """Stops the module's server: runs last of the tests that use it."""
+    prompt = [9, 8, 7]
+    stream = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=60,
+                                              temperature=0, stream=True)
+    tokens = list(next(iter(stream)).choices[0].token_ids)
+    server.proc.send_signal(signal.SIGTERM)
+    tokens += [t for c in stream for t in c.choices[0].token_ids]
+    assert tokens == expected(hf_model, prompt, 60)
+    assert server.proc.wait(60) == 0, server.output()
+    with pytest.raises(httpx.ConnectError):
+        server.get("/health")
+    assert processes_tagged(server.tag) == []
+
+
+@pytest.fixture(scope="module")
+def small_server(checkpoint, tmp_path_factory):
+    """ep2 on the checkpoint without its tokenizer (as a preset: token ids only), one running
+    sequence per EP rank and one waiting request at most."""
+    bare = tmp_path_factory.mktemp("bare") / "bare"
+    shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns("tokenizer*"))
+    s = Server(tmp_path_factory.mktemp("logs"), "--model", str(bare), "--deployment", "ep2",
+               "--num-blocks", "64", "--max-seqs", "1", "--max-waiting", "1", "--timeout", "60")
+    yield s
+    s.stop()
+
+
+def test_text_needs_a_tokenizer(small_server):
+    with pytest.raises(openai.BadRequestError, match="no tokenizer") as err:
+        small_server.client.completions.create(model="bare", prompt="w1 w2")
+    assert err.value.body["param"] == "prompt"
+    with pytest.raises(openai.BadRequestError, match="no tokenizer"):
+        small_server.client.chat.completions.create(model="bare", messages=[{"role": "user", "content": "w1"}])
+
+
+def test_full_queue_is_a_429_at_once(small_server):
+    client = small_server.client
+    running = []
+    for i in range(2):  # both EP ranks run one sequence each, past its first token
+        running.append(client.completions.create(model="bare", prompt=[i + 1] * 8, max_tokens=150,
+                                                 temperature=0, stream=True))
+        next(iter(running[-1]))
+    waiting = client.completions.create(model="bare", prompt=[5] * 8, max_tokens=2, temperature=0, stream=True)
+    t0 = time.monotonic()
+    with pytest.raises(openai.RateLimitError):
+        client.completions.create(model="bare", prompt=[6] * 8, max_tokens=2, temperature=0)
+    assert time.monotonic() - t0 < 30
+    assert small_server.metric("expertmesh_requests_total", outcome="queue_full") == 1
+    for stream in (*running, waiting):
+        stream.close()
+
+
+def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(small_server):
+    """Stops the second server: runs last of the tests that use it."""
+    stream = small_server.client.completions.create(model="bare", prompt=[4] * 8, max_tokens=200,
+                                                    temperature=0, stream=True)
+    next(iter(stream))
+    os.kill(small_server.ranks()[1], signal.SIGKILL)
+    with pytest.raises((openai.APIError, httpx.HTTPError)):
+        for _ in stream:
+            pass
+    try:  # rank 0 says so until the launcher, seeing rank 1 dead, stops it too
+        assert small_server.get("/health").status_code == 503
+    except httpx.ConnectError:
+        pass
+    assert small_server.proc.wait(60) == 1
+    assert re.search(r"error: rank 1 failed: process died from signal SIGKILL", small_server.output())
+    assert processes_tagged(small_server.tag) == []
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--deployment", "ep3"], "ep"),
+    (["--kv-cache-gb", "0.000001"], "--kv-cache-gb"),
+    (["--max-seqs", "0"], "max-seqs"),
+    (["--max-waiting", "-1"], "--max-waiting"),
+    (["--timeout", "0"], "--timeout"),
+    (["--grace", "-1"], "--grace"),
+    (["--a2a-chunks", "x", "--deployment", "ep2"], "--a2a-chunks"),
+])
+def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, capsys):
+    assert main(["serve", "--port", "0", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and message in err and "\n" not in err
+
+
+def test_an_address_in_use_is_an_error_before_any_rank_starts(capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
+    err = capsys.readouterr().err
+    assert "cannot listen on 127.0.0.1" in err and "--port" in err
+
+
+def test_under_torchrun_rank_0_serves_and_sigterm_stops_every_rank(checkpoint, hf_model, tmp_path):
+    env, tag = tagged_env()
+    port = free_port()
+    with open(tmp_path / "torchrun.log", "w+") as log:
+        agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                  "--nproc-per-node", "2", "-m", "expertmesh.cli", "serve", "--model",
+                                  str(checkpoint), "--deployment", "ep2", "--port", str(port),
+                                  "--num-blocks", "64"], env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            deadline = time.monotonic() + START_S
+            while True:
+                try:
+                    client.models.list()
+                    break
+                except openai.APIConnectionError:
+                    log.seek(0)
+                    assert agent.poll() is None and time.monotonic() < deadline, log.read()
+                    time.sleep(0.5)
+            r = client.completions.create(model="tinyqwen", prompt=[3, 1, 4, 1, 5], max_tokens=6, temperature=0)
+            assert r.choices[0].token_ids == expected(hf_model, [3, 1, 4, 1, 5], 6)
+        finally:
+            agent.send_signal(signal.SIGTERM)
+            agent.wait(90)
+    assert processes_tagged(tag) == []

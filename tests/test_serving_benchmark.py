@@ -1,0 +1,30 @@
+"""`benchmarks/serving.py` at its smallest size: a real `expertmesh serve` checked against
+transformers' greedy text, then loaded at two rates; a peer that cannot run is skipped with its
+reason (here on purpose, to keep the suite short: the peer's path runs in the benchmark itself)."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("openai")
+pytest.importorskip("transformers")
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `benchmarks` is a folder of the repository
+
+from benchmarks import serving  # noqa: E402
+
+
+def test_serving_section_measures_expertmesh_and_reports_a_missing_peer(monkeypatch):
+    monkeypatch.setattr(serving, "peer_missing", lambda: "not installed (test)")
+    sec = serving.serving_section("smoke")
+    assert sec["status"] == "ok"
+    rows = sec["rows"]
+    assert [(r["server"], r["rate"]) for r in rows] == [("expertmesh single", "2/s"),
+                                                        ("expertmesh single", "all at once")]
+    for r in rows:
+        assert r["agrees"] == "yes" and r["failed"] == 0
+        assert r["out_tps"] > 0 and r["ttft_ms"] > 0 and r["tpot_ms"] > 0
+        assert "ratio" not in r  # nothing to compare with
+    assert any("transformers serve skipped: not installed (test)" in n for n in sec["notes"])
