@@ -9,6 +9,7 @@ Sections (in this order):
   deployments   single / ep2 / tp2 / pp2 end to end on 2 ranks (deployments.py)
   overlap       the overlapped vs synchronous token exchange, EP=2 layer (overlap.py part 1)
   cross-node    cross-node bytes, flat vs hierarchical exchange, 16 ranks as 4 x 4 (overlap.py part 2)
+  simulator     the simulator's predictions vs published H100 / H200 figures (sim_vs_published.py)
 
 Every section interleaves its repetitions and reports medians. Prints the tables, writes
 DIR/results.json and one PNG per section. A peer that is not installed (`pip install -e .[peers]`)
@@ -35,7 +36,7 @@ from benchmarks import deployments, moe_block, overlap, peers, report
 from benchmarks.peers import Dims, col, section
 from expertmesh.config import Workload, preset
 
-SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap", "cross-node")
+SECTIONS = ("deepspeed", "transformers", "efficiency", "deployments", "overlap", "cross-node", "simulator")
 SMALL = Dims(d_model=1024, experts=8, top_k=2, hidden=2816)  # the `small` preset's MoE layer
 TINY = Dims(d_model=64, experts=4, top_k=2, hidden=128)
 
@@ -79,7 +80,7 @@ def steps(name: str, p: Profile) -> int:
     """Progress steps of a section (what its `progress` callback is called for)."""
     loads = len(p.dep_loads) if p.dep_loads else len(deployments.workloads(p.dep_quick))
     return {"deepspeed": len(p.ds_tokens), "transformers": len(peers.FAMILIES) * len(p.hf_tokens),
-            "efficiency": 1, "overlap": 1, "cross-node": 1,
+            "efficiency": 1, "overlap": 1, "cross-node": 1, "simulator": 1,
             "deployments": loads * (len(deployments.DEPLOYMENTS) * p.dep_reps + 1)}[name]
 
 
@@ -198,6 +199,10 @@ def run_section(name: str, p: Profile, progress: Callable[[], None]) -> dict:
         return efficiency(p, progress)
     if name == "deployments":
         return deployment_section(p, progress)
+    if name == "simulator":
+        from benchmarks.sim_vs_published import benchmark_section
+        progress()
+        return benchmark_section()
     if name == "overlap":
         return overlap_section(p, progress)
     return cross_node_section(p, progress)

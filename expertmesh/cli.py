@@ -1,7 +1,8 @@
 """`expertmesh run | compare` (and the simulator's commands): parse, validate, launch, report.
 
-Every user mistake is caught before a rank starts and printed as one line (`error: ...`) with a
-non-zero exit; a failing rank ends the run with its message.
+Every user mistake is caught before a rank starts and printed as one line (`error: ...`) with
+exit code 2; a failing rank ends the run with its message and exit code 1; Ctrl-C stops every rank
+and prints one line (exit code 130).
 """
 
 from __future__ import annotations
@@ -22,8 +23,8 @@ from rich.table import Table
 from expertmesh.checkpoint import config_from_hf, decode, encode, has_tokenizer
 from expertmesh.config import DTYPES, Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunResult, RunSpec, run_rank
-from expertmesh.launch import RankFailure, launch, under_torchrun
+from expertmesh.engine.worker import RunResult, RunSpec, refuse_off_ep, run_rank
+from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
 from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing, save_routing
 from expertmesh.place_cli import add_commands as add_place_command
 from expertmesh.sim.cli import add_commands as add_simulator_commands
@@ -84,7 +85,10 @@ def _skew(text: str | None) -> float:
     raise ValueError(f"--router-skew {text!r}: write zipf:S with S >= 0, e.g. zipf:1.2")
 
 
-def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
+def _spec(args, deployment: Deployment, record_logits: bool = False, ep_flags: bool = True) -> RunSpec:
+    """The validated plan of `deployment` under the run flags. `ep_flags`: False leaves out the
+    options of the token exchange (compare's reference, and its non-EP deployments when another
+    is expert-parallel)."""
     if args.dtype is not None and args.dtype not in DTYPES:
         raise ValueError(f"unknown dtype {args.dtype!r}; use one of: {', '.join(DTYPES)}")
     if args.model:
@@ -96,34 +100,68 @@ def _spec(args, deployment: Deployment, record_logits: bool = False) -> RunSpec:
     if args.prompt and not args.model:
         raise ValueError("--prompt needs --model PATH, whose tokenizer.json encodes the text; "
                          "with a preset give --prompt-ids")
+    if args.prompt and args.batch is not None:
+        raise ValueError("--batch does not apply to --prompt, which is one sequence; drop --batch, "
+                         "or give a batch of token ids with --prompt-ids 1,2;3,4")
     prompt_ids = (encode(args.model, args.prompt),) if args.prompt else _prompt_ids(args.prompt_ids)
-    workload = Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
+    batch = args.batch if args.batch is not None else args.default_batch
+    workload = Workload(batch_size=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
                         seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                         prompt_ids=prompt_ids)
-    placement = (load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
-                 if args.placement and deployment.ep > 1 else None)
-    if args.redundant_experts and deployment.ep > 1:
-        if not args.routing:
-            raise ValueError("--redundant-experts needs --routing FILE (from `run --record-routing`) "
-                             "to know which experts are hot")
-        placement = balanced_placement(load_routing(args.routing), cfg, deployment.ep,
-                                       args.redundant_experts)
+    placement = None
+    if ep_flags:
+        refuse_off_ep("--placement", bool(args.placement), deployment)
+        refuse_off_ep("--redundant-experts", bool(args.redundant_experts), deployment)
+        if args.placement:
+            placement = load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
+        if args.redundant_experts:
+            if not args.routing:
+                raise ValueError("--redundant-experts needs --routing FILE (from `run "
+                                 "--record-routing`) to know which experts are hot")
+            placement = balanced_placement(load_routing(args.routing), cfg, deployment.ep,
+                                           args.redundant_experts)
     spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
-                   record_logits=record_logits, checkpoint=args.model, a2a=args.a2a,
+                   record_logits=record_logits, checkpoint=args.model,
+                   a2a=args.a2a if ep_flags else "flat",
                    a2a_chunks=_chunks(args.a2a_chunks), a2a_overlap=not args.no_overlap,
-                   gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else None,
+                   gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
                    placement=placement,
                    record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace))
     spec.validate(deployment.world_size)
     return spec
 
 
-def execute(spec: RunSpec, args, label: str) -> RunResult | None:
-    """Run a validated spec: in this process for `single`, else one process per rank."""
+def _check_output(flag: str, path: str | None, directory: bool = False) -> None:
+    """An output path that cannot be written is an error before the run, not after it."""
+    if not path:
+        return
+    target = Path(path)
+    if target.exists() and target.is_dir() != directory:
+        raise ValueError(f"{flag} {path} is {'not ' if directory else ''}a directory; give a "
+                         f"{'directory' if directory else 'file'} path")
+    folder = target if directory else target.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # what will be created in
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory; fix the path")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path}: no permission to write there; choose another path")
+
+
+def _check_outputs(args) -> None:
+    _check_output("--json", args.json)
+    _check_output("--trace", args.trace, directory=True)
+    _check_output("--record-routing", getattr(args, "record_routing", None))
+
+
+def execute(spec: RunSpec, args, label: str, alone: bool = False) -> RunResult | None:
+    """Run a validated spec: in this process for `single` or when `alone` (compare's reference:
+    under torchrun, on rank 0 only, once the deployments' process group is gone), else one
+    process per rank."""
     progress = LazyProgress(spec.workload.gen_len, label)
-    if spec.deployment.world_size == 1 and not under_torchrun():
+    if alone or (spec.deployment.world_size == 1 and not under_torchrun()):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        return run_rank(spec, torch.device("cpu"), on_step=progress)
+        device = torchrun_device(args.backend) if under_torchrun() else torch.device("cpu")
+        return run_rank(spec, device, on_step=progress)
     fn = functools.partial(run_rank, spec, on_step=progress)
     return launch(fn, spec.deployment.world_size, backend=args.backend, timeout=args.timeout)
 
@@ -141,7 +179,9 @@ def _mib(n: int) -> str:
 
 
 def cmd_run(args) -> int:
+    _check_outputs(args)
     spec = _spec(args, Deployment.parse(args.deployment))
+    check_launch(spec.deployment.world_size, args.backend, args.timeout)
     result = execute(spec, args, spec.deployment.name)
     if result is None:  # a torchrun rank other than 0
         return 0
@@ -186,8 +226,7 @@ def cmd_run(args) -> int:
                                 "result": result.to_dict()})
     _write_outputs(args, [result])
     if args.record_routing:
-        if result.routing is None:
-            raise ValueError("--record-routing needs an expert-parallel deployment (epN)")
+        Path(args.record_routing).parent.mkdir(parents=True, exist_ok=True)
         save_routing(args.record_routing, result.routing)
         console.print(f"wrote {args.record_routing}", style="dim")
     return 0
@@ -206,15 +245,22 @@ def cmd_compare(args) -> int:
     deployments = [Deployment.parse(d) for d in args.deployments.split(",") if d.strip()]
     if not deployments:
         raise ValueError("--deployments is empty; give a comma-separated list such as tp8pp2,ep16")
-    specs = [_spec(args, d, record_logits=True) for d in deployments]  # validate all first
+    _check_outputs(args)
+    any_ep = any(d.ep > 1 for d in deployments)  # else an EP-only flag is an error
+    specs = [_spec(args, d, record_logits=True, ep_flags=d.ep > 1 or not any_ep) for d in deployments]
+    reference_spec = _spec(args, Deployment(), record_logits=True, ep_flags=False)
+    for s in specs:  # all checks first
+        check_launch(s.deployment.world_size, args.backend, args.timeout)
     results = [execute(s, args, s.deployment.name) for s in specs]
-    if any(r is None for r in results):
+    if any(r is None for r in results):  # a torchrun rank other than 0
         return 0
-    # The reference runs last, in this process, so no rank is forked from a process that computed.
-    reference = execute(_spec(args, Deployment(), record_logits=True), args, "reference")
+    # The reference runs last, in this process alone, so no rank is forked from a process that
+    # computed (and, under torchrun, so that it needs no process group of one).
+    reference = execute(reference_spec, args, "reference", alone=True)
     exact = specs[0].cfg.dtype == "fp32" and specs[0].workload.temperature == 0
+    w = specs[0].workload
     table = Table(title=f"expertmesh compare: {specs[0].cfg.name} ({specs[0].cfg.dtype}), batch "
-                        f"{args.batch} x prompt {args.prompt_len} + {args.gen_len} generated")
+                        f"{w.batch_size} x prompt {w.prompt_len} + {w.gen_len} generated")
     for col in ("method", "ranks", "per-rank deployment", "decode TPS", "overall TPS",
                 "TPOT ms", "TTFT ms", "tokens = ref", "max |Δlogit|"):
         table.add_column(col, justify="left" if col in ("method", "per-rank deployment") else "right")
@@ -283,7 +329,8 @@ def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_l
                                                  "Qwen2-MoE, OLMoE; safetensors) instead of a preset")
     p.add_argument("--prompt", default=None, help="prompt text, encoded with --model's tokenizer.json")
     p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the preset's)")
-    p.add_argument("--batch", type=int, default=batch, help="sequences in the batch")
+    p.add_argument("--batch", type=int, default=None, help=f"sequences in the batch (default {batch})")
+    p.set_defaults(default_batch=batch)
     p.add_argument("--prompt-len", type=int, default=prompt_len, help="synthetic prompt tokens per sequence")
     p.add_argument("--gen-len", type=int, default=gen_len, help="tokens to generate per sequence")
     p.add_argument("--prompt-ids", default=None, help="explicit prompts: 1,2,3;4,5,6 (overrides batch / prompt-len)")
@@ -292,7 +339,8 @@ def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_l
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches (default: pp)")
     p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
-    p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck run is stopped")
+    p.add_argument("--timeout", type=float, default=600.0,
+                   help="seconds before a stuck run is stopped (positive, finite)")
     p.add_argument("--json", default=None, help="write metrics and generated token ids to this file")
     p.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"),
                    help="token exchange: flat all-to-all, or hierarchical (cross each node boundary once)")
@@ -352,6 +400,9 @@ def main(argv: list[str] | None = None) -> int:
     except RankFailure as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # the ranks ignore SIGINT: the launcher stopped them on its way out
+        print("error: interrupted (Ctrl-C); every rank was stopped", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

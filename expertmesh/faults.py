@@ -1,16 +1,21 @@
 """Fault injection for tests only: make one rank fail at one generation step, on purpose.
 
-Not a user feature. The reliability tests set the environment variable
+Not a user feature, and impossible outside the tests: the environment variable
 
     EXPERTMESH_FAULT=RANK:STEP:KIND[:LAYER]      e.g. EXPERTMESH_FAULT=1:3:kill
 
-and check that the run ends within its timeout, names the rank and leaves no process behind.
-KIND is `raise` (a RuntimeError), `kill` (SIGKILL to itself), `stall` (sleep for an hour) or
-`nan` (the output of LAYER, default the first layer the rank holds, becomes NaN for that step,
-which the decode loop's finite check must report). The loop calls `at_step` once per step of
+is honoured only in a process where `ENABLED` was set to True, in memory, before the run (the
+ranks a local run forks inherit it). No expertmesh entry point sets it: the tests do, in their
+own process, or start runs through `tests/faulty_cli.py`, which sets it and then calls the CLI.
+So a stray variable in a production environment (or one an attacker can set) does nothing.
+
+The reliability tests use it to check that the run ends within its timeout, names the rank and
+leaves no process behind. KIND is `raise` (a RuntimeError), `kill` (SIGKILL to itself), `stall`
+(sleep for an hour) or `nan` (the output of LAYER, default the first layer the rank holds, becomes
+NaN for that step, which the decode loop's finite check must report). The loop calls `at_step` once per step of
 every `generate` call, the 2-step warm-up included, so a fault at step >= 2 hits the measured run
-(and the warm-up passes through it first, at steps 0 and 1). Unset, `at_step` costs one
-environment lookup per step and does nothing.
+(and the warm-up passes through it first, at steps 0 and 1). Disabled, `at_step` does nothing.
+A stall prints one line to stderr when it starts, so that a test knows the run reached it.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import functools
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 
@@ -27,6 +33,7 @@ import torch.distributed as dist
 ENV = "EXPERTMESH_FAULT"
 KINDS = ("raise", "kill", "stall", "nan")
 STALL_S = 3600.0
+ENABLED = False  # set only by the tests (see above)
 _poisoned: list = []  # hook handles of an active nan fault
 
 
@@ -55,9 +62,9 @@ def parse(text: str) -> Fault:
 
 
 def at_step(step: int, model: torch.nn.Module) -> None:
-    """Inject the fault of `EXPERTMESH_FAULT` if it names this rank and `step`."""
+    """Inject the fault of `EXPERTMESH_FAULT` if enabled and it names this rank and `step`."""
     text = os.environ.get(ENV)
-    if not text:
+    if not ENABLED or not text:
         return
     while _poisoned:  # a nan fault lasts one step
         _poisoned.pop().remove()
@@ -70,6 +77,7 @@ def at_step(step: int, model: torch.nn.Module) -> None:
     if fault.kind == "kill":
         os.kill(os.getpid(), signal.SIGKILL)
     if fault.kind == "stall":
+        print(f"injected fault ({ENV}): rank {rank} stalls at step {step}", file=sys.stderr, flush=True)
         time.sleep(STALL_S)
     if fault.kind == "nan":
         _poison(model, fault.layer)

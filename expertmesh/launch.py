@@ -5,12 +5,18 @@ GPU per rank when CUDA is available).
 Failures are bounded: when a local rank raises or dies, the launcher kills every other rank and
 raises `RankFailure` naming the rank and its error; when the run outlives `timeout` seconds it
 does the same, naming the ranks that had not finished, after they print their Python stacks to
-stderr (where each one waits). No child outlives the launcher.
+stderr (where each one waits). The launcher never blocks: each rank reports through its own pipe,
+read without blocking, so a rank killed mid-report is a dead rank, not a hang. No child outlives
+the launcher.
+
+A local run listens on loopback only: the ranks meet through a file store in a private temporary
+directory (no rendezvous socket at all) and gloo binds the loopback interface.
 
 Under torchrun `timeout` bounds each rank's run the same way: a rank still running after
 `timeout` seconds prints its stacks and exits with code 1, and torchrun stops the others. (The
 collectives' own timeout, also `timeout`, would miss a hang in a group made by `new_group` with
-its default 30 min, or in a kernel.)
+its default 30 min, or in a kernel.) The process group's teardown is bounded too, and a rank dies
+with its torchrun agent, as a local rank dies with the launcher.
 """
 
 from __future__ import annotations
@@ -18,12 +24,17 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import faulthandler
+import itertools
+import math
 import multiprocessing as mp
 import os
 import pickle
+import shutil
 import signal
 import socket
+import struct
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -38,6 +49,10 @@ T = TypeVar("T")
 POLL_S = 0.05
 FAILURE_GRACE_S = 1.0
 STACK_DUMP_S = 0.2  # what a timed-out rank gets to print its stacks
+TEARDOWN_S = 30.0  # what destroy_process_group gets (NCCL's can hang after a peer died)
+LOOPBACK = "lo"  # Linux's loopback interface, where gloo binds for a local run
+_HEADER = struct.Struct("!Q")  # a rank's report: its length, then the pickled (status, payload)
+_TORCHRUN_LAUNCHES = itertools.count()  # every rank makes the same calls: equal counts
 # What gloo and NCCL say on a rank whose peer failed first.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
               "NCCL communicator was aborted")
@@ -57,46 +72,73 @@ def default_backend() -> str:
     return "nccl" if torch.cuda.is_available() else "gloo"
 
 
-def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None = None,
-           timeout: float = 600.0) -> T | None:
-    """Run `fn(device)` on every rank of a `world_size` group; returns rank 0's value (None elsewhere)."""
-    if not timeout > 0:
-        raise ValueError(f"timeout {timeout} must be a positive number of seconds (--timeout)")
+def check_launch(world_size: int, backend: str | None, timeout: float) -> None:
+    """The launch options' errors, raised before any rank starts (the CLI calls this up front)."""
+    if not (math.isfinite(timeout) and timeout > 0):
+        raise ValueError(f"timeout {timeout} must be a positive, finite number of seconds (--timeout)")
     if backend not in (None, "gloo", "nccl"):
         raise ValueError(f"unknown backend {backend!r}; use gloo or nccl (--backend)")
     if backend == "nccl" and not (under_torchrun() and torch.cuda.is_available()):
         raise ValueError("--backend nccl needs ranks started by torchrun, one per visible CUDA GPU; "
                          "local ranks use gloo")
+    if under_torchrun() and int(os.environ["WORLD_SIZE"]) != world_size:
+        raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but the deployment "
+                         f"needs {world_size}; set --nnodes x --nproc-per-node to {world_size}")
+
+
+def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None = None,
+           timeout: float = 600.0) -> T | None:
+    """Run `fn(device)` on every rank of a `world_size` group; returns rank 0's value (None elsewhere)."""
+    check_launch(world_size, backend, timeout)
     if under_torchrun():
-        return _join_torchrun(fn, world_size, backend, timeout)
+        return _join_torchrun(fn, backend, timeout)
     return _run_local(fn, world_size, backend or "gloo", timeout)
 
 
-def _join_torchrun(fn, world_size, backend, timeout):
-    env_world = int(os.environ["WORLD_SIZE"])
-    if env_world != world_size:
-        raise ValueError(f"torchrun started {env_world} processes but the deployment needs "
-                         f"{world_size}; set --nnodes x --nproc-per-node to {world_size}")
+def _join_torchrun(fn, backend, timeout):
+    _die_with_agent()
     backend = backend or default_backend()
-    device = torch.device("cpu")
-    if backend == "nccl":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    device = torchrun_device(backend)
+    if device.type == "cuda":
         torch.cuda.set_device(device)
-    watchdog = threading.Timer(timeout, _expire, args=(int(os.environ["RANK"]), timeout))
-    watchdog.daemon = True
-    watchdog.start()
-    dist.init_process_group(backend, timeout=timedelta(seconds=timeout))
+    rank = int(os.environ["RANK"])
+    watchdog = _watchdog(timeout, f"rank {rank} timed out after {timeout:.0f} s (raise --timeout "
+                                  f"if the run is just slow)")
+    # A fresh key space per launch: `compare` launches once per deployment in one process, and
+    # a second group on the same keys would find the first one's (closed) gloo addresses.
+    store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
+    store = dist.PrefixStore(f"expertmesh/launch{next(_TORCHRUN_LAUNCHES)}", store)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                            timeout=timedelta(seconds=timeout))
     try:
         return fn(device)
     finally:
         watchdog.cancel()
+        grace = min(timeout, TEARDOWN_S)
+        teardown = _watchdog(grace, f"rank {rank}: the process group's teardown did not finish "
+                                    f"within {grace:.0f} s")
         dist.destroy_process_group()
+        teardown.cancel()
 
 
-def _expire(rank: int, timeout: float) -> None:
-    """A torchrun rank outlived --timeout: say so, show where every thread waits, exit."""
-    print(f"error: rank {rank} timed out after {timeout:.0f} s (raise --timeout if the run is just "
-          f"slow); its stacks follow", file=sys.stderr, flush=True)
+def torchrun_device(backend: str | None) -> torch.device:
+    """This torchrun rank's device: its GPU (LOCAL_RANK) under NCCL, else the CPU."""
+    if (backend or default_backend()) == "nccl":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
+
+
+def _watchdog(seconds: float, message: str) -> threading.Timer:
+    """A started timer that, unless cancelled, ends this process after `seconds` with `message`."""
+    timer = threading.Timer(seconds, _expire, args=(message,))
+    timer.daemon = True
+    timer.start()
+    return timer
+
+
+def _expire(message: str) -> None:
+    """A torchrun rank overran its time: say so, show where every thread waits, exit."""
+    print(f"error: {message}; its stacks follow", file=sys.stderr, flush=True)
     faulthandler.dump_traceback(file=2, all_threads=True)
     os._exit(1)
 
@@ -108,84 +150,132 @@ def free_port() -> int:
 
 
 def _die_with_parent() -> None:
-    """Ask Linux to SIGKILL this process if the launcher dies, so no rank is orphaned."""
+    """Ask Linux to SIGKILL this process if its parent dies, so no rank is orphaned."""
     if sys.platform.startswith("linux"):
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
 
 
-def _child(rank, world_size, port, fn, queue, backend, timeout):
+def _die_with_agent() -> None:
+    """A torchrun rank dies with its agent, which started it (TORCHELASTIC_RUN_ID says so) as
+    its direct child, instead of holding its GPU until the watchdog fires."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    agent = os.getppid()
     _die_with_parent()
+    if os.getppid() != agent:  # the agent died before the request took effect
+        os._exit(1)
+
+
+def _child(rank, world_size, store_path, fn, report_fd, backend, timeout):
+    _die_with_parent()
+    # Ctrl-C reaches every process of the terminal's group: the launcher alone handles it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The launcher's request at a timeout; to fd 2, which exists even when sys.stderr is replaced.
     faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
     torch.set_num_threads(1)  # ranks share the cores: one thread each avoids oversubscription
-    status, payload = "ok", None
+    os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK  # else gloo binds what the hostname resolves to
+    ok = False
     try:
-        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                                world_size=world_size, timeout=timedelta(seconds=timeout))
+        store = dist.FileStore(store_path, world_size)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                timeout=timedelta(seconds=timeout))
         result = fn(torch.device("cpu"))
-        payload = pickle.dumps(result) if rank == 0 else None
-    except BaseException as exc:  # report anything, KeyboardInterrupt included, then exit
+        report = pickle.dumps(("ok", result if rank == 0 else None))
+        ok = True
+    except BaseException as exc:  # report anything, then exit
         traceback.print_exc(file=sys.stderr)
-        status, payload = "error", f"{type(exc).__name__}: {exc}"
-    queue.put((rank, status, payload))
-    os._exit(0 if status == "ok" else 1)  # skip teardown that could wait on dead peers
+        report = pickle.dumps(("error", f"{type(exc).__name__}: {exc}"))
+    with os.fdopen(report_fd, "wb") as pipe:
+        pipe.write(_HEADER.pack(len(report)) + report)
+    os._exit(0 if ok else 1)  # skip teardown that could wait on dead peers
+
+
+class _Report:
+    """What one rank wrote to its pipe so far, read without ever blocking."""
+
+    def __init__(self, fd: int):
+        self.fd, self.data = fd, bytearray()
+        os.set_blocking(fd, False)
+
+    def read(self) -> tuple[str, object] | None:
+        """The rank's (status, payload) once all of it arrived, else None."""
+        with contextlib.suppress(BlockingIOError):
+            while chunk := os.read(self.fd, 1 << 20):
+                self.data += chunk
+        if len(self.data) < _HEADER.size:
+            return None
+        (size,) = _HEADER.unpack_from(self.data)
+        if len(self.data) < _HEADER.size + size:
+            return None
+        return pickle.loads(memoryview(self.data)[_HEADER.size:])
 
 
 def _run_local(fn, world_size, backend, timeout):
     ctx = mp.get_context("fork")
-    queue = ctx.SimpleQueue()
-    port = free_port()
-    procs = [ctx.Process(target=_child, args=(r, world_size, port, fn, queue, backend, timeout),
-                         daemon=True) for r in range(world_size)]
-    for p in procs:
-        p.start()
-    deadline = time.monotonic() + timeout
-    done: dict[int, object] = {}
-    failures: dict[int, str] = {}
+    private = tempfile.mkdtemp(prefix="expertmesh-")  # mode 0700: the store is this user's alone
+    procs, reports = [], []
     try:
-        while len(done) < world_size:
-            _poll(procs, queue, done, failures)
-            if failures:
-                # One rank's fault makes its peers fail too ("connection closed by peer"): wait a
-                # moment for the whole picture, then blame the root cause, not a bystander.
-                grace = time.monotonic() + FAILURE_GRACE_S
-                while time.monotonic() < grace and len(done) + len(failures) < world_size:
-                    time.sleep(POLL_S)
-                    _poll(procs, queue, done, failures)
-                raise _root_cause(failures)
-            if time.monotonic() > deadline:
-                missing = [r for r in range(world_size) if r not in done]
-                for r in missing:  # one at a time, so that their stacks do not interleave
-                    print(f"rank {r} at the timeout:", file=sys.stderr, flush=True)
-                    with contextlib.suppress(ProcessLookupError):  # it may have just exited
-                        os.kill(procs[r].pid, signal.SIGUSR1)
-                    time.sleep(STACK_DUMP_S)
-                raise RankFailure(None, f"timed out after {timeout:.0f} s; ranks {missing} had not "
-                                        f"finished (raise --timeout if the run is just slow; their "
-                                        f"stacks are on stderr)")
-            time.sleep(POLL_S)
-        for p in procs:
-            p.join()
-        return pickle.loads(done[0])
+        for r in range(world_size):
+            read_fd, write_fd = os.pipe()
+            reports.append(_Report(read_fd))
+            procs.append(ctx.Process(target=_child, daemon=True, args=(
+                r, world_size, os.path.join(private, "store"), fn, write_fd, backend, timeout)))
+            procs[-1].start()
+            os.close(write_fd)  # the rank holds the only write end
+        return _wait(procs, reports, timeout)
     finally:
         for p in procs:
             if p.is_alive():
                 p.kill()
         for p in procs:
             p.join(timeout=5)
+        for report in reports:
+            os.close(report.fd)
+        shutil.rmtree(private, ignore_errors=True)
 
 
-def _poll(procs, queue, done: dict, failures: dict) -> None:
-    """Collect reports from the queue, and ranks that exited without one."""
-    while not queue.empty():
-        rank, status, payload = queue.get()
-        if status == "error":
-            failures[rank] = payload
-        else:
-            done[rank] = payload
-    for rank, p in enumerate(procs):
-        if rank not in done and rank not in failures and p.exitcode is not None and queue.empty():
+def _wait(procs, reports, timeout):
+    """Rank 0's result once every rank reported; `RankFailure` on a failure or at the deadline."""
+    world_size = len(procs)
+    deadline = time.monotonic() + timeout
+    done: dict[int, object] = {}
+    failures: dict[int, str] = {}
+    while len(done) < world_size:
+        _poll(procs, reports, done, failures)
+        if failures:
+            # One rank's fault makes its peers fail too ("connection closed by peer"): wait a
+            # moment for the whole picture, then blame the root cause, not a bystander.
+            grace = time.monotonic() + FAILURE_GRACE_S
+            while time.monotonic() < grace and len(done) + len(failures) < world_size:
+                time.sleep(POLL_S)
+                _poll(procs, reports, done, failures)
+            raise _root_cause(failures)
+        if time.monotonic() > deadline:
+            missing = [r for r in range(world_size) if r not in done]
+            for r in missing:  # one at a time, so that their stacks do not interleave
+                print(f"rank {r} at the timeout:", file=sys.stderr, flush=True)
+                with contextlib.suppress(ProcessLookupError):  # it may have just exited
+                    os.kill(procs[r].pid, signal.SIGUSR1)
+                time.sleep(STACK_DUMP_S)
+            raise RankFailure(None, f"timed out after {timeout:.0f} s; ranks {missing} had not "
+                                    f"finished (raise --timeout if the run is just slow; their "
+                                    f"stacks are on stderr)")
+        time.sleep(POLL_S)
+    return done[0]
+
+
+def _poll(procs, reports, done: dict, failures: dict) -> None:
+    """Collect complete reports, and ranks that exited without one."""
+    for rank, (p, report) in enumerate(zip(procs, reports)):
+        if rank in done or rank in failures:
+            continue
+        exited = p.exitcode is not None  # before reading: all it wrote is in the pipe by then
+        message = report.read()
+        if message is not None:
+            status, payload = message
+            (done if status == "ok" else failures)[rank] = payload
+        elif exited:
             failures[rank] = _describe_exit(p.exitcode)
 
 

@@ -1,10 +1,23 @@
-"""Shared fixtures: a model small enough for a test and the cached decode that tests compare."""
+"""Shared fixtures: a model small enough for a test and the cached decode that tests compare;
+and the hypothesis profile of the property tests."""
+
+import os
 
 import pytest
 import torch
 
 from expertmesh.config import preset
 from expertmesh.model.transformer import reference_model
+
+try:
+    from hypothesis import settings
+except ImportError:  # the property tests skip themselves without it
+    settings = None
+if settings is not None:
+    # Derandomized: every run (CI's included) draws the same examples, so a failure reproduces.
+    # HYPOTHESIS_PROFILE=default draws new ones, to explore.
+    settings.register_profile("ci", derandomize=True, database=None)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # The tiny preset's architecture, shrunk further so that a test builds a model in milliseconds.
 SMALL = dict(n_layers=2, n_experts=4, d_model=64, n_heads=4, head_dim=16, expert_hidden=128,

@@ -9,6 +9,8 @@ tests/test_checkpoint.py missing shards, missing tensors and tensors of the wron
 
 import functools
 import json
+import shutil
+import sys
 
 import pytest
 import torch
@@ -36,6 +38,12 @@ def _profile(path, text: str) -> str:
     return str(path)
 
 
+def _under_a_file(d, name: str) -> str:
+    """A path whose parent is a file: a typo that only writing the output would reveal."""
+    (d / "file.txt").write_text("")
+    return str(d / "file.txt" / name)
+
+
 # name: (argv builder taking tmp_path, a part of the expected message)
 BAD_INPUT = {
     "deployment unparsable": (lambda d: ["run", "--deployment", "gpu8"], "cannot parse deployment 'gpu8'"),
@@ -47,6 +55,10 @@ BAD_INPUT = {
     "ep and tp in a stage": (lambda d: ["run", "--deployment", "ep2tp2"], "expert and tensor parallelism"),
     "compare bad deployment": (lambda d: ["compare", "--deployments", "ep2,ep5"], "ep=5 must divide"),
     "timeout 0": (lambda d: ["run", "--deployment", "ep2", "--timeout", "0"], "timeout 0.0 must be a positive"),
+    "timeout inf": (lambda d: ["run", "--deployment", "ep2", "--timeout", "inf"],
+                    "timeout inf must be a positive, finite number of seconds"),
+    "timeout inf in compare": (lambda d: ["compare", "--deployments", "single,ep2", "--timeout", "inf"],
+                               "timeout inf must be a positive, finite"),
     "unknown backend": (lambda d: ["run", "--deployment", "ep2", "--backend", "mpi"], "unknown backend 'mpi'"),
     "nccl on local ranks": (lambda d: ["run", "--deployment", "ep2", "--backend", "nccl"],
                             "--backend nccl needs ranks started by torchrun"),
@@ -54,6 +66,25 @@ BAD_INPUT = {
     "a2a chunks 0": (lambda d: ["run", "--a2a-chunks", "0"], "--a2a-chunks 0 must be at least 1"),
     "hierarchical node size": (lambda d: ["run", "--deployment", "ep4", "--a2a", "hierarchical",
                                           "--gpus-per-node", "3"], "--gpus-per-node 3 must divide"),
+    "json path under a file": (lambda d: ["run", "--deployment", "ep2", "--json", _under_a_file(d, "o.json")],
+                               "file.txt is a file, not a directory"),
+    "json path a directory": (lambda d: ["run", "--json", str(d)], "is a directory; give a file path"),
+    "trace path a file": (lambda d: ["run", "--trace", _profile(d / "t.json", "")],
+                          "is not a directory; give a directory path"),
+    "record-routing path under a file": (lambda d: ["run", "--deployment", "ep2", "--record-routing",
+                                                    _under_a_file(d, "r.json")], "is a file, not a directory"),
+    "compare json path under a file": (lambda d: ["compare", "--deployments", "ep2", "--json",
+                                                  _under_a_file(d, "o.json")], "is a file, not a directory"),
+    "record-routing off EP": (lambda d: ["run", "--deployment", "tp2", "--record-routing", str(d / "r.json")],
+                              "--record-routing acts on expert-parallel deployments only and tp2 has no EP axis"),
+    "placement off EP": (lambda d: ["run", "--deployment", "pp2", "--placement", str(d / "p.json")],
+                         "--placement acts on expert-parallel deployments only and pp2 has no EP axis"),
+    "redundant experts off EP": (lambda d: ["run", "--redundant-experts", "2"],
+                                 "--redundant-experts acts on expert-parallel deployments only"),
+    "hierarchical off EP": (lambda d: ["run", "--deployment", "tp2", "--a2a", "hierarchical"],
+                            "--a2a hierarchical acts on expert-parallel deployments only"),
+    "compare EP flag without EP": (lambda d: ["compare", "--deployments", "tp2,pp2", "--a2a", "hierarchical"],
+                                   "--a2a hierarchical acts on expert-parallel deployments only"),
     "prompt text without a model": (lambda d: ["run", "--prompt", "hello"], "--prompt needs --model"),
     "prompt ids too long": (lambda d: ["run", "--prompt-ids", ",".join(["7"] * 500)],
                             "= 532 exceeds the model's maximum length 512"),
@@ -113,6 +144,84 @@ def test_world_size_that_torchrun_gave_must_match_the_deployment(monkeypatch, ca
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["run", "--deployment", "ep4"]) == 2
     assert_one_error_line(capfd.readouterr().err, "torchrun started 2 processes but the deployment needs 4")
+    # compare: every deployment is checked before the first one runs
+    assert main(["compare", "--deployments", "ep2,ep4"]) == 2
+    assert_one_error_line(capfd.readouterr().err, "torchrun started 2 processes but the deployment needs 4")
+
+
+def test_sweep_without_matplotlib_is_one_error_line(monkeypatch, capfd):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without it looks like
+    assert main(["simulate", "--sweep", "--max-gpus", "16", "--out", "unused"]) == 2
+    assert_one_error_line(capfd.readouterr().err, "simulate --sweep plots with matplotlib, which is not installed")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """A tiny Mixtral checkpoint with a tokenizer (4 experts, 2 KV heads)."""
+    pytest.importorskip("transformers", reason="tiny checkpoints are built with transformers")
+    from expertmesh.checkpoint.tiny import save_tiny_checkpoint
+    return save_tiny_checkpoint("mixtral", tmp_path_factory.mktemp("mixtral"), tokenizer=True)
+
+
+def _edit_config(path, **fields) -> None:
+    raw = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**raw, **fields}))
+
+
+def _pickled_only(path) -> None:
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"not a pickle: must never be opened")
+
+
+def _drop_tensor(path, name: str) -> None:
+    from safetensors.torch import load_file, save_file
+    tensors = load_file(str(path / "model.safetensors"))
+    del tensors[name]
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _index_with_a_missing_shard(path) -> None:
+    from safetensors import safe_open
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        weight_map = dict.fromkeys(f.keys(), "model.safetensors")
+    weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+    (path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+# name: (how to spoil a copy of the checkpoint, a part of the expected message); each under ep2,
+# whose ranks would otherwise find the fault only while loading
+BAD_CHECKPOINTS = {
+    "unsupported family": (lambda p: _edit_config(p, model_type="llama"), "model_type 'llama' (MixtralForCausalLM)"),
+    "unsupported option": (lambda p: _edit_config(p, hidden_act="gelu"), "hidden_act='gelu' is not supported"),
+    "listed shard missing": (_index_with_a_missing_shard,
+                             "model-00002-of-00002.safetensors: shard file listed in model.safetensors.index.json"),
+    "tensor missing": (lambda p: _drop_tensor(p, "model.layers.1.self_attn.k_proj.weight"),
+                       "tensor model.layers.1.self_attn.k_proj.weight is in no safetensors file"),
+    "only pickled weights": (_pickled_only, "only pickled weights found; expertmesh reads safetensors only"),
+    "tensor of the wrong shape": (lambda p: _edit_config(p, intermediate_size=64),
+                                  "model.safetensors: tensor model.layers.0.block_sparse_moe.experts.0."),
+    "text where a number belongs": (lambda p: _edit_config(p, hidden_size="64"),
+                                    "config.json: field 'hidden_size' is '64', which is not an integer"),
+    "malformed json": (lambda p: (p / "config.json").write_text("{not json"), "config.json is not valid JSON"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_CHECKPOINTS)
+def test_bad_checkpoint_is_one_error_line_naming_the_file_before_any_rank_starts(
+        name, checkpoint, tmp_path, capfd):
+    spoil, expected = BAD_CHECKPOINTS[name]
+    path = shutil.copytree(checkpoint, tmp_path / "copy")
+    spoil(path)
+    assert main(["run", "--model", str(path), "--deployment", "ep2", "--gen-len", "2"]) == 2
+    out, err = capfd.readouterr()
+    assert out == ""
+    assert_one_error_line(err, expected)
+    assert str(path) in err
+
+
+def test_batch_with_a_text_prompt_is_an_error(checkpoint, capfd):
+    assert main(["run", "--model", str(checkpoint), "--prompt", "w5 w6", "--batch", "4"]) == 2
+    assert_one_error_line(capfd.readouterr().err, "--batch does not apply to --prompt")
 
 
 # Deployment strings: well-formed ones with random sizes (often not fitting the model), and
@@ -183,3 +292,18 @@ def test_an_accepted_random_run_reproduces_the_reference(axes, batch, prompt_len
     reference = run_rank(RunSpec(TINY, Deployment(), spec.workload), torch.device("cpu")).tokens
     result = launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
     assert torch.equal(result.tokens, reference)
+
+
+def test_property_tests_draw_the_same_examples_on_every_run():
+    """conftest.py loads a derandomized hypothesis profile: CI failures reproduce."""
+    def draws() -> list:
+        seen = []
+
+        @given(st.integers())
+        def record(x):
+            seen.append(x)
+
+        record()
+        return seen
+
+    assert draws() == draws()

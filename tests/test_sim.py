@@ -34,7 +34,7 @@ def test_two_stage_pipeline_makespan_equals_the_hand_schedule(monkeypatch):
             s1 m0 [5,7] m1 [7,9]                                             -> token 1 at 9
     step 2: s0 m0 [7,8] m1 [9,10]; s1 m0 [9,11] m1 [11,13]                   -> token 2 at 13
     """
-    def program(sc, stage, rows, L, start):
+    def program(sc, stage, work):
         return StageProgram((), (Phase("work", (Cost(1.0 + stage, "compute"),)),), (), 1)
 
     monkeypatch.setattr(simulator, "stage_program", program)
@@ -53,10 +53,10 @@ def test_chunked_exchange_overlaps_the_next_dispatch_with_expert_compute():
         return Exchange((Cost(1.0 * scale, "network"),), (Cost(2.0 * scale, "compute"),),
                         (Cost(1.0 * scale, "network"),), chunks)
 
-    task = simulator._Task(1, 1.0, busy, None)
+    task = simulator.StageTask(1, 1.0, busy, None, 0.0, False)
     # C=1: 2 + 4 + 2. C=2: D0 [0,1], E0 [1,3], D1 [1,2], E1 [3,5], R0 [3,4], R1 [5,6]
-    assert task.play([ex(1, 2.0)], [0.0]) == [8.0]
-    assert task.play([ex(2, 1.0)], [0.0]) == [6.0]
+    assert task.play([ex(1, 2.0)], [0.0], [0.0])[0] == [8.0]
+    assert task.play([ex(2, 1.0)], [0.0], [0.0])[0] == [6.0]
 
 
 def _kv_bytes(dep: Deployment, batch: int, context: int) -> int:
@@ -146,7 +146,7 @@ def test_planner_returns_only_deployments_that_fit_and_meet_the_slo():
     ranked = plan(base, 4, tpot_slo_s=0.05)
     assert ranked
     assert all(r.memory.fits and r.metrics.tpot_s <= 0.05 for r in ranked)
-    tps = [r.metrics.overall_tps for r in ranked]
+    tps = [r.metrics.decode_tps for r in ranked]  # decode by default: issue 16 section 3
     assert tps == sorted(tps, reverse=True)
 
 

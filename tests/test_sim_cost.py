@@ -37,11 +37,11 @@ def test_gemm_efficiency_halves_at_half_tokens():
     assert cost.gemm_efficiency(hw, 64) == pytest.approx(0.4)
 
 
-def test_launch_adds_on_cpu_and_hides_on_gpu():
+def test_launch_adds_on_cpu_and_is_host_time_on_gpu():
     cpu = cost.gemm(profile(launch_s=1e-3, launch_overlaps=False), "bf16", 2, 1000, 1000, 1000)
     gpu = cost.gemm(profile(launch_s=1e-3, launch_overlaps=True), "bf16", 2, 1000, 1000, 1000)
-    assert cpu.seconds == pytest.approx(2e-3 + 1e-3)
-    assert gpu.seconds == pytest.approx(2e-3)
+    assert cpu.seconds == pytest.approx(2e-3 + 1e-3) and cpu.host_s == 0
+    assert gpu.seconds == pytest.approx(2e-3) and gpu.host_s == pytest.approx(1e-3)
 
 
 def test_decode_attention_reads_the_kv_cache():
@@ -60,9 +60,9 @@ def test_prefill_attention_flops_grow_with_the_square_of_the_prompt():
     assert two / one == pytest.approx(4, rel=1e-2)
 
 
-def test_ring_all_reduce():
-    link = cost.Link("nvlink", 1e-6, 1e10)
-    c = cost.all_reduce(link, 8e6, 4)
+def test_ring_all_reduce_without_published_curves():
+    hw = profile(gpus_per_node=4)
+    c = cost.all_reduce(hw, Topology(nodes=1, gpus_per_node=4), [0, 1, 2, 3], 8e6)
     assert c.seconds == pytest.approx(6 * 1e-6 + 1.5 * 8e6 / 1e10)
     assert c.nvlink_bytes == pytest.approx(1.5 * 8e6)
 
@@ -114,3 +114,26 @@ def test_topology_places_ranks_node_by_node():
     assert topo.nodes == 3 and topo.node_of(7) == 0 and topo.node_of(8) == 1
     with pytest.raises(ValueError, match="outside"):
         topo.node_of(24)
+
+
+def test_grouped_gemm_reads_the_weights_of_the_experts_expected_to_be_used():
+    hw = profile()
+    all_used = cost.grouped_gemm(hw, "bf16", 2, (0.5, 0.5), 8, 4)
+    half = cost.grouped_gemm(hw, "bf16", 2, (0.5, 0.5), 8, 4, (0.5, 0.5))
+    assert all_used.hbm_bytes - half.hbm_bytes == pytest.approx(1 * 8 * 4 * 2)  # one weight fewer
+
+
+def test_one_token_of_a_top2_model_reads_two_experts_weights():
+    from expertmesh.config import Workload, preset
+    from expertmesh.deployment import Deployment
+    from expertmesh.sim import program
+    from expertmesh.sim.hardware import get_profile
+    from expertmesh.sim.scenario import Scenario
+
+    sc = Scenario(preset("paper"), Deployment(), Workload(batch_size=1, prompt_len=8, gen_len=2),
+                  get_profile("h100"))
+    c = program._experts(sc, [2 / 16] * 16, 1.0)
+    weights = 2 * 2 * 16384 * 4096 * 2            # 2 experts x (up, down) x [H, D] in bf16
+    rows = 2 * 2 * (4096 + 16384) * 2             # 2 rows in and out of both GEMMs
+    activation = 2 * 16384 * 2 * 2                # gelu over [2, H], read and written
+    assert c.hbm_bytes == pytest.approx(weights + rows + activation)

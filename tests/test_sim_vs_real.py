@@ -1,4 +1,13 @@
-"""The calibration comparison script runs end to end on a tiny case and its errors add up."""
+"""The simulator predicts real CPU runs it was not calibrated on, within the band measured.
+
+`benchmarks/sim_vs_real.py --quick` fits the per-op overhead and a scale on the matmul rate on
+`single` and `ep2` at batch 4 x 16, and predicts `tp2` and `pp2` (in the benchmark also `ep2`
+and `ep4`) at batch 2 x 32. Measured on the shared 2-core development machine (load average
+12-16, three other test suites running): held-out median error 36% and worst ratio 3.1x
+(--quick), 39% and 1.9x (full sizes); with launch_s alone fitted it was 23-72% and up to 3.9x.
+The same deployment's repeats differ by up to 2x there. The band is what that machine
+reproduces, not the 20% goal, and far from the former 20x.
+"""
 
 import json
 import subprocess
@@ -6,18 +15,25 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_vs_real.py"
+MEDIAN_BAND = 0.75  # measured 0.36, 0.39
+RATIO_BAND = 4.0    # measured 3.1, 1.9
 
 
-def test_sim_vs_real_quick_predicts_every_run(tmp_path):
+def test_held_out_runs_are_predicted_within_the_measured_band(tmp_path):
     out = tmp_path / "cmp.json"
-    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--deployments", "single,ep2,pp2",
-                    "--json", str(out)], check=True, timeout=120)
+    subprocess.run([sys.executable, str(SCRIPT), "--quick", "--repeat", "2", "--held-out", "tp2,pp2",
+                    "--json", str(out)], check=True, timeout=900)
     data = json.loads(out.read_text())
     rows = data["rows"]
-    assert {(r["deployment"], r["metric"]) for r in rows} == {
-        (d, m) for d in ("single", "ep2", "pp2") for m in ("ttft", "tpot")}
-    for r in rows:
+    held = [r for r in rows if r["set"] == "held-out"]
+    assert {(r["deployment"], r["metric"]) for r in held} == {
+        (d, m) for d in ("tp2", "pp2") for m in ("ttft", "tpot")}
+    # nothing held out shares a (deployment, batch) with the calibration runs
+    calibration = {(r["deployment"], r["batch"]) for r in rows if r["set"] == "calibration"}
+    assert calibration and not calibration & {(r["deployment"], r["batch"]) for r in held}
+    for r in held:
         assert r["predicted_s"] > 0 and r["measured_s"] > 0
-        assert r["abs_error_s"] == abs(r["predicted_s"] - r["measured_s"])
-        assert 0.05 < r["predicted_s"] / r["measured_s"] < 20  # same order of magnitude
-    assert data["summary"]["worst_abs_error_s"] == max(r["abs_error_s"] for r in rows)
+        ratio = r["predicted_s"] / r["measured_s"]
+        assert 1 / RATIO_BAND < ratio < RATIO_BAND, r
+    assert data["summary"]["median_rel_error"] <= MEDIAN_BAND
+    assert data["profile"]["launch_s"] >= 0

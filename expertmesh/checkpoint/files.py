@@ -23,7 +23,13 @@ _PICKLED = ("*.bin", "*.pt", "*.pth", "*.ckpt")
 def _weight_map(root: Path) -> dict[str, str]:
     """tensor name -> file name, from the index of a sharded checkpoint or the single file's header."""
     if (root / INDEX).is_file():
-        weight_map = json.loads((root / INDEX).read_text()).get("weight_map") or {}
+        try:
+            weight_map = json.loads((root / INDEX).read_text())["weight_map"]
+            if not isinstance(weight_map, dict):
+                raise TypeError
+        except (ValueError, KeyError, TypeError):
+            raise ValueError(f"{root / INDEX} is not a safetensors index (JSON with a weight_map); "
+                             f"download it again or re-save the checkpoint") from None
         for file in sorted(set(weight_map.values())):
             if not (root / file).is_file():
                 raise ValueError(f"{root / file}: shard file listed in {INDEX} is missing; "
@@ -66,6 +72,10 @@ class CheckpointFiles:
                              f"config.json implies {list(shape)}; use the config.json saved with "
                              f"these weights")
         return part
+
+    def check(self, name: str, shape: Sequence[int]) -> None:
+        """Raise unless tensor `name` is in the files with shape `shape` (reads its header only)."""
+        self._slice(name, shape)
 
     def read(self, name: str, shape: Sequence[int], index: Sequence[slice]) -> torch.Tensor:
         """Elements `index` (one slice per dim) of tensor `name`, whose full shape must be `shape`."""

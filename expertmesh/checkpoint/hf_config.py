@@ -23,21 +23,44 @@ from expertmesh.config import ModelConfig
 FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
 # checkpoint dtype -> expertmesh dtype; fp16 is widened to fp32, which holds it exactly
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
+# Numeric fields read from config.json, checked for their type before any arithmetic on them.
+_INTEGERS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+             "num_hidden_layers", "num_experts_per_tok", "vocab_size", "max_position_embeddings",
+             "sliding_window", "num_local_experts", "num_experts", "intermediate_size",
+             "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step")
+_REALS = ("rms_norm_eps", "rope_theta")
 
 
 def read_hf_config(path: str | Path) -> dict:
-    """The parsed `config.json` of checkpoint directory `path`, its family checked."""
+    """The parsed `config.json` of checkpoint directory `path`, its family and the types of its
+    numeric fields checked."""
     file = Path(path) / "config.json"
     if not file.is_file():
         raise ValueError(f"{file} not found; point --model at a Hugging Face model directory "
                          f"(config.json + *.safetensors)")
-    raw = json.loads(file.read_text())
+    try:
+        raw = json.loads(file.read_text())
+    except ValueError as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}); use the config.json saved with the "
+                         f"weights") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{file} holds a JSON {type(raw).__name__}, not an object of fields")
+    _check_numbers(raw, file)
     family = raw.get("model_type")
     if family not in FAMILIES:
         arch = ", ".join(raw.get("architectures") or []) or "no architectures"
         raise ValueError(f"{file}: model_type {family!r} ({arch}) is not supported; use a "
                          f"checkpoint of one of: {', '.join(FAMILIES)}")
     return raw
+
+
+def _check_numbers(raw: dict, file: Path) -> None:
+    for kinds, keys, what in (((int,), _INTEGERS, "an integer"), ((int, float), _REALS, "a number")):
+        for key in keys:
+            value = raw.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, kinds)):
+                raise ValueError(f"{file}: field {key!r} is {value!r}, which is not {what}; "
+                                 f"write it as a JSON number")
 
 
 def _get(raw: dict, key: str, file: Path):
@@ -57,6 +80,7 @@ def _rope_theta(raw: dict, file: Path) -> float:
     theta = params.get("rope_theta", raw.get("rope_theta"))
     if theta is None:
         raise ValueError(f"{file}: no rope_theta (in rope_parameters or top level); add it")
+    _check_numbers({"rope_theta": theta}, file)
     return float(theta)
 
 

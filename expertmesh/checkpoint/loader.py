@@ -5,6 +5,10 @@ which elements of which global tensor it holds; `names.source_of` says where tha
 lives in the checkpoint; only those elements are read. A rank under ep4 thus reads its quarter of
 the experts, the replicated attention and norms, and the embedding / LM head only where its
 pipeline stage has them.
+
+`check_checkpoint` raises, before any rank starts, the error any rank's load would: it walks the
+same parameters over the whole model and checks each tensor's presence and shape in the files'
+headers, reading no weights.
 """
 
 from __future__ import annotations
@@ -18,7 +22,9 @@ from torch import nn
 from expertmesh.checkpoint.files import CheckpointFiles
 from expertmesh.checkpoint.hf_config import read_hf_config
 from expertmesh.checkpoint.names import Source, source_of
+from expertmesh.config import ModelConfig
 from expertmesh.model.synthetic import DimIndex, fill_parameters
+from expertmesh.model.transformer import build_model
 
 
 def _runs(index: Sequence[int]) -> list[slice]:
@@ -63,3 +69,21 @@ def load_checkpoint(model: nn.Module, path: str | Path, dtype: torch.dtype,
     finally:
         files.close()
     return files.bytes_read
+
+
+def check_checkpoint(cfg: ModelConfig, path: str | Path) -> None:
+    """Raise the ValueError (naming the file) that loading the checkpoint at `path` into the
+    model of `cfg` would raise on some rank; reads only config.json and the files' headers."""
+    family = read_hf_config(path)["model_type"]
+    files = CheckpointFiles(path)
+
+    def check(name: str, global_shape: tuple, index: tuple | None) -> torch.Tensor:
+        src = source_of(family, name, global_shape, files)
+        for tensor in src.names:
+            files.check(tensor, src.shape)
+        return torch.empty(global_shape, device="meta")
+
+    try:
+        fill_parameters(build_model(cfg), check, cfg.torch_dtype, "meta")
+    finally:
+        files.close()

@@ -18,7 +18,7 @@ import torch.distributed as dist
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
 from expertmesh.checkpoint.hf_config import eos_ids
-from expertmesh.checkpoint.loader import load_checkpoint
+from expertmesh.checkpoint.loader import check_checkpoint, load_checkpoint
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.load import load_summary
 from expertmesh.engine.metrics import Metrics
@@ -82,8 +82,14 @@ class RunSpec:
         if self.a2a == "hierarchical" and self.deployment.ep % topology.gpus_per_node and topology.nodes > 1:
             raise ValueError(f"hierarchical exchange needs --gpus-per-node {topology.gpus_per_node} "
                              f"to divide ep={self.deployment.ep}")
+        for flag, given in (("--a2a hierarchical", self.a2a == "hierarchical"),
+                            ("--placement", self.placement is not None),
+                            ("--record-routing", self.record_routing)):
+            refuse_off_ep(flag, given, self.deployment)
         if self.placement is not None:
             validate_placement(self.placement, self.cfg.n_layers, self.cfg.n_experts, self.deployment.ep)
+        if self.checkpoint:  # else each rank finds a bad tensor only when it loads it
+            check_checkpoint(self.cfg, self.checkpoint)
 
     @property
     def topology(self) -> Topology:
@@ -92,6 +98,14 @@ class RunSpec:
     @property
     def micro_batches(self) -> int:
         return self.n_micro or self.deployment.pp
+
+
+def refuse_off_ep(flag: str, given: bool, deployment: Deployment) -> None:
+    """An option that acts on the token exchange, given for a deployment without one, would be
+    silently ignored: an error instead."""
+    if given and deployment.ep == 1:
+        raise ValueError(f"{flag} acts on expert-parallel deployments only and {deployment.name} "
+                         f"has no EP axis; drop it or use epN")
 
 
 @dataclass

@@ -84,7 +84,7 @@ class GroupedExperts(nn.Module):
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
         else:
-            splits = splits if splits is not None else counts.tolist()  # the loop needs ints
+            splits = splits if splits is not None else counts.cpu().tolist()  # the loop needs ints: a host read
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 parts = a[:sum(splits)].split(splits)

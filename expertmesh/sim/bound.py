@@ -34,7 +34,8 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
     weights = cfg.n_layers * ((proj + E * D) * min(dep.ep, B) + used * expert)
     weights += V * D * dep.tp + V * D
     kv = cfg.n_layers * 2 * B * (start + L) * g * d
-    out = {"compute": flops, "hbm": (weights + kv) * isz, "nvlink": 0.0, "network": 0.0}
+    out = {"compute": flops, "hbm": weights * sc.weight_itemsize + kv * sc.kv_itemsize,
+           "nvlink": 0.0, "network": 0.0}
 
     def move(a: int, b: int, nbytes: float) -> None:
         out["network" if topo.node_of(a) != topo.node_of(b) else "nvlink"] += nbytes
@@ -52,7 +53,8 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
                 tokens = len(dep.rows_of(r, B)) * L
                 for j, q in enumerate(ranks):
                     if i != j:
-                        move(r, q, layers * 2 * tokens * k * sum(shares[j * per:(j + 1) * per]) * D * isz)
+                        move(r, q, layers * tokens * k * sum(shares[j * per:(j + 1) * per]) * D
+                             * (sc.dispatch_itemsize + isz))
         if s < dep.pp - 1:
             move(s * inner, (s + 1) * inner, t * D * isz)
     return out
@@ -73,26 +75,31 @@ class Bound:
         return asdict(self)
 
 
-def _seconds(sc: Scenario, volumes: dict[str, float]) -> tuple[float, str]:
+def _seconds(sc: Scenario, volumes: dict[str, float], achieved: bool) -> tuple[float, str]:
     hw, n = sc.hardware, sc.deployment.world_size
-    capacity = {"compute": hw.matmul_flops(sc.cfg.dtype), "hbm": hw.hbm_bw,
+    capacity = {"compute": hw.matmul_flops(sc.compute_dtype), "hbm": hw.hbm_bw,
                 "nvlink": hw.nvlink_bw, "network": hw.net_bw}
+    if achieved:  # what measured kernels reach, not the datasheet
+        for res, eff in (("compute", hw.matmul_efficiency(sc.compute_dtype)), ("hbm", hw.hbm_efficiency),
+                         ("nvlink", hw.nvlink_efficiency), ("network", hw.net_efficiency)):
+            capacity[res] *= eff
     times = {res: volumes[res] / (n * capacity[res]) for res in RESOURCE_NAMES}
     resource = max(times, key=times.get)
     return times[resource], resource
 
 
-def roofline(sc: Scenario) -> Bound:
-    """Bounds on TTFT (the prefill pass), TPOT (the mean decode pass) and the whole run."""
+def roofline(sc: Scenario, achieved: bool = False) -> Bound:
+    """Bounds on TTFT (the prefill pass), TPOT (the mean decode pass) and the whole run, at the
+    datasheet peaks or (`achieved`) at the fraction of them that published kernels reach."""
     w = sc.workload
     prefill = pass_volumes(sc, w.prompt_len, 0)
-    ttft, ttft_res = _seconds(sc, prefill)
+    ttft, ttft_res = _seconds(sc, prefill, achieved)
     if w.gen_len == 1:
         return Bound(ttft, ttft_res, None, None, ttft, ttft_res)
     # decode steps 1 .. G-1 start at P .. P+G-2; volumes are linear in the start, so the mean
     # step is the step at the mean start
     decode = pass_volumes(sc, 1, w.prompt_len + (w.gen_len - 2) / 2)
-    tpot, tpot_res = _seconds(sc, decode)
+    tpot, tpot_res = _seconds(sc, decode, achieved)
     whole = {res: prefill[res] + (w.gen_len - 1) * decode[res] for res in RESOURCE_NAMES}
-    total, total_res = _seconds(sc, whole)
+    total, total_res = _seconds(sc, whole, achieved)
     return Bound(ttft, ttft_res, tpot, tpot_res, total, total_res)

@@ -7,14 +7,18 @@ the parsed arguments and returns an exit code.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
 
-from expertmesh.config import Workload, preset
+from expertmesh.config import Workload
 from expertmesh.deployment import Deployment
 from expertmesh.sim.hardware import get_profile
-from expertmesh.sim.plan import OBJECTIVES, evaluate, tps
-from expertmesh.sim.report import SWEEP_GPUS, console as report_console, plot_sweep, print_assumptions, results_table, sweep
+from expertmesh.sim.models import load_model
+from expertmesh.sim.plan import OBJECTIVES, evaluate, rank_by_goodput, serve_deployment, tps
+from expertmesh.sim.report import (SWEEP_GPUS, console as report_console, dominant, expert_sweep, plot_sweep,
+                                   print_assumptions, require_matplotlib, results_table, serving_table,
+                                   sweep)
 from expertmesh.sim.routing import Routing
 from expertmesh.sim.scenario import Scenario
 from expertmesh.sim.simulator import simulate
@@ -32,6 +36,8 @@ def parse_seconds(text: str) -> float:
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="paper", help="model preset (default: paper)")
+    p.add_argument("--model", help="a Hugging Face config.json or checkpoint directory (no weights are "
+                                   "read): Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, dense Llama / Qwen2")
     p.add_argument("--gpu", default="h100", help="h100, h200, a100, b200 or a calibrated profile JSON")
     p.add_argument("--batch", type=int, default=128, help="sequences in the batch")
     p.add_argument("--prompt-len", type=int, default=10000, help="prompt tokens per sequence")
@@ -41,15 +47,29 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="EP exchange chunks overlapped with expert compute (1: none, as the engine)")
     p.add_argument("--hierarchical", action="store_true", help="hierarchical (rail-aligned) all-to-all")
     p.add_argument("--routing", default="uniform", help="uniform, or zipf[:skew] for skewed expert load")
-    p.add_argument("--micro", type=int, help="micro-batches (default: one per pipeline stage)")
+    p.add_argument("--micro", type=int, help="micro-batches of prefill and decode (default: one per stage)")
+    p.add_argument("--prefill-micro", type=int, help="micro-batches of the prefill step (default: --micro)")
+    p.add_argument("--decode-micro", type=int, help="micro-batches of each decode step (default: --micro)")
+    p.add_argument("--a2a-kernel", choices=("nccl", "low-latency"), default="nccl",
+                   help="EP all-to-all: nccl (count exchange + all_to_all, as the engine) or a "
+                        "DeepEP-style low-latency kernel")
+    p.add_argument("--cuda-graphs", action="store_true", help="decode steps replay captured CUDA graphs")
+    p.add_argument("--fp8", action="store_true", help="FP8 weights, KV cache, dispatch and GEMMs")
+    p.add_argument("--rate", type=float, help="serve Poisson arrivals at this many requests/s (prompt and "
+                                              "output lengths around --prompt-len, --gen-len)")
+    p.add_argument("--ttft-slo", help="largest acceptable TTFT for goodput, e.g. 2s")
+    p.add_argument("--tpot-slo", help="largest acceptable TPOT, e.g. 50ms")
 
 
 def _base(args, deployment: Deployment, gpus: int | None) -> Scenario:
-    return Scenario(preset(args.preset), deployment,
+    return Scenario(load_model(args.preset, args.model), deployment,
                     Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len),
                     get_profile(args.gpu), gpus=gpus, gpus_per_node=args.gpus_per_node,
                     a2a_chunks=args.a2a_chunks, hierarchical_a2a=args.hierarchical,
-                    routing=Routing.parse(args.routing), n_micro=args.micro)
+                    routing=Routing.parse(args.routing),
+                    prefill_micro=args.prefill_micro or args.micro,
+                    decode_micro=args.decode_micro or args.micro, a2a_kernel=args.a2a_kernel,
+                    cuda_graphs=args.cuda_graphs, fp8=args.fp8)
 
 
 def cmd_simulate(args) -> int:
@@ -57,18 +77,23 @@ def cmd_simulate(args) -> int:
     deployments = [Deployment.parse(d) for d in args.deployments.split(",")]
     base = _base(args, deployments[0], args.gpus)
     if args.sweep:
-        curves = sweep(base, [n for n in SWEEP_GPUS if n <= args.max_gpus])
+        require_matplotlib()
+        counts = [n for n in SWEEP_GPUS if n <= args.max_gpus]
+        curves = sweep(base, counts)
+        if args.sweep_experts:
+            curves.update(expert_sweep(base, counts, [int(e) for e in args.sweep_experts.split(",")]))
+        results = [r for rs in curves.values() for r in rs]
         for path in plot_sweep(curves, args.out):
             console.print(f"wrote {path}")
-        console.print(results_table([r for rs in curves.values() for r in rs], "sweep"))
-        print_assumptions(console, base)
+        console.print(results_table(results, "sweep"))
+        print_assumptions(console, [r.scenario for r in results])
         return 0
-    results = [simulate(Scenario(base.cfg, d, base.workload, base.hardware, gpus=args.gpus,
-                                 gpus_per_node=args.gpus_per_node, a2a_chunks=args.a2a_chunks,
-                                 hierarchical_a2a=args.hierarchical, routing=base.routing,
-                                 n_micro=args.micro)) for d in deployments]
+    results = [simulate(dataclasses.replace(base, deployment=d, gpus=args.gpus)) for d in deployments]
     console.print(results_table(results, f"simulated on {base.hardware.name}"))
-    print_assumptions(console, base)
+    if args.rate:
+        console.print(serving_table([(r, serve_deployment(r.scenario, args.rate)) for r in results if r.fits],
+                                    args.rate, _slo(args.ttft_slo), _slo(args.tpot_slo)))
+    print_assumptions(console, [r.scenario for r in results])
     if args.trace:
         Path(args.trace).mkdir(parents=True, exist_ok=True)
         for r in results:
@@ -77,25 +102,49 @@ def cmd_simulate(args) -> int:
             console.print(f"wrote {path} (open in ui.perfetto.dev)")
     if args.json:
         Path(args.json).write_text(json.dumps([r.to_dict() for r in results], indent=2))
+    if not any(r.fits for r in results):
+        console.print("no deployment fits in device memory: use more GPUs, a shorter context or a smaller batch")
+        return 1
     return 0
+
+
+def _slo(text: str | None) -> float | None:
+    return parse_seconds(text) if text else None
 
 
 def cmd_plan(args) -> int:
     console = report_console()
-    slo = parse_seconds(args.tpot_slo) if args.tpot_slo else None
+    ttft_slo, tpot_slo = _slo(args.ttft_slo), _slo(args.tpot_slo)
     base = _base(args, Deployment(), None)
-    verdicts = evaluate(base, args.gpus, slo)
-    ranked = sorted((v for v in verdicts if v.ok), key=lambda v: tps(v.result, args.objective), reverse=True)
-    rejected = [v for v in verdicts if not v.ok]
-    console.print(results_table([v.result for v in ranked],
-                                f"deployments on {args.gpus} x {base.hardware.name}, best {args.objective} TPS first"))
+    if args.rate:  # goodput under load: the SLOs judge each request, not the static batch
+        verdicts = evaluate(base, args.gpus)
+        ranked_g = rank_by_goodput(verdicts, args.rate, ttft_slo, tpot_slo)
+        console.print(serving_table([(g.result, g.served) for g in ranked_g], args.rate, ttft_slo, tpot_slo,
+                                    f"deployments on {args.gpus} x {base.hardware.name} at {args.rate:g} "
+                                    f"requests/s, best goodput first"))
+        ranked = [g.result for g in ranked_g if g.goodput > 0]
+        rejected = [v for v in verdicts if not v.fits]
+    else:
+        verdicts = evaluate(base, args.gpus, tpot_slo)
+        ranked = sorted((v.result for v in verdicts if v.ok), key=lambda r: tps(r, args.objective), reverse=True)
+        rejected = [v for v in verdicts if not v.ok]
+        console.print(results_table(ranked, f"deployments on {args.gpus} x {base.hardware.name}, best "
+                                            f"{args.objective} TPS first"
+                                            + (f" at TPOT <= {args.tpot_slo}" if tpot_slo else "")))
     for v in rejected:
         why = [] if v.fits else [f"needs {v.result.memory.total_bytes / 1e9:.1f} GB per GPU"]
         why += [] if v.meets_slo else [f"TPOT {v.result.metrics.tpot_s * 1e3:.2f} ms over the SLO"]
         console.print(f"  rejected {v.result.scenario.deployment.name}: {'; '.join(why)}")
-    print_assumptions(console, base)
+    for r in ranked[:3]:
+        console.print(f"  {r.scenario.deployment.name}: {dominant(r)}")
+    if ranked:
+        console.print(f"  [bold]{ranked[0].scenario.deployment.name}[/bold] wins: "
+                      + (f"its decode step is shortest where it counts ({dominant(ranked[0])})"
+                         if not args.rate else "the highest goodput at this rate (ties: lowest TPOT, "
+                                               "then TTFT, at the 90th percentile)"))
+    print_assumptions(console, [r.scenario for r in ranked] or base)
     if args.json:
-        Path(args.json).write_text(json.dumps([v.result.to_dict() for v in ranked], indent=2))
+        Path(args.json).write_text(json.dumps([r.to_dict() for r in ranked], indent=2))
     return 0 if ranked else 1
 
 
@@ -117,14 +166,17 @@ def add_commands(subparsers) -> None:
     sim.add_argument("--trace", help="write a Perfetto trace of one decode step per deployment here")
     sim.add_argument("--sweep", action="store_true", help="plot TPS and TPOT against GPU count")
     sim.add_argument("--max-gpus", type=int, default=256, help="largest GPU count of the sweep")
+    sim.add_argument("--sweep-experts", help="also sweep EP growing with the GPUs on models of these "
+                                             "expert counts (same top-k and expert size), e.g. 16,64,256")
     sim.add_argument("--out", default="results/sweep", help="where --sweep writes its plots")
     sim.set_defaults(func=cmd_simulate)
 
     plan = subparsers.add_parser("plan", help="rank every deployment that fits on N GPUs")
     _common(plan)
     plan.add_argument("--gpus", type=int, required=True, help="GPUs in all")
-    plan.add_argument("--tpot-slo", help="largest acceptable TPOT, e.g. 10ms")
-    plan.add_argument("--objective", choices=OBJECTIVES, default="overall", help="which TPS to rank by")
+    plan.add_argument("--objective", choices=OBJECTIVES, default="decode",
+                      help="which TPS to rank by without --rate (default decode: overall TPS of long "
+                           "prompts is almost all prefill)")
     plan.add_argument("--json", help="write the ranked results here")
     plan.set_defaults(func=cmd_plan)
 

@@ -1,13 +1,23 @@
-"""Memory one rank needs: its weights and its KV cache, by parameter arithmetic (no model built).
+"""Memory one rank needs, by parameter arithmetic (no model built): weights, KV cache,
+activations at their peak, communication buffers and a runtime reserve.
 
 Counts follow the engine's sharding: attention projections split by heads under TP, experts
 split by hidden units under TP and by expert under EP, layers split by stage under PP; the
-embedding lives on the first stage, the final norm and LM head on the last. Activations and
-framework workspace are not counted.
+embedding lives on the first stage, the final norm and LM head on the last.
+
+Activations peak in a prefill layer, on the rank's t = rows x prompt tokens of one micro-batch:
+the residual stream and the normed input `[t, D]`, then the larger of attention's q, k, v and
+output `[t, (2h + 2g) d / tp]` and the MoE block's permuted rows `[N, D]` in and out with their
+expert hidden `[N, (m-1) H / tp]`, N = t k (under EP: the rows a rank receives per exchange
+chunk, at the expected share). Communication buffers: the EP send and receive buffers of one
+chunk `2 [N, D]`, a pipeline stage's received hidden states `[t, D]`. The runtime reserve (CUDA
+context, cuBLAS and NCCL workspaces, allocator fragmentation) is an assumption: 10% of the
+device, what vLLM's default gpu_memory_utilization 0.9 leaves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from expertmesh.config import ModelConfig, Workload
@@ -44,17 +54,23 @@ def kv_cache_bytes(cfg: ModelConfig, dep: Deployment, workload: Workload, rank: 
     return layers * per_layer * ITEMSIZE[cfg.dtype]
 
 
+RESERVE_FRACTION = 0.1
+
+
 @dataclass(frozen=True)
 class MemoryReport:
-    """The fullest rank's bytes. `fits`: weights + KV cache within the device's memory."""
+    """The fullest rank's bytes. `fits`: everything within the device's memory."""
 
     weights_bytes: int
     kv_bytes: int
     capacity_bytes: float
+    activation_bytes: float = 0.0
+    buffer_bytes: float = 0.0
+    reserve_bytes: float = 0.0
 
     @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.kv_bytes
+    def total_bytes(self) -> float:
+        return self.weights_bytes + self.kv_bytes + self.activation_bytes + self.buffer_bytes + self.reserve_bytes
 
     @property
     def fits(self) -> bool:
@@ -62,9 +78,42 @@ class MemoryReport:
 
 
 def memory_report(cfg: ModelConfig, dep: Deployment, workload: Workload,
-                  capacity_bytes: float) -> MemoryReport:
-    """`workload` is what one replica serves; the report is for its fullest rank."""
-    per_rank = [(rank_params(cfg, dep, r) * ITEMSIZE[cfg.dtype], kv_cache_bytes(cfg, dep, workload, r))
+                  capacity_bytes: float, weight_itemsize: int | None = None,
+                  kv_itemsize: int | None = None) -> MemoryReport:
+    """Weights and KV cache only; `workload` is what one replica serves; the report is for its
+    fullest rank. Item sizes default to the model dtype's."""
+    w_isz = weight_itemsize or ITEMSIZE[cfg.dtype]
+    kv_scale = (kv_itemsize or ITEMSIZE[cfg.dtype]) / ITEMSIZE[cfg.dtype]
+    per_rank = [(rank_params(cfg, dep, r) * w_isz, int(kv_cache_bytes(cfg, dep, workload, r) * kv_scale))
                 for r in range(dep.world_size)]
     weights, kv = max(per_rank, key=sum)
     return MemoryReport(weights, kv, capacity_bytes)
+
+
+def peak_activations(sc) -> tuple[float, float]:
+    """(activation bytes, communication buffer bytes) of the fullest rank's prefill layer."""
+    cfg, dep, w, isz = sc.cfg, sc.deployment, sc.replica_workload, sc.itemsize
+    D, d, k = cfg.d_model, cfg.head_dim, cfg.top_k
+    held = max(len(dep.rows_of(r, w.batch_size)) for r in range(dep.inner))
+    t = -(-held // sc.micro_batches(True)) * w.prompt_len
+    attention = t * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d / dep.tp
+    rows = t * k / (sc.a2a_chunks if dep.ep > 1 else 1)
+    if dep.ep > 1:  # a rank receives its experts' share of every rank's rows
+        shares = sc.routing.shares(cfg.n_experts, k)
+        per = cfg.n_experts // dep.ep
+        rows = rows * dep.ep * max(sum(shares[j * per:(j + 1) * per]) for j in range(dep.ep))
+    moe = rows * (2 * D + (cfg.matrices_per_expert - 1) * cfg.expert_hidden / dep.tp)
+    activations = (2 * t * D + max(attention, moe)) * isz
+    buffers = (2 * rows * D * sc.dispatch_itemsize if dep.ep > 1 else 0.0) + (t * D * isz if dep.pp > 1 else 0.0)
+    return activations, buffers
+
+
+def scenario_memory(sc) -> MemoryReport:
+    """Everything one rank of the scenario holds at its peak."""
+    hw = sc.hardware
+    base = memory_report(sc.cfg, sc.deployment, sc.replica_workload, hw.hbm_bytes,
+                         sc.weight_itemsize, sc.kv_itemsize)
+    activations, buffers = peak_activations(sc)
+    reserve = RESERVE_FRACTION * hw.hbm_bytes if hw.launch_overlaps else 0.0
+    return dataclasses.replace(base, activation_bytes=activations, buffer_bytes=buffers,
+                               reserve_bytes=reserve)

@@ -2,8 +2,11 @@
 
 Candidates are every `epN`, `tpN`, `ppN`, `epNppM`, `tpNppM` whose rank count divides the GPU
 count and that `Deployment.validate` accepts; the GPUs beyond one deployment run data-parallel
-replicas of it. A candidate is kept when its fullest GPU holds its weights and KV cache and its
-TPOT meets the SLO; the kept ones are ranked by predicted throughput.
+replicas of it. A candidate is kept when its fullest GPU holds everything it needs at its peak
+and its TPOT meets the SLO; the kept ones are ranked by predicted decode throughput (by default:
+overall throughput of a long-prompt batch is almost all prefill tokens, which says little about
+serving) or, under a request rate, by goodput: requests per second that meet the TTFT and TPOT
+SLOs in the simulated serving steady state (serving.py).
 """
 
 from __future__ import annotations
@@ -14,9 +17,10 @@ from dataclasses import dataclass
 from expertmesh.config import ModelConfig
 from expertmesh.deployment import Deployment
 from expertmesh.sim.scenario import Scenario
+from expertmesh.sim.serving import Served, holds_request, serve
 from expertmesh.sim.simulator import SimResult, simulate
 
-OBJECTIVES = ("overall", "decode", "prefill")
+OBJECTIVES = ("decode", "overall", "prefill")
 
 
 def candidates(cfg: ModelConfig, gpus: int) -> list[Deployment]:
@@ -66,9 +70,38 @@ def evaluate(base: Scenario, gpus: int, tpot_slo_s: float | None = None) -> list
 
 
 def plan(base: Scenario, gpus: int, tpot_slo_s: float | None = None,
-         objective: str = "overall") -> list[SimResult]:
+         objective: str = "decode") -> list[SimResult]:
     """The deployments that fit and meet the SLO, best predicted throughput first."""
     if objective not in OBJECTIVES:
         raise ValueError(f"objective {objective!r}; use one of: {', '.join(OBJECTIVES)}")
     kept = [v.result for v in evaluate(base, gpus, tpot_slo_s) if v.ok]
     return sorted(kept, key=lambda r: tps(r, objective), reverse=True)
+
+
+@dataclass(frozen=True)
+class Goodput:
+    result: SimResult
+    served: Served
+    goodput: float  # requests/s meeting both SLOs, all replicas
+
+
+def serve_deployment(sc: Scenario, rate: float, requests: int = 100) -> Served:
+    """The scenario's deployment serving `rate` requests/s split evenly over its replicas, with
+    prompt and output lengths around the workload's."""
+    return serve(sc, rate / sc.replicas, sc.workload.prompt_len, sc.workload.gen_len, requests=requests)
+
+
+def rank_by_goodput(verdicts: list[Verdict], rate: float, ttft_slo_s: float | None,
+                    tpot_slo_s: float | None, requests: int = 100) -> list[Goodput]:
+    """Serve `rate` requests/s (split evenly over each candidate's replicas) of the base
+    workload's prompt and output lengths; candidates that fit, best goodput first."""
+    out = []
+    for v in verdicts:
+        sc = v.result.scenario
+        if not v.fits or not holds_request(sc, sc.workload.prompt_len, sc.workload.gen_len):
+            continue
+        served = serve_deployment(sc, rate, requests)
+        out.append(Goodput(v.result, served, served.goodput(ttft_slo_s, tpot_slo_s) * sc.replicas))
+    # ties (every candidate keeps up) go to the lower TPOT, then TTFT, at the 90th percentile
+    return sorted(out, key=lambda g: (-round(g.goodput, 6), g.served.percentile("tpot_s", 90),
+                                      g.served.percentile("ttft_s", 90)))

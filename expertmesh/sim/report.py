@@ -29,24 +29,40 @@ def ms(seconds: float | None) -> str:
 def results_table(results: list[SimResult], title: str) -> Table:
     table = Table(title=title)
     for col in ("method", "GPUs", "per-GPU deployment", "TPS overall", "TPS decode", "TPOT ms",
-                "TPOT bound ms", "TTFT ms", "TTFT bound ms", "memory/GPU GB", "busiest"):
-        table.add_column(col, justify="left" if col in ("method", "per-GPU deployment", "busiest") else "right")
+                "TPOT bound ms", "TTFT ms", "TTFT bound ms", "memory/GPU GB", "dominant cost"):
+        table.add_column(col, justify="left" if col in ("method", "per-GPU deployment", "dominant cost") else "right")
     for r in results:
         sc, m, b, mem = r.scenario, r.metrics, r.bound, r.memory
         method = sc.deployment.name + (f" x{sc.replicas} replicas" if sc.replicas > 1 else "")
+        fit = r.fits  # a deployment that does not fit gets no figures, only its memory
         table.add_row(
-            method, str(sc.gpus), sc.deployment.describe(sc.cfg.n_experts), f"{m.overall_tps:,.0f}",
-            f"{m.decode_tps:,.0f}" if m.decode_tps else "-", ms(m.tpot_s),
-            f"{ms(b.tpot_s)} ({b.tpot_resource})" if b.tpot_s else "-", ms(m.ttft_s),
+            method, str(sc.gpus), sc.deployment.describe(sc.cfg.n_experts),
+            f"{m.overall_tps:,.0f}" if fit else "-",
+            f"{m.decode_tps:,.0f}" if fit and m.decode_tps else "-", ms(m.tpot_s) if fit else "-",
+            f"{ms(b.tpot_s)} ({b.tpot_resource})" if b.tpot_s else "-", ms(m.ttft_s) if fit else "-",
             f"{ms(b.ttft_s)} ({b.ttft_resource})",
-            f"{mem.total_bytes / 1e9:,.1f}" + ("" if mem.fits else f" > {mem.capacity_bytes / 1e9:.0f}: DOES NOT FIT"),
-            f"{r.busiest} {r.busiest_fraction:.0%}")
+            f"{mem.total_bytes / 1e9:,.1f}" + ("" if fit else f" > {mem.capacity_bytes / 1e9:.0f}: DOES NOT FIT"),
+            dominant(r) if fit else "-")
     return table
 
 
-def print_assumptions(console: Console, sc: Scenario) -> None:
-    for key, text in sc.assumptions().items():
-        console.print(f"  [bold]{key}[/bold]: {text}")
+def dominant(r: SimResult) -> str:
+    """The phase with the largest share of a decode step, and the busiest resource of the run."""
+    name, share = r.dominant()
+    return f"{name} {share:.0%} of a step; {r.busiest} busiest"
+
+
+def print_assumptions(console: Console, scenarios: list[Scenario] | Scenario) -> None:
+    """Every assumption of every scenario shown: shared ones once, the rest per deployment."""
+    scenarios = scenarios if isinstance(scenarios, list) else [scenarios]
+    per = [sc.assumptions() for sc in scenarios]
+    for key in per[0]:
+        texts = [a[key] for a in per]
+        if len(set(texts)) == 1:
+            console.print(f"  [bold]{key}[/bold]: {texts[0]}")
+            continue
+        for sc, text in zip(scenarios, texts):
+            console.print(f"  [bold]{key}[/bold] ({sc.deployment.name}, {sc.gpus} GPUs): {text}")
     console.print("  [bold]metrics[/bold]: TPS overall = batch x (prompt + generated) / run time; "
                   "TPS decode = batch x (generated - 1) / decode time; TPOT, TTFT as engine/metrics.py")
 
@@ -62,14 +78,39 @@ def sweep(base: Scenario, gpu_counts=SWEEP_GPUS, families=None) -> dict[str, lis
     return out
 
 
-def plot_sweep(curves: dict[str, list[SimResult]], out_dir: str | Path) -> list[Path]:
-    """Write tps.png and tpot.png (overall TPS and TPOT against GPU count) into `out_dir`."""
+def expert_sweep(base: Scenario, gpu_counts=SWEEP_GPUS, experts=(16, 64, 256)) -> dict[str, list[SimResult]]:
+    """Expert parallelism that grows with the cluster: for a model of E experts (the base
+    model's top-k and expert size, so the same active parameters and E / base experts times the
+    expert weights), EP = min(GPUs, E) ranks, and data-parallel replicas of it beyond E GPUs.
+    Each rank's attention is data-parallel over its share of the batch, as the engine's EP."""
+    out = {}
+    for n_experts in experts:
+        cfg = base.cfg.with_(n_experts=n_experts)
+        runs = []
+        for n in gpu_counts:
+            dep = Deployment(ep=min(n, n_experts))
+            if n % dep.world_size or base.workload.batch_size < n:
+                continue  # an EP rank needs at least one sequence
+            runs.append(simulate(dataclasses.replace(base, cfg=cfg, deployment=dep, gpus=n)))
+        out[f"EP, {n_experts} experts"] = runs
+    return out
+
+
+def require_matplotlib():
+    """pyplot on the Agg backend, or a one-line ValueError naming the fix (before any work)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-    except ImportError as exc:
-        raise RuntimeError("plots need matplotlib; install it with `pip install expertmesh[plot]`") from exc
+    except ImportError:
+        raise ValueError("simulate --sweep plots with matplotlib, which is not installed; install it "
+                         "with `pip install expertmesh[plot]`, or drop --sweep") from None
+    return plt
+
+
+def plot_sweep(curves: dict[str, list[SimResult]], out_dir: str | Path) -> list[Path]:
+    """Write tps.png and tpot.png (overall TPS and TPOT against GPU count) into `out_dir`."""
+    plt = require_matplotlib()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -77,9 +118,10 @@ def plot_sweep(curves: dict[str, list[SimResult]], out_dir: str | Path) -> list[
                               ("tpot", "TPOT (ms)", lambda r: r.metrics.tpot_s * 1e3)):
         fig, ax = plt.subplots(figsize=(6, 4))
         for family, results in curves.items():
+            results = [r for r in results if r.fits]  # a deployment that does not fit has no figure
             name = results[0].scenario.deployment.name if results else ""
             ax.plot([r.scenario.gpus for r in results], [value(r) for r in results], marker="o",
-                    label=f"{family} ({name} replicas)")
+                    label=family if family.startswith("EP,") else f"{family} ({name} replicas)")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("GPUs")
         ax.set_ylabel(label)
@@ -91,3 +133,23 @@ def plot_sweep(curves: dict[str, list[SimResult]], out_dir: str | Path) -> list[
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def serving_table(rows, rate: float, ttft_slo: float | None, tpot_slo: float | None,
+                  title: str | None = None) -> Table:
+    """`rows`: (SimResult, Served) pairs; latency percentiles, throughput and goodput."""
+    table = Table(title=title or f"serving {rate:g} requests/s (Poisson), continuous batching")
+    slo = f"TTFT <= {ms(ttft_slo) if ttft_slo else '-'} ms, TPOT <= {ms(tpot_slo) if tpot_slo else '-'} ms"
+    for col in ("method", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms", "requests/s",
+                "output tok/s", f"goodput req/s ({slo})"):
+        table.add_column(col, justify="left" if col == "method" else "right")
+    for r, s in rows:
+        sc = r.scenario
+        n = len(s.ttft_s)
+        table.add_row(sc.deployment.name + (f" x{sc.replicas}" if sc.replicas > 1 else ""),
+                      ms(s.percentile("ttft_s", 50)), ms(s.percentile("ttft_s", 90)),
+                      ms(s.percentile("tpot_s", 50)), ms(s.percentile("tpot_s", 90)),
+                      f"{n / s.duration_s * sc.replicas:,.2f}",
+                      f"{s.output_tokens / s.duration_s * sc.replicas:,.0f}",
+                      f"{s.goodput(ttft_slo, tpot_slo) * sc.replicas:,.2f}")
+    return table

@@ -6,7 +6,15 @@ and, for s > 0, once the hidden states `[b_m, L, D]` of m arrived from stage s -
 decode step also waits for the tokens of m sampled by the last stage. A step's event time is when
 the last stage finished its last micro-batch, so the metrics come from `Metrics.from_events` as
 for a real run. Inside a stage task the ranks keep their own clocks and meet at collectives
-(program.py); the layers of a stage are identical, so one is played and its length repeated.
+(program.py); the layers of a stage are identical, so two are played and the second's length
+repeated for the rest.
+
+Host and device are two timelines per rank: the host issues each op's launches in turn, an op
+starts on the device once it is launched and the device is free, so launches hide behind queued
+work and a step takes the longer of the two, except where the host waits for the device (a
+`host_sync` phase: the EP count exchange), which drains the queue. On a CPU profile the host is
+the device (launch cost is part of each op's time). With `cuda_graphs`, a decode step's ops
+replay from captured graphs: one launch per stretch between host syncs.
 """
 
 from __future__ import annotations
@@ -18,7 +26,7 @@ from expertmesh.engine.generate import micro_batches
 from expertmesh.engine.metrics import Metrics
 from expertmesh.sim import cost
 from expertmesh.sim.bound import Bound, roofline
-from expertmesh.sim.memory import MemoryReport, memory_report
+from expertmesh.sim.memory import MemoryReport, scenario_memory
 from expertmesh.sim.program import Exchange, Phase, StageProgram, stage_program
 from expertmesh.sim.scenario import Scenario
 
@@ -37,48 +45,81 @@ class SimResult:
     busiest: str             # the resource busiest on its busiest rank
     busiest_fraction: float  # its busy time / the run's time
     trace: dict              # Chrome / Perfetto trace-event JSON of one step
+    phases: dict             # phase -> device seconds per rank (mean over ranks) of the traced step
+    traced_s: float          # the traced step's length
+
+    def dominant(self) -> tuple[str, float]:
+        """The phase that took the largest share of the traced step (a decode step unless only
+        one token is generated), with that share; "idle" is device time waiting (for the host,
+        a pipeline peer, a slower rank)."""
+        name = max(self.phases, key=self.phases.get)
+        return name, self.phases[name] / self.traced_s
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.fits
 
     def to_dict(self) -> dict:
-        sc = self.scenario
+        """The prediction; a deployment that does not fit gets no metrics (null)."""
+        sc, mem = self.scenario, self.memory
         return {"deployment": sc.deployment.name, "gpus": sc.gpus, "replicas": sc.replicas,
-                "hardware": sc.hardware.name, "metrics": self.metrics.to_dict(),
-                "memory": {"weights_bytes": self.memory.weights_bytes, "kv_bytes": self.memory.kv_bytes,
-                           "capacity_bytes": self.memory.capacity_bytes, "fits": self.memory.fits},
+                "hardware": sc.hardware.name, "metrics": self.metrics.to_dict() if self.fits else None,
+                "memory": {"weights_bytes": mem.weights_bytes, "kv_bytes": mem.kv_bytes,
+                           "activation_bytes": mem.activation_bytes, "buffer_bytes": mem.buffer_bytes,
+                           "reserve_bytes": mem.reserve_bytes, "total_bytes": mem.total_bytes,
+                           "capacity_bytes": mem.capacity_bytes, "fits": mem.fits},
                 "bound": self.bound.to_dict(), "busiest": self.busiest,
-                "busiest_fraction": self.busiest_fraction, "assumptions": sc.assumptions()}
+                "busiest_fraction": self.busiest_fraction, "phases": self.phases,
+                "traced_step_s": self.traced_s, "assumptions": sc.assumptions()}
 
 
-class _Task:
-    """Plays one stage program; accumulates busy time per rank and resource, and events."""
+class StageTask:
+    """Plays one stage program on `n` ranks, each with a device and a host clock; accumulates
+    busy time per rank and resource, and events."""
 
-    def __init__(self, n: int, slow: float, busy: list[dict[str, float]], events: list[Event] | None):
+    def __init__(self, n: int, slow: float, busy: list[dict[str, float]], events: list[Event] | None,
+                 launch_s: float, graphs: bool):
         self.n, self.slow, self.busy, self.events = n, slow, busy, events
+        self.launch_s, self.graphs = launch_s, graphs
 
     def _dur(self, c: cost.Cost) -> float:
         return c.seconds * (self.slow if c.resource in _LOCAL else 1.0)
 
-    def _log(self, r: int, name: str, start: float, dur: float, c: cost.Cost, times: float = 1.0):
+    def _host(self, c: cost.Cost) -> float:
+        return 0.0 if self.graphs else c.host_s
+
+    def _log(self, r: int, name: str, start: float, dur: float, c: cost.Cost, times: float):
         self.busy[r][c.resource] += c.seconds * times
-        if self.events is not None:
+        self.busy[r]["launch"] += self._host(c) * times
+        if self.events is not None and times:
             self.events.append((r, name, start, dur))
 
-    def play(self, phases, clocks: list[float], times: float = 1.0) -> list[float]:
+    def play(self, phases, dev: list[float], host: list[float], times: float = 1.0):
+        """Play `phases` from the clocks `dev`, `host`; returns the new (dev, host)."""
+        dev, host = list(dev), list(host)
         for ph in phases:
             if isinstance(ph, Exchange):
-                clocks = self._exchange(ph, max(clocks), times)
-            elif ph.sync:
-                start, dur = max(clocks), max(c.seconds for c in ph.costs)
+                host = [h + self._host(c) * ph.chunks for h, c in zip(host, ph.experts)]
+                end = self._exchange(ph, max(max(d, h) for d, h in zip(dev, host)), times)
+                dev = [end] * self.n
+                continue
+            for r, c in enumerate(ph.costs):
+                host[r] += self._host(c)
+            if ph.sync:
+                start, dur = max(max(d, h) for d, h in zip(dev, host)), max(c.seconds for c in ph.costs)
                 for r, c in enumerate(ph.costs):
                     self._log(r, ph.name, start, dur, c, times)
-                clocks = [start + dur] * self.n
+                dev = [start + dur] * self.n
             else:
-                clocks = list(clocks)
                 for r, c in enumerate(ph.costs):
-                    self._log(r, ph.name, clocks[r], self._dur(c), c, times)
-                    clocks[r] += self._dur(c)
-        return clocks
+                    start = max(dev[r], host[r])
+                    self._log(r, ph.name, start, self._dur(c), c, times)
+                    dev[r] = start + self._dur(c)
+            if ph.host_sync:  # the host reads a result: it waits for the device, then relaunches
+                host = [d + (self.launch_s if self.graphs else 0.0) for d in dev]
+        return dev, host
 
-    def _exchange(self, ex: Exchange, start: float, times: float) -> list[float]:
+    def _exchange(self, ex: Exchange, start: float, times: float) -> float:
         """Network order D0, D1, R0, D2, R1, ..., R_{C-1}: chunk i+1 is sent while i is computed."""
         D = max(c.seconds for c in ex.dispatch)
         R = max(c.seconds for c in ex.combine)
@@ -101,31 +142,41 @@ class _Task:
                 for r in range(self.n):
                     self._log(r, f"combine {i - 1}", net, R, ex.combine[r], times)
                 net += R
-        return [net] * self.n
+        return net
 
     def run(self, prog: StageProgram) -> float:
-        """Duration of the whole task; layer events are repeated at multiples of one layer."""
-        clocks = self.play(prog.embed, [0.0] * self.n)
-        origin = max(clocks)
-        first = len(self.events) if self.events is not None else 0
-        layer = max(self.play(prog.layer, [0.0] * self.n, times=prog.n_layers))
-        if self.events is not None:
-            one = self.events[first:]
-            self.events[first:] = [(r, name, origin + i * layer + s, d)
-                                   for i in range(prog.n_layers) for r, name, s, d in one]
-        clocks = self.play(prog.head, [origin + prog.n_layers * layer] * self.n)
-        return max(clocks)
+        """Duration of the whole task. Two layers are played (the host may fall behind or run
+        ahead over the first); the second's length stands for each later one, and its events
+        are repeated at multiples of it."""
+        start_host = self.launch_s if self.graphs else 0.0  # one graph launch per step
+        dev, host = self.play(prog.embed, [0.0] * self.n, [start_host] * self.n)
+        d1, h1 = self.play(prog.layer, dev, host, times=1.0)
+        mark = len(self.events) if self.events is not None else 0
+        n_more = prog.n_layers - 1
+        d2, h2 = self.play(prog.layer, d1, h1, times=float(n_more)) if n_more else (d1, h1)
+        period_d, period_h = max(d2) - max(d1), max(h2) - max(h1)
+        if self.events is not None and n_more:
+            second = self.events[mark:]
+            self.events[mark:] = [(r, name, t + i * period_d, d)
+                                  for i in range(n_more) for r, name, t, d in second]
+        dev = [d + (n_more - 1) * period_d for d in d2] if n_more else d2
+        host = [h + (n_more - 1) * period_h for h in h2] if n_more else h2
+        dev, _ = self.play(prog.head, dev, host)
+        return max(dev)
 
 
 def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
     """Predict a run. `trace_step`: the step whose events are traced (default: the first decode
     step, or the prefill when only one token is generated)."""
     dep, w, hw = sc.deployment, sc.replica_workload, sc.hardware
-    M, P, G, inner = sc.micro_batches, w.prompt_len, w.gen_len, dep.inner
+    P, G, inner = w.prompt_len, w.gen_len, dep.inner
     trace_step = (1 if G > 1 else 0) if trace_step is None else trace_step
     topo = sc.topology
-    rows = [[part.stop - part.start for part in micro_batches(len(dep.rows_of(i, w.batch_size)), M)]
-            for i in range(inner)]  # [stage rank][micro]: pipeline peers hold the same rows
+
+    def split(M: int) -> list[list[int]]:  # [stage rank][micro]: pipeline peers hold the same rows
+        return [[part.stop - part.start for part in micro_batches(len(dep.rows_of(i, w.batch_size)), M)]
+                for i in range(inner)]
+
     on_node = min(topo.gpus_per_node, dep.world_size)
     slow = max(1.0, on_node / hw.compute_slots) if hw.compute_slots else 1.0
     busy = [defaultdict(float) for _ in range(dep.world_size)]
@@ -134,11 +185,17 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
     events: list[tuple[int, str, float, float]] = []
 
     free = [0.0] * dep.pp
-    hidden_at = [0.0] * M
-    tokens_at = [0.0] * M
-    step_times = []
+    step_times: list[float] = []
+    hidden_at: list[float] = []
     for step in range(G):
-        L, start = (P, 0) if step == 0 else (1, P + step - 1)
+        prefill = step == 0
+        M = sc.micro_batches(prefill)
+        rows = split(M)
+        if step == 0 or M != len(hidden_at):  # a new split waits for the whole previous step
+            hidden_at = [0.0] * M
+            tokens_at = [step_times[-1] if step_times else 0.0] * M
+        L, start = (P, 0) if prefill else (1, P + step - 1)
+        graphs = sc.cuda_graphs and not prefill and hw.launch_overlaps
         step_end = 0.0
         for m in range(M):
             b = [rows[i][m] for i in range(inner)]
@@ -150,8 +207,8 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
                 if has_rows and s == 0 and step > 0 and dep.pp > 1:
                     ready = max(ready, tokens_at[m])
                 log = [] if step == trace_step else None
-                task = _Task(inner, slow, busy[s * inner:(s + 1) * inner], log)
-                end = ready + task.run(stage_program(sc, s, b, L, start))
+                task = StageTask(inner, slow, busy[s * inner:(s + 1) * inner], log, hw.launch_s, graphs)
+                end = ready + task.run(stage_program(sc, s, [((n, L, start),) for n in b]))
                 if log is not None:
                     events += [(s * inner + r, name, ready + t0, d) for r, name, t0, d in log]
                 free[s] = end
@@ -165,12 +222,24 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
         step_times.append(step_end)
 
     metrics = Metrics.from_events(0.0, step_times, sc.workload.batch_size, P)
-    resource, seconds = max(((res, max(b[res] for b in busy)) for res in cost.RESOURCES),
-                            key=lambda x: x[1])
+    # on a GPU the host's launch time is not a device resource: when it shows, it shows as idle
+    resources = [r for r in cost.RESOURCES if r != "launch" or not hw.launch_overlaps]
+    resource, seconds = max(((res, max(b[res] for b in busy)) for res in resources), key=lambda x: x[1])
     # under a pipeline a step's first micro-batch starts before the previous step's last ends
     origin = min((t for _, _, t, _ in events), default=0.0)
-    return SimResult(sc, metrics, memory_report(sc.cfg, dep, w, hw.hbm_bytes), roofline(sc),
-                     resource, seconds / metrics.total_s, chrome_trace(sc, events, origin))
+    traced = step_times[trace_step] - (step_times[trace_step - 1] if trace_step else 0.0)
+    return SimResult(sc, metrics, scenario_memory(sc), roofline(sc), resource,
+                     seconds / metrics.total_s, chrome_trace(sc, events, origin),
+                     phase_seconds(events, dep.world_size, traced), traced)
+
+
+def phase_seconds(events: list[Event], ranks: int, step_s: float) -> dict[str, float]:
+    """Device seconds per phase (chunk numbers dropped), mean over ranks; the rest is "idle"."""
+    out: dict[str, float] = defaultdict(float)
+    for _, name, _, d in events:
+        out[name.split(" ")[0] if name.split(" ")[-1].isdigit() else name] += d / ranks
+    out["idle"] = max(step_s - sum(out.values()), 0.0)
+    return dict(out)
 
 
 def chrome_trace(sc: Scenario, events: list[Event], origin: float) -> dict:
