@@ -1,10 +1,10 @@
 """Under torchrun: two agents on loopback act as two nodes of two ranks each (c10d rendezvous),
-run `expertmesh.cli run` across them and produce the single-process reference's tokens; a rank
-killed mid-decode ends the whole job, on both nodes, non-zero, well within the timeout (torchrun's
-propagation, not the watchdog), leaving no process; ranks die with a killed agent; `compare`
-works under torchrun; the engine serves a staggered stream of requests across both nodes
-(`torchrun_serve.py`) with each request's reference tokens; a torchrun rank that stalls, or whose process group teardown hangs, is
-stopped by its own watchdog.
+run `expertmesh.cli run` across them and produce the single-process reference's tokens, and
+serve a staggered stream of requests (`torchrun_serve.py`) with each request's reference
+tokens; a rank killed mid-decode ends the whole job, on both nodes, non-zero, well within the
+timeout (torchrun's propagation, not the watchdog), leaving no process; ranks die with a killed
+agent; `compare` works under torchrun; a torchrun rank that stalls, or whose process group
+teardown hangs, is stopped by its own watchdog.
 
 These are the expensive tests (every process imports torch): six torchrun launches in all.
 """
