@@ -27,7 +27,7 @@ from expertmesh.engine.metrics import Metrics
 from expertmesh.sim import cost
 from expertmesh.sim.bound import Bound, roofline
 from expertmesh.sim.memory import MemoryReport, scenario_memory
-from expertmesh.sim.program import Exchange, Phase, StageProgram, stage_program
+from expertmesh.sim.program import Exchange, StageProgram, stage_program
 from expertmesh.sim.scenario import Scenario
 
 _LOCAL = ("compute", "hbm", "launch")  # resources a rank shares with others on a CPU host
