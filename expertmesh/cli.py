@@ -25,6 +25,7 @@ from expertmesh.config import DTYPES, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunResult, RunSpec, refuse_off_ep, run_rank
 from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing, save_routing
 from expertmesh.place_cli import add_commands as add_place_command
 from expertmesh.server.cli import add_commands as add_server_commands
@@ -125,6 +126,7 @@ def _spec(args, deployment: Deployment, record_logits: bool = False, ep_flags: b
                    record_logits=record_logits, checkpoint=args.model,
                    a2a=args.a2a if ep_flags else "flat",
                    a2a_chunks=_chunks(args.a2a_chunks), a2a_overlap=not args.no_overlap,
+                   low_latency_tokens=args.low_latency_tokens,
                    gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
                    placement=placement,
                    record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace))
@@ -346,6 +348,9 @@ def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_l
     p.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"),
                    help="token exchange: flat all-to-all, or hierarchical (cross each node boundary once)")
     p.add_argument("--a2a-chunks", default="auto", help="chunks whose exchange overlaps expert compute (default auto)")
+    p.add_argument("--low-latency-tokens", type=int, default=LOW_LATENCY_TOKENS,
+                   help="EP: a forward whose every rank has at most N tokens uses the low-latency "
+                        f"exchange, one fixed-size message per direction (default {LOW_LATENCY_TOKENS}; 0: never)")
     p.add_argument("--no-overlap", action="store_true", help="wait for every exchange at once (for comparison)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="ranks per node (default: LOCAL_WORLD_SIZE, or one node)")

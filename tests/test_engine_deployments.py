@@ -72,3 +72,23 @@ def test_sixteen_rank_deployments_serve_each_request_its_reference_tokens(deploy
 @pytest.mark.parametrize("deployment, n_micro", [("pp2", 3), ("ep2pp2", 2)])
 def test_pipeline_micro_batches_within_a_step_change_no_token(deployment, n_micro, mixed):
     mixed.check(serve_on(deployment, mixed, PREEMPTING, n_micro), PREEMPTING.num_blocks)
+
+
+@pytest.mark.parametrize("threshold", [0, 16, 10_000], ids=["never", "decode", "always"])
+def test_the_exchange_chosen_per_step_changes_no_token(threshold):
+    """Under ep2 the engine agrees once per forward on every rank's token count and runs the
+    low-latency exchange when it is at most --low-latency-tokens: here prefill of 48-token prompts
+    takes the standard exchange and decode the low-latency one (threshold 16); tokens are the
+    single-device reference's, whichever exchange ran."""
+    from expertmesh.engine.worker import run_rank
+
+    workload = Workload(batch_size=4, prompt_len=48, gen_len=6, seed=5)
+    reference = run_rank(RunSpec(preset("tiny"), Deployment(), workload, seed=SEED), torch.device("cpu"))
+    spec = RunSpec(preset("tiny"), Deployment.parse("ep2"), workload, seed=SEED, low_latency_tokens=threshold)
+    result = launch(functools.partial(run_rank, spec), 2, timeout=300)
+    assert torch.equal(result.tokens, reference.tokens)
+    calls = result.exchange["low_latency_calls"]
+    layer_calls = 2 * preset("tiny").n_layers  # per forward: every layer on both ranks
+    forwards = workload.gen_len  # prefill + gen_len - 1 decodes, each one forward
+    expected = {0: 0, 16: (forwards - 1) * layer_calls, 10_000: forwards * layer_calls}[threshold]
+    assert calls == expected

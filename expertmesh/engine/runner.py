@@ -18,6 +18,7 @@ from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, Workspace
 from expertmesh.model.transformer import MoETransformer
+from expertmesh.parallel.expert import ExchangeChoice
 from expertmesh.split import split_evenly
 from expertmesh.trace import span
 
@@ -33,6 +34,7 @@ class Runner:
         self.record_logits = record_logits and self.links.is_last
         self.finite = FiniteCheck(model)
         self.workspace = Workspace()
+        self.exchange = ExchangeChoice(model)
         self.steps = 0
 
     @property
@@ -63,6 +65,7 @@ class Runner:
             x = links.recv_hidden(m, (N, D), self.dtype)
         else:
             x = torch.zeros(0, D, dtype=self.dtype, device=self.device)
+        self.exchange(N)  # the EP layers' exchange for this forward, agreed over the EP group
         out = self.model.forward_paged(x, self.pools, batch)
         if links.is_last:
             return out

@@ -27,7 +27,7 @@ from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.serve import Transcript, serve
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model, parameter_bytes
-from expertmesh.parallel.dispatch import ExchangeStats
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, ExchangeStats
 from expertmesh.parallel.expert import apply_expert_parallel, dispatchers
 from expertmesh.parallel.placement import default_placement, validate_placement
 from expertmesh.parallel.mesh import stage_group
@@ -43,8 +43,9 @@ WARMUP_PROMPT, WARMUP_GEN = 8, 2
 class RunSpec:
     """Everything a rank needs to run its part of a plan.
 
-    n_micro: pipeline micro-batches (None: one per stage). a2a: "flat" or "hierarchical" token
-    exchange; a2a_chunks: None picks per layer call; a2a_overlap: False waits on every exchange.
+    n_micro: pipeline micro-batches (None: one per stage). low_latency_tokens: a forward whose
+    every EP rank has at most this many tokens uses the low-latency exchange (0: never).
+    a2a: "flat" or "hierarchical" token exchange; a2a_chunks: None picks per layer call; a2a_overlap: False waits on every exchange.
     gpus_per_node: node size of the topology (None: LOCAL_WORLD_SIZE, or one node).
     placement: experts per EP rank per layer (None: contiguous). record_routing: count which
     experts each rank's tokens choose. trace: record spans for a Perfetto trace.
@@ -62,6 +63,7 @@ class RunSpec:
     a2a: str = "flat"
     a2a_chunks: int | None = None
     a2a_overlap: bool = True
+    low_latency_tokens: int = LOW_LATENCY_TOKENS
     gpus_per_node: int | None = None
     placement: list | None = None
     record_routing: bool = False
@@ -76,6 +78,8 @@ class RunSpec:
             raise ValueError(f"micro-batches {self.n_micro} must be at least 1")
         if self.a2a not in ("flat", "hierarchical"):
             raise ValueError(f"unknown exchange {self.a2a!r}; use flat or hierarchical")
+        if self.low_latency_tokens < 0:
+            raise ValueError(f"--low-latency-tokens {self.low_latency_tokens} must be >= 0 (0: never)")
         if self.a2a_chunks is not None and self.a2a_chunks < 1:
             raise ValueError(f"--a2a-chunks {self.a2a_chunks} must be at least 1 (or auto)")
         topology = self.topology
@@ -151,7 +155,8 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
         peer_nodes = [topology.node_of(stage * dep.inner + i) for i in range(dep.ep)]
         apply_expert_parallel(model, group, inner, placements, chunks=spec.a2a_chunks,
                               overlap=spec.a2a_overlap, peer_nodes=peer_nodes,
-                              hierarchical=spec.a2a == "hierarchical")
+                              hierarchical=spec.a2a == "hierarchical",
+                              low_latency_threshold=spec.low_latency_tokens)
     return model
 
 
@@ -282,6 +287,7 @@ def _exchange_summary(spec: RunSpec, payloads: list[dict]) -> dict | None:
         for layer, stats in p["exchange"].items():
             total = per_layer.setdefault(layer, ExchangeStats())
             total.rows_sent += stats.rows_sent
+            total.low_latency_calls += stats.low_latency_calls
             total.cross_node_rows += stats.cross_node_rows
             total.cross_node_bytes += stats.cross_node_bytes
     steps = spec.workload.gen_len
@@ -289,6 +295,7 @@ def _exchange_summary(spec: RunSpec, payloads: list[dict]) -> dict | None:
     return {
         "a2a": spec.a2a, "nodes": spec.topology.nodes, "gpus_per_node": spec.topology.gpus_per_node,
         "rows_sent": sum(s.rows_sent for s in per_layer.values()),
+        "low_latency_calls": sum(s.low_latency_calls for s in per_layer.values()),
         "cross_node_bytes": cross, "cross_node_bytes_per_step": cross / steps,
         "cross_node_bytes_per_layer": {layer: s.cross_node_bytes for layer, s in sorted(per_layer.items())},
     }

@@ -91,6 +91,7 @@ class ExchangeStats:
     rows its experts computed in each call (its load)."""
 
     rows_sent: int = 0
+    low_latency_calls: int = 0  # calls that took the low-latency exchange
     cross_node_rows: int = 0
     cross_node_bytes: int = 0
     loads: list[list[int]] = field(default_factory=list)  # per call: rows per local slot
@@ -129,14 +130,19 @@ class AllToAllDispatcher:
     the synchronous reference of the overlapped path, bit for bit).
     peer_nodes: the node of each rank of the group (for byte counts and `hierarchical`).
     rank: this rank's index in `group` (and in `placement`).
+    low_latency_threshold: the engine runs the low-latency exchange for a forward in which every
+    rank has at most this many tokens (`parallel/expert.py`'s ExchangeChoice; 0: never).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: list[list[int]], n_experts: int,
                  rank: int, chunks: int | None = None, overlap: bool = True,
-                 peer_nodes: list[int] | None = None, hierarchical: bool = False):
+                 peer_nodes: list[int] | None = None, hierarchical: bool = False,
+                 low_latency_threshold: int = LOW_LATENCY_TOKENS):
         self.group = group
         self.placement = placement
-        self.options = dict(chunks=chunks, overlap=overlap, peer_nodes=peer_nodes, hierarchical=hierarchical)
+        self.options = dict(chunks=chunks, overlap=overlap, peer_nodes=peer_nodes, hierarchical=hierarchical,
+                            low_latency_threshold=low_latency_threshold)
+        self.low_latency_threshold = 0 if hierarchical else low_latency_threshold
         self.P = len(placement)
         self.peer_nodes = peer_nodes or [0] * self.P
         self.rank = rank

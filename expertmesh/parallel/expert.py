@@ -20,6 +20,8 @@ from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.parallel.dispatch import AllToAllDispatcher
+from expertmesh.parallel.mesh import host_group
+from expertmesh.trace import span
 
 
 def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_rank: int,
@@ -36,6 +38,31 @@ def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_ra
         layer.moe.experts = experts
         layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, ep_rank, **exchange)
     return model
+
+
+class ExchangeChoice:
+    """Picks the token exchange of the EP layers held here for one forward, the same on every
+    rank of the EP group: one all-reduce (MAX) of this rank's token count, an int64 over the
+    group's gloo twin (no device sync), per forward; when every rank has at most `threshold`
+    tokens, every layer uses the low-latency exchange with that bound, else the standard one.
+    Every rank of a stage runs every forward (with zero tokens if idle), so the all-reduces match.
+    `threshold`: the dispatchers' `low_latency_threshold` (`--low-latency-tokens`). Without EP
+    layers, or with threshold 0, it does nothing."""
+
+    def __init__(self, model: MoETransformer):
+        self.dispatchers = list(dispatchers(model).values())
+        self.threshold = self.dispatchers[0].low_latency_threshold if self.dispatchers else 0
+        self.group = host_group(self.dispatchers[0].group) if self.threshold else None
+
+    def __call__(self, tokens: int) -> None:
+        if self.group is None:
+            return
+        most = torch.tensor([tokens])
+        with span("exchange choice"):
+            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
+        bound = int(most) if int(most) <= self.threshold else None
+        for d in self.dispatchers:
+            d.low_latency_tokens = bound
 
 
 def dispatchers(model: MoETransformer) -> dict[int, AllToAllDispatcher]:

@@ -81,6 +81,7 @@ class LowLatencyExchange:
         with span("low-latency combine exchange"):
             dist.all_to_all_single(back, results, group=self.group)
         row_bytes = D * x.element_size()
+        stats.low_latency_calls += 1
         stats.rows_sent += 2 * self.P * cap  # what crosses the network, padding included
         stats.cross_node_rows += 2 * cap * self.remote_peers
         stats.cross_node_bytes += 2 * cap * self.remote_peers * row_bytes

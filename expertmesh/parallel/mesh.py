@@ -1,4 +1,6 @@
-"""Process groups of a deployment: one EP or TP group per pipeline stage."""
+"""Process groups of a deployment: one EP or TP group per pipeline stage, and under a device
+backend (NCCL) a gloo twin of each, for small agreements on the host that must not wait for the
+device."""
 
 from __future__ import annotations
 
@@ -15,9 +17,20 @@ def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
     if deployment.inner == 1:
         return None
     mine = None
+    twins = dist.get_backend() != "gloo"
     for stage in range(deployment.pp):
         ranks = list(range(stage * deployment.inner, (stage + 1) * deployment.inner))
         group = dist.new_group(ranks)
+        twin = dist.new_group(ranks, backend="gloo") if twins else group
         if rank in ranks:
             mine = group
+            _HOST_TWIN[group] = twin
     return mine
+
+
+_HOST_TWIN: dict = {}
+
+
+def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """`group` when it is a gloo group, else its gloo twin from `stage_group`."""
+    return group if dist.get_backend(group) == "gloo" else _HOST_TWIN[group]

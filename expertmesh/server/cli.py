@@ -24,6 +24,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.launch import launch, under_torchrun
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 
 # The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
 # each engine step instead (server/rank.py).
@@ -159,6 +160,9 @@ def add_commands(sub) -> None:
     serve.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"), help="EP token exchange")
     serve.add_argument("--a2a-chunks", default="auto", help="chunks whose exchange overlaps expert compute")
     serve.add_argument("--no-overlap", action="store_true", help="wait for every exchange at once")
+    serve.add_argument("--low-latency-tokens", type=int, default=LOW_LATENCY_TOKENS,
+                       help=f"EP: low-latency exchange for steps of at most N tokens per rank (default "
+                            f"{LOW_LATENCY_TOKENS}; 0: never)")
     serve.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node")
     serve.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")
     serve.add_argument("--router-skew", default=None, help="bias expert popularity, e.g. zipf:1.2")
