@@ -31,7 +31,7 @@ transformers = pytest.importorskip("transformers")
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
 from expertmesh.cli import main  # noqa: E402
 from expertmesh.launch import free_port  # noqa: E402
-from test_reliability import processes_tagged, tagged_env  # noqa: E402
+from test_reliability import Leftovers  # noqa: E402
 
 START_S = 240  # a server's start-up on a loaded 2-core machine: imports, two ranks, warm-up
 MAX_LEN = 256  # the checkpoint's max_position_embeddings
@@ -41,7 +41,8 @@ class Server:
     """`expertmesh serve ...` in a subprocess whose descendants carry a tag."""
 
     def __init__(self, tmp, *args):
-        self.env, self.tag = tagged_env()
+        self.leftovers = Leftovers()
+        self.env = self.leftovers.env()
         self.port = free_port()
         self.log = open(tmp / f"server_{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port",
@@ -81,7 +82,7 @@ class Server:
             self.proc.kill()
             self.proc.wait(30)
         self.log.close()
-        assert processes_tagged(self.tag) == []
+        assert self.leftovers.alive() == []
 
 
 @pytest.fixture(scope="module")
@@ -255,7 +256,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_stops_listening_and_exits_0
     assert server.proc.wait(60) == 0, server.output()
     with pytest.raises(httpx.ConnectError):
         server.get("/health")
-    assert processes_tagged(server.tag) == []
+    assert server.leftovers.alive() == []
 
 
 @pytest.fixture(scope="module")
@@ -310,7 +311,7 @@ def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(sm
         pass
     assert small_server.proc.wait(60) == 1
     assert re.search(r"error: rank 1 failed: process died from signal SIGKILL", small_server.output())
-    assert processes_tagged(small_server.tag) == []
+    assert small_server.leftovers.alive() == []
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -338,7 +339,8 @@ def test_an_address_in_use_is_an_error_before_any_rank_starts(capsys):
 
 
 def test_under_torchrun_rank_0_serves_and_sigterm_stops_every_rank(checkpoint, hf_model, tmp_path):
-    env, tag = tagged_env()
+    leftovers = Leftovers()
+    env = leftovers.env()
     port = free_port()
     with open(tmp_path / "torchrun.log", "w+") as log:
         agent = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
@@ -361,4 +363,4 @@ def test_under_torchrun_rank_0_serves_and_sigterm_stops_every_rank(checkpoint, h
         finally:
             agent.send_signal(signal.SIGTERM)
             agent.wait(90)
-    assert processes_tagged(tag) == []
+    assert leftovers.alive() == []
