@@ -26,7 +26,8 @@ from expertmesh.config import preset
 from expertmesh.launch import launch
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize
-from expertmesh.parallel.dispatch import AllToAllDispatcher, contiguous_placement
+from expertmesh.parallel.dispatch import AllToAllDispatcher
+from expertmesh.parallel.placement import contiguous_placement
 
 
 def _layer_times(dtype_name: str, token_counts: list[int], reps: int, rounds: int, device) -> dict:

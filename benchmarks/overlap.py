@@ -35,7 +35,8 @@ from expertmesh.engine.worker import RunSpec
 from expertmesh.launch import launch
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize
-from expertmesh.parallel.dispatch import AllToAllDispatcher, contiguous_placement
+from expertmesh.parallel.dispatch import AllToAllDispatcher
+from expertmesh.parallel.placement import contiguous_placement
 from expertmesh.parallel.placement import optimise_placement
 from expertmesh.topology import Topology
 

@@ -15,6 +15,7 @@ import re
 from dataclasses import dataclass
 
 from expertmesh.config import ModelConfig
+from expertmesh.split import split_evenly
 
 _AXIS = re.compile(r"(ep|tp|pp)(\d+)")
 
@@ -96,22 +97,13 @@ class Deployment:
 
     def stage_layers(self, n_layers: int) -> list[range]:
         """Contiguous layers per stage; when pp does not divide n_layers the first stages get one more."""
-        base, extra = divmod(n_layers, self.pp)
-        out, start = [], 0
-        for s in range(self.pp):
-            size = base + (1 if s < extra else 0)
-            out.append(range(start, start + size))
-            start += size
-        return out
+        return [range(n_layers)[part] for part in split_evenly(n_layers, self.pp)]
 
     def rows_of(self, rank: int, batch: int) -> list[int]:
         """Global sequence indices whose attention (and KV cache) this rank holds."""
         if self.ep == 1:
             return list(range(batch))
-        i = self.coords(rank)[1]
-        base, extra = divmod(batch, self.ep)
-        start = i * base + min(i, extra)
-        return list(range(start, start + base + (1 if i < extra else 0)))
+        return list(range(batch)[split_evenly(batch, self.ep)[self.coords(rank)[1]]])
 
     def reports(self, rank: int) -> bool:
         """Whether this rank's sampled tokens are part of the result (one copy of each sequence)."""

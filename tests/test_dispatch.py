@@ -10,7 +10,8 @@ from expertmesh.launch import launch
 from expertmesh.model import moe
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize
-from expertmesh.parallel.dispatch import AllToAllDispatcher, contiguous_placement, slot_table
+from expertmesh.parallel.dispatch import AllToAllDispatcher
+from expertmesh.parallel.placement import contiguous_placement, slot_table
 
 E, D, H, K, EP = 8, 16, 32, 2, 4
 TOKENS_PER_RANK = [5, 7, 0, 3]  # rank 2 sends nothing

@@ -5,12 +5,13 @@ import pytest
 import torch
 
 from expertmesh.config import Workload
-from expertmesh.engine.generate import generate, micro_batches
+from expertmesh.engine.generate import generate
+from expertmesh.split import split_evenly
 
 
 @pytest.mark.parametrize("n, parts", [(7, 3), (2, 3), (0, 2), (5, 1), (8, 4)])
 def test_micro_batches_cover_the_rows_in_order_with_sizes_within_one(n, parts):
-    slices = micro_batches(n, parts)
+    slices = split_evenly(n, parts)
     assert len(slices) == parts
     assert [i for s in slices for i in range(s.start, s.stop)] == list(range(n))
     sizes = [s.stop - s.start for s in slices]
@@ -18,7 +19,7 @@ def test_micro_batches_cover_the_rows_in_order_with_sizes_within_one(n, parts):
 
 
 @pytest.mark.parametrize("batch", [4, 2], ids=["uneven micro-batches", "an empty micro-batch"])
-def test_greedy_tokens_equal_a_naive_loop_for_one_and_three_micro_batches(batch, small_model,
+def test_greedy_tokens_equal_a_naive_loop_for_one_and_three_split_evenly(batch, small_model,
                                                                           naive_greedy):
     model = small_model(seed=1)
     w = Workload(batch_size=batch, prompt_len=6, gen_len=5, seed=2)

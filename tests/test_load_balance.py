@@ -14,7 +14,7 @@ from expertmesh.engine.load import load_summary
 from expertmesh.engine.worker import RunSpec, run_rank
 from expertmesh.launch import launch
 from expertmesh.model.capacity import DROPPED, KEPT, REROUTED, Capacity, apply_capacity
-from expertmesh.parallel.dispatch import contiguous_placement, slot_table
+from expertmesh.parallel.placement import contiguous_placement, slot_table
 from expertmesh.parallel.placement import plan_redundant, planned_rank_loads
 
 

@@ -32,6 +32,7 @@ from expertmesh import faults
 from expertmesh.config import Workload
 from expertmesh.engine.sampling import sample
 from expertmesh.model.transformer import MoETransformer
+from expertmesh.split import split_evenly
 from expertmesh.trace import span
 
 
@@ -121,15 +122,6 @@ class Generation:
     kv_cache_bytes: int = 0
 
 
-def micro_batches(n: int, parts: int) -> list[slice]:
-    """Split n rows into `parts` contiguous slices, sizes differing by at most one (some may be empty)."""
-    base, extra = divmod(n, parts)
-    bounds = [0]
-    for i in range(parts):
-        bounds.append(bounds[-1] + base + (1 if i < extra else 0))
-    return [slice(bounds[i], bounds[i + 1]) for i in range(parts)]
-
-
 def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, rows: list[int],
              n_micro: int = 1, links: StageLinks | None = None, record_logits: bool = False,
              on_step: Callable[[int], None] | None = None, check_finite: bool = True) -> Generation:
@@ -145,7 +137,7 @@ def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, r
     dtype = next(model.parameters()).dtype
     b, P, G = len(rows), workload.prompt_len, workload.gen_len
     caches = model.make_caches(b, workload.total_len)
-    parts = micro_batches(b, n_micro)
+    parts = split_evenly(b, n_micro)
     tokens = torch.zeros(b, G, dtype=torch.long, device=device)
     global_rows = torch.tensor(rows, dtype=torch.long)
     prompts = prompts.to(device)

@@ -40,6 +40,7 @@ import torch.distributed as dist
 from expertmesh.trace import COMM, record, span
 from expertmesh.model.moe import GroupedExperts, combine
 from expertmesh.parallel.low_latency import LowLatencyExchange
+from expertmesh.parallel.placement import slot_table
 from expertmesh.split import split_evenly
 
 AUTO_SLICES = 8               # fine slices counted per layer when the chunk count is automatic
@@ -52,37 +53,6 @@ MIN_ROWS_PER_CHUNK = 1024
 # with or faster than the standard exchange up to 64 tokens per rank, 0.8x at 256, where its
 # fixed-size messages carry twice the rows that are needed.
 LOW_LATENCY_TOKENS = 64
-
-
-def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
-               peer_nodes: list[int] | None = None) -> torch.Tensor:
-    """The slot each expert's tokens from rank `source` go to `[E]`.
-
-    placement[r] lists the experts rank r holds, in local order; slots number them rank by rank.
-    An expert with replicas (redundant experts) is served, for this source, by the replica on
-    the source rank itself, else by one of those on its node (else of all), chosen by
-    `source % count`, so that traffic stays local where it can and spreads over the replicas.
-    """
-    nodes = peer_nodes or [0] * len(placement)
-    holders: dict[int, list[tuple[int, int]]] = {}
-    slot = 0
-    for rank, experts in enumerate(placement):
-        for expert in experts:
-            holders.setdefault(expert, []).append((rank, slot))
-            slot += 1
-    table = torch.full((n_experts,), -1, dtype=torch.long)
-    for expert, replicas in holders.items():
-        same_rank = [s for r, s in replicas if r == source]
-        same_node = [s for r, s in replicas if nodes[r] == nodes[source]]
-        candidates = same_node or [s for _, s in replicas]
-        table[expert] = same_rank[0] if same_rank else candidates[source % len(candidates)]
-    return table
-
-
-def contiguous_placement(n_experts: int, ep: int) -> list[list[int]]:
-    """Rank r holds experts r*E/P .. (r+1)*E/P - 1."""
-    per = n_experts // ep
-    return [list(range(r * per, (r + 1) * per)) for r in range(ep)]
 
 
 @dataclass

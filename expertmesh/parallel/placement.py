@@ -1,4 +1,5 @@
-"""Which EP rank holds which expert, per layer: default, optimised from routing statistics, on disk.
+"""Which EP rank holds which expert, per layer: default, optimised from routing statistics, on disk;
+and, for the dispatcher, the slot table that sends each expert's tokens to one of its holders.
 
 Routing statistics come from a calibration run (`expertmesh run --record-routing FILE`): per
 layer, how many tokens of each source rank chose each set of k experts. From them the cross-node
@@ -17,11 +18,43 @@ import json
 from collections import Counter
 from pathlib import Path
 
-from expertmesh.parallel.dispatch import contiguous_placement
+import torch
+
 from expertmesh.topology import Topology
 
 Placement = list[list[int]]                       # placement[rank] = experts, in local order
 RoutingStats = list[dict[int, Counter]]            # [layer][source rank][expert tuple] = tokens
+
+
+def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
+               peer_nodes: list[int] | None = None) -> torch.Tensor:
+    """The slot each expert's tokens from rank `source` go to `[E]`.
+
+    placement[r] lists the experts rank r holds, in local order; slots number them rank by rank.
+    An expert with replicas (redundant experts) is served, for this source, by the replica on
+    the source rank itself, else by one of those on its node (else of all), chosen by
+    `source % count`, so that traffic stays local where it can and spreads over the replicas.
+    """
+    nodes = peer_nodes or [0] * len(placement)
+    holders: dict[int, list[tuple[int, int]]] = {}
+    slot = 0
+    for rank, experts in enumerate(placement):
+        for expert in experts:
+            holders.setdefault(expert, []).append((rank, slot))
+            slot += 1
+    table = torch.full((n_experts,), -1, dtype=torch.long)
+    for expert, replicas in holders.items():
+        same_rank = [s for r, s in replicas if r == source]
+        same_node = [s for r, s in replicas if nodes[r] == nodes[source]]
+        candidates = same_node or [s for _, s in replicas]
+        table[expert] = same_rank[0] if same_rank else candidates[source % len(candidates)]
+    return table
+
+
+def contiguous_placement(n_experts: int, ep: int) -> list[list[int]]:
+    """Rank r holds experts r*E/P .. (r+1)*E/P - 1."""
+    per = n_experts // ep
+    return [list(range(r * per, (r + 1) * per)) for r in range(ep)]
 
 
 def cross_node_rows(placement: Placement, stats_layer: dict[int, Counter], topology: Topology,

@@ -22,13 +22,13 @@ from __future__ import annotations
 from collections import defaultdict
 from dataclasses import dataclass
 
-from expertmesh.engine.generate import micro_batches
 from expertmesh.engine.metrics import Metrics
 from expertmesh.sim import cost
 from expertmesh.sim.bound import Bound, roofline
 from expertmesh.sim.memory import MemoryReport, scenario_memory
 from expertmesh.sim.program import Exchange, StageProgram, stage_program
 from expertmesh.sim.scenario import Scenario
+from expertmesh.split import split_evenly
 
 _LOCAL = ("compute", "hbm", "launch")  # resources a rank shares with others on a CPU host
 
@@ -174,7 +174,7 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
     topo = sc.topology
 
     def split(M: int) -> list[list[int]]:  # [stage rank][micro]: pipeline peers hold the same rows
-        return [[part.stop - part.start for part in micro_batches(len(dep.rows_of(i, w.batch_size)), M)]
+        return [[part.stop - part.start for part in split_evenly(len(dep.rows_of(i, w.batch_size)), M)]
                 for i in range(inner)]
 
     on_node = min(topo.gpus_per_node, dep.world_size)
