@@ -111,12 +111,10 @@ def test_two_torchrun_nodes_serve_a_staggered_stream_with_the_reference_tokens(t
     from expertmesh.model.transformer import reference_model
 
     out = tmp_path / "serve.json"
-    env, tag = tagged_env()
-    logs = [open(tmp_path / f"node{i}.log", "w") for i in range(2)]
+    leftovers = Leftovers()
     script = str(Path(__file__).with_name("torchrun_serve.py"))
-    codes = torchrun_two_nodes([script, "ep4", str(out)], env, logs, limit_s=180)
-    text = "\n".join((tmp_path / f"node{i}.log").read_text() for i in range(2))
-    assert codes == [0, 0], text
+    codes = wait_all(torchrun([script, "ep4", str(out)], leftovers.env(), logs_of(tmp_path)), limit_s=180)
+    assert codes == [0, 0], text_of(tmp_path)
     data = json.loads(out.read_text())
     model = reference_model(preset("tiny"), seed=0)
     for _, request in torchrun_serve.arrivals(preset("tiny").vocab_size):
@@ -128,7 +126,7 @@ def test_two_torchrun_nodes_serve_a_staggered_stream_with_the_reference_tokens(t
             assert got == want and data["finished"][str(request.id)] == "length"
     assert len(data["rank_stats"]) == 4
     assert all(s["blocks_free"] == torchrun_serve.ENGINE.num_blocks for s in data["rank_stats"])
-    assert processes_tagged(tag) == []
+    assert leftovers.alive() == []
 
 
 def test_a_rank_killed_under_torchrun_ends_the_job_on_both_nodes(tmp_path):
