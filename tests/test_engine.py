@@ -73,9 +73,11 @@ def test_seeded_sampling_gives_a_request_the_same_tokens_whatever_else_is_batche
     alone = serve(make_engine(model, num_blocks=64, block_size=4), [(0, target)])
     crowd = [(s % 3, Request(f"o{s}", tuple(range(1, 2 + s * 7)), max_tokens=6, temperature=0.7, seed=s))
              for s in range(6)]
-    busy = serve(make_engine(model, num_blocks=64, block_size=4, max_batched_tokens=16), crowd + [(2, target)])
+    busy = serve(make_engine(model, num_blocks=64, block_size=4, max_batched_tokens=16),
+                 crowd + [(2, target)])
     assert alone.tokens["t"] == busy.tokens["t"]
-    other_seed = serve(make_engine(model, num_blocks=64, block_size=4), [(0, Request("t", (5, 6, 7, 8), 8, temperature=1.0, top_p=0.9, seed=43))])
+    reseeded = Request("t", (5, 6, 7, 8), 8, temperature=1.0, top_p=0.9, seed=43)
+    other_seed = serve(make_engine(model, num_blocks=64, block_size=4), [(0, reseeded)])
     assert other_seed.tokens["t"] != alone.tokens["t"]
 
 

@@ -88,5 +88,6 @@ def test_an_empty_batch_runs_and_returns_nothing(small_model):
     model = small_model()
     pools = model.make_pools(num_blocks=2, block_size=BLOCK)
     with torch.inference_mode():
-        out = model.forward_paged(torch.zeros(0, dtype=torch.long), pools, PagedBatch([], BLOCK, torch.device("cpu")))
+        empty = PagedBatch([], BLOCK, torch.device("cpu"))
+        out = model.forward_paged(torch.zeros(0, dtype=torch.long), pools, empty)
     assert out.shape == (0, model.cfg.vocab_size)

@@ -31,8 +31,8 @@ def sample_requests(logits: torch.Tensor, temperature: list[float], top_p: list[
     tokens = logits.argmax(dim=-1).tolist()
     drawn = [i for i, t in enumerate(temperature) if t > 0]
     if drawn:
-        u = torch.tensor([torch.rand(1, generator=torch.Generator().manual_seed(seeds[i] * 1_000_003 + index[i]),
-                                     dtype=torch.float64).item() for i in drawn], dtype=torch.float64)
+        gens = [torch.Generator().manual_seed(seeds[i] * 1_000_003 + index[i]) for i in drawn]
+        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
         picked = _nucleus(logits[drawn], torch.tensor([temperature[i] for i in drawn], dtype=torch.float64),
                           torch.tensor([top_p[i] for i in drawn], dtype=torch.float64), u)
         for i, t in zip(drawn, picked.tolist()):

@@ -84,14 +84,16 @@ class PagedBatch:
                 self.prefills.append((offset, offset + n, table_t.to(device), mask))
             offset += n
         self.n_tokens = offset
-        self.positions = torch.cat(positions).to(device) if chunks else torch.zeros(0, dtype=torch.long, device=device)
-        self.slots = torch.cat(slots).to(device) if chunks else torch.zeros(0, dtype=torch.long, device=device)
+        none = torch.zeros(0, dtype=torch.long)
+        self.positions = (torch.cat(positions) if chunks else none).to(device)
+        self.slots = (torch.cat(slots) if chunks else none).to(device)
         self.last = torch.tensor([o - 1 for o in accumulate(self.seq_lens)], dtype=torch.long, device=device)
         self.decode_tokens = torch.tensor(decode_tokens, dtype=torch.long, device=device)
         self.decode_tables = self.decode_mask = None
         if decode_tables:
             width = max(len(t) for t in decode_tables)
-            self.decode_tables = torch.stack([F.pad(t, (0, width - len(t))) for t in decode_tables]).to(device)
+            padded = [F.pad(t, (0, width - len(t))) for t in decode_tables]
+            self.decode_tables = torch.stack(padded).to(device)
             lens = torch.tensor(decode_lens)
             if not bool((lens == width * s).all()):
                 past = torch.arange(width * s)[None, :] >= lens[:, None]  # [Sd, C]

@@ -83,7 +83,8 @@ class MoETransformer(nn.Module):
         pools = {}
         for name, layer in self.layers.items():
             attn, ref = layer.attn, layer.attn.wk.weight
-            pools[name] = KVPool(num_blocks, block_size, attn.n_kv_heads, attn.head_dim, ref.dtype, ref.device)
+            pools[name] = KVPool(num_blocks, block_size, attn.n_kv_heads, attn.head_dim, ref.dtype,
+                                 ref.device)
         return pools
 
     def forward_paged(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch) -> torch.Tensor:
