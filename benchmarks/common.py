@@ -12,6 +12,9 @@ import torch
 
 from expertmesh.engine.worker import RunResult, RunSpec, run_rank
 from expertmesh.launch import launch
+from expertmesh.model.moe import GroupedExperts
+from expertmesh.model.synthetic import mark_shard, materialize
+from expertmesh.parallel.placement import contiguous_placement
 
 
 def run(spec: RunSpec) -> RunResult:
@@ -44,3 +47,13 @@ def moe_time_shares(spans: dict[int, list]) -> dict[str, float]:
         per_rank = [sum(s[2] for s in rank_spans if s[0] in names) for rank_spans in spans.values()]
         out[step] = statistics.mean(per_rank) / 1e9
     return out
+
+
+def rank_experts(cfg, rank: int, ep: int) -> tuple[list[list[int]], GroupedExperts]:
+    """This EP rank's experts of one MoE layer of `cfg` under the contiguous placement, with
+    synthetic weights (seed 0): (placement, experts)."""
+    placement = contiguous_placement(cfg.n_experts, ep)
+    experts = GroupedExperts(cfg.n_experts // ep, cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
+    for name, p in experts.named_parameters():
+        mark_shard(experts, name, (cfg.n_experts, *p.shape[1:]), (placement[rank], slice(None), slice(None)))
+    return placement, materialize(experts, seed=0, dtype=cfg.torch_dtype)

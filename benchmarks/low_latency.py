@@ -22,22 +22,19 @@ import torch.distributed as dist
 from rich.console import Console
 from rich.table import Table
 
+try:  # `python -m benchmarks` imports this as part of the package
+    from .common import rank_experts
+except ImportError:
+    from common import rank_experts
 from expertmesh.config import preset
 from expertmesh.launch import launch
-from expertmesh.model.moe import GroupedExperts
-from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.parallel.dispatch import AllToAllDispatcher
-from expertmesh.parallel.placement import contiguous_placement
 
 
 def _layer_times(dtype_name: str, token_counts: list[int], reps: int, rounds: int, device) -> dict:
     cfg = preset("small", dtype=dtype_name)
     rank, ep = dist.get_rank(), dist.get_world_size()
-    placement = contiguous_placement(cfg.n_experts, ep)
-    experts = GroupedExperts(cfg.n_experts // ep, cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
-    for name, p in experts.named_parameters():
-        mark_shard(experts, name, (cfg.n_experts, *p.shape[1:]), (placement[rank], slice(None), slice(None)))
-    materialize(experts, seed=0, dtype=cfg.torch_dtype)
+    placement, experts = rank_experts(cfg, rank, ep)
     gen = torch.Generator().manual_seed(rank)
     samples = {(t, path): [] for t in token_counts for path in ("standard", "low-latency")}
     calls = {}

@@ -26,15 +26,13 @@ from rich.console import Console
 from rich.table import Table
 
 try:  # `python -m benchmarks` imports this as part of the package
-    from .common import run
+    from .common import rank_experts, run
 except ImportError:
-    from common import run
+    from common import rank_experts, run
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunSpec
 from expertmesh.launch import launch
-from expertmesh.model.moe import GroupedExperts
-from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.parallel.dispatch import AllToAllDispatcher
 from expertmesh.parallel.placement import contiguous_placement
 from expertmesh.parallel.placement import optimise_placement
@@ -65,11 +63,7 @@ def _layer_times(preset_name: str, dtype_name: str, tokens: int, reps: int, roun
                  device) -> dict[str, float]:
     cfg = preset(preset_name, dtype=dtype_name)
     rank, ep = dist.get_rank(), dist.get_world_size()
-    placement = contiguous_placement(cfg.n_experts, ep)
-    experts = GroupedExperts(cfg.n_experts // ep, cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
-    for name, p in experts.named_parameters():
-        mark_shard(experts, name, (cfg.n_experts, *p.shape[1:]), (placement[rank], slice(None), slice(None)))
-    materialize(experts, seed=0, dtype=cfg.torch_dtype)
+    placement, experts = rank_experts(cfg, rank, ep)
     gen = torch.Generator().manual_seed(rank)
     x = torch.randn(tokens, cfg.d_model, generator=gen).to(cfg.torch_dtype)
     ids = torch.rand(tokens, cfg.n_experts, generator=gen).argsort(dim=1)[:, :cfg.top_k]
