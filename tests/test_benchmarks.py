@@ -47,7 +47,7 @@ def test_a_peer_that_cannot_be_imported_is_skipped_with_its_reason(monkeypatch):
 
 
 def test_transformers_blocks_agree_with_expertmesh_before_timing():
-    pytest.importorskip("transformers")
+    pytest.importorskip("transformers", reason="the peer blocks are transformers' own")
     out = peers.transformers_blocks((4,), 1, bench.TINY, threads=1)
     assert out["status"] == "ok", out["reason"]
     assert {r["family"] for r in out["rows"]} == {"mixtral", "qwen2_moe"}

@@ -23,10 +23,10 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 import torch
 
-openai = pytest.importorskip("openai")
-httpx = pytest.importorskip("httpx")
-pytest.importorskip("fastapi")
-transformers = pytest.importorskip("transformers")
+openai = pytest.importorskip("openai", reason="the server is driven by the openai client (pip install -e '.[test,serve]')")
+httpx = pytest.importorskip("httpx", reason="health and metrics are read with httpx (pip install -e '.[serve]')")
+pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
+transformers = pytest.importorskip("transformers", reason="the tiny checkpoint and its tokenizer are built with transformers")
 
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
 from expertmesh.cli import main  # noqa: E402
