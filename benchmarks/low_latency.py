@@ -44,8 +44,8 @@ def _layer_times(dtype_name: str, token_counts: list[int], reps: int, rounds: in
         w = torch.rand(tokens, cfg.top_k, generator=gen).to(cfg.torch_dtype)
         for path in ("standard", "low-latency"):
             d = AllToAllDispatcher(dist.group.WORLD, placement, cfg.n_experts, rank, chunks=1)
-            d.low_latency_tokens = tokens if path == "low-latency" else None
-            calls[tokens, path] = functools.partial(d, x, ids, w, experts)
+            bound = tokens if path == "low-latency" else None
+            calls[tokens, path] = functools.partial(d, x, ids, w, experts, bound)
     for _ in range(rounds):  # interleaved: noise hits every variant alike
         for key, call in calls.items():
             call()  # warm-up of this variant in this round

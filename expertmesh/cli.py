@@ -26,6 +26,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.worker import RunResult, RunSpec, refuse_off_ep, run_rank
 from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
 from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing, save_routing
 from expertmesh.place_cli import add_commands as add_place_command
 from expertmesh.server.cli import add_commands as add_server_commands
@@ -114,6 +115,7 @@ def _spec(args, deployment: Deployment, record_logits: bool = False, ep_flags: b
     if ep_flags:
         refuse_off_ep("--placement", bool(args.placement), deployment)
         refuse_off_ep("--redundant-experts", bool(args.redundant_experts), deployment)
+        refuse_off_ep("--overlap tbo", args.overlap == "tbo", deployment)
         if args.placement:
             placement = load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
         if args.redundant_experts:
@@ -125,7 +127,7 @@ def _spec(args, deployment: Deployment, record_logits: bool = False, ep_flags: b
     spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
                    record_logits=record_logits, checkpoint=args.model,
                    a2a=args.a2a if ep_flags else "flat",
-                   a2a_chunks=_chunks(args.a2a_chunks), a2a_overlap=not args.no_overlap,
+                   a2a_chunks=_chunks(args.a2a_chunks), overlap=args.overlap if ep_flags else "auto",
                    low_latency_tokens=args.low_latency_tokens,
                    gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
                    placement=placement,
@@ -351,7 +353,11 @@ def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_l
     p.add_argument("--low-latency-tokens", type=int, default=LOW_LATENCY_TOKENS,
                    help="EP: a forward whose every rank has at most N tokens uses the low-latency "
                         f"exchange, one fixed-size message per direction (default {LOW_LATENCY_TOKENS}; 0: never)")
-    p.add_argument("--no-overlap", action="store_true", help="wait for every exchange at once (for comparison)")
+    p.add_argument("--overlap", default="auto", choices=OVERLAPS,
+                   help="EP: tbo (two micro-batches take turns, one's exchange in flight while the other "
+                        "computes), chunks (--a2a-chunks overlap the exchange with expert compute), none "
+                        f"(wait for every exchange at once), auto (tbo from {TWO_BATCH_TOKENS} tokens per "
+                        "rank, else chunks; default)")
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="ranks per node (default: LOCAL_WORLD_SIZE, or one node)")
     p.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")

@@ -34,7 +34,7 @@ ENV = "EXPERTMESH_FAULT"
 KINDS = ("raise", "kill", "stall", "nan")
 STALL_S = 3600.0
 ENABLED = False  # set only by the tests (see above)
-_poisoned: list = []  # hook handles of an active nan fault
+_poisoned: list = []  # (model, check) of an active nan fault
 
 
 @dataclass(frozen=True)
@@ -67,7 +67,8 @@ def at_step(step: int, model: torch.nn.Module) -> None:
     if not ENABLED or not text:
         return
     while _poisoned:  # a nan fault lasts one step
-        _poisoned.pop().remove()
+        held, check = _poisoned.pop()
+        held.after_layer.remove(check)
     fault = parse(text)
     rank = dist.get_rank() if dist.is_initialized() else 0
     if fault.rank != rank or fault.step != step:
@@ -89,6 +90,10 @@ def _poison(model: torch.nn.Module, layer: int | None) -> None:
     name = str(layer) if layer is not None else next(iter(layers))
     if name not in layers:
         raise ValueError(f"{ENV}: this rank holds layers {list(layers)}, not layer {layer}")
-    # prepend: the poison runs before the decode loop's finite check sees the output
-    _poisoned.append(layers[name].register_forward_hook(
-        lambda module, args, out: out.fill_(float("nan")), prepend=True))
+    def poison(index: int, out: torch.Tensor) -> None:
+        if index == int(name):
+            out.fill_(float("nan"))
+
+    # first: the poison runs before the finite check sees the output
+    model.after_layer.insert(0, poison)
+    _poisoned.append((model, poison))

@@ -18,7 +18,6 @@ from expertmesh.engine.worker import RunSpec, shard_model
 from expertmesh.launch import launch
 from expertmesh.model import moe
 from expertmesh.model.synthetic import materialize
-from expertmesh.parallel.expert import dispatchers
 from expertmesh.parallel.mesh import stage_group
 from fake_device import FakeDevice, MixedDevices, OnDevice, move_to_device, to_host
 
@@ -26,24 +25,19 @@ CFG = preset("tiny", n_layers=2)
 PROMPT, BATCH = 6, 4
 
 
-def _prefill_and_decode(model, prompts: torch.Tensor, device_mode: FakeDevice | None):
+def _prefill_and_decode(model, prompts: torch.Tensor, device_mode: FakeDevice | None,
+                        low_latency_tokens: int | None = None):
     """Logits of a prefill and one decode step, and the host reads of the decode step."""
     b = prompts.shape[0]
     caches = model.make_caches(b, PROMPT + 1)
     ids = OnDevice(prompts) if device_mode else prompts
     with torch.no_grad():  # inference tensors cannot back a tensor subclass's views
-        first = model(ids, caches, slice(0, b), 0)
+        first = model(ids, caches, slice(0, b), 0, low_latency_tokens=low_latency_tokens)
         next_ids = first.argmax(-1, keepdim=True)
         before = device_mode.syncs if device_mode else 0
-        second = model(next_ids, caches, slice(0, b), PROMPT)
+        second = model(next_ids, caches, slice(0, b), PROMPT, low_latency_tokens=low_latency_tokens)
         syncs = device_mode.syncs - before if device_mode else 0
     return to_host(first), to_host(second), syncs
-
-
-def _low_latency(model, tokens: int | None):
-    for d in dispatchers(model).values():
-        d.low_latency_tokens = tokens
-    return model
 
 
 def _rank_on_fake_device(deployment: str, grouped: bool, device) -> tuple[float, int]:
@@ -60,13 +54,12 @@ def _rank_on_fake_device(deployment: str, grouped: bool, device) -> tuple[float,
     host = materialize(shard_model(spec, rank, group), seed=3, dtype=torch.float32)
     want = _prefill_and_decode(host, prompts, None)
     on_device = move_to_device(materialize(shard_model(spec, rank, group), seed=3, dtype=torch.float32))
-    _low_latency(on_device, bound)
     applies = moe._grouped_mm_applies
     if grouped:  # the pretend device is no CPU: take the grouped-kernel path as on Hopper
         moe._grouped_mm_applies = lambda x, hidden: True
     try:
         with FakeDevice() as mode:
-            got = _prefill_and_decode(on_device, prompts, mode)
+            got = _prefill_and_decode(on_device, prompts, mode, bound)
     finally:  # `single` runs in the test's own process
         moe._grouped_mm_applies = applies
     diff = max((g - w).abs().max().item() if w.numel() else 0.0 for g, w in zip(got[:2], want[:2]))

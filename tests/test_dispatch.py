@@ -158,8 +158,8 @@ def _low_latency_against_standard(pattern: str, placement: list[list[int]], grou
     materialize(local, seed=7, dtype=torch.float32)
     standard = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, chunks=1)(x, ids, weights, local)
     fast = AllToAllDispatcher(dist.group.WORLD, placement, E, rank)
-    fast.low_latency_tokens = max(TOKENS_PER_RANK)
-    same = torch.tensor(float(torch.equal(fast(x, ids, weights, local), standard)))
+    low_latency = fast(x, ids, weights, local, low_latency_tokens=max(TOKENS_PER_RANK))
+    same = torch.tensor(float(torch.equal(low_latency, standard)))
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     return bool(same.item())
 

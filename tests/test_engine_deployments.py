@@ -39,9 +39,10 @@ def small(model):
     return Mixed(model, n=20, max_prompt=120, max_new=6, spread=8, n_aborts=2, seed=3)
 
 
-def serve_on(deployment: str, work: Mixed, engine: EngineConfig, n_micro: int | None = None):
+def serve_on(deployment: str, work: Mixed, engine: EngineConfig, n_micro: int | None = None,
+             overlap: str = "auto"):
     dep = Deployment.parse(deployment)
-    spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED, n_micro=n_micro)
+    spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED, n_micro=n_micro, overlap=overlap)
     spec.validate(dep.world_size)
     fn = functools.partial(serve_rank, spec, engine, work.arrivals, work.aborts, eos=(work.eos,))
     if dep.world_size == 1:
@@ -92,3 +93,31 @@ def test_the_exchange_chosen_per_step_changes_no_token(threshold):
     forwards = workload.gen_len  # prefill + gen_len - 1 decodes, each one forward
     expected = {0: 0, 16: (forwards - 1) * layer_calls, 10_000: forwards * layer_calls}[threshold]
     assert calls == expected
+
+
+@pytest.mark.parametrize("deployment", ["ep2", "ep4", "ep2pp2"])
+@pytest.mark.parametrize("engine", [CHUNKED, PREEMPTING], ids=["chunked", "preempting"])
+def test_two_batch_overlap_serves_each_request_its_reference_tokens(deployment, engine, mixed):
+    """--overlap tbo: every forward runs as two micro-batches taking turns (one of them empty
+    when a rank has one sequence), through chunked prefill, decode and preemption."""
+    mixed.check(serve_on(deployment, mixed, engine, overlap="tbo"), engine.num_blocks)
+
+
+def test_two_batch_overlap_equals_its_halves_run_one_after_the_other_bit_for_bit(monkeypatch):
+    """Taking turns changes only when each half's work runs, not what it computes: the logits of
+    every step equal those of the same two micro-batches run one after the other. Both give the
+    reference's tokens."""
+    from expertmesh.engine import runner
+    from expertmesh.engine.worker import run_rank
+    from expertmesh.model.steps import run_steps
+
+    workload = Workload(batch_size=8, prompt_len=40, gen_len=5, seed=4)
+    reference = run_rank(RunSpec(preset("tiny"), Deployment(), workload, seed=SEED), torch.device("cpu"))
+    spec = RunSpec(preset("tiny"), Deployment.parse("ep2"), workload, seed=SEED, overlap="tbo",
+                   record_logits=True, low_latency_tokens=8)  # decode halves take the low-latency path
+    turns = launch(functools.partial(run_rank, spec), 2, timeout=300)
+    monkeypatch.setattr(runner, "take_turns", lambda all_steps: [run_steps(s) for s in all_steps])
+    in_order = launch(functools.partial(run_rank, spec), 2, timeout=300)  # forked: sees the patch
+    assert torch.equal(turns.tokens, reference.tokens)
+    assert torch.equal(turns.logits, in_order.logits)
+    assert turns.exchange["low_latency_calls"] == (workload.gen_len - 1) * 2 * 2 * preset("tiny").n_layers

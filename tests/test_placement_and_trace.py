@@ -101,7 +101,7 @@ def test_outputs_are_identical_under_any_placement_and_exchange():
     shuffled = [list(torch.randperm(16, generator=torch.Generator().manual_seed(i)).view(4, 4).tolist())
                 for i in range(4)]
     for kw in (dict(placement=shuffled), dict(a2a="hierarchical", gpus_per_node=2, a2a_chunks=2),
-               dict(a2a_overlap=False)):
+               dict(overlap="none"), dict(overlap="tbo"), dict(overlap="chunks")):
         assert torch.equal(_run(**kw).tokens, reference.tokens), kw
 
 

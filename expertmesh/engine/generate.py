@@ -19,7 +19,6 @@ first layer whose output was non-finite.
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -64,8 +63,8 @@ class NonFiniteError(RuntimeError):
 
 
 class FiniteCheck:
-    """Flags `isfinite(x).all()` of every layer output (forward hooks, removed on exit) and of what
-    `add` is given; `check(step)` reads the step's flags at once and raises on the first
+    """Flags `isfinite(x).all()` of every layer output (`model.after_layer`, until exit) and of
+    what `add` is given; `check(step)` reads the step's flags at once and raises on the first
     non-finite one."""
 
     LOGITS = -1
@@ -73,11 +72,8 @@ class FiniteCheck:
     def __init__(self, model: MoETransformer):
         self.flags: list[torch.Tensor] = []
         self.layers: list[int] = []  # the layer of each flag, LOGITS for the logits
-        self.handles = [layer.register_forward_hook(functools.partial(self._hook, int(name)))
-                        for name, layer in model.layers.items()]
-
-    def _hook(self, layer: int, module, args, out: torch.Tensor) -> None:
-        self.add(layer, out)
+        self.model = model
+        model.after_layer.append(self.add)
 
     def add(self, layer: int, x: torch.Tensor) -> None:
         self.flags.append(torch.isfinite(x).all())
@@ -102,8 +98,8 @@ class FiniteCheck:
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+        if self.add in self.model.after_layer:
+            self.model.after_layer.remove(self.add)
 
 
 @dataclass

@@ -7,9 +7,17 @@ contiguous micro-batches (by sequence, so capacity per sequence is unchanged); p
 pass each micro-batch's hidden states `[N_m, D]` to the next stage as soon as it is done, so
 stage s + 1 works on micro-batch m while stage s works on m + 1. Every stage knows each N_m from
 its own replica of the scheduler. The last stage samples.
+
+Under expert parallelism each forward is planned first (`parallel/expert.py`'s ExchangeChoice,
+agreed over the EP group): which exchange its MoE layers use, and whether it runs as two
+micro-batches that take turns (two-batch overlap: the forward's sequences split in two halves
+of near-equal tokens; one half's token exchange is in flight while the other half's attention,
+routing or expert compute runs, `model/steps.py`).
 """
 
 from __future__ import annotations
+
+from itertools import accumulate
 
 import torch
 
@@ -17,6 +25,7 @@ from expertmesh.engine.generate import FiniteCheck, SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, Workspace
+from expertmesh.model.steps import take_turns
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.parallel.expert import ExchangeChoice
 from expertmesh.split import split_evenly
@@ -25,7 +34,8 @@ from expertmesh.trace import span
 
 class Runner:
     def __init__(self, model: MoETransformer, num_blocks: int, block_size: int,
-                 links: StageLinks | None = None, record_logits: bool = False, n_micro: int = 1):
+                 links: StageLinks | None = None, record_logits: bool = False, n_micro: int = 1,
+                 overlap: str = "auto"):
         self.model, self.block_size, self.n_micro = model, block_size, n_micro
         self.links = links or SingleStage()
         self.pools = model.make_pools(num_blocks, block_size)
@@ -34,7 +44,7 @@ class Runner:
         self.record_logits = record_logits and self.links.is_last
         self.finite = FiniteCheck(model)
         self.workspace = Workspace()
-        self.exchange = ExchangeChoice(model)
+        self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
 
     @property
@@ -55,9 +65,7 @@ class Runner:
         return result
 
     def _micro(self, m: int, chosen: list[tuple[Sequence, int]]) -> torch.Tensor | None:
-        batch = PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
-                           self.device, self.workspace)
-        N, links, D = batch.n_tokens, self.links, self.model.cfg.d_model
+        N, links, D = sum(n for _, n in chosen), self.links, self.model.cfg.d_model
         if links.is_first:
             ids = [t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]]
             x = torch.tensor(ids, dtype=torch.long, device=self.device)
@@ -65,13 +73,25 @@ class Runner:
             x = links.recv_hidden(m, (N, D), self.dtype)
         else:
             x = torch.zeros(0, D, dtype=self.dtype, device=self.device)
-        self.exchange(N)  # the EP layers' exchange for this forward, agreed over the EP group
-        out = self.model.forward_paged(x, self.pools, batch)
+        cut, first_half = _halves(chosen)
+        plan = self.exchange(N, max(first_half, N - first_half))  # agreed over the EP group
+        if plan.two_batch:
+            halves = take_turns([self.model.paged_steps(x[rows], self.pools, self._batch(part),
+                                                        plan.low_latency_tokens)
+                                 for rows, part in ((slice(0, first_half), chosen[:cut]),
+                                                    (slice(first_half, N), chosen[cut:]))])
+            out = torch.cat(halves)
+        else:
+            out = self.model.forward_paged(x, self.pools, self._batch(chosen), plan.low_latency_tokens)
         if links.is_last:
             return out
         if N:
             links.send_hidden(m, out)
         return None
+
+    def _batch(self, chosen: list[tuple[Sequence, int]]) -> PagedBatch:
+        return PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
+                          self.device, self.workspace)
 
     def _sample(self, chosen: list[tuple[Sequence, int]], sampled: list[bool], logits: torch.Tensor) -> dict:
         rows = [i for i, s in enumerate(sampled) if s]
@@ -87,3 +107,14 @@ class Runner:
     def close(self) -> None:
         self.links.finish()
         self.finite.__exit__()
+
+
+def _halves(chosen: list[tuple[Sequence, int]]) -> tuple[int, int]:
+    """Where to cut the forward's sequences into two micro-batches of near-equal tokens, each
+    with at least one sequence when there are two: (sequences before the cut, their tokens)."""
+    total = sum(n for _, n in chosen)
+    before = list(accumulate(n for _, n in chosen[:-1]))  # tokens before cuts 1 .. S - 1
+    if not before:
+        return 0, 0
+    cut = min(range(len(before)), key=lambda i: abs(2 * before[i] - total))
+    return cut + 1, before[cut]

@@ -28,7 +28,7 @@ from expertmesh.engine.serve import Transcript, serve
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model, parameter_bytes
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, ExchangeStats
-from expertmesh.parallel.expert import apply_expert_parallel, dispatchers
+from expertmesh.parallel.expert import OVERLAPS, apply_expert_parallel, dispatchers
 from expertmesh.parallel.placement import default_placement, validate_placement
 from expertmesh.parallel.mesh import stage_group
 from expertmesh.parallel.pipeline import PipelineLinks, apply_pipeline
@@ -45,7 +45,8 @@ class RunSpec:
 
     n_micro: pipeline micro-batches (None: one per stage). low_latency_tokens: a forward whose
     every EP rank has at most this many tokens uses the low-latency exchange (0: never).
-    a2a: "flat" or "hierarchical" token exchange; a2a_chunks: None picks per layer call; a2a_overlap: False waits on every exchange.
+    a2a: "flat" or "hierarchical" token exchange; a2a_chunks: None picks per layer call.
+    overlap: "auto", "tbo", "chunks" or "none" (`parallel/expert.py`; none waits on every exchange).
     gpus_per_node: node size of the topology (None: LOCAL_WORLD_SIZE, or one node).
     placement: experts per EP rank per layer (None: contiguous). record_routing: count which
     experts each rank's tokens choose. trace: record spans for a Perfetto trace.
@@ -62,7 +63,7 @@ class RunSpec:
     warmup: bool = True
     a2a: str = "flat"
     a2a_chunks: int | None = None
-    a2a_overlap: bool = True
+    overlap: str = "auto"
     low_latency_tokens: int = LOW_LATENCY_TOKENS
     gpus_per_node: int | None = None
     placement: list | None = None
@@ -76,6 +77,8 @@ class RunSpec:
         self.workload.validate_for(self.cfg)
         if self.n_micro is not None and self.n_micro < 1:
             raise ValueError(f"micro-batches {self.n_micro} must be at least 1")
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"unknown overlap {self.overlap!r}; use one of {', '.join(OVERLAPS)}")
         if self.a2a not in ("flat", "hierarchical"):
             raise ValueError(f"unknown exchange {self.a2a!r}; use flat or hierarchical")
         if self.low_latency_tokens < 0:
@@ -154,7 +157,7 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
         placements = _placements(spec)
         peer_nodes = [topology.node_of(stage * dep.inner + i) for i in range(dep.ep)]
         apply_expert_parallel(model, group, inner, placements, chunks=spec.a2a_chunks,
-                              overlap=spec.a2a_overlap, peer_nodes=peer_nodes,
+                              overlap=spec.overlap != "none", peer_nodes=peer_nodes,
                               hierarchical=spec.a2a == "hierarchical",
                               low_latency_threshold=spec.low_latency_tokens)
     return model
@@ -186,7 +189,7 @@ def serve_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list
     model, links, _ = load_rank(spec, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     eng = Engine(model, spec.cfg, spec.deployment, engine, rank, links, eos, record_logits,
-                 spec.micro_batches)
+                 spec.micro_batches, spec.overlap)
     return serve(eng, arrivals, aborts, clock)
 
 
@@ -217,7 +220,7 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
 
     def engine(requests: list[Request], record_logits: bool = False) -> Engine:
         return Engine(model, spec.cfg, dep, static_engine(requests, dep), rank, links,
-                      record_logits=record_logits, n_micro=spec.micro_batches)
+                      record_logits=record_logits, n_micro=spec.micro_batches, overlap=spec.overlap)
 
     if spec.warmup:
         warm = dataclasses.replace(w, prompt_ids=None, prompt_len=min(WARMUP_PROMPT, w.prompt_len))

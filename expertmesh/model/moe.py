@@ -12,11 +12,13 @@ the rank that holds their expert and back.
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.model.capacity import DROPPED, REROUTED, Capacity, apply_capacity
 from expertmesh.model.layers import Linear, meta_weight
+from expertmesh.model.steps import Steps, run_steps
 from expertmesh.trace import span
 
 
@@ -160,6 +162,12 @@ class LocalDispatcher:
             out = torch.cat([out, out.new_zeros(order.numel() - computed, out.shape[1])])
         return combine(out, order, weights)
 
+    def steps(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
+              low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+        """Nothing crosses the network: a generator that never yields (`model/steps.py`)."""
+        yield from ()
+        return self(x, ids, weights, experts)
+
 
 class SharedExpert(nn.Module):
     """A dense SwiGLU MLP every token passes through, gated per token (Qwen2-MoE):
@@ -187,6 +195,10 @@ class MoEBlock(nn.Module):
 
     Each row of x is one sequence's tokens, the unit of capacity (`model/capacity.py`); a ragged
     batch comes as x `[T, D]` with `seq_lens`, the lengths of its consecutive sequences.
+    `low_latency_tokens`: a bound on every EP rank's tokens in this forward under which the
+    expert-parallel exchange uses its low-latency path (`parallel/dispatch.py`); None: the
+    standard one. `output_group`: set by tensor parallelism, whose ranks each compute a partial
+    sum of the output; it is all-reduced over the group.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, kind: str,
@@ -199,16 +211,26 @@ class MoEBlock(nn.Module):
         self.experts = GroupedExperts(n_experts, d_model, hidden, kind)
         self.dispatcher = LocalDispatcher(may_drop=capacity is not None)
         self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
+        self.output_group: dist.ProcessGroup | None = None
 
-    def forward(self, x: torch.Tensor, seq_lens: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, seq_lens: list[int] | None = None,
+                low_latency_tokens: int | None = None) -> torch.Tensor:
+        return run_steps(self.steps(x, seq_lens, low_latency_tokens))
+
+    def steps(self, x: torch.Tensor, seq_lens: list[int] | None = None,
+              low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+        """`forward` as a generator that yields while a token exchange is in flight."""
         flat = x.reshape(-1, x.shape[-1])
         if x.dim() == 3:
             seq_lens = [x.shape[1]] * x.shape[0]
         with span("route"):
             ids, weights = self._route(flat, seq_lens)
-        out = self.dispatcher(flat, ids, weights.to(flat.dtype), self.experts)
+        out = yield from self.dispatcher.steps(flat, ids, weights.to(flat.dtype), self.experts,
+                                               low_latency_tokens)
         if self.shared is not None:
             out = out + self.shared(flat)
+        if self.output_group is not None:
+            dist.all_reduce(out, group=self.output_group)
         return out.view_as(x)
 
     def _route(self, x: torch.Tensor, seq_lens: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -8,9 +8,13 @@ stage without the head returns hidden states instead of logits.
 Two entry points share the layers: `forward` (equal-length sequences over a contiguous
 `KVCache`, or no cache) and `forward_paged` (a ragged batch: many sequences, each at its own
 position, flattened to `[N]` tokens, over per-layer block pools; `model/paged.py`).
+`paged_steps` is `forward_paged` as a generator that yields while a token exchange is in flight
+(`model/steps.py`), so that two micro-batches can take turns: two-batch overlap.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 from torch import nn
@@ -20,6 +24,7 @@ from expertmesh.model.attention import Attention, Contiguous, KVCache
 from expertmesh.model.layers import Embedding, Linear, RMSNorm
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView
+from expertmesh.model.steps import Steps, run_steps
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.trace import span
 
@@ -35,13 +40,18 @@ class DecoderLayer(nn.Module):
                             cfg.expert_kind, cfg.renormalize, cfg.shared_expert_hidden,
                             cfg.router_skew, cfg.capacity)
 
-    def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv, low_latency_tokens: int | None = None) -> torch.Tensor:
         """x `[b, L, D]` with a KV view (`model/attention.py`) -> `[b, L, D]`."""
+        return run_steps(self.steps(x, kv, low_latency_tokens))
+
+    def steps(self, x: torch.Tensor, kv, low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+        """`forward` as a generator that yields while the MoE block's token exchange is in flight."""
         with span("attention"):
             x = x + self.attn(self.attn_norm(x), kv)
         if kv.seq_lens is None:  # each row of x is one sequence
-            return x + self.moe(self.moe_norm(x))
-        return x + self.moe(self.moe_norm(x)[0], kv.seq_lens).unsqueeze(0)  # a ragged batch, b = 1
+            return x + (yield from self.moe.steps(self.moe_norm(x), None, low_latency_tokens))
+        out = yield from self.moe.steps(self.moe_norm(x)[0], kv.seq_lens, low_latency_tokens)
+        return x + out.unsqueeze(0)  # a ragged batch, b = 1
 
 
 class MoETransformer(nn.Module):
@@ -52,6 +62,15 @@ class MoETransformer(nn.Module):
         self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head: Linear | None = Linear(cfg.d_model, cfg.vocab_size)
+        # Called with (layer index, output `[b, L, D]`) after every layer held here, in order: the
+        # engine's finite check, and test-only fault injection, which may overwrite the output.
+        self.after_layer: list[Callable[[int, torch.Tensor], None]] = []
+
+    def _layer_steps(self, name: str, h: torch.Tensor, kv, low_latency_tokens: int | None) -> Steps[torch.Tensor]:
+        h = yield from self.layers[name].steps(h, kv, low_latency_tokens)
+        for check in self.after_layer:
+            check(int(name), h)
+        return h
 
     def make_caches(self, batch: int, max_len: int) -> dict[str, KVCache]:
         """One preallocated KV cache per layer held here, for `batch` sequences of `max_len`."""
@@ -63,16 +82,18 @@ class MoETransformer(nn.Module):
         return caches
 
     def forward(self, x: torch.Tensor, caches: dict[str, KVCache] | None = None,
-                rows: slice = slice(None), start: int = 0, all_logits: bool = False) -> torch.Tensor:
+                rows: slice = slice(None), start: int = 0, all_logits: bool = False,
+                low_latency_tokens: int | None = None) -> torch.Tensor:
         """Token ids `[b, L]` (or hidden `[b, L, D]` on a later stage) -> logits `[b, V]` of the last
         position (`[b, L, V]` with `all_logits`), or hidden `[b, L, D]` on a stage without the head.
 
         `caches` (from `make_caches`) are read and written at batch `rows`, positions start..;
-        without them the call attends within `x` only.
+        without them the call attends within `x` only. `low_latency_tokens`: see `MoEBlock`.
         """
         h = self.embed(x) if self.embed is not None else x
-        for name, layer in self.layers.items():
-            h = layer(h, Contiguous(caches[name] if caches is not None else None, rows, start))
+        for name in self.layers:
+            kv = Contiguous(caches[name] if caches is not None else None, rows, start)
+            h = run_steps(self._layer_steps(name, h, kv, low_latency_tokens))
         if self.lm_head is None:
             return h
         h = self.norm(h if all_logits else h[:, -1])
@@ -87,12 +108,19 @@ class MoETransformer(nn.Module):
                                  ref.device)
         return pools
 
-    def forward_paged(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch) -> torch.Tensor:
+    def forward_paged(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch,
+                      low_latency_tokens: int | None = None) -> torch.Tensor:
         """Token ids `[N]` (or hidden `[N, D]` on a later stage) of a ragged batch -> logits `[S, V]`
-        of each sequence's last new token, or hidden `[N, D]` on a stage without the head."""
+        of each sequence's last new token, or hidden `[N, D]` on a stage without the head.
+        `low_latency_tokens`: see `MoEBlock`; the same on every rank of an EP group."""
+        return run_steps(self.paged_steps(x, pools, batch, low_latency_tokens))
+
+    def paged_steps(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch,
+                    low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+        """`forward_paged` as a generator that yields while a token exchange is in flight."""
         h = (self.embed(x) if self.embed is not None else x).unsqueeze(0)  # [1, N, D]
-        for name, layer in self.layers.items():
-            h = layer(h, PagedView(pools[name], batch))
+        for name in self.layers:
+            h = yield from self._layer_steps(name, h, PagedView(pools[name], batch), low_latency_tokens)
         h = h[0]
         if self.lm_head is None:
             return h

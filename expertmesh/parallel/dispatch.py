@@ -1,15 +1,16 @@
 """Expert-parallel token exchange: send each (token, expert) assignment to the rank holding the
 expert, compute there, send the result back; batched, chunked and overlapped.
 
-Notation: T tokens on this rank, k experts per token, D d_model, P ranks in the EP group, El
-expert slots on this rank (El_p on rank p, n_slots in all: more than E with redundant experts),
-S fine token slices (the unit of counting), C chunks (the unit of overlap).
+Notation (local variables; parameters and fields spell them out): T tokens on this rank, k
+experts per token, D d_model, P ranks in the EP group, El expert slots on this rank (El_p on rank
+p, n_slots in all: more than E with redundant experts), S slices (fine token slices, the unit
+of counting), C chunks (the unit of overlap).
 
 The flat pipeline of one MoE layer on one rank (`_exchange_and_compute`):
 
   1. slots = slot_of_expert[ids]        [T, k]  slots number (rank, local expert) rank by rank;
                                                 -1: skip (dropped by capacity, or another node's)
-  2. counts per fine slice              [S, n_slots], sent with T as one message per peer:
+  2. counts per slice                   [S, n_slots], sent with T as one message per peer:
      all_to_all_single(counts)          (S * El_p + 1) int64 to peer p, once per layer. The host
                                         waits here: split sizes must be Python ints, and C is
                                         chosen from the largest T any rank has, so all agree.
@@ -25,7 +26,10 @@ With `hierarchical`, a token crosses to each remote node at most once, to the ra
 local index there (which relays it to the experts of its node and sums their weighted outputs
 before sending one row back), instead of once per assignment: see `_hierarchical`.
 
-Every rank runs every step for every layer, also with T = 0 or nothing received.
+Every rank runs every step for every layer, also with T = 0 or nothing received. The pipeline is
+a generator (`steps`, see `model/steps.py`) that yields before each wait for an exchange, so
+that a second micro-batch's work can run while it is in flight (two-batch overlap); the number
+and place of its yields depend only on what every rank agrees on (the chunk count, the path).
 """
 
 from __future__ import annotations
@@ -37,8 +41,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-from expertmesh.trace import COMM, record, span
 from expertmesh.model.moe import GroupedExperts, combine
+from expertmesh.model.steps import Steps, run_steps
+from expertmesh.trace import COMM, record, span
 from expertmesh.parallel.low_latency import LowLatencyExchange
 from expertmesh.parallel.placement import slot_table
 from expertmesh.split import split_evenly
@@ -49,7 +54,7 @@ AUTO_SLICES = 8               # fine slices counted per layer when the chunk cou
 # 4 and 8 chunks were slower than none; below ~1k rows a chunk's fixed costs outweigh the overlap.
 MIN_ROWS_PER_CHUNK = 1024
 # The low-latency exchange (`low_latency.py`) runs when the caller's bound on every rank's tokens
-# is at most this. Measured on 2 CPU ranks (benchmarks/low_latency.py, small preset, fp32): level
+# is at most this (the default of `low_latency_threshold`). Measured on 2 CPU ranks (benchmarks/low_latency.py, small preset, fp32): level
 # with or faster than the standard exchange up to 64 tokens per rank, 0.8x at 256, where its
 # fixed-size messages carry twice the rows that are needed.
 LOW_LATENCY_TOKENS = 64
@@ -78,6 +83,17 @@ class ExchangeStats:
 
 
 @dataclass
+class InFlight:
+    """An exchange started asynchronously: its output buffer, its work handle (None once waited
+    for), a name for the trace, and when it started."""
+
+    out: torch.Tensor
+    work: dist.Work | None
+    name: str
+    started_ns: int
+
+
+@dataclass
 class Chunk:
     """One chunk of a layer's exchange. tokens: its slice of this rank's tokens; order `[n * k]`:
     its assignments grouped by slot (device); send / recv: rows to / from each peer (host ints);
@@ -101,7 +117,8 @@ class AllToAllDispatcher:
     peer_nodes: the node of each rank of the group (for byte counts and `hierarchical`).
     rank: this rank's index in `group` (and in `placement`).
     low_latency_threshold: the engine runs the low-latency exchange for a forward in which every
-    rank has at most this many tokens (`parallel/expert.py`'s ExchangeChoice; 0: never).
+    rank has at most this many tokens (`parallel/expert.py`'s ExchangeChoice; 0: never); the
+    forward passes the agreed bound down as `low_latency_tokens`.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: list[list[int]], n_experts: int,
@@ -121,7 +138,7 @@ class AllToAllDispatcher:
         self.slot_rank = torch.repeat_interleave(torch.arange(self.P), torch.tensor(self.slots_per_rank))
         self.slot_node = torch.tensor([self.peer_nodes[r] for r in self.slot_rank.tolist()])
         self.slots = slot_table(placement, n_experts, rank, self.peer_nodes)
-        self.fine = chunks or AUTO_SLICES
+        self.slices = chunks or AUTO_SLICES
         self.auto = chunks is None
         self.overlap = overlap
         per_node = [self.peer_nodes.count(n) for n in set(self.peer_nodes)]
@@ -132,12 +149,17 @@ class AllToAllDispatcher:
         self.stats = ExchangeStats()
         self.routing: Counter | None = None  # set to a Counter to record this rank's routing
         self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes)
-        # Set by the caller for each forward, to the same value on every rank of the group: a bound
-        # on every rank's tokens under which the low-latency exchange runs (None: the standard one).
-        self.low_latency_tokens: int | None = None
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
-                 experts: GroupedExperts) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
+                 low_latency_tokens: int | None = None) -> torch.Tensor:
+        return run_steps(self.steps(x, ids, weights, experts, low_latency_tokens))
+
+    def steps(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
+              low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+        """x `[T, D]`, ids `[T, k]` (-1: dropped), weights `[T, k]` -> weighted sums `[T, D]`, as a
+        generator that yields while an exchange is in flight. `low_latency_tokens`: a bound on every
+        rank's T, the same on every rank, under which the low-latency exchange runs (None: the
+        standard one)."""
         if self.routing is not None and ids.numel():
             choices, tokens = torch.unique(ids.sort(dim=1).values, dim=0, return_counts=True)
             self.routing.update({tuple(e for e in c if e >= 0): n  # -1: dropped by capacity
@@ -146,22 +168,23 @@ class AllToAllDispatcher:
             self.slots = self.slots.to(ids.device)
         slots = torch.where(ids >= 0, self.slots[ids.clamp(min=0)], -1)
         if self.hierarchical:
-            return self._hierarchical(x, slots, weights, experts)
-        if self.low_latency_tokens is not None:
+            return (yield from self._hierarchical(x, slots, weights, experts))
+        if low_latency_tokens is not None:
             skipped_last = torch.where(slots >= 0, slots, self.n_slots)
-            return self.low_latency(x, skipped_last, weights, experts, self.low_latency_tokens, self.stats)
-        return self._exchange_and_compute(x, slots, weights, experts)
+            return (yield from self.low_latency.steps(x, skipped_last, weights, experts, low_latency_tokens,
+                                                      self.stats))
+        return (yield from self._exchange_and_compute(x, slots, weights, experts))
 
     # -- flat, chunked exchange ------------------------------------------------------------
 
     def _exchange_and_compute(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                              experts: GroupedExperts) -> torch.Tensor:
+                              experts: GroupedExperts) -> Steps[torch.Tensor]:
         """x `[T, D]`, slots `[T, k]` (-1: not here), weights `[T, k]` -> weighted sums `[T, D]`."""
         T, k = slots.shape
         slots = torch.where(slots >= 0, slots, self.n_slots)  # skipped assignments sort last, unsent
-        slices = split_evenly(T, self.fine)
+        slices = split_evenly(T, self.slices)
         counts = self._count_by_slice(slots, slices)  # [S, n_slots], on x's device
-        received = self._exchange_counts(counts, T)  # [P, S * El + 1], on x's device
+        received = yield from self._wait(self._exchange_counts(counts, T))  # [P, S * El + 1]
         chunks = self._plan_chunks(slots, slices, counts, received)
         row_bytes = x.shape[1] * x.element_size()
         for chunk in chunks:  # rows go out, and results come back to their senders
@@ -172,13 +195,13 @@ class AllToAllDispatcher:
         in_flight = self._dispatch(x, chunks[0], k)
         for c, chunk in enumerate(chunks):
             following = self._dispatch(x, chunks[c + 1], k) if c + 1 < len(chunks) else None
-            results = self._compute(self._finish(in_flight), chunk, experts)
+            results = self._compute((yield from self._wait(in_flight)), chunk, experts)
             returns.append(self._start(results, chunk.send, chunk.recv, "combine exchange"))
             in_flight = following
 
         out = x.new_empty(T, x.shape[1])
         for chunk, flight in zip(chunks, returns):
-            back = self._finish(flight)
+            back = yield from self._wait(flight)
             with span("combine"):
                 full = back.new_zeros(chunk.order.numel(), x.shape[1])
                 full[:back.shape[0]] = back  # skipped assignments contribute exact zeros
@@ -199,22 +222,23 @@ class AllToAllDispatcher:
         counts.index_add_(0, cell, torch.ones_like(cell))
         return counts.view(S, width)[:, :-1]
 
-    def _exchange_counts(self, counts: torch.Tensor, T: int) -> torch.Tensor:
-        """Send each peer the counts of its slots per fine slice, and T: (S * El_p + 1) int64 to
-        peer p, one equal-split all_to_all_single; returns what every peer sent us `[P, S * El + 1]`."""
+    def _exchange_counts(self, counts: torch.Tensor, tokens: int) -> InFlight:
+        """Start sending each peer the counts of its slots per slice, and this rank's token count:
+        (S * El_p + 1) int64 to peer p; what every peer sends us arrives as `[P, S * El + 1]`."""
         S, El = counts.shape[0], self.slots_per_rank[self.rank]
-        tail = torch.full((1,), T, dtype=torch.long, device=counts.device)
+        tail = torch.full((1,), tokens, dtype=torch.long, device=counts.device)
         message = torch.cat([t for part in counts.split(self.slots_per_rank, dim=1)
                              for t in (part.reshape(-1), tail)])
-        received = torch.empty(self.P * (S * El + 1), dtype=torch.long, device=counts.device)
-        with span("count exchange"):
-            dist.all_to_all_single(received, message, [S * El + 1] * self.P,
-                                   [S * n + 1 for n in self.slots_per_rank], group=self.group)
-        return received.view(self.P, S * El + 1)
+        received = torch.empty(self.P, S * El + 1, dtype=torch.long, device=counts.device)
+        work = dist.all_to_all_single(received.view(-1), message, [S * El + 1] * self.P,
+                                      [S * n + 1 for n in self.slots_per_rank], group=self.group,
+                                      async_op=True)
+        return self._in_flight(received, work, "count exchange")
 
     def _plan_chunks(self, slots: torch.Tensor, slices: list[slice], counts: torch.Tensor,
                      received: torch.Tensor) -> list[Chunk]:
-        """Split sizes of every chunk, from one copy of the counts to the host: the one host sync
+        """slots `[T, k]`, this rank's slices of T, counts `[S, n_slots]` it sends, counts
+        `[P, S * El + 1]` it received -> the chunks of this call. Split sizes of every chunk, from one copy of the counts to the host: the one host sync
         of the layer (all_to_all_single takes its splits as Python ints, and the chunk count is
         chosen from the largest T of any rank, so that all ranks agree)."""
         S, P, El = len(slices), self.P, self.slots_per_rank[self.rank]
@@ -229,14 +253,13 @@ class AllToAllDispatcher:
         self.stats.loads.append(from_peer_h.sum((0, 1)).tolist())
         chunks = []
         for c in range(n_chunks):
-            fine = range(c * S // n_chunks, (c + 1) * S // n_chunks)
-            tokens = slice(slices[fine.start].start, slices[fine.stop - 1].stop)
-            send = torch.zeros(P, dtype=torch.long).index_add_(
-                0, self.slot_rank, sent_h[fine.start:fine.stop].sum(0)).tolist()
-            by_expert_h = from_peer_h[:, fine.start:fine.stop].sum(1)  # [P, El]
+            mine = slice(c * S // n_chunks, (c + 1) * S // n_chunks)  # the chunk's slices
+            tokens = slice(slices[mine.start].start, slices[mine.stop - 1].stop)
+            send = torch.zeros(P, dtype=torch.long).index_add_(0, self.slot_rank, sent_h[mine].sum(0)).tolist()
+            by_expert_h = from_peer_h[:, mine].sum(1)  # [P, El]
             order = torch.argsort(slots[tokens].reshape(-1), stable=True)
             chunks.append(Chunk(tokens, order, send, by_expert_h.sum(1).tolist(),
-                                from_peer[:, fine.start:fine.stop].sum(1), by_expert_h.sum(0).tolist()))
+                                from_peer[:, mine].sum(1), by_expert_h.sum(0).tolist()))
         return chunks
 
     def _dispatch(self, x: torch.Tensor, chunk: Chunk, k: int):
@@ -253,34 +276,44 @@ class AllToAllDispatcher:
             results[regroup] = computed
         return results
 
-    def _start(self, rows: torch.Tensor, out_splits: list[int], in_splits: list[int], name: str):
+    def _start(self, rows: torch.Tensor, out_splits: list[int], in_splits: list[int], name: str) -> InFlight:
         out = rows.new_empty(sum(out_splits), rows.shape[1])
         work = dist.all_to_all_single(out, rows.contiguous(), out_splits, in_splits,
                                       group=self.group, async_op=True)
-        flight = out, work, name, time.perf_counter_ns()
+        return self._in_flight(out, work, name)
+
+    def _in_flight(self, out: torch.Tensor, work: dist.Work, name: str) -> InFlight:
+        flight = InFlight(out, work, name, time.perf_counter_ns())
         if not self.overlap:
             self._finish(flight)
         return flight
 
-    def _finish(self, flight) -> torch.Tensor:
-        out, work, name, t0 = flight
-        with span(f"{name} wait"):
-            work.wait()
-        record(name, t0, time.perf_counter_ns(), COMM)
-        return out
+    def _wait(self, flight: InFlight) -> Steps[torch.Tensor]:
+        """Yield (other work may run while the exchange is in flight), then wait for it."""
+        yield
+        return self._finish(flight)
+
+    @staticmethod
+    def _finish(flight: InFlight) -> torch.Tensor:
+        if flight.work is not None:
+            with span(f"{flight.name} wait"):
+                flight.work.wait()
+            record(flight.name, flight.started_ns, time.perf_counter_ns(), COMM)
+            flight.work = None
+        return flight.out
 
     def _chunk_count(self, max_assignments: int) -> int:
         if not self.auto:
-            return self.fine
+            return self.slices
         chunks = 1
-        while chunks < self.fine and max_assignments // (2 * chunks) >= MIN_ROWS_PER_CHUNK:
+        while chunks < self.slices and max_assignments // (2 * chunks) >= MIN_ROWS_PER_CHUNK:
             chunks *= 2
         return chunks
 
     # -- hierarchical exchange -------------------------------------------------------------
 
     def _hierarchical(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                      experts: GroupedExperts) -> torch.Tensor:
+                      experts: GroupedExperts) -> Steps[torch.Tensor]:
         """Two-level exchange over the same group (zero splits to the other ranks):
 
         A. each token goes once to every remote node holding one of its experts, to the rank
@@ -322,7 +355,7 @@ class AllToAllDispatcher:
         local_x = torch.cat([x, relayed])
         local_slots = torch.cat([torch.where(mine, slots, -1), relayed_meta[:, :k].long()])
         local_w = torch.cat([torch.where(mine, weights, 0), relayed_meta[:, k:].to(weights.dtype)])
-        partial = self._exchange_and_compute(local_x, local_slots, local_w, experts)
+        partial = yield from self._exchange_and_compute(local_x, local_slots, local_w, experts)
 
         with span("relay return"):
             back = self._a2a(partial[T:], splits, recv_splits)

@@ -12,6 +12,8 @@ point to point; nothing is reloaded and no process restarts.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -40,29 +42,58 @@ def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_ra
     return model
 
 
+OVERLAPS = ("auto", "tbo", "chunks", "none")
+# auto: two-batch overlap when some rank of the group has at least this many tokens in a forward.
+TWO_BATCH_TOKENS = 256
+
+
+@dataclass(frozen=True)
+class ForwardPlan:
+    """How one forward of the layers held here runs, the same on every rank of the EP group.
+
+    low_latency_tokens: a bound on every rank's tokens per micro-batch under which every EP layer
+    uses the low-latency exchange (None: the standard one). two_batch: the forward's sequences
+    run as two micro-batches that take turns, one's exchange in flight while the other computes.
+    """
+
+    low_latency_tokens: int | None = None
+    two_batch: bool = False
+
+
 class ExchangeChoice:
-    """Picks the token exchange of the EP layers held here for one forward, the same on every
-    rank of the EP group: one all-reduce (MAX) of this rank's token count, an int64 over the
-    group's gloo twin (no device sync), per forward; when every rank has at most `threshold`
-    tokens, every layer uses the low-latency exchange with that bound, else the standard one.
-    Every rank of a stage runs every forward (with zero tokens if idle), so the all-reduces match.
-    `threshold`: the dispatchers' `low_latency_threshold` (`--low-latency-tokens`). Without EP
-    layers, or with threshold 0, it does nothing."""
+    """Plans each forward of the EP layers held here, identically on every rank of the group: one
+    all-reduce (MAX) of this rank's token count and its larger half's, two int64 over the group's
+    gloo twin (no device sync), per forward. Every rank of a stage runs every forward (with zero
+    tokens if idle), so the all-reduces match.
 
-    def __init__(self, model: MoETransformer):
-        self.dispatchers = list(dispatchers(model).values())
-        self.threshold = self.dispatchers[0].low_latency_threshold if self.dispatchers else 0
-        self.group = host_group(self.dispatchers[0].group) if self.threshold else None
+    overlap (`OVERLAPS`): "tbo" always splits a forward into two micro-batches, "auto" when some
+    rank has at least `TWO_BATCH_TOKENS` tokens, "chunks" and "none" never (the dispatchers'
+    own chunking and waiting decide the rest). threshold: the dispatchers' `low_latency_threshold`
+    (`--low-latency-tokens`): the low-latency exchange runs when every rank's (half) batch is at
+    most this. Without EP layers every forward is planned as one batch, standard exchange.
+    """
 
-    def __call__(self, tokens: int) -> None:
-        if self.group is None:
-            return
-        most = torch.tensor([tokens])
-        with span("exchange choice"):
-            dist.all_reduce(most, op=dist.ReduceOp.MAX, group=self.group)
-        bound = int(most) if int(most) <= self.threshold else None
-        for d in self.dispatchers:
-            d.low_latency_tokens = bound
+    def __init__(self, model: MoETransformer, overlap: str = "auto"):
+        if overlap not in OVERLAPS:
+            raise ValueError(f"unknown overlap {overlap!r}; use one of {', '.join(OVERLAPS)}")
+        held = list(dispatchers(model).values())
+        self.overlap = overlap if held else "none"
+        self.threshold = held[0].low_latency_threshold if held else 0
+        agree = self.threshold > 0 or self.overlap == "auto"
+        self.group = host_group(held[0].group) if held and agree else None
+
+    def __call__(self, tokens: int, larger_half: int) -> ForwardPlan:
+        """tokens: this rank's in the forward; larger_half: those of its larger micro-batch if it
+        were split in two."""
+        most, most_half = tokens, larger_half
+        if self.group is not None:
+            agreed = torch.tensor([tokens, larger_half])
+            with span("exchange choice"):
+                dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
+            most, most_half = agreed.tolist()
+        two_batch = self.overlap == "tbo" or (self.overlap == "auto" and most >= TWO_BATCH_TOKENS)
+        bound = most_half if two_batch else most
+        return ForwardPlan(bound if 0 < self.threshold and bound <= self.threshold else None, two_batch)
 
 
 def dispatchers(model: MoETransformer) -> dict[int, AllToAllDispatcher]:

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.model.moe import GroupedExperts
+from expertmesh.model.steps import Steps
 from expertmesh.trace import span
 
 
@@ -51,10 +52,11 @@ class LowLatencyExchange:
         if self._dest.device != device:  # once: a copy per call would wait for the device
             self._dest, self._local = self._dest.to(device), self._local.to(device)
 
-    def __call__(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
-                 experts: GroupedExperts, max_tokens: int, stats) -> torch.Tensor:
+    def steps(self, x: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor,
+              experts: GroupedExperts, max_tokens: int, stats) -> Steps[torch.Tensor]:
         """x `[T, D]`, slots `[T, k]` (n_slots: skipped), weights `[T, k]` -> `[T, D]`; T <= max_tokens
-        on every rank of the group."""
+        on every rank of the group. A generator (`model/steps.py`) that yields once per direction,
+        while the exchange is in flight."""
         T, k = slots.shape
         D, device = x.shape[1], x.device
         self._on(device)
@@ -72,14 +74,18 @@ class LowLatencyExchange:
             header.index_put_((dest, local), torch.ones_like(dest, dtype=torch.int32), accumulate=True)
             message = _pack(header[:self.P], rows[:-1].view(self.P, cap, D))
         received = torch.empty_like(message)
+        work = dist.all_to_all_single(received, message, group=self.group, async_op=True)
+        yield
         with span("low-latency dispatch"):
-            dist.all_to_all_single(received, message, group=self.group)
+            work.wait()
         counts, recv_rows = _unpack(received, self.el_max, cap, x.dtype, D)
         El = self.slots_per_rank[self.rank]
         results = self._compute(recv_rows.reshape(-1, D), counts[:, :El], cap, experts)
         back = torch.empty_like(results)
+        work = dist.all_to_all_single(back, results, group=self.group, async_op=True)
+        yield
         with span("low-latency combine exchange"):
-            dist.all_to_all_single(back, results, group=self.group)
+            work.wait()
         row_bytes = D * x.element_size()
         stats.low_latency_calls += 1
         stats.rows_sent += 2 * self.P * cap  # what crosses the network, padding included

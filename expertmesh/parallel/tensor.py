@@ -97,5 +97,5 @@ def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: i
         if shared is not None:
             shared.w_gate, shared.w_up = (_split_linear(lin, 0, tp, tp_rank) for lin in (shared.w_gate, shared.w_up))
             shared.w_down = _split_linear(shared.w_down, 1, tp, tp_rank)
-        layer.moe.register_forward_hook(_all_reduce_output(group))
+        layer.moe.output_group = group
     return model

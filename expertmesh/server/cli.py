@@ -25,6 +25,7 @@ from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.launch import launch, under_torchrun
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
 
 # The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
 # each engine step instead (server/rank.py).
@@ -159,7 +160,8 @@ def add_commands(sub) -> None:
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     serve.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"), help="EP token exchange")
     serve.add_argument("--a2a-chunks", default="auto", help="chunks whose exchange overlaps expert compute")
-    serve.add_argument("--no-overlap", action="store_true", help="wait for every exchange at once")
+    serve.add_argument("--overlap", default="auto", choices=OVERLAPS,
+                       help=f"EP: tbo, chunks, none, or auto (tbo from {TWO_BATCH_TOKENS} tokens per rank)")
     serve.add_argument("--low-latency-tokens", type=int, default=LOW_LATENCY_TOKENS,
                        help=f"EP: low-latency exchange for steps of at most N tokens per rank (default "
                             f"{LOW_LATENCY_TOKENS}; 0: never)")
