@@ -83,6 +83,8 @@ BAD_INPUT = {
                                  "--redundant-experts acts on expert-parallel deployments only"),
     "hierarchical off EP": (lambda d: ["run", "--deployment", "tp2", "--a2a", "hierarchical"],
                             "--a2a hierarchical acts on expert-parallel deployments only"),
+    "two-batch overlap off EP": (lambda d: ["run", "--deployment", "tp2", "--overlap", "tbo"],
+                                 "--overlap tbo acts on expert-parallel deployments only"),
     "compare EP flag without EP": (lambda d: ["compare", "--deployments", "tp2,pp2", "--a2a", "hierarchical"],
                                    "--a2a hierarchical acts on expert-parallel deployments only"),
     "prompt text without a model": (lambda d: ["run", "--prompt", "hello"], "--prompt needs --model"),
