@@ -38,9 +38,10 @@ def interleaved(variants: dict[str, Callable[[], dict]], reps: int) -> dict[str,
 
 def moe_time_shares(spans: dict[int, list]) -> dict[str, float]:
     """Seconds the ranks spent in the MoE layers' steps (means over ranks), from trace spans."""
-    steps = {"route": ("route",), "count exchange": ("count exchange",),
+    steps = {"route": ("route",), "count exchange": ("count exchange wait",),
              "exchange wait": ("dispatch exchange wait", "combine exchange wait", "relay exchange",
-                               "relay return"),
+                               "relay return", "low-latency dispatch wait",
+                               "low-latency combine exchange wait"),
              "expert compute": ("expert compute",), "combine": ("combine",)}
     out = {}
     for step, names in steps.items():

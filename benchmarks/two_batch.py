@@ -41,7 +41,7 @@ from expertmesh.trace import start_tracing, take_spans  # noqa: E402
 MODES = ("none", "chunks", "tbo")
 BLOCK = 16
 WAITS = ("count exchange wait", "dispatch exchange wait", "combine exchange wait",
-         "low-latency dispatch", "low-latency combine exchange")
+         "low-latency dispatch wait", "low-latency combine exchange wait")
 
 
 def cases(quick: bool) -> list[tuple[str, int, int, int]]:

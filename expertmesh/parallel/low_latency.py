@@ -25,12 +25,14 @@ included (counted as sent in `ExchangeStats`).
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.distributed as dist
 
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.steps import Steps
-from expertmesh.trace import span
+from expertmesh.trace import COMM, record, span
 
 
 class LowLatencyExchange:
@@ -74,18 +76,12 @@ class LowLatencyExchange:
             header.index_put_((dest, local), torch.ones_like(dest, dtype=torch.int32), accumulate=True)
             message = _pack(header[:self.P], rows[:-1].view(self.P, cap, D))
         received = torch.empty_like(message)
-        work = dist.all_to_all_single(received, message, group=self.group, async_op=True)
-        yield
-        with span("low-latency dispatch"):
-            work.wait()
+        yield from self._exchange(received, message, "low-latency dispatch")
         counts, recv_rows = _unpack(received, self.el_max, cap, x.dtype, D)
         El = self.slots_per_rank[self.rank]
         results = self._compute(recv_rows.reshape(-1, D), counts[:, :El], cap, experts)
         back = torch.empty_like(results)
-        work = dist.all_to_all_single(back, results, group=self.group, async_op=True)
-        yield
-        with span("low-latency combine exchange"):
-            work.wait()
+        yield from self._exchange(back, results, "low-latency combine exchange")
         row_bytes = D * x.element_size()
         stats.low_latency_calls += 1
         stats.rows_sent += 2 * self.P * cap  # what crosses the network, padding included
@@ -95,6 +91,16 @@ class LowLatencyExchange:
         with span("combine"):
             padded = torch.cat([back, back.new_zeros(1, D)])  # skipped assignments read zeros
             return (padded[where].view(T, k, D) * weights.unsqueeze(-1)).sum(dim=1)
+
+    def _exchange(self, out: torch.Tensor, message: torch.Tensor, name: str) -> Steps[None]:
+        """Start the equal-split all_to_all_single of `message` into `out`, yield while it is in
+        flight, then wait for it."""
+        started = time.perf_counter_ns()
+        work = dist.all_to_all_single(out, message, group=self.group, async_op=True)
+        yield
+        with span(f"{name} wait"):
+            work.wait()
+        record(name, started, time.perf_counter_ns(), COMM)
 
     def _positions(self, flat: torch.Tensor, dest: torch.Tensor, cap: int) -> torch.Tensor:
         """Send-buffer row of each assignment `[T * k]`: block of its destination, rank among the
