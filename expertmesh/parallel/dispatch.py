@@ -130,12 +130,12 @@ class AllToAllDispatcher:
         self.options = dict(chunks=chunks, overlap=overlap, peer_nodes=peer_nodes, hierarchical=hierarchical,
                             low_latency_threshold=low_latency_threshold)
         self.low_latency_threshold = 0 if hierarchical else low_latency_threshold
-        self.P = len(placement)
-        self.peer_nodes = peer_nodes or [0] * self.P
+        self.n_ranks = len(placement)
+        self.peer_nodes = peer_nodes or [0] * self.n_ranks
         self.rank = rank
         self.slots_per_rank = [len(experts) for experts in placement]  # may differ with replicas
         self.n_slots = sum(self.slots_per_rank)
-        self.slot_rank = torch.repeat_interleave(torch.arange(self.P), torch.tensor(self.slots_per_rank))
+        self.slot_rank = torch.repeat_interleave(torch.arange(self.n_ranks), torch.tensor(self.slots_per_rank))
         self.slot_node = torch.tensor([self.peer_nodes[r] for r in self.slot_rank.tolist()])
         self.slots = slot_table(placement, n_experts, rank, self.peer_nodes)
         self.slices = chunks or AUTO_SLICES
@@ -229,8 +229,8 @@ class AllToAllDispatcher:
         tail = torch.full((1,), tokens, dtype=torch.long, device=counts.device)
         message = torch.cat([t for part in counts.split(self.slots_per_rank, dim=1)
                              for t in (part.reshape(-1), tail)])
-        received = torch.empty(self.P, S * El + 1, dtype=torch.long, device=counts.device)
-        work = dist.all_to_all_single(received.view(-1), message, [S * El + 1] * self.P,
+        received = torch.empty(self.n_ranks, S * El + 1, dtype=torch.long, device=counts.device)
+        work = dist.all_to_all_single(received.view(-1), message, [S * El + 1] * self.n_ranks,
                                       [S * n + 1 for n in self.slots_per_rank], group=self.group,
                                       async_op=True)
         return self._in_flight(received, work, "count exchange")
@@ -241,7 +241,7 @@ class AllToAllDispatcher:
         `[P, S * El + 1]` it received -> the chunks of this call. Split sizes of every chunk, from one copy of the counts to the host: the one host sync
         of the layer (all_to_all_single takes its splits as Python ints, and the chunk count is
         chosen from the largest T of any rank, so that all ranks agree)."""
-        S, P, El = len(slices), self.P, self.slots_per_rank[self.rank]
+        S, P, El = len(slices), self.n_ranks, self.slots_per_rank[self.rank]
         k = slots.shape[1]
         with span("count sync"):
             host = torch.cat([counts.reshape(-1), received.reshape(-1)]).cpu()
@@ -329,11 +329,11 @@ class AllToAllDispatcher:
         node_of = self.slot_node.to(slots.device)[slots.clamp(min=0)]  # [T, k]
         nodes = sorted(set(self.peer_nodes))
         me, my_node = self.rank, self.peer_nodes[self.rank]
-        local_index = [r for r in range(self.P) if self.peer_nodes[r] == my_node].index(me)
-        relay_of = {n: [r for r in range(self.P) if self.peer_nodes[r] == n][local_index] for n in nodes}
+        local_index = [r for r in range(self.n_ranks) if self.peer_nodes[r] == my_node].index(me)
+        relay_of = {n: [r for r in range(self.n_ranks) if self.peer_nodes[r] == n][local_index] for n in nodes}
 
         on_node = [(node_of == n) & (slots >= 0) for n in nodes]  # [T, k] per node
-        token_idx, meta, splits = [], [], [0] * self.P
+        token_idx, meta, splits = [], [], [0] * self.n_ranks
         for n, mask in zip(nodes, on_node):
             if n == my_node:
                 continue

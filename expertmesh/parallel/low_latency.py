@@ -41,13 +41,13 @@ class LowLatencyExchange:
     def __init__(self, group: dist.ProcessGroup | None, slots_per_rank: list[int], rank: int,
                  peer_nodes: list[int]):
         self.group, self.rank, self.slots_per_rank = group, rank, slots_per_rank
-        self.P, self.el_max = len(slots_per_rank), max(slots_per_rank)
+        self.n_ranks, self.max_slots = len(slots_per_rank), max(slots_per_rank)
         self.remote_peers = sum(node != peer_nodes[rank] for node in peer_nodes)
         n_slots = sum(slots_per_rank)
-        owner = torch.repeat_interleave(torch.arange(self.P), torch.tensor(slots_per_rank))
+        owner = torch.repeat_interleave(torch.arange(self.n_ranks), torch.tensor(slots_per_rank))
         first = torch.tensor([0, *slots_per_rank]).cumsum(0)[:-1]
         # per slot, and one more for "skipped" (sent nowhere): destination rank, local index
-        self._dest = torch.cat([owner, torch.tensor([self.P])])
+        self._dest = torch.cat([owner, torch.tensor([self.n_ranks])])
         self._local = torch.cat([torch.arange(n_slots) - first[owner], torch.tensor([0])])
 
     def _on(self, device: torch.device) -> None:
@@ -64,27 +64,27 @@ class LowLatencyExchange:
         self._on(device)
         if T > max_tokens:
             raise ValueError(f"low-latency exchange of {T} tokens over a bound of {max_tokens}")
-        cap = max(1, max_tokens * min(k, self.el_max))
+        cap = max(1, max_tokens * min(k, self.max_slots))
         flat = slots.reshape(-1)
         dest, local = self._dest[flat], self._local[flat]  # [T * k]
         where = self._positions(flat, dest, cap)  # row of each assignment in the send buffer
 
         with span("low-latency pack"):
-            rows = x.new_empty(self.P * cap + 1, D)  # + 1: where skipped assignments land
+            rows = x.new_empty(self.n_ranks * cap + 1, D)  # + 1: where skipped assignments land
             rows[where] = x.repeat_interleave(k, dim=0)
-            header = torch.zeros(self.P + 1, self.el_max, dtype=torch.int32, device=device)
+            header = torch.zeros(self.n_ranks + 1, self.max_slots, dtype=torch.int32, device=device)
             header.index_put_((dest, local), torch.ones_like(dest, dtype=torch.int32), accumulate=True)
-            message = _pack(header[:self.P], rows[:-1].view(self.P, cap, D))
+            message = _pack(header[:self.n_ranks], rows[:-1].view(self.n_ranks, cap, D))
         received = torch.empty_like(message)
         yield from self._exchange(received, message, "low-latency dispatch")
-        counts, recv_rows = _unpack(received, self.el_max, cap, x.dtype, D)
+        counts, recv_rows = _unpack(received, self.max_slots, cap, x.dtype, D)
         El = self.slots_per_rank[self.rank]
         results = self._compute(recv_rows.reshape(-1, D), counts[:, :El], cap, experts)
         back = torch.empty_like(results)
         yield from self._exchange(back, results, "low-latency combine exchange")
         row_bytes = D * x.element_size()
         stats.low_latency_calls += 1
-        stats.rows_sent += 2 * self.P * cap  # what crosses the network, padding included
+        stats.rows_sent += 2 * self.n_ranks * cap  # what crosses the network, padding included
         stats.cross_node_rows += 2 * cap * self.remote_peers
         stats.cross_node_bytes += 2 * cap * self.remote_peers * row_bytes
         stats.loads.append(counts[:, :El].sum(0))  # read on the host after the run
@@ -106,12 +106,12 @@ class LowLatencyExchange:
         """Send-buffer row of each assignment `[T * k]`: block of its destination, rank among the
         assignments to it in slot order (stable); skipped ones -> the spare row P * cap."""
         order = torch.argsort(flat, stable=True)
-        per_dest = torch.zeros(self.P + 1, dtype=torch.long, device=flat.device)
+        per_dest = torch.zeros(self.n_ranks + 1, dtype=torch.long, device=flat.device)
         per_dest.index_add_(0, dest, torch.ones_like(dest))
         start = per_dest.cumsum(0) - per_dest
         rank_in_dest = torch.empty_like(order)
         rank_in_dest[order] = torch.arange(flat.numel(), device=flat.device) - start[dest[order]]
-        return torch.where(dest < self.P, dest * cap + rank_in_dest, self.P * cap)
+        return torch.where(dest < self.n_ranks, dest * cap + rank_in_dest, self.n_ranks * cap)
 
     def _compute(self, rows: torch.Tensor, counts: torch.Tensor, cap: int,
                  experts: GroupedExperts) -> torch.Tensor:
@@ -136,9 +136,10 @@ def _pack(header: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     return torch.cat([header.view(torch.uint8).reshape(P, -1), rows.view(torch.uint8).reshape(P, -1)], dim=1)
 
 
-def _unpack(message: torch.Tensor, el_max: int, cap: int, dtype: torch.dtype,
-            D: int) -> tuple[torch.Tensor, torch.Tensor]:
-    P, head = message.shape[0], el_max * 4
-    counts = message[:, :head].contiguous().view(torch.int32).view(P, el_max).long()
-    rows = message[:, head:].contiguous().view(dtype).view(P, cap, D)
+def _unpack(message: torch.Tensor, max_slots: int, cap: int, dtype: torch.dtype,
+            d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `_pack`: counts `[P, El_max]` (int64), rows `[P, cap, D]`."""
+    P, head = message.shape[0], max_slots * 4
+    counts = message[:, :head].contiguous().view(torch.int32).view(P, max_slots).long()
+    rows = message[:, head:].contiguous().view(dtype).view(P, cap, d_model)
     return counts, rows
