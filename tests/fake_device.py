@@ -14,9 +14,10 @@ Copies the other way are counted too, as `uploads`: `t.to(device)` of a host ten
 `torch.tensor(data, device=...)` / `torch.as_tensor(data, device=...)`, which the mode builds on
 the host and copies up as CUDA does. A blocking one (`non_blocking=False`, what `torch.tensor`
 does) is also a host sync on CUDA (the copy waits for the stream), and is counted again in
-`blocking_uploads`, as is every host index tensor handed to a device tensor's indexing (`x[list]`,
-`x[host_tensor]`: CUDA copies the indices up first, blocking); a non-blocking one waits for nothing on CUDA when its source is pinned,
-which this machine cannot check: code under test pins where the device is CUDA.
+`blocking_uploads`, as is every host index tensor handed to a device tensor's indexing
+(`x[list]`, `x[host_tensor]`: CUDA copies the indices up first, blocking). A non-blocking one
+waits for nothing on CUDA when its source is pinned, which this machine cannot check: code
+under test pins where the device is CUDA.
 """
 
 from __future__ import annotations
@@ -84,7 +85,8 @@ class _FromData(TorchFunctionMode):
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         device = kwargs.get("device")
-        if func in (torch.tensor, torch.as_tensor) and device is not None and torch.device(device).type == DEVICE.type:
+        onto_device = device is not None and torch.device(device).type == DEVICE.type
+        if func in (torch.tensor, torch.as_tensor) and onto_device:
             host = func(*args, **{**kwargs, "device": "cpu"})
             return host.to(DEVICE, non_blocking=False)  # what PyTorch's copy from data does
         return func(*args, **kwargs)
@@ -150,7 +152,8 @@ class FakeDevice(TorchDispatchMode):
         to_device = wanted == DEVICE.type
         if to_device and copy and not isinstance(args[0], OnDevice):
             self.uploads += 1
-            non_blocking = kwargs.get("non_blocking", args[3] if func is torch.ops.aten.to.device and len(args) > 3 else False)
+            positional = args[3] if func is torch.ops.aten.to.device and len(args) > 3 else False
+            non_blocking = kwargs.get("non_blocking", positional)
             self.blocking_uploads += not non_blocking
             self._note("upload" if non_blocking else "blocking upload", func)
         unwrap = (lambda t: t.inner if isinstance(t, OnDevice) else
@@ -162,7 +165,7 @@ class FakeDevice(TorchDispatchMode):
         # Wrappers made in inference mode would be inference tensors, which cannot be views of the
         # normal tensors made outside it (the KV pools, the weights): all wrappers are normal ones.
         with torch.inference_mode(False):
-            return tree_map(lambda t: OnDevice(t) if isinstance(t, torch.Tensor) and not isinstance(t, OnDevice) else t, out)
+            return tree_map(_wrap, out)
 
 
 aten = torch.ops.aten
@@ -184,6 +187,10 @@ def _size_from_data(func, args, kwargs) -> bool:
         return any(isinstance(i, OnDevice) and i.dtype in (torch.bool, torch.uint8)
                    for i in tree_flatten(args[1])[0])
     return False
+
+
+def _wrap(t):
+    return OnDevice(t) if isinstance(t, torch.Tensor) and not isinstance(t, OnDevice) else t
 
 
 def to_host(t: torch.Tensor) -> torch.Tensor:
