@@ -65,8 +65,9 @@ class Counts:
 
 
 def expected(deployment: str, exchange: str, kernel: str, stage: int) -> Counts:
-    """What one engine decode step needs on a rank of pipeline stage `stage`, reason by reason.
-    The reasons marked avoidable are in `engine/runner.py`; each costs one wait per micro-batch."""
+    """What one engine decode step does on a rank of pipeline stage `stage`, reason by reason: what
+    the design needs, and what `engine/runner.py` does beyond it, marked avoidable (when that goes,
+    so must its count here)."""
     dep = Deployment.parse(deployment)
     micro = dep.pp  # the engine's default: one micro-batch per stage
     first, last = stage == 0, stage == dep.pp - 1
