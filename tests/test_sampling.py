@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expertmesh.config import Workload
-from expertmesh.engine.sampling import sample
+from expertmesh.engine.sampling import sample, sample_requests
 
 V = 50
 
@@ -74,3 +74,17 @@ def test_temperature_sharpens_and_flattens():
     for temperature, p0 in ((0.5, 0.36 / 0.52), (2.0, math.sqrt(0.6) / (math.sqrt(0.6) + math.sqrt(0.4)))):
         tokens = sample(logits, torch.arange(n), step=0, workload=workload(n, temperature=temperature))
         assert abs((tokens == 0).sum().item() - p0 * n) < 4 * math.sqrt(n * p0 * (1 - p0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_request_samples_the_same_token_in_a_mixed_batch_as_alone(dtype):
+    """Greedy and random rows share one copy to the host (`sample_requests`): each row's token
+    is still its own: the argmax, or the draw of its seed and index."""
+    logits = logits_of(6).to(dtype)
+    temperature, top_p = [0.0, 0.8, 0.0, 1.5, 0.7, 0.0], [1.0, 0.9, 1.0, 1.0, 0.5, 1.0]
+    seeds, index = [3, 1, 4, 1, 5, 9], [0, 2, 6, 5, 3, 5]
+    together = sample_requests(logits, temperature, top_p, seeds, index)
+    alone = [sample_requests(logits[i:i + 1], temperature[i:i + 1], top_p[i:i + 1], seeds[i:i + 1],
+                             index[i:i + 1])[0] for i in range(6)]
+    assert together == alone
+    assert [together[i] for i in (0, 2, 5)] == logits[[0, 2, 5]].argmax(-1).tolist()

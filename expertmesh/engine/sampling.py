@@ -27,17 +27,34 @@ def sample(logits: torch.Tensor, rows: torch.Tensor, step: int, workload: Worklo
 def sample_requests(logits: torch.Tensor, temperature: list[float], top_p: list[float],
                     seeds: list[int], index: list[int]) -> list[int]:
     """logits `[S, V]`, one row per request, with its sampling values and the index of the token
-    being drawn in its output -> S token ids. Row i's draw is seeded by (seeds[i], index[i])."""
-    tokens = logits.argmax(dim=-1).tolist()
+    being drawn in its output -> S token ids. Row i's draw is seeded by (seeds[i], index[i]).
+
+    One read of the device per call: the greedy tokens, with the logits of the rows that draw
+    (drawn on the host, where the seeded generators are) in the same copy."""
+    S, V = logits.shape
+    if S == 0:
+        return []
+    greedy = logits.argmax(dim=-1)
     drawn = [i for i, t in enumerate(temperature) if t > 0]
-    if drawn:
-        gens = [torch.Generator().manual_seed(seeds[i] * 1_000_003 + index[i]) for i in drawn]
-        u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
-        picked = _nucleus(logits[drawn], torch.tensor([temperature[i] for i in drawn], dtype=torch.float64),
-                          torch.tensor([top_p[i] for i in drawn], dtype=torch.float64), u)
-        for i, t in zip(drawn, picked.tolist()):
-            tokens[i] = t
+    if not drawn:
+        return greedy.tolist()
+    rows = logits if len(drawn) == S else logits[_to_device(torch.tensor(drawn), logits.device)]
+    # the token ids ride in the logits' float type: exact below 2^24, fp32's mantissa
+    dtype = torch.float64 if V > 2**24 or logits.dtype == torch.float64 else torch.float32
+    host = torch.cat([greedy.to(dtype), rows.to(dtype).reshape(-1)]).cpu()
+    tokens = host[:S].long().tolist()
+    gens = [torch.Generator().manual_seed(seeds[i] * 1_000_003 + index[i]) for i in drawn]
+    u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
+    picked = _nucleus(host[S:].view(len(drawn), V), torch.tensor([temperature[i] for i in drawn], dtype=torch.float64),
+                      torch.tensor([top_p[i] for i in drawn], dtype=torch.float64), u)
+    for i, t in zip(drawn, picked.tolist()):
+        tokens[i] = t
     return tokens
+
+
+def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device` without waiting for it (pinned on CUDA, copied async)."""
+    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 def _nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,

@@ -1,0 +1,207 @@
+"""An engine decode step waits for the device only where the design needs it, on every deployment.
+
+One whole engine step (`Engine.step`: control, scheduling, `Runner.forward` with its paged batch,
+the model, sampling and the finite check, and the outputs' gather) runs on `fake_device`'s
+pretend accelerator after a prefill step, every sequence decoding one token, and its logits and
+tokens are compared with the same step on the CPU. Counted per rank: reads of device values on
+the host (`syncs`), copies from the host to the device (`uploads`), and those of them that wait
+for the device on CUDA as a read does (`blocking_uploads`: a copy from pageable memory, or host
+indices handed to a device tensor's indexing).
+
+Per engine step and rank, reason by reason in `expected`:
+- sampling reads a micro-batch's tokens, with the logits of its rows that draw at random, in one
+  copy, on the last pipeline stage: the scheduler needs them as Python ints;
+- the finite check reads the step's flags once, on every rank;
+- the standard EP exchange reads its split sizes once per MoE layer (`all_to_all_single` takes
+  Python ints); the low-latency exchange reads none; without the grouped kernel (any GPU but
+  Hopper in bf16) the per-expert loop reads each layer's expert counts;
+- the paged batch's layout goes up in one copy per micro-batch, and sampling's indices of the
+  drawn rows in one where a micro-batch mixes greedy and random requests; neither waits
+  (non-blocking, from pinned memory on CUDA, which this machine cannot check);
+- what `engine/runner.py` does beyond that is marked avoidable.
+Everything else stays on the host (the scheduler, the exchange choice's all-reduce over a gloo
+group, the control messages) or on the device (pipeline hidden states, TP all-reduces).
+"""
+
+import functools
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from expertmesh.config import Workload, preset
+from expertmesh.deployment import Deployment
+from expertmesh.engine import runner
+from expertmesh.engine.engine import Engine
+from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.worker import RunSpec, shard_model
+from expertmesh.launch import launch
+from expertmesh.model import moe
+from expertmesh.model.synthetic import materialize
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.parallel.mesh import stage_group
+from expertmesh.parallel.pipeline import PipelineLinks
+from fake_device import DEVICE, FakeDevice, move_to_device, to_host
+
+CFG = preset("tiny", n_layers=2)
+PROMPT, BATCH, NEW = 6, 8, 3
+# Blocks of 4: a decode at position 6 reads 2 blocks, 7 of their 8 slots (the padding mask runs).
+ENGINE = EngineConfig(block_size=4, num_blocks=24, max_batched_tokens=64, max_seqs=8, chunked_prefill=False)
+# Requests 2 to 5 draw at random, the others are greedy, so that every micro-batch that samples
+# holds both kinds, on every deployment: EP deals requests round-robin (0, 2, 4, 6 | 1, 3, 5, 7)
+# and pipeline micro-batches are contiguous halves of a rank's requests.
+REQUESTS = [Request(i, tuple((7 * i + 5 * j) % CFG.vocab_size for j in range(PROMPT)), NEW,
+                    temperature=0.8 if 2 <= i <= 5 else 0.0, top_p=0.9, seed=i) for i in range(BATCH)]
+
+
+@dataclass(frozen=True)
+class Counts:
+    syncs: int
+    uploads: int
+    blocking_uploads: int
+    events: list = field(default_factory=list, compare=False, repr=False)  # where each happened
+
+
+def expected(deployment: str, exchange: str, kernel: str, stage: int) -> Counts:
+    """What one engine decode step does on a rank of pipeline stage `stage`, reason by reason: what
+    the design needs, and what `engine/runner.py` does beyond it, marked avoidable (when that goes,
+    so must its count here)."""
+    dep = Deployment.parse(deployment)
+    micro = dep.pp  # the engine's default: one micro-batch per stage
+    first, last = stage == 0, stage == dep.pp - 1
+    moe_layers = len(dep.stage_layers(CFG.n_layers)[stage])
+    standard_ep = dep.ep > 1 and exchange == "standard"
+    syncs = {
+        "sampled tokens with the drawn rows' logits, one copy per micro-batch (avoidable beyond "
+        "one per step: the scheduler needs them only after the step)": micro if last else 0,
+        "finite check, the step's flags at once (on the last stage it could ride in the "
+        "sampling copy)": 1,
+        "standard EP exchange: its split sizes, once per MoE layer and micro-batch":
+            moe_layers * micro if standard_ep else 0,
+        "per-expert loop (no grouped kernel): each MoE layer's expert counts, once per "
+        "micro-batch, unless the standard exchange has them on the host already":
+            moe_layers * micro if kernel == "loop" and not standard_ep else 0,
+    }
+    blocking = {  # each one waits for the device on CUDA, as a read does
+        "token ids, `torch.tensor(ids, device=...)` in Runner._micro (avoidable: they could ride "
+        "in the batch layout's copy)": micro if first else 0,
+        "`logits[rows]` with a Python list in Runner._sample (avoidable: every row samples in a "
+        "decode step, and else the indices could go up without a wait)": micro if last else 0,
+    }
+    uploads = {
+        **blocking,
+        "paged batch layout, one copy per micro-batch": micro,
+        "indices of the drawn rows in sampling (every micro-batch here mixes greedy and random "
+        "requests)": micro if last else 0,
+    }
+    return Counts(sum(syncs.values()), sum(uploads.values()), sum(blocking.values()))
+
+
+def _engine(spec: RunSpec, rank: int, group, on_device: bool) -> Engine:
+    dep = spec.deployment
+    model = materialize(shard_model(spec, rank, group), seed=3, dtype=torch.float32)
+    device = torch.device("cpu")
+    if on_device:
+        model, device = move_to_device(model), DEVICE
+    links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
+    return Engine(model, spec.cfg, dep, ENGINE, rank, links, n_micro=spec.micro_batches)
+
+
+def _serve(spec: RunSpec, rank: int, group, mode: FakeDevice | None):
+    """Prefill step, decode step, stop. Returns the decode step's (counts, logits this rank
+    computed, tokens rank 0 got)."""
+    eng = _engine(spec, rank, group, mode is not None)
+    logits = []
+    head = eng.runner.model.lm_head
+    hook = head.register_forward_hook(lambda m, a, out: logits.append(to_host(out).clone())) if head else None
+    if rank == 0:
+        for r in REQUESTS:
+            eng.add_request(r)
+    eng.step()
+    logits.clear()
+    before = mode.counts() if mode else (0, 0, 0)
+    seen = len(mode.events) if mode else 0
+    outputs = eng.step()
+    after = mode.counts() if mode else (0, 0, 0)
+    events = mode.events[seen:] if mode else []
+    if rank == 0:
+        eng.shutdown()
+    else:
+        eng.step()
+    if hook:
+        hook.remove()
+    counts = Counts(*(a - b for a, b in zip(after, before)), events)
+    return counts, logits, sorted((o.request_id, o.token) for o in outputs)
+
+
+def _spec(deployment: str, exchange: str) -> RunSpec:
+    return RunSpec(CFG, Deployment.parse(deployment), Workload(),
+                   low_latency_tokens=0 if exchange == "standard" else LOW_LATENCY_TOKENS)
+
+
+def _rank(deployment: str, exchange: str, kernel: str, device) -> list:
+    """Per rank: (stage, counts of the decode step on the pretend device, logits rows compared,
+    max |Δlogit| against the same step on the CPU, rank 0's tokens on both)."""
+    spec = _spec(deployment, exchange)
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    group = stage_group(spec.deployment, rank) if dist.is_initialized() else None
+    _, want, want_tokens = _serve(spec, rank, group, None)
+    applies = moe._grouped_mm_applies
+    if kernel == "grouped":  # the pretend device is a Hopper GPU in bf16 (else: another GPU)
+        moe._grouped_mm_applies = lambda x, hidden: True
+    try:
+        with FakeDevice() as mode:
+            counts, got, tokens = _serve(spec, rank, group, mode)
+    finally:  # `single` runs in the test's own process
+        moe._grouped_mm_applies = applies
+    assert len(got) == len(want)
+    diff = max([(g - w).abs().max().item() for g, w in zip(got, want)] + [0.0])
+    mine = (spec.deployment.coords(rank)[0], counts, sum(len(w) for w in want), diff, (tokens, want_tokens))
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+@pytest.mark.parametrize("deployment, exchange, kernel", [
+    ("single", "-", "grouped"), ("single", "-", "loop"),
+    ("ep2", "standard", "grouped"), ("ep2", "low-latency", "grouped"), ("ep2", "low-latency", "loop"),
+    ("tp2", "-", "grouped"), ("pp2", "-", "grouped"),
+    ("ep2pp2", "standard", "grouped"), ("ep2pp2", "low-latency", "grouped"), ("tp2pp2", "-", "grouped")])
+def test_an_engine_decode_step_waits_for_the_device_only_where_the_design_needs(deployment, exchange, kernel):
+    """Counts per rank as `expected` states them, and the step's logits and tokens are the CPU's."""
+    dep = Deployment.parse(deployment)
+    run = functools.partial(_rank, deployment, exchange, kernel)
+    ranks = run(torch.device("cpu")) if dep.world_size == 1 else launch(run, dep.world_size, timeout=120)
+    for rank, (stage, counts, rows, diff, (tokens, want_tokens)) in enumerate(ranks):
+        want = expected(deployment, exchange, kernel, stage)
+        assert counts == want, f"rank {rank}: {counts}, expected {want}; where:\n" + "\n".join(counts.events)
+        last = stage == dep.pp - 1
+        assert rows == (BATCH // dep.dp if last else 0), f"rank {rank}: logits of every sequence it samples"
+        assert diff < 1e-5, f"rank {rank}: the pretend device's logits differ from the CPU's by {diff}"
+        assert tokens == want_tokens and len(tokens) == (BATCH if rank == 0 else 0)
+
+
+@pytest.mark.parametrize("extra, more", [
+    (lambda t: float(t.sum()), (1, 0, 0)),
+    (lambda t: torch.tensor([0], device=t.device), (0, 1, 1)),
+    (lambda t: torch.zeros(1).to(t.device, non_blocking=True), (0, 1, 0)),
+], ids=["read", "blocking-upload", "non-blocking-upload"])
+def test_one_more_wait_in_a_decode_step_changes_its_count(monkeypatch, extra, more):
+    """The count itself: one more read, or copy up, at sampling is one more in the step."""
+    sample = runner.sample_requests
+
+    def sample_and_extra(logits, *args):
+        extra(logits)
+        return sample(logits, *args)
+
+    monkeypatch.setattr(runner, "sample_requests", sample_and_extra)
+    monkeypatch.setattr(moe, "_grouped_mm_applies", lambda x, hidden: True)
+    with FakeDevice() as mode:
+        counts, _, _ = _serve(_spec("single", "-"), 0, None, mode)
+    want = expected("single", "-", "grouped", 0)
+    assert (counts.syncs - want.syncs, counts.uploads - want.uploads,
+            counts.blocking_uploads - want.blocking_uploads) == more
