@@ -15,10 +15,12 @@ Per engine step and rank, reason by reason in `expected`:
 - the standard EP exchange reads its split sizes once per MoE layer (`all_to_all_single` takes
   Python ints); the low-latency exchange reads none; without the grouped kernel (any GPU but
   Hopper in bf16) the per-expert loop reads each layer's expert counts;
-- the paged batch's layout goes up in one copy per micro-batch, and sampling's indices of the
-  drawn rows in one where a micro-batch mixes greedy and random requests; neither waits
-  (non-blocking, from pinned memory on CUDA, which this machine cannot check);
-- what `engine/runner.py` does beyond that is marked avoidable.
+- the first stage's token ids and the paged batch's layout go up in one copy each per
+  micro-batch, and sampling's indices of the drawn rows in one where a micro-batch mixes greedy
+  and random requests; none waits (non-blocking, from pinned memory on CUDA, which this machine
+  cannot check);
+- what `engine/runner.py` does beyond that is marked avoidable (one read of tokens per
+  micro-batch where one per step would do).
 Everything else stays on the host (the scheduler, the exchange choice's all-reduce over a gloo
 group, the control messages) or on the device (pipeline hidden states, TP all-reduces).
 """
@@ -84,14 +86,10 @@ def expected(deployment: str, exchange: str, kernel: str, stage: int) -> Counts:
         "micro-batch, unless the standard exchange has them on the host already":
             moe_layers * micro if kernel == "loop" and not standard_ep else 0,
     }
-    blocking = {  # each one waits for the device on CUDA, as a read does
-        "token ids, `torch.tensor(ids, device=...)` in Runner._micro (avoidable: they could ride "
-        "in the batch layout's copy)": micro if first else 0,
-        "`logits[rows]` with a Python list in Runner._sample (avoidable: every row samples in a "
-        "decode step, and else the indices could go up without a wait)": micro if last else 0,
-    }
+    blocking = {}  # each one would wait for the device on CUDA, as a read does: none needed
     uploads = {
         **blocking,
+        "token ids of the first stage, one non-blocking copy per micro-batch": micro if first else 0,
         "paged batch layout, one copy per micro-batch": micro,
         "indices of the drawn rows in sampling (every micro-batch here mixes greedy and random "
         "requests)": micro if last else 0,

@@ -24,7 +24,7 @@ import torch
 from expertmesh.engine.generate import FiniteCheck, SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
-from expertmesh.model.paged import PagedBatch, Workspace
+from expertmesh.model.paged import PagedBatch, Workspace, upload
 from expertmesh.model.steps import take_turns
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.parallel.expert import ExchangeChoice
@@ -68,7 +68,7 @@ class Runner:
         N, links, D = sum(n for _, n in chosen), self.links, self.model.cfg.d_model
         if links.is_first:
             ids = [t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]]
-            x = torch.tensor(ids, dtype=torch.long, device=self.device)
+            x = upload([torch.tensor(ids, dtype=torch.long)], self.device)[0]  # waits for nothing
         elif N:
             x = links.recv_hidden(m, (N, D), self.dtype)
         else:
@@ -95,7 +95,8 @@ class Runner:
 
     def _sample(self, chosen: list[tuple[Sequence, int]], sampled: list[bool], logits: torch.Tensor) -> dict:
         rows = [i for i, s in enumerate(sampled) if s]
-        logits = logits[rows]
+        if len(rows) < logits.shape[0]:  # a prefill chunk mid-prompt samples nothing
+            logits = logits[upload([torch.tensor(rows, dtype=torch.long)], logits.device)[0]]
         self.finite.add(FiniteCheck.LOGITS, logits)
         reqs = [chosen[i][0].request for i in rows]
         with span("sample"):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from expertmesh.config import Workload
+from expertmesh.model.paged import upload
 
 
 def sample(logits: torch.Tensor, rows: torch.Tensor, step: int, workload: Workload) -> torch.Tensor:
@@ -38,7 +39,7 @@ def sample_requests(logits: torch.Tensor, temperature: list[float], top_p: list[
     drawn = [i for i, t in enumerate(temperature) if t > 0]
     if not drawn:
         return greedy.tolist()
-    rows = logits if len(drawn) == S else logits[_to_device(torch.tensor(drawn), logits.device)]
+    rows = logits if len(drawn) == S else logits[upload([torch.tensor(drawn)], logits.device)[0]]
     # the token ids ride in the logits' float type: exact below 2^24, fp32's mantissa
     dtype = torch.float64 if V > 2**24 or logits.dtype == torch.float64 else torch.float32
     host = torch.cat([greedy.to(dtype), rows.to(dtype).reshape(-1)]).cpu()
@@ -50,11 +51,6 @@ def sample_requests(logits: torch.Tensor, temperature: list[float], top_p: list[
     for i, t in zip(drawn, picked.tolist()):
         tokens[i] = t
     return tokens
-
-
-def _to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device` without waiting for it (pinned on CUDA, copied async)."""
-    return (t.pin_memory() if device.type == "cuda" else t).to(device, non_blocking=True)
 
 
 def _nucleus(logits: torch.Tensor, temperature: torch.Tensor, top_p: torch.Tensor,

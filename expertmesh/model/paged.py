@@ -91,7 +91,7 @@ class PagedBatch:
         if decode_tables:
             host += [torch.stack([F.pad(t, (0, width - len(t))) for t in decode_tables]), lens]
         host += [table_t for _, _, _, table_t in prefills]
-        up = _upload(host, device)
+        up = upload(host, device)
         self.positions, self.slots, self.last, self.decode_tokens = up[:4]
         self.decode_tables = self.decode_mask = None
         if decode_tables:
@@ -108,7 +108,7 @@ class PagedBatch:
             self.prefills.append((first, first + n, table, mask))
 
 
-def _upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+def upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
     """int64 host tensors -> the same on `device`, in one copy that waits for nothing: the
     layout of a forward goes up while the device still runs the previous one (from pinned
     memory on CUDA; a copy from pageable memory, or one per tensor, waits for the stream)."""
