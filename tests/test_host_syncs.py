@@ -74,23 +74,25 @@ def expected(deployment: str, exchange: str, kernel: str, stage: int) -> Counts:
     micro = dep.pp  # the engine's default: one micro-batch per stage
     first, last = stage == 0, stage == dep.pp - 1
     moe_layers = len(dep.stage_layers(CFG.n_layers)[stage])
+    exchange, _, overlap = exchange.partition("+")
     standard_ep = dep.ep > 1 and exchange == "standard"
+    halves = 2 if overlap == "tbo" else 1  # two-batch overlap: two forwards through the layers
     syncs = {
         "sampled tokens with the drawn rows' logits, one copy per micro-batch (avoidable beyond "
         "one per step: the scheduler needs them only after the step)": micro if last else 0,
         "finite check, the step's flags at once (on the last stage it could ride in the "
         "sampling copy)": 1,
-        "standard EP exchange: its split sizes, once per MoE layer and micro-batch":
-            moe_layers * micro if standard_ep else 0,
+        "standard EP exchange: its split sizes, once per MoE layer and micro-batch (each half of "
+        "one under two-batch overlap)": moe_layers * micro * halves if standard_ep else 0,
         "per-expert loop (no grouped kernel): each MoE layer's expert counts, once per "
         "micro-batch, unless the standard exchange has them on the host already":
-            moe_layers * micro if kernel == "loop" and not standard_ep else 0,
+            moe_layers * micro * halves if kernel == "loop" and not standard_ep else 0,
     }
     blocking = {}  # each one would wait for the device on CUDA, as a read does: none needed
     uploads = {
         **blocking,
         "token ids of the first stage, one non-blocking copy per micro-batch": micro if first else 0,
-        "paged batch layout, one copy per micro-batch": micro,
+        "paged batch layout, one copy per micro-batch (per half under two-batch overlap)": micro * halves,
         "indices of the drawn rows in sampling (every micro-batch here mixes greedy and random "
         "requests)": micro if last else 0,
     }
@@ -104,7 +106,7 @@ def _engine(spec: RunSpec, rank: int, group, on_device: bool) -> Engine:
     if on_device:
         model, device = move_to_device(model), DEVICE
     links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
-    return Engine(model, spec.cfg, dep, ENGINE, rank, links, n_micro=spec.micro_batches)
+    return Engine(model, spec.cfg, dep, ENGINE, rank, links, n_micro=spec.micro_batches, overlap=spec.overlap)
 
 
 def _serve(spec: RunSpec, rank: int, group, mode: FakeDevice | None):
@@ -135,7 +137,8 @@ def _serve(spec: RunSpec, rank: int, group, mode: FakeDevice | None):
 
 
 def _spec(deployment: str, exchange: str) -> RunSpec:
-    return RunSpec(CFG, Deployment.parse(deployment), Workload(),
+    exchange, _, overlap = exchange.partition("+")
+    return RunSpec(CFG, Deployment.parse(deployment), Workload(), overlap=overlap or "auto",
                    low_latency_tokens=0 if exchange == "standard" else LOW_LATENCY_TOKENS)
 
 
@@ -167,6 +170,7 @@ def _rank(deployment: str, exchange: str, kernel: str, device) -> list:
 @pytest.mark.parametrize("deployment, exchange, kernel", [
     ("single", "-", "grouped"), ("single", "-", "loop"),
     ("ep2", "standard", "grouped"), ("ep2", "low-latency", "grouped"), ("ep2", "low-latency", "loop"),
+    ("ep2", "standard+tbo", "grouped"), ("ep2", "low-latency+tbo", "grouped"),
     ("tp2", "-", "grouped"), ("pp2", "-", "grouped"),
     ("ep2pp2", "standard", "grouped"), ("ep2pp2", "low-latency", "grouped"), ("tp2pp2", "-", "grouped")])
 def test_an_engine_decode_step_waits_for_the_device_only_where_the_design_needs(deployment, exchange, kernel):
