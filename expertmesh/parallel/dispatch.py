@@ -43,20 +43,20 @@ import torch.distributed as dist
 
 from expertmesh.model.moe import GroupedExperts, combine
 from expertmesh.model.steps import Steps, run_steps
-from expertmesh.trace import COMM, record, span
 from expertmesh.parallel.low_latency import LowLatencyExchange
 from expertmesh.parallel.placement import slot_table
 from expertmesh.split import split_evenly
+from expertmesh.trace import COMM, record, span
 
 AUTO_SLICES = 8               # fine slices counted per layer when the chunk count is automatic
 # auto: split only while every chunk keeps this many assignments. Measured on 2 CPU ranks
 # (benchmarks/overlap.py, small preset, 1024 tokens per rank): 2 chunks hid the whole exchange,
 # 4 and 8 chunks were slower than none; below ~1k rows a chunk's fixed costs outweigh the overlap.
 MIN_ROWS_PER_CHUNK = 1024
-# The low-latency exchange (`low_latency.py`) runs when the caller's bound on every rank's tokens
-# is at most this (the default of `low_latency_threshold`). Measured on 2 CPU ranks (benchmarks/low_latency.py, small preset, fp32): level
-# with or faster than the standard exchange up to 64 tokens per rank, 0.8x at 256, where its
-# fixed-size messages carry twice the rows that are needed.
+# The default `low_latency_threshold`: the low-latency exchange (`low_latency.py`) runs when the
+# bound on every rank's tokens is at most this. Measured on 2 CPU ranks (benchmarks/low_latency.py,
+# small preset, fp32): level with or faster than the standard exchange up to 64 tokens per rank,
+# 0.8x at 256, where its fixed-size messages carry twice the rows that are needed.
 LOW_LATENCY_TOKENS = 64
 
 
