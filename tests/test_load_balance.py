@@ -8,12 +8,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from expertmesh.config import Workload, preset
+from expertmesh.config import Capacity, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.load import load_summary
 from expertmesh.engine.worker import RunSpec, run_rank
 from expertmesh.launch import launch
-from expertmesh.model.capacity import DROPPED, KEPT, REROUTED, Capacity, apply_capacity
+from expertmesh.model.capacity import DROPPED, KEPT, REROUTED, apply_capacity
 from expertmesh.parallel.placement import contiguous_placement, slot_table
 from expertmesh.parallel.placement import plan_redundant, planned_rank_loads
 
