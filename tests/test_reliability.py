@@ -24,7 +24,7 @@ from expertmesh import faults
 from expertmesh.cli import main
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.generate import NonFiniteError
+from expertmesh.engine.finite import NonFiniteError
 from expertmesh.engine.worker import RunSpec, run_rank
 from expertmesh.launch import launch
 

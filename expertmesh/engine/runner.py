@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import torch
 
-from expertmesh.engine.generate import FiniteCheck, SingleStage, StageLinks
+from expertmesh.engine.finite import FiniteCheck
+from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, Workspace
