@@ -10,7 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from expertmesh.engine.worker import RunResult, RunSpec, run_rank
+from expertmesh.engine.result import RunResult
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize

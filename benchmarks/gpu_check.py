@@ -44,9 +44,10 @@ import torch.nn.functional as F
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine import worker
+from expertmesh.engine import shard
 from expertmesh.engine.generate import generate
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import free_port
 from expertmesh.model.attention import Contiguous, KVCache
 from expertmesh.model.synthetic import materialize
@@ -127,17 +128,17 @@ def weights_hashed_on_device():
     """Make `run_rank` compute the synthetic weights on its device itself: the hash is
     elementwise int32 arithmetic, identical on CPU and CUDA, and hashing the paper layer's 2.2 B
     weights on the host takes minutes."""
-    original = worker.materialize
+    original = shard.materialize
 
     def on_device(model, seed, dtype, dev="cpu"):
         with torch.device(dev):
             return original(model, seed, dtype, dev)
 
-    worker.materialize = on_device
+    shard.materialize = on_device
     try:
         yield
     finally:
-        worker.materialize = original
+        shard.materialize = original
 
 
 def expert_matmuls(s: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
@@ -239,7 +240,7 @@ def parallel_paths(s: Sizes, device: torch.device, dtype: str, grouped: bool) ->
     try:
         with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
             for name, transform in transforms.items():
-                model = worker.materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, device)
+                model = shard.materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, device)
                 t0 = time.perf_counter()
                 gen = generate(model, s.e2e, prompts, rows, record_logits=True)
                 out[name] = {"wall_s": time.perf_counter() - t0, "tokens": gen.tokens, "logits": gen.logits}

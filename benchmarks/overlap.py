@@ -31,7 +31,7 @@ except ImportError:
     from common import rank_experts, run
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec
+from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
 from expertmesh.parallel.dispatch import AllToAllDispatcher
 from expertmesh.parallel.placement import contiguous_placement

@@ -28,7 +28,8 @@ from rich.table import Table
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 from expertmesh.sim.calibrate import calibrate
 from expertmesh.sim.hardware import HardwareProfile

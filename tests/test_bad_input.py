@@ -18,7 +18,8 @@ import torch
 from expertmesh.cli import main
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install -e '.[test]')")

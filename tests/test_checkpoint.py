@@ -16,7 +16,8 @@ from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  #
 from expertmesh.cli import main  # noqa: E402
 from expertmesh.config import Workload  # noqa: E402
 from expertmesh.deployment import Deployment  # noqa: E402
-from expertmesh.engine.worker import RunSpec, run_rank  # noqa: E402
+from expertmesh.engine.spec import RunSpec  # noqa: E402
+from expertmesh.engine.worker import run_rank  # noqa: E402
 from expertmesh.launch import launch  # noqa: E402
 from expertmesh.model.transformer import build_model  # noqa: E402
 

@@ -9,7 +9,8 @@ import torch
 
 from expertmesh.config import Workload
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 
 FEATURES = dict(expert_kind="swiglu", shared_expert_hidden=96, qkv_bias=True, qk_norm=True,

@@ -14,7 +14,8 @@ import torch
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.scheduler import EngineConfig
-from expertmesh.engine.worker import RunSpec, serve_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import serve_rank
 from expertmesh.launch import launch
 from expertmesh.model.transformer import reference_model
 from serving import Mixed

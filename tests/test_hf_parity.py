@@ -12,7 +12,8 @@ from expertmesh.checkpoint import config_from_hf  # noqa: E402
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
 from expertmesh.config import Workload  # noqa: E402
 from expertmesh.deployment import Deployment  # noqa: E402
-from expertmesh.engine.worker import RunSpec, run_rank  # noqa: E402
+from expertmesh.engine.spec import RunSpec  # noqa: E402
+from expertmesh.engine.worker import run_rank  # noqa: E402
 from expertmesh.launch import launch  # noqa: E402
 
 FP32_ATOL = 1e-4  # max |Δlogit| against transformers (observed about 1e-6)

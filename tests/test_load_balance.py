@@ -11,7 +11,8 @@ from hypothesis import strategies as st
 from expertmesh.config import Capacity, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.load import load_summary
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 from expertmesh.model.capacity import DROPPED, KEPT, REROUTED, apply_capacity
 from expertmesh.parallel.placement import contiguous_placement, slot_table
@@ -187,7 +188,7 @@ def test_router_skew_biases_popularity_as_zipf():
 def _rebalance_between_batches(device) -> dict:
     """Batch, rebalance from the loads it measured, same batch again: same tokens, less imbalance."""
     from expertmesh.engine.generate import generate
-    from expertmesh.engine.worker import shard_model
+    from expertmesh.engine.shard import shard_model
     from expertmesh.model.synthetic import materialize
     from expertmesh.parallel.expert import dispatchers, rebalance
     import torch.distributed as dist

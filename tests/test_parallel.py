@@ -9,7 +9,9 @@ import torch.distributed as dist
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank, shard_model
+from expertmesh.engine.shard import shard_model
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 from expertmesh.model.transformer import build_model, parameter_bytes
 from expertmesh.parallel import tensor

@@ -10,7 +10,8 @@ import torch
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 from expertmesh.parallel.placement import (cross_node_rows, default_placement, load_placement,
                                            load_routing, optimise_placement, save_placement,

@@ -25,7 +25,8 @@ from expertmesh.cli import main
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.finite import NonFiniteError
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 
 RUN = ["run", "--batch", "2", "--prompt-len", "8", "--gen-len", "6"]

@@ -19,6 +19,7 @@ Every dropped and rerouted assignment is counted.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +27,28 @@ import torch.nn.functional as F
 from expertmesh.config import Capacity
 
 KEPT, REROUTED, DROPPED = 0, 1, 2
+
+
+@dataclass
+class Overflow:
+    """What capacity decided over the calls since the last reset: assignments looked at, rerouted
+    and dropped (an MoE block's counter of its rank's tokens; `engine/counters.py` resets and reads it)."""
+
+    assignments: int = 0
+    rerouted: int = 0
+    dropped: int = 0
+
+    def count(self, status: torch.Tensor) -> None:
+        """Add a call's `status` `[T, k]` (KEPT/REROUTED/DROPPED); reads two counts on the host."""
+        self.assignments += status.numel()
+        self.rerouted += int((status == REROUTED).sum())
+        self.dropped += int((status == DROPPED).sum())
+
+    def reset(self) -> None:
+        self.assignments = self.rerouted = self.dropped = 0
+
+    def snapshot(self) -> "Overflow":
+        return replace(self)
 
 
 def capacity_limit(capacity: Capacity, tokens: int, top_k: int, n_experts: int) -> int:
