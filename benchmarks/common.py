@@ -3,7 +3,6 @@ interleave repetitions so that machine noise hits every variant alike, and take 
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
 from collections.abc import Callable
@@ -12,20 +11,17 @@ import torch
 
 from expertmesh.engine.result import RunResult
 from expertmesh.engine.spec import RunSpec
-from expertmesh.engine.worker import run_rank
-from expertmesh.launch import launch
+from expertmesh.engine import worker
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.parallel.placement import contiguous_placement
 
 
 def run(spec: RunSpec) -> RunResult:
-    spec.validate(spec.deployment.world_size)
     if spec.deployment.world_size == 1:
         # the single process may use every core the ranks of the other deployments share
         torch.set_num_threads(min(os.cpu_count() or 1, 2))
-        return run_rank(spec, torch.device("cpu"))
-    return launch(functools.partial(run_rank, spec), spec.deployment.world_size, timeout=1800)
+    return worker.run(spec, timeout=1800)
 
 
 def interleaved(variants: dict[str, Callable[[], dict]], reps: int) -> dict[str, dict[str, float]]:

@@ -1,6 +1,5 @@
 """Load balancing: capacity with drop / reroute, redundant experts, load statistics, skew."""
 
-import functools
 import math
 
 import pytest
@@ -12,7 +11,7 @@ from expertmesh.config import Capacity, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.load import load_summary
 from expertmesh.engine.spec import RunSpec
-from expertmesh.engine.worker import run_rank
+from expertmesh.engine.worker import run
 from expertmesh.launch import launch
 from expertmesh.model.capacity import DROPPED, KEPT, REROUTED, apply_capacity
 from expertmesh.parallel.placement import contiguous_placement, slot_table
@@ -88,13 +87,9 @@ def test_a_decode_token_never_exceeds_capacity():
 
 
 def _run(deployment, cfg, **kw):
-    dep = Deployment.parse(deployment)
-    spec = RunSpec(cfg, dep, Workload(batch_size=16, prompt_len=12, gen_len=4, seed=1), seed=4,
-                   record_logits=True, **kw)
-    spec.validate(dep.world_size)
-    if dep.world_size == 1:
-        return run_rank(spec, torch.device("cpu"))
-    return launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
+    workload = Workload(batch_size=16, prompt_len=12, gen_len=4, seed=1)
+    return run(RunSpec(cfg, Deployment.parse(deployment), workload, seed=4, record_logits=True, **kw),
+               timeout=120)
 
 
 SKEWED = preset("tiny", router_skew=1.2)
