@@ -1,8 +1,10 @@
 """The static prefill / decode loop of one rank: a fixed batch of equal-length prompts, a
 contiguous KV cache, every sequence decoded to the same length. Not how expertmesh serves (`run`,
-`compare` and `serve` go through the engine, `engine/engine.py`); kept as a baseline: the
-contiguous-cache loop `benchmarks/serving_engine.py` measures the engine against, and the fixed
-schedule the simulator's calibration (`sim/calibrate.py`) times.
+`compare` and `serve` go through the engine, `engine/engine.py`); kept as a baseline and a
+reference loop: the contiguous-cache loop `benchmarks/serving_engine.py` measures the engine
+against, the fixed schedule the simulator's calibration (`sim/calibrate.py`) times, and the loop
+`benchmarks/gpu_check.py` runs the ep1 / tp1 model paths through on one GPU (without the engine's
+choice of exchange, so that each path is the one named).
 
 A rank runs the layers it holds for the sequences it owns, in micro-batches. On a single device
 that is the whole model and the whole batch in one micro-batch. Under pipeline parallelism the
