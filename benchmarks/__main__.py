@@ -78,25 +78,27 @@ PROFILES = {
 }
 
 
-def steps(name: str, p: Profile) -> int:
+def steps(name: str, profile: Profile) -> int:
     """Progress steps of a section (what its `progress` callback is called for)."""
-    loads = len(p.dep_loads) if p.dep_loads else len(deployments.workloads(p.dep_quick))
-    return {"deepspeed": len(p.ds_tokens), "transformers": len(peers.FAMILIES) * len(p.hf_tokens),
-            "efficiency": 1, "overlap": 1, "cross-node": 1, "simulator": 1, "serving": serving.steps(p.name),
-            "deployments": loads * (len(deployments.DEPLOYMENTS) * p.dep_reps + 1)}[name]
+    loads = len(profile.dep_loads) if profile.dep_loads else len(deployments.workloads(profile.dep_quick))
+    return {"deepspeed": len(profile.ds_tokens), "transformers": len(peers.FAMILIES) * len(profile.hf_tokens),
+            "efficiency": 1, "overlap": 1, "cross-node": 1, "simulator": 1,
+            "serving": serving.steps(profile.name),
+            "deployments": loads * (len(deployments.DEPLOYMENTS) * profile.dep_reps + 1)}[name]
 
 
 # -- expertmesh-only sections --------------------------------------------------------------------
 
 
-def efficiency(p: Profile, progress: Callable[[], None], threads: int = 2) -> dict:
+def efficiency(profile: Profile, progress: Callable[[], None], threads: int = 2) -> dict:
     """moe_block.measure: the grouped MoE block against the same FLOPs as two plain matmuls."""
     title = "Compute efficiency: MoE block vs plain matmul (roofline of this machine)"
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        r = moe_block.measure(tokens=p.eff_tokens, d_model=p.dims.d_model, experts=p.dims.experts,
-                              top_k=p.dims.top_k, hidden=p.dims.hidden, dtype="bf16", reps=p.eff_reps)
+        dims = profile.dims
+        r = moe_block.measure(tokens=profile.eff_tokens, d_model=dims.d_model, experts=dims.experts,
+                              top_k=dims.top_k, hidden=dims.hidden, dtype="bf16", reps=profile.eff_reps)
     finally:
         torch.set_num_threads(before)
     progress()
@@ -120,11 +122,11 @@ def efficiency(p: Profile, progress: Callable[[], None], threads: int = 2) -> di
     return out
 
 
-def deployment_section(p: Profile, progress: Callable[[], None]) -> dict:
+def deployment_section(profile: Profile, progress: Callable[[], None]) -> dict:
     title = "Deployments end to end, 2 ranks on 2 cores"
-    cfg = preset("tiny", **p.dep_cfg) if p.dep_cfg else None
-    data = deployments.measure("bf16", p.dep_reps, p.dep_quick, cfg=cfg, loads=p.dep_loads or None,
-                               progress=progress)
+    cfg = preset("tiny", **profile.dep_cfg) if profile.dep_cfg else None
+    data = deployments.measure("bf16", profile.dep_reps, profile.dep_quick, cfg=cfg,
+                               loads=profile.dep_loads or None, progress=progress)
     rows, notes = [], []
     for label, r in data.items():
         base = r["medians"]["single"]["overall_tps"]
@@ -149,9 +151,9 @@ def deployment_section(p: Profile, progress: Callable[[], None]) -> dict:
     return out
 
 
-def overlap_section(p: Profile, progress: Callable[[], None]) -> dict:
+def overlap_section(profile: Profile, progress: Callable[[], None]) -> dict:
     """overlap.py part 1: the EP=2 layer, synchronous vs overlapped with 1-8 chunks."""
-    title, rows = overlap.part1(overlap.parse_args(list(p.overlap_argv)))
+    title, rows = overlap.part1(overlap.parse_args(list(profile.overlap_argv)))
     progress()
     sync = rows[0]["ms"]
     for r in rows[1:len(overlap.VARIANTS)]:
@@ -165,9 +167,9 @@ def overlap_section(p: Profile, progress: Callable[[], None]) -> dict:
     return out
 
 
-def cross_node_section(p: Profile, progress: Callable[[], None]) -> dict:
+def cross_node_section(profile: Profile, progress: Callable[[], None]) -> dict:
     """overlap.py part 2: cross-node bytes of flat vs hierarchical, default vs optimised placement."""
-    title, rows = overlap.part2(overlap.parse_args(list(p.overlap_argv)))
+    title, rows = overlap.part2(overlap.parse_args(list(profile.overlap_argv)))
     progress()
     for r in rows:
         r["ratio"] = 1 / r["vs_flat"]  # how many times fewer bytes than flat with default placement
@@ -192,24 +194,24 @@ def machine() -> dict:
             "torch": torch.__version__, "platform": platform.platform()}
 
 
-def run_section(name: str, p: Profile, progress: Callable[[], None]) -> dict:
+def run_section(name: str, profile: Profile, progress: Callable[[], None]) -> dict:
     if name == "deepspeed":
-        return peers.deepspeed_moe(p.ds_tokens, p.ds_reps, p.dims, progress=progress)
+        return peers.deepspeed_moe(profile.ds_tokens, profile.ds_reps, profile.dims, progress=progress)
     if name == "transformers":
-        return peers.transformers_blocks(p.hf_tokens, p.hf_reps, p.dims, progress=progress)
+        return peers.transformers_blocks(profile.hf_tokens, profile.hf_reps, profile.dims, progress=progress)
     if name == "efficiency":
-        return efficiency(p, progress)
+        return efficiency(profile, progress)
     if name == "deployments":
-        return deployment_section(p, progress)
+        return deployment_section(profile, progress)
     if name == "simulator":
         from benchmarks.sim_vs_published import benchmark_section
         progress()
         return benchmark_section()
     if name == "overlap":
-        return overlap_section(p, progress)
+        return overlap_section(profile, progress)
     if name == "serving":
-        return serving.serving_section(p.name, progress)
-    return cross_node_section(p, progress)
+        return serving.serving_section(profile.name, progress)
+    return cross_node_section(profile, progress)
 
 
 def parse_sections(text: str | None) -> list[str]:

@@ -3,27 +3,27 @@ interleave repetitions so that machine noise hits every variant alike, and take 
 
 from __future__ import annotations
 
-import functools
 import os
 import statistics
+import time
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 
-from expertmesh.engine.worker import RunResult, RunSpec, run_rank
-from expertmesh.launch import launch
+from expertmesh.engine import worker
+from expertmesh.engine.result import RunResult
+from expertmesh.engine.spec import RunSpec
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.parallel.placement import contiguous_placement
 
 
 def run(spec: RunSpec) -> RunResult:
-    spec.validate(spec.deployment.world_size)
     if spec.deployment.world_size == 1:
         # the single process may use every core the ranks of the other deployments share
         torch.set_num_threads(min(os.cpu_count() or 1, 2))
-        return run_rank(spec, torch.device("cpu"))
-    return launch(functools.partial(run_rank, spec), spec.deployment.world_size, timeout=1800)
+    return worker.run(spec, timeout=1800)
 
 
 def interleaved(variants: dict[str, Callable[[], dict]], reps: int) -> dict[str, dict[str, float]]:
@@ -34,6 +34,19 @@ def interleaved(variants: dict[str, Callable[[], dict]], reps: int) -> dict[str,
             samples[name].append(fn())
     return {name: {key: statistics.median(s[key] for s in runs if s[key] is not None)
                    for key in runs[0]} for name, runs in samples.items()}
+
+
+def median_seconds(fn: Callable[[], object], reps: int) -> float:
+    """One warm-up call, a barrier so that every rank starts together, then the median wall time
+    of `reps` calls of `fn`."""
+    fn()
+    dist.barrier()
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def moe_time_shares(spans: dict[int, list]) -> dict[str, float]:

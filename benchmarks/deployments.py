@@ -22,7 +22,7 @@ except ImportError:  # `python benchmarks/deployments.py` runs it as a script
     from common import interleaved, moe_time_shares, run
 from expertmesh.config import ModelConfig, Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec
+from expertmesh.engine.spec import RunSpec
 
 DEPLOYMENTS = ("single", "ep2", "tp2", "pp2")
 

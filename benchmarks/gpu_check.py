@@ -44,9 +44,10 @@ import torch.nn.functional as F
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine import worker
+from expertmesh.engine import shard
 from expertmesh.engine.generate import generate
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import free_port
 from expertmesh.model.attention import Contiguous, KVCache
 from expertmesh.model.synthetic import materialize
@@ -127,44 +128,44 @@ def weights_hashed_on_device():
     """Make `run_rank` compute the synthetic weights on its device itself: the hash is
     elementwise int32 arithmetic, identical on CPU and CUDA, and hashing the paper layer's 2.2 B
     weights on the host takes minutes."""
-    original = worker.materialize
+    original = shard.materialize
 
     def on_device(model, seed, dtype, dev="cpu"):
         with torch.device(dev):
             return original(model, seed, dtype, dev)
 
-    worker.materialize = on_device
+    shard.materialize = on_device
     try:
         yield
     finally:
-        worker.materialize = original
+        shard.materialize = original
 
 
-def expert_matmuls(s: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
+def expert_matmuls(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
     """FLOP/s of one expert (up -> gelu -> down) per token count; fp32 at the largest count."""
     gen = torch.Generator().manual_seed(0)
-    w_up = (torch.randn(s.hidden, s.d_model, generator=gen) / s.d_model ** 0.5).to(device, dtype)
-    w_down = (torch.randn(s.d_model, s.hidden, generator=gen) / s.hidden ** 0.5).to(device, dtype)
+    w_up = (torch.randn(sizes.hidden, sizes.d_model, generator=gen) / sizes.d_model ** 0.5).to(device, dtype)
+    w_down = (torch.randn(sizes.d_model, sizes.hidden, generator=gen) / sizes.hidden ** 0.5).to(device, dtype)
     rows = {}
-    for tokens in s.token_counts:
-        x = torch.randn(tokens, s.d_model, generator=gen).to(device, dtype)
-        t = median_time(lambda: F.linear(F.gelu(F.linear(x, w_up)), w_down), device, s.reps)
-        rows[tokens] = {"s": t, "flops": 2 * 2 * tokens * s.d_model * s.hidden / t}
-    big = max(s.token_counts)
-    x32 = torch.randn(big, s.d_model, generator=gen).to(device)
+    for tokens in sizes.token_counts:
+        x = torch.randn(tokens, sizes.d_model, generator=gen).to(device, dtype)
+        t = median_time(lambda: F.linear(F.gelu(F.linear(x, w_up)), w_down), device, sizes.reps)
+        rows[tokens] = {"s": t, "flops": 2 * 2 * tokens * sizes.d_model * sizes.hidden / t}
+    big = max(sizes.token_counts)
+    x32 = torch.randn(big, sizes.d_model, generator=gen).to(device)
     up32, down32 = w_up.float(), w_down.float()
-    t32 = median_time(lambda: F.linear(F.gelu(F.linear(x32, up32)), down32), device, s.reps)
+    t32 = median_time(lambda: F.linear(F.gelu(F.linear(x32, up32)), down32), device, sizes.reps)
     return {"bf16": rows, "fp32_largest": {"tokens": big, "s": t32,
-                                            "flops": 2 * 2 * big * s.d_model * s.hidden / t32}}
+                                            "flops": 2 * 2 * big * sizes.d_model * sizes.hidden / t32}}
 
 
-def decode_attention(s: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
+def decode_attention(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
     """One new query per sequence against a `kv_len` cache: bytes of K and V read / time."""
-    b, h, d, S = s.decode_batch, s.heads, s.head_dim, s.kv_len
+    b, h, d, S = sizes.decode_batch, sizes.heads, sizes.head_dim, sizes.kv_len
     q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
     k = torch.randn(b, h, S, d, device=device, dtype=dtype)
     v = torch.randn_like(k)
-    t = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, s.reps)
+    t = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, sizes.reps)
     return {"s": t, "bytes": k.nbytes + v.nbytes, "bandwidth": (k.nbytes + v.nbytes) / t,
             "batch": b, "heads": h, "head_dim": d, "kv_len": S}
 
@@ -180,9 +181,9 @@ def launch_overhead(device: torch.device, n: int = 200) -> float:
     return (time.perf_counter() - t0) / n
 
 
-def paper_layer(s: Sizes, device: torch.device, dtype: torch.dtype, grouped: bool) -> dict:
+def paper_layer(sizes: Sizes, device: torch.device, dtype: torch.dtype, grouped: bool) -> dict:
     """A whole `paper` decoder layer on `device`: prefill of `prefill_tokens`, one decode step."""
-    cfg = preset("paper", **s.layer_cfg)
+    cfg = preset("paper", **sizes.layer_cfg)
     t_build = time.perf_counter()
     with torch.device("meta"):
         layer = DecoderLayer(cfg)
@@ -193,36 +194,37 @@ def paper_layer(s: Sizes, device: torch.device, dtype: torch.dtype, grouped: boo
     loop = nullcontext() if grouped else per_expert_loop()
     out = {"build_s": t_build, "grouped_mm": grouped}
     with torch.inference_mode(), loop:
-        x = torch.randn(1, s.prefill_tokens, cfg.d_model, generator=gen).to(device, dtype)
-        out["prefill_s"] = median_time(lambda: layer(x, Contiguous(None)), device, s.reps)
-        out["prefill_tokens"] = s.prefill_tokens
-        cache = KVCache(s.decode_batch, s.kv_len + 1, cfg.n_kv_heads, cfg.head_dim, dtype, device)
-        step = torch.randn(s.decode_batch, 1, cfg.d_model, generator=gen).to(device, dtype)
-        at_kv_len = Contiguous(cache, slice(None), s.kv_len)
-        out["decode_step_s"] = median_time(lambda: layer(step, at_kv_len), device, s.reps)
-        out["decode_batch"], out["kv_len"] = s.decode_batch, s.kv_len
+        x = torch.randn(1, sizes.prefill_tokens, cfg.d_model, generator=gen).to(device, dtype)
+        out["prefill_s"] = median_time(lambda: layer(x, Contiguous(None)), device, sizes.reps)
+        out["prefill_tokens"] = sizes.prefill_tokens
+        cache = KVCache(sizes.decode_batch, sizes.kv_len + 1, cfg.n_kv_heads, cfg.head_dim, dtype, device)
+        step = torch.randn(sizes.decode_batch, 1, cfg.d_model, generator=gen).to(device, dtype)
+        at_kv_len = Contiguous(cache, slice(None), sizes.kv_len)
+        out["decode_step_s"] = median_time(lambda: layer(step, at_kv_len), device, sizes.reps)
+        out["decode_batch"], out["kv_len"] = sizes.decode_batch, sizes.kv_len
     del layer
     return out
 
 
-def end_to_end(s: Sizes, device: torch.device, dtype: str, grouped: bool) -> tuple[dict, object]:
-    cfg = preset("paper", n_layers=s.e2e_layers, dtype=dtype, **s.layer_cfg)
-    spec = RunSpec(cfg, Deployment.parse("single"), s.e2e)
+def end_to_end(sizes: Sizes, device: torch.device, dtype: str, grouped: bool) -> tuple[dict, object]:
+    cfg = preset("paper", n_layers=sizes.e2e_layers, dtype=dtype, **sizes.layer_cfg)
+    spec = RunSpec(cfg, Deployment.parse("single"), sizes.e2e)
     spec.validate(1)
     t0 = time.perf_counter()
     with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
         result = run_rank(spec, device)
     m = result.metrics
     return {"wall_s": time.perf_counter() - t0, "model": cfg.to_dict(),
-            "workload": {"batch": s.e2e.batch_size, "prompt": s.e2e.prompt_len, "gen": s.e2e.gen_len},
+            "workload": {"batch": sizes.e2e.batch_size, "prompt": sizes.e2e.prompt_len,
+                         "gen": sizes.e2e.gen_len},
             "metrics": m.to_dict()}, cfg
 
 
-def parallel_paths(s: Sizes, device: torch.device, dtype: str, grouped: bool) -> dict:
+def parallel_paths(sizes: Sizes, device: torch.device, dtype: str, grouped: bool) -> dict:
     """Tokens and logits of the ep1 (all-to-all dispatcher) and tp1 paths against `single`."""
     import torch.distributed as dist
 
-    cfg = preset("paper", n_layers=s.e2e_layers, dtype=dtype, **s.layer_cfg)
+    cfg = preset("paper", n_layers=sizes.e2e_layers, dtype=dtype, **sizes.layer_cfg)
     backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
                             device_id=device if device.type == "cuda" else None)
@@ -233,15 +235,15 @@ def parallel_paths(s: Sizes, device: torch.device, dtype: str, grouped: bool) ->
             m, group, 0, default_placement(cfg.n_layers, cfg.n_experts, 1)),
         "tp1 (tensor-parallel layers)": lambda m: apply_tensor_parallel(m, group, 1, 0),
     }
-    prompts = s.e2e.prompts(cfg)
-    rows = list(range(s.e2e.batch_size))
+    prompts = sizes.e2e.prompts(cfg)
+    rows = list(range(sizes.e2e.batch_size))
     out = {}
     try:
         with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
             for name, transform in transforms.items():
-                model = worker.materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, device)
+                model = shard.materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, device)
                 t0 = time.perf_counter()
-                gen = generate(model, s.e2e, prompts, rows, record_logits=True)
+                gen = generate(model, sizes.e2e, prompts, rows, record_logits=True)
                 out[name] = {"wall_s": time.perf_counter() - t0, "tokens": gen.tokens, "logits": gen.logits}
                 del model
     finally:

@@ -24,7 +24,7 @@ except ImportError:
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.parallel.placement import expert_loads
-from expertmesh.engine.worker import RunSpec
+from expertmesh.engine.spec import RunSpec
 from expertmesh.parallel.placement import plan_redundant
 
 SKEW = 1.2

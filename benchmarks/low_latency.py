@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import functools
 import statistics
-import time
 
 import torch
 import torch.distributed as dist
@@ -23,9 +22,9 @@ from rich.console import Console
 from rich.table import Table
 
 try:  # `python -m benchmarks` imports this as part of the package
-    from .common import rank_experts
+    from .common import median_seconds, rank_experts
 except ImportError:
-    from common import rank_experts
+    from common import median_seconds, rank_experts
 from expertmesh.config import preset
 from expertmesh.launch import launch
 from expertmesh.parallel.dispatch import AllToAllDispatcher
@@ -48,14 +47,7 @@ def _layer_times(dtype_name: str, token_counts: list[int], reps: int, rounds: in
             calls[tokens, path] = functools.partial(d, x, ids, w, experts, bound)
     for _ in range(rounds):  # interleaved: noise hits every variant alike
         for key, call in calls.items():
-            call()  # warm-up of this variant in this round
-            dist.barrier()
-            times = []
-            for _ in range(reps):
-                t0 = time.perf_counter()
-                call()
-                times.append(time.perf_counter() - t0)
-            samples[key].append(statistics.median(times))
+            samples[key].append(median_seconds(call, reps))  # after a warm-up of this variant
     medians = torch.tensor([statistics.median(v) for v in samples.values()])
     dist.all_reduce(medians, op=dist.ReduceOp.MAX)
     return dict(zip(samples, medians.tolist()))

@@ -18,7 +18,6 @@ import argparse
 import functools
 import statistics
 import sys
-import time
 
 import torch
 import torch.distributed as dist
@@ -26,12 +25,12 @@ from rich.console import Console
 from rich.table import Table
 
 try:  # `python -m benchmarks` imports this as part of the package
-    from .common import rank_experts, run
+    from .common import median_seconds, rank_experts, run
 except ImportError:
-    from common import rank_experts, run
+    from common import median_seconds, rank_experts, run
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec
+from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
 from expertmesh.parallel.dispatch import AllToAllDispatcher
 from expertmesh.parallel.placement import contiguous_placement
@@ -46,17 +45,6 @@ class _NoCompute(torch.nn.Module):
 
     def forward(self, x, counts, splits=None):
         return x
-
-
-def _time(fn, reps: int) -> float:
-    fn()  # warm-up
-    dist.barrier()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _layer_times(preset_name: str, dtype_name: str, tokens: int, reps: int, rounds: int,
@@ -84,7 +72,7 @@ def _layer_times(preset_name: str, dtype_name: str, tokens: int, reps: int, roun
     samples = {name: [] for name in variants}
     for _ in range(rounds):  # interleaved: noise hits every variant alike
         for name, fn in variants.items():
-            samples[name].append(_time(fn, reps))
+            samples[name].append(median_seconds(fn, reps))
     out = torch.tensor([statistics.median(v) for v in samples.values()])
     dist.all_reduce(out, op=dist.ReduceOp.MAX)  # a layer is as slow as its slowest rank
     return dict(zip(variants, out.tolist()))

@@ -39,8 +39,9 @@ from expertmesh.engine.generate import generate  # noqa: E402
 from expertmesh.engine.request import Request  # noqa: E402
 from expertmesh.engine.scheduler import EngineConfig  # noqa: E402
 from expertmesh.engine.serve import serve  # noqa: E402
-from expertmesh.engine.worker import (RunSpec, load_rank, serve_rank, static_engine,  # noqa: E402
-                                      static_requests)
+from expertmesh.engine.shard import load_rank  # noqa: E402
+from expertmesh.engine.spec import RunSpec  # noqa: E402
+from expertmesh.engine.worker import serve_rank, static_engine, static_requests  # noqa: E402
 from expertmesh.launch import launch  # noqa: E402
 from expertmesh.model.attention import Attention, Contiguous, KVCache  # noqa: E402
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView, Workspace  # noqa: E402

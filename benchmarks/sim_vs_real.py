@@ -28,7 +28,8 @@ from rich.table import Table
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import launch
 from expertmesh.sim.calibrate import calibrate
 from expertmesh.sim.hardware import HardwareProfile
@@ -82,9 +83,9 @@ def fit_profile(profile: HardwareProfile, runs) -> HardwareProfile:
     overhead `launch_s`, and how much slower the engine's matmuls run than the microbenchmark's
     (other shapes, caches, and other processes on the cores), as one scale on the matmul peaks,
     searched over COMPUTE_SCALES with the best launch_s for each."""
-    def scaled(c: float) -> HardwareProfile:
-        return profile.with_(bf16_flops=profile.bf16_flops / c,
-                             fp32_flops=profile.fp32_flops / c if profile.fp32_flops else None)
+    def scaled(scale: float) -> HardwareProfile:
+        return profile.with_(bf16_flops=profile.bf16_flops / scale,
+                             fp32_flops=profile.fp32_flops / scale if profile.fp32_flops else None)
 
     fits = [(_launch_for(scaled(c), runs), c) for c in COMPUTE_SCALES]
     (launch, _), c = min(fits, key=lambda f: f[0][1])

@@ -1,13 +1,15 @@
-"""Soak run: many decode steps of one deployment, checking that resident memory stays flat on
-every rank and that a rerun gives the same tokens. Not a CI test (minutes at ep16 on 2 cores).
+"""Soak run: many decode steps of one deployment through the serving engine, checking that
+resident memory stays flat on every rank and that a rerun gives the same tokens. Not a CI test
+(minutes at ep16 on 2 cores).
 
     python benchmarks/soak.py --steps 2000 --deployment ep16 --rerun-steps 200
 
-Each rank reads its resident set size from /proc/self/statm after step 1 (prefill done, KV cache
-allocated: it is preallocated for the whole run and zero-filled, so its pages are resident from
-the start) and at the last step; growth between the two would be a leak. The model's maximum
-length is raised to fit the prompt plus `--steps` tokens. Prints steps/s and, for `--project`
-steps, the projected time.
+The batch is one arrival of B requests of `--steps` tokens each (`engine/worker.py`'s static
+batch). Each rank reads its resident set size from /proc/self/statm after engine step 1 (prefill
+done; the KV block pool is allocated for the whole run when the engine starts, zero-filled, so its
+pages are resident from the start) and at the last step; growth between the two would be a leak.
+The model's maximum length is raised to fit the prompt plus `--steps` tokens. Prints steps/s and,
+for `--project` steps, the projected time.
 """
 
 from __future__ import annotations
@@ -23,12 +25,12 @@ import torch.distributed as dist
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.generate import generate
-from expertmesh.engine.worker import RunSpec, shard_model
+from expertmesh.engine.engine import Engine
+from expertmesh.engine.serve import serve
+from expertmesh.engine.shard import load_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import static_engine, static_requests
 from expertmesh.launch import launch
-from expertmesh.model.synthetic import materialize
-from expertmesh.parallel.mesh import stage_group
-from expertmesh.parallel.pipeline import PipelineLinks
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -38,29 +40,33 @@ def rss_bytes() -> int:
         return int(f.read().split()[1]) * PAGE
 
 
-def soak_rank(spec: RunSpec, device: torch.device) -> dict | None:
-    """One rank's soak: `generate` with an RSS reading after step 1 and at the last step."""
-    rank, dep = dist.get_rank(), spec.deployment
-    model = materialize(shard_model(spec, rank, stage_group(dep, rank)), spec.seed,
-                        spec.cfg.torch_dtype, device)
-    links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
-    rows = dep.rows_of(rank, spec.workload.batch_size)
-    rss = {}
-    last = spec.workload.gen_len - 1
+def soak_rank(spec: RunSpec, device: torch.device) -> tuple[list[dict], torch.Tensor] | None:
+    """One rank's soak: the static batch through the engine, with an RSS reading after step 1
+    and at the last step. Rank 0 returns every rank's readings and the tokens `[B, gen_len]`."""
+    rank, dep, w = dist.get_rank(), spec.deployment, spec.workload
+    model, links, _ = load_rank(spec, device)
+    requests = static_requests(w, spec.cfg)
+    engine = Engine(model, spec.cfg, dep, static_engine(requests, dep), rank, links, n_micro=spec.micro_batches)
+    rss, steps, last = {}, 0, w.gen_len - 1
+    engine_step = engine.step
 
-    def on_step(step: int) -> None:
-        if step in (1, last):
-            rss[step] = rss_bytes()
+    def step_and_read_rss():  # every rank steps the engine (rank 0 in `serve`, the others in `follow`)
+        nonlocal steps
+        outputs = engine_step()
+        if steps in (1, last):
+            rss[steps] = rss_bytes()
+        steps += 1
+        return outputs
 
+    engine.step = step_and_read_rss
     t0 = time.perf_counter()
-    gen = generate(model, spec.workload, spec.workload.prompts(spec.cfg)[rows], rows,
-                   spec.micro_batches, links, on_step=on_step)
-    seconds = time.perf_counter() - t0
-    mine = {"rank": rank, "rss": rss, "seconds": seconds,
-            "rows": gen.rows if dep.reports(rank) else [], "tokens": gen.tokens}
+    transcript = serve(engine, [(0, r) for r in requests])
+    mine = {"rank": rank, "rss": rss, "seconds": time.perf_counter() - t0}
     gathered = [None] * dist.get_world_size() if rank == 0 else None
     dist.gather_object(mine, gathered, dst=0)
-    return gathered
+    if rank != 0:
+        return None
+    return gathered, torch.tensor([transcript.tokens[i] for i in range(w.batch_size)])
 
 
 def soak(deployment: str, steps: int, batch: int, prompt_len: int, timeout: float) -> tuple[list, torch.Tensor]:
@@ -68,12 +74,7 @@ def soak(deployment: str, steps: int, batch: int, prompt_len: int, timeout: floa
     dep = Deployment.parse(deployment)
     spec = RunSpec(cfg, dep, Workload(batch_size=batch, prompt_len=prompt_len, gen_len=steps, seed=1))
     spec.validate(dep.world_size)
-    ranks = launch(functools.partial(soak_rank, spec), dep.world_size, timeout=timeout)
-    tokens = torch.full((batch, steps), -1, dtype=torch.long)
-    for r in ranks:
-        if r["rows"]:
-            tokens[r["rows"]] = r["tokens"]
-    return ranks, tokens
+    return launch(functools.partial(soak_rank, spec), dep.world_size, timeout=timeout)
 
 
 def main() -> None:

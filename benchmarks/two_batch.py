@@ -33,7 +33,8 @@ from expertmesh.deployment import Deployment  # noqa: E402
 from expertmesh.engine.request import Request  # noqa: E402
 from expertmesh.engine.runner import Runner  # noqa: E402
 from expertmesh.engine.scheduler import Sequence  # noqa: E402
-from expertmesh.engine.worker import RunSpec, load_rank  # noqa: E402
+from expertmesh.engine.shard import load_rank  # noqa: E402
+from expertmesh.engine.spec import RunSpec  # noqa: E402
 from expertmesh.launch import launch  # noqa: E402
 from expertmesh.parallel.expert import dispatchers  # noqa: E402
 from expertmesh.trace import start_tracing, take_spans  # noqa: E402

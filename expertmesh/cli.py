@@ -23,7 +23,9 @@ from rich.table import Table
 from expertmesh.checkpoint import config_from_hf, decode, encode, has_tokenizer
 from expertmesh.config import DTYPES, Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunResult, RunSpec, refuse_off_ep, run_rank
+from expertmesh.engine.result import RunResult
+from expertmesh.engine.spec import RunSpec, refuse_off_ep
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS

@@ -10,10 +10,9 @@ from dataclasses import asdict, dataclass, field, replace
 
 import torch
 
-from expertmesh.model.capacity import Capacity
-
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPERT_KINDS = ("mlp", "swiglu")
+OVERFLOW_POLICIES = ("drop", "reroute")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -25,6 +24,21 @@ def parse_dtype(name: str) -> torch.dtype:
     """`"fp32"` or `"bf16"` to a torch dtype (fp16 is left out: its CPU matmul is unusably slow)."""
     _check(name in DTYPES, f"unknown dtype {name!r}; use one of: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """Expert capacity of a model (opt-in): each expert takes at most `factor` x its fair share of
+    a capacity group's assignments; the rest are dropped or rerouted, as `policy` says. What that
+    means for a batch, and the function that applies it, are in `model/capacity.py`."""
+
+    factor: float
+    policy: str = "drop"
+
+    def __post_init__(self) -> None:
+        _check(self.factor > 0, f"capacity factor {self.factor} must be > 0 (omit it for no capacity)")
+        _check(self.policy in OVERFLOW_POLICIES,
+               f"overflow policy {self.policy!r}; use one of: {', '.join(OVERFLOW_POLICIES)}")
 
 
 @dataclass(frozen=True)

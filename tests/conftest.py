@@ -1,11 +1,12 @@
-"""Shared fixtures: a model small enough for a test and the cached decode that tests compare;
-and the hypothesis profile of the property tests."""
+"""Shared fixtures: a model small enough for a test and the cached decode that tests compare; a
+command line that must fail with one error line; and the hypothesis profile of the property tests."""
 
 import os
 
 import pytest
 import torch
 
+from expertmesh.cli import main
 from expertmesh.config import preset
 from expertmesh.model.transformer import reference_model
 
@@ -32,6 +33,24 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def cli_error(capfd):
+    """`cli_error(argv)`: run `expertmesh argv` in this process; it must exit 2 (a ValueError,
+    raised before any rank starts; 1 is a rank's failure) with nothing on stdout and one line
+    `error: ...` on stderr, which is returned. capfd: a forked rank's output would show too."""
+
+    def run(argv: list[str]) -> str:
+        capfd.readouterr()
+        assert main(argv) == 2
+        out, err = capfd.readouterr()
+        assert out == "", out
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: "), err
+        return lines[0]
+
+    return run
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ with a ValueError and nothing else. The README's bad-input table lists the same 
 tests/test_checkpoint.py missing shards, missing tensors and tensors of the wrong shape.)
 """
 
-import functools
 import json
 import shutil
 import sys
@@ -15,11 +14,10 @@ import sys
 import pytest
 import torch
 
-from expertmesh.cli import main
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
-from expertmesh.launch import launch
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run
 
 hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install -e '.[test]')")
 from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
@@ -119,42 +117,31 @@ MALFORMED_PROFILES = {
 }
 
 
-def assert_one_error_line(err: str, expected: str) -> None:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), err
-    assert expected in lines[0], lines[0]
-
-
 @pytest.mark.parametrize("name", BAD_INPUT)
-def test_bad_input_is_one_error_line_before_any_rank_starts(name, tmp_path, capfd):
+def test_bad_input_is_one_error_line_before_any_rank_starts(name, tmp_path, cli_error):
     argv, expected = BAD_INPUT[name]
-    assert main(argv(tmp_path)) == 2  # 2: a ValueError, raised before launching (1 is a rank's)
-    out, err = capfd.readouterr()  # capfd: a forked rank's output would show here
-    assert out == ""
-    assert_one_error_line(err, expected)
+    assert expected in cli_error(argv(tmp_path))
 
 
 @pytest.mark.parametrize("name", list(MALFORMED_PROFILES))
-def test_malformed_hardware_profile_is_one_error_line(name, tmp_path, capfd):
+def test_malformed_hardware_profile_is_one_error_line(name, tmp_path, cli_error):
     argv, expected = MALFORMED_PROFILES[name]
-    assert main(argv(tmp_path)) == 2
-    assert_one_error_line(capfd.readouterr().err, expected)
+    assert expected in cli_error(argv(tmp_path))
 
 
-def test_world_size_that_torchrun_gave_must_match_the_deployment(monkeypatch, capfd):
+def test_world_size_that_torchrun_gave_must_match_the_deployment(monkeypatch, cli_error):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
-    assert main(["run", "--deployment", "ep4"]) == 2
-    assert_one_error_line(capfd.readouterr().err, "torchrun started 2 processes but the deployment needs 4")
+    expected = "torchrun started 2 processes but the deployment needs 4"
+    assert expected in cli_error(["run", "--deployment", "ep4"])
     # compare: every deployment is checked before the first one runs
-    assert main(["compare", "--deployments", "ep2,ep4"]) == 2
-    assert_one_error_line(capfd.readouterr().err, "torchrun started 2 processes but the deployment needs 4")
+    assert expected in cli_error(["compare", "--deployments", "ep2,ep4"])
 
 
-def test_sweep_without_matplotlib_is_one_error_line(monkeypatch, capfd):
+def test_sweep_without_matplotlib_is_one_error_line(monkeypatch, cli_error):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # what an install without it looks like
-    assert main(["simulate", "--sweep", "--max-gpus", "16", "--out", "unused"]) == 2
-    assert_one_error_line(capfd.readouterr().err, "simulate --sweep plots with matplotlib, which is not installed")
+    assert "simulate --sweep plots with matplotlib, which is not installed" in cli_error(
+        ["simulate", "--sweep", "--max-gpus", "16", "--out", "unused"])
 
 
 @pytest.fixture(scope="module")
@@ -210,20 +197,17 @@ BAD_CHECKPOINTS = {
 
 @pytest.mark.parametrize("name", BAD_CHECKPOINTS)
 def test_bad_checkpoint_is_one_error_line_naming_the_file_before_any_rank_starts(
-        name, checkpoint, tmp_path, capfd):
+        name, checkpoint, tmp_path, cli_error):
     spoil, expected = BAD_CHECKPOINTS[name]
     path = shutil.copytree(checkpoint, tmp_path / "copy")
     spoil(path)
-    assert main(["run", "--model", str(path), "--deployment", "ep2", "--gen-len", "2"]) == 2
-    out, err = capfd.readouterr()
-    assert out == ""
-    assert_one_error_line(err, expected)
-    assert str(path) in err
+    line = cli_error(["run", "--model", str(path), "--deployment", "ep2", "--gen-len", "2"])
+    assert expected in line and str(path) in line
 
 
-def test_batch_with_a_text_prompt_is_an_error(checkpoint, capfd):
-    assert main(["run", "--model", str(checkpoint), "--prompt", "w5 w6", "--batch", "4"]) == 2
-    assert_one_error_line(capfd.readouterr().err, "--batch does not apply to --prompt")
+def test_batch_with_a_text_prompt_is_an_error(checkpoint, cli_error):
+    assert "--batch does not apply to --prompt" in cli_error(
+        ["run", "--model", str(checkpoint), "--prompt", "w5 w6", "--batch", "4"])
 
 
 # Deployment strings: well-formed ones with random sizes (often not fitting the model), and
@@ -265,17 +249,14 @@ def test_validator_accepts_only_runs_that_fit_or_raises_value_error(text, worklo
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(text=DEPLOYMENTS)
-def test_a_rejected_deployment_is_one_cli_error_line(text, capfd):
+def test_a_rejected_deployment_is_one_cli_error_line(text, cli_error):
     try:
         _validated(text.strip() or "single", {}, None)
         accepted = True
     except ValueError:
         accepted = False
     assume(not accepted and text.strip() and not text.strip().startswith("-"))
-    capfd.readouterr()
-    assert main(["run", "--deployment", text]) == 2
-    out, err = capfd.readouterr()
-    assert out == "" and err.count("\n") == 1 and err.startswith("error: ")
+    cli_error(["run", "--deployment", text])
 
 
 @settings(max_examples=3, deadline=None)
@@ -291,9 +272,8 @@ def test_an_accepted_random_run_reproduces_the_reference(axes, batch, prompt_len
     dep = Deployment.parse(text) if not (axes["ep"] > 1 and axes["tp"] > 1) else None
     assume(dep is not None and 1 < dep.world_size <= 4)
     spec = _validated(text, workload, dep.world_size)
-    reference = run_rank(RunSpec(TINY, Deployment(), spec.workload), torch.device("cpu")).tokens
-    result = launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
-    assert torch.equal(result.tokens, reference)
+    reference = run(RunSpec(TINY, Deployment(), spec.workload)).tokens
+    assert torch.equal(run(spec, timeout=120).tokens, reference)
 
 
 def test_property_tests_draw_the_same_examples_on_every_run():

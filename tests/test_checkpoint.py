@@ -2,7 +2,6 @@
 cost, the `--model` / `--prompt` command line, and a one-line error for every way a checkpoint or
 deployment can be wrong."""
 
-import functools
 import json
 import shutil
 
@@ -16,8 +15,8 @@ from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  #
 from expertmesh.cli import main  # noqa: E402
 from expertmesh.config import Workload  # noqa: E402
 from expertmesh.deployment import Deployment  # noqa: E402
-from expertmesh.engine.worker import RunSpec, run_rank  # noqa: E402
-from expertmesh.launch import launch  # noqa: E402
+from expertmesh.engine.spec import RunSpec  # noqa: E402
+from expertmesh.engine.worker import run  # noqa: E402
 from expertmesh.model.transformer import build_model  # noqa: E402
 
 
@@ -53,7 +52,7 @@ def test_ep4_ranks_read_only_their_experts_from_a_sharded_checkpoint(sharded):
     spec = RunSpec(config_from_hf(sharded), Deployment.parse("ep4"),
                    Workload(gen_len=16, prompt_ids=prompts.tolist()), warmup=False,
                    checkpoint=str(sharded))
-    result = launch(functools.partial(run_rank, spec), 4, timeout=120)
+    result = run(spec, timeout=120)
     tokens, _ = reference_greedy(sharded, prompts, 16)
     assert torch.equal(result.tokens, tokens)
     assert result.checkpoint_bytes == result.param_bytes
@@ -78,10 +77,9 @@ def test_run_command_encodes_a_text_prompt_and_prints_text(tmp_path, capsys):
     assert f"text 0: {expected}" in capsys.readouterr().out
 
 
-def test_text_prompt_without_a_tokenizer_is_an_error(sharded, capsys):
-    assert main(["run", "--model", str(sharded), "--prompt", "hello"]) == 2
-    err = capsys.readouterr().err
-    assert "tokenizer.json not found" in err and "--prompt-ids" in err
+def test_text_prompt_without_a_tokenizer_is_an_error(sharded, cli_error):
+    line = cli_error(["run", "--model", str(sharded), "--prompt", "hello"])
+    assert "tokenizer.json not found" in line and "--prompt-ids" in line
 
 
 def test_unsupported_architecture_names_config_json(tmp_path):

@@ -2,15 +2,14 @@
 norm over all heads) with synthetic weights: every deployment reproduces the single-device model
 without transformers installed."""
 
-import functools
 
 import pytest
 import torch
 
 from expertmesh.config import Workload
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
-from expertmesh.launch import launch
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run
 
 FEATURES = dict(expert_kind="swiglu", shared_expert_hidden=96, qkv_bias=True, qk_norm=True,
                 n_kv_heads=2)
@@ -18,12 +17,8 @@ WORKLOAD = Workload(batch_size=4, prompt_len=6, gen_len=4, seed=1)
 
 
 def _run(cfg, deployment: str):
-    dep = Deployment.parse(deployment)
-    spec = RunSpec(cfg, dep, WORKLOAD, seed=5, record_logits=True, warmup=False)
-    spec.validate(dep.world_size)
-    if dep.world_size == 1:
-        return run_rank(spec, torch.device("cpu"))
-    return launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
+    return run(RunSpec(cfg, Deployment.parse(deployment), WORKLOAD, seed=5, record_logits=True, warmup=False),
+               timeout=120)
 
 
 @pytest.mark.parametrize("deployment", ["ep2", "tp2"])

@@ -14,7 +14,8 @@ import torch.distributed as dist
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, shard_model
+from expertmesh.engine.shard import shard_model
+from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
 from expertmesh.model import moe
 from expertmesh.model.synthetic import materialize

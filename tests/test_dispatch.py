@@ -17,14 +17,14 @@ E, D, H, K, EP = 8, 16, 32, 2, 4
 TOKENS_PER_RANK = [5, 7, 0, 3]  # rank 2 sends nothing
 
 
-def _routing(pattern: str, rank: int, T: int) -> torch.Tensor:
+def _routing(pattern: str, rank: int, tokens: int) -> torch.Tensor:
     gen = torch.Generator().manual_seed(100 + rank)
     if pattern == "random":
-        return torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K]
+        return torch.rand(tokens, E, generator=gen).argsort(dim=1)[:, :K]
     if pattern == "one_expert":
-        return torch.full((T, K), 5)
+        return torch.full((tokens, K), 5)
     if pattern == "one_rank":  # experts 2 and 3 both live on rank 1
-        return torch.tensor([[2, 3]] * T, dtype=torch.long).reshape(T, K)
+        return torch.tensor([[2, 3]] * tokens, dtype=torch.long).reshape(tokens, K)
     raise ValueError(pattern)
 
 

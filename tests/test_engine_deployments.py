@@ -14,7 +14,8 @@ import torch
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.scheduler import EngineConfig
-from expertmesh.engine.worker import RunSpec, serve_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import serve_rank
 from expertmesh.launch import launch
 from expertmesh.model.transformer import reference_model
 from serving import Mixed
@@ -81,12 +82,12 @@ def test_the_exchange_chosen_per_step_changes_no_token(threshold):
     low-latency exchange when it is at most --low-latency-tokens: here prefill of 48-token prompts
     takes the standard exchange and decode the low-latency one (threshold 16); tokens are the
     single-device reference's, whichever exchange ran."""
-    from expertmesh.engine.worker import run_rank
+    from expertmesh.engine.worker import run
 
     workload = Workload(batch_size=4, prompt_len=48, gen_len=6, seed=5)
-    reference = run_rank(RunSpec(preset("tiny"), Deployment(), workload, seed=SEED), torch.device("cpu"))
+    reference = run(RunSpec(preset("tiny"), Deployment(), workload, seed=SEED))
     spec = RunSpec(preset("tiny"), Deployment.parse("ep2"), workload, seed=SEED, low_latency_tokens=threshold)
-    result = launch(functools.partial(run_rank, spec), 2, timeout=300)
+    result = run(spec, timeout=300)
     assert torch.equal(result.tokens, reference.tokens)
     calls = result.exchange["low_latency_calls"]
     layer_calls = 2 * preset("tiny").n_layers  # per forward: every layer on both ranks

@@ -1,7 +1,6 @@
 """Hugging Face checkpoints of each supported family, loaded shard by shard under every kind of
 deployment, give transformers' greedy tokens and logits (fp32)."""
 
-import functools
 
 import pytest
 import torch
@@ -12,8 +11,8 @@ from expertmesh.checkpoint import config_from_hf  # noqa: E402
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
 from expertmesh.config import Workload  # noqa: E402
 from expertmesh.deployment import Deployment  # noqa: E402
-from expertmesh.engine.worker import RunSpec, run_rank  # noqa: E402
-from expertmesh.launch import launch  # noqa: E402
+from expertmesh.engine.spec import RunSpec  # noqa: E402
+from expertmesh.engine.worker import run  # noqa: E402
 
 FP32_ATOL = 1e-4  # max |Δlogit| against transformers (observed about 1e-6)
 GEN_LEN = 16
@@ -28,10 +27,7 @@ def run_checkpoint(path, deployment: str):
     workload = Workload(gen_len=GEN_LEN, prompt_ids=PROMPTS.tolist())
     spec = RunSpec(config_from_hf(path), dep, workload, record_logits=True, warmup=False,
                    checkpoint=str(path))
-    spec.validate(dep.world_size)
-    if dep.world_size == 1:
-        return run_rank(spec, torch.device("cpu"))
-    return launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
+    return run(spec, timeout=120)
 
 
 @pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "olmoe"])

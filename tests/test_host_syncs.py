@@ -38,7 +38,8 @@ from expertmesh.engine import runner
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
-from expertmesh.engine.worker import RunSpec, shard_model
+from expertmesh.engine.shard import shard_model
+from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
 from expertmesh.model import moe
 from expertmesh.model.synthetic import materialize

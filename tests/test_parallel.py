@@ -9,8 +9,9 @@ import torch.distributed as dist
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank, shard_model
-from expertmesh.launch import launch
+from expertmesh.engine.shard import shard_model
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run
 from expertmesh.model.transformer import build_model, parameter_bytes
 from expertmesh.parallel import tensor
 
@@ -22,12 +23,8 @@ WORKLOAD = Workload(batch_size=6, prompt_len=12, gen_len=6, seed=3)
 
 
 def _run(cfg, deployment: str, workload=WORKLOAD, **kw):
-    dep = Deployment.parse(deployment)
-    spec = RunSpec(cfg, dep, workload, seed=11, record_logits=True, **kw)
-    spec.validate(dep.world_size)
-    if dep.world_size == 1:
-        return run_rank(spec, torch.device("cpu"))
-    return launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
+    return run(RunSpec(cfg, Deployment.parse(deployment), workload, seed=11, record_logits=True, **kw),
+               timeout=120)
 
 
 @pytest.fixture(scope="module")

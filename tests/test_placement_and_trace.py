@@ -1,6 +1,5 @@
 """Expert placement over nodes, routing statistics files, and the Perfetto trace of a run."""
 
-import functools
 import json
 import random
 from collections import Counter
@@ -10,8 +9,8 @@ import torch
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
-from expertmesh.launch import launch
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run
 from expertmesh.parallel.placement import (cross_node_rows, default_placement, load_placement,
                                            load_routing, optimise_placement, save_placement,
                                            save_routing)
@@ -87,13 +86,9 @@ def test_missing_placement_file_is_named(tmp_path):
 
 
 def _run(**kw):
-    cfg = preset("tiny")
     dep = Deployment.parse(kw.pop("deployment", "ep4"))
-    spec = RunSpec(cfg, dep, Workload(batch_size=4, prompt_len=40, gen_len=4, seed=5), seed=2, **kw)
-    spec.validate(dep.world_size)
-    if dep.world_size == 1:
-        return run_rank(spec, torch.device("cpu"))
-    return launch(functools.partial(run_rank, spec), dep.world_size, timeout=120)
+    workload = Workload(batch_size=4, prompt_len=40, gen_len=4, seed=5)
+    return run(RunSpec(preset("tiny"), dep, workload, seed=2, **kw), timeout=120)
 
 
 def test_outputs_are_identical_under_any_placement_and_exchange():

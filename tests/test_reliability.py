@@ -7,7 +7,6 @@ enabled here in this process (`faults_on`) or through `tests/faulty_cli.py` in a
 Steps 0 and 1 also run in the warm-up, so the faults here hit step 3 of the measured run.
 """
 
-import functools
 import os
 import signal
 import subprocess
@@ -24,8 +23,9 @@ from expertmesh import faults
 from expertmesh.cli import main
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.generate import NonFiniteError
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.finite import NonFiniteError
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run, run_rank
 from expertmesh.launch import launch
 
 RUN = ["run", "--batch", "2", "--prompt-len", "8", "--gen-len", "6"]
@@ -223,10 +223,7 @@ def test_nan_in_a_layer_is_reported_with_the_step_and_that_layer(monkeypatch, fa
 
 
 def _tokens(spec: RunSpec) -> torch.Tensor:
-    dep = spec.deployment
-    if dep.world_size == 1:
-        return run_rank(spec, torch.device("cpu")).tokens
-    return launch(functools.partial(run_rank, spec), dep.world_size, timeout=120).tokens
+    return run(spec, timeout=120).tokens
 
 
 def test_same_seed_same_tokens_twice_and_on_every_deployment_when_sampling():

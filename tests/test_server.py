@@ -29,7 +29,6 @@ pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (p
 transformers = pytest.importorskip("transformers", reason="the tiny checkpoint and its tokenizer are built with transformers")
 
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
-from expertmesh.cli import main  # noqa: E402
 from expertmesh.launch import free_port  # noqa: E402
 from test_reliability import Leftovers  # noqa: E402
 
@@ -323,19 +322,16 @@ def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(sm
     (["--grace", "-1"], "--grace"),
     (["--a2a-chunks", "x", "--deployment", "ep2"], "--a2a-chunks"),
 ])
-def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, capsys):
-    assert main(["serve", "--port", "0", *argv]) == 2
-    err = capsys.readouterr().err.strip()
-    assert err.startswith("error:") and message in err and "\n" not in err
+def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
+    assert message in cli_error(["serve", "--port", "0", *argv])
 
 
-def test_an_address_in_use_is_an_error_before_any_rank_starts(capsys):
+def test_an_address_in_use_is_an_error_before_any_rank_starts(cli_error):
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
-        assert main(["serve", "--port", str(taken.getsockname()[1])]) == 2
-    err = capsys.readouterr().err
-    assert "cannot listen on 127.0.0.1" in err and "--port" in err
+        line = cli_error(["serve", "--port", str(taken.getsockname()[1])])
+    assert "cannot listen on 127.0.0.1" in line and "--port" in line
 
 
 def test_under_torchrun_rank_0_serves_and_sigterm_stops_every_rank(checkpoint, hf_model, tmp_path):

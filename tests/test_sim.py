@@ -9,7 +9,8 @@ import torch
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, shard_model
+from expertmesh.engine.shard import shard_model
+from expertmesh.engine.spec import RunSpec
 from expertmesh.model.transformer import build_model, parameter_bytes
 from expertmesh.sim import simulator
 from expertmesh.sim.cost import Cost

@@ -23,7 +23,8 @@ import torch
 from expertmesh import faults
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, run_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import run_rank
 from expertmesh.launch import free_port
 from test_reliability import FAULTY_CLI, Leftovers
 

@@ -8,7 +8,8 @@ import torch.distributed as dist
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine.worker import RunSpec, shard_model
+from expertmesh.engine.shard import shard_model
+from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
 from expertmesh.model.paged import PagedBatch
 from expertmesh.model.steps import run_steps, take_turns

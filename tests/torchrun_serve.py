@@ -13,7 +13,8 @@ from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
-from expertmesh.engine.worker import RunSpec, serve_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import serve_rank
 from expertmesh.launch import launch
 
 ENGINE = EngineConfig(num_blocks=24, block_size=8, max_batched_tokens=48, max_seqs=4)

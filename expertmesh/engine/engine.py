@@ -29,7 +29,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.engine.runner import Runner
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
-from expertmesh.engine.generate import StageLinks
+from expertmesh.engine.stages import StageLinks
 from expertmesh.model.transformer import MoETransformer
 
 

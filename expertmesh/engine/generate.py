@@ -1,20 +1,17 @@
-"""The static prefill / decode loop of one rank (equal prompts, a contiguous KV cache), the same
-for every deployment, and the finite check and stage links the serving engine shares with it.
-
-`run` and `compare` serve through the engine (`engine/engine.py`); this loop remains what the
-simulator's calibration times and the baseline `benchmarks/serving_engine.py` measures the
-engine against.
+"""The static prefill / decode loop of one rank: a fixed batch of equal-length prompts, a
+contiguous KV cache, every sequence decoded to the same length. Not how expertmesh serves (`run`,
+`compare` and `serve` go through the engine, `engine/engine.py`); kept as a baseline and a
+reference loop: the contiguous-cache loop `benchmarks/serving_engine.py` measures the engine
+against, the fixed schedule the simulator's calibration (`sim/calibrate.py`) times, and the loop
+`benchmarks/gpu_check.py` runs the ep1 / tp1 model paths through on one GPU (without the engine's
+choice of exchange, so that each path is the one named).
 
 A rank runs the layers it holds for the sequences it owns, in micro-batches. On a single device
 that is the whole model and the whole batch in one micro-batch. Under pipeline parallelism the
-`StageLinks` move hidden states to the next stage and sampled tokens from the last stage back to
-the first; under expert parallelism the MoE layers exchange tokens inside the model's forward, so
-every rank of a stage must run every micro-batch, even one with no sequence of its own.
-
-NaN and inf are caught where they appear: every layer output a rank computes, and the logits of
-the sampling rank, leave a 0-dim `isfinite(x).all()` flag, and the flags are read once per step
-(one host sync, which sampling already implies), raising `NonFiniteError` with the step and the
-first layer whose output was non-finite.
+`StageLinks` (`engine/stages.py`) move hidden states to the next stage and sampled tokens from the
+last stage back to the first; under expert parallelism the MoE layers exchange tokens inside the
+model's forward, so every rank of a stage must run every micro-batch, even one with no sequence
+of its own. NaN and inf are checked once per step (`engine/finite.py`).
 """
 
 from __future__ import annotations
@@ -23,83 +20,17 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Protocol
 
 import torch
 
 from expertmesh import faults
 from expertmesh.config import Workload
+from expertmesh.engine.finite import FiniteCheck
 from expertmesh.engine.sampling import sample
+from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.split import split_evenly
 from expertmesh.trace import span
-
-
-class StageLinks(Protocol):
-    """Pipeline neighbours of a stage (implemented in `parallel/pipeline.py`)."""
-
-    is_first: bool
-    is_last: bool
-
-    def send_hidden(self, micro: int, h: torch.Tensor) -> None: ...
-    def recv_hidden(self, micro: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
-    def send_tokens(self, micro: int, tokens: torch.Tensor) -> None: ...
-    def recv_tokens(self, micro: int, n: int) -> torch.Tensor: ...
-    def finish(self) -> None: ...
-
-
-class SingleStage:
-    """The whole model on this rank: no neighbours."""
-
-    is_first = True
-    is_last = True
-
-    def finish(self) -> None:
-        pass
-
-
-class NonFiniteError(RuntimeError):
-    """NaN or inf in a layer output or in the logits."""
-
-
-class FiniteCheck:
-    """Flags `isfinite(x).all()` of every layer output (`model.after_layer`, until exit) and of
-    what `add` is given; `check(step)` reads the step's flags at once and raises on the first
-    non-finite one."""
-
-    LOGITS = -1
-
-    def __init__(self, model: MoETransformer):
-        self.flags: list[torch.Tensor] = []
-        self.layers: list[int] = []  # the layer of each flag, LOGITS for the logits
-        self.model = model
-        model.after_layer.append(self.add)
-
-    def add(self, layer: int, x: torch.Tensor) -> None:
-        self.flags.append(torch.isfinite(x).all())
-        self.layers.append(layer)
-
-    def check(self, step: int) -> None:
-        if not self.flags:
-            return
-        ok = torch.stack(self.flags).cpu()
-        bad = {layer for layer, fine in zip(self.layers, ok.tolist()) if not fine}
-        self.flags, self.layers = [], []
-        if not bad:
-            return
-        what = "logits" if self.LOGITS in bad else "hidden states"
-        held = [layer for layer in bad if layer != self.LOGITS]
-        where = (f"layer {min(held)}" if held else
-                 "none of the layers on this rank (an earlier pipeline stage, or the final norm "
-                 "and head)")
-        raise NonFiniteError(f"non-finite {what} at step {step}; first non-finite layer output: {where}")
-
-    def __enter__(self) -> "FiniteCheck":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.add in self.model.after_layer:
-            self.model.after_layer.remove(self.add)
 
 
 @dataclass

@@ -21,7 +21,8 @@ from itertools import accumulate
 
 import torch
 
-from expertmesh.engine.generate import FiniteCheck, SingleStage, StageLinks
+from expertmesh.engine.finite import FiniteCheck
+from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, Workspace, upload

@@ -6,9 +6,10 @@ g KV heads (h % g == 0), d head_dim, D d_model.
 The attention module projects and rotates; where keys and values are kept and which positions a
 query sees is the job of the KV view it is given: `Contiguous` (rows of a preallocated
 `KVCache`, or no cache at all) or `PagedView` (`model/paged.py`: a ragged batch of sequences
-over a pool of fixed-size blocks). A view has `positions(L)` (`[L]` int64, the position of each
-new token), `attend(q, k, v)` (store k, v; return the attention output) and `seq_lens` (the
-lengths of the consecutive sequences of a ragged batch; None when each row is a sequence).
+over a pool of fixed-size blocks). A view has `positions(length)` (`[length]` int64, the
+position of each new token), `attend(q, k, v)` (store k, v; return the attention output) and
+`seq_lens` (the lengths of the consecutive sequences of a ragged batch; None when each row is a
+sequence).
 """
 
 from __future__ import annotations
@@ -66,8 +67,8 @@ class Contiguous:
             raise ValueError("attention without a KV cache must start at position 0")
         self.cache, self.rows, self.start = cache, rows, start
 
-    def positions(self, L: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(self.start, self.start + L, device=device)
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.start, self.start + length, device=device)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q `[b, L, h, d]`, k, v `[b, L, g, d]` -> `[b, L, h, d]`."""

@@ -19,28 +19,41 @@ Every dropped and rerouted assignment is counted.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
-POLICIES = ("drop", "reroute")
+from expertmesh.config import Capacity
+
 KEPT, REROUTED, DROPPED = 0, 1, 2
 
 
-@dataclass(frozen=True)
-class Capacity:
-    factor: float
-    policy: str = "drop"
+@dataclass
+class Overflow:
+    """What capacity decided over the calls since the last reset: assignments looked at, rerouted
+    and dropped (an MoE block's counter of its rank's tokens; `engine/counters.py` resets and reads it)."""
 
-    def __post_init__(self) -> None:
-        if not self.factor > 0:
-            raise ValueError(f"capacity factor {self.factor} must be > 0 (omit it for no capacity)")
-        if self.policy not in POLICIES:
-            raise ValueError(f"overflow policy {self.policy!r}; use one of: {', '.join(POLICIES)}")
+    assignments: int = 0
+    rerouted: int = 0
+    dropped: int = 0
 
-    def limit(self, tokens: int, top_k: int, n_experts: int) -> int:
-        return max(1, math.ceil(self.factor * tokens * top_k / n_experts))
+    def count(self, status: torch.Tensor) -> None:
+        """Add a call's `status` `[T, k]` (KEPT/REROUTED/DROPPED); reads two counts on the host."""
+        self.assignments += status.numel()
+        self.rerouted += int((status == REROUTED).sum())
+        self.dropped += int((status == DROPPED).sum())
+
+    def reset(self) -> None:
+        self.assignments = self.rerouted = self.dropped = 0
+
+    def snapshot(self) -> "Overflow":
+        return replace(self)
+
+
+def capacity_limit(capacity: Capacity, tokens: int, top_k: int, n_experts: int) -> int:
+    """The most assignments one expert takes from a capacity group of `tokens` tokens."""
+    return max(1, math.ceil(capacity.factor * tokens * top_k / n_experts))
 
 
 def apply_capacity(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, capacity: Capacity,
@@ -53,7 +66,7 @@ def apply_capacity(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     sizes = group_sizes if group_sizes is not None else [T]
     if sum(sizes) != T:
         raise ValueError(f"capacity groups of {sum(sizes)} tokens for a call of {T} tokens")
-    limits = torch.tensor([capacity.limit(n, k, E) for n in sizes], device=ids.device)
+    limits = torch.tensor([capacity_limit(capacity, n, k, E) for n in sizes], device=ids.device)
     group_of = torch.repeat_interleave(torch.arange(len(sizes), device=ids.device),
                                        torch.tensor(sizes, device=ids.device) * k)  # [T * k]
     flat = ids.reshape(-1)

@@ -16,7 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from expertmesh.model.capacity import DROPPED, REROUTED, Capacity, apply_capacity
+from expertmesh.model.capacity import Capacity, Overflow, apply_capacity
 from expertmesh.model.layers import Linear, meta_weight
 from expertmesh.model.steps import Steps, run_steps
 from expertmesh.trace import span
@@ -207,7 +207,7 @@ class MoEBlock(nn.Module):
         super().__init__()
         self.router = Router(d_model, n_experts, top_k, renormalize, router_skew)
         self.capacity = capacity
-        self.overflow = {"assignments": 0, "rerouted": 0, "dropped": 0}  # of this rank's tokens
+        self.overflow = Overflow()  # of this rank's tokens
         self.experts = GroupedExperts(n_experts, d_model, hidden, kind)
         self.dispatcher = LocalDispatcher(may_drop=capacity is not None)
         self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
@@ -241,7 +241,5 @@ class MoEBlock(nn.Module):
         if self.capacity is None:
             return ids, weights
         ids, weights, status = apply_capacity(probs, ids, weights, self.capacity, seq_lens)
-        self.overflow["assignments"] += status.numel()
-        self.overflow["rerouted"] += int((status == REROUTED).sum())
-        self.overflow["dropped"] += int((status == DROPPED).sum())
+        self.overflow.count(status)
         return ids, weights

@@ -126,7 +126,7 @@ class PagedView:
         self.pool, self.batch = pool, batch
         self.seq_lens = batch.seq_lens
 
-    def positions(self, L: int, device: torch.device) -> torch.Tensor:
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
         return self.batch.positions
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

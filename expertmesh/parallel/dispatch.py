@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from expertmesh.model.moe import GroupedExperts, combine
 from expertmesh.model.steps import Steps, run_steps
+from expertmesh.parallel.exchange_stats import ExchangeStats
 from expertmesh.parallel.low_latency import LowLatencyExchange
 from expertmesh.parallel.placement import slot_table
 from expertmesh.split import split_evenly
@@ -58,28 +59,6 @@ MIN_ROWS_PER_CHUNK = 1024
 # small preset, fp32): level with or faster than the standard exchange up to 64 tokens per rank,
 # 0.8x at 256, where its fixed-size messages carry twice the rows that are needed.
 LOW_LATENCY_TOKENS = 64
-
-
-@dataclass
-class ExchangeStats:
-    """Rows this rank sent, over all calls: all of them, and those to another node; and the
-    rows its experts computed in each call (its load)."""
-
-    rows_sent: int = 0
-    low_latency_calls: int = 0  # calls that took the low-latency exchange
-    cross_node_rows: int = 0
-    cross_node_bytes: int = 0
-    loads: list[list[int]] = field(default_factory=list)  # per call: rows per local slot
-
-    def __getstate__(self) -> dict:
-        """Loads the low-latency exchange kept on the device are read here, once, after a run."""
-        return {**self.__dict__, "loads": [x.tolist() if isinstance(x, torch.Tensor) else x for x in self.loads]}
-
-    def add(self, splits: list[int], peer_nodes: list[int], my_node: int, row_bytes: int) -> None:
-        cross = sum(n for n, node in zip(splits, peer_nodes) if node != my_node)
-        self.rows_sent += sum(splits)
-        self.cross_node_rows += cross
-        self.cross_node_bytes += cross * row_bytes
 
 
 @dataclass

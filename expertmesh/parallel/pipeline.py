@@ -33,7 +33,7 @@ def apply_pipeline(model: MoETransformer, deployment: Deployment, stage: int) ->
 
 
 class PipelineLinks:
-    """The `StageLinks` of rank `rank` under `deployment` (see `engine/generate.py`)."""
+    """The `StageLinks` of rank `rank` under `deployment` (see `engine/stages.py`)."""
 
     def __init__(self, deployment: Deployment, rank: int, device: torch.device):
         stage, _ = deployment.coords(rank)

@@ -21,11 +21,11 @@ from collections.abc import Callable
 
 import torch.distributed as dist
 
+from expertmesh.engine import counters
+from expertmesh.engine.counters import RankCounters
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.model.transformer import MoETransformer
-from expertmesh.parallel.dispatch import ExchangeStats
-from expertmesh.parallel.expert import dispatchers
 
 STATS_EVERY = 16  # steps between two collections of the ranks' counters
 IDLE_S = 0.5  # the longest rank 0 waits, idle, before an empty step
@@ -35,23 +35,10 @@ class EngineStopped(RuntimeError):
     """What a request's sink gets when the engine ends before the request does."""
 
 
-def rank_counters(model: MoETransformer, rank: int) -> dict:
-    """This rank's counters since the last call, which resets them."""
-    exchange = {}
-    for layer, d in dispatchers(model).items():
-        # The stats themselves: pickling them reads loads kept on the device to host lists.
-        exchange[layer] = {"stats": d.stats, "placement": d.placement}
-        d.stats = ExchangeStats()
-    overflow = {}
-    for name, layer in model.layers.items():
-        overflow[int(name)] = layer.moe.overflow
-        layer.moe.overflow = dict.fromkeys(layer.moe.overflow, 0)
-    return {"rank": rank, "exchange": exchange, "overflow": overflow}
-
-
-def share_counters(engine: Engine, model: MoETransformer) -> list[dict] | None:
-    """Collective: every rank's `rank_counters`; rank 0 gets the list, the others None."""
-    mine = rank_counters(model, engine.rank)
+def share_counters(engine: Engine, model: MoETransformer) -> list[RankCounters] | None:
+    """Collective: every rank's counters since the last call, which resets them; rank 0 gets the
+    list, the others None."""
+    mine = counters.take(model, engine.rank)
     if not dist.is_initialized():
         return [mine]
     everyone = [None] * dist.get_world_size() if engine.rank == 0 else None

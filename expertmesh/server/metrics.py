@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+from expertmesh.engine.counters import RankCounters
 from expertmesh.engine.load import load_summary
 
 # Seconds; CPU ranks are slow, GPU ones fast: the buckets span both.
@@ -70,21 +71,20 @@ class ServerMetrics:
         if counters:
             self._counters(counters)
 
-    def _counters(self, ranks: list[dict]) -> None:
+    def _counters(self, ranks: list[RankCounters]) -> None:
         per_layer: dict[int, dict[int, list]] = {}
         placements: dict[int, list] = {}
         for i, r in enumerate(ranks):
-            for layer, x in r["exchange"].items():
-                stats = x["stats"]
+            for layer, stats in r.exchange.items():
                 per_layer.setdefault(layer, {})[len(per_layer.get(layer, {}))] = stats.loads
-                placements[layer] = x["placement"]
+                placements[layer] = r.placement[layer]
                 self.exchanged.inc(stats.rows_sent * self.row_bytes)
                 self.cross_node.inc(stats.cross_node_bytes)
             if self.tp > 1 and i % self.tp:  # TP peers see the same tokens: count them once
                 continue
-            for counts in r["overflow"].values():
-                self.overflow.labels("dropped").inc(counts["dropped"])
-                self.overflow.labels("rerouted").inc(counts["rerouted"])
+            for counts in r.overflow.values():
+                self.overflow.labels("dropped").inc(counts.dropped)
+                self.overflow.labels("rerouted").inc(counts.rerouted)
         if not per_layer:
             return
         summary = load_summary(per_layer, placements, self.n_experts)

@@ -22,7 +22,8 @@ import uvicorn
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
-from expertmesh.engine.worker import RunSpec, load_rank
+from expertmesh.engine.shard import load_rank
+from expertmesh.engine.spec import RunSpec
 from expertmesh.server.app import Api, create_app
 from expertmesh.server.loop import EngineLoop, follow
 from expertmesh.server.metrics import ServerMetrics

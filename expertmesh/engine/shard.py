@@ -1,0 +1,55 @@
+"""One rank's shard of the model: built on the meta device, the deployment's parallelism applied
+(pipeline stage, tensor shards, expert placement and token exchange), then only this rank's
+weights materialized, synthetic or read from a checkpoint.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from expertmesh.checkpoint.loader import load_checkpoint
+from expertmesh.engine.spec import RunSpec
+from expertmesh.model.synthetic import materialize
+from expertmesh.model.transformer import MoETransformer, build_model
+from expertmesh.parallel.expert import apply_expert_parallel
+from expertmesh.parallel.mesh import stage_group
+from expertmesh.parallel.pipeline import PipelineLinks, apply_pipeline
+from expertmesh.parallel.placement import default_placement
+from expertmesh.parallel.tensor import apply_tensor_parallel
+
+
+def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> MoETransformer:
+    """This rank's shard of the model, still on the meta device."""
+    dep = spec.deployment
+    model = build_model(spec.cfg)
+    stage, inner = dep.coords(rank)
+    if dep.pp > 1:
+        apply_pipeline(model, dep, stage)
+    if dep.tp > 1:
+        apply_tensor_parallel(model, group, dep.tp, inner)
+    if dep.ep > 1:
+        topology = spec.topology
+        placements = spec.placement or default_placement(spec.cfg.n_layers, spec.cfg.n_experts, dep.ep)
+        peer_nodes = [topology.node_of(stage * dep.inner + i) for i in range(dep.ep)]
+        apply_expert_parallel(model, group, inner, placements, chunks=spec.a2a_chunks,
+                              overlap=spec.overlap != "none", peer_nodes=peer_nodes,
+                              hierarchical=spec.a2a == "hierarchical",
+                              low_latency_threshold=spec.low_latency_tokens)
+    return model
+
+
+def load_rank(spec: RunSpec, device: torch.device) -> tuple[MoETransformer, PipelineLinks | None, int]:
+    """This rank's shard of the model with its weights, its pipeline links, and the checkpoint
+    bytes it read."""
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dep = spec.deployment
+    group = stage_group(dep, rank) if dist.is_initialized() else None
+    model = shard_model(spec, rank, group)
+    if spec.checkpoint:
+        checkpoint_bytes = load_checkpoint(model, spec.checkpoint, spec.cfg.torch_dtype, device)
+    else:
+        model, checkpoint_bytes = materialize(model, spec.seed, spec.cfg.torch_dtype, device), 0
+    links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
+    return model, links, checkpoint_bytes
+

@@ -1,0 +1,36 @@
+"""A rank's pipeline neighbours, as the engine's forward sees them.
+
+Under pipeline parallelism a stage receives hidden states from the previous stage and sends its
+own to the next one, and the last stage sends sampled tokens back to the first;
+`parallel/pipeline.py`'s `PipelineLinks` implements `StageLinks` over point-to-point messages.
+Without pipeline parallelism a rank is a `SingleStage`: first and last, with no neighbours.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+
+
+class StageLinks(Protocol):
+    """Pipeline neighbours of a stage (implemented in `parallel/pipeline.py`)."""
+
+    is_first: bool
+    is_last: bool
+
+    def send_hidden(self, micro: int, h: torch.Tensor) -> None: ...
+    def recv_hidden(self, micro: int, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor: ...
+    def send_tokens(self, micro: int, tokens: torch.Tensor) -> None: ...
+    def recv_tokens(self, micro: int, n: int) -> torch.Tensor: ...
+    def finish(self) -> None: ...
+
+
+class SingleStage:
+    """The whole model on this rank: no neighbours."""
+
+    is_first = True
+    is_last = True
+
+    def finish(self) -> None:
+        pass
