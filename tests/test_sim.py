@@ -45,6 +45,11 @@ def test_two_stage_pipeline_makespan_equals_the_hand_schedule(monkeypatch):
     assert m.ttft_s == pytest.approx(5.0)
     assert m.total_s == pytest.approx(15.0)
     assert m.tpot_s == pytest.approx(5.0)
+    # pipelined steps (step_barrier=False, not the engine): a micro-batch starts its next step as
+    # soon as its token is back. step 1: s0 m0 [3,4] (token of m0 at 3), m1 [5,6]; s1 m0 [5,7]
+    # m1 [7,9] -> 9; step 2: s0 m0 [7,8] m1 [9,10]; s1 m0 [9,11] m1 [11,13] -> 13
+    piped = simulate(dataclasses.replace(sc, step_barrier=False)).metrics
+    assert piped.total_s == pytest.approx(13.0) and piped.tpot_s == pytest.approx(4.0)
 
 
 def test_chunked_exchange_overlaps_the_next_dispatch_with_expert_compute():

@@ -41,7 +41,10 @@ class Scenario:
     data-parallel size; the ep / attn_dp ranks of an attention group split its sequences'
     heads (attention TP), reduce-scatter the attention output so each rank dispatches 1/attn_tp
     of the group's tokens, and all-gather them back after the combine.
-    `prefill_micro` / `decode_micro` None: one micro-batch per pipeline stage, as the engine. `cuda_graphs`: decode steps replay captured graphs, one launch per stretch between
+    `prefill_micro` / `decode_micro` None: one micro-batch per pipeline stage, as the engine.
+    `step_barrier`: a step starts when the previous one ended on every stage, as the engine's
+    (it gathers each step's tokens on every rank); False: a pipeline stage starts a micro-batch
+    of the next step as soon as its tokens are back (a what-if for pipelined engines). `cuda_graphs`: decode steps replay captured graphs, one launch per stretch between
     host syncs instead of one per op. `fp8`: FP8 weights, KV cache and EP dispatch, FP8 GEMMs
     (as TensorRT-LLM's FP8 mode); activations and the combine stay 16-bit."""
 
@@ -62,6 +65,7 @@ class Scenario:
     low_latency_tokens: int = LOW_LATENCY_TOKENS
     overlap: str = "chunks"
     attn_dp: int | None = None
+    step_barrier: bool = True
 
     def __post_init__(self) -> None:
         self.deployment.validate(self.cfg)
@@ -281,8 +285,11 @@ class Scenario:
                     f"of {self.deployment.name}; each replica serves <= {self.replica_workload.batch_size} "
                     f"sequences; {self.sharing()}",
             "schedule": f"{self.micro_batches(True)} prefill / {self.micro_batches(False)} decode "
-                        f"micro-batch(es); a step starts when the previous one ended on every stage "
-                        f"(the engine gathers each step's tokens on every rank)"
+                        f"micro-batch(es); "
+                        + ("a step starts when the previous one ended on every stage (the engine "
+                           "gathers each step's tokens on every rank)" if self.step_barrier else
+                           "a stage starts a micro-batch of the next step once its tokens are back "
+                           "(pipelined steps: not what the engine does)")
                         + (f"; {self.exchange()}" if self.deployment.ep > 1 else "")
                         + f"; routing {self.routing.name}",
             "attention": self.attention(),

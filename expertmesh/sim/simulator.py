@@ -246,7 +246,8 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
         rows = split(M)
         # an engine step starts once the last one ended and its control messages went round
         begin = (step_times[-1] if step_times else 0.0) + control
-        free = [max(f, begin) for f in free]
+        if sc.step_barrier or step == 0:
+            free = [max(f, begin) for f in free]
         if step == 0 or M != len(hidden_at):
             hidden_at = [0.0] * M
             tokens_at = [begin] * M
@@ -274,7 +275,7 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
                 if s == dep.pp - 1:
                     step_end = max(step_end, end)
                     if dep.pp > 1:
-                        tokens_at[m] = end + cost.send_recv(token_link, max(b) * 8).seconds
+                        tokens_at[m] = end + cost.send_recv(token_link, max(b) * 8).seconds + control
         step_times.append(step_end)
 
     metrics = Metrics.from_events(0.0, step_times, sc.workload.batch_size, P)
