@@ -165,6 +165,17 @@ def test_attention_groups_split_heads_and_pay_a_reduce_scatter_and_all_gather():
     assert ms.kv_bytes == mp.kv_bytes
 
 
+def test_attention_groups_of_a_later_pipeline_stage_stay_inside_it():
+    sc = Scenario(PAPER, Deployment(ep=8, pp=2), NARROW, H100, attn_dp=2)
+    layer = stage_program(sc, 1, [((16, 1, 2000),)] * 8).layer
+    rs = layer[_names(layer).index("attention reduce-scatter")].costs
+    # groups {8..11} and {12..15}, each inside a node: NVLink only, the group's 64 tokens
+    assert all(c.network_bytes == 0 for c in rs)
+    assert rs[0].nvlink_bytes == pytest.approx(cost.all_gather(H100, sc.topology, [8, 9, 10, 11],
+                                                               64 * D * BF16).nvlink_bytes)
+    assert simulate(sc).metrics.tpot_s > 0
+
+
 def test_attn_dp_is_validated_with_a_one_line_fix():
     with pytest.raises(ValueError, match=r"--attn-dp 3 must divide ep=16 .* use one of 1, 2, 4, 8, 16"):
         Scenario(PAPER, EP16, NARROW, H100, attn_dp=3)

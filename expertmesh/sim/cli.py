@@ -161,11 +161,11 @@ def cmd_plan(args) -> int:
     for v in rejected:
         why = [] if v.fits else [f"needs {v.result.memory.total_bytes / 1e9:.1f} GB per GPU"]
         why += [] if v.meets_slo else [f"TPOT {v.result.metrics.tpot_s * 1e3:.2f} ms over the SLO"]
-        console.print(f"  rejected {v.result.scenario.deployment.name}: {'; '.join(why)}")
+        console.print(f"  rejected {v.result.scenario.name}: {'; '.join(why)}")
     for r in ranked[:3]:
-        console.print(f"  {r.scenario.deployment.name}: {dominant(r)}")
+        console.print(f"  {r.scenario.name}: {dominant(r)}")
     if ranked:
-        console.print(f"  [bold]{ranked[0].scenario.deployment.name}[/bold] wins: "
+        console.print(f"  [bold]{ranked[0].scenario.name}[/bold] wins: "
                       + (f"its decode step is shortest where it counts ({dominant(ranked[0])})"
                          if not args.rate else "the highest goodput at this rate (ties: lowest TPOT, "
                                                "then TTFT, at the 90th percentile)"))

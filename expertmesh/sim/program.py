@@ -135,7 +135,8 @@ def _collective(sc: Scenario, ranks: list[int], name: str, nbytes: list[float]) 
 
 def _group_phase(sc: Scenario, groups: list[list[int]], name: str, nbytes: list[float]) -> Phase:
     """Reduce-scatter or all-gather of each group's `nbytes` buffer inside its attention group."""
-    costs = [cost.all_gather(sc.hw, sc.topology, g, nbytes[i]) + cost.launched(sc.hw, 1)
+    first = groups[0][0]  # nbytes is indexed by the rank's place in the stage
+    costs = [cost.all_gather(sc.hw, sc.topology, g, nbytes[i - first]) + cost.launched(sc.hw, 1)
              for g in groups for i in g]
     return Phase(name, tuple(costs), sync=True)
 
