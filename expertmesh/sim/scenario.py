@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
@@ -159,7 +160,7 @@ class Scenario:
         return sum(1 for g in range(node * per, min((node + 1) * per, self.gpus))
                    if (g // ws * ws) // per != (g // ws * ws + ws - 1) // per)
 
-    @property
+    @cached_property
     def net_bw_per_gpu(self) -> float:
         """Network bandwidth one GPU gets when every GPU of its node that uses the network sends at
         once: its own port's, or the node's ports shared (`nics_per_node`)."""
@@ -169,7 +170,7 @@ class Scenario:
             return hw.net_bw
         return hw.net_bw * hw.nics_per_node / busiest
 
-    @property
+    @cached_property
     def hw(self) -> HardwareProfile:
         """The hardware as each GPU of this cluster sees it (the network as shared on its node)."""
         bw = self.net_bw_per_gpu
@@ -214,9 +215,11 @@ class Scenario:
         return self.low_latency(self._rank_sequences(True) * self.replica_workload.prompt_len)
 
     def _rank_sequences(self, prefill: bool) -> int:
-        """Sequences of the busiest EP rank in one forward (micro-batch) of a static step."""
+        """Sequences of the busiest EP rank in one forward (micro-batch, or half of it under
+        two-batch overlap) of a static step."""
         per_rank = -(-self.replica_workload.batch_size // max(self.deployment.ep, 1))
-        return -(-per_rank // self.micro_batches(prefill))
+        halves = 2 if self.overlap == "tbo" and per_rank > 1 else 1
+        return -(-per_rank // (self.micro_batches(prefill) * halves))
 
     @property
     def host_syncs(self) -> str:
