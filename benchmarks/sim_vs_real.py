@@ -7,7 +7,7 @@ bandwidth, gloo collectives; or --profile). Four engine-level constants, the per
 overhead (`launch_s`), the host time of an engine step outside its forward (`step_host_s`), a
 scale on the microbenchmark's matmul rate and the ranks' worth of cores the engine's ranks get
 at once (`compute_slots`), are then fitted to a *calibration* set of real runs
-(deployments `single`, `ep2`, one workload), by least squares on their relative TTFT and TPOT
+(deployments `single`, `ep2`, at two workloads), by least squares on their relative TTFT and TPOT
 errors. The
 profile then predicts a *held-out* set: other deployments (`tp2`, `pp2`, `ep2pp2` ... ) at another
 batch and prompt length, none of which informed any constant. Each deployment runs as local gloo
@@ -42,9 +42,11 @@ from expertmesh.sim.simulator import simulate
 CALIBRATE_ON = ("single", "ep2")
 HELD_OUT = ("ep2", "tp2", "pp2", "ep4")
 METRICS = ("ttft_s", "tpot_s")
-WORKLOADS = {  # (calibration, held-out): the held-out batch and prompt differ
-    "quick": (Workload(batch_size=4, prompt_len=16, gen_len=4), Workload(batch_size=2, prompt_len=32, gen_len=5)),
-    "full": (Workload(batch_size=8, prompt_len=64, gen_len=16), Workload(batch_size=4, prompt_len=128, gen_len=12)),
+WORKLOADS = {  # (calibration workloads, held-out): no held-out batch or prompt is calibrated on
+    "quick": ((Workload(batch_size=4, prompt_len=16, gen_len=4), Workload(batch_size=1, prompt_len=24, gen_len=6)),
+              Workload(batch_size=2, prompt_len=32, gen_len=5)),
+    "full": ((Workload(batch_size=8, prompt_len=64, gen_len=16), Workload(batch_size=2, prompt_len=96, gen_len=8)),
+             Workload(batch_size=4, prompt_len=128, gen_len=12)),
 }
 
 
@@ -129,16 +131,18 @@ def rows_for(profile: HardwareProfile, runs, kind: str) -> list[dict]:
     return out
 
 
-def compare(profile: HardwareProfile, calibration: Workload, held_out: Workload, repeat: int,
+def compare(profile: HardwareProfile, calibration: tuple[Workload, ...], held_out: Workload, repeat: int,
             held_out_deployments=HELD_OUT) -> tuple[HardwareProfile, list[dict]]:
-    """Fit on the calibration runs, predict the held-out ones: (fitted profile, rows of both).
-    The runs of both sets are interleaved, round after round, so that a change of the machine's
+    """Fit on the calibration runs (each calibration deployment at each calibration workload:
+    8 figures for 4 constants), predict the held-out ones: (fitted profile, rows of both). The
+    runs of both sets are interleaved, round after round, so that a change of the machine's
     load touches both sets alike; each keeps its fastest run."""
-    plan = [(n, calibration) for n in CALIBRATE_ON] + [(n, held_out) for n in held_out_deployments]
+    cal_plan = [(n, w) for w in calibration for n in CALIBRATE_ON]
+    plan = cal_plan + [(n, held_out) for n in held_out_deployments]
     rounds = [[measure(n, w, 1) for n, w in plan] for _ in range(repeat)]
     best = [{m: min(r[i][m] for r in rounds) for m in METRICS} for i in range(len(plan))]
     runs = [(n, w, b) for (n, w), b in zip(plan, best)]
-    cal, held = runs[:len(CALIBRATE_ON)], runs[len(CALIBRATE_ON):]
+    cal, held = runs[:len(cal_plan)], runs[len(cal_plan):]
     fitted = fit_profile(profile, cal)
     return fitted, rows_for(fitted, cal, "calibration") + rows_for(fitted, held, "held-out")
 
