@@ -3,14 +3,17 @@
     python benchmarks/sim_vs_real.py [--profile profile.json] [--quick] [--repeat N] [--json out.json]
 
 Protocol: the machine is measured into a profile (`expertmesh calibrate`: matmuls, memory
-bandwidth, gloo collectives; or --profile). Two engine-level constants, the per-op framework
-overhead (`launch_s`) and a scale on the microbenchmark's matmul rate, are then fitted to a
-*calibration* set of real runs (deployments `single`, `ep2`, one workload), by least squares on
-their relative TTFT and TPOT errors. The
+bandwidth, gloo collectives; or --profile). Four engine-level constants, the per-op framework
+overhead (`launch_s`), the host time of an engine step outside its forward (`step_host_s`), a
+scale on the microbenchmark's matmul rate and the ranks' worth of cores the engine's ranks get
+at once (`compute_slots`), are then fitted to a *calibration* set of real runs
+(deployments `single`, `ep2`, at two workloads), by least squares on their relative TTFT and TPOT
+errors. The
 profile then predicts a *held-out* set: other deployments (`tp2`, `pp2`, `ep2pp2` ... ) at another
 batch and prompt length, none of which informed any constant. Each deployment runs as local gloo
-ranks (expertmesh.launch), one thread per rank, the tiny preset in fp32, `--repeat` times; the
-fastest run stands for it (the least disturbed by other load, as calibrate's own timings).
+ranks (expertmesh.launch), one thread per rank, the tiny preset in fp32, `--repeat` times, the
+runs of all deployments of both sets in turn, round after round; the fastest run stands for it
+(the least disturbed by other load, as calibrate's own timings).
 Prints both sets with their errors and the held-out median and worst relative error.
 """
 
@@ -23,6 +26,7 @@ import json
 import statistics
 import sys
 
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 
@@ -39,9 +43,11 @@ from expertmesh.sim.simulator import simulate
 CALIBRATE_ON = ("single", "ep2")
 HELD_OUT = ("ep2", "tp2", "pp2", "ep4")
 METRICS = ("ttft_s", "tpot_s")
-WORKLOADS = {  # (calibration, held-out): the held-out batch and prompt differ
-    "quick": (Workload(batch_size=4, prompt_len=16, gen_len=4), Workload(batch_size=2, prompt_len=32, gen_len=5)),
-    "full": (Workload(batch_size=8, prompt_len=64, gen_len=16), Workload(batch_size=4, prompt_len=128, gen_len=12)),
+WORKLOADS = {  # (calibration workloads, held-out): no held-out batch or prompt is calibrated on
+    "quick": ((Workload(batch_size=4, prompt_len=16, gen_len=4), Workload(batch_size=1, prompt_len=24, gen_len=6)),
+              Workload(batch_size=2, prompt_len=32, gen_len=5)),
+    "full": ((Workload(batch_size=8, prompt_len=64, gen_len=16), Workload(batch_size=2, prompt_len=96, gen_len=8)),
+             Workload(batch_size=4, prompt_len=128, gen_len=12)),
 }
 
 
@@ -61,35 +67,57 @@ def predict(profile: HardwareProfile, name: str, workload: Workload) -> dict[str
 
 
 COMPUTE_SCALES = tuple(2 ** (i / 4) for i in range(-4, 13))  # 0.5x .. 8x the microbenchmark's time
+COMPUTE_SLOTS = tuple(1.0 + i / 10 for i in range(11))  # 1 .. 2 ranks' worth of cores, at most the profile's
 
 
-def _launch_for(profile: HardwareProfile, runs) -> tuple[float, float]:
-    """(launch_s, squared relative error) minimising the error over `runs` for this profile. On a
-    CPU profile every op's launch adds to its time, so each prediction is linear in launch_s."""
+ENGINE_CONSTANTS = ("launch_s", "step_host_s")
+
+
+def _engine_constants(profile: HardwareProfile, runs) -> tuple[dict[str, float], float]:
+    """The per-op overhead `launch_s` and the per-step host time `step_host_s` minimising the
+    squared relative error over `runs` for this profile, both >= 0 (and that error). On a CPU
+    profile every op's launch adds to its time and every step's host work to the step, so each
+    prediction is linear in both."""
     unit = 1e-3
-    pairs = []  # (prediction at launch 0, slope, measured)
+    zero = profile.with_(**dict.fromkeys(ENGINE_CONSTANTS, 0.0))
+    rows = []  # (prediction at zero, slope per constant, measured)
     for name, workload, measured in runs:
-        t0 = predict(profile.with_(launch_s=0.0), name, workload)
-        t1 = predict(profile.with_(launch_s=unit), name, workload)
-        pairs += [(t0[m], (t1[m] - t0[m]) / unit, measured[m]) for m in METRICS]
-    num = sum(a * (y - p) / y ** 2 for p, a, y in pairs)
-    den = sum(a ** 2 / y ** 2 for _, a, y in pairs)
-    launch = max(num / den, 0.0) if den else profile.launch_s
-    return launch, sum(((p + a * launch) - y) ** 2 / y ** 2 for p, a, y in pairs)
+        t0 = predict(zero, name, workload)
+        slopes = [predict(zero.with_(**{c: unit}), name, workload) for c in ENGINE_CONSTANTS]
+        rows += [(t0[m], [(t[m] - t0[m]) / unit for t in slopes], measured[m]) for m in METRICS]
+    A = np.array([[a / y for a in slope] for _, slope, y in rows])
+    b = np.array([(y - p) / y for p, _, y in rows])
+    best = None
+    for free in ([0, 1], [0], [1], []):  # non-negative least squares over two unknowns
+        x = np.zeros(2)
+        if free:
+            x[free] = np.linalg.lstsq(A[:, free], b, rcond=None)[0]
+        if (x >= 0).all():
+            err = float(((A @ x - b) ** 2).sum())
+            if best is None or err < best[1]:
+                best = (x, err)
+    x, err = best
+    return dict(zip(ENGINE_CONSTANTS, map(float, x))), err
 
 
 def fit_profile(profile: HardwareProfile, runs) -> HardwareProfile:
-    """The profile's two engine-level constants fitted to the calibration runs: the per-op
-    overhead `launch_s`, and how much slower the engine's matmuls run than the microbenchmark's
-    (other shapes, caches, and other processes on the cores), as one scale on the matmul peaks,
-    searched over COMPUTE_SCALES with the best launch_s for each."""
-    def scaled(scale: float) -> HardwareProfile:
-        return profile.with_(bf16_flops=profile.bf16_flops / scale,
+    """The profile's engine-level constants fitted to the calibration runs: the per-op overhead
+    `launch_s`, the host time of an engine step outside its forward `step_host_s` (scheduling,
+    the control messages' serialisation; their latency is costed from the measured gloo
+    latency), how much slower the engine's matmuls run than the microbenchmark's (other shapes,
+    caches), as one scale on the matmul peaks, and how many ranks' compute the cores give at
+    once while the engine runs (`compute_slots`: other processes, and gloo's own threads, take
+    cores from the ranks; `single` against `ep2` tells), searched over COMPUTE_SCALES x
+    COMPUTE_SLOTS with the best launch_s and step_host_s for each."""
+    def scaled(scale: float, slots: float) -> HardwareProfile:
+        return profile.with_(bf16_flops=profile.bf16_flops / scale, compute_slots=slots,
                              fp32_flops=profile.fp32_flops / scale if profile.fp32_flops else None)
 
-    fits = [(_launch_for(scaled(c), runs), c) for c in COMPUTE_SCALES]
-    (launch, _), c = min(fits, key=lambda f: f[0][1])
-    return scaled(c).with_(launch_s=launch)
+    cores = profile.compute_slots or 1.0
+    slots = sorted({min(s, cores) for s in COMPUTE_SLOTS})
+    fits = [(_engine_constants(scaled(scale, n), runs), scale, n) for scale in COMPUTE_SCALES for n in slots]
+    (constants, _), scale, n = min(fits, key=lambda f: f[0][1])
+    return scaled(scale, n).with_(**constants)
 
 
 def rows_for(profile: HardwareProfile, runs, kind: str) -> list[dict]:
@@ -104,12 +132,19 @@ def rows_for(profile: HardwareProfile, runs, kind: str) -> list[dict]:
     return out
 
 
-def compare(profile: HardwareProfile, calibration: Workload, held_out: Workload, repeat: int,
+def compare(profile: HardwareProfile, calibration: tuple[Workload, ...], held_out: Workload, repeat: int,
             held_out_deployments=HELD_OUT) -> tuple[HardwareProfile, list[dict]]:
-    """Fit on the calibration runs, predict the held-out ones: (fitted profile, rows of both)."""
-    cal = [(n, calibration, measure(n, calibration, repeat)) for n in CALIBRATE_ON]
+    """Fit on the calibration runs (each calibration deployment at each calibration workload:
+    8 figures for 4 constants), predict the held-out ones: (fitted profile, rows of both). The
+    runs of both sets are interleaved, round after round, so that a change of the machine's
+    load touches both sets alike; each keeps its fastest run."""
+    cal_plan = [(n, w) for w in calibration for n in CALIBRATE_ON]
+    plan = cal_plan + [(n, held_out) for n in held_out_deployments]
+    rounds = [[measure(n, w, 1) for n, w in plan] for _ in range(repeat)]
+    best = [{m: min(r[i][m] for r in rounds) for m in METRICS} for i in range(len(plan))]
+    runs = [(n, w, b) for (n, w), b in zip(plan, best)]
+    cal, held = runs[:len(cal_plan)], runs[len(cal_plan):]
     fitted = fit_profile(profile, cal)
-    held = [(n, held_out, measure(n, held_out, repeat)) for n in held_out_deployments]
     return fitted, rows_for(fitted, cal, "calibration") + rows_for(fitted, held, "held-out")
 
 
@@ -145,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
 
     scale = profile.fp32_flops / fitted.fp32_flops
     table = Table(title=f"simulated vs measured, tiny fp32, {fitted.name}; fitted on the calibration "
-                        f"set: launch_s {fitted.launch_s * 1e6:.0f} us, matmuls {scale:.2f}x slower "
+                        f"set: launch_s {fitted.launch_s * 1e6:.0f} us, step_host_s {fitted.step_host_s * 1e3:.2f} ms, "
+                        f"{fitted.compute_slots:.1f} ranks compute at once, matmuls {scale:.2f}x slower "
                         f"than the microbenchmark")
     for col in ("set", "deployment", "batch x prompt", "metric", "predicted ms", "measured ms", "error %"):
         table.add_column(col, justify="left" if col in ("set", "deployment", "metric") else "right")

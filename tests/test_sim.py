@@ -28,12 +28,13 @@ SHORT = Workload(batch_size=128, prompt_len=1000, gen_len=4)
 
 
 def test_two_stage_pipeline_makespan_equals_the_hand_schedule(monkeypatch):
-    """Stage 0 takes 1 s, stage 1 takes 2 s per micro-batch, links are free; 2 micro-batches.
+    """Stage 0 takes 1 s, stage 1 takes 2 s per micro-batch, links and control messages are
+    free; 2 micro-batches. As the engine, a step starts once the previous one has ended on every
+    stage (its tokens are gathered by all ranks), so micro-batches pipeline within a step only.
 
     step 0: s0 m0 [0,1] m1 [1,2]; s1 m0 [1,3] m1 [3,5]                       -> token 0 at 5
-    step 1: s0 m0 waits for m0's token (3) [3,4], m1 its token (5) [5,6];
-            s1 m0 [5,7] m1 [7,9]                                             -> token 1 at 9
-    step 2: s0 m0 [7,8] m1 [9,10]; s1 m0 [9,11] m1 [11,13]                   -> token 2 at 13
+    step 1: s0 m0 [5,6] m1 [6,7]; s1 m0 [6,8] m1 [8,10]                      -> token 1 at 10
+    step 2: s0 m0 [10,11] m1 [11,12]; s1 m0 [11,13] m1 [13,15]               -> token 2 at 15
     """
     def program(sc, stage, work):
         return StageProgram((), (Phase("work", (Cost(1.0 + stage, "compute"),)),), (), 1)
@@ -43,8 +44,13 @@ def test_two_stage_pipeline_makespan_equals_the_hand_schedule(monkeypatch):
     sc = Scenario(preset("tiny"), Deployment(pp=2), Workload(batch_size=4, prompt_len=8, gen_len=3), hw)
     m = simulate(sc).metrics
     assert m.ttft_s == pytest.approx(5.0)
-    assert m.total_s == pytest.approx(13.0)
-    assert m.tpot_s == pytest.approx(4.0)
+    assert m.total_s == pytest.approx(15.0)
+    assert m.tpot_s == pytest.approx(5.0)
+    # pipelined steps (step_barrier=False, not the engine): a micro-batch starts its next step as
+    # soon as its token is back. step 1: s0 m0 [3,4] (token of m0 at 3), m1 [5,6]; s1 m0 [5,7]
+    # m1 [7,9] -> 9; step 2: s0 m0 [7,8] m1 [9,10]; s1 m0 [9,11] m1 [11,13] -> 13
+    piped = simulate(dataclasses.replace(sc, step_barrier=False)).metrics
+    assert piped.total_s == pytest.approx(13.0) and piped.tpot_s == pytest.approx(4.0)
 
 
 def test_chunked_exchange_overlaps_the_next_dispatch_with_expert_compute():
@@ -142,11 +148,12 @@ def test_candidates_are_all_valid_and_cover_both_families():
 
 def test_planner_returns_only_deployments_that_fit_and_meet_the_slo():
     base = Scenario(PAPER, Deployment(), Workload(batch_size=64, prompt_len=8000, gen_len=3), H100)
-    verdicts = evaluate(base, 4, tpot_slo_s=0.05)
+    verdicts = evaluate(base, 4, tpot_slo_s=0.07)
     assert any(not v.fits for v in verdicts)
-    ranked = plan(base, 4, tpot_slo_s=0.05)
+    ranked = plan(base, 4, tpot_slo_s=0.07)
     assert ranked
-    assert all(r.memory.fits and r.metrics.tpot_s <= 0.05 for r in ranked)
+    assert all(r.memory.fits and r.metrics.tpot_s <= 0.07 for r in ranked)
+    assert not plan(base, 4, tpot_slo_s=0.001)  # nothing decodes 8k contexts that fast on 4 GPUs
     tps = [r.metrics.decode_tps for r in ranked]  # decode by default: issue 16 section 3
     assert tps == sorted(tps, reverse=True)
 

@@ -78,17 +78,25 @@ def test_small_all_to_all_pays_one_collective_latency_not_one_per_peer():
     assert c == pytest.approx(cost.collective_latency(H100, 8) + 56 / (H100.nvlink_bw * H100.nvlink_efficiency))
 
 
-def test_low_latency_kernel_drops_the_count_exchange_and_host_sync_of_decode_only():
-    sc = Scenario(PAPER, Deployment(ep=16), SHORT, H100, a2a_kernel="low-latency")
-    decode = [getattr(p, "name", "exchange") for p in stage_program(sc, 0, [((8, 1, 1000),)] * 16).layer]
-    prefill = [getattr(p, "name", "exchange") for p in stage_program(sc, 0, [((8, 1000, 0),)] * 16).layer]
-    assert "a2a counts" not in decode and "exchange" in decode
-    assert "a2a counts" in prefill
-    assert "prefill step only" in sc.host_syncs
-    nccl = Scenario(PAPER, Deployment(ep=16), SHORT, H100)
-    assert "count exchange" in nccl.host_syncs
+def test_forwards_under_the_low_latency_threshold_drop_the_count_exchange_and_host_sync():
+    """As the engine's --low-latency-tokens: decode (8 tokens per rank) takes the low-latency
+    exchange, a 1000-token prefill the standard one; 0 never takes it."""
+    sc = Scenario(PAPER, Deployment(ep=16), SHORT, H100)
+
+    def names(sc, L):
+        return [getattr(p, "name", "exchange") for p in stage_program(sc, 0, [((8, L, 0),)] * 16).layer]
+    assert "a2a counts" not in names(sc, 1) and "exchange" in names(sc, 1)
+    assert "a2a counts" in names(sc, 1000)
+    assert "prefill steps" in sc.host_syncs and "decode" not in sc.host_syncs
+    never = dataclasses.replace(sc, low_latency_tokens=0)
+    assert "a2a counts" in names(never, 1)
+    assert "prefill and decode" in never.host_syncs
+    everything = dataclasses.replace(sc, low_latency_tokens=8000)
+    assert "a2a counts" not in names(everything, 1000) and "none inside a step" in everything.host_syncs
     with pytest.raises(ValueError, match="a2a kernel"):
-        dataclasses.replace(nccl, a2a_kernel="deepep")
+        dataclasses.replace(sc, a2a_kernel="deepep")
+    with pytest.raises(ValueError, match="low-latency-tokens -1 must be >= 0"):
+        dataclasses.replace(sc, low_latency_tokens=-1)
 
 
 def test_fp8_halves_weight_and_kv_bytes_and_needs_an_fp8_profile():

@@ -5,7 +5,8 @@ simulator's schedule), for one replica over its `world_size` GPUs, each at the d
 no efficiency loss, no latency, perfect overlap. Minimal HBM traffic per forward pass: each
 weight copy that computes is read once (attention and the head are replicated on EP ranks, the
 head on TP ranks), each expert that some token chose is read once (expected number under the
-routing), the cached K and V are read once. A run cannot be faster than the slowest resource.
+routing), the cached K and V are read once; under EP with attention TP, one attention copy per
+group. A run cannot be faster than the slowest resource.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
 
     flops = cfg.n_layers * (2 * t * proj + 4 * h * d * pairs + 2 * t * D * E + 2 * t * k * expert)
     flops += 2 * B * D * V
-    weights = cfg.n_layers * ((proj + E * D) * min(dep.ep, B) + used * expert)
+    a = sc.attn_tp if dep.ep > 1 else 1  # attention TP inside EP: one copy per attention group
+    weights = cfg.n_layers * (proj * min(dep.ep // a, B) + E * D * min(dep.ep, B) + used * expert)
     weights += V * D * dep.tp + V * D
     kv = cfg.n_layers * 2 * B * (start + L) * g * d
     out = {"compute": flops, "hbm": weights * sc.weight_itemsize + kv * sc.kv_itemsize,
@@ -47,6 +49,12 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
             ring = list(ranks)
             for i, r in enumerate(ring):
                 move(r, ring[(i + 1) % len(ring)], layers * 2 * 2 * (dep.tp - 1) / dep.tp * t * D * isz)
+        if a > 1:  # reduce-scatter and all-gather of each attention group's [t_g, D], as a ring
+            for g in range(0, inner, a):
+                group = list(ranks)[g:g + a]
+                t_g = sum(len(dep.rows_of(r, B)) for r in group) * L
+                for i, r in enumerate(group):
+                    move(r, group[(i + 1) % a], layers * 2 * (a - 1) / a * t_g * D * isz)
         if dep.ep > 1:  # dispatch and combine of every assignment whose expert is on another rank
             per = E // dep.ep
             for i, r in enumerate(ranks):
@@ -76,7 +84,7 @@ class Bound:
 
 
 def _seconds(sc: Scenario, volumes: dict[str, float], achieved: bool) -> tuple[float, str]:
-    hw, n = sc.hardware, sc.deployment.world_size
+    hw, n = sc.hw, sc.deployment.world_size
     capacity = {"compute": hw.matmul_flops(sc.compute_dtype), "hbm": hw.hbm_bw,
                 "nvlink": hw.nvlink_bw, "network": hw.net_bw}
     if achieved:  # what measured kernels reach, not the datasheet

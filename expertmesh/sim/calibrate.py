@@ -3,8 +3,9 @@
 Each rank of a local run is one process with one thread (launch.py), so every figure is measured
 the same way: matmul throughput by shape class (GEMM rows 1 .. 512), weight-streaming
 memory bandwidth, gloo `all_to_all_single` and `all_reduce` at 2 .. N ranks and several sizes (fitted to
-the cost model's latency + bytes / bandwidth formulas), and the per-op framework overhead (fitted
-so that the simulator reproduces the engine's own single-rank decode step).
+the cost model's latency + bytes / bandwidth formulas), how many ranks' compute the cores give
+at once under the load they carry, and the per-op framework overhead (fitted so that the
+simulator reproduces the engine's own single-rank decode step).
 """
 
 from __future__ import annotations
@@ -71,6 +72,36 @@ def memory_bandwidth(repeat: int) -> float:
         for w in weights:
             x @ w.T
     return float(sum(w.nbytes for w in weights) / _best(stream, repeat))
+
+
+def _matmul_seconds(n: int) -> float:
+    """Wall time of n `[512, DIM] @ [DIM, DIM]` fp32 matmuls in a row."""
+    x, w = torch.randn(512, DIM), torch.randn(DIM, DIM)
+    t = time.perf_counter()
+    for _ in range(n):
+        x @ w
+    return time.perf_counter() - t
+
+
+def _concurrent_matmuls(device: torch.device, n: int, repeat: int) -> list[float]:
+    """On every rank: the median time of n matmuls, all ranks starting together; rank 0 gets all."""
+    times = []
+    for _ in range(repeat):
+        dist.barrier()
+        times.append(_matmul_seconds(n))
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, float(np.median(times)))
+    return out
+
+
+def compute_slots(p: int, repeat: int, n: int = 40) -> float:
+    """Ranks' worth of compute the host gives p local ranks at once (what other load leaves of
+    its cores): p ranks doing the same matmuls together, against one rank alone, as
+    p x alone / slowest together, between 1 and p."""
+    _matmul_seconds(n)  # warm-up
+    alone = float(np.median([_matmul_seconds(n) for _ in range(repeat)]))
+    together = launch(functools.partial(_concurrent_matmuls, n=n, repeat=repeat), p)
+    return float(min(max(p * alone / max(together), 1.0), p))
 
 
 def _collectives(device: torch.device, repeat: int) -> list[tuple[str, int, int, float]]:
@@ -147,6 +178,9 @@ def calibrate(max_ranks: int = 4, repeat: int = 5) -> HardwareProfile:
             net_latency_s=latency, gpus_per_node=max_ranks, launch_s=0.0, gemm_peak_efficiency=1.0,
             gemm_half_tokens=half, hbm_efficiency=1.0, launch_overlaps=False,
             compute_slots=len(os.sched_getaffinity(0)), source="calibrated")
+        cores = len(os.sched_getaffinity(0))
+        if cores > 1:  # other processes on the cores leave the ranks fewer of them
+            profile = profile.with_(compute_slots=compute_slots(cores, repeat))
         return profile.with_(launch_s=fit_launch(profile, repeat))
     finally:
         torch.set_num_threads(threads)

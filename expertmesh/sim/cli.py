@@ -20,7 +20,8 @@ from expertmesh.sim.report import (SWEEP_GPUS, console as report_console, domina
                                    print_assumptions, require_matplotlib, results_table, serving_table,
                                    sweep)
 from expertmesh.sim.routing import Routing
-from expertmesh.sim.scenario import Scenario
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.sim.scenario import OVERLAPS, Scenario
 from expertmesh.sim.simulator import simulate
 
 _UNITS = {"ms": 1e-3, "us": 1e-6, "s": 1.0}
@@ -51,8 +52,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-micro", type=int, help="micro-batches of the prefill step (default: --micro)")
     p.add_argument("--decode-micro", type=int, help="micro-batches of each decode step (default: --micro)")
     p.add_argument("--a2a-kernel", choices=("nccl", "low-latency"), default="nccl",
-                   help="EP all-to-all: nccl (count exchange + all_to_all, as the engine) or a "
-                        "DeepEP-style low-latency kernel")
+                   help="how the low-latency exchange runs: nccl (fixed-size all_to_all_single, as "
+                        "the engine) or a DeepEP-style RDMA kernel")
+    p.add_argument("--low-latency-tokens", type=int, default=LOW_LATENCY_TOKENS,
+                   help=f"EP: a forward whose every rank has at most N tokens takes the low-latency "
+                        f"exchange (no count exchange, no host sync), as the engine (default "
+                        f"{LOW_LATENCY_TOKENS}; 0: never)")
+    p.add_argument("--overlap", choices=OVERLAPS, default="chunks",
+                   help="EP: tbo (two-batch overlap), chunks (--a2a-chunks overlapped with expert "
+                        "compute) or none, as the engine's flag (default chunks)")
+    p.add_argument("--attn-dp", type=int, help="EP: attention data-parallel size; the ep / N ranks "
+                                               "of a group split its heads (default: ep)")
+    p.add_argument("--nics-per-node", type=int, help="network ports per node, shared by the GPUs "
+                                                     "that use them at once (default: one per GPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="decode steps replay captured CUDA graphs")
     p.add_argument("--fp8", action="store_true", help="FP8 weights, KV cache, dispatch and GEMMs")
     p.add_argument("--rate", type=float, help="serve Poisson arrivals at this many requests/s (prompt and "
@@ -61,34 +73,49 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tpot-slo", help="largest acceptable TPOT, e.g. 50ms")
 
 
+def _hardware(args):
+    hw = get_profile(args.gpu)
+    if args.nics_per_node is not None:
+        if args.nics_per_node < 1:
+            raise ValueError(f"--nics-per-node {args.nics_per_node} must be at least 1")
+        hw = hw.with_(nics_per_node=args.nics_per_node)
+    return hw
+
+
 def _base(args, deployment: Deployment, gpus: int | None) -> Scenario:
     return Scenario(load_model(args.preset, args.model), deployment,
                     Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len),
-                    get_profile(args.gpu), gpus=gpus, gpus_per_node=args.gpus_per_node,
+                    _hardware(args), gpus=gpus, gpus_per_node=args.gpus_per_node,
                     a2a_chunks=args.a2a_chunks, hierarchical_a2a=args.hierarchical,
                     routing=Routing.parse(args.routing),
                     prefill_micro=args.prefill_micro or args.micro,
                     decode_micro=args.decode_micro or args.micro, a2a_kernel=args.a2a_kernel,
-                    cuda_graphs=args.cuda_graphs, fp8=args.fp8)
+                    cuda_graphs=args.cuda_graphs, fp8=args.fp8,
+                    low_latency_tokens=args.low_latency_tokens, overlap=args.overlap)
 
 
 def cmd_simulate(args) -> int:
     console = report_console()
     deployments = [Deployment.parse(d) for d in args.deployments.split(",")]
+    if args.attn_dp is not None and all(d.ep == 1 for d in deployments):
+        raise ValueError(f"--attn-dp acts on expert-parallel deployments only and none of "
+                         f"{args.deployments} has an EP axis; drop it or add an epN deployment")
     base = _base(args, deployments[0], args.gpus)
     if args.sweep:
         require_matplotlib()
         counts = [n for n in SWEEP_GPUS if n <= args.max_gpus]
-        curves = sweep(base, counts)
+        curves = sweep(base, counts, attn_dp=args.attn_dp)
         if args.sweep_experts:
-            curves.update(expert_sweep(base, counts, [int(e) for e in args.sweep_experts.split(",")]))
+            curves.update(expert_sweep(base, counts, [int(e) for e in args.sweep_experts.split(",")],
+                                       attn_dp=args.attn_dp))
         results = [r for rs in curves.values() for r in rs]
         for path in plot_sweep(curves, args.out):
             console.print(f"wrote {path}")
         console.print(results_table(results, "sweep"))
         print_assumptions(console, [r.scenario for r in results])
         return 0
-    results = [simulate(dataclasses.replace(base, deployment=d, gpus=args.gpus)) for d in deployments]
+    results = [simulate(dataclasses.replace(base, deployment=d, gpus=args.gpus).with_attn_dp(args.attn_dp))
+               for d in deployments]
     console.print(results_table(results, f"simulated on {base.hardware.name}"))
     if args.rate:
         console.print(serving_table([(r, serve_deployment(r.scenario, args.rate)) for r in results if r.fits],
@@ -117,7 +144,7 @@ def cmd_plan(args) -> int:
     ttft_slo, tpot_slo = _slo(args.ttft_slo), _slo(args.tpot_slo)
     base = _base(args, Deployment(), None)
     if args.rate:  # goodput under load: the SLOs judge each request, not the static batch
-        verdicts = evaluate(base, args.gpus)
+        verdicts = evaluate(base, args.gpus, attn_dp=args.attn_dp)
         ranked_g = rank_by_goodput(verdicts, args.rate, ttft_slo, tpot_slo)
         console.print(serving_table([(g.result, g.served) for g in ranked_g], args.rate, ttft_slo, tpot_slo,
                                     f"deployments on {args.gpus} x {base.hardware.name} at {args.rate:g} "
@@ -125,7 +152,7 @@ def cmd_plan(args) -> int:
         ranked = [g.result for g in ranked_g if g.goodput > 0]
         rejected = [v for v in verdicts if not v.fits]
     else:
-        verdicts = evaluate(base, args.gpus, tpot_slo)
+        verdicts = evaluate(base, args.gpus, tpot_slo, attn_dp=args.attn_dp)
         ranked = sorted((v.result for v in verdicts if v.ok), key=lambda r: tps(r, args.objective), reverse=True)
         rejected = [v for v in verdicts if not v.ok]
         console.print(results_table(ranked, f"deployments on {args.gpus} x {base.hardware.name}, best "
@@ -134,11 +161,11 @@ def cmd_plan(args) -> int:
     for v in rejected:
         why = [] if v.fits else [f"needs {v.result.memory.total_bytes / 1e9:.1f} GB per GPU"]
         why += [] if v.meets_slo else [f"TPOT {v.result.metrics.tpot_s * 1e3:.2f} ms over the SLO"]
-        console.print(f"  rejected {v.result.scenario.deployment.name}: {'; '.join(why)}")
+        console.print(f"  rejected {v.result.scenario.name}: {'; '.join(why)}")
     for r in ranked[:3]:
-        console.print(f"  {r.scenario.deployment.name}: {dominant(r)}")
+        console.print(f"  {r.scenario.name}: {dominant(r)}")
     if ranked:
-        console.print(f"  [bold]{ranked[0].scenario.deployment.name}[/bold] wins: "
+        console.print(f"  [bold]{ranked[0].scenario.name}[/bold] wins: "
                       + (f"its decode step is shortest where it counts ({dominant(ranked[0])})"
                          if not args.rate else "the highest goodput at this rate (ties: lowest TPOT, "
                                                "then TTFT, at the 90th percentile)"))

@@ -207,6 +207,29 @@ def all_reduce(hw: HardwareProfile, topology: Topology, ranks, nbytes: float) ->
     return _on(link, 2 * (p - 1) * link.latency_s + sent / link.bw, sent)
 
 
+def all_gather(hw: HardwareProfile, topology: Topology, ranks, nbytes: float) -> Cost:
+    """All-gather (or reduce-scatter) of an `nbytes` buffer over `ranks`: half an all-reduce,
+    which a ring runs as a reduce-scatter then an all-gather ((p-1)/p of the buffer each)."""
+    c = all_reduce(hw, topology, ranks, nbytes)
+    return Cost(c.seconds / 2, c.resource, nvlink_bytes=c.nvlink_bytes / 2,
+                network_bytes=c.network_bytes / 2)
+
+
+def host_time(hw: HardwareProfile, seconds: float) -> Cost:
+    """Work of the host alone: its own timeline on a GPU, the rank's time on a CPU."""
+    if hw.launch_overlaps:
+        return Cost(0.0, "launch", host_s=seconds)
+    return Cost(seconds, "launch")
+
+
+def host_messages(hw: HardwareProfile, topology: Topology, ranks, messages: int) -> Cost:
+    """`messages` small messages in sequence between the host processes of `ranks` (gloo), at
+    the per-message latency of the link they cross."""
+    if len(ranks) < 2:
+        return ZERO
+    return host_time(hw, messages * link_for(hw, topology, ranks).latency_s)
+
+
 def _per_class(topology: Topology, ranks: list[int], send: list[list[float]], i: int) -> dict:
     """What rank i sends and receives, and to how many peers, over each link class."""
     out = {"nvlink": [0.0, 0.0, 0], "network": [0.0, 0.0, 0]}

@@ -32,7 +32,12 @@ class HardwareProfile:
     and the fastest algorithm is chosen per size, as NCCL's tuner does. Empty: a plain ring with
     `nvlink_latency_s` per step (what a calibrated CPU profile measures for gloo).
     `low_latency_a2a`: `(latency_s at EP 8, latency_s per doubling of EP, bandwidth)` of a
-    DeepEP-style low-latency all-to-all over RDMA (None: not available)."""
+    DeepEP-style low-latency all-to-all over RDMA (None: not available).
+    `nics_per_node`: network ports of a node, each of `net_bw` (None: one per GPU, as DGX H100);
+    GPUs of a node that use the network at once share them.
+    `step_host_s`: host time of one engine step outside the forward (scheduling, Python, the
+    control messages' serialisation; their latency is costed per message): fitted for a CPU
+    profile (benchmarks/sim_vs_real.py), 0 for the GPU catalogue, where it is unmeasured."""
 
     name: str
     bf16_flops: float            # dense BF16 matmul peak, FLOP/s
@@ -49,7 +54,7 @@ class HardwareProfile:
     gemm_half_tokens: float      # tokens (GEMM rows) at which a GEMM reaches half that fraction
     hbm_efficiency: float        # fraction of hbm_bw a streaming read reaches
     launch_overlaps: bool = True  # launches queue while earlier work runs (a GPU stream)
-    compute_slots: int | None = None
+    compute_slots: float | None = None
     source: str = "catalogue"
     fp8_flops: float | None = None    # dense FP8 matmul peak, FLOP/s (None: no FP8 tensor cores)
     fp8_gemm_efficiency: float = 1.0  # fraction of fp8_flops a large FP8 GEMM reaches
@@ -57,12 +62,14 @@ class HardwareProfile:
     net_efficiency: float = 1.0       # fraction of net_bw a large transfer reaches
     nvlink_all_reduce: tuple = ()
     low_latency_a2a: tuple | None = None
+    nics_per_node: int | None = None
+    step_host_s: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("bf16_flops", "hbm_bytes", "hbm_bw", "nvlink_bw", "net_bw", "gemm_half_tokens"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"HardwareProfile.{name}={getattr(self, name)!r} must be > 0")
-        for name in ("nvlink_latency_s", "net_latency_s", "launch_s"):
+        for name in ("nvlink_latency_s", "net_latency_s", "launch_s", "step_host_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"HardwareProfile.{name}={getattr(self, name)!r} must be >= 0")
         for name in ("gemm_peak_efficiency", "hbm_efficiency", "fp8_gemm_efficiency",
@@ -71,6 +78,8 @@ class HardwareProfile:
                 raise ValueError(f"HardwareProfile.{name}={getattr(self, name)!r} must be in (0, 1]")
         if self.gpus_per_node < 1:
             raise ValueError(f"HardwareProfile.gpus_per_node={self.gpus_per_node} must be >= 1")
+        if self.nics_per_node is not None and self.nics_per_node < 1:
+            raise ValueError(f"HardwareProfile.nics_per_node={self.nics_per_node} must be >= 1 or None")
         if self.compute_slots is not None and self.compute_slots < 1:
             raise ValueError(f"HardwareProfile.compute_slots={self.compute_slots} must be >= 1 or None")
 

@@ -26,18 +26,19 @@ from expertmesh.deployment import Deployment
 ITEMSIZE = {"bf16": 2, "fp32": 4}
 
 
-def layer_params(cfg: ModelConfig, dep: Deployment) -> int:
-    """Parameters of one decoder layer on one rank."""
+def layer_params(cfg: ModelConfig, dep: Deployment, attn_tp: int | None = None) -> int:
+    """Parameters of one decoder layer on one rank; attention split over `attn_tp` ranks
+    (default: the TP size)."""
     d, D = cfg.head_dim, cfg.d_model
-    attention = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d * D // dep.tp
+    attention = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d * D // (attn_tp or dep.tp)
     experts = (cfg.n_experts // dep.ep) * cfg.matrices_per_expert * (cfg.expert_hidden // dep.tp) * D
     norms_router = 2 * D + cfg.n_experts * D
     return attention + experts + norms_router
 
 
-def rank_params(cfg: ModelConfig, dep: Deployment, rank: int) -> int:
+def rank_params(cfg: ModelConfig, dep: Deployment, rank: int, attn_tp: int | None = None) -> int:
     stage = dep.coords(rank)[0]
-    n = len(dep.stage_layers(cfg.n_layers)[stage]) * layer_params(cfg, dep)
+    n = len(dep.stage_layers(cfg.n_layers)[stage]) * layer_params(cfg, dep, attn_tp)
     if stage == 0:
         n += cfg.vocab_size * cfg.d_model
     if stage == dep.pp - 1:
@@ -45,12 +46,20 @@ def rank_params(cfg: ModelConfig, dep: Deployment, rank: int) -> int:
     return n
 
 
-def kv_cache_bytes(cfg: ModelConfig, dep: Deployment, workload: Workload, rank: int) -> int:
-    """K and V `[b, total_len, g / tp, d]` for each layer of the rank's stage, b its sequences."""
-    stage = dep.coords(rank)[0]
+def kv_cache_bytes(cfg: ModelConfig, dep: Deployment, workload: Workload, rank: int,
+                   attn_tp: int | None = None) -> int:
+    """K and V `[b, total_len, g / tp, d]` for each layer of the rank's stage, b its sequences;
+    under EP with attention TP (`attn_tp` > 1), b is its attention group's sequences and the KV
+    heads are split over the group."""
+    stage, i = dep.coords(rank)
     layers = len(dep.stage_layers(cfg.n_layers)[stage])
-    b = len(dep.rows_of(rank, workload.batch_size))
-    per_layer = 2 * b * workload.total_len * (cfg.n_kv_heads // dep.tp) * cfg.head_dim
+    a = attn_tp or dep.tp
+    if dep.ep > 1 and a > 1:
+        first = stage * dep.inner + i // a * a
+        b = sum(len(dep.rows_of(r, workload.batch_size)) for r in range(first, first + a))
+    else:
+        b = len(dep.rows_of(rank, workload.batch_size))
+    per_layer = 2 * b * workload.total_len * (cfg.n_kv_heads // a) * cfg.head_dim
     return layers * per_layer * ITEMSIZE[cfg.dtype]
 
 
@@ -79,12 +88,13 @@ class MemoryReport:
 
 def memory_report(cfg: ModelConfig, dep: Deployment, workload: Workload,
                   capacity_bytes: float, weight_itemsize: int | None = None,
-                  kv_itemsize: int | None = None) -> MemoryReport:
+                  kv_itemsize: int | None = None, attn_tp: int | None = None) -> MemoryReport:
     """Weights and KV cache only; `workload` is what one replica serves; the report is for its
     fullest rank. Item sizes default to the model dtype's."""
     w_isz = weight_itemsize or ITEMSIZE[cfg.dtype]
     kv_scale = (kv_itemsize or ITEMSIZE[cfg.dtype]) / ITEMSIZE[cfg.dtype]
-    per_rank = [(rank_params(cfg, dep, r) * w_isz, int(kv_cache_bytes(cfg, dep, workload, r) * kv_scale))
+    per_rank = [(rank_params(cfg, dep, r, attn_tp) * w_isz,
+                 int(kv_cache_bytes(cfg, dep, workload, r, attn_tp) * kv_scale))
                 for r in range(dep.world_size)]
     weights, kv = max(per_rank, key=sum)
     return MemoryReport(weights, kv, capacity_bytes)
@@ -96,7 +106,8 @@ def peak_activations(sc) -> tuple[float, float]:
     D, d, k = cfg.d_model, cfg.head_dim, cfg.top_k
     held = max(len(dep.rows_of(r, w.batch_size)) for r in range(dep.inner))
     t = -(-held // sc.micro_batches(True)) * w.prompt_len
-    attention = t * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d / dep.tp
+    a = sc.attn_tp  # attention TP: a group's tokens (a x a rank's) with 1/a of the heads each
+    attention = (a if dep.ep > 1 else 1) * t * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d / a
     rows = t * k / (sc.a2a_chunks if dep.ep > 1 else 1)
     if dep.ep > 1:  # a rank receives its experts' share of every rank's rows
         shares = sc.routing.shares(cfg.n_experts, k)
@@ -112,7 +123,7 @@ def scenario_memory(sc) -> MemoryReport:
     """Everything one rank of the scenario holds at its peak."""
     hw = sc.hardware
     base = memory_report(sc.cfg, sc.deployment, sc.replica_workload, hw.hbm_bytes,
-                         sc.weight_itemsize, sc.kv_itemsize)
+                         sc.weight_itemsize, sc.kv_itemsize, sc.attn_tp)
     activations, buffers = peak_activations(sc)
     reserve = RESERVE_FRACTION * hw.hbm_bytes if hw.launch_overlaps else 0.0
     return dataclasses.replace(base, activation_bytes=activations, buffer_bytes=buffers,

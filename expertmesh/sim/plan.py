@@ -54,15 +54,21 @@ def tps(result: SimResult, objective: str) -> float:
     return {"overall": m.overall_tps, "decode": m.decode_tps or 0.0, "prefill": m.prefill_tps}[objective]
 
 
-def evaluate(base: Scenario, gpus: int, tpot_slo_s: float | None = None) -> list[Verdict]:
-    """Simulate every candidate on `gpus` GPUs, with everything else as in `base`."""
+def evaluate(base: Scenario, gpus: int, tpot_slo_s: float | None = None,
+             attn_dp: int | None = None) -> list[Verdict]:
+    """Simulate every candidate on `gpus` GPUs, with everything else as in `base`; EP
+    candidates with attention data-parallel size `attn_dp` (those it cannot split are left out)."""
     if tpot_slo_s is not None and tpot_slo_s <= 0:
         raise ValueError(f"TPOT SLO {tpot_slo_s} s must be > 0")
     out = []
     for dep in candidates(base.cfg, gpus):
         if base.workload.batch_size < gpus // dep.world_size:
             continue  # more replicas than sequences: a smaller deployment would idle GPUs
-        result = simulate(dataclasses.replace(base, deployment=dep, gpus=gpus))
+        try:
+            sc = dataclasses.replace(base, deployment=dep, gpus=gpus).with_attn_dp(attn_dp)
+        except ValueError:
+            continue  # attention groups of ep / attn_dp ranks do not divide the heads
+        result = simulate(sc)
         tpot = result.metrics.tpot_s
         meets = tpot_slo_s is None or (tpot is not None and tpot <= tpot_slo_s)
         out.append(Verdict(result, result.memory.fits, meets))

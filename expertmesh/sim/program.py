@@ -5,10 +5,19 @@ the engine (model/attention.py, model/moe.py, parallel/*.py), per rank with t = 
 
   attention    norm, q/k/v GEMMs, rotary, KV-cache write, causal attention, output GEMM
   [tp] all-reduce of [t, D]
+  [ep, attention TP a = ep / attn_dp > 1] reduce-scatter of the group's [t_g, D]: t_g / a each
   moe pre      norm, router GEMM [t, E], softmax / top-k / sort
-  [ep] all-to-all of the counts, then dispatch [N, D] -> experts -> combine [N, D] in chunks
+  [ep] standard exchange: all-to-all of the counts (the host waits), then dispatch [N, D] ->
+       experts -> combine [N, D] in chunks; or, when every rank has at most
+       `low_latency_tokens` tokens, the low-latency exchange: one fixed-size message per
+       direction (cap = M min(k, El) rows to every peer, M the largest rank's tokens), no count
+       exchange, no host sync
   [no ep] experts over all local experts; [tp] all-reduce of [t, D]
   combine      un-permute, weighted sum, residual
+  [ep, attention TP] all-gather of the group's [t_g, D]
+
+A stage task under EP with a low-latency threshold starts with the engine's exchange choice: one
+all-reduce of an int over the EP group's host processes (gloo), once per forward.
 
 Phases are `compute` (each rank on its own clock), `sync` (a collective: starts when the last
 rank arrives, ends for all when the slowest is done) or an `Exchange` (the EP pipeline). A phase
@@ -50,12 +59,14 @@ class Phase:
 
 @dataclass(frozen=True)
 class Exchange:
-    """EP dispatch -> local experts -> combine, in `chunks` equal chunks; costs per rank, per chunk."""
+    """EP dispatch -> local experts -> combine, in `chunks` equal chunks; costs per rank, per chunk.
+    `overlapped`: chunk i+1's dispatch in flight while chunk i computes (else one after another)."""
 
     dispatch: tuple[Cost, ...]
     experts: tuple[Cost, ...]
     combine: tuple[Cost, ...]
     chunks: int
+    overlapped: bool = True
 
 
 @dataclass(frozen=True)
@@ -74,15 +85,15 @@ def _experts(sc: Scenario, loads: list[float], tokens: float) -> Cost:
     H, D = cfg.expert_hidden // sc.deployment.tp, cfg.d_model
     rows = tuple(loads)
     used = tuple(1.0 - (1.0 - min(1.0, l / tokens)) ** tokens if tokens else 0.0 for l in loads)
-    up = cost.grouped_gemm(sc.hardware, dt, isz, rows, H, D, used)
+    up = cost.grouped_gemm(sc.hw, dt, isz, rows, H, D, used)
     ins = [up] * (cfg.matrices_per_expert - 1)
-    act = cost.elementwise(sc.hardware, sum(loads) * H * (cfg.matrices_per_expert) * isz, 1)
-    return cost.total([*ins, act, cost.grouped_gemm(sc.hardware, dt, isz, rows, D, H, used)])
+    act = cost.elementwise(sc.hw, sum(loads) * H * (cfg.matrices_per_expert) * isz, 1)
+    return cost.total([*ins, act, cost.grouped_gemm(sc.hw, dt, isz, rows, D, H, used)])
 
 
 def _attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
-    cfg, hw, dt, isz = sc.cfg, sc.hardware, sc.compute_dtype, sc.itemsize
-    tp, D, d = sc.deployment.tp, cfg.d_model, cfg.head_dim
+    cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
+    tp, D, d = sc.attn_tp, cfg.d_model, cfg.head_dim
     h, g, t = cfg.n_heads // tp, cfg.n_kv_heads // tp, _tokens(segments)
     # bytes of the norm, rotary on q and k, the cache write and the residual add
     moved = (2 * t * D + 2 * t * (h + g) * d + 3 * t * D) * isz + 2 * t * g * d * sc.kv_itemsize
@@ -100,7 +111,7 @@ def _tokens(segments: tuple[Segment, ...]) -> int:
 
 
 def _moe_pre(sc: Scenario, t: int) -> Cost:
-    cfg, hw, isz = sc.cfg, sc.hardware, sc.itemsize
+    cfg, hw, isz = sc.cfg, sc.hw, sc.itemsize
     # the router GEMM stays 16-bit (FP8 recipes keep it so)
     router_dt = "bf16" if sc.fp8 else cfg.dtype
     return cost.total([cost.elementwise(hw, 4 * t * cfg.d_model * isz, MOE_OPS),
@@ -110,61 +121,105 @@ def _moe_pre(sc: Scenario, t: int) -> Cost:
 def _combine(sc: Scenario, t: int) -> Cost:
     """Un-permute the k results per token, weight, sum, add the residual."""
     moved = (2 * sc.cfg.top_k + 3) * t * sc.cfg.d_model * sc.itemsize
-    return cost.elementwise(sc.hardware, moved, EP_OPS if sc.deployment.ep > 1 else 1)
+    return cost.elementwise(sc.hw, moved, EP_OPS if sc.deployment.ep > 1 else 1)
 
 
 def _collective(sc: Scenario, ranks: list[int], name: str, nbytes: list[float]) -> Phase:
     """TP all-reduce of each rank's `nbytes`, issued as one launch."""
     costs = []
     for b in nbytes:
-        c = cost.all_reduce(sc.hardware, sc.topology, ranks, b)
-        costs.append(c + cost.launched(sc.hardware, 1))
+        c = cost.all_reduce(sc.hw, sc.topology, ranks, b)
+        costs.append(c + cost.launched(sc.hw, 1))
     return Phase(name, tuple(costs), sync=True)
 
 
+def _group_phase(sc: Scenario, groups: list[list[int]], name: str, nbytes: list[float]) -> Phase:
+    """Reduce-scatter or all-gather of each group's `nbytes` buffer inside its attention group."""
+    first = groups[0][0]  # nbytes is indexed by the rank's place in the stage
+    costs = [cost.all_gather(sc.hw, sc.topology, g, nbytes[i - first]) + cost.launched(sc.hw, 1)
+             for g in groups for i in g]
+    return Phase(name, tuple(costs), sync=True)
+
+
+def _ep_exchange(sc: Scenario, ranks: list[int], tokens: list[float]) -> list:
+    """The EP exchange of one layer for `tokens[i]` tokens on the stage's i-th rank: the count
+    exchange (standard path only) and the Exchange."""
+    cfg, dep, hw, topo = sc.cfg, sc.deployment, sc.hw, sc.topology
+    D, k, per = cfg.d_model, cfg.top_k, cfg.n_experts // dep.ep
+    shares = sc.routing.shares(cfg.n_experts, k)
+    low = sc.low_latency(max(tokens))
+    C = 1 if low or sc.overlap == "tbo" else sc.a2a_chunks
+    rank_share = [sum(shares[j * per:(j + 1) * per]) for j in range(dep.ep)]
+    out_isz, back_isz = sc.dispatch_itemsize, sc.itemsize
+    send = [[t * k * rank_share[j] * D * out_isz / C for j in range(dep.ep)] for t in tokens]
+    phases: list = []
+    if low and sc.a2a_kernel == "low-latency":
+        a2a = cost.low_latency_all_to_all  # the kernel sends only the real rows
+    elif low:  # the engine's: fixed-size buffers, padding included, counts in front
+        cap = max(tokens) * min(k, per)
+        send = [[cap * D * out_isz + per * 4] * dep.ep for _ in tokens]
+        a2a = cost.all_to_all
+    else:
+        a2a = cost.hierarchical_all_to_all if sc.hierarchical_a2a else cost.all_to_all
+        counts = [[per * 8.0] * dep.ep for _ in ranks]
+        phases.append(Phase("a2a counts", tuple(c + cost.launched(hw, 1) for c in a2a(hw, topo, ranks, counts)),
+                            True, host_sync=True))
+    back = [[v * back_isz / out_isz for v in col] for col in zip(*send)]
+    loads = [[sum(tokens) * k * shares[j * per + e] / C for e in range(per)] for j in range(dep.ep)]
+    routed = sum(tokens) / C
+    phases.append(Exchange(tuple(a2a(hw, topo, ranks, send)), tuple(_experts(sc, l, routed) for l in loads),
+                           tuple(a2a(hw, topo, ranks, back)), C, overlapped=sc.overlap != "none"))
+    return phases
+
+
+def exchange_choice(sc: Scenario, ranks: list[int]) -> Phase:
+    """The engine's once-per-forward agreement on the exchange: an all-reduce (MAX) of an int
+    over the EP group's host processes, 2 (p - 1) messages of a ring, on the host."""
+    c = cost.host_messages(sc.hw, sc.topology, ranks, 2 * (len(ranks) - 1))
+    return Phase("exchange choice", (c,) * len(ranks), sync=True)
+
+
 def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> StageProgram:
-    """`work[i]`: the segments the stage's i-th rank holds in this micro-batch (or iteration)."""
-    cfg, dep, hw, isz = sc.cfg, sc.deployment, sc.hardware, sc.itemsize
+    """`work[i]`: the segments the stage's i-th rank holds in this micro-batch (or iteration);
+    under EP with attention TP, a group's ranks each run attention over all the group's
+    sequences (a share of the heads) and dispatch an equal share of its tokens."""
+    cfg, dep, hw, isz = sc.cfg, sc.deployment, sc.hw, sc.itemsize
     ranks = list(range(stage * dep.inner, (stage + 1) * dep.inner))
-    topo = sc.topology
     tokens = [_tokens(w) for w in work]
     seqs = [sum(b for b, _, _ in w) for w in work]
-    D, k = cfg.d_model, cfg.top_k
-    shares = sc.routing.shares(cfg.n_experts, k)
-    per = cfg.n_experts // dep.ep
+    D = cfg.d_model
 
-    layer: list = [Phase("attention", tuple(_attention(sc, w) for w in work))]
+    layer: list = []
+    a = sc.attn_tp if dep.ep > 1 else 1
+    if a > 1:
+        groups = [ranks[g:g + a] for g in range(0, len(ranks), a)]
+        group_work = [sum((work[i - ranks[0]] for i in g), ()) for g in groups for _ in g]
+        group_bytes = [_tokens(w) * D * isz for w in group_work]
+        layer.append(Phase("attention", tuple(_attention(sc, w) for w in group_work)))
+        layer.append(_group_phase(sc, groups, "attention reduce-scatter", group_bytes))
+        tokens = [_tokens(w) / a for w in group_work]
+    else:
+        layer.append(Phase("attention", tuple(_attention(sc, w) for w in work)))
     if dep.tp > 1:
         layer.append(_collective(sc, ranks, "all-reduce", [t * D * isz for t in tokens]))
     layer.append(Phase("router", tuple(_moe_pre(sc, t) for t in tokens)))
     if dep.ep > 1:
-        C = sc.a2a_chunks
-        rank_share = [sum(shares[j * per:(j + 1) * per]) for j in range(dep.ep)]
-        out_isz, back_isz = sc.dispatch_itemsize, isz
-        send = [[t * k * rank_share[j] * D * out_isz / C for j in range(dep.ep)] for t in tokens]
-        back = [[v * back_isz / out_isz for v in col] for col in zip(*send)]
-        decode = all(L == 1 for w in work for _, L, _ in w)
-        if sc.a2a_kernel == "low-latency" and decode:
-            a2a = cost.low_latency_all_to_all
-        else:
-            a2a = cost.hierarchical_all_to_all if sc.hierarchical_a2a else cost.all_to_all
-            counts = [[per * 8.0] * dep.ep for _ in ranks]
-            layer.append(Phase("a2a counts", tuple(c + cost.launched(hw, 1) for c in
-                                                   a2a(hw, topo, ranks, counts)), True, host_sync=True))
-        loads = [[sum(tokens) * k * shares[j * per + e] / C for e in range(per)] for j in range(dep.ep)]
-        routed = sum(tokens) / C
-        layer.append(Exchange(tuple(a2a(hw, topo, ranks, send)), tuple(_experts(sc, l, routed) for l in loads),
-                              tuple(a2a(hw, topo, ranks, back)), C))
+        layer += _ep_exchange(sc, ranks, tokens)
     else:
-        loads = [[t * k * s for s in shares] for t in tokens]
+        shares = sc.routing.shares(cfg.n_experts, cfg.top_k)
+        loads = [[t * cfg.top_k * s for s in shares] for t in tokens]
         layer.append(Phase("experts", tuple(_experts(sc, l, t) for l, t in zip(loads, tokens))))
         if dep.tp > 1:
             layer.append(_collective(sc, ranks, "all-reduce", [t * D * isz for t in tokens]))
     layer.append(Phase("combine", tuple(_combine(sc, t) for t in tokens)))
+    if a > 1:
+        layer.append(_group_phase(sc, groups, "attention all-gather", group_bytes))
 
-    embed, head = (), ()
+    embed, head = [], ()
+    if dep.ep > 1 and sc.low_latency_tokens:
+        embed.append(exchange_choice(sc, ranks))
     if stage == 0:
-        embed = (Phase("embed", tuple(cost.elementwise(hw, 2 * t * D * isz, 1) for t in tokens)),)
+        embed.append(Phase("embed", tuple(cost.elementwise(hw, 2 * t * D * isz, 1) for t in tokens)))
     if stage == dep.pp - 1:
         # the head sees the last position of each sequence; every TP rank computes all of it
         head_dt = "bf16" if sc.fp8 else cfg.dtype
@@ -172,4 +227,4 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
             cost.elementwise(hw, (2 * b * D + 2 * b * cfg.vocab_size) * isz, HEAD_OPS),
             cost.gemm(hw, head_dt, isz, b, cfg.vocab_size, D)]) for b in seqs)),)
     n_layers = len(dep.stage_layers(cfg.n_layers)[stage])
-    return StageProgram(embed, tuple(layer), head, n_layers)
+    return StageProgram(tuple(embed), tuple(layer), head, n_layers)

@@ -33,7 +33,7 @@ def results_table(results: list[SimResult], title: str) -> Table:
         table.add_column(col, justify="left" if col in ("method", "per-GPU deployment", "dominant cost") else "right")
     for r in results:
         sc, m, b, mem = r.scenario, r.metrics, r.bound, r.memory
-        method = sc.deployment.name + (f" x{sc.replicas} replicas" if sc.replicas > 1 else "")
+        method = sc.name + (f" x{sc.replicas} replicas" if sc.replicas > 1 else "")
         fit = r.fits  # a deployment that does not fit gets no figures, only its memory
         table.add_row(
             method, str(sc.gpus), sc.deployment.describe(sc.cfg.n_experts),
@@ -62,27 +62,32 @@ def print_assumptions(console: Console, scenarios: list[Scenario] | Scenario) ->
             console.print(f"  [bold]{key}[/bold]: {texts[0]}")
             continue
         for sc, text in zip(scenarios, texts):
-            console.print(f"  [bold]{key}[/bold] ({sc.deployment.name}, {sc.gpus} GPUs): {text}")
+            console.print(f"  [bold]{key}[/bold] ({sc.name}, {sc.gpus} GPUs): {text}")
     console.print("  [bold]metrics[/bold]: TPS overall = batch x (prompt + generated) / run time; "
                   "TPS decode = batch x (generated - 1) / decode time; TPOT, TTFT as engine/metrics.py")
 
 
-def sweep(base: Scenario, gpu_counts=SWEEP_GPUS, families=None) -> dict[str, list[SimResult]]:
-    """Each family's deployment, replicated over each GPU count (skipped where it does not divide)."""
+def sweep(base: Scenario, gpu_counts=SWEEP_GPUS, families=None,
+          attn_dp: int | None = None) -> dict[str, list[SimResult]]:
+    """Each family's deployment, replicated over each GPU count (skipped where it does not
+    divide); EP families with attention data-parallel size `attn_dp`."""
     out = {}
     for label, name in (families or SWEEP_FAMILIES).items():
         dep = Deployment.parse(name)
-        out[label] = [simulate(dataclasses.replace(base, deployment=dep, gpus=n))
+        out[label] = [simulate(dataclasses.replace(base, deployment=dep, gpus=n).with_attn_dp(attn_dp))
                       for n in gpu_counts if n % dep.world_size == 0
                       and base.workload.batch_size >= n // dep.world_size]
     return out
 
 
-def expert_sweep(base: Scenario, gpu_counts=SWEEP_GPUS, experts=(16, 64, 256)) -> dict[str, list[SimResult]]:
+def expert_sweep(base: Scenario, gpu_counts=SWEEP_GPUS, experts=(16, 64, 256),
+                 attn_dp: int | None = None) -> dict[str, list[SimResult]]:
     """Expert parallelism that grows with the cluster: for a model of E experts (the base
     model's top-k and expert size, so the same active parameters and E / base experts times the
     expert weights), EP = min(GPUs, E) ranks, and data-parallel replicas of it beyond E GPUs.
-    Each rank's attention is data-parallel over its share of the batch, as the engine's EP."""
+    Each rank's attention is data-parallel over its share of the batch, as the engine's EP, or
+    (`attn_dp`) split over attention groups of EP / attn_dp ranks; points whose groups do not
+    divide the heads are left out."""
     out = {}
     for n_experts in experts:
         cfg = base.cfg.with_(n_experts=n_experts)
@@ -91,7 +96,11 @@ def expert_sweep(base: Scenario, gpu_counts=SWEEP_GPUS, experts=(16, 64, 256)) -
             dep = Deployment(ep=min(n, n_experts))
             if n % dep.world_size or base.workload.batch_size < n:
                 continue  # an EP rank needs at least one sequence
-            runs.append(simulate(dataclasses.replace(base, cfg=cfg, deployment=dep, gpus=n)))
+            try:
+                sc = dataclasses.replace(base, cfg=cfg, deployment=dep, gpus=n).with_attn_dp(attn_dp)
+            except ValueError:
+                continue  # attention groups of ep / attn_dp ranks do not divide the heads
+            runs.append(simulate(sc))
         out[f"EP, {n_experts} experts"] = runs
     return out
 
@@ -146,7 +155,7 @@ def serving_table(rows, rate: float, ttft_slo: float | None, tpot_slo: float | N
     for r, s in rows:
         sc = r.scenario
         n = len(s.ttft_s)
-        table.add_row(sc.deployment.name + (f" x{sc.replicas}" if sc.replicas > 1 else ""),
+        table.add_row(sc.name + (f" x{sc.replicas}" if sc.replicas > 1 else ""),
                       ms(s.percentile("ttft_s", 50)), ms(s.percentile("ttft_s", 90)),
                       ms(s.percentile("tpot_s", 50)), ms(s.percentile("tpot_s", 90)),
                       f"{n / s.duration_s * sc.replicas:,.2f}",

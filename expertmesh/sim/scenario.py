@@ -9,26 +9,43 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.sim.hardware import HardwareProfile
 from expertmesh.sim.routing import Routing
 from expertmesh.topology import Topology
 
 
 A2A_KERNELS = ("nccl", "low-latency")
+OVERLAPS = ("tbo", "chunks", "none")
 
 
 @dataclass(frozen=True)
 class Scenario:
     """`gpus` None: exactly the deployment's ranks. `gpus_per_node` None: the hardware's.
     `a2a_chunks`: chunks an EP exchange is split into, the exchange of one overlapping the expert
-    compute of the previous (1: no overlap, what the engine's dispatcher does today).
-    `a2a_kernel`: `nccl` (the engine's all_to_all_single, preceded by a count exchange the host
-    waits for) or `low-latency` (for decode steps, a DeepEP-style kernel into fixed-size buffers:
-    no count exchange, no host sync; prefill keeps the NCCL exchange, whose bandwidth suits it). `prefill_micro` / `decode_micro` None: one micro-batch per pipeline stage, as
-    the engine. `cuda_graphs`: decode steps replay captured graphs, one launch per stretch between
+    compute of the previous (1: one chunk, what the engine's auto choice gives a decode step).
+    `low_latency_tokens` (the engine's `--low-latency-tokens`): a forward whose every EP rank has
+    at most this many tokens takes the low-latency exchange, one fixed-size message per direction
+    with its counts inside, no count exchange and no host sync; larger ones the standard exchange
+    (a count exchange the host waits for, then uneven all-to-alls); 0: never.
+    `a2a_kernel`: how the low-latency exchange runs on a GPU: `nccl` (the engine's: one
+    all_to_all_single of fixed-size buffers, padding included) or `low-latency` (a DeepEP-style
+    RDMA kernel, at its published latency and bandwidth, sending only the real rows).
+    `overlap` (the engine's `--overlap`): `chunks` (the exchange of chunk i+1 in flight while chunk
+    i computes), `none` (every exchange waited for at once), `tbo` (two-batch overlap: the
+    step's sequences in two micro-batches, one's exchange in flight while the other's attention,
+    routing or experts run; decode and prefill). `attn_dp` (EP only; None: ep): attention
+    data-parallel size; the ep / attn_dp ranks of an attention group split its sequences'
+    heads (attention TP), reduce-scatter the attention output so each rank dispatches 1/attn_tp
+    of the group's tokens, and all-gather them back after the combine.
+    `prefill_micro` / `decode_micro` None: one micro-batch per pipeline stage, as the engine.
+    `step_barrier`: a step starts when the previous one ended on every stage, as the engine's
+    (it gathers each step's tokens on every rank); False: a pipeline stage starts a micro-batch
+    of the next step as soon as its tokens are back (a what-if for pipelined engines). `cuda_graphs`: decode steps replay captured graphs, one launch per stretch between
     host syncs instead of one per op. `fp8`: FP8 weights, KV cache and EP dispatch, FP8 GEMMs
     (as TensorRT-LLM's FP8 mode); activations and the combine stay 16-bit."""
 
@@ -46,6 +63,10 @@ class Scenario:
     a2a_kernel: str = "nccl"
     cuda_graphs: bool = False
     fp8: bool = False
+    low_latency_tokens: int = LOW_LATENCY_TOKENS
+    overlap: str = "chunks"
+    attn_dp: int | None = None
+    step_barrier: bool = True
 
     def __post_init__(self) -> None:
         self.deployment.validate(self.cfg)
@@ -74,6 +95,51 @@ class Scenario:
                              f"use --a2a-kernel nccl")
         if self.fp8 and self.hardware.fp8_flops is None:
             raise ValueError(f"{self.hardware.name} has no FP8 matmul figure; drop --fp8")
+        if self.low_latency_tokens < 0:
+            raise ValueError(f"--low-latency-tokens {self.low_latency_tokens} must be >= 0 (0: never)")
+        if self.overlap not in OVERLAPS:
+            raise ValueError(f"--overlap {self.overlap!r}; use one of: {', '.join(OVERLAPS)}")
+        self._check_attn_dp()
+
+    def _check_attn_dp(self) -> None:
+        if self.attn_dp is None:
+            return
+        ep, cfg = self.deployment.ep, self.cfg
+        if ep == 1:
+            raise ValueError(f"--attn-dp acts on expert-parallel deployments only and "
+                             f"{self.deployment.name} has no EP axis; drop it or use epN")
+        fits = [n for n in range(1, ep + 1) if ep % n == 0
+                and cfg.n_heads % (ep // n) == 0 and cfg.n_kv_heads % (ep // n) == 0]
+        if self.attn_dp not in fits:
+            raise ValueError(f"--attn-dp {self.attn_dp} must divide ep={ep} into attention groups "
+                             f"whose size divides the {cfg.n_heads} heads and {cfg.n_kv_heads} KV "
+                             f"heads; use one of {', '.join(map(str, fits))}")
+
+    @property
+    def name(self) -> str:
+        """The deployment's name, with its attention split when that is not plain EP's."""
+        if self.deployment.ep > 1 and self.attn_tp > 1:
+            return f"{self.deployment.name} (attn dp{self.attn_dp} x tp{self.attn_tp})"
+        return self.deployment.name
+
+    def with_attn_dp(self, attn_dp: int | None) -> "Scenario":
+        """This scenario with attention data-parallel size `attn_dp` (at most its EP size) if it
+        is expert-parallel; others have no EP axis to split and are returned as they are."""
+        if attn_dp is None or self.deployment.ep == 1:
+            return self
+        return dataclasses.replace(self, attn_dp=min(attn_dp, self.deployment.ep))
+
+    @property
+    def attn_tp(self) -> int:
+        """Ranks that split one attention group's heads: ep / attn_dp under EP, else the TP size."""
+        if self.deployment.ep > 1 and self.attn_dp is not None:
+            return self.deployment.ep // self.attn_dp
+        return self.deployment.tp
+
+    def low_latency(self, tokens_per_rank: float) -> bool:
+        """Whether a forward whose busiest EP rank has this many tokens takes the low-latency
+        exchange (as the engine's ExchangeChoice decides)."""
+        return self.deployment.ep > 1 and 0 < tokens_per_rank <= self.low_latency_tokens
 
     @property
     def replicas(self) -> int:
@@ -86,6 +152,29 @@ class Scenario:
     @property
     def topology(self) -> Topology:
         return Topology.for_gpus(self.gpus, self.gpus_per_node)
+
+    def network_users(self, node: int) -> int:
+        """GPUs of `node` that use the network: those whose replica spans nodes. Replicas run
+        the same schedule, so they send at the same moments."""
+        ws, per = self.deployment.world_size, self.gpus_per_node
+        return sum(1 for g in range(node * per, min((node + 1) * per, self.gpus))
+                   if (g // ws * ws) // per != (g // ws * ws + ws - 1) // per)
+
+    @cached_property
+    def net_bw_per_gpu(self) -> float:
+        """Network bandwidth one GPU gets when every GPU of its node that uses the network sends at
+        once: its own port's, or the node's ports shared (`nics_per_node`)."""
+        hw = self.hardware
+        busiest = max(self.network_users(n) for n in range(self.topology.nodes))
+        if hw.nics_per_node is None or busiest <= hw.nics_per_node:
+            return hw.net_bw
+        return hw.net_bw * hw.nics_per_node / busiest
+
+    @cached_property
+    def hw(self) -> HardwareProfile:
+        """The hardware as each GPU of this cluster sees it (the network as shared on its node)."""
+        bw = self.net_bw_per_gpu
+        return self.hardware if bw == self.hardware.net_bw else self.hardware.with_(net_bw=bw)
 
     @property
     def replica_workload(self) -> Workload:
@@ -117,13 +206,73 @@ class Scenario:
         return 1 if self.fp8 else self.itemsize
 
     @property
+    def decode_low_latency(self) -> bool:
+        """Whether a static decode step (one micro-batch's share per EP rank) is low-latency."""
+        return self.low_latency(self._rank_sequences(False))
+
+    @property
+    def prefill_low_latency(self) -> bool:
+        return self.low_latency(self._rank_sequences(True) * self.replica_workload.prompt_len)
+
+    def _rank_sequences(self, prefill: bool) -> int:
+        """Sequences of the busiest EP rank in one forward (micro-batch, or half of it under
+        two-batch overlap) of a static step."""
+        per_rank = -(-self.replica_workload.batch_size // max(self.deployment.ep, 1))
+        halves = 2 if self.overlap == "tbo" and per_rank > 1 else 1
+        return -(-per_rank // (self.micro_batches(prefill) * halves))
+
+    @property
     def host_syncs(self) -> str:
         """Where the host waits for the device inside a step, as the engine runs this plan."""
-        if self.deployment.ep > 1 and self.a2a_kernel == "nccl":
-            return "every MoE layer (the EP count exchange is read on the host to size the dispatch)"
-        if self.deployment.ep > 1:
-            return "every MoE layer of a prefill step only (decode uses the sync-free low-latency kernel)"
-        return "none inside a step (kernels queue ahead of the device)"
+        if self.deployment.ep == 1:
+            return "none inside a step (kernels queue ahead of the device)"
+        where = [name for name, low in (("prefill", self.prefill_low_latency),
+                                        ("decode", self.decode_low_latency)) if not low]
+        if not where:
+            return ("none inside a step: every forward has at most --low-latency-tokens "
+                    f"{self.low_latency_tokens} tokens per EP rank and takes the low-latency exchange")
+        return (f"every MoE layer of {' and '.join(where)} steps (over --low-latency-tokens "
+                f"{self.low_latency_tokens} tokens per EP rank: the count exchange is read on the "
+                f"host to size the dispatch)")
+
+    def sharing(self) -> str:
+        """What the GPUs of a node share, in words."""
+        hw, per = self.hardware, self.gpus_per_node
+        users = max(self.network_users(n) for n in range(self.topology.nodes))
+        ports = f"{hw.nics_per_node} network ports" if hw.nics_per_node else "a network port per GPU"
+        text = (f"NVLink: each GPU its own ports into a non-blocking switch; network: {ports} of "
+                f"{hw.net_bw / 1e9:.0f} GB/s per node of {per}")
+        if not users:
+            return text + "; no replica spans nodes, so none uses the network"
+        share = self.net_bw_per_gpu
+        return text + (f"; {users} GPUs of a node (every replica that spans nodes) send at once: "
+                       f"{share / 1e9:.1f} GB/s each" + (" (shared)" if share < hw.net_bw else " (no sharing)"))
+
+    def exchange(self) -> str:
+        """The EP exchange as this scenario runs it, in words."""
+        low = (f"forwards with at most {self.low_latency_tokens} tokens per EP rank "
+               f"({'decode' if self.decode_low_latency else 'none of this run'}"
+               f"{' and prefill' if self.prefill_low_latency else ''}) take the low-latency exchange "
+               f"({'a DeepEP-style kernel, real rows only' if self.a2a_kernel == 'low-latency' else 'fixed-size all_to_all_single, padding included'}), "
+               f"larger ones the count exchange + uneven all-to-all"
+               if self.low_latency_tokens else "every forward takes the count exchange + uneven all-to-all")
+        overlap = {"tbo": "two-batch overlap (each step's sequences in two micro-batches, one's "
+                          "exchange in flight while the other computes)",
+                   "chunks": f"{self.a2a_chunks} chunk(s)"
+                             + (" overlapped with expert compute" if self.a2a_chunks > 1 else ", no overlap"),
+                   "none": f"{self.a2a_chunks} chunk(s), each exchange waited for at once"}[self.overlap]
+        return (f"EP exchange: {low}; --overlap {self.overlap}: {overlap}"
+                f"{'; hierarchical' if self.hierarchical_a2a else ''}")
+
+    def attention(self) -> str:
+        dep = self.deployment
+        if dep.ep > 1 and self.attn_tp > 1:
+            return (f"data-parallel over {self.attn_dp} groups of {self.attn_tp} ranks; a group's "
+                    f"ranks split its sequences' heads, reduce-scatter the output before the MoE "
+                    f"and all-gather it after")
+        if dep.ep > 1:
+            return f"data-parallel over the {dep.ep} EP ranks (each its sequences and KV cache)"
+        return f"tensor-parallel over {dep.tp} rank(s) per stage" if dep.tp > 1 else "one rank per stage"
 
     def assumptions(self) -> dict[str, str]:
         """Every assumption behind a prediction, for printing beside it."""
@@ -137,18 +286,23 @@ class Scenario:
             "hardware": f"{self.hardware.name} ({self.hardware.source}), {t.gpus_per_node} per node",
             "gpus": f"{self.gpus} = {self.replicas} replica(s) x {self.deployment.world_size} ranks "
                     f"of {self.deployment.name}; each replica serves <= {self.replica_workload.batch_size} "
-                    f"sequences" + ("; replicas share no link (each GPU has its own NVLink ports and "
-                                    "network port)" if self.replicas > 1 else ""),
+                    f"sequences; {self.sharing()}",
             "schedule": f"{self.micro_batches(True)} prefill / {self.micro_batches(False)} decode "
-                        f"micro-batch(es)"
-                        + (f"; EP exchange ({self.a2a_kernel} kernel) in {self.a2a_chunks} chunk(s)"
-                           f"{' overlapped with expert compute' if self.a2a_chunks > 1 else ' (no overlap)'}"
-                           f"{', hierarchical' if self.hierarchical_a2a else ''}"
-                           if self.deployment.ep > 1 else "")
+                        f"micro-batch(es); "
+                        + ("a step starts when the previous one ended on every stage (the engine "
+                           "gathers each step's tokens on every rank)" if self.step_barrier else
+                           "a stage starts a micro-batch of the next step once its tokens are back "
+                           "(pipelined steps: not what the engine does)")
+                        + (f"; {self.exchange()}" if self.deployment.ep > 1 else "")
                         + f"; routing {self.routing.name}",
+            "attention": self.attention(),
             "host": f"launches {'hidden behind' if self.hardware.launch_overlaps else 'added to'} "
                     f"device work; decode {'in CUDA graphs' if self.cuda_graphs else 'launches every op'}; "
-                    f"host syncs: {self.host_syncs}",
+                    f"host syncs: {self.host_syncs}; per step, the engine's control messages "
+                    f"(4 x (ranks - 1) host messages at the link latency) and "
+                    + (f"{self.hardware.step_host_s * 1e3:.2f} ms of host work (fitted)" if self.hardware.step_host_s
+                       else "no other host work (the engine's scheduling time per step is not "
+                            "measured on this hardware: a lower bound)"),
             "precision": ("FP8 weights, KV cache, dispatch and GEMMs; 16-bit activations"
                           if self.fp8 else f"{self.cfg.dtype} throughout"),
             "memory": "weights + KV cache for the whole context + peak prefill activations and "

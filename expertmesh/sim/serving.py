@@ -25,9 +25,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 from expertmesh.sim.memory import RESERVE_FRACTION, memory_report
-from expertmesh.sim.program import stage_program
 from expertmesh.sim.scenario import Scenario
-from expertmesh.sim.simulator import StageTask
+from expertmesh.sim.simulator import StageTask, control_seconds, stage_seconds
 
 
 def _split(n: float, sc: Scenario) -> list[float]:
@@ -41,7 +40,7 @@ def iteration_seconds(sc: Scenario, decode: float, context: float, prompts: floa
                       prompt_len: int = 0) -> float:
     """One iteration: `decode` sequences each add one token after `context` cached ones, and
     `prompts` prompts of `prompt_len` tokens are prefilled (fractions: a chunk of a prompt)."""
-    dep, hw = sc.deployment, sc.hardware
+    dep, hw = sc.deployment, sc.hw
     M = sc.micro_batches(False)
     graphs = sc.cuda_graphs and hw.launch_overlaps  # serving engines capture mixed batches too
     stage_time = []
@@ -49,9 +48,8 @@ def iteration_seconds(sc: Scenario, decode: float, context: float, prompts: floa
         work = [(((d / M, 1, context),) if d else ()) + (((p / M, prompt_len, 0.0),) if p else ())
                 for d, p in zip(_split(decode, sc), _split(prompts, sc))]
         busy = [defaultdict(float) for _ in range(dep.inner)]
-        stage_time.append(StageTask(dep.inner, 1.0, busy, None, hw.launch_s, graphs).run(
-            stage_program(sc, s, work)))
-    return M * max(stage_time) if dep.pp > 1 else stage_time[0]
+        stage_time.append(stage_seconds(sc, s, work, StageTask(dep.inner, 1.0, busy, None, hw.launch_s, graphs)))
+    return (M * max(stage_time) if dep.pp > 1 else stage_time[0]) + control_seconds(sc)
 
 
 def kv_capacity_tokens(sc: Scenario, kv_fraction: float = 1.0 - RESERVE_FRACTION) -> float:
@@ -60,7 +58,8 @@ def kv_capacity_tokens(sc: Scenario, kv_fraction: float = 1.0 - RESERVE_FRACTION
     replica's sequences (under EP each rank holds 1/ep of them)."""
     cfg, dep = sc.cfg, sc.deployment
     one = dataclasses.replace(sc.replica_workload, batch_size=max(dep.ep, 1), prompt_len=1, gen_len=1)
-    mem = memory_report(cfg, dep, one, sc.hardware.hbm_bytes, sc.weight_itemsize, sc.kv_itemsize)
+    mem = memory_report(cfg, dep, one, sc.hardware.hbm_bytes, sc.weight_itemsize, sc.kv_itemsize,
+                        sc.attn_tp)
     per_token = mem.kv_bytes / 2  # the fullest rank's bytes per token of each of its sequences
     free = kv_fraction * (sc.hardware.hbm_bytes - mem.weights_bytes)
     return max(free, 0.0) / per_token * max(dep.ep, 1)

@@ -26,7 +26,7 @@ from expertmesh.engine.metrics import Metrics
 from expertmesh.sim import cost
 from expertmesh.sim.bound import Bound, roofline
 from expertmesh.sim.memory import MemoryReport, scenario_memory
-from expertmesh.sim.program import Exchange, StageProgram, stage_program
+from expertmesh.sim.program import Exchange, Segment, StageProgram, stage_program
 from expertmesh.sim.scenario import Scenario
 from expertmesh.split import split_evenly
 
@@ -120,7 +120,8 @@ class StageTask:
         return dev, host
 
     def _exchange(self, ex: Exchange, start: float, times: float) -> float:
-        """Network order D0, D1, R0, D2, R1, ..., R_{C-1}: chunk i+1 is sent while i is computed."""
+        """Network order D0, D1, R0, D2, R1, ..., R_{C-1}: chunk i+1 is sent while i is computed;
+        not `overlapped`: D0, E0, R0, D1, ... each waited for before the next starts."""
         D = max(c.seconds for c in ex.dispatch)
         R = max(c.seconds for c in ex.combine)
         comp = [self._dur(c) for c in ex.experts]
@@ -128,8 +129,8 @@ class StageTask:
         d_end, c_end = [], []
         for i in range(ex.chunks + 1):
             if i < ex.chunks:
-                for r in range(self.n):
-                    self._log(r, f"dispatch {i}", net, D, ex.dispatch[r], times)
+                net = net if ex.overlapped else max(net, gpu)
+                self._log_all(f"dispatch {i}", net, D, ex.dispatch, times)
                 net += D
                 d_end.append(net)
                 gpu = max(gpu, d_end[i])
@@ -137,12 +138,64 @@ class StageTask:
                     self._log(r, f"experts {i}", gpu, comp[r], ex.experts[r], times)
                 gpu += max(comp)
                 c_end.append(gpu)
-            if i > 0:
-                net = max(net, c_end[i - 1])
-                for r in range(self.n):
-                    self._log(r, f"combine {i - 1}", net, R, ex.combine[r], times)
-                net += R
-        return net
+                if not ex.overlapped:
+                    net = self._combine(ex, i, gpu, R, times)
+                    gpu = net
+            if i > 0 and ex.overlapped:
+                net = self._combine(ex, i - 1, max(net, c_end[i - 1]), R, times)
+        return max(net, gpu)
+
+    def _combine(self, ex: Exchange, i: int, start: float, R: float, times: float) -> float:
+        self._log_all(f"combine {i}", start, R, ex.combine, times)
+        return start + R
+
+    def _log_all(self, name: str, start: float, dur: float, costs, times: float) -> None:
+        for r in range(self.n):
+            self._log(r, name, start, dur, costs[r], times)
+
+    def run_tbo(self, a: StageProgram, b: StageProgram) -> float:
+        """Two-batch overlap of micro-batches a and b through every layer (each layer has one
+        Exchange, played as one chunk). The device computes a's combine-and-next-layer
+        (post, pre), b's, then a's experts, b's; the network sends a's dispatch, b's, then
+        a's combine, b's; each waits for what it needs, so one micro-batch's exchange is in
+        flight while the other computes. Every layer is played (no extrapolation)."""
+        progs = (a, b)
+        cut = next(i for i, ph in enumerate(a.layer) if isinstance(ph, Exchange))
+        pre = [p.layer[:cut] for p in progs]
+        ex: list[Exchange] = [p.layer[cut] for p in progs]
+        post = [p.layer[cut + 1:] for p in progs]
+        start_host = self.launch_s if self.graphs else 0.0
+        dev, host = self.play(a.embed, [0.0] * self.n, [start_host] * self.n)
+        dev, host = self.play(b.embed, dev, host)
+        ready = [list(dev), list(dev)]  # when each micro-batch's combine of the last layer ended
+        net = 0.0
+        for layer in range(a.n_layers + 1):
+            sent = [0.0, 0.0]
+            for m in (0, 1):
+                dev = [max(d, r) for d, r in zip(dev, ready[m])]
+                phases = (post[m] if layer else ()) + (pre[m] if layer < a.n_layers else ())
+                dev, host = self.play(phases, dev, host)
+                if layer == a.n_layers:
+                    continue
+                net = max(net, max(max(d, h) for d, h in zip(dev, host)))
+                D = max(c.seconds for c in ex[m].dispatch)
+                self._log_all(f"dispatch {m}", net, D, ex[m].dispatch, 1.0)
+                net += D
+                sent[m] = net
+            if layer == a.n_layers:
+                break
+            for m in (0, 1):
+                host = [h + self._host(c) for h, c in zip(host, ex[m].experts)]
+                for r, c in enumerate(ex[m].experts):
+                    start = max(dev[r], host[r], sent[m])
+                    self._log(r, f"experts {m}", start, self._dur(c), c, 1.0)
+                    dev[r] = start + self._dur(c)
+                R = max(c.seconds for c in ex[m].combine)
+                net = self._combine(ex[m], m, max(net, max(dev)), R, 1.0)
+                ready[m] = [net] * self.n
+        for p in progs:
+            dev, host = self.play(p.head, dev, host)
+        return max(dev)
 
     def run(self, prog: StageProgram) -> float:
         """Duration of the whole task. Two layers are played (the host may fall behind or run
@@ -168,7 +221,7 @@ class StageTask:
 def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
     """Predict a run. `trace_step`: the step whose events are traced (default: the first decode
     step, or the prefill when only one token is generated)."""
-    dep, w, hw = sc.deployment, sc.replica_workload, sc.hardware
+    dep, w, hw = sc.deployment, sc.replica_workload, sc.hw
     P, G, inner = w.prompt_len, w.gen_len, dep.inner
     trace_step = (1 if G > 1 else 0) if trace_step is None else trace_step
     topo = sc.topology
@@ -177,13 +230,13 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
         return [[part.stop - part.start for part in split_evenly(len(dep.rows_of(i, w.batch_size)), M)]
                 for i in range(inner)]
 
-    on_node = min(topo.gpus_per_node, dep.world_size)
-    slow = max(1.0, on_node / hw.compute_slots) if hw.compute_slots else 1.0
+    slow = host_sharing(sc)
     busy = [defaultdict(float) for _ in range(dep.world_size)]
     stage_link = [cost.link_for(hw, topo, [s * inner, (s + 1) * inner]) for s in range(dep.pp - 1)]
     token_link = cost.link_for(hw, topo, [0, dep.world_size - 1])
     events: list[tuple[int, str, float, float]] = []
 
+    control = control_seconds(sc)
     free = [0.0] * dep.pp
     step_times: list[float] = []
     hidden_at: list[float] = []
@@ -191,9 +244,13 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
         prefill = step == 0
         M = sc.micro_batches(prefill)
         rows = split(M)
-        if step == 0 or M != len(hidden_at):  # a new split waits for the whole previous step
+        # an engine step starts once the last one ended and its control messages went round
+        begin = (step_times[-1] if step_times else 0.0) + control
+        if sc.step_barrier or step == 0:
+            free = [max(f, begin) for f in free]
+        if step == 0 or M != len(hidden_at):
             hidden_at = [0.0] * M
-            tokens_at = [step_times[-1] if step_times else 0.0] * M
+            tokens_at = [begin] * M
         L, start = (P, 0) if prefill else (1, P + step - 1)
         graphs = sc.cuda_graphs and not prefill and hw.launch_overlaps
         step_end = 0.0
@@ -208,7 +265,7 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
                     ready = max(ready, tokens_at[m])
                 log = [] if step == trace_step else None
                 task = StageTask(inner, slow, busy[s * inner:(s + 1) * inner], log, hw.launch_s, graphs)
-                end = ready + task.run(stage_program(sc, s, [((n, L, start),) for n in b]))
+                end = ready + stage_seconds(sc, s, [((n, L, start),) for n in b], task)
                 if log is not None:
                     events += [(s * inner + r, name, ready + t0, d) for r, name, t0, d in log]
                 free[s] = end
@@ -218,7 +275,7 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
                 if s == dep.pp - 1:
                     step_end = max(step_end, end)
                     if dep.pp > 1:
-                        tokens_at[m] = end + cost.send_recv(token_link, max(b) * 8).seconds
+                        tokens_at[m] = end + cost.send_recv(token_link, max(b) * 8).seconds + control
         step_times.append(step_end)
 
     metrics = Metrics.from_events(0.0, step_times, sc.workload.batch_size, P)
@@ -231,6 +288,56 @@ def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
     return SimResult(sc, metrics, scenario_memory(sc), roofline(sc), resource,
                      seconds / metrics.total_s, chrome_trace(sc, events, origin),
                      phase_seconds(events, dep.world_size, traced), traced)
+
+
+def host_sharing(sc: Scenario) -> float:
+    """How much slower a rank computes when the ranks of a node share fewer compute slots than
+    they are (a CPU host's cores): ranks computing at once / slots, at least 1. Ranks of every
+    replica on the node compute at once; of a pipeline of S stages with M micro-batches per step
+    only M / (M + S - 1) of the stages are busy on average (the step's fill and drain)."""
+    hw, dep = sc.hw, sc.deployment
+    if not hw.compute_slots:
+        return 1.0
+    M = sc.micro_batches(False)
+    busy = min(sc.gpus_per_node, sc.gpus) * M / (M + dep.pp - 1)
+    return max(1.0, busy / hw.compute_slots)
+
+
+def control_seconds(sc: Scenario) -> float:
+    """The engine's control path of one step (engine/engine.py): rank 0 broadcasts the step's
+    requests (`broadcast_object_list`: a size and a payload, p - 1 sends each) and every rank
+    gathers the sampled tokens (`all_gather_object`: two ring all-gathers, p - 1 steps each),
+    4 (p - 1) host messages at the link's latency, plus the profile's host time per step."""
+    hw, ranks = sc.hw, list(range(sc.deployment.world_size))
+    messages = cost.host_messages(hw, sc.topology, ranks, 4 * (len(ranks) - 1))
+    return messages.seconds + messages.host_s + hw.step_host_s
+
+
+def halves(work: list[tuple[Segment, ...]]) -> tuple[list, list]:
+    """Two-batch overlap's split of a stage's work: each rank's sequences in two halves, or, for
+    a rank with one sequence of several new positions (a prefill), its positions in two halves
+    (the second attending over the first)."""
+    a, b = [], []
+    for segments in work:
+        first, second = [], []
+        for n, L, start in segments:
+            if n == 1 and L > 1:
+                first.append((1, L // 2, start))
+                second.append((1, L - L // 2, start + L // 2))
+            else:
+                first.append((n - n // 2, L, start))
+                second.append((n // 2, L, start))
+        a.append(tuple(first))
+        b.append(tuple(second))
+    return a, b
+
+
+def stage_seconds(sc: Scenario, stage: int, work: list[tuple[Segment, ...]], task: StageTask) -> float:
+    """One stage task's length; under `overlap tbo` (EP), its work as two overlapped micro-batches."""
+    if sc.overlap == "tbo" and sc.deployment.ep > 1:
+        a, b = halves(work)
+        return task.run_tbo(stage_program(sc, stage, a), stage_program(sc, stage, b))
+    return task.run(stage_program(sc, stage, work))
 
 
 def phase_seconds(events: list[Event], ranks: int, step_s: float) -> dict[str, float]:
