@@ -50,6 +50,7 @@ def cases(quick: bool) -> list[tuple[str, int, int, int]]:
     if quick:
         return [("decode 16 x ctx 64", 16, 1, 64), ("prefill 2 x 64", 2, 64, 0)]
     return [("decode 32 x ctx 512", 32, 1, 512), ("decode 128 x ctx 256", 128, 1, 256),
+            ("prefill 2 x 128", 2, 128, 0), ("prefill 2 x 256", 2, 256, 0),
             ("prefill 4 x 256", 4, 256, 0), ("prefill 8 x 512", 8, 512, 0)]
 
 

@@ -127,7 +127,7 @@ def test_skewed_routing_slows_expert_parallelism():
 
 
 def test_overlap_chunks_shorten_expert_parallel_prefill():
-    base = Scenario(PAPER, Deployment(ep=16), SHORT, H100)
+    base = Scenario(PAPER, Deployment(ep=16), SHORT, H100, overlap="chunks")
     chunked = dataclasses.replace(base, a2a_chunks=4)
     assert simulate(chunked).metrics.ttft_s < simulate(base).metrics.ttft_s
 

@@ -110,18 +110,25 @@ def test_two_batch_overlap_costs_a_second_read_of_the_weights_when_the_exchange_
 
 
 def test_two_batch_overlap_hides_prefill_exchange_within_the_same_bound():
-    w = Workload(batch_size=16, prompt_len=2000, gen_len=1)  # one sequence per rank: split by positions
+    w = Workload(batch_size=32, prompt_len=1000, gen_len=1)  # two sequences per rank, one per half
     none = Scenario(PAPER, EP16, w, H100, overlap="none")
     tbo = dataclasses.replace(none, overlap="tbo")
     t_none, t_tbo = simulate(none).metrics.ttft_s, simulate(tbo).metrics.ttft_s
-    exchange = _exchange_seconds(none, 1, 2000, 0)
+    exchange = _exchange_seconds(none, 2, 1000, 0)
     assert 0 < t_none - t_tbo <= min(exchange, t_none - exchange)
 
 
-def test_halves_split_sequences_or_a_lone_prompt_by_positions():
-    a, b = simulator.halves([((5, 1, 100),), ((1, 9, 0),)])
-    assert a == [((3, 1, 100),), ((1, 4, 0),)]
-    assert b == [((2, 1, 100),), ((1, 5, 4),)]
+def test_a_lone_prompt_per_rank_gains_nothing_from_two_batch_overlap():
+    """The engine cuts between sequences: one sequence per rank leaves the second half empty."""
+    w = Workload(batch_size=16, prompt_len=2000, gen_len=1)
+    none = Scenario(PAPER, EP16, w, H100, overlap="none")
+    assert simulate(dataclasses.replace(none, overlap="tbo")).metrics.ttft_s >= simulate(none).metrics.ttft_s
+
+
+def test_halves_split_whole_sequences_as_the_engine_does():
+    a, b = simulator.halves([((5, 1, 100),), ((1, 9, 0),), ((2.5, 1, 50),)])
+    assert a == [((3, 1, 100),), ((1, 9, 0),), ((1.25, 1, 50),)]
+    assert b == [((2, 1, 100),), ((0, 9, 0),), ((1.25, 1, 50),)]
 
 
 def test_no_overlap_waits_for_each_chunk_before_the_next():
@@ -135,7 +142,7 @@ def test_no_overlap_waits_for_each_chunk_before_the_next():
 
 
 def test_overlap_is_validated_with_the_engine_flag_name():
-    with pytest.raises(ValueError, match="--overlap 'both'; use one of: tbo, chunks, none"):
+    with pytest.raises(ValueError, match="--overlap 'both'; use one of: auto, tbo, chunks, none"):
         Scenario(PAPER, EP16, NARROW, H100, overlap="both")
 
 

@@ -21,7 +21,8 @@ from expertmesh.sim.report import (SWEEP_GPUS, console as report_console, domina
                                    sweep)
 from expertmesh.sim.routing import Routing
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
-from expertmesh.sim.scenario import OVERLAPS, Scenario
+from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
+from expertmesh.sim.scenario import Scenario
 from expertmesh.sim.simulator import simulate
 
 _UNITS = {"ms": 1e-3, "us": 1e-6, "s": 1.0}
@@ -58,9 +59,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help=f"EP: a forward whose every rank has at most N tokens takes the low-latency "
                         f"exchange (no count exchange, no host sync), as the engine (default "
                         f"{LOW_LATENCY_TOKENS}; 0: never)")
-    p.add_argument("--overlap", choices=OVERLAPS, default="chunks",
+    p.add_argument("--overlap", choices=OVERLAPS, default="auto",
                    help="EP: tbo (two-batch overlap), chunks (--a2a-chunks overlapped with expert "
-                        "compute) or none, as the engine's flag (default chunks)")
+                        f"compute), none, or auto (tbo from {TWO_BATCH_TOKENS} tokens per rank), as "
+                        "the engine's flag (default auto)")
     p.add_argument("--attn-dp", type=int, help="EP: attention data-parallel size; the ep / N ranks "
                                                "of a group split its heads (default: ep)")
     p.add_argument("--nics-per-node", type=int, help="network ports per node, shared by the GPUs "

@@ -148,7 +148,7 @@ def _ep_exchange(sc: Scenario, ranks: list[int], tokens: list[float]) -> list:
     D, k, per = cfg.d_model, cfg.top_k, cfg.n_experts // dep.ep
     shares = sc.routing.shares(cfg.n_experts, k)
     low = sc.low_latency(max(tokens))
-    C = 1 if low or sc.overlap == "tbo" else sc.a2a_chunks
+    C = 1 if low or sc.overlap in ("tbo", "auto") else sc.a2a_chunks
     rank_share = [sum(shares[j * per:(j + 1) * per]) for j in range(dep.ep)]
     out_isz, back_isz = sc.dispatch_itemsize, sc.itemsize
     send = [[t * k * rank_share[j] * D * out_isz / C for j in range(dep.ep)] for t in tokens]

@@ -14,13 +14,13 @@ from functools import cached_property
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
 from expertmesh.sim.hardware import HardwareProfile
 from expertmesh.sim.routing import Routing
 from expertmesh.topology import Topology
 
 
 A2A_KERNELS = ("nccl", "low-latency")
-OVERLAPS = ("tbo", "chunks", "none")
 
 
 @dataclass(frozen=True)
@@ -38,7 +38,9 @@ class Scenario:
     `overlap` (the engine's `--overlap`): `chunks` (the exchange of chunk i+1 in flight while chunk
     i computes), `none` (every exchange waited for at once), `tbo` (two-batch overlap: the
     step's sequences in two micro-batches, one's exchange in flight while the other's attention,
-    routing or experts run; decode and prefill). `attn_dp` (EP only; None: ep): attention
+    routing or experts run; decode and prefill), `auto` (the engine's default: `tbo` for a
+    forward whose busiest EP rank has at least TWO_BATCH_TOKENS tokens, else `chunks`; a
+    two-batch forward plays each exchange as one chunk). `attn_dp` (EP only; None: ep): attention
     data-parallel size; the ep / attn_dp ranks of an attention group split its sequences'
     heads (attention TP), reduce-scatter the attention output so each rank dispatches 1/attn_tp
     of the group's tokens, and all-gather them back after the combine.
@@ -64,7 +66,7 @@ class Scenario:
     cuda_graphs: bool = False
     fp8: bool = False
     low_latency_tokens: int = LOW_LATENCY_TOKENS
-    overlap: str = "chunks"
+    overlap: str = "auto"
     attn_dp: int | None = None
     step_barrier: bool = True
 
@@ -218,8 +220,16 @@ class Scenario:
         """Sequences of the busiest EP rank in one forward (micro-batch, or half of it under
         two-batch overlap) of a static step."""
         per_rank = -(-self.replica_workload.batch_size // max(self.deployment.ep, 1))
-        halves = 2 if self.overlap == "tbo" and per_rank > 1 else 1
-        return -(-per_rank // (self.micro_batches(prefill) * halves))
+        per_micro = -(-per_rank // self.micro_batches(prefill))
+        tokens = per_micro * (self.replica_workload.prompt_len if prefill else 1)
+        halves = 2 if self.two_batch(tokens) and per_micro > 1 else 1
+        return -(-per_micro // halves)
+
+    def two_batch(self, tokens: float) -> bool:
+        """Whether a forward whose busiest EP rank has `tokens` tokens runs as two micro-batches
+        taking turns, as the engine's `--overlap` decides it."""
+        return self.deployment.ep > 1 and (
+            self.overlap == "tbo" or (self.overlap == "auto" and tokens >= TWO_BATCH_TOKENS))
 
     @property
     def host_syncs(self) -> str:
@@ -256,8 +266,8 @@ class Scenario:
                f"({'a DeepEP-style kernel, real rows only' if self.a2a_kernel == 'low-latency' else 'fixed-size all_to_all_single, padding included'}), "
                f"larger ones the count exchange + uneven all-to-all"
                if self.low_latency_tokens else "every forward takes the count exchange + uneven all-to-all")
-        overlap = {"tbo": "two-batch overlap (each step's sequences in two micro-batches, one's "
-                          "exchange in flight while the other computes)",
+        tbo = "two-batch overlap (each step's sequences in two micro-batches, one's exchange in flight while the other computes)"
+        overlap = {"tbo": tbo, "auto": f"{tbo} from {TWO_BATCH_TOKENS} tokens per EP rank, else one batch",
                    "chunks": f"{self.a2a_chunks} chunk(s)"
                              + (" overlapped with expert compute" if self.a2a_chunks > 1 else ", no overlap"),
                    "none": f"{self.a2a_chunks} chunk(s), each exchange waited for at once"}[self.overlap]

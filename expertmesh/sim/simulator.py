@@ -314,27 +314,25 @@ def control_seconds(sc: Scenario) -> float:
 
 
 def halves(work: list[tuple[Segment, ...]]) -> tuple[list, list]:
-    """Two-batch overlap's split of a stage's work: each rank's sequences in two halves, or, for
-    a rank with one sequence of several new positions (a prefill), its positions in two halves
-    (the second attending over the first)."""
+    """Two-batch overlap's split of a stage's work: each rank's sequences in two halves, as the
+    engine cuts them (whole sequences: a lone sequence stays whole and the other half is empty);
+    a mean number of sequences (serving) in two equal halves."""
     a, b = [], []
     for segments in work:
         first, second = [], []
         for n, L, start in segments:
-            if n == 1 and L > 1:
-                first.append((1, L // 2, start))
-                second.append((1, L - L // 2, start + L // 2))
-            else:
-                first.append((n - n // 2, L, start))
-                second.append((n // 2, L, start))
+            whole = n == int(n)
+            first.append((n - n // 2 if whole else n / 2, L, start))
+            second.append((n // 2 if whole else n / 2, L, start))
         a.append(tuple(first))
         b.append(tuple(second))
     return a, b
 
 
 def stage_seconds(sc: Scenario, stage: int, work: list[tuple[Segment, ...]], task: StageTask) -> float:
-    """One stage task's length; under `overlap tbo` (EP), its work as two overlapped micro-batches."""
-    if sc.overlap == "tbo" and sc.deployment.ep > 1:
+    """One stage task's length; its work as two overlapped micro-batches when the scenario's
+    `--overlap` takes two-batch overlap for it (EP)."""
+    if sc.two_batch(max(sum(n * L for n, L, _ in segments) for segments in work)):
         a, b = halves(work)
         return task.run_tbo(stage_program(sc, stage, a), stage_program(sc, stage, b))
     return task.run(stage_program(sc, stage, work))
