@@ -11,8 +11,9 @@ the rank that holds their expert and back.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -197,8 +198,8 @@ class MoEBlock(nn.Module):
     batch comes as x `[T, D]` with `seq_lens`, the lengths of its consecutive sequences.
     `low_latency_tokens`: a bound on every EP rank's tokens in this forward under which the
     expert-parallel exchange uses its low-latency path (`parallel/dispatch.py`); None: the
-    standard one. `output_group`: set by tensor parallelism, whose ranks each compute a partial
-    sum of the output; it is all-reduced over the group.
+    standard one. `reduce_output`: set by tensor parallelism, whose ranks each compute a partial
+    sum of the output: sums it in place over the group (an all-reduce).
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, hidden: int, kind: str,
@@ -211,7 +212,7 @@ class MoEBlock(nn.Module):
         self.experts = GroupedExperts(n_experts, d_model, hidden, kind)
         self.dispatcher = LocalDispatcher(may_drop=capacity is not None)
         self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
-        self.output_group: dist.ProcessGroup | None = None
+        self.reduce_output: Callable[[torch.Tensor], object] | None = None
 
     def forward(self, x: torch.Tensor, seq_lens: list[int] | None = None,
                 low_latency_tokens: int | None = None) -> torch.Tensor:
@@ -229,8 +230,8 @@ class MoEBlock(nn.Module):
                                                low_latency_tokens)
         if self.shared is not None:
             out = out + self.shared(flat)
-        if self.output_group is not None:
-            dist.all_reduce(out, group=self.output_group)
+        if self.reduce_output is not None:
+            self.reduce_output(out)
         return out.view_as(x)
 
     def _route(self, x: torch.Tensor, seq_lens: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,8 @@ all-reduces the sum of squares `[b, L, 1]` (`ShardedRMSNorm`).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -97,5 +99,5 @@ def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: i
         if shared is not None:
             shared.w_gate, shared.w_up = (_split_linear(lin, 0, tp, tp_rank) for lin in (shared.w_gate, shared.w_up))
             shared.w_down = _split_linear(shared.w_down, 1, tp, tp_rank)
-        layer.moe.output_group = group
+        layer.moe.reduce_output = functools.partial(dist.all_reduce, group=group)
     return model
