@@ -20,17 +20,15 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
-from expertmesh.checkpoint import config_from_hf, decode, encode, has_tokenizer
-from expertmesh.config import DTYPES, Workload, preset
+from expertmesh.checkpoint import decode, has_tokenizer
 from expertmesh.deployment import Deployment
 from expertmesh.engine.result import RunResult
-from expertmesh.engine.spec import RunSpec, refuse_off_ep
+from expertmesh.engine.spec import RunSpec
 from expertmesh.engine.worker import run_rank
 from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
-from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
-from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
-from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing, save_routing
+from expertmesh.parallel.placement import save_routing
 from expertmesh.place_cli import add_commands as add_place_command
+from expertmesh.run_flags import add_run_args, spec_from_flags
 from expertmesh.server.cli import add_commands as add_server_commands
 from expertmesh.sim.cli import add_commands as add_simulator_commands
 from expertmesh.trace import write_trace
@@ -57,85 +55,6 @@ class LazyProgress:
                                  description=f"{self.label} ({'prefill' if step == 0 else 'decode'})")
             if step + 1 >= self.total:
                 self.progress.stop()
-
-
-def _prompt_ids(text: str | None):
-    if not text:
-        return None
-    try:
-        return tuple(tuple(int(t) for t in p.split(",") if t.strip()) for p in text.split(";"))
-    except ValueError:
-        raise ValueError(f"cannot read --prompt-ids {text!r}; give comma-separated integers, "
-                         f"prompts separated by ';' (e.g. 1,2,3;4,5,6)") from None
-
-
-def _chunks(text: str) -> int | None:
-    if text == "auto":
-        return None
-    try:
-        return int(text)
-    except ValueError:
-        raise ValueError(f"--a2a-chunks {text!r} must be a positive integer or auto") from None
-
-
-def _skew(text: str | None) -> float:
-    if not text:
-        return 0.0
-    kind, _, value = text.partition(":")
-    try:
-        if kind == "zipf" and float(value) >= 0:
-            return float(value)
-    except ValueError:
-        pass
-    raise ValueError(f"--router-skew {text!r}: write zipf:S with S >= 0, e.g. zipf:1.2")
-
-
-def _spec(args, deployment: Deployment, record_logits: bool = False, ep_flags: bool = True) -> RunSpec:
-    """The validated plan of `deployment` under the run flags. `ep_flags`: False leaves out the
-    options of the token exchange (compare's reference, and its non-EP deployments when another
-    is expert-parallel)."""
-    if args.dtype is not None and args.dtype not in DTYPES:
-        raise ValueError(f"unknown dtype {args.dtype!r}; use one of: {', '.join(DTYPES)}")
-    if args.model:
-        cfg = config_from_hf(args.model, args.dtype)
-    else:
-        cfg = preset(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
-    cfg = cfg.with_(router_skew=_skew(args.router_skew), capacity_factor=args.capacity_factor,
-                    overflow=args.overflow)
-    if args.prompt and not args.model:
-        raise ValueError("--prompt needs --model PATH, whose tokenizer.json encodes the text; "
-                         "with a preset give --prompt-ids")
-    if args.prompt and args.batch is not None:
-        raise ValueError("--batch does not apply to --prompt, which is one sequence; drop --batch, "
-                         "or give a batch of token ids with --prompt-ids 1,2;3,4")
-    prompt_ids = (encode(args.model, args.prompt),) if args.prompt else _prompt_ids(args.prompt_ids)
-    batch = args.batch if args.batch is not None else args.default_batch
-    workload = Workload(batch_size=batch, prompt_len=args.prompt_len, gen_len=args.gen_len,
-                        seed=args.seed, temperature=args.temperature, top_p=args.top_p,
-                        prompt_ids=prompt_ids)
-    placement = None
-    if ep_flags:
-        refuse_off_ep("--placement", bool(args.placement), deployment)
-        refuse_off_ep("--redundant-experts", bool(args.redundant_experts), deployment)
-        refuse_off_ep("--overlap tbo", args.overlap == "tbo", deployment)
-        if args.placement:
-            placement = load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
-        if args.redundant_experts:
-            if not args.routing:
-                raise ValueError("--redundant-experts needs --routing FILE (from `run "
-                                 "--record-routing`) to know which experts are hot")
-            placement = balanced_placement(load_routing(args.routing), cfg, deployment.ep,
-                                           args.redundant_experts)
-    spec = RunSpec(cfg, deployment, workload, seed=args.seed, n_micro=args.micro_batches,
-                   record_logits=record_logits, checkpoint=args.model,
-                   a2a=args.a2a if ep_flags else "flat",
-                   a2a_chunks=_chunks(args.a2a_chunks), overlap=args.overlap if ep_flags else "auto",
-                   low_latency_tokens=args.low_latency_tokens,
-                   gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
-                   placement=placement,
-                   record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace))
-    spec.validate(deployment.world_size)
-    return spec
 
 
 def _check_output(flag: str, path: str | None, directory: bool = False) -> None:
@@ -187,7 +106,7 @@ def _mib(n: int) -> str:
 
 def cmd_run(args) -> int:
     _check_outputs(args)
-    spec = _spec(args, Deployment.parse(args.deployment))
+    spec = spec_from_flags(args, Deployment.parse(args.deployment))
     check_launch(spec.deployment.world_size, args.backend, args.timeout)
     result = execute(spec, args, spec.deployment.name)
     if result is None:  # a torchrun rank other than 0
@@ -254,8 +173,8 @@ def cmd_compare(args) -> int:
         raise ValueError("--deployments is empty; give a comma-separated list such as tp8pp2,ep16")
     _check_outputs(args)
     any_ep = any(d.ep > 1 for d in deployments)  # else an EP-only flag is an error
-    specs = [_spec(args, d, record_logits=True, ep_flags=d.ep > 1 or not any_ep) for d in deployments]
-    reference_spec = _spec(args, Deployment(), record_logits=True, ep_flags=False)
+    specs = [spec_from_flags(args, d, record_logits=True, ep_flags=d.ep > 1 or not any_ep) for d in deployments]
+    reference_spec = spec_from_flags(args, Deployment(), record_logits=True, ep_flags=False)
     for s in specs:  # all checks first
         check_launch(s.deployment.world_size, args.backend, args.timeout)
     results = [execute(s, args, s.deployment.name) for s in specs]
@@ -330,50 +249,6 @@ def _write_json(path: str, data: dict) -> None:
     console.print(f"wrote {path}", style="dim")
 
 
-def _add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_len: int) -> None:
-    p.add_argument("--preset", default="tiny", help="model preset: tiny, small, paper (default tiny)")
-    p.add_argument("--model", default=None, help="a Hugging Face model directory (Mixtral, "
-                                                 "Qwen2-MoE, OLMoE; safetensors) instead of a preset")
-    p.add_argument("--prompt", default=None, help="prompt text, encoded with --model's tokenizer.json")
-    p.add_argument("--dtype", default=None, help="fp32 or bf16 (default: the preset's)")
-    p.add_argument("--batch", type=int, default=None, help=f"sequences in the batch (default {batch})")
-    p.set_defaults(default_batch=batch)
-    p.add_argument("--prompt-len", type=int, default=prompt_len, help="synthetic prompt tokens per sequence")
-    p.add_argument("--gen-len", type=int, default=gen_len, help="tokens to generate per sequence")
-    p.add_argument("--prompt-ids", default=None, help="explicit prompts: 1,2,3;4,5,6 (overrides batch / prompt-len)")
-    p.add_argument("--seed", type=int, default=0, help="seed of weights, prompts and sampling")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--micro-batches", type=int, default=None, help="pipeline micro-batches (default: pp)")
-    p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
-    p.add_argument("--timeout", type=float, default=600.0,
-                   help="seconds before a stuck run is stopped (positive, finite)")
-    p.add_argument("--json", default=None, help="write metrics and generated token ids to this file")
-    p.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"),
-                   help="token exchange: flat all-to-all, or hierarchical (cross each node boundary once)")
-    p.add_argument("--a2a-chunks", default="auto", help="chunks whose exchange overlaps expert compute (default auto)")
-    p.add_argument("--low-latency-tokens", type=int, default=LOW_LATENCY_TOKENS,
-                   help="EP: a forward whose every rank has at most N tokens uses the low-latency "
-                        f"exchange, one fixed-size message per direction (default {LOW_LATENCY_TOKENS}; 0: never)")
-    p.add_argument("--overlap", default="auto", choices=OVERLAPS,
-                   help="EP: tbo (two micro-batches take turns, one's exchange in flight while the other "
-                        "computes), chunks (--a2a-chunks overlap the exchange with expert compute), none "
-                        f"(wait for every exchange at once), auto (tbo from {TWO_BATCH_TOKENS} tokens per "
-                        "rank, else chunks; default)")
-    p.add_argument("--gpus-per-node", type=int, default=None,
-                   help="ranks per node (default: LOCAL_WORLD_SIZE, or one node)")
-    p.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")
-    p.add_argument("--trace", default=None, help="write a Perfetto trace JSON per run to this folder")
-    p.add_argument("--router-skew", default=None, help="bias expert popularity, e.g. zipf:1.2 (experiments)")
-    p.add_argument("--capacity-factor", type=float, default=None,
-                   help="cap tokens per expert per call at C x fair share (default: no cap, dropless)")
-    p.add_argument("--overflow", default="drop", choices=("drop", "reroute"),
-                   help="with --capacity-factor: drop the assignment or reroute it to the next-best expert")
-    p.add_argument("--redundant-experts", type=int, default=0,
-                   help="extra replicas of hot experts, planned from --routing statistics")
-    p.add_argument("--routing", default=None, help="routing statistics from `run --record-routing`")
-
-
 class _Parser(argparse.ArgumentParser):
     """Usage mistakes as one line, like every other user error."""
 
@@ -386,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="expertmesh", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run one deployment and print its metrics")
-    _add_run_args(run, batch=8, prompt_len=64, gen_len=32)
+    add_run_args(run, batch=8, prompt_len=64, gen_len=32)
     run.add_argument("--deployment", default="single", help="single, ep16, tp8pp2, ep8pp2, tp2, ...")
     run.add_argument("--show-tokens", action="store_true", help="print the generated token ids")
     run.add_argument("--record-routing", default=None,
@@ -394,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     compare = sub.add_parser("compare", help="run several deployments on the same workload, check "
                                              "them against the reference and print them side by side")
-    _add_run_args(compare, batch=16, prompt_len=32, gen_len=16)
+    add_run_args(compare, batch=16, prompt_len=32, gen_len=16)
     compare.add_argument("--deployments", default="tp8pp2,ep16",
                          help="comma-separated deployments, baseline first (default tp8pp2,ep16)")
     compare.set_defaults(func=cmd_compare)

@@ -24,8 +24,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.launch import launch, under_torchrun
-from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
-from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
+from expertmesh.run_flags import add_exchange_args, spec_from_flags
 
 # The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
 # each engine step instead (server/rank.py).
@@ -33,13 +32,12 @@ SERVE_LIFETIME_S = 10 * 365 * 86400.0
 
 
 def cmd_serve(args) -> int:
-    from expertmesh.cli import _spec  # the run command's model, deployment and exchange checks
 
     deployment = Deployment.parse(args.deployment)
     run_args = argparse.Namespace(**vars(args), prompt=None, prompt_ids=None, batch=1, prompt_len=1,
                                   gen_len=1, temperature=0.0, top_p=1.0,
                                   record_routing=None, trace=None, redundant_experts=0, routing=None)
-    spec = _spec(run_args, deployment)
+    spec = spec_from_flags(run_args, deployment)
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_gb=args.kv_cache_gb, max_batched_tokens=args.max_batched_tokens,
                           max_seqs=args.max_seqs)
@@ -158,19 +156,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--timeout", type=float, default=600.0,
                        help="seconds one engine step (or the start-up) may take before the server gives up")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
-    serve.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"), help="EP token exchange")
-    serve.add_argument("--a2a-chunks", default="auto", help="chunks whose exchange overlaps expert compute")
-    serve.add_argument("--overlap", default="auto", choices=OVERLAPS,
-                       help=f"EP: tbo, chunks, none, or auto (tbo from {TWO_BATCH_TOKENS} tokens per rank)")
-    serve.add_argument("--low-latency-tokens", type=int, default=LOW_LATENCY_TOKENS,
-                       help=f"EP: low-latency exchange for steps of at most N tokens per rank (default "
-                            f"{LOW_LATENCY_TOKENS}; 0: never)")
-    serve.add_argument("--gpus-per-node", type=int, default=None, help="ranks per node")
-    serve.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")
-    serve.add_argument("--router-skew", default=None, help="bias expert popularity, e.g. zipf:1.2")
-    serve.add_argument("--capacity-factor", type=float, default=None, help="cap tokens per expert per call")
-    serve.add_argument("--overflow", default="drop", choices=("drop", "reroute"),
-                       help="with --capacity-factor: drop or reroute assignments over capacity")
+    add_exchange_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks against a running server")
