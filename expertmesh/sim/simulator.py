@@ -1,4 +1,4 @@
-"""Plays the engine's prefill / decode schedule (engine/generate.py) on simulated ranks.
+"""Plays the engine's prefill / decode schedule (engine/runner.py, engine/engine.py) on simulated ranks.
 
 Schedule, as the engine runs it: for each step (0: prefill of the prompt, then one decode
 position per step), for each micro-batch m, each pipeline stage s runs its layers once it is free
