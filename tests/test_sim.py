@@ -1,12 +1,12 @@
 """The simulator's schedule, memory accounting, bound, planner and command line."""
 
-import argparse
 import dataclasses
 import json
 
 import pytest
 import torch
 
+from expertmesh.cli import main
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.shard import shard_model
@@ -158,18 +158,10 @@ def test_planner_returns_only_deployments_that_fit_and_meet_the_slo():
     assert tps == sorted(tps, reverse=True)
 
 
-def _cli(*argv):
-    from expertmesh.sim.cli import add_commands
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
-
-
 def test_cli_simulate_writes_json_and_a_trace(tmp_path, capsys):
     out = tmp_path / "out.json"
-    assert _cli("simulate", "--deployments", "tp8pp2,ep16", "--prompt-len", "1000", "--gen-len", "3",
-                "--json", str(out), "--trace", str(tmp_path)) == 0
+    assert main(["simulate", "--deployments", "tp8pp2,ep16", "--prompt-len", "1000", "--gen-len", "3",
+                 "--json", str(out), "--trace", str(tmp_path)]) == 0
     rows = json.loads(out.read_text())
     assert [r["deployment"] for r in rows] == ["tp8pp2", "ep16"]
     assert (tmp_path / "ep16.trace.json").exists()
@@ -179,13 +171,13 @@ def test_cli_simulate_writes_json_and_a_trace(tmp_path, capsys):
 
 def test_cli_sweep_writes_plots(tmp_path):
     pytest.importorskip("matplotlib")
-    assert _cli("simulate", "--sweep", "--max-gpus", "32", "--prompt-len", "500", "--gen-len", "2",
-                "--out", str(tmp_path)) == 0
+    assert main(["simulate", "--sweep", "--max-gpus", "32", "--prompt-len", "500", "--gen-len", "2",
+                 "--out", str(tmp_path)]) == 0
     assert (tmp_path / "tps.png").stat().st_size > 0 and (tmp_path / "tpot.png").stat().st_size > 0
 
 
 def test_cli_plan_with_an_slo(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert _cli("plan", "--gpus", "4", "--batch", "16", "--prompt-len", "2000", "--gen-len", "3",
-                "--tpot-slo", "50ms", "--json", str(out)) == 0
+    assert main(["plan", "--gpus", "4", "--batch", "16", "--prompt-len", "2000", "--gen-len", "3",
+                 "--tpot-slo", "50ms", "--json", str(out)]) == 0
     assert all(r["memory"]["fits"] for r in json.loads(out.read_text()))

@@ -1,13 +1,13 @@
 """`--model PATH`, the serving steady state, and the command line's handling of deployments
 that do not fit."""
 
-import argparse
 import dataclasses
 import json
 import sys
 
 import pytest
 
+from expertmesh.cli import main
 from expertmesh.config import ModelConfig, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.sim.hardware import get_profile
@@ -53,19 +53,11 @@ def test_an_unknown_model_type_is_a_one_line_error(tmp_path):
         load_model("paper", str(tmp_path / "missing"))
 
 
-def _cli(*argv):
-    from expertmesh.sim.cli import add_commands
-    parser = argparse.ArgumentParser()
-    add_commands(parser.add_subparsers(required=True))
-    args = parser.parse_args(list(argv))
-    return args.func(args)
-
-
 def test_simulate_takes_a_model_path_and_prints_every_deployments_assumptions(tmp_path, capsys):
     path = _write(tmp_path, "mixtral", MIXTRAL_JSON)
     out = tmp_path / "r.json"
-    assert _cli("simulate", "--model", str(path), "--deployments", "tp8,ep8", "--batch", "16",
-                "--prompt-len", "512", "--gen-len", "3", "--json", str(out)) == 0
+    assert main(["simulate", "--model", str(path), "--deployments", "tp8,ep8", "--batch", "16",
+                 "--prompt-len", "512", "--gen-len", "3", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "schedule (tp8, 8 GPUs)" in printed and "schedule (ep8, 8 GPUs)" in printed
     assert "host syncs: every MoE layer" in printed
@@ -74,8 +66,8 @@ def test_simulate_takes_a_model_path_and_prints_every_deployments_assumptions(tm
 
 def test_simulate_exits_non_zero_when_no_deployment_fits(tmp_path, capsys):
     out = tmp_path / "r.json"
-    assert _cli("simulate", "--deployments", "ep2", "--prompt-len", "10000", "--gen-len", "2",
-                "--json", str(out)) == 1
+    assert main(["simulate", "--deployments", "ep2", "--prompt-len", "10000", "--gen-len", "2",
+                 "--json", str(out)]) == 1
     assert "DOES NOT FIT" in capsys.readouterr().out
     [row] = json.loads(out.read_text())
     assert row["metrics"] is None and not row["memory"]["fits"]
@@ -124,8 +116,8 @@ def test_a_replica_that_holds_no_sequence_is_refused():
 
 def test_plan_under_a_rate_ranks_by_goodput_and_says_why_the_top_choice_wins(tmp_path, capsys):
     out = tmp_path / "plan.json"
-    assert _cli("plan", "--gpus", "4", "--batch", "16", "--prompt-len", "500", "--gen-len", "20",
-                "--rate", "4", "--ttft-slo", "1s", "--tpot-slo", "30ms", "--json", str(out)) == 0
+    assert main(["plan", "--gpus", "4", "--batch", "16", "--prompt-len", "500", "--gen-len", "20",
+                 "--rate", "4", "--ttft-slo", "1s", "--tpot-slo", "30ms", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "best goodput first" in printed and "wins: the highest goodput" in printed
     assert "of a step" in printed  # the dominant cost of the top candidates
@@ -151,7 +143,7 @@ def test_the_expert_sweep_grows_ep_with_the_gpus_up_to_the_expert_count():
                for r in curves["EP, 64 experts"])
 
 
-def test_a_sweep_without_matplotlib_is_a_one_line_error_before_any_work(monkeypatch):
+def test_a_sweep_without_matplotlib_is_a_one_line_error_before_any_work(monkeypatch, cli_error):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    with pytest.raises(ValueError, match=r"pip install expertmesh\[plot\]"):
-        _cli("simulate", "--sweep", "--max-gpus", "16", "--prompt-len", "100", "--gen-len", "2")
+    line = cli_error(["simulate", "--sweep", "--max-gpus", "16", "--prompt-len", "100", "--gen-len", "2"])
+    assert "pip install expertmesh[plot]" in line
