@@ -3,7 +3,6 @@ that do not fit."""
 
 import dataclasses
 import json
-import sys
 
 import pytest
 
@@ -142,8 +141,3 @@ def test_the_expert_sweep_grows_ep_with_the_gpus_up_to_the_expert_count():
     assert all(r.scenario.cfg.top_k == 2 and r.scenario.cfg.expert_hidden == 16384
                for r in curves["EP, 64 experts"])
 
-
-def test_a_sweep_without_matplotlib_is_a_one_line_error_before_any_work(monkeypatch, cli_error):
-    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now fails
-    line = cli_error(["simulate", "--sweep", "--max-gpus", "16", "--prompt-len", "100", "--gen-len", "2"])
-    assert "pip install expertmesh[plot]" in line
