@@ -34,7 +34,6 @@ and place of its yields depend only on what every rank agrees on (the chunk coun
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from dataclasses import dataclass
 
@@ -44,10 +43,11 @@ import torch.distributed as dist
 from expertmesh.model.moe import GroupedExperts, combine
 from expertmesh.model.steps import Steps, run_steps
 from expertmesh.parallel.exchange_stats import ExchangeStats
+from expertmesh.parallel.in_flight import InFlight
 from expertmesh.parallel.low_latency import LowLatencyExchange
 from expertmesh.parallel.placement import slot_table
 from expertmesh.split import split_evenly
-from expertmesh.trace import COMM, record, span
+from expertmesh.trace import span
 
 AUTO_SLICES = 8               # fine slices counted per layer when the chunk count is automatic
 # auto: split only while every chunk keeps this many assignments. Measured on 2 CPU ranks
@@ -59,17 +59,6 @@ MIN_ROWS_PER_CHUNK = 1024
 # small preset, fp32): level with or faster than the standard exchange up to 64 tokens per rank,
 # 0.8x at 256, where its fixed-size messages carry twice the rows that are needed.
 LOW_LATENCY_TOKENS = 64
-
-
-@dataclass
-class InFlight:
-    """An exchange started asynchronously: its output buffer, its work handle (None once waited
-    for), a name for the trace, and when it started."""
-
-    out: torch.Tensor
-    work: dist.Work | None
-    name: str
-    started_ns: int
 
 
 @dataclass
@@ -163,7 +152,7 @@ class AllToAllDispatcher:
         slots = torch.where(slots >= 0, slots, self.n_slots)  # skipped assignments sort last, unsent
         slices = split_evenly(T, self.slices)
         counts = self._count_by_slice(slots, slices)  # [S, n_slots], on x's device
-        received = yield from self._wait(self._exchange_counts(counts, T))  # [P, S * El + 1]
+        received = yield from self._exchange_counts(counts, T).wait()  # [P, S * El + 1]
         chunks = self._plan_chunks(slots, slices, counts, received)
         row_bytes = x.shape[1] * x.element_size()
         for chunk in chunks:  # rows go out, and results come back to their senders
@@ -174,13 +163,13 @@ class AllToAllDispatcher:
         in_flight = self._dispatch(x, chunks[0], k)
         for c, chunk in enumerate(chunks):
             following = self._dispatch(x, chunks[c + 1], k) if c + 1 < len(chunks) else None
-            results = self._compute((yield from self._wait(in_flight)), chunk, experts)
+            results = self._compute((yield from in_flight.wait()), chunk, experts)
             returns.append(self._start(results, chunk.send, chunk.recv, "combine exchange"))
             in_flight = following
 
         out = x.new_empty(T, x.shape[1])
         for chunk, flight in zip(chunks, returns):
-            back = yield from self._wait(flight)
+            back = yield from flight.wait()
             with span("combine"):
                 full = back.new_zeros(chunk.order.numel(), x.shape[1])
                 full[:back.shape[0]] = back  # skipped assignments contribute exact zeros
@@ -262,24 +251,10 @@ class AllToAllDispatcher:
         return self._in_flight(out, work, name)
 
     def _in_flight(self, out: torch.Tensor, work: dist.Work, name: str) -> InFlight:
-        flight = InFlight(out, work, name, time.perf_counter_ns())
+        flight = InFlight(out, work, name)
         if not self.overlap:
-            self._finish(flight)
+            flight.finish()
         return flight
-
-    def _wait(self, flight: InFlight) -> Steps[torch.Tensor]:
-        """Yield (other work may run while the exchange is in flight), then wait for it."""
-        yield
-        return self._finish(flight)
-
-    @staticmethod
-    def _finish(flight: InFlight) -> torch.Tensor:
-        if flight.work is not None:
-            with span(f"{flight.name} wait"):
-                flight.work.wait()
-            record(flight.name, flight.started_ns, time.perf_counter_ns(), COMM)
-            flight.work = None
-        return flight.out
 
     def _chunk_count(self, max_assignments: int) -> int:
         if not self.auto:

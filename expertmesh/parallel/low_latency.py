@@ -25,14 +25,13 @@ included (counted as sent in `ExchangeStats`).
 
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.distributed as dist
 
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.steps import Steps
-from expertmesh.trace import COMM, record, span
+from expertmesh.parallel.in_flight import InFlight
+from expertmesh.trace import span
 
 
 class LowLatencyExchange:
@@ -92,15 +91,11 @@ class LowLatencyExchange:
             padded = torch.cat([back, back.new_zeros(1, D)])  # skipped assignments read zeros
             return (padded[where].view(T, k, D) * weights.unsqueeze(-1)).sum(dim=1)
 
-    def _exchange(self, out: torch.Tensor, message: torch.Tensor, name: str) -> Steps[None]:
-        """Start the equal-split all_to_all_single of `message` into `out`, yield while it is in
-        flight, then wait for it."""
-        started = time.perf_counter_ns()
+    def _exchange(self, out: torch.Tensor, message: torch.Tensor, name: str) -> Steps[torch.Tensor]:
+        """The equal-split all_to_all_single of `message` into `out`: start it, yield while it is
+        in flight, wait."""
         work = dist.all_to_all_single(out, message, group=self.group, async_op=True)
-        yield
-        with span(f"{name} wait"):
-            work.wait()
-        record(name, started, time.perf_counter_ns(), COMM)
+        return (yield from InFlight(out, work, name).wait())
 
     def _positions(self, flat: torch.Tensor, dest: torch.Tensor, cap: int) -> torch.Tensor:
         """Send-buffer row of each assignment `[T * k]`: block of its destination, rank among the
