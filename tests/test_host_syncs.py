@@ -137,16 +137,18 @@ def _serve(spec: RunSpec, rank: int, group, mode: FakeDevice | None):
     return counts, logits, sorted((o.request_id, o.token) for o in outputs)
 
 
-def _spec(deployment: str, exchange: str) -> RunSpec:
+def _spec(deployment: str, exchange: str, overflow: str | None = None) -> RunSpec:
+    """overflow: with capacity (factor 1, that policy), which never bites a decode step."""
     exchange, _, overlap = exchange.partition("+")
-    return RunSpec(CFG, Deployment.parse(deployment), Workload(), overlap=overlap or "auto",
+    cfg = CFG.with_(capacity_factor=1.0, overflow=overflow) if overflow else CFG
+    return RunSpec(cfg, Deployment.parse(deployment), Workload(), overlap=overlap or "auto",
                    low_latency_tokens=0 if exchange == "standard" else LOW_LATENCY_TOKENS)
 
 
-def _rank(deployment: str, exchange: str, kernel: str, device) -> list:
+def _rank(deployment: str, exchange: str, kernel: str, overflow: str | None, device) -> list:
     """Per rank: (stage, counts of the decode step on the pretend device, logits rows compared,
     max |Δlogit| against the same step on the CPU, rank 0's tokens on both)."""
-    spec = _spec(deployment, exchange)
+    spec = _spec(deployment, exchange, overflow)
     rank = dist.get_rank() if dist.is_initialized() else 0
     group = stage_group(spec.deployment, rank) if dist.is_initialized() else None
     _, want, want_tokens = _serve(spec, rank, group, None)
@@ -168,16 +170,22 @@ def _rank(deployment: str, exchange: str, kernel: str, device) -> list:
     return everyone
 
 
-@pytest.mark.parametrize("deployment, exchange, kernel", [
-    ("single", "-", "grouped"), ("single", "-", "loop"),
-    ("ep2", "standard", "grouped"), ("ep2", "low-latency", "grouped"), ("ep2", "low-latency", "loop"),
-    ("ep2", "standard+tbo", "grouped"), ("ep2", "low-latency+tbo", "grouped"),
-    ("tp2", "-", "grouped"), ("pp2", "-", "grouped"),
-    ("ep2pp2", "standard", "grouped"), ("ep2pp2", "low-latency", "grouped"), ("tp2pp2", "-", "grouped")])
-def test_an_engine_decode_step_waits_for_the_device_only_where_the_design_needs(deployment, exchange, kernel):
+@pytest.mark.parametrize("deployment, exchange, kernel, overflow", [
+    ("single", "-", "grouped", None), ("single", "-", "loop", None),
+    ("ep2", "standard", "grouped", None), ("ep2", "low-latency", "grouped", None),
+    ("ep2", "low-latency", "loop", None),
+    ("ep2", "standard+tbo", "grouped", None), ("ep2", "low-latency+tbo", "grouped", None),
+    ("tp2", "-", "grouped", None), ("pp2", "-", "grouped", None),
+    ("ep2pp2", "standard", "grouped", None), ("ep2pp2", "low-latency", "grouped", None),
+    ("tp2pp2", "-", "grouped", None),
+    # capacity adds nothing: a decode step cannot exceed it, and its counts stay on the device
+    ("single", "-", "grouped", "drop"), ("ep2", "low-latency", "grouped", "reroute"),
+    ("tp2", "-", "grouped", "drop")])
+def test_an_engine_decode_step_waits_for_the_device_only_where_the_design_needs(deployment, exchange, kernel,
+                                                                                 overflow):
     """Counts per rank as `expected` states them, and the step's logits and tokens are the CPU's."""
     dep = Deployment.parse(deployment)
-    run = functools.partial(_rank, deployment, exchange, kernel)
+    run = functools.partial(_rank, deployment, exchange, kernel, overflow)
     ranks = run(torch.device("cpu")) if dep.world_size == 1 else launch(run, dep.world_size, timeout=120)
     for rank, (stage, counts, rows, diff, (tokens, want_tokens)) in enumerate(ranks):
         want = expected(deployment, exchange, kernel, stage)

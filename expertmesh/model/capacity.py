@@ -19,12 +19,13 @@ Every dropped and rerouted assignment is counted.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 
 from expertmesh.config import Capacity
+from expertmesh.model.paged import upload
 
 KEPT, REROUTED, DROPPED = 0, 1, 2
 
@@ -32,23 +33,30 @@ KEPT, REROUTED, DROPPED = 0, 1, 2
 @dataclass
 class Overflow:
     """What capacity decided over the calls since the last reset: assignments looked at, rerouted
-    and dropped (an MoE block's counter of its rank's tokens; `engine/counters.py` resets and reads it)."""
+    and dropped (an MoE block's counter of its rank's tokens; `engine/counters.py` resets and reads it).
+    The rerouted and dropped counts add up on the device and are read by `snapshot`, once."""
 
     assignments: int = 0
     rerouted: int = 0
     dropped: int = 0
+    pending: torch.Tensor | None = field(default=None, repr=False, compare=False)  # [rerouted, dropped]
 
     def count(self, status: torch.Tensor) -> None:
-        """Add a call's `status` `[T, k]` (KEPT/REROUTED/DROPPED); reads two counts on the host."""
+        """Add a call's `status` `[T, k]` (KEPT/REROUTED/DROPPED), without reading the device."""
         self.assignments += status.numel()
-        self.rerouted += int((status == REROUTED).sum())
-        self.dropped += int((status == DROPPED).sum())
+        counts = torch.stack([(status == REROUTED).sum(), (status == DROPPED).sum()])
+        self.pending = counts if self.pending is None else self.pending + counts
 
     def reset(self) -> None:
         self.assignments = self.rerouted = self.dropped = 0
+        self.pending = None
 
     def snapshot(self) -> "Overflow":
-        return replace(self)
+        """A copy with every count on the host (reads the device's counts, a host sync)."""
+        if self.pending is not None:
+            rerouted, dropped = self.pending.tolist()
+            self.rerouted, self.dropped, self.pending = self.rerouted + rerouted, self.dropped + dropped, None
+        return Overflow(self.assignments, self.rerouted, self.dropped)
 
 
 def capacity_limit(capacity: Capacity, tokens: int, top_k: int, n_experts: int) -> int:
@@ -66,33 +74,50 @@ def apply_capacity(probs: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor
     sizes = group_sizes if group_sizes is not None else [T]
     if sum(sizes) != T:
         raise ValueError(f"capacity groups of {sum(sizes)} tokens for a call of {T} tokens")
-    limits = torch.tensor([capacity_limit(capacity, n, k, E) for n in sizes], device=ids.device)
-    group_of = torch.repeat_interleave(torch.arange(len(sizes), device=ids.device),
-                                       torch.tensor(sizes, device=ids.device) * k)  # [T * k]
+    limits_h = [capacity_limit(capacity, n, k, E) for n in sizes]
+    if all(n <= limit for n, limit in zip(sizes, limits_h)):
+        # a token's k experts are distinct, so no expert gets more than n assignments of a group of
+        # n tokens: nothing can be over (every decode step), and nothing is read or copied
+        return ids, weights, torch.zeros_like(ids)
+    limits, sizes_t, first = upload([torch.tensor(limits_h), torch.tensor(sizes),
+                                     torch.tensor([0, *sizes[:-1]]).cumsum(0) * k], ids.device)
+    group_of = torch.repeat_interleave(torch.arange(len(sizes), device=ids.device), sizes_t * k)  # [T * k]
     flat = ids.reshape(-1)
     hits = F.one_hot(flat, E)
     seen = hits.cumsum(0)  # assignments so far per expert, over the whole call
-    first = torch.tensor([0, *sizes], device=ids.device).cumsum(0)[:-1] * k  # each group's start
     before = torch.cat([seen.new_zeros(1, E), seen])[first]  # [groups, E]: counts before each group
     position = ((seen - before[group_of]) * hits).sum(1) - 1  # earlier choices of the expert in the group
     admitted = position < limits[group_of]
     status = torch.where(admitted, KEPT, DROPPED)
-    ids, weights = flat.clone(), weights.reshape(-1).clone()
-    overflow = (~admitted).nonzero().squeeze(1).tolist()
-    if capacity.policy == "reroute" and overflow:
-        used = torch.zeros(len(sizes), E, dtype=torch.long).index_put_(
-            (group_of[admitted].cpu(), flat[admitted].cpu()), torch.ones((), dtype=torch.long), accumulate=True)
-        room = (limits.cpu()[:, None] - used).tolist()
-        preference = probs.argsort(dim=1, descending=True).tolist()
-        groups = group_of.tolist()
-        for a in overflow:
-            t, g = a // k, groups[a]
-            taken = set(ids[t * k:(t + 1) * k].tolist())
-            for e in preference[t]:
-                if room[g][e] > 0 and e not in taken:
-                    ids[a], room[g][e], status[a] = e, room[g][e] - 1, REROUTED
-                    break
+    ids, weights = flat, weights.reshape(-1)
+    if capacity.policy == "reroute":
+        ids, status = _reroute(probs, ids, status, admitted, group_of, limits_h, k)
     dropped = status == DROPPED
-    ids[dropped] = -1
-    weights[dropped] = 0
+    ids = torch.where(dropped, -1, ids)
+    weights = torch.where(dropped, 0, weights)
     return ids.view(T, k), weights.view(T, k), status.view(T, k)
+
+
+def _reroute(probs: torch.Tensor, ids: torch.Tensor, status: torch.Tensor, admitted: torch.Tensor,
+             group_of: torch.Tensor, limits: list[int], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Give each assignment over capacity (`admitted` False), in order, to its token's next-best
+    expert with room in its group that the token does not use already; flat ids, status `[T * k]`.
+    A greedy walk in order, on the host (prefill only: decode never gets here)."""
+    overflow = (~admitted).nonzero().squeeze(1).tolist()
+    if not overflow:
+        return ids, status
+    ids, status = ids.clone(), status.clone()
+    E = probs.shape[1]
+    used = torch.zeros(len(limits), E, dtype=torch.long).index_put_(
+        (group_of[admitted].cpu(), ids[admitted].cpu()), torch.ones((), dtype=torch.long), accumulate=True)
+    room = (torch.tensor(limits)[:, None] - used).tolist()
+    preference = probs.argsort(dim=1, descending=True).tolist()
+    groups = group_of.tolist()
+    for a in overflow:
+        t, g = a // k, groups[a]
+        taken = set(ids[t * k:(t + 1) * k].tolist())
+        for e in preference[t]:
+            if room[g][e] > 0 and e not in taken:
+                ids[a], room[g][e], status[a] = e, room[g][e] - 1, REROUTED
+                break
+    return ids, status

@@ -140,8 +140,9 @@ def combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
 class LocalDispatcher:
     """Every expert is on this device: sort by expert, compute grouped, combine.
 
-    `may_drop`: ids can be -1 (dropped by capacity). Only then is the number of computed rows read
-    on the host; the dropless path keeps the grouped kernel free of host syncs.
+    `may_drop`: ids can be -1 (dropped by capacity): those assignments sort last, past every
+    expert's rows, where the grouped kernel leaves padding; their outputs are set to exact zeros
+    on the device (no host read of how many were dropped).
     """
 
     def __init__(self, may_drop: bool = False):
@@ -156,12 +157,10 @@ class LocalDispatcher:
                 out = experts(x[order // ids.shape[1]], counts)
             return combine(out, order, weights)
         order, counts = sort_assignments(torch.where(ids >= 0, ids, E), E + 1)  # -1 (dropped) last
-        computed = order.numel() - int(counts[E])
         with span("expert compute"):
-            out = experts(x[order[:computed] // ids.shape[1]], counts[:E])
-        if computed < order.numel():  # dropped assignments contribute exact zeros
-            out = torch.cat([out, out.new_zeros(order.numel() - computed, out.shape[1])])
-        return combine(out, order, weights)
+            out = experts(x[order // ids.shape[1]], counts[:E])
+        computed = torch.arange(order.numel(), device=order.device) < order.numel() - counts[E]
+        return combine(torch.where(computed[:, None], out, 0), order, weights)
 
     def steps(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
               low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
