@@ -9,18 +9,16 @@ for the device on CUDA as a read does (`blocking_uploads`: a copy from pageable 
 indices handed to a device tensor's indexing).
 
 Per engine step and rank, reason by reason in `expected`:
-- sampling reads a micro-batch's tokens, with the logits of its rows that draw at random, in one
-  copy, on the last pipeline stage: the scheduler needs them as Python ints;
-- the finite check reads the step's flags once, on every rank;
+- one read per step on every rank: the finite check's flags, with, on the last pipeline stage,
+  every micro-batch's sampled tokens and the logits of its rows that draw at random (the
+  scheduler needs the tokens as Python ints, after the step);
 - the standard EP exchange reads its split sizes once per MoE layer (`all_to_all_single` takes
   Python ints); the low-latency exchange reads none; without the grouped kernel (any GPU but
   Hopper in bf16) the per-expert loop reads each layer's expert counts;
 - the first stage's token ids and the paged batch's layout go up in one copy each per
   micro-batch, and sampling's indices of the drawn rows in one where a micro-batch mixes greedy
   and random requests; none waits (non-blocking, from pinned memory on CUDA, which this machine
-  cannot check);
-- what `engine/runner.py` does beyond that is marked avoidable (one read of tokens per
-  micro-batch where one per step would do).
+  cannot check).
 Everything else stays on the host (the scheduler, the exchange choice's all-reduce over a gloo
 group, the control messages) or on the device (pipeline hidden states, TP all-reduces).
 """
@@ -68,9 +66,7 @@ class Counts:
 
 
 def expected(deployment: str, exchange: str, kernel: str, stage: int) -> Counts:
-    """What one engine decode step does on a rank of pipeline stage `stage`, reason by reason: what
-    the design needs, and what `engine/runner.py` does beyond it, marked avoidable (when that goes,
-    so must its count here)."""
+    """What one engine decode step does on a rank of pipeline stage `stage`, reason by reason."""
     dep = Deployment.parse(deployment)
     micro = dep.pp  # the engine's default: one micro-batch per stage
     first, last = stage == 0, stage == dep.pp - 1
@@ -79,10 +75,8 @@ def expected(deployment: str, exchange: str, kernel: str, stage: int) -> Counts:
     standard_ep = dep.ep > 1 and exchange == "standard"
     halves = 2 if overlap == "tbo" else 1  # two-batch overlap: two forwards through the layers
     syncs = {
-        "sampled tokens with the drawn rows' logits, one copy per micro-batch (avoidable beyond "
-        "one per step: the scheduler needs them only after the step)": micro if last else 0,
-        "finite check, the step's flags at once (on the last stage it could ride in the "
-        "sampling copy)": 1,
+        "the step's finite flags, with every micro-batch's sampled tokens and drawn rows' logits "
+        "on the last stage, in one copy": 1,
         "standard EP exchange: its split sizes, once per MoE layer and micro-batch (each half of "
         "one under two-batch overlap)": moe_layers * micro * halves if standard_ep else 0,
         "per-expert loop (no grouped kernel): each MoE layer's expert counts, once per "
@@ -203,13 +197,13 @@ def test_an_engine_decode_step_waits_for_the_device_only_where_the_design_needs(
 ], ids=["read", "blocking-upload", "non-blocking-upload"])
 def test_one_more_wait_in_a_decode_step_changes_its_count(monkeypatch, extra, more):
     """The count itself: one more read, or copy up, at sampling is one more in the step."""
-    sample = runner.sample_requests
+    start = runner.start_draws
 
-    def sample_and_extra(logits, *args):
+    def start_and_extra(logits, *args):
         extra(logits)
-        return sample(logits, *args)
+        return start(logits, *args)
 
-    monkeypatch.setattr(runner, "sample_requests", sample_and_extra)
+    monkeypatch.setattr(runner, "start_draws", start_and_extra)
     monkeypatch.setattr(moe, "_grouped_mm_applies", lambda x, hidden: True)
     with FakeDevice() as mode:
         counts, _, _ = _serve(_spec("single", "-"), 0, None, mode)

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from expertmesh.config import Workload
-from expertmesh.engine.sampling import sample, sample_requests
+from expertmesh.engine.sampling import finish_draws, sample, start_draws
 
 V = 50
 
@@ -78,8 +78,12 @@ def test_temperature_sharpens_and_flattens():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_a_request_samples_the_same_token_in_a_mixed_batch_as_alone(dtype):
-    """Greedy and random rows share one copy to the host (`sample_requests`): each row's token
+    """Greedy and random rows share one copy to the host (`start_draws`): each row's token
     is still its own: the argmax, or the draw of its seed and index."""
+    def sample_requests(*args):
+        draws = start_draws(*args)
+        return finish_draws(draws, draws.device.cpu())
+
     logits = logits_of(6).to(dtype)
     temperature, top_p = [0.0, 0.8, 0.0, 1.5, 0.7, 0.0], [1.0, 0.9, 1.0, 1.0, 0.5, 1.0]
     seeds, index = [3, 1, 4, 1, 5, 9], [0, 2, 6, 5, 3, 5]

@@ -2,7 +2,8 @@
 
 Every layer output a rank computes, and the logits of the sampling rank, leave a 0-dim
 `isfinite(x).all()` flag; the flags are read once per step (one host sync, which sampling already
-implies), raising `NonFiniteError` with the step and the first layer whose output was non-finite.
+implies; the serving engine reads them in the same copy as the sampled tokens), raising
+`NonFiniteError` with the step and the first layer whose output was non-finite.
 """
 
 from __future__ import annotations
@@ -33,12 +34,16 @@ class FiniteCheck:
         self.flags.append(torch.isfinite(x).all())
         self.layers.append(layer)
 
-    def check(self, step: int) -> None:
-        if not self.flags:
-            return
-        ok = torch.stack(self.flags).cpu()
-        bad = {layer for layer, fine in zip(self.layers, ok.tolist()) if not fine}
-        self.flags, self.layers = [], []
+    def take(self, device: torch.device) -> torch.Tensor:
+        """The flags added since the last call, `[n]` bool on `device`, for `verify` once read."""
+        flags = torch.stack(self.flags) if self.flags else torch.ones(0, dtype=torch.bool, device=device)
+        self.flags = []
+        return flags
+
+    def verify(self, step: int, flags: torch.Tensor) -> None:
+        """`take`'s flags, read to the host: raise on the first non-finite one."""
+        layers, self.layers = self.layers, []
+        bad = {layer for layer, fine in zip(layers, flags.tolist()) if not fine}
         if not bad:
             return
         what = "logits" if self.LOGITS in bad else "hidden states"
@@ -47,6 +52,11 @@ class FiniteCheck:
                  "none of the layers on this rank (an earlier pipeline stage, or the final norm "
                  "and head)")
         raise NonFiniteError(f"non-finite {what} at step {step}; first non-finite layer output: {where}")
+
+    def check(self, step: int) -> None:
+        """Read the flags added since the last call (one host sync) and `verify` them."""
+        if self.flags:
+            self.verify(step, self.take(self.flags[0].device).cpu())
 
     def __enter__(self) -> "FiniteCheck":
         return self

@@ -23,7 +23,7 @@ import torch
 
 from expertmesh.engine.finite import FiniteCheck
 from expertmesh.engine.stages import SingleStage, StageLinks
-from expertmesh.engine.sampling import sample_requests
+from expertmesh.engine.sampling import Draws, finish_draws, start_draws
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, Workspace, upload
 from expertmesh.model.steps import take_turns
@@ -54,16 +54,37 @@ class Runner:
 
     def forward(self, chosen: list[tuple[Sequence, int]], sampled: list[bool]) -> dict | None:
         """Run the step's sequences through the layers held here. On the last stage returns
-        {request id: (token, logits [V] or None)} for the sequences in `sampled`; else None."""
-        result = {} if self.links.is_last else None
+        {request id: (token, logits [V] or None)} for the sequences in `sampled`; else None.
+
+        The device is read once per step, on every rank: the finite check's flags, with every
+        micro-batch's sampled tokens (and the logits of rows that draw) on the last stage."""
+        draws = []
         with torch.inference_mode():
             for m, part in enumerate(split_evenly(len(chosen), self.n_micro)):
                 logits = self._micro(m, chosen[part])
-                if result is not None:
-                    result.update(self._sample(chosen[part], sampled[part], logits))
-            self.finite.check(self.steps)
+                if self.links.is_last:
+                    draws.append(self._start_sampling(chosen[part], sampled[part], logits))
+            host = self._read([d for _, d, _ in draws])
         self.steps += 1
+        if not self.links.is_last:
+            return None
+        result = {}
+        for (reqs, d, kept), read in zip(draws, host):
+            with span("sample"):
+                tokens = finish_draws(d, read)
+            result.update({r.id: (t, row) for r, t, row in zip(reqs, tokens, kept)})
         return result
+
+    def _read(self, draws: list[Draws]) -> list[torch.Tensor]:
+        """One copy to the host: the step's finite flags (checked here, raising on a non-finite
+        value) and each of `draws`' device values -> those of `draws`, on the host."""
+        flags = self.finite.take(self.device)
+        parts = [d.device for d in draws]
+        dtype = parts[0].dtype if parts else torch.float32
+        host = torch.cat(parts + [flags.to(dtype)]).cpu()
+        *mine, flags = host.split([p.numel() for p in parts] + [flags.numel()])
+        self.finite.verify(self.steps, flags)
+        return mine
 
     def _micro(self, m: int, chosen: list[tuple[Sequence, int]]) -> torch.Tensor | None:
         N, links, D = sum(n for _, n in chosen), self.links, self.model.cfg.d_model
@@ -94,17 +115,19 @@ class Runner:
         return PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
                           self.device, self.workspace)
 
-    def _sample(self, chosen: list[tuple[Sequence, int]], sampled: list[bool], logits: torch.Tensor) -> dict:
+    def _start_sampling(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
+                        logits: torch.Tensor) -> tuple[list, Draws, list]:
+        """A micro-batch's logits `[N_m, V]` -> (its sampled requests, their `Draws`, their logits on
+        the host when recorded, else None each)."""
         rows = [i for i, s in enumerate(sampled) if s]
         if len(rows) < logits.shape[0]:  # a prefill chunk mid-prompt samples nothing
             logits = logits[upload([torch.tensor(rows, dtype=torch.long)], logits.device)[0]]
         self.finite.add(FiniteCheck.LOGITS, logits)
         reqs = [chosen[i][0].request for i in rows]
-        with span("sample"):
-            tokens = sample_requests(logits, [r.temperature for r in reqs], [r.top_p for r in reqs],
-                                     [r.seed for r in reqs], [chosen[i][0].generated for i in rows])
+        draws = start_draws(logits, [r.temperature for r in reqs], [r.top_p for r in reqs],
+                            [r.seed for r in reqs], [chosen[i][0].generated for i in rows])
         kept = logits.float().cpu() if self.record_logits else [None] * len(rows)
-        return {r.id: (t, row) for r, t, row in zip(reqs, tokens, kept)}
+        return reqs, draws, kept
 
     def close(self) -> None:
         self.links.finish()

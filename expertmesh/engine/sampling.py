@@ -1,11 +1,13 @@
 """Choosing the next token from logits: greedy, or temperature / top-p with seeded randomness.
 
 A random draw never depends on what else is in the batch or on which rank samples: `sample`
-(the static batch) draws from (seed, step, global sequence index), `sample_requests` (the
+(the static batch) draws from (seed, step, global sequence index), `start_draws` / `finish_draws` (the
 serving engine) from (request seed, index of the token in the request's output).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
@@ -25,30 +27,48 @@ def sample(logits: torch.Tensor, rows: torch.Tensor, step: int, workload: Worklo
     return tokens.to(logits.device)
 
 
-def sample_requests(logits: torch.Tensor, temperature: list[float], top_p: list[float],
-                    seeds: list[int], index: list[int]) -> list[int]:
-    """logits `[S, V]`, one row per request, with its sampling values and the index of the token
-    being drawn in its output -> S token ids. Row i's draw is seeded by (seeds[i], index[i]).
+@dataclass
+class Draws:
+    """One batch of requests' sampling between its device part and its host part: `device`
+    `[S + n * V]` holds the S greedy token ids (in the logits' float type: exact below 2^24, fp32's
+    mantissa) and the logits of the n rows that draw at random (`drawn`), to be read in one copy,
+    possibly with other values of the step (`engine/runner.py` reads a step's at once)."""
 
-    One read of the device per call: the greedy tokens, with the logits of the rows that draw
-    (drawn on the host, where the seeded generators are) in the same copy."""
+    device: torch.Tensor
+    drawn: list[int]
+    temperature: list[float]
+    top_p: list[float]
+    seeds: list[int]
+    index: list[int]
+
+
+def start_draws(logits: torch.Tensor, temperature: list[float], top_p: list[float],
+                seeds: list[int], index: list[int]) -> Draws:
+    """logits `[S, V]`, one row per request, with its sampling values and the index of the token
+    being drawn in its output -> what to read for them (device work only: nothing is read)."""
     S, V = logits.shape
-    if S == 0:
-        return []
     greedy = logits.argmax(dim=-1)
     drawn = [i for i, t in enumerate(temperature) if t > 0]
-    if not drawn:
-        return greedy.tolist()
-    rows = logits if len(drawn) == S else logits[upload([torch.tensor(drawn)], logits.device)[0]]
-    # the token ids ride in the logits' float type: exact below 2^24, fp32's mantissa
     dtype = torch.float64 if V > 2**24 or logits.dtype == torch.float64 else torch.float32
-    host = torch.cat([greedy.to(dtype), rows.to(dtype).reshape(-1)]).cpu()
+    parts = [greedy.to(dtype)]
+    if drawn:
+        rows = logits if len(drawn) == S else logits[upload([torch.tensor(drawn)], logits.device)[0]]
+        parts.append(rows.to(dtype).reshape(-1))
+    return Draws(torch.cat(parts), drawn, temperature, top_p, seeds, index)
+
+
+def finish_draws(draws: Draws, host: torch.Tensor) -> list[int]:
+    """`draws.device` read to the host -> the S token ids. Row i's draw is seeded by
+    (seeds[i], index[i])."""
+    S, n = len(draws.temperature), len(draws.drawn)
     tokens = host[:S].long().tolist()
-    gens = [torch.Generator().manual_seed(seeds[i] * 1_000_003 + index[i]) for i in drawn]
+    if not n:
+        return tokens
+    gens = [torch.Generator().manual_seed(draws.seeds[i] * 1_000_003 + draws.index[i]) for i in draws.drawn]
     u = torch.cat([torch.rand(1, generator=g, dtype=torch.float64) for g in gens])
-    picked = _nucleus(host[S:].view(len(drawn), V), torch.tensor([temperature[i] for i in drawn], dtype=torch.float64),
-                      torch.tensor([top_p[i] for i in drawn], dtype=torch.float64), u)
-    for i, t in zip(drawn, picked.tolist()):
+    picked = _nucleus(host[S:].view(n, -1), torch.tensor([draws.temperature[i] for i in draws.drawn], dtype=torch.float64),
+                      torch.tensor([draws.top_p[i] for i in draws.drawn], dtype=torch.float64), u)
+    for i, t in zip(draws.drawn, picked.tolist()):
         tokens[i] = t
     return tokens
 
