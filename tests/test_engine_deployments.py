@@ -41,9 +41,10 @@ def small(model):
 
 
 def serve_on(deployment: str, work: Mixed, engine: EngineConfig, n_micro: int | None = None,
-             overlap: str = "auto"):
+             overlap: str = "auto", **exchange):
+    """exchange: RunSpec's a2a and gpus_per_node."""
     dep = Deployment.parse(deployment)
-    spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED, n_micro=n_micro, overlap=overlap)
+    spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED, n_micro=n_micro, overlap=overlap, **exchange)
     spec.validate(dep.world_size)
     fn = functools.partial(serve_rank, spec, engine, work.arrivals, work.aborts, eos=(work.eos,))
     if dep.world_size == 1:
@@ -102,6 +103,13 @@ def test_two_batch_overlap_serves_each_request_its_reference_tokens(deployment, 
     """--overlap tbo: every forward runs as two micro-batches taking turns (one of them empty
     when a rank has one sequence), through chunked prefill, decode and preemption."""
     mixed.check(serve_on(deployment, mixed, engine, overlap="tbo"), engine.num_blocks)
+
+
+def test_two_batch_overlap_over_the_hierarchical_exchange_serves_each_request_its_reference_tokens(small):
+    """ep4 as 2 nodes of 2: each half's tokens cross a node once, to a relay, while the other half
+    computes (the relay's own exchanges are synchronous; the flat one inside the node yields)."""
+    small.check(serve_on("ep4", small, CHUNKED, overlap="tbo", a2a="hierarchical", gpus_per_node=2),
+                CHUNKED.num_blocks)
 
 
 def test_two_batch_overlap_equals_its_halves_run_one_after_the_other_bit_for_bit(monkeypatch):
