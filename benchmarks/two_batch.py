@@ -12,6 +12,11 @@ each case, per overlap mode, every mode once per round, medians over rounds of t
 "exchange" is the time `none` spends waiting for exchanges (trace spans of a separate run), and
 hidden = (none - mode) / exchange: the share of the exchange a mode takes off the step (it can
 be negative: two half-size micro-batches cost more fixed overhead than they hide).
+
+"exchange CPU" is what a bare `all_to_all_single` of the case's dispatch (tokens x top-k rows,
+half to the peer) costs this process in CPU time (all its threads: gloo's too), as a share of
+its wall time. Near 100%, the exchange is work for the same cores the compute uses, and no
+ordering can hide it on a machine without an idle core: overlap then only moves that work.
 """
 
 from __future__ import annotations
@@ -66,6 +71,20 @@ def _step(runner: Runner, n_seqs: int, new: int, context: int, vocab: int) -> li
     return seqs
 
 
+def exchange_cpu_share(rows: int, d_model: int, dtype: torch.dtype, reps: int) -> float:
+    """CPU time over wall time of this process for a bare exchange of `rows` rows `[rows, D]`,
+    half to each of 2 ranks, median over `reps` calls."""
+    x = torch.zeros(rows - rows % 2, d_model, dtype=dtype)
+    y = torch.empty_like(x)
+    shares = []
+    for _ in range(reps + 1):
+        dist.barrier()
+        cpu, wall = time.process_time(), time.perf_counter()  # process_time: every thread's
+        dist.all_to_all_single(y, x)
+        shares.append((time.process_time() - cpu) / (time.perf_counter() - wall))
+    return statistics.median(shares[1:])
+
+
 def rank_main(spec: RunSpec, reps: int, quick: bool, device: torch.device) -> list[dict] | None:
     model, _, _ = load_rank(spec, device)
     cfg = spec.cfg
@@ -96,8 +115,9 @@ def rank_main(spec: RunSpec, reps: int, quick: bool, device: torch.device) -> li
         waited = sum(s[2] for s in take_spans() if s[0] in WAITS) / 1e9
         medians = torch.tensor([statistics.median(samples[m]) for m in MODES] + [waited])
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
+        cpu = exchange_cpu_share(n_seqs * new * cfg.top_k, cfg.d_model, cfg.torch_dtype, reps)
         out.append(dict(case=name, tokens=n_seqs * new, **dict(zip(MODES, medians[:3].tolist())),
-                        exchange=medians[3].item()))
+                        exchange=medians[3].item(), exchange_cpu=cpu))
     return out if dist.get_rank() == 0 else None
 
 
@@ -114,12 +134,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = launch(functools.partial(rank_main, spec, args.reps, args.quick), 2, timeout=3600)
     print(f"ep2, {args.preset} {args.dtype}, one engine forward, medians of {args.reps} rounds (slowest rank)")
     print(f"{'case':<24}{'tokens/rank':>12}{'none ms':>10}{'chunks ms':>11}{'tbo ms':>9}"
-          f"{'exchange ms':>13}{'none/tbo':>10}{'hidden chunks':>15}{'hidden tbo':>12}")
+          f"{'exchange ms':>13}{'none/tbo':>10}{'hidden chunks':>15}{'hidden tbo':>12}{'exchange CPU':>14}")
     for r in rows:
         hidden = {m: (r["none"] - r[m]) / r["exchange"] if r["exchange"] else float("nan") for m in MODES}
         print(f"{r['case']:<24}{r['tokens']:>12}{r['none'] * 1e3:>10.1f}{r['chunks'] * 1e3:>11.1f}"
               f"{r['tbo'] * 1e3:>9.1f}{r['exchange'] * 1e3:>13.1f}{r['none'] / r['tbo']:>10.2f}"
-              f"{hidden['chunks']:>15.0%}{hidden['tbo']:>12.0%}")
+              f"{hidden['chunks']:>15.0%}{hidden['tbo']:>12.0%}{r['exchange_cpu']:>14.0%}")
     return rows
 
 
