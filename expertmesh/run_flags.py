@@ -13,7 +13,7 @@ from expertmesh.checkpoint import config_from_hf, encode
 from expertmesh.config import DTYPES, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.spec import RunSpec, refuse_off_ep
-from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, REPLICA_ROUTINGS
 from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
 from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing
 
@@ -91,7 +91,7 @@ def spec_from_flags(args, deployment: Deployment, record_logits: bool = False, e
                    a2a_chunks=_chunks(args.a2a_chunks), overlap=args.overlap if ep_flags else "auto",
                    low_latency_tokens=args.low_latency_tokens,
                    gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
-                   placement=placement,
+                   placement=placement, replica_routing=args.replica_routing if ep_flags else "local",
                    record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace))
     spec.validate(deployment.world_size)
     return spec
@@ -140,6 +140,11 @@ def add_exchange_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus-per-node", type=int, default=None,
                    help="ranks per node (default: LOCAL_WORLD_SIZE, or one node)")
     p.add_argument("--placement", default=None, help="expert placement JSON from `expertmesh place`")
+    p.add_argument("--replica-routing", default="local", choices=REPLICA_ROUTINGS,
+                   help="EP with replicated experts: local (each rank's own replica, else one on its "
+                        "node; default) or balanced (per layer call, split each replicated expert's "
+                        "tokens over its holders so the ranks compute about as many rows: one small "
+                        "all-gather per layer)")
     p.add_argument("--router-skew", default=None, help="bias expert popularity, e.g. zipf:1.2 (experiments)")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="cap tokens per expert per call at C x fair share (default: no cap, dropless)")

@@ -35,7 +35,8 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
         apply_expert_parallel(model, group, inner, placements, chunks=spec.a2a_chunks,
                               overlap=spec.overlap != "none", peer_nodes=peer_nodes,
                               hierarchical=spec.a2a == "hierarchical",
-                              low_latency_threshold=spec.low_latency_tokens)
+                              low_latency_threshold=spec.low_latency_tokens,
+                              replica_routing=spec.replica_routing)
     return model
 
 

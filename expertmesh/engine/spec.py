@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from expertmesh.checkpoint.loader import check_checkpoint
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
-from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, REPLICA_ROUTINGS
 from expertmesh.parallel.expert import OVERLAPS
 from expertmesh.parallel.placement import validate_placement
 from expertmesh.topology import Topology
@@ -24,7 +24,9 @@ class RunSpec:
     a2a: "flat" or "hierarchical" token exchange; a2a_chunks: None picks per layer call.
     overlap: "auto", "tbo", "chunks" or "none" (`parallel/expert.py`; none waits on every exchange).
     gpus_per_node: node size of the topology (None: LOCAL_WORLD_SIZE, or one node).
-    placement: experts per EP rank per layer (None: contiguous). record_routing: count which
+    placement: experts per EP rank per layer (None: contiguous). replica_routing: "local" or
+    "balanced" (`parallel/replicas.py`: each call splits replicated experts' tokens over their
+    holders to even out the ranks' rows; needs a placement with replicas). record_routing: count which
     experts each rank's tokens choose. trace: record spans for a Perfetto trace.
     checkpoint: a Hugging Face model directory whose weights each rank reads its shard of
     (`cfg` from `expertmesh.checkpoint.config_from_hf`), instead of synthetic weights.
@@ -43,6 +45,7 @@ class RunSpec:
     low_latency_tokens: int = LOW_LATENCY_TOKENS
     gpus_per_node: int | None = None
     placement: list | None = None
+    replica_routing: str = "local"
     record_routing: bool = False
     trace: bool = False
     checkpoint: str | None = None
@@ -71,6 +74,18 @@ class RunSpec:
             refuse_off_ep(flag, given, self.deployment)
         if self.placement is not None:
             validate_placement(self.placement, self.cfg.n_layers, self.cfg.n_experts, self.deployment.ep)
+        if self.replica_routing not in REPLICA_ROUTINGS:
+            raise ValueError(f"unknown replica routing {self.replica_routing!r}; use one of "
+                             f"{', '.join(REPLICA_ROUTINGS)}")
+        if self.replica_routing == "balanced":
+            refuse_off_ep("--replica-routing balanced", True, self.deployment)
+            if not any(sum(map(len, layer)) > self.cfg.n_experts for layer in self.placement or []):
+                raise ValueError("--replica-routing balanced splits replicated experts' tokens, and this "
+                                 "placement has no replica; add --redundant-experts N --routing FILE "
+                                 "or a --placement with replicas")
+            if self.a2a == "hierarchical":
+                raise ValueError("--replica-routing balanced ignores nodes, which --a2a hierarchical "
+                                 "relies on; use --a2a flat with it")
         if self.checkpoint:  # else each rank finds a bad tensor only when it loads it
             check_checkpoint(self.cfg, self.checkpoint)
 

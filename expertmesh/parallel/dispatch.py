@@ -46,6 +46,7 @@ from expertmesh.parallel.exchange_stats import ExchangeStats
 from expertmesh.parallel.in_flight import InFlight
 from expertmesh.parallel.low_latency import LowLatencyExchange
 from expertmesh.parallel.placement import slot_table
+from expertmesh.parallel.replicas import BalancedReplicas
 from expertmesh.split import split_evenly
 from expertmesh.trace import span
 
@@ -59,6 +60,7 @@ MIN_ROWS_PER_CHUNK = 1024
 # small preset, fp32): level with or faster than the standard exchange up to 64 tokens per rank,
 # 0.8x at 256, where its fixed-size messages carry twice the rows that are needed.
 LOW_LATENCY_TOKENS = 64
+REPLICA_ROUTINGS = ("local", "balanced")
 
 
 @dataclass
@@ -87,16 +89,19 @@ class AllToAllDispatcher:
     low_latency_threshold: the engine runs the low-latency exchange for a forward in which every
     rank has at most this many tokens (`parallel/expert.py`'s ExchangeChoice; 0: never); the
     forward passes the agreed bound down as `low_latency_tokens`.
+    replica_routing: "local" (each source's static replica of an expert, `slot_table`) or
+    "balanced" (chosen per call from every rank's counts, `replicas.py`; a layer without
+    replicas keeps the static table).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: list[list[int]], n_experts: int,
                  rank: int, chunks: int | None = None, overlap: bool = True,
                  peer_nodes: list[int] | None = None, hierarchical: bool = False,
-                 low_latency_threshold: int = LOW_LATENCY_TOKENS):
+                 low_latency_threshold: int = LOW_LATENCY_TOKENS, replica_routing: str = "local"):
         self.group = group
         self.placement = placement
         self.options = dict(chunks=chunks, overlap=overlap, peer_nodes=peer_nodes, hierarchical=hierarchical,
-                            low_latency_threshold=low_latency_threshold)
+                            low_latency_threshold=low_latency_threshold, replica_routing=replica_routing)
         self.low_latency_threshold = 0 if hierarchical else low_latency_threshold
         self.n_ranks = len(placement)
         self.peer_nodes = peer_nodes or [0] * self.n_ranks
@@ -106,6 +111,9 @@ class AllToAllDispatcher:
         self.slot_rank = torch.repeat_interleave(torch.arange(self.n_ranks), torch.tensor(self.slots_per_rank))
         self.slot_node = torch.tensor([self.peer_nodes[r] for r in self.slot_rank.tolist()])
         self.slots = slot_table(placement, n_experts, rank, self.peer_nodes)
+        replicated = self.n_slots > n_experts
+        self.balanced = (BalancedReplicas(group, placement, n_experts, rank, self.slots)
+                         if replica_routing == "balanced" and replicated else None)
         self.slices = chunks or AUTO_SLICES
         self.auto = chunks is None
         self.overlap = overlap
@@ -134,7 +142,11 @@ class AllToAllDispatcher:
                                  for c, n in zip(choices.tolist(), tokens.tolist())})
         if self.slots.device != ids.device:  # once: a copy per call would wait for the device
             self.slots = self.slots.to(ids.device)
-        slots = torch.where(ids >= 0, self.slots[ids.clamp(min=0)], -1)
+        if self.balanced is not None:
+            with span("replica choice"):
+                slots = self.balanced(ids)
+        else:
+            slots = torch.where(ids >= 0, self.slots[ids.clamp(min=0)], -1)
         if self.hierarchical:
             return (yield from self._hierarchical(x, slots, weights, experts))
         if low_latency_tokens is not None:

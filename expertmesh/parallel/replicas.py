@@ -1,0 +1,134 @@
+"""Balanced replica routing: which replica of a replicated expert serves each assignment, chosen
+per MoE layer call from every rank's counts, so that the ranks compute about as many rows.
+
+A placement with replicas (redundant experts, `placement.py`) fixes each rank's replica of an
+expert in a static slot table (its own, else one on its node). That spreads the *average* load,
+but a decode step routes few tokens and its per-call imbalance is random: with 2 ranks, 8
+experts and 16 assignments the busier rank computes about 1.2x the mean. `BalancedReplicas`
+instead, in every layer call:
+
+  1. counts this rank's assignments per expert `[E]` and all-gathers them over the EP group
+     (E + 1 int64 per rank cross the network; the counts are then read on the host: one sync
+     per call);
+  2. every rank runs the same plan (`split_over_replicas`): experts with one holder load their
+     rank; then each replicated expert, heaviest first, fills its holders' ranks lowest first
+     (water filling); a source's rows of that expert go to its own rank's replica first, then
+     to the other holders in rank order;
+  3. maps each of this rank's assignments to its slot on the device: its position among this
+     rank's assignments of the same expert (token order) against the plan's cumulative rows.
+
+Every assignment still goes to exactly one holder of its expert, and holders compute the same
+function, so outputs equal the static choice's up to the grouping of rows in a matmul.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from expertmesh.model.paged import upload
+
+Placement = list[list[int]]
+Split = list[tuple[int, int]]  # (slot, rows), in the order a source's rows fill them
+
+
+def water_fill(levels: list[int], amount: int) -> list[int]:
+    """Add `amount` rows over holders at `levels`, lowest first, so that the highest resulting
+    level is as low as it can be: -> rows per holder (integers, summing to `amount`; of equal
+    levels, the earlier holders get the extra row)."""
+    order = sorted(range(len(levels)), key=lambda i: (levels[i], i))
+    filled, level, left = 1, levels[order[0]], amount  # the lowest `filled` holders are at `level`
+    while filled < len(order) and (levels[order[filled]] - level) * filled <= left:
+        left -= (levels[order[filled]] - level) * filled
+        level = levels[order[filled]]
+        filled += 1
+    rise, extra = divmod(left, filled)
+    give = [0] * len(levels)
+    for n, i in enumerate(order[:filled]):
+        give[i] = level + rise - levels[i] + (1 if n < extra else 0)
+    return give
+
+
+def split_over_replicas(counts: list[list[int]], placement: Placement) -> list[dict[int, Split]]:
+    """counts[p][e]: source rank p's assignments of expert e in this call (every rank's) ->
+    for each source p, {replicated expert: [(slot, rows), ...]} (experts with one holder are not
+    listed: their slot is fixed). Slots number placement's (rank, local expert) rank by rank."""
+    holders: dict[int, list[tuple[int, int]]] = {}
+    slot = 0
+    for rank, experts in enumerate(placement):
+        for e in experts:
+            holders.setdefault(e, []).append((rank, slot))
+            slot += 1
+    P = len(counts)
+    total = {e: sum(counts[p][e] for p in range(P)) for e in holders}
+    load = [0] * len(placement)
+    for e, where in holders.items():
+        if len(where) == 1:
+            load[where[0][0]] += total[e]
+    plans: list[dict[int, Split]] = [{} for _ in range(P)]
+    for e in sorted((e for e, where in holders.items() if len(where) > 1), key=lambda e: (-total[e], e)):
+        ranks = [r for r, _ in holders[e]]
+        give = water_fill([load[r] for r in ranks], total[e])
+        room = dict(zip(ranks, give))
+        for r, g in room.items():
+            load[r] += g
+        slot_of = dict(holders[e])
+        left = [counts[p][e] for p in range(P)]
+        for p in range(P):
+            plans[p][e] = []
+        for p in (p for p in range(P) if p in room):  # a source's own replica first
+            _take(plans[p][e], slot_of, room, left, p, p)
+        for p in range(P):
+            for r in sorted(room):
+                _take(plans[p][e], slot_of, room, left, p, r)
+    return plans
+
+
+def _take(split: Split, slot_of: dict[int, int], room: dict[int, int], left: list[int], p: int, r: int):
+    n = min(left[p], room[r])
+    if n:
+        split.append((slot_of[r], n))
+        room[r] -= n
+        left[p] -= n
+
+
+class BalancedReplicas:
+    """The device side of one layer's balanced replica routing (module docstring) for this rank.
+
+    placement: the layer's experts per rank of `group`; static_slots `[E]`: the slot of each
+    expert from this rank (`slot_table`), kept for experts with one holder.
+    """
+
+    def __init__(self, group: dist.ProcessGroup | None, placement: Placement, n_experts: int,
+                 rank: int, static_slots: torch.Tensor):
+        self.group, self.placement, self.n_experts, self.rank = group, placement, n_experts, rank
+        self.static_slots = static_slots.tolist()
+        self.n_ranks = len(placement)
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids `[T, k]` (-1: dropped) -> slots `[T, k]` (-1 where dropped). Collective."""
+        E, device = self.n_experts, ids.device
+        flat = ids.reshape(-1)
+        key = torch.where(flat >= 0, flat, E)  # dropped assignments count under E, unrouted
+        counts = torch.zeros(E + 1, dtype=torch.long, device=device).index_add_(0, key, torch.ones_like(key))
+        everyone = [torch.empty_like(counts) for _ in range(self.n_ranks)]
+        dist.all_gather(everyone, counts, group=self.group)
+        host = torch.stack(everyone).cpu()  # the plan needs Python ints: one host sync
+        plan = split_over_replicas(host[:, :E].tolist(), self.placement)[self.rank]
+        width = max((len(parts) for parts in plan.values()), default=0) + 1
+        never = flat.numel()  # a position no assignment reaches: the last part takes the rest
+        ends = [[never] * width for _ in range(E + 1)]
+        slots = [[s] * width for s in self.static_slots] + [[-1] * width]
+        for e, parts in plan.items():
+            end = 0
+            for j, (slot, rows) in enumerate(parts):
+                end += rows
+                ends[e][j], slots[e][j] = end, slot
+        ends_t, slots_t = upload([torch.tensor(ends), torch.tensor(slots)], device)
+        # each assignment's position among this rank's assignments of its expert, in token order
+        order = torch.argsort(key, stable=True)
+        starts = counts.cumsum(0) - counts
+        position = torch.empty_like(key)
+        position[order] = torch.arange(key.numel(), device=device) - starts[key[order]]
+        part = (position[:, None] >= ends_t[key]).sum(1)
+        return slots_t[key, part].view_as(ids)
