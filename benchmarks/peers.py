@@ -3,7 +3,8 @@ weights and the same tokens, in one process (or one pair of local ranks):
 
 - `deepspeed_moe`: expert parallelism, 2 gloo ranks, EP=2, against `deepspeed.moe.layer.MoE`
   (top-2, `drop_tokens=False`: its capacity is the largest expert load of the call, so it drops
-  nothing), GELU MLP experts (the seed's) given to DeepSpeed as an `nn.Module` with our weights.
+  nothing), GELU MLP experts (the seed's) given to DeepSpeed as an `nn.Module` with our weights,
+  and against a plain uneven all-to-all layer with the same weights (`plain_ep.py`).
 - `transformers_blocks`: one device, against transformers' `MixtralSparseMoeBlock` and
   `Qwen2MoeSparseMoeBlock` under each experts implementation transformers has (`eager`, its
   per-expert loop; `grouped_mm`; `batched_mm` where its per-token weight copies fit in memory).
@@ -37,6 +38,10 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+try:  # imported as part of the `benchmarks` package, or beside it
+    from .plain_ep import PlainEPLayer
+except ImportError:
+    from plain_ep import PlainEPLayer
 from expertmesh.config import DTYPES, preset
 from expertmesh.launch import launch
 from expertmesh.model.moe import MoEBlock
@@ -168,31 +173,35 @@ def _ceiling(ours: nn.Module, x: torch.Tensor) -> Callable[[], object]:
 
 
 def _ep_rank(device: torch.device, dims: Dims, tokens: int, reps: int, seed: int, dtype: torch.dtype) -> dict:
-    """On each rank: check agreement in fp32, then time both layers and the load-aware ceiling in
-    `dtype` on `tokens` tokens. Times are the slowest rank's medians (a layer waits for it)."""
+    """On each rank: check agreement in fp32, then time the three layers and the load-aware
+    ceiling in `dtype` on `tokens` tokens. Times are the slowest rank's medians (a layer waits for
+    it); diff: the larger of the two peers' disagreement with expertmesh."""
     ours, peer = _ep_layers(dims, seed)
+    plain = PlainEPLayer(ours.router.weight, ours.experts.w_up, ours.experts.w_down, dims.top_k)
     rank, ranks = dist.get_rank(), dist.get_world_size()
     gen = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(ranks * tokens, dims.d_model, generator=gen)[rank * tokens:(rank + 1) * tokens]
     x = x.view(1, tokens, dims.d_model)
     with torch.inference_mode():
-        diff = torch.tensor([relative_diff(ours(x), peer(x)[0])])
+        reference = ours(x)
+        diff = torch.tensor([max(relative_diff(reference, peer(x)[0]), relative_diff(reference, plain(x)))])
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         if diff.item() > FP32_RTOL:
             return {"diff": diff.item()}
         ours.to(dtype)
         peer.to(dtype)
+        plain.to(dtype)
         xb = x.to(dtype)
         peer(xb)  # sets exp_counts: this rank's assignments per expert
         ours(xb)  # records the rows each local expert computes
         capacity = peer.deepspeed_moe.exp_counts.max().view(1)
         dist.all_reduce(capacity, op=dist.ReduceOp.MAX)  # DeepSpeed's capacity for the call
-        times = _timed_pair({"expertmesh": lambda: ours(xb), "deepspeed": lambda: peer(xb),
-                             "ceiling": _ceiling(ours, xb)}, reps, dist.barrier)
-        medians = torch.tensor([statistics.median(times[k]) for k in ("expertmesh", "deepspeed", "ceiling")])
+        layers = {"expertmesh": lambda: ours(xb), "deepspeed": lambda: peer(xb), "plain": lambda: plain(xb),
+                  "ceiling": _ceiling(ours, xb)}
+        times = _timed_pair(layers, reps, dist.barrier)
+        medians = torch.tensor([statistics.median(times[k]) for k in layers])
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-    return {"diff": diff.item(), "capacity": int(capacity),
-            **dict(zip(("expertmesh", "deepspeed", "ceiling"), medians.tolist()))}
+    return {"diff": diff.item(), "capacity": int(capacity), **dict(zip(layers, medians.tolist()))}
 
 
 def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: int = 0,
@@ -204,7 +213,7 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
     dispatch and combine are dense einsums over [experts x capacity, tokens], so in bf16 the
     comparison measured the CPU's bf16 GEMM more than the layer (measured at 512 tokens / rank:
     DeepSpeed / expertmesh time 2.15 in bf16, 0.94 in fp32)."""
-    title = "Expert-parallel MoE layer, EP=2: expertmesh vs DeepSpeed-MoE"
+    title = "Expert-parallel MoE layer, EP=2: expertmesh vs DeepSpeed-MoE and a plain layer"
     try:
         deepspeed = import_deepspeed()
     except Exception as exc:  # not installed, or its import fails on this machine
@@ -216,10 +225,12 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
                       col("deepspeed_tps", "DeepSpeed tok/s"), col("ratio", "expertmesh / DS", "x{:.2f}"),
                       col("expertmesh_of_ceiling", "expertmesh / ceiling", "{:.2f}"),
                       col("deepspeed_of_ceiling", "DS / ceiling", "{:.2f}"),
+                      col("plain_ratio", "expertmesh / plain", "x{:.2f}"),
                       col("deepspeed_rows_per_assignment", "DS rows computed / assignment", "{:.2f}"),
                       col("fp32_rel_diff", "fp32 rel. diff", "{:.1e}")]
-    out["plot"] = {"kind": "line", "x": "tokens_per_rank", "y": ["expertmesh_tps", "deepspeed_tps", "ceiling_tps"],
-                   "labels": ["expertmesh", "DeepSpeed-MoE", "load-aware ceiling"],
+    out["plot"] = {"kind": "line", "x": "tokens_per_rank",
+                   "y": ["expertmesh_tps", "deepspeed_tps", "plain_tps", "ceiling_tps"],
+                   "labels": ["expertmesh", "DeepSpeed-MoE", "plain all-to-all layer", "load-aware ceiling"],
                    "ylabel": "tokens/s (both ranks)", "logx": True}
     out["summary"] = f"tokens/rank {min(token_counts)}..{max(token_counts)}, {dtype}, 2 gloo ranks"
     out["notes"] = [
@@ -229,8 +240,11 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
         "its top-2 weights renormalized, as expertmesh's router.",
         "load-aware ceiling: on each rank, the rows its experts really computed in the call, as plain "
         "matmuls (no routing, no exchange); the slowest rank's time. Routing imbalance is not overhead.",
+        "plain layer (`plain_ep.py`): fp32 routing, assignments sorted by expert, four blocking "
+        "all_to_all_single calls (counts, rows, expert ids, results), one GELU MLP per expert.",
         "times: medians of interleaved calls, each from a barrier to a barrier, the slowest rank's.",
-        "agreement: max |expertmesh - DeepSpeed| / max |expertmesh| in fp32, same tokens, before timing.",
+        "agreement: max |expertmesh - peer| / max |expertmesh| in fp32 over both peers, same tokens, "
+        "before timing.",
     ]
     for tokens in token_counts:
         try:
@@ -243,9 +257,10 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
         if "expertmesh" not in r:
             return {**out, "status": "failed",
                     "reason": f"outputs differ in fp32 at {tokens} tokens/rank: rel. diff {r['diff']:.1e}"}
-        ours, peer, ceiling = r["expertmesh"], r["deepspeed"], r["ceiling"]
+        ours, peer, plain, ceiling = r["expertmesh"], r["deepspeed"], r["plain"], r["ceiling"]
         out["rows"].append({"tokens_per_rank": tokens, "expertmesh_tps": 2 * tokens / ours,
-                            "deepspeed_tps": 2 * tokens / peer, "ceiling_tps": 2 * tokens / ceiling,
+                            "deepspeed_tps": 2 * tokens / peer, "plain_tps": 2 * tokens / plain,
+                            "ceiling_tps": 2 * tokens / ceiling, "plain_ratio": plain / ours, "plain_s": plain,
                             "ratio": peer / ours, "expertmesh_of_ceiling": ceiling / ours,
                             "deepspeed_of_ceiling": ceiling / peer,
                             "fp32_rel_diff": r["diff"], "expertmesh_s": ours, "deepspeed_s": peer,
