@@ -3,7 +3,7 @@
     python -m benchmarks [--out DIR] [--quick] [--only deepspeed,transformers,...] [--skip ...]
 
 Sections (in this order):
-  deepspeed     expert-parallel MoE layer, EP=2 on 2 gloo ranks, vs DeepSpeed-MoE (peers.py)
+  deepspeed     expert-parallel MoE layer, EP=2 on 2 gloo ranks, vs DeepSpeed-MoE and a plain layer (peers.py)
   transformers  single-device MoE block vs transformers' Mixtral and Qwen2-MoE blocks (peers.py)
   efficiency    the MoE block's GFLOP/s vs plain matmuls of the same shapes (moe_block.py)
   deployments   single / ep2 / tp2 / pp2 end to end on 2 ranks (deployments.py)
