@@ -26,6 +26,18 @@ Placement = list[list[int]]                       # placement[rank] = experts, i
 RoutingStats = list[dict[int, Counter]]            # [layer][source rank][expert tuple] = tokens
 
 
+def holders(placement: Placement) -> dict[int, list[tuple[int, int]]]:
+    """expert -> [(rank, slot)] of each of its replicas; slots number placement's (rank, local
+    expert) pairs rank by rank."""
+    out: dict[int, list[tuple[int, int]]] = {}
+    slot = 0
+    for rank, experts in enumerate(placement):
+        for expert in experts:
+            out.setdefault(expert, []).append((rank, slot))
+            slot += 1
+    return out
+
+
 def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
                peer_nodes: list[int] | None = None) -> torch.Tensor:
     """The slot each expert's tokens from rank `source` go to `[E]`.
@@ -36,14 +48,8 @@ def slot_table(placement: list[list[int]], n_experts: int, source: int = 0,
     `source % count`, so that traffic stays local where it can and spreads over the replicas.
     """
     nodes = peer_nodes or [0] * len(placement)
-    holders: dict[int, list[tuple[int, int]]] = {}
-    slot = 0
-    for rank, experts in enumerate(placement):
-        for expert in experts:
-            holders.setdefault(expert, []).append((rank, slot))
-            slot += 1
     table = torch.full((n_experts,), -1, dtype=torch.long)
-    for expert, replicas in holders.items():
+    for expert, replicas in holders(placement).items():
         same_rank = [s for r, s in replicas if r == source]
         same_node = [s for r, s in replicas if nodes[r] == nodes[source]]
         candidates = same_node or [s for _, s in replicas]

@@ -27,8 +27,8 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.model.paged import upload
+from expertmesh.parallel.placement import Placement, holders
 
-Placement = list[list[int]]
 Split = list[tuple[int, int]]  # (slot, rows), in the order a source's rows fill them
 
 
@@ -53,26 +53,21 @@ def split_over_replicas(counts: list[list[int]], placement: Placement) -> list[d
     """counts[p][e]: source rank p's assignments of expert e in this call (every rank's) ->
     for each source p, {replicated expert: [(slot, rows), ...]} (experts with one holder are not
     listed: their slot is fixed). Slots number placement's (rank, local expert) rank by rank."""
-    holders: dict[int, list[tuple[int, int]]] = {}
-    slot = 0
-    for rank, experts in enumerate(placement):
-        for e in experts:
-            holders.setdefault(e, []).append((rank, slot))
-            slot += 1
+    held = holders(placement)
     P = len(counts)
-    total = {e: sum(counts[p][e] for p in range(P)) for e in holders}
+    total = {e: sum(counts[p][e] for p in range(P)) for e in held}
     load = [0] * len(placement)
-    for e, where in holders.items():
+    for e, where in held.items():
         if len(where) == 1:
             load[where[0][0]] += total[e]
     plans: list[dict[int, Split]] = [{} for _ in range(P)]
-    for e in sorted((e for e, where in holders.items() if len(where) > 1), key=lambda e: (-total[e], e)):
-        ranks = [r for r, _ in holders[e]]
+    for e in sorted((e for e, where in held.items() if len(where) > 1), key=lambda e: (-total[e], e)):
+        ranks = [r for r, _ in held[e]]
         give = water_fill([load[r] for r in ranks], total[e])
         room = dict(zip(ranks, give))
         for r, g in room.items():
             load[r] += g
-        slot_of = dict(holders[e])
+        slot_of = dict(held[e])
         left = [counts[p][e] for p in range(P)]
         for p in range(P):
             plans[p][e] = []
