@@ -44,10 +44,10 @@ def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_ra
 
 OVERLAPS = ("auto", "tbo", "chunks", "none")
 # auto: two-batch overlap when some rank of the group has at least this many tokens in a forward.
-# Measured on 2 CPU ranks (benchmarks/two_batch.py, small preset, fp32, one engine forward): a
-# decode forward is weight-bound, so reading every expert's weights twice costs more than the
-# exchange it hides (tbo / none 0.84x at 32 tokens, 0.88x at 128); a prefill of 256 tokens 0.93x,
-# of 512 1.05x, 1024 1.04x, 4096 1.12x.
+# Measured on 2 CPU ranks (benchmarks/two_batch.py, small preset, fp32, one engine forward, two
+# runs): a decode forward's exchange is 2-7% of it, less than two half-size forwards add (none /
+# tbo 0.75-0.84x at 32 tokens, 0.88-0.95x at 128); a prefill of 256 tokens 0.93x, of 512
+# 1.05-1.19x, 1024 1.04-1.17x, 4096 1.10-1.12x.
 TWO_BATCH_TOKENS = 512
 
 
