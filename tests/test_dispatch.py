@@ -173,3 +173,18 @@ def _low_latency_against_standard(pattern: str, placement: list[list[int]], grou
 def test_the_low_latency_exchange_equals_the_standard_one_bit_for_bit(pattern, placement, grouped):
     """Fixed-size messages with counts inside: the experts see the same rows in the same order."""
     assert launch(functools.partial(_low_latency_against_standard, pattern, placement, grouped), EP)
+
+
+def test_exchange_stats_keep_the_loads_of_the_last_calls_only(monkeypatch):
+    """A program that steps an engine for hours without reading its counters stays bounded: the
+    oldest calls' loads go, the sums of rows sent do not."""
+    from expertmesh.parallel import exchange_stats
+    monkeypatch.setattr(exchange_stats, "MAX_LOADS", 4)
+    stats = exchange_stats.ExchangeStats()
+    for call in range(10):
+        stats.loads.append([call, 1])
+        stats.add([1, 2], [0, 0], 0, 8)
+    snap = stats.snapshot()
+    assert snap.loads == [[6, 1], [7, 1], [8, 1], [9, 1]] and snap.rows_sent == 30
+    stats.reset()
+    assert len(stats.loads) == 0 and stats.rows_sent == 0

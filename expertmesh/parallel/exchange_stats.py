@@ -4,22 +4,29 @@
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 
 
+# Layer calls whose loads are kept, the most recent: bounded memory for a program that steps an
+# `Engine` for hours without reading its counters (the server reads and resets them every 16 steps).
+MAX_LOADS = 1 << 16
+
+
 @dataclass
 class ExchangeStats:
     """Rows this rank sent, over all calls: all of them, and those to another node; and the
-    rows its experts computed in each call (its load)."""
+    rows its experts computed in each of the last `MAX_LOADS` calls (its load)."""
 
     rows_sent: int = 0
     low_latency_calls: int = 0  # calls that took the low-latency exchange
     cross_node_rows: int = 0
     cross_node_bytes: int = 0
-    # per call: rows per local slot; the low-latency exchange keeps them on the device (no host sync)
-    loads: list[list[int] | torch.Tensor] = field(default_factory=list)
+    # per call: rows per local slot; the low-latency exchange keeps them on the device (no host
+    # sync); a snapshot's are a list of host lists
+    loads: deque | list = field(default_factory=lambda: deque(maxlen=MAX_LOADS))
 
     def add(self, splits: list[int], peer_nodes: list[int], my_node: int, row_bytes: int) -> None:
         cross = sum(n for n, node in zip(splits, peer_nodes) if node != my_node)
@@ -30,7 +37,7 @@ class ExchangeStats:
     def reset(self) -> None:
         """Zero every counter, in place (the dispatcher keeps this object)."""
         self.rows_sent = self.low_latency_calls = self.cross_node_rows = self.cross_node_bytes = 0
-        self.loads = []
+        self.loads.clear()
 
     def snapshot(self) -> "ExchangeStats":
         """A copy with every load on the host as a list of ints: device loads are read here, once
