@@ -125,6 +125,16 @@ def sort_assignments(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, t
     return order, counts
 
 
+def rank_in_group(order: torch.Tensor, group: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """Each element's index among the elements of its group, counted in `order` `[N]`: group ids
+    `[N]`, elements per group `counts [G]`, and `order`, a permutation listing each group's
+    elements together, groups in index order (`sort_assignments`'s) -> `[N]`, on the device."""
+    start = counts.cumsum(0) - counts
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device) - start[group[order]]
+    return rank
+
+
 def combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Undo `sort_assignments` and sum each token's k expert outputs with its router weights.
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from expertmesh.model.moe import GroupedExperts
+from expertmesh.model.moe import GroupedExperts, rank_in_group
 from expertmesh.model.steps import Steps
 from expertmesh.parallel.in_flight import InFlight
 from expertmesh.trace import span
@@ -100,12 +100,10 @@ class LowLatencyExchange:
     def _positions(self, flat: torch.Tensor, dest: torch.Tensor, cap: int) -> torch.Tensor:
         """Send-buffer row of each assignment `[T * k]`: block of its destination, rank among the
         assignments to it in slot order (stable); skipped ones -> the spare row P * cap."""
-        order = torch.argsort(flat, stable=True)
+        order = torch.argsort(flat, stable=True)  # slots are numbered rank by rank: dests stay together
         per_dest = torch.zeros(self.n_ranks + 1, dtype=torch.long, device=flat.device)
         per_dest.index_add_(0, dest, torch.ones_like(dest))
-        start = per_dest.cumsum(0) - per_dest
-        rank_in_dest = torch.empty_like(order)
-        rank_in_dest[order] = torch.arange(flat.numel(), device=flat.device) - start[dest[order]]
+        rank_in_dest = rank_in_group(order, dest, per_dest)
         return torch.where(dest < self.n_ranks, dest * cap + rank_in_dest, self.n_ranks * cap)
 
     def _compute(self, rows: torch.Tensor, counts: torch.Tensor, cap: int,

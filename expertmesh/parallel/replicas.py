@@ -26,6 +26,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from expertmesh.model.moe import rank_in_group, sort_assignments
 from expertmesh.model.paged import upload
 from expertmesh.parallel.placement import Placement, holders
 
@@ -105,7 +106,7 @@ class BalancedReplicas:
         E, device = self.n_experts, ids.device
         flat = ids.reshape(-1)
         key = torch.where(flat >= 0, flat, E)  # dropped assignments count under E, unrouted
-        counts = torch.zeros(E + 1, dtype=torch.long, device=device).index_add_(0, key, torch.ones_like(key))
+        order, counts = sort_assignments(key, E + 1)
         everyone = [torch.empty_like(counts) for _ in range(self.n_ranks)]
         dist.all_gather(everyone, counts, group=self.group)
         host = torch.stack(everyone).cpu()  # the plan needs Python ints: one host sync
@@ -120,10 +121,6 @@ class BalancedReplicas:
                 end += rows
                 ends[e][j], slots[e][j] = end, slot
         ends_t, slots_t = upload([torch.tensor(ends), torch.tensor(slots)], device)
-        # each assignment's position among this rank's assignments of its expert, in token order
-        order = torch.argsort(key, stable=True)
-        starts = counts.cumsum(0) - counts
-        position = torch.empty_like(key)
-        position[order] = torch.arange(key.numel(), device=device) - starts[key[order]]
+        position = rank_in_group(order, key, counts)  # among this rank's of its expert, token order
         part = (position[:, None] >= ends_t[key]).sum(1)
         return slots_t[key, part].view_as(ids)
