@@ -23,11 +23,9 @@ class PlainEPLayer(nn.Module):
 
     def __init__(self, router: torch.Tensor, w_up: torch.Tensor, w_down: torch.Tensor, top_k: int):
         super().__init__()
-        self.router, self.w_up, self.w_down, self.top_k = router, w_up, w_down, top_k
-
-    def to(self, dtype: torch.dtype) -> "PlainEPLayer":
-        self.router, self.w_up, self.w_down = (t.to(dtype) for t in (self.router, self.w_up, self.w_down))
-        return self
+        self.top_k = top_k
+        for name, weight in (("router", router), ("w_up", w_up), ("w_down", w_down)):
+            self.register_buffer(name, weight)  # buffers: `.to(dtype)` converts them
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, T, D = x.shape
