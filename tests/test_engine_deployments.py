@@ -18,7 +18,8 @@ from expertmesh.engine.spec import RunSpec
 from expertmesh.engine.worker import serve_rank
 from expertmesh.launch import launch
 from expertmesh.model.transformer import reference_model
-from serving import Mixed
+from expertmesh.engine.request import Request
+from serving import Mixed, naive_tokens
 
 SEED = 11
 
@@ -95,6 +96,45 @@ def test_the_exchange_chosen_per_step_changes_no_token(threshold):
     forwards = workload.gen_len  # prefill + gen_len - 1 decodes, each one forward
     expected = {0: 0, 16: (forwards - 1) * layer_calls, 10_000: forwards * layer_calls}[threshold]
     assert calls == expected
+
+
+def _plan_agreements(spec: RunSpec, engine: EngineConfig, arrivals: list, device) -> list:
+    """Serve `arrivals` on this rank; every rank's (all-reduces its exchange choice made, steps,
+    low-latency layer calls), and rank 0's tokens."""
+    import torch.distributed as dist
+
+    from expertmesh.engine.engine import Engine
+    from expertmesh.engine.serve import serve
+    from expertmesh.engine.shard import load_rank
+    from expertmesh.parallel.expert import dispatchers
+
+    model, links, _ = load_rank(spec, device)
+    eng = Engine(model, spec.cfg, spec.deployment, engine, dist.get_rank(), links, n_micro=spec.micro_batches)
+    out = serve(eng, arrivals)
+    low_latency = sum(d.stats.low_latency_calls for d in dispatchers(model).values())
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, (eng.runner.exchange.all_reduces, eng.runner.steps, low_latency))
+    return [everyone, out.tokens if out else None]
+
+
+@pytest.mark.parametrize("deployment", ["ep2", "ep2pp2"])
+def test_decode_steps_plan_the_exchange_from_the_step_message_without_an_all_reduce(deployment, model):
+    """Rank 0 sends, with each step that only decodes, the most sequences any data-parallel rank
+    runs in it, so the EP ranks plan it without agreeing: an all-reduce per micro-batch only in
+    the 2 steps that take new requests (whose prompts fit one step), and every forward on the
+    low-latency exchange still. Tokens are the reference's."""
+    prompts = {i: tuple((5 * i + 3 * j) % 97 + 1 for j in range(5 + i)) for i in range(5)}
+    arrivals = [(0, Request(i, prompts[i], 6)) for i in range(4)] + [(3, Request(4, prompts[4], 3))]
+    spec = RunSpec(preset("tiny"), Deployment.parse(deployment), Workload(), seed=SEED)
+    ranks, tokens = launch(functools.partial(_plan_agreements, spec, WHOLE, arrivals),
+                           spec.deployment.world_size, timeout=300)
+    steps = ranks[0][1]
+    assert steps == 6  # step 0: four prompts; 1-5: their decodes, beside the late prompt at 3
+    micro = spec.micro_batches  # a plan per micro-batch (ep2pp2: 2 per step)
+    for all_reduces, rank_steps, low_latency in ranks:
+        assert (all_reduces, rank_steps) == (2 * micro, steps)
+        assert low_latency == steps * micro * preset("tiny").n_layers // spec.deployment.pp  # prompts too: < 64
+    assert tokens == {i: naive_tokens(model, prompts[i], 6 if i < 4 else 3) for i in range(5)}
 
 
 @pytest.mark.parametrize("deployment", ["ep2", "ep4", "ep2pp2"])

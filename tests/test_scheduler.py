@@ -1,6 +1,12 @@
 """The scheduler's decisions (engine/scheduler.py), without a model: token budget, cap on running
 sequences, chunked prefill, FCFS admission by free blocks, preemption of the newest."""
 
+import contextlib
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
 
@@ -58,3 +64,47 @@ def test_the_newest_running_sequence_is_preempted_and_recomputed_later():
     while s.has_work:
         step(s)
     assert s.stats()["blocks_free"] == 4
+
+
+
+@settings(max_examples=300, deadline=None)
+@given(block_size=st.integers(1, 6), blocks=st.integers(4, 40), budget=st.integers(1, 24),
+       max_seqs=st.integers(1, 6), chunked=st.booleans(), seed=st.integers(0, 2**16))
+def test_a_decode_bound_is_exactly_what_the_next_step_schedules(block_size, blocks, budget, max_seqs,
+                                                                chunked, seed):
+    """Whenever `decode_tokens` gives a number, the next `schedule()` (no arrival before it) runs
+    exactly that many sequences, one token each, or fewer after an abort. Random streams of
+    arrivals, aborts, prompts and lengths, with pools small enough to preempt."""
+    rng = random.Random(seed)
+    s = Scheduler(EngineConfig(block_size=block_size, max_batched_tokens=budget, max_seqs=max_seqs,
+                               chunked_prefill=chunked), num_blocks=blocks)
+    for i in range(40):
+        bound = s.decode_tokens()
+        if rng.random() < 0.3:  # an arrival: the engine sends no bound for this step
+            request = Request(i, (1,) * rng.randint(1, 12), max_tokens=rng.randint(1, 6))
+            with contextlib.suppress(ValueError):  # one the pool could never hold
+                s.check(request)
+                s.add(request)
+                bound = None
+        aborted = bool(s.running) and rng.random() < 0.1
+        if aborted:
+            s.abort(rng.choice(s.running).request.id)
+        chosen = s.schedule()
+        if bound is not None:
+            assert all(n == 1 for _, n in chosen)
+            assert len(chosen) <= bound if aborted else len(chosen) == bound
+        s.finish(chosen, {seq.request.id: 7 for seq, n in chosen})
+
+
+def test_a_decode_bound_is_given_only_when_the_next_step_can_only_decode():
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=8, chunked_prefill=False), num_blocks=3)
+    assert s.decode_tokens() == 0     # idle
+    s.add(Request("a", (1,) * 3, max_tokens=6))
+    s.add(Request("b", (1,) * 3, max_tokens=6))
+    assert s.decode_tokens() is None  # prompts waiting
+    assert step(s) == [("a", 3), ("b", 3)]
+    assert s.decode_tokens() == 2     # their next tokens fit the blocks they hold
+    assert step(s) == [("a", 1), ("b", 1)]
+    assert s.decode_tokens() is None  # each needs a new block, one is free: a preemption
+    s.abort("b")
+    assert s.decode_tokens() == 1

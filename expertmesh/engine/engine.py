@@ -4,7 +4,7 @@ Each rank holds an `Engine`; rank 0's is the API (`add_request`, `abort`, `step`
 the others follow (`follow`). One engine step on every rank:
 
   1. control: rank 0 broadcasts the step's new requests (each with the data-parallel rank it
-     goes to), aborts, and whether to stop (`broadcast_object_list` over a gloo group);
+     goes to), aborts, and whether to stop (one broadcast over a gloo group, `messages.py`);
   2. each rank adds its data-parallel rank's requests to its scheduler replica and schedules;
   3. each rank runs one forward of that batch (`Runner`; zero tokens if idle);
   4. the last stage's first rank of each data-parallel rank samples and records the step; one
@@ -26,6 +26,7 @@ import torch.distributed as dist
 from expertmesh import faults
 from expertmesh.config import ModelConfig
 from expertmesh.deployment import Deployment
+from expertmesh.engine.messages import Messages
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.engine.runner import Runner
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
@@ -81,6 +82,7 @@ class Engine:
         self.group = None
         if self.distributed and dist.get_backend() != "gloo":
             self.group = dist.new_group(backend="gloo")  # the control path stays on the CPU
+        self.messages = Messages(self.group) if self.distributed else None
         # rank 0's view of the front
         self.new: list[Request] = []
         self.aborts: list = []
@@ -139,7 +141,7 @@ class Engine:
                 self.scheduler.add(request)
         faults.at_step(self.runner.steps, self.runner.model)  # test-only; nothing unless asked
         chosen = self.scheduler.schedule()
-        sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen))
+        sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen), message["decode_tokens"])
         mine = None
         if self.reports:
             tokens = {rid: t for rid, (t, _) in sampled.items()}
@@ -166,13 +168,19 @@ class Engine:
     def _control(self, stop: bool = False) -> dict:
         message = None
         if self.rank == 0:
-            message = {"new": self._assign(), "aborts": self.aborts, "stop": stop}
+            new = self._assign()
+            message = {"new": new, "aborts": self.aborts, "stop": stop, "decode_tokens": self._decode_bound(new)}
             self.new, self.aborts = [], []
         if self.distributed:
-            box = [message]
-            dist.broadcast_object_list(box, src=0, group=self.group)
-            message = box[0]
+            message = self.messages.broadcast(message, src=0)
         return message
+
+    def _decode_bound(self, new: list) -> int | None:
+        """The most tokens any data-parallel rank computes this step, when every one of them only
+        decodes (as of its last report, `Scheduler.decode_tokens`) and none gets a new request;
+        else None. Rank 0 sends it with the step, so the ranks need not agree on it themselves."""
+        bounds = [s["decode_tokens"] for s in self.dp_stats]
+        return None if new or None in bounds else max(bounds)
 
     def _assign(self) -> list[tuple[int, Request]]:
         blocks = [self.scheduler.blocks_for(len(r.prompt)) for r in self.new]
@@ -181,7 +189,5 @@ class Engine:
     def _gather(self, mine):
         if not self.distributed:
             return [mine]
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, mine, group=self.group)
-        return everyone
+        return self.messages.all_gather(mine)
 

@@ -52,16 +52,21 @@ class Runner:
     def kv_cache_bytes(self) -> int:
         return sum(p.nbytes for p in self.pools.values())
 
-    def forward(self, chosen: list[tuple[Sequence, int]], sampled: list[bool]) -> dict | None:
+    def forward(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
+                decode_tokens: int | None = None) -> dict | None:
         """Run the step's sequences through the layers held here. On the last stage returns
         {request id: (token, logits [V] or None)} for the sequences in `sampled`; else None.
+        `decode_tokens`: when the step only decodes, the most sequences any rank of the EP group
+        runs in it, the same on all of them (then the forwards' plans need no all-reduce).
 
         The device is read once per step, on every rank: the finite check's flags, with every
         micro-batch's sampled tokens (and the logits of rows that draw) on the last stage."""
         draws = []
         with torch.inference_mode():
+            bounds = split_evenly(decode_tokens, self.n_micro) if decode_tokens is not None else None
             for m, part in enumerate(split_evenly(len(chosen), self.n_micro)):
-                logits = self._micro(m, chosen[part])
+                bound = bounds[m].stop - bounds[m].start if bounds else None  # a micro-batch's, on every rank
+                logits = self._micro(m, chosen[part], bound)
                 if self.links.is_last:
                     draws.append(self._start_sampling(chosen[part], sampled[part], logits))
             host = self._read([d for _, d, _ in draws])
@@ -86,7 +91,7 @@ class Runner:
         self.finite.verify(self.steps, flags)
         return mine
 
-    def _micro(self, m: int, chosen: list[tuple[Sequence, int]]) -> torch.Tensor | None:
+    def _micro(self, m: int, chosen: list[tuple[Sequence, int]], bound: int | None) -> torch.Tensor | None:
         N, links, D = sum(n for _, n in chosen), self.links, self.model.cfg.d_model
         if links.is_first:
             ids = [t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]]
@@ -96,7 +101,7 @@ class Runner:
         else:
             x = torch.zeros(0, D, dtype=self.dtype, device=self.device)
         cut, first_half = _halves(chosen)
-        plan = self.exchange(N, max(first_half, N - first_half))  # agreed over the EP group
+        plan = self.exchange(N, max(first_half, N - first_half), bound)  # the same on every EP rank
         if plan.two_batch:
             halves = take_turns([self.model.paged_steps(x[rows], self.pools, self._batch(part),
                                                         plan.low_latency_tokens)

@@ -110,7 +110,20 @@ class Scheduler:
 
     def stats(self) -> dict:
         return {"blocks_free": len(self.free_blocks), "blocks_used": self.num_blocks - len(self.free_blocks),
-                "waiting": len(self.waiting), "running": len(self.running), "preemptions": self.preemptions}
+                "waiting": len(self.waiting), "running": len(self.running), "preemptions": self.preemptions,
+                "decode_tokens": self.decode_tokens()}
+
+    def decode_tokens(self) -> int | None:
+        """The tokens of the next `schedule()` when no request arrives before it and that step can
+        only decode: nothing waiting, one token to compute per running sequence, and a free block
+        for each that needs a new one (so none is preempted). None when it may do anything else.
+        An abort before that step only lowers it."""
+        if self.waiting or any(seq.pending != 1 for seq in self.running):
+            return None
+        new_blocks = sum(self.blocks_for(seq.computed + 1) > len(seq.blocks) for seq in self.running)
+        if new_blocks > len(self.free_blocks):
+            return None
+        return len(self.running)  # every running sequence is chosen: running <= the budget
 
     def schedule(self) -> list[tuple[Sequence, int]]:
         """This step's work: (sequence, new tokens) in the order of the forward's batch."""

@@ -65,10 +65,11 @@ class ForwardPlan:
 
 
 class ExchangeChoice:
-    """Plans each forward of the EP layers held here, identically on every rank of the group: one
+    """Plans each forward of the EP layers held here, identically on every rank of the group: from
+    the bound the engine's step message carries when the step only decodes, else from one
     all-reduce (MAX) of this rank's token count and its larger half's, two int64 over the group's
-    gloo twin (no device sync), per forward. Every rank of a stage runs every forward (with zero
-    tokens if idle), so the all-reduces match.
+    gloo twin (no device sync; counted in `all_reduces`). Every rank of a stage runs every forward
+    (with zero tokens if idle) and gets the same message, so the all-reduces match.
 
     overlap (`OVERLAPS`): "tbo" always splits a forward into two micro-batches, "auto" when some
     rank has at least `TWO_BATCH_TOKENS` tokens, "chunks" and "none" never (the dispatchers'
@@ -85,12 +86,18 @@ class ExchangeChoice:
         self.threshold = held[0].low_latency_threshold if held else 0
         agree = self.threshold > 0 or self.overlap == "auto"
         self.group = host_group(held[0].group) if held and agree else None
+        self.all_reduces = 0
 
-    def __call__(self, tokens: int, larger_half: int) -> ForwardPlan:
+    def __call__(self, tokens: int, larger_half: int, bound: int | None = None) -> ForwardPlan:
         """tokens: this rank's in the forward; larger_half: those of its larger micro-batch if it
-        were split in two."""
+        were split in two. bound: when the forward only decodes (a token per sequence), the most
+        tokens any rank of the group has in it, known alike to all of them (the engine's step
+        message): the plan is made from it without the all-reduce."""
         most, most_half = tokens, larger_half
-        if self.group is not None:
+        if bound is not None:  # one token per sequence: a half holds at most ceil(bound / 2)
+            most, most_half = bound, -(-bound // 2)
+        elif self.group is not None:
+            self.all_reduces += 1
             agreed = torch.tensor([tokens, larger_half])
             with span("exchange choice"):
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)

@@ -17,7 +17,8 @@ the engine (model/attention.py, model/moe.py, parallel/*.py), per rank with t = 
   [ep, attention TP] all-gather of the group's [t_g, D]
 
 A stage task under EP with a low-latency threshold starts with the engine's exchange choice: one
-all-reduce of an int over the EP group's host processes (gloo), once per forward.
+all-reduce of an int over the EP group's host processes (gloo), once per forward that does not
+only decode (a decode step's plan comes with rank 0's step message).
 
 Phases are `compute` (each rank on its own clock), `sync` (a collective: starts when the last
 rank arrives, ends for all when the slowest is done) or an `Exchange` (the EP pipeline). A phase
@@ -173,8 +174,9 @@ def _ep_exchange(sc: Scenario, ranks: list[int], tokens: list[float]) -> list:
 
 
 def exchange_choice(sc: Scenario, ranks: list[int]) -> Phase:
-    """The engine's once-per-forward agreement on the exchange: an all-reduce (MAX) of an int
-    over the EP group's host processes, 2 (p - 1) messages of a ring, on the host."""
+    """The engine's agreement on the exchange of a forward that does not only decode (a decode
+    step's message from rank 0 bounds every rank's tokens): an all-reduce (MAX) of an int over
+    the EP group's host processes, 2 (p - 1) messages of a ring, on the host."""
     c = cost.host_messages(sc.hw, sc.topology, ranks, 2 * (len(ranks) - 1))
     return Phase("exchange choice", (c,) * len(ranks), sync=True)
 
@@ -216,7 +218,8 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
         layer.append(_group_phase(sc, groups, "attention all-gather", group_bytes))
 
     embed, head = [], ()
-    if dep.ep > 1 and sc.low_latency_tokens:
+    decode_only = all(L == 1 for w in work for _, L, _ in w)
+    if dep.ep > 1 and sc.low_latency_tokens and not decode_only:
         embed.append(exchange_choice(sc, ranks))
     if stage == 0:
         embed.append(Phase("embed", tuple(cost.elementwise(hw, 2 * t * D * isz, 1) for t in tokens)))

@@ -304,12 +304,12 @@ def host_sharing(sc: Scenario) -> float:
 
 
 def control_seconds(sc: Scenario) -> float:
-    """The engine's control path of one step (engine/engine.py): rank 0 broadcasts the step's
-    requests (`broadcast_object_list`: a size and a payload, p - 1 sends each) and every rank
-    gathers the sampled tokens (`all_gather_object`: two ring all-gathers, p - 1 steps each),
-    4 (p - 1) host messages at the link's latency, plus the profile's host time per step."""
+    """The engine's control path of one step (engine/engine.py, messages.py): rank 0 broadcasts
+    the step's requests (one fixed-size broadcast, p - 1 sends) and every rank gathers the
+    sampled tokens (one ring all-gather, p - 1 steps), 2 (p - 1) host messages at the link's
+    latency, plus the profile's host time per step."""
     hw, ranks = sc.hw, list(range(sc.deployment.world_size))
-    messages = cost.host_messages(hw, sc.topology, ranks, 4 * (len(ranks) - 1))
+    messages = cost.host_messages(hw, sc.topology, ranks, 2 * (len(ranks) - 1))
     return messages.seconds + messages.host_s + hw.step_host_s
 
 

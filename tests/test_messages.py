@@ -1,0 +1,47 @@
+"""The engine's control messages (`engine/messages.py`): every object arrives whole on every rank,
+whatever its size, and a message larger than the buffer makes every rank grow it alike."""
+
+import pickle
+
+import torch.distributed as dist
+
+from expertmesh.engine.messages import FIRST_CAPACITY, Messages
+from expertmesh.launch import launch
+
+
+def _payload(rank: int, size: int) -> dict:
+    """A picklable object of about `size` bytes, different on every rank."""
+    return {"rank": rank, "blob": bytes((rank * 7 + i) % 251 for i in range(size)), "none": None}
+
+
+def _exchange(sizes: list[list[int]], device) -> dict | None:
+    """Per round, rank r all-gathers an object of about sizes[round][r] bytes and rank 1
+    broadcasts one of about sizes[round][1]; every rank checks what it got against a rebuilt copy."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    messages = Messages()
+    capacities, single = [], []
+    for round_sizes in sizes:
+        got = messages.all_gather(_payload(rank, round_sizes[rank]))
+        assert got == [_payload(r, round_sizes[r]) for r in range(world)]
+        sent = _payload(rank, round_sizes[1]) if rank == 1 else "ignored"
+        assert messages.broadcast(sent, src=1) == _payload(1, round_sizes[1])
+        capacities.append(messages.capacity)
+        single.append(max(len(pickle.dumps(_payload(r, round_sizes[r]))) for r in range(world)))
+    everyone = [None] * world
+    dist.all_gather_object(everyone, capacities)
+    return {"capacities": everyone, "longest": single} if rank == 0 else None
+
+
+def test_messages_of_every_size_arrive_whole_and_the_buffer_grows_alike_on_every_rank():
+    small, big = 100, 3 * FIRST_CAPACITY
+    rounds = [[small, small, small],        # fits: one collective
+              [small, big, small],          # rank 1's does not fit (all-gather and broadcast)
+              [big // 2, small, 2 * big],   # two ranks over the grown buffer, by different amounts
+              [small, small, small]]        # back to small after growing
+    out = launch(lambda device: _exchange(rounds, device), 3, timeout=120)
+    capacities = out["capacities"]
+    assert capacities[0] == capacities[1] == capacities[2]
+    grown, longest = capacities[0], out["longest"]
+    assert grown[0] == FIRST_CAPACITY  # nothing over: unchanged
+    assert grown[1] >= longest[1] > FIRST_CAPACITY and grown[2] >= longest[2] > grown[1]
+    assert grown[3] == grown[2]  # it never shrinks (the next long message takes one collective)
