@@ -17,7 +17,7 @@ from expertmesh.engine.spec import RunSpec
 from expertmesh.engine.worker import run
 from expertmesh.launch import launch
 from expertmesh.parallel.placement import contiguous_placement, plan_redundant, slot_table
-from expertmesh.parallel.replicas import BalancedReplicas, split_over_replicas, water_fill
+from expertmesh.parallel.replicas import HOST_ASSIGNMENTS, BalancedReplicas, split_over_replicas, water_fill
 
 
 @settings(max_examples=200, deadline=None)
@@ -111,14 +111,15 @@ def _map_on_ranks(placement, E, T, k, seed, device):
     (2, [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]]),
     (4, [[0, 1, 5], [2, 3, 5], [4, 5, 0], [6, 7, 0]]),
 ])
-def test_each_assignment_takes_the_slot_its_plan_gives_in_token_order(P, placement):
-    assert launch(functools.partial(_gathered, placement), P, timeout=60) == [(True, True)] * P
+@pytest.mark.parametrize("T", [24, HOST_ASSIGNMENTS], ids=["on-host", "on-device"])  # x top-2
+def test_each_assignment_takes_the_slot_its_plan_gives_in_token_order(P, placement, T):
+    assert launch(functools.partial(_gathered, placement, T), P, timeout=60) == [(True, True)] * P
 
 
-def _gathered(placement, device):
+def _gathered(placement, T, device):
     """Every rank's (same slots as the naive walk, same shape as ids)."""
     everyone = [None] * dist.get_world_size()
-    dist.all_gather_object(everyone, _map_on_ranks(placement, 8, 24, 2, 5, device))
+    dist.all_gather_object(everyone, _map_on_ranks(placement, 8, T, 2, 5, device))
     return everyone
 
 

@@ -14,8 +14,15 @@ instead, in every layer call:
      rank; then each replicated expert, heaviest first, fills its holders' ranks lowest first
      (water filling); a source's rows of that expert go to its own rank's replica first, then
      to the other holders in rank order;
-  3. maps each of this rank's assignments to its slot on the device: its position among this
-     rank's assignments of the same expert (token order) against the plan's cumulative rows.
+  3. maps each of this rank's assignments to its slot: its position among this rank's
+     assignments of the same expert (token order) against the plan's cumulative rows.
+
+A call of at most `HOST_ASSIGNMENTS` assignments (decode) reads its expert ids instead of its
+counts (the same one host read), counts and maps them in Python and all-gathers the counts over
+the group's gloo twin: about 15 small device ops fewer, which on 2 CPU ranks took the call from
+1.2-1.3 ms to 0.8-0.85 ms, 0.4 of it the all-gather (measured ad hoc, medians of 300,
+4 tokens x top-2); larger calls count and
+map on the device.
 
 Every assignment still goes to exactly one holder of its expert, and holders compute the same
 function, so outputs equal the static choice's up to the grouping of rows in a matmul.
@@ -28,7 +35,10 @@ import torch.distributed as dist
 
 from expertmesh.model.moe import rank_in_group, sort_assignments
 from expertmesh.model.paged import upload
+from expertmesh.parallel.mesh import host_group
 from expertmesh.parallel.placement import Placement, holders
+
+HOST_ASSIGNMENTS = 256  # map a call with at most this many assignments in Python, on the host
 
 Split = list[tuple[int, int]]  # (slot, rows), in the order a source's rows fill them
 
@@ -98,11 +108,45 @@ class BalancedReplicas:
     def __init__(self, group: dist.ProcessGroup | None, placement: Placement, n_experts: int,
                  rank: int, static_slots: torch.Tensor):
         self.group, self.placement, self.n_experts, self.rank = group, placement, n_experts, rank
+        self.host_group = host_group(group)
         self.static_slots = static_slots.tolist()
         self.n_ranks = len(placement)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids `[T, k]` (-1: dropped) -> slots `[T, k]` (-1 where dropped). Collective."""
+        """ids `[T, k]` (-1: dropped) -> slots `[T, k]` (-1 where dropped). Collective: every rank
+        of the group calls it with the same T * k <= HOST_ASSIGNMENTS or not, as the layers'
+        exchanges already require of their calls."""
+        if ids.numel() <= HOST_ASSIGNMENTS:
+            return self._on_host(ids)
+        return self._on_device(ids)
+
+    def _on_host(self, ids: torch.Tensor) -> torch.Tensor:
+        E = self.n_experts
+        experts = ids.reshape(-1).tolist()  # the one host read of the call
+        counts = [0] * E
+        for e in experts:
+            if e >= 0:
+                counts[e] += 1
+        everyone = torch.empty(self.n_ranks * E, dtype=torch.long)
+        dist.all_gather_single(everyone, torch.tensor(counts), group=self.host_group)
+        plan = split_over_replicas(everyone.view(self.n_ranks, E).tolist(), self.placement)[self.rank]
+        taken = [0] * E
+        slots = []
+        for e in experts:  # token order, a token's k choices in order
+            if e < 0:
+                slots.append(-1)
+                continue
+            slot, position = self.static_slots[e], taken[e]
+            taken[e] += 1
+            for part_slot, rows in plan.get(e, ()):
+                if position < rows:
+                    slot = part_slot
+                    break
+                position -= rows
+            slots.append(slot)
+        return upload([torch.tensor(slots).view_as(ids)], ids.device)[0]
+
+    def _on_device(self, ids: torch.Tensor) -> torch.Tensor:
         E, device = self.n_experts, ids.device
         flat = ids.reshape(-1)
         key = torch.where(flat >= 0, flat, E)  # dropped assignments count under E, unrouted
