@@ -179,14 +179,14 @@ class AllToAllDispatcher:
             returns.append(self._start(results, chunk.send, chunk.recv, "combine exchange"))
             in_flight = following
 
-        out = x.new_empty(T, x.shape[1])
+        parts = []
         for chunk, flight in zip(chunks, returns):
             back = yield from flight.wait()
             with span("combine"):
-                full = back.new_zeros(chunk.order.numel(), x.shape[1])
-                full[:back.shape[0]] = back  # skipped assignments contribute exact zeros
-                out[chunk.tokens] = combine(full, chunk.order, weights[chunk.tokens])
-        return out
+                if back.shape[0] < chunk.order.numel():  # skipped assignments contribute exact zeros
+                    back = torch.cat([back, back.new_zeros(chunk.order.numel() - back.shape[0], x.shape[1])])
+                parts.append(combine(back, chunk.order, weights[chunk.tokens]))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _count_by_slice(self, slots: torch.Tensor, slices: list[slice]) -> torch.Tensor:
         """slots `[T, k]` (n_slots: skipped) -> assignments per (fine slice, slot) `[S, n_slots]`,
