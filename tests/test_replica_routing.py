@@ -111,14 +111,16 @@ def _map_on_ranks(placement, E, T, k, seed, device):
     (2, [[0, 1, 2, 3, 4], [4, 5, 6, 7, 0]]),
     (4, [[0, 1, 5], [2, 3, 5], [4, 5, 0], [6, 7, 0]]),
 ])
-@pytest.mark.parametrize("T", [24, HOST_ASSIGNMENTS], ids=["on-host", "on-device"])  # x top-2
-def test_each_assignment_takes_the_slot_its_plan_gives_in_token_order(P, placement, T):
-    assert launch(functools.partial(_gathered, placement, T), P, timeout=60) == [(True, True)] * P
+@pytest.mark.parametrize("tokens", [(24, 24), (HOST_ASSIGNMENTS, HOST_ASSIGNMENTS), (24, HOST_ASSIGNMENTS)],
+                         ids=["on-host", "on-device", "both"])  # per even / odd rank, x top-2
+def test_each_assignment_takes_the_slot_its_plan_gives_in_token_order(P, placement, tokens):
+    assert launch(functools.partial(_gathered, placement, tokens), P, timeout=60) == [(True, True)] * P
 
 
-def _gathered(placement, T, device):
+def _gathered(placement, tokens, device):
     """Every rank's (same slots as the naive walk, same shape as ids)."""
     everyone = [None] * dist.get_world_size()
+    T = tokens[dist.get_rank() % 2]
     dist.all_gather_object(everyone, _map_on_ranks(placement, 8, T, 2, 5, device))
     return everyone
 

@@ -7,9 +7,8 @@ but a decode step routes few tokens and its per-call imbalance is random: with 2
 experts and 16 assignments the busier rank computes about 1.2x the mean. `BalancedReplicas`
 instead, in every layer call:
 
-  1. counts this rank's assignments per expert `[E]` and all-gathers them over the EP group
-     (E + 1 int64 per rank cross the network; the counts are then read on the host: one sync
-     per call);
+  1. counts this rank's assignments per expert `[E]`, reads them on the host (one sync per
+     call) and all-gathers them over the EP group's gloo twin (E int64 per rank);
   2. every rank runs the same plan (`split_over_replicas`): experts with one holder load their
      rank; then each replicated expert, heaviest first, fills its holders' ranks lowest first
      (water filling); a source's rows of that expert go to its own rank's replica first, then
@@ -18,11 +17,10 @@ instead, in every layer call:
      assignments of the same expert (token order) against the plan's cumulative rows.
 
 A call of at most `HOST_ASSIGNMENTS` assignments (decode) reads its expert ids instead of its
-counts (the same one host read), counts and maps them in Python and all-gathers the counts over
-the group's gloo twin: about 15 small device ops fewer, which on 2 CPU ranks took the call from
-1.2-1.3 ms to 0.8-0.85 ms, 0.4 of it the all-gather (measured ad hoc, medians of 300,
-4 tokens x top-2); larger calls count and
-map on the device.
+counts (the same one host read) and counts and maps them in Python: about 15 small device ops
+fewer, which on 2 CPU ranks took the call from 1.2-1.3 ms to 0.8-0.85 ms, 0.4 of it the
+all-gather (measured ad hoc, medians of 300, 4 tokens x top-2). Larger calls count and map on
+the device. Ranks may take different paths in one call: the all-gather is the same.
 
 Every assignment still goes to exactly one holder of its expert, and holders compute the same
 function, so outputs equal the static choice's up to the grouping of rows in a matmul.
@@ -113,26 +111,47 @@ class BalancedReplicas:
         self.n_ranks = len(placement)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        """ids `[T, k]` (-1: dropped) -> slots `[T, k]` (-1 where dropped). Collective: every rank
-        of the group calls it with the same T * k <= HOST_ASSIGNMENTS or not, as the layers'
-        exchanges already require of their calls."""
-        if ids.numel() <= HOST_ASSIGNMENTS:
-            return self._on_host(ids)
-        return self._on_device(ids)
+        """ids `[T, k]` (-1: dropped) -> slots `[T, k]` (-1 where dropped). Collective; T may
+        differ between ranks, and so may the path each takes (the all-gather is the same)."""
+        E, flat = self.n_experts, ids.reshape(-1)
+        if flat.numel() <= HOST_ASSIGNMENTS:
+            experts = flat.tolist()  # the call's one host read
+            counts = [0] * E
+            for e in experts:
+                if e >= 0:
+                    counts[e] += 1
+            slots = self._walk(experts, self._plan(counts))
+            return upload([torch.tensor(slots).view_as(ids)], ids.device)[0]
+        key = torch.where(flat >= 0, flat, E)  # dropped assignments count under E, unrouted
+        order, counts = sort_assignments(key, E + 1)
+        plan = self._plan(counts[:E].tolist())  # the call's one host read
+        width = max((len(parts) for parts in plan.values()), default=0) + 1
+        never = flat.numel()  # a position no assignment reaches: the last part takes the rest
+        ends = [[never] * width for _ in range(E + 1)]
+        slots = [[s] * width for s in self.static_slots] + [[-1] * width]
+        for e, parts in plan.items():
+            end = 0
+            for j, (slot, rows) in enumerate(parts):
+                end += rows
+                ends[e][j], slots[e][j] = end, slot
+        ends_t, slots_t = upload([torch.tensor(ends), torch.tensor(slots)], ids.device)
+        position = rank_in_group(order, key, counts)  # among this rank's of its expert, token order
+        part = (position[:, None] >= ends_t[key]).sum(1)
+        return slots_t[key, part].view_as(ids)
 
-    def _on_host(self, ids: torch.Tensor) -> torch.Tensor:
-        E = self.n_experts
-        experts = ids.reshape(-1).tolist()  # the one host read of the call
-        counts = [0] * E
-        for e in experts:
-            if e >= 0:
-                counts[e] += 1
-        everyone = torch.empty(self.n_ranks * E, dtype=torch.long)
+    def _plan(self, counts: list[int]) -> dict[int, Split]:
+        """This rank's assignments per expert -> its plan, from every rank's counts (all-gathered
+        over the group's gloo twin: E int64 per rank)."""
+        everyone = torch.empty(self.n_ranks * self.n_experts, dtype=torch.long)
         dist.all_gather_single(everyone, torch.tensor(counts), group=self.host_group)
-        plan = split_over_replicas(everyone.view(self.n_ranks, E).tolist(), self.placement)[self.rank]
-        taken = [0] * E
+        return split_over_replicas(everyone.view(self.n_ranks, -1).tolist(), self.placement)[self.rank]
+
+    def _walk(self, experts: list[int], plan: dict[int, Split]) -> list[int]:
+        """The slot of each assignment (`experts`, flat, token order) by its position among this
+        rank's of its expert against the plan's parts, in Python."""
+        taken = [0] * self.n_experts
         slots = []
-        for e in experts:  # token order, a token's k choices in order
+        for e in experts:
             if e < 0:
                 slots.append(-1)
                 continue
@@ -144,27 +163,4 @@ class BalancedReplicas:
                     break
                 position -= rows
             slots.append(slot)
-        return upload([torch.tensor(slots).view_as(ids)], ids.device)[0]
-
-    def _on_device(self, ids: torch.Tensor) -> torch.Tensor:
-        E, device = self.n_experts, ids.device
-        flat = ids.reshape(-1)
-        key = torch.where(flat >= 0, flat, E)  # dropped assignments count under E, unrouted
-        order, counts = sort_assignments(key, E + 1)
-        everyone = [torch.empty_like(counts) for _ in range(self.n_ranks)]
-        dist.all_gather(everyone, counts, group=self.group)
-        host = torch.stack(everyone).cpu()  # the plan needs Python ints: one host sync
-        plan = split_over_replicas(host[:, :E].tolist(), self.placement)[self.rank]
-        width = max((len(parts) for parts in plan.values()), default=0) + 1
-        never = flat.numel()  # a position no assignment reaches: the last part takes the rest
-        ends = [[never] * width for _ in range(E + 1)]
-        slots = [[s] * width for s in self.static_slots] + [[-1] * width]
-        for e, parts in plan.items():
-            end = 0
-            for j, (slot, rows) in enumerate(parts):
-                end += rows
-                ends[e][j], slots[e][j] = end, slot
-        ends_t, slots_t = upload([torch.tensor(ends), torch.tensor(slots)], device)
-        position = rank_in_group(order, key, counts)  # among this rank's of its expert, token order
-        part = (position[:, None] >= ends_t[key]).sum(1)
-        return slots_t[key, part].view_as(ids)
+        return slots
