@@ -8,7 +8,7 @@ the others follow (`follow`). One engine step on every rank:
   2. each rank adds its data-parallel rank's requests to its scheduler replica and schedules;
   3. each rank runs one forward of that batch (`Runner`; zero tokens if idle);
   4. the last stage's first rank of each data-parallel rank samples and records the step; one
-     `all_gather_object` gives every rank those outputs and scheduler stats, so every replica
+     all-gather (`messages.py`) gives every rank those outputs and scheduler stats, so every replica
      (TP and pipeline peers) records the same tokens, and rank 0 streams them out.
 
 Data-parallel ranks: under `epN` each EP index is one (its own scheduler and KV pool, replicated

@@ -309,7 +309,7 @@ class Scenario:
             "host": f"launches {'hidden behind' if self.hardware.launch_overlaps else 'added to'} "
                     f"device work; decode {'in CUDA graphs' if self.cuda_graphs else 'launches every op'}; "
                     f"host syncs: {self.host_syncs}; per step, the engine's control messages "
-                    f"(4 x (ranks - 1) host messages at the link latency) and "
+                    f"(2 x (ranks - 1) host messages at the link latency) and "
                     + (f"{self.hardware.step_host_s * 1e3:.2f} ms of host work (fitted)" if self.hardware.step_host_s
                        else "no other host work (the engine's scheduling time per step is not "
                             "measured on this hardware: a lower bound)"),
