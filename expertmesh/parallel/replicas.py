@@ -97,7 +97,7 @@ def _take(split: Split, slot_of: dict[int, int], room: dict[int, int], left: lis
 
 
 class BalancedReplicas:
-    """The device side of one layer's balanced replica routing (module docstring) for this rank.
+    """One layer's balanced replica routing (module docstring) for this rank.
 
     placement: the layer's experts per rank of `group`; static_slots `[E]`: the slot of each
     expert from this rank (`slot_table`), kept for experts with one holder.
@@ -105,8 +105,8 @@ class BalancedReplicas:
 
     def __init__(self, group: dist.ProcessGroup | None, placement: Placement, n_experts: int,
                  rank: int, static_slots: torch.Tensor):
-        self.group, self.placement, self.n_experts, self.rank = group, placement, n_experts, rank
-        self.host_group = host_group(group)
+        self.placement, self.n_experts, self.rank = placement, n_experts, rank
+        self.host_group = host_group(group)  # the counts are all-gathered on the host
         self.static_slots = static_slots.tolist()
         self.n_ranks = len(placement)
 
