@@ -10,15 +10,20 @@ import functools
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
+from expertmesh.engine.engine import Engine
+from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.serve import serve
+from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
 from expertmesh.engine.worker import serve_rank
 from expertmesh.launch import launch
 from expertmesh.model.transformer import reference_model
-from expertmesh.engine.request import Request
+from expertmesh.parallel.expert import dispatchers
 from serving import Mixed, naive_tokens
 
 SEED = 11
@@ -101,13 +106,6 @@ def test_the_exchange_chosen_per_step_changes_no_token(threshold):
 def _plan_agreements(spec: RunSpec, engine: EngineConfig, arrivals: list, device) -> list:
     """Serve `arrivals` on this rank; every rank's (all-reduces its exchange choice made, steps,
     low-latency layer calls), and rank 0's tokens."""
-    import torch.distributed as dist
-
-    from expertmesh.engine.engine import Engine
-    from expertmesh.engine.serve import serve
-    from expertmesh.engine.shard import load_rank
-    from expertmesh.parallel.expert import dispatchers
-
     model, links, _ = load_rank(spec, device)
     eng = Engine(model, spec.cfg, spec.deployment, engine, dist.get_rank(), links, n_micro=spec.micro_batches)
     out = serve(eng, arrivals)

@@ -103,8 +103,8 @@ class ExchangeChoice:
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
             most, most_half = agreed.tolist()
         two_batch = self.overlap == "tbo" or (self.overlap == "auto" and most >= TWO_BATCH_TOKENS)
-        bound = most_half if two_batch else most
-        return ForwardPlan(bound if 0 < self.threshold and bound <= self.threshold else None, two_batch)
+        per_batch = most_half if two_batch else most
+        return ForwardPlan(per_batch if 0 < self.threshold and per_batch <= self.threshold else None, two_batch)
 
 
 def dispatchers(model: MoETransformer) -> dict[int, AllToAllDispatcher]:
