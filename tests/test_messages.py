@@ -45,3 +45,14 @@ def test_messages_of_every_size_arrive_whole_and_the_buffer_grows_alike_on_every
     assert grown[0] == FIRST_CAPACITY  # nothing over: unchanged
     assert grown[1] >= longest[1] > FIRST_CAPACITY and grown[2] >= longest[2] > grown[1]
     assert grown[3] == grown[2]  # it never shrinks (the next long message takes one collective)
+
+
+def _gather_without_all_gather_single(device) -> list:
+    """Messages.all_gather on a torch without `all_gather_single` (torch 2.11, the H200 image)."""
+    del dist.all_gather_single  # this rank's process only
+    return Messages().all_gather(dist.get_rank() * 3)
+
+
+def test_messages_work_on_a_torch_that_lacks_all_gather_single():
+    results = launch(_gather_without_all_gather_single, world_size=2)
+    assert results == [0, 3]  # rank 0's view of both ranks

@@ -31,6 +31,16 @@ def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
 _HOST_TWIN: dict = {}
 
 
+def all_gather_flat(output, input, group: dist.ProcessGroup | None = None) -> None:
+    """Every rank's equal-sized `input` into `output` ([size * n], group rank order).
+
+    torch 2.13 names this `all_gather_single` and deprecates `all_gather_into_tensor`; torch 2.11
+    (the H200 image) has only the second: the first NCCL run failed on it.
+    """
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, input, group=group)
+
+
 def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     """`group` when it is a gloo group, else its gloo twin from `stage_group`."""
     return group if dist.get_backend(group) == "gloo" else _HOST_TWIN[group]
