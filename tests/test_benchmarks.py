@@ -4,6 +4,7 @@ a peer that cannot be imported is reported as skipped, not as a failure."""
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,30 @@ def test_a_peer_that_cannot_be_imported_is_skipped_with_its_reason(monkeypatch):
     out = peers.deepspeed_moe((4,), 1, bench.TINY)
     assert out["status"] == "skipped"
     assert "deepspeed" in out["reason"] and "[peers]" in out["reason"]
+
+
+def _doubled(steps):
+    """A dispatcher's steps whose result is twice the right one: a silent bug of ours."""
+    def wrong(self, *args, **kwargs):
+        return 2 * (yield from steps(self, *args, **kwargs))
+    return wrong
+
+
+@pytest.mark.parametrize("planted", ["crash", "wrong outputs"])
+def test_a_failure_of_our_own_layer_is_failed_and_never_blamed_on_the_peer(monkeypatch, planted):
+    """expertmesh's EP layer runs and is checked against its single-device block before the peer:
+    a crash or a wrong result of ours is `failed`, naming expertmesh (the peer is a stub that
+    imports: this runs without DeepSpeed)."""
+    from expertmesh.parallel.dispatch import AllToAllDispatcher
+
+    def crash(self, *args, **kwargs):
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(peers, "import_deepspeed", lambda: types.SimpleNamespace(__version__="stub"))
+    monkeypatch.setattr(AllToAllDispatcher, "steps", crash if planted == "crash" else _doubled(AllToAllDispatcher.steps))
+    out = peers.deepspeed_moe((4,), 1, bench.TINY, timeout=120)  # the ranks are forked: they see the patch
+    assert out["status"] == "failed", out["reason"]
+    assert out["reason"].startswith("expertmesh's EP layer")
 
 
 def test_transformers_blocks_agree_with_expertmesh_before_timing():
