@@ -18,7 +18,8 @@ A peer that is not installed or cannot run here is reported as skipped with its 
 own layer runs first, alone, checked against its single-device block, so that a failure of ours is
 reported as `failed`, never blamed on a peer.
 
-A section is a dict: title, status ("ok", "skipped", "failed"), reason, setup, columns
+A section is a dict: title, against (what its `ratio` column compares expertmesh with: "peers",
+"ourselves" or "published"), status ("ok", "skipped", "failed"), reason, setup, columns
 (`{"key", "header", "fmt"}`), rows (dicts of numbers), notes; `report.py` renders it.
 """
 
@@ -72,13 +73,18 @@ class Dims:
         return routed + 2 * 3 * self.d_model * self.shared + 2 * self.d_model * self.experts
 
 
-def section(title: str, **fields) -> dict:
-    return {"title": title, "status": "ok", "reason": None, "setup": {}, "columns": [], "rows": [],
-            "notes": [], **fields}
+AGAINST = ("peers", "ourselves", "published")
 
 
-def skipped(title: str, reason: str) -> dict:
-    return section(title, status="skipped", reason=reason)
+def section(title: str, against: str, **fields) -> dict:
+    if against not in AGAINST:
+        raise ValueError(f"against {against!r}: one of {AGAINST}")
+    return {"title": title, "against": against, "status": "ok", "reason": None, "setup": {}, "columns": [],
+            "rows": [], "notes": [], **fields}
+
+
+def skipped(title: str, against: str, reason: str) -> dict:
+    return section(title, against, status="skipped", reason=reason)
 
 
 def col(key: str, header: str, fmt: str = "{:,.0f}") -> dict:
@@ -249,8 +255,8 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
     try:
         deepspeed = import_deepspeed()
     except Exception as exc:  # not installed, or its import fails on this machine
-        return skipped(title, f"deepspeed cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
-    out = section(title, setup={**asdict(dims), "kind": "mlp (GELU)", "dtype": dtype,
+        return skipped(title, "peers", f"deepspeed cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
+    out = section(title, "peers", setup={**asdict(dims), "kind": "mlp (GELU)", "dtype": dtype,
                                 "ranks": 2, "threads_per_rank": 1, "reps": reps,
                                 "deepspeed": deepspeed.__version__})
     out["columns"] = [col("tokens_per_rank", "tokens / rank"), col("expertmesh_tps", "expertmesh tok/s"),
@@ -374,8 +380,8 @@ def transformers_blocks(token_counts: tuple[int, ...], reps: int, base: Dims, th
         transformers = importlib.import_module("transformers")
         implementations = experts_implementations()
     except Exception as exc:
-        return skipped(title, f"transformers cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
-    out = section(title, setup={"base": asdict(base), "dtype": "bf16", "threads": threads,
+        return skipped(title, "peers", f"transformers cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
+    out = section(title, "peers", setup={"base": asdict(base), "dtype": "bf16", "threads": threads,
                                 "reps": reps, "transformers": transformers.__version__,
                                 "experts_implementations": implementations})
     out["columns"] = [col("family", "block", "{}"), col("tokens", "tokens"),
