@@ -14,7 +14,8 @@ Sections (in this order):
 
 Every section interleaves its repetitions and reports medians. Prints the tables, writes
 DIR/results.json and one PNG per section. A peer that is not installed (`pip install -e .[peers]`)
-or cannot run here is reported as skipped with the reason.
+or cannot run here is reported as skipped with the reason. The run ends with one summary of the
+comparisons against peers and one of those against expertmesh's own baselines.
 """
 
 from __future__ import annotations
@@ -105,7 +106,7 @@ def efficiency(profile: Profile, progress: Callable[[], None], threads: int = 2)
     # the headline ratio is the grouped block's (the loop is its fallback, shown for reference)
     rows = [{"variant": name, **v, **({"ratio": v["vs_dense"]} if name == "MoE block, grouped mm" else {})}
             for name, v in r["variants"].items()]
-    out = section(title, setup={k: v for k, v in r.items() if k != "variants"}, rows=rows)
+    out = section(title, "ourselves", setup={k: v for k, v in r.items() if k != "variants"}, rows=rows)
     out["columns"] = [col("variant", "variant", "{}"), col("ms", "ms", "{:,.1f}"),
                       col("gflops", "GFLOP/s", "{:,.1f}"), col("tokens_per_s", "tokens/s"),
                       col("vs_dense", "fraction of plain matmul", "{:.2f}")]
@@ -140,7 +141,7 @@ def deployment_section(profile: Profile, progress: Callable[[], None]) -> dict:
                      f"{w['prompt_len']} + {w['gen_len']}, medians of {r['reps']}): ep2 MoE time "
                      "per rank " + ", ".join(f"{k} {v * 1e3:.0f} ms ({v / total:.0%})"
                                              for k, v in shares.items()))
-    out = section(title, rows=rows, notes=notes, setup={"data": data})
+    out = section(title, "ourselves", rows=rows, notes=notes, setup={"data": data})
     out["columns"] = [col("workload", "workload", "{}"), col("deployment", "deployment", "{}"),
                       col("prefill_tps", "prefill TPS"), col("decode_tps", "decode TPS"),
                       col("overall_tps", "overall TPS"), col("ttft_ms", "TTFT ms", "{:.1f}"),
@@ -158,7 +159,7 @@ def overlap_section(profile: Profile, progress: Callable[[], None]) -> dict:
     sync = rows[0]["ms"]
     for r in rows[1:len(overlap.VARIANTS)]:
         r["ratio"] = sync / r["ms"]  # speed-up of the overlapped call over the synchronous one
-    out = section("Overlap: EP=2 MoE layer, overlapped vs synchronous exchange", rows=rows)
+    out = section("Overlap: EP=2 MoE layer, overlapped vs synchronous exchange", "ourselves", rows=rows)
     out["columns"] = [col(*c) for c in overlap.LAYER_COLUMNS]
     best = max((r for r in rows if r["efficiency"] is not None), key=lambda r: r["efficiency"])
     out["summary"] = f"vs sync; best {best['variant']} hides {best['efficiency']:.0%} of the exchange"
@@ -173,8 +174,8 @@ def cross_node_section(profile: Profile, progress: Callable[[], None]) -> dict:
     progress()
     for r in rows:
         r["ratio"] = 1 / r["vs_flat"]  # how many times fewer bytes than flat with default placement
-    out = section("Cross-node bytes: flat vs hierarchical exchange, 16 ranks as 4 nodes x 4", rows=rows,
-                  notes=[title, overlap.CROSS_NODE_NOTE])
+    out = section("Cross-node bytes: flat vs hierarchical exchange, 16 ranks as 4 nodes x 4", "ourselves",
+                  rows=rows, notes=[title, overlap.CROSS_NODE_NOTE])
     out["columns"] = [col(*c) for c in overlap.CROSS_NODE_COLUMNS]
     out["summary"] = "bytes of flat exchange, default placement / bytes of each variant"
     out["plot"] = {"kind": "bar", "x": "exchange", "y": ["kib_per_step"], "labels": ["KiB per step"],
@@ -253,7 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
             results["sections"][name] = sec
             report.render(sec, bar.console)
     results["elapsed_s"] = time.perf_counter() - t0
-    console.print(report.headline(results["sections"]))
+    for summary in report.headline(results["sections"]):
+        console.print(summary)
     plots = []
     if not args.no_plots:
         try:

@@ -14,9 +14,12 @@ tokens (bf16 rounding of the router logits can flip a near-tie between two exper
 bf16 comparison say little), then times with interleaved repetitions and reports medians: the
 expert-parallel layer in fp32 against a load-aware ceiling too (see `deepspeed_moe`), the
 single-device blocks in bf16.
-A peer that is not installed or cannot run here is reported as skipped with its reason.
+A peer that is not installed or cannot run here is reported as skipped with its reason; expertmesh's
+own layer runs first, alone, checked against its single-device block, so that a failure of ours is
+reported as `failed`, never blamed on a peer.
 
-A section is a dict: title, status ("ok", "skipped", "failed"), reason, setup, columns
+A section is a dict: title, against (what its `ratio` column compares expertmesh with: "peers",
+"ourselves" or "published"), status ("ok", "skipped", "failed"), reason, setup, columns
 (`{"key", "header", "fmt"}`), rows (dicts of numbers), notes; `report.py` renders it.
 """
 
@@ -70,13 +73,18 @@ class Dims:
         return routed + 2 * 3 * self.d_model * self.shared + 2 * self.d_model * self.experts
 
 
-def section(title: str, **fields) -> dict:
-    return {"title": title, "status": "ok", "reason": None, "setup": {}, "columns": [], "rows": [],
-            "notes": [], **fields}
+AGAINST = ("peers", "ourselves", "published")
 
 
-def skipped(title: str, reason: str) -> dict:
-    return section(title, status="skipped", reason=reason)
+def section(title: str, against: str, **fields) -> dict:
+    if against not in AGAINST:
+        raise ValueError(f"against {against!r}: one of {AGAINST}")
+    return {"title": title, "against": against, "status": "ok", "reason": None, "setup": {}, "columns": [],
+            "rows": [], "notes": [], **fields}
+
+
+def skipped(title: str, against: str, reason: str) -> dict:
+    return section(title, against, status="skipped", reason=reason)
 
 
 def col(key: str, header: str, fmt: str = "{:,.0f}") -> dict:
@@ -118,6 +126,43 @@ def import_deepspeed():
     return deepspeed
 
 
+def _our_layer(dims: Dims, seed: int, parallel: bool = True) -> MoEBlock:
+    """expertmesh's MoE layer (fp32): this rank's expert-parallel one over the launched group,
+    or (parallel=False) the single-device block with the same weights."""
+    cfg = preset("small", n_layers=1, d_model=dims.d_model, n_experts=dims.experts,
+                 top_k=dims.top_k, expert_hidden=dims.hidden, expert_kind="mlp", renormalize=True)
+    model = build_model(cfg)
+    if parallel:
+        ranks = dist.get_world_size()
+        apply_expert_parallel(model, dist.group.WORLD, dist.get_rank(), default_placement(1, dims.experts, ranks))
+    return materialize(model, seed, torch.float32).layers["0"].moe
+
+
+def _rank_tokens(dims: Dims, tokens: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(every rank's tokens `[1, ranks * tokens, D]`, this rank's `[1, tokens, D]`)."""
+    rank, ranks = dist.get_rank(), dist.get_world_size()
+    gen = torch.Generator().manual_seed(seed + 1)
+    everyone = torch.randn(1, ranks * tokens, dims.d_model, generator=gen)
+    return everyone, everyone[:, rank * tokens:(rank + 1) * tokens]
+
+
+def _check_ours(device: torch.device, dims: Dims, token_counts: tuple[int, ...], seed: int,
+                dtype: torch.dtype) -> float:
+    """Before any peer runs: expertmesh's EP layer against the single-device block on every rank's
+    tokens (fp32), at every size, then one call in `dtype`; the largest relative difference."""
+    ours, single = _our_layer(dims, seed), _our_layer(dims, seed, parallel=False)
+    rank, worst = dist.get_rank(), 0.0
+    with torch.inference_mode():
+        for tokens in token_counts:
+            everyone, x = _rank_tokens(dims, tokens, seed)
+            want = single(everyone)[:, rank * tokens:(rank + 1) * tokens]
+            worst = max(worst, relative_diff(ours(x), want))
+        ours.to(dtype)(x.to(dtype))
+    diff = torch.tensor([worst])
+    dist.all_reduce(diff, op=dist.ReduceOp.MAX)
+    return diff.item()
+
+
 def _ep_layers(dims: Dims, seed: int) -> tuple[nn.Module, nn.Module]:
     """(ours, DeepSpeed's) expert-parallel MoE layer for this rank, fp32, the same weights."""
     deepspeed = import_deepspeed()
@@ -125,12 +170,8 @@ def _ep_layers(dims: Dims, seed: int) -> tuple[nn.Module, nn.Module]:
 
     with contextlib.redirect_stdout(io.StringIO()):
         deepspeed.init_distributed(dist_backend="gloo")  # joins the group launch() made
-    rank, ranks = dist.get_rank(), dist.get_world_size()
-    cfg = preset("small", n_layers=1, d_model=dims.d_model, n_experts=dims.experts,
-                 top_k=dims.top_k, expert_hidden=dims.hidden, expert_kind="mlp", renormalize=True)
-    model = build_model(cfg)
-    apply_expert_parallel(model, dist.group.WORLD, rank, default_placement(1, dims.experts, ranks))
-    ours = materialize(model, seed, torch.float32).layers["0"].moe
+    ranks = dist.get_world_size()
+    ours = _our_layer(dims, seed)
 
     with contextlib.redirect_stdout(io.StringIO()):
         peer = MoE(dims.d_model, GeluMLP(dims.d_model, dims.hidden), num_experts=dims.experts,
@@ -178,10 +219,7 @@ def _ep_rank(device: torch.device, dims: Dims, tokens: int, reps: int, seed: int
     it); diff: the larger of the two peers' disagreement with expertmesh."""
     ours, peer = _ep_layers(dims, seed)
     plain = PlainEPLayer(ours.router.weight, ours.experts.w_up, ours.experts.w_down, dims.top_k)
-    rank, ranks = dist.get_rank(), dist.get_world_size()
-    gen = torch.Generator().manual_seed(seed + 1)
-    x = torch.randn(ranks * tokens, dims.d_model, generator=gen)[rank * tokens:(rank + 1) * tokens]
-    x = x.view(1, tokens, dims.d_model)
+    _, x = _rank_tokens(dims, tokens, seed)
     with torch.inference_mode():
         reference = ours(x)
         diff = torch.tensor([max(relative_diff(reference, peer(x)[0]), relative_diff(reference, plain(x)))])
@@ -217,8 +255,8 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
     try:
         deepspeed = import_deepspeed()
     except Exception as exc:  # not installed, or its import fails on this machine
-        return skipped(title, f"deepspeed cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
-    out = section(title, setup={**asdict(dims), "kind": "mlp (GELU)", "dtype": dtype,
+        return skipped(title, "peers", f"deepspeed cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
+    out = section(title, "peers", setup={**asdict(dims), "kind": "mlp (GELU)", "dtype": dtype,
                                 "ranks": 2, "threads_per_rank": 1, "reps": reps,
                                 "deepspeed": deepspeed.__version__})
     out["columns"] = [col("tokens_per_rank", "tokens / rank"), col("expertmesh_tps", "expertmesh tok/s"),
@@ -246,11 +284,20 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
         "agreement: max |expertmesh - peer| / max |expertmesh| in fp32 over both peers, same tokens, "
         "before timing.",
     ]
+    # ours first, alone: a failure of expertmesh's own layer is ours, never a skipped peer's
+    try:
+        ours_diff = launch(functools.partial(_check_ours, dims=dims, token_counts=token_counts, seed=seed,
+                                             dtype=DTYPES[dtype]), 2, timeout=timeout)
+    except Exception as exc:
+        return {**out, "status": "failed", "reason": f"expertmesh's EP layer failed to run: {_first_line(exc)}"}
+    if ours_diff > FP32_RTOL:
+        return {**out, "status": "failed",
+                "reason": f"expertmesh's EP layer differs from its single-device block: rel. diff {ours_diff:.1e}"}
     for tokens in token_counts:
         try:
             r = launch(functools.partial(_ep_rank, dims=dims, tokens=tokens, reps=reps, seed=seed,
                                          dtype=DTYPES[dtype]), 2, timeout=timeout)
-        except Exception as exc:  # a peer that cannot run here is a skip with its reason
+        except Exception as exc:  # ours ran above at this size: a peer that cannot run here is a skip
             return {**out, "status": "skipped", "reason": f"DeepSpeed-MoE failed to run: {_first_line(exc)}"}
         if progress:
             progress()
@@ -333,8 +380,8 @@ def transformers_blocks(token_counts: tuple[int, ...], reps: int, base: Dims, th
         transformers = importlib.import_module("transformers")
         implementations = experts_implementations()
     except Exception as exc:
-        return skipped(title, f"transformers cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
-    out = section(title, setup={"base": asdict(base), "dtype": "bf16", "threads": threads,
+        return skipped(title, "peers", f"transformers cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
+    out = section(title, "peers", setup={"base": asdict(base), "dtype": "bf16", "threads": threads,
                                 "reps": reps, "transformers": transformers.__version__,
                                 "experts_implementations": implementations})
     out["columns"] = [col("family", "block", "{}"), col("tokens", "tokens"),

@@ -39,13 +39,25 @@ def render(sec: dict, console: Console) -> None:
         console.print(f"  [dim]{escape(note)}[/dim]", highlight=False)
 
 
-def headline(sections: dict[str, dict]) -> Table:
-    """One row per comparison: the range of expertmesh's ratio to its peer (or to the roofline)."""
-    out = Table(title="Summary (ratio > 1: expertmesh faster; efficiency: fraction of plain matmul)",
-                title_justify="left")
+SUMMARIES = {
+    "peers": "Summary against peers (ratio > 1: expertmesh faster than the peer)",
+    "ourselves": "Summary against ourselves (ratio > 1: the variant beats expertmesh's own baseline named "
+                 "in 'where'; efficiency: fraction of plain matmul); no peer is compared here",
+    "published": "Summary against published measurements",
+}
+
+
+def headline(sections: dict[str, dict]) -> list[Table]:
+    """One table per kind of comparison (`SUMMARIES`), one row per section: the range of its ratio."""
+    return [_summary(SUMMARIES[kind], [s for s in sections.values() if s["against"] == kind])
+            for kind in SUMMARIES if any(s["against"] == kind for s in sections.values())]
+
+
+def _summary(title: str, sections: list[dict]) -> Table:
+    out = Table(title=title, title_justify="left")
     for name in ("comparison", "status", "ratio min", "ratio max", "where"):
         out.add_column(name, justify="left" if name in ("comparison", "where") else "right")
-    for sec in sections.values():
+    for sec in sections:
         ratios = [r["ratio"] for r in sec["rows"] if isinstance(r.get("ratio"), (int, float))]
         if sec["status"] != "ok" or not ratios:
             out.add_row(sec["title"], sec["status"], "-", "-", sec["reason"] or "")

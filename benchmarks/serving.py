@@ -185,7 +185,7 @@ def to_section(data: dict) -> dict:
                 **({"ratio": tps / base} if base and name != "transformers" else {}),
             })
     size = data["size"]
-    out = section(TITLE, rows=rows, setup=data)
+    out = section(TITLE, "peers", rows=rows, setup=data)
     out["columns"] = [col("server", "server", "{}"), col("rate", "rate", "{}"), col("agrees", "greedy = HF", "{}"),
                       col("req_s", "req/s", "{:.2f}"), col("out_tps", "output tok/s", "{:,.1f}"),
                       col("ttft_ms", "TTFT p50 ms", "{:,.0f}"), col("tpot_ms", "TPOT p50 ms", "{:,.1f}"),
@@ -208,7 +208,7 @@ def _ms(seconds: float | None) -> float | None:
 
 def serving_section(size: str, progress=lambda: None) -> dict:
     if any(importlib.util.find_spec(m) is None for m in ("fastapi", "openai", "httpx", "transformers")):
-        return skipped(TITLE, "expertmesh serve needs the serve extra (pip install -e .[serve])")
+        return skipped(TITLE, "peers", "expertmesh serve needs the serve extra (pip install -e .[serve])")
     with tempfile.TemporaryDirectory() as tmp:
         return to_section(measure(SIZES[size], Path(tmp), progress))
 

@@ -157,7 +157,8 @@ def benchmark_section() -> dict:
 
     table = rows()
     stats = summary(table)
-    out = section("Simulator vs published H100 / H200 measurements", rows=table, setup={"summary": stats},
+    out = section("Simulator vs published H100 / H200 measurements", "published", rows=table,
+                  setup={"summary": stats},
                   notes=[f"{name}: {s['rows']} rows, median |error| {s['median_abs_error']:.0%}, largest "
                          f"ratio {s['max_ratio']:.2f}x" for name, s in stats.items()] + KNOWN_MISSES)
     out["columns"] = [col("what", "measurement", "{}"), col("kind", "kind", "{}"),

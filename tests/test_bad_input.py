@@ -13,14 +13,12 @@ import sys
 
 import pytest
 import torch
+from hypothesis import HealthCheck, assume, given, settings, strategies as st
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.spec import RunSpec
 from expertmesh.engine.worker import run
-
-hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypothesis (pip install -e '.[test]')")
-from hypothesis import HealthCheck, assume, given, settings, strategies as st  # noqa: E402
 
 TINY = preset("tiny")  # 4 layers, 16 experts, 8 heads, expert hidden 1024, vocab 1024, max 512
 FULL_PLACEMENT = [list(range(8)), list(range(8, 16))]  # ep2: experts 0-7 on rank 0, 8-15 on 1

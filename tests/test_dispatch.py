@@ -175,6 +175,38 @@ def test_the_low_latency_exchange_equals_the_standard_one_bit_for_bit(pattern, p
     assert launch(functools.partial(_low_latency_against_standard, pattern, placement, grouped), EP)
 
 
+def _low_latency_counters(device) -> list[int]:
+    """Every rank's counters summed after one low-latency call (E experts on EP ranks as 2 nodes x
+    2, bound max(TOKENS_PER_RANK)): rows sent, cross-node rows and bytes, calls, rows computed."""
+    rank = dist.get_rank()
+    T = TOKENS_PER_RANK[rank]
+    gen = torch.Generator().manual_seed(rank)
+    x, ids, weights = torch.randn(T, D, generator=gen), _routing("random", rank, T), torch.rand(T, K, generator=gen)
+    placement = contiguous_placement(E, EP)
+    local = GroupedExperts(E // EP, D, H, "mlp")
+    for name, p in local.named_parameters():
+        mark_shard(local, name, (E, *p.shape[1:]), (placement[rank], slice(None), slice(None)))
+    materialize(local, seed=7, dtype=torch.float32)
+    d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, peer_nodes=[0, 0, 1, 1])
+    d(x, ids, weights, local, low_latency_tokens=max(TOKENS_PER_RANK))
+    s = d.stats.snapshot()
+    total = torch.tensor([s.rows_sent, s.cross_node_rows, s.cross_node_bytes, s.low_latency_calls,
+                          sum(map(sum, s.loads))])
+    dist.all_reduce(total)
+    return total.tolist()
+
+
+def test_low_latency_counters_match_a_hand_count_padding_included():
+    """Bound 7 tokens, top-2, 2 experts per rank: a block to each peer holds 7 x 2 = 14 rows
+    whatever is routed. Each rank sends 4 blocks and gets 4 back (112 rows), 2 of them each way to
+    the 2 ranks of the other node (56 rows of 16 fp32); its experts compute the rows routed."""
+    rows_sent, cross_rows, cross_bytes, calls, computed = launch(_low_latency_counters, EP)
+    assert rows_sent == 4 * 112
+    assert cross_rows == 4 * 56 and cross_bytes == 4 * 56 * 16 * 4
+    assert calls == 4
+    assert computed == sum(TOKENS_PER_RANK) * K
+
+
 def test_exchange_stats_keep_the_loads_of_the_last_calls_only(monkeypatch):
     """A program that steps an engine for hours without reading its counters stays bounded: the
     oldest calls' loads go, the sums of rows sent do not."""

@@ -3,13 +3,13 @@
 `benchmarks/sim_vs_real.py --quick` fits four constants shared by every deployment (per-op
 overhead, per-step host time, a scale on the matmul rate, the ranks' worth of cores the ranks
 get at once) on `single` and `ep2` at batch 4 x 16 and 1 x 24, and predicts `tp2` and `pp2` (in
-the benchmark also `ep2` and `ep4`) at batch 2 x 32. Measured on the shared 2-core development
-machine (load average 2-4, other suites running), two runs of this command: held-out median
-error 29% and 15%, worst ratio 1.46x and 1.30x; the full sizes, three runs: median 21%, 13%,
-25%, worst ratio 1.39x, 1.26x, 1.65x. Before the per-step control path, the low-latency
-exchange, the step barrier and the shared cores were modelled it measured 36% / 3.1x (quick)
-and 39% / 1.9x (full) at load 12-16. The same deployment's repeats differ by up to 2x on that
-machine; the band leaves room for it.
+the benchmark also `ep2` and `ep4`) at batch 2 x 32. Measured with this command on the shared
+2-core development machine (other suites running): earlier, at load 2-4, held-out median error
+29% and 15%, worst ratio 1.46x and 1.30x; on 2026-12-04, five runs at load 4.7-9: median 37%,
+22%, 17%, 18%, 22%, worst ratio 1.87x, 1.48x, 1.30x, 1.48x, 1.43x (the 37% / 1.87x run at load
+9, beside another suite's multi-rank tests). The full sizes, three runs: median 21%, 13%, 25%,
+worst ratio 1.39x, 1.26x, 1.65x. The bands are the worst quick run, rounded up (they were 45% and
+2.5x, which let a model with half again its worst error through).
 """
 
 import json
@@ -18,8 +18,8 @@ import sys
 from pathlib import Path
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "sim_vs_real.py"
-MEDIAN_BAND = 0.45  # measured 0.29, 0.15 (quick); 0.21, 0.13, 0.25 (full)
-RATIO_BAND = 2.5    # measured 1.46, 1.30 (quick); 1.39, 1.26, 1.65 (full)
+MEDIAN_BAND = 0.40  # worst measured 0.37 (quick, load 9): 0.29, 0.15, 0.37, 0.22, 0.17, 0.18, 0.22
+RATIO_BAND = 2.0    # worst measured 1.87x (quick, load 9): 1.46, 1.30, 1.87, 1.48, 1.30, 1.48, 1.43
 
 
 def test_held_out_runs_are_predicted_within_the_measured_band(tmp_path):

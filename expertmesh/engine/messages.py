@@ -10,14 +10,20 @@ ad hoc, medians of 200).
 `Messages` keeps one byte buffer per rank of `capacity` bytes and sends each message as a fixed
 `[8 + capacity]` uint8 row: the pickle's length (int64), then its first `capacity` bytes. Every
 rank reads every length, so all of them know whether some pickle did not fit: then one more
-collective carries the rest (`[over]` bytes per rank, `over` the largest remainder), and every
-rank grows `capacity` to the next power of two that holds the longest pickle, identically, so
-the next message of that size takes one collective again.
+collective carries the rest (`[over]` bytes per rank, `over` the largest remainder).
+
+Every rank then sets `capacity`, identically, to the next power of two that holds the longest
+pickle of the last `WINDOW` messages, between the first capacity and `MAX_CAPACITY`: a run of
+long messages (a burst of long prompts) takes one collective each, and one long message (a
+request with a million stop ids) costs every later step nothing once it leaves the window; a
+pickle over `MAX_CAPACITY` always takes the second collective, never a buffer that every idle
+step would send.
 """
 
 from __future__ import annotations
 
 import pickle
+from collections import deque
 
 import torch
 import torch.distributed as dist
@@ -26,6 +32,8 @@ from expertmesh.parallel.mesh import all_gather_flat
 
 HEADER = 8  # bytes: the pickle's length, int64
 FIRST_CAPACITY = 4096  # bytes of pickle the first message carries in one collective
+MAX_CAPACITY = 1 << 18  # bytes: the buffer grows no larger (longer pickles take two collectives)
+WINDOW = 64  # messages (an engine step sends two) whose longest pickle sets the capacity
 
 
 class Messages:
@@ -33,8 +41,9 @@ class Messages:
     the group must make the same calls in the same order, as with any collective."""
 
     def __init__(self, group: dist.ProcessGroup | None = None, capacity: int = FIRST_CAPACITY):
-        self.group, self.capacity = group, capacity
+        self.group, self.first, self.capacity = group, capacity, capacity
         self.size = dist.get_world_size(group)
+        self.recent: deque[int] = deque(maxlen=WINDOW)  # longest pickle of each of the last messages
 
     def broadcast(self, obj: object, src: int = 0) -> object:
         """`obj` of rank `src` (its global rank) on every rank; other ranks pass anything."""
@@ -48,7 +57,7 @@ class Messages:
             if mine:
                 rest.copy_(_bytes(payload[self.capacity:]))
             dist.broadcast(rest, src, group=self.group)
-            self._grow(length)
+        self._fit(length)
         return obj if mine else _load(row, length, rest)
 
     def all_gather(self, obj: object) -> list:
@@ -69,8 +78,9 @@ class Messages:
             all_gather_flat(gathered, mine, group=self.group)
             gathered = gathered.view(self.size, over)
             rests = [gathered[r, :max(0, n - self.capacity)] for r, n in enumerate(lengths)]
-            self._grow(max(lengths))
-        return [_load(rows[r], n, rests[r]) for r, n in enumerate(lengths)]
+        loaded = [_load(rows[r], n, rests[r]) for r, n in enumerate(lengths)]
+        self._fit(max(lengths))
+        return loaded
 
     def _row(self, payload: bytes) -> torch.Tensor:
         """`[HEADER + capacity]` bytes: the length, then as much of `payload` as fits."""
@@ -81,9 +91,13 @@ class Messages:
             row[HEADER:HEADER + len(head)] = _bytes(head)
         return row
 
-    def _grow(self, length: int) -> None:
-        while self.capacity < length:
-            self.capacity *= 2
+    def _fit(self, length: int) -> None:
+        """After a message whose longest pickle was `length` bytes: the capacity for the next."""
+        self.recent.append(length)
+        longest, capacity = max(self.recent), self.first
+        while capacity < min(longest, MAX_CAPACITY):
+            capacity *= 2
+        self.capacity = capacity
 
 
 def _bytes(data: bytes) -> torch.Tensor:

@@ -112,7 +112,7 @@ class AllToAllDispatcher:
         self.slot_node = torch.tensor([self.peer_nodes[r] for r in self.slot_rank.tolist()])
         self.slots = slot_table(placement, n_experts, rank, self.peer_nodes)
         replicated = self.n_slots > n_experts
-        self.balanced = (BalancedReplicas(group, placement, n_experts, rank, self.slots)
+        self.balanced = (BalancedReplicas(group, placement, n_experts, rank, self.peer_nodes)
                          if replica_routing == "balanced" and replicated else None)
         self.slices = chunks or AUTO_SLICES
         self.auto = chunks is None

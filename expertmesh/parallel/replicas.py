@@ -12,7 +12,10 @@ instead, in every layer call:
   2. every rank runs the same plan (`split_over_replicas`): experts with one holder load their
      rank; then each replicated expert, heaviest first, fills its holders' ranks lowest first
      (water filling); a source's rows of that expert go to its own rank's replica first, then
-     to the other holders in rank order;
+     to the other holders in rank order. Filling greedily, expert by expert, can load a rank
+     that a later expert needed (placement [[0, 2], [1, 0], [2], [3]], rows 2 of expert 0 and
+     3 + 3 of experts 1 and 2: 4 rows on the busiest rank where the static table gives 3), so
+     the plan is the static split instead whenever that leaves the busiest rank fewer rows;
   3. maps each of this rank's assignments to its slot: its position among this rank's
      assignments of the same expert (token order) against the plan's cumulative rows.
 
@@ -34,7 +37,7 @@ import torch.distributed as dist
 from expertmesh.model.moe import rank_in_group, sort_assignments
 from expertmesh.model.paged import upload
 from expertmesh.parallel.mesh import all_gather_flat, host_group
-from expertmesh.parallel.placement import Placement, holders
+from expertmesh.parallel.placement import Placement, holders, slot_table
 
 HOST_ASSIGNMENTS = 256  # map a call with at most this many assignments in Python, on the host
 
@@ -58,10 +61,13 @@ def water_fill(levels: list[int], amount: int) -> list[int]:
     return give
 
 
-def split_over_replicas(counts: list[list[int]], placement: Placement) -> list[dict[int, Split]]:
-    """counts[p][e]: source rank p's assignments of expert e in this call (every rank's) ->
-    for each source p, {replicated expert: [(slot, rows), ...]} (experts with one holder are not
-    listed: their slot is fixed). Slots number placement's (rank, local expert) rank by rank."""
+def split_over_replicas(counts: list[list[int]], placement: Placement,
+                        static: list[list[int]]) -> list[dict[int, Split]]:
+    """counts[p][e]: source rank p's assignments of expert e in this call (every rank's);
+    static[p][e]: source p's slot of expert e in the static table (`slot_table`) -> for each
+    source p, {replicated expert: [(slot, rows), ...]} (experts with one holder are not listed:
+    their slot is fixed). Slots number placement's (rank, local expert) rank by rank. The water
+    filling's plan, or the static split where that leaves the busiest rank fewer rows."""
     held = holders(placement)
     P = len(counts)
     total = {e: sum(counts[p][e] for p in range(P)) for e in held}
@@ -69,8 +75,30 @@ def split_over_replicas(counts: list[list[int]], placement: Placement) -> list[d
     for e, where in held.items():
         if len(where) == 1:
             load[where[0][0]] += total[e]
+    replicated = [e for e, where in held.items() if len(where) > 1]
+    fixed = [{e: [(static[p][e], counts[p][e])] if counts[p][e] else [] for e in replicated} for p in range(P)]
+    filled = _water_filled(counts, held, replicated, total, list(load))
+    rank_of = {slot: r for where in held.values() for r, slot in where}
+    return min((filled, fixed), key=lambda plans: _busiest(plans, rank_of, load))
+
+
+def _busiest(plans: list[dict[int, Split]], rank_of: dict[int, int], load: list[int]) -> int:
+    """Rows on the busiest rank under `plans`, on top of `load` (the experts with one holder)."""
+    rows = list(load)
+    for plan in plans:
+        for split in plan.values():
+            for slot, n in split:
+                rows[rank_of[slot]] += n
+    return max(rows)
+
+
+def _water_filled(counts: list[list[int]], held: dict[int, list[tuple[int, int]]], replicated: list[int],
+                  total: dict[int, int], load: list[int]) -> list[dict[int, Split]]:
+    """Each replicated expert, heaviest first, water-fills its holders' ranks from `load` (rows
+    per rank so far, updated in place); a source's rows go to its own replica first."""
+    P = len(counts)
     plans: list[dict[int, Split]] = [{} for _ in range(P)]
-    for e in sorted((e for e, where in held.items() if len(where) > 1), key=lambda e: (-total[e], e)):
+    for e in sorted(replicated, key=lambda e: (-total[e], e)):
         ranks = [r for r, _ in held[e]]
         give = water_fill([load[r] for r in ranks], total[e])
         room = dict(zip(ranks, give))
@@ -99,16 +127,17 @@ def _take(split: Split, slot_of: dict[int, int], room: dict[int, int], left: lis
 class BalancedReplicas:
     """One layer's balanced replica routing (module docstring) for this rank.
 
-    placement: the layer's experts per rank of `group`; static_slots `[E]`: the slot of each
-    expert from this rank (`slot_table`), kept for experts with one holder.
+    placement: the layer's experts per rank of `group`; peer_nodes: the node of each rank (the
+    static tables `slot_table` gives every source; this rank's is kept for experts with one holder).
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: Placement, n_experts: int,
-                 rank: int, static_slots: torch.Tensor):
+                 rank: int, peer_nodes: list[int]):
         self.placement, self.n_experts, self.rank = placement, n_experts, rank
         self.host_group = host_group(group)  # the counts are all-gathered on the host
-        self.static_slots = static_slots.tolist()
         self.n_ranks = len(placement)
+        self.static = [slot_table(placement, n_experts, p, peer_nodes).tolist() for p in range(self.n_ranks)]
+        self.static_slots = self.static[rank]
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         """ids `[T, k]` (-1: dropped) -> slots `[T, k]` (-1 where dropped). Collective; T may
@@ -144,7 +173,8 @@ class BalancedReplicas:
         over the group's gloo twin: E int64 per rank)."""
         everyone = torch.empty(self.n_ranks * self.n_experts, dtype=torch.long)
         all_gather_flat(everyone, torch.tensor(counts), group=self.host_group)
-        return split_over_replicas(everyone.view(self.n_ranks, -1).tolist(), self.placement)[self.rank]
+        counts = everyone.view(self.n_ranks, -1).tolist()
+        return split_over_replicas(counts, self.placement, self.static)[self.rank]
 
     def _walk(self, experts: list[int], plan: dict[int, Split]) -> list[int]:
         """The slot of each assignment (`experts`, flat, token order) by its position among this

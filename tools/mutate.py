@@ -1,0 +1,225 @@
+"""Mutation testing for the modules where a silent bug costs most: plant one small bug at a time in
+a copy of the package and run only the tests that cover that module; a mutant the tests pass is a
+survivor, to be killed by a new test or explained (an equivalent mutant).
+
+    python tools/mutate.py engine/scheduler.py parallel/low_latency.py [--max 40] [--timeout 120]
+    python tools/mutate.py --all
+
+Mutants, each alone: a comparison flipped (`<` <-> `<=`, `>` <-> `>=`, `==` <-> `!=`, `in` <->
+`not in`, `is` <-> `is not`), `and` <-> `or`, an integer constant off by one (n + 1 and n - 1; not
+defaults, module constants or numbers in error messages: settings, not logic), and a statement
+dropped (a call, an augmented assignment, an assignment to an attribute or item:
+replaced by `pass`). Each runs `pytest -x` on the module's tests with the mutated copy first on
+PYTHONPATH (forked and spawned ranks import it too); a mutant that runs past `--timeout` counts as
+killed (a hang is a failure). Not in CI: a module takes minutes on 2 cores. Run it before closing
+an issue that touches one of these modules, and list its survivors in the closing note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch  # noqa: F401  imported once, before the forks (see run_tests)
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = "expertmesh"
+# module (under expertmesh/) -> the pytest arguments of the tests that cover it
+COVERING = {
+    "parallel/dispatch.py": ["tests/test_dispatch.py"],
+    "parallel/low_latency.py": ["tests/test_dispatch.py", "-k", "low_latency"],
+    "engine/scheduler.py": ["tests/test_scheduler.py"],
+    "engine/sampling.py": ["tests/test_sampling.py"],
+    "model/paged.py": ["tests/test_paged.py"],
+    "model/capacity.py": ["tests/test_load_balance.py"],
+    "server/protocol.py": ["tests/test_server.py"],
+}
+FLIPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
+         ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
+SYMBOL = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", ast.NotEq: "!=",
+          ast.In: "in", ast.NotIn: "not in", ast.Is: "is", ast.IsNot: "is not"}
+
+
+@dataclass(frozen=True)
+class Mutant:
+    """The `index`-th node of `ast.walk` over the module, changed as `what` says, at `line`."""
+
+    index: int
+    line: int
+    what: str
+    change: str  # "flip:<op position>", "boolop", "plus", "minus", "drop"
+
+
+def _docstring(node: ast.AST, parents: dict) -> bool:
+    parent = parents.get(node)
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant)
+            and isinstance(node.value.value, str) and parent is not None
+            and getattr(parent, "body", [None])[0] is node)
+
+
+def mutants(source: str) -> list[Mutant]:
+    tree = ast.parse(source)
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    out = []
+    for index, node in enumerate(ast.walk(tree)):
+        line = getattr(node, "lineno", 0)
+        if isinstance(node, ast.Compare):
+            for j, op in enumerate(node.ops):
+                if type(op) in FLIPS:
+                    out.append(Mutant(index, line, f"{SYMBOL[type(op)]} -> {SYMBOL[FLIPS[type(op)]]}", f"flip:{j}"))
+        elif isinstance(node, ast.BoolOp):
+            out.append(Mutant(index, line, "and -> or" if isinstance(node.op, ast.And) else "or -> and", "boolop"))
+        elif isinstance(node, ast.Constant) and type(node.value) is int and not _setting(node, parents):
+            out.append(Mutant(index, line, f"{node.value} -> {node.value + 1}", "plus"))
+            out.append(Mutant(index, line, f"{node.value} -> {node.value - 1}", "minus"))
+        elif _droppable(node) and not _docstring(node, parents):
+            out.append(Mutant(index, line, f"drop `{ast.unparse(node).splitlines()[0][:60]}`", "drop"))
+    return out
+
+
+def _setting(node: ast.AST, parents: dict) -> bool:
+    """A default or a module constant (a tuned setting, not logic: its tests pass values of their
+    own), or a number in an error message."""
+    parent = parents.get(node)
+    if isinstance(parent, ast.arguments) or isinstance(parent, ast.AnnAssign):
+        return True
+    while parent is not None:
+        if isinstance(parent, (ast.JoinedStr, ast.Raise)):
+            return True
+        if isinstance(parent, ast.Assign) and isinstance(parents.get(parent), ast.Module):
+            return True
+        parent = parents.get(parent)
+    return False
+
+
+def _droppable(node: ast.AST) -> bool:
+    if isinstance(node, (ast.Expr, ast.AugAssign)):
+        return True
+    return isinstance(node, ast.Assign) and all(isinstance(t, (ast.Attribute, ast.Subscript)) for t in node.targets)
+
+
+class _Apply(ast.NodeTransformer):
+    def __init__(self, mutant: Mutant, order: dict[int, int]):
+        self.mutant, self.order = mutant, order
+
+    def visit(self, node):
+        if self.order.get(id(node)) != self.mutant.index:
+            return self.generic_visit(node)
+        change = self.mutant.change
+        if change.startswith("flip:"):
+            j = int(change.split(":")[1])
+            node.ops[j] = FLIPS[type(node.ops[j])]()
+        elif change == "boolop":
+            node.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        elif change in ("plus", "minus"):
+            node.value += 1 if change == "plus" else -1
+        else:
+            return ast.copy_location(ast.Pass(), node)
+        return node
+
+
+def mutated(source: str, mutant: Mutant) -> str:
+    tree = ast.parse(source)
+    order = {id(node): i for i, node in enumerate(ast.walk(tree))}  # numbered before any change
+    return ast.unparse(ast.fix_missing_locations(_Apply(mutant, order).visit(tree)))
+
+
+def _copy_path(copy_root: Path) -> str:
+    return os.pathsep.join([str(copy_root), os.environ.get("PYTHONPATH", "")])
+
+
+def run_tests(copy_root: Path, args: list[str], timeout: float) -> str:
+    """'passed', 'failed' or 'timeout' for the covering tests against the package in copy_root.
+
+    pytest runs in a forked child of this process, which has imported torch and pytest but not
+    the package (a fresh interpreter per mutant spent more time importing torch than testing):
+    the child imports the package from copy_root, first on sys.path and on PYTHONPATH (for the
+    ranks the tests spawn), and runs in a session of its own, killed whole on a timeout."""
+    args = [str(ROOT / a) if a.startswith("tests/") else a for a in args]
+    pid = os.fork()
+    if pid == 0:
+        code = 3  # pytest's "internal error", should the child fail before it runs
+        try:
+            os.setsid()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, 1)
+            os.dup2(devnull, 2)
+            os.chdir(copy_root)
+            os.environ["PYTHONPATH"] = _copy_path(copy_root)
+            sys.path.insert(0, str(copy_root))
+            code = int(pytest.main(["-x", "-q", "-p", "no:cacheprovider", *args]))
+        finally:
+            os._exit(code)
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return "passed" if os.waitstatus_to_exitcode(status) == 0 else "failed"
+        if time.monotonic() > deadline:
+            os.killpg(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            return "timeout"
+        time.sleep(0.05)
+
+
+def mutate_module(module: str, limit: int | None, timeout: float) -> list[tuple[Mutant, str]]:
+    """Every mutant of `module` (or the first `limit`) -> its result; prints as it goes."""
+    path = ROOT / PACKAGE / module
+    source = path.read_text()
+    with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
+        copy_root = Path(tmp)
+        shutil.copytree(ROOT / PACKAGE, copy_root / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
+        target = copy_root / PACKAGE / module
+        if PACKAGE in sys.modules:
+            raise SystemExit(f"{PACKAGE} is imported here already: the forked tests would not import the copy")
+        t0 = time.perf_counter()
+        baseline = run_tests(copy_root, COVERING[module], timeout)
+        if baseline != "passed":
+            raise SystemExit(f"{module}: its tests do not pass unmutated ({baseline}); fix that first")
+        print(f"{module}: tests pass unmutated in {time.perf_counter() - t0:.0f} s", flush=True)
+        results = []
+        for mutant in mutants(source)[:limit]:
+            target.write_text(mutated(source, mutant))
+            result = run_tests(copy_root, COVERING[module], timeout)
+            results.append((mutant, result))
+            mark = "SURVIVED" if result == "passed" else result
+            print(f"  {module}:{mutant.line}: {mutant.what}: {mark}", flush=True)
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("modules", nargs="*", help=f"paths under {PACKAGE}/: {', '.join(COVERING)}")
+    parser.add_argument("--all", action="store_true", help="every module above")
+    parser.add_argument("--max", type=int, default=None, help="mutants per module (the first N)")
+    parser.add_argument("--timeout", type=float, default=300, help="seconds per test run (default %(default)s)")
+    args = parser.parse_args(argv)
+    modules = list(COVERING) if args.all else args.modules
+    unknown = [m for m in modules if m not in COVERING]
+    if unknown or not modules:
+        parser.error(f"modules: some of {', '.join(COVERING)} (got {unknown or 'none'})")
+    survivors = []
+    for module in modules:
+        results = mutate_module(module, args.max, args.timeout)
+        killed = sum(r != "passed" for _, r in results)
+        print(f"{module}: {killed} of {len(results)} mutants killed", flush=True)
+        survivors += [(module, m) for m, r in results if r == "passed"]
+    print(f"\n{len(survivors)} survivors" + (":" if survivors else ""))
+    for module, m in survivors:
+        print(f"  {module}:{m.line}: {m.what}")
+    return 1 if survivors else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
