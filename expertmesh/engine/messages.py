@@ -22,6 +22,8 @@ import pickle
 import torch
 import torch.distributed as dist
 
+from expertmesh.parallel.mesh import all_gather_single
+
 HEADER = 8  # bytes: the pickle's length, int64
 FIRST_CAPACITY = 4096  # bytes of pickle the first message carries in one collective
 
@@ -53,7 +55,7 @@ class Messages:
         """Every rank's `obj`, in group rank order, on every rank."""
         payload = pickle.dumps(obj)
         rows = torch.empty(self.size * (HEADER + self.capacity), dtype=torch.uint8)
-        dist.all_gather_single(rows, self._row(payload), group=self.group)  # gloo: a flat output
+        all_gather_single(rows, self._row(payload), group=self.group)  # gloo: a flat output
         rows = rows.view(self.size, -1)
         lengths = rows[:, :HEADER].contiguous().view(torch.int64).view(-1).tolist()
         over = max(lengths) - self.capacity
@@ -64,7 +66,7 @@ class Messages:
             if tail:
                 mine[:len(tail)] = _bytes(tail)
             gathered = torch.empty(self.size * over, dtype=torch.uint8)
-            dist.all_gather_single(gathered, mine, group=self.group)
+            all_gather_single(gathered, mine, group=self.group)
             gathered = gathered.view(self.size, over)
             rests = [gathered[r, :max(0, n - self.capacity)] for r, n in enumerate(lengths)]
             self._grow(max(lengths))

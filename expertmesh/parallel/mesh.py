@@ -1,12 +1,27 @@
 """Process groups of a deployment: one EP or TP group per pipeline stage, and under a device
 backend (NCCL) a gloo twin of each, for small agreements on the host that must not wait for the
-device."""
+device. Every group this project makes comes from `new_group`, with the run's timeout."""
 
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 
 from expertmesh.deployment import Deployment
+from expertmesh.launch import group_timeout
+
+
+def new_group(ranks: list[int] | None = None, backend: str | None = None) -> dist.ProcessGroup:
+    """`dist.new_group` bounded by the run's `--timeout` (torch's default is 10 or 30 minutes)."""
+    return dist.new_group(ranks, timeout=group_timeout(), backend=backend)
+
+
+def all_gather_single(output: torch.Tensor, tensor: torch.Tensor,
+                      group: dist.ProcessGroup | None = None) -> None:
+    """Every rank's `tensor`, concatenated in rank order into `output` (`[p * n, ...]`): torch
+    2.13's `all_gather_single`, under its older name on torch 2.11 and 2.12."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(output, tensor, group=group)
 
 
 def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
@@ -20,8 +35,8 @@ def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
     twins = dist.get_backend() != "gloo"
     for stage in range(deployment.pp):
         ranks = list(range(stage * deployment.inner, (stage + 1) * deployment.inner))
-        group = dist.new_group(ranks)
-        twin = dist.new_group(ranks, backend="gloo") if twins else group
+        group = new_group(ranks)
+        twin = new_group(ranks, backend="gloo") if twins else group
         if rank in ranks:
             mine = group
             _HOST_TWIN[group] = twin

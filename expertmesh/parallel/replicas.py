@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from expertmesh.model.moe import rank_in_group, sort_assignments
 from expertmesh.model.paged import upload
-from expertmesh.parallel.mesh import host_group
+from expertmesh.parallel.mesh import all_gather_single, host_group
 from expertmesh.parallel.placement import Placement, holders
 
 HOST_ASSIGNMENTS = 256  # map a call with at most this many assignments in Python, on the host
@@ -143,7 +143,7 @@ class BalancedReplicas:
         """This rank's assignments per expert -> its plan, from every rank's counts (all-gathered
         over the group's gloo twin: E int64 per rank)."""
         everyone = torch.empty(self.n_ranks * self.n_experts, dtype=torch.long)
-        dist.all_gather_single(everyone, torch.tensor(counts), group=self.host_group)
+        all_gather_single(everyone, torch.tensor(counts), group=self.host_group)
         return split_over_replicas(everyone.view(self.n_ranks, -1).tolist(), self.placement)[self.rank]
 
     def _walk(self, experts: list[int], plan: dict[int, Split]) -> list[int]:
