@@ -157,3 +157,37 @@ def test_single_runs_on_cuda_zero_where_there_is_a_gpu(monkeypatch):
     assert launch_mod.local_device(1, "gloo") == torch.device("cpu")
     monkeypatch.setattr(launch_mod, "cuda_devices", lambda: 0)
     assert launch_mod.local_device(1, None) == torch.device("cpu")
+
+
+# ---- synthetic weights made where they live ----
+def _naive_value(seed: int, name: str, shape: tuple, element: tuple) -> float:
+    """One synthetic weight by the module docstring's rule, in plain Python integers."""
+    import zlib
+
+    def wrap(x):  # to a signed 32-bit integer
+        x &= 0xFFFFFFFF
+        return x - 2**32 if x >= 2**31 else x
+
+    def mix(x):
+        x = wrap(x ^ ((x >> 16) & 0xFFFF))
+        x = wrap(x * 0x7FEB352D)
+        x = wrap(x ^ ((x >> 15) & 0x1FFFF))
+        x = wrap(x * -0x7B935975)
+        return wrap(x ^ ((x >> 16) & 0xFFFF))
+
+    linear = sum(i * int(torch.tensor(shape[d + 1:]).prod()) for d, i in enumerate(element))
+    return mix(wrap(mix(linear) ^ wrap(zlib.crc32(f"{seed}:{name}".encode())))) * 2.0**-31 / shape[-1] ** 0.5
+
+
+def test_synthetic_weights_hashed_in_slabs_are_the_rule_s_values(monkeypatch):
+    from expertmesh.model import synthetic
+    shape, index = (6, 5, 4), [[4, 1], slice(1, 5), slice(None)]
+    whole = synthetic.synthetic_values(9, "layers.0.moe.w_up", shape, index)
+    monkeypatch.setattr(synthetic, "SLAB_ELEMENTS", 3)  # one row of the shard per slab
+    slabs = synthetic.synthetic_values(9, "layers.0.moe.w_up", shape, index)
+    assert torch.equal(whole, slabs)
+    for e, g in ((0, 4), (1, 1)):
+        for h in range(4):
+            for d in range(4):
+                expected = _naive_value(9, "layers.0.moe.w_up", shape, (g, h + 1, d))
+                assert slabs[e, h, d].item() == pytest.approx(expected, rel=1e-6)
