@@ -2,6 +2,8 @@
 GPU node reports: where the ranks run, which interface gloo binds, NCCL's diagnostics, the groups'
 timeouts, the KV pool's size from free memory, and whether compare's reference fits one GPU."""
 
+import functools
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -191,3 +193,32 @@ def test_synthetic_weights_hashed_in_slabs_are_the_rule_s_values(monkeypatch):
             for d in range(4):
                 expected = _naive_value(9, "layers.0.moe.w_up", shape, (g, h + 1, d))
                 assert slabs[e, h, d].item() == pytest.approx(expected, rel=1e-6)
+
+
+# ---- --trace on a GPU times the device ----
+class _StreamEvent:
+    """A CUDA event as the trace uses it: recorded at the pretend stream's current time (ms)."""
+
+    stream_ms = 0.0
+
+    def record(self):
+        self.ms = _StreamEvent.stream_ms
+
+    def elapsed_time(self, later) -> float:
+        return later.ms - self.ms
+
+
+def test_trace_spans_on_a_gpu_are_device_time_not_host_enqueue(monkeypatch):
+    from expertmesh import trace
+    synced = []
+    monkeypatch.setattr(trace, "DeviceClock", functools.partial(
+        trace.DeviceClock, event=_StreamEvent, synchronize=lambda: synced.append(1)))
+    trace.start_tracing(torch.device("cuda", 0))
+    with trace.span("attention"):
+        _StreamEvent.stream_ms += 2.5  # the kernels take 2.5 ms on the device; the host returns at once
+    _StreamEvent.stream_ms += 1.0
+    with trace.span("experts"):
+        _StreamEvent.stream_ms += 4.0
+    (a, a0, a_ns, _), (e, e0, e_ns, _) = trace.take_spans()
+    assert synced and (a, e) == ("attention", "experts")
+    assert (a_ns, e_ns) == (2_500_000, 4_000_000) and e0 - a0 == 3_500_000
