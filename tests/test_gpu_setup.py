@@ -222,3 +222,26 @@ def test_trace_spans_on_a_gpu_are_device_time_not_host_enqueue(monkeypatch):
     (a, a0, a_ns, _), (e, e0, e_ns, _) = trace.take_spans()
     assert synced and (a, e) == ("attention", "experts")
     assert (a_ns, e_ns) == (2_500_000, 4_000_000) and e0 - a0 == 3_500_000
+
+
+# ---- the GEMM curve fitted to a GPU's timings ----
+# One expert's up + down matmuls (d_model 4096, hidden 16384, bf16) per row count, as gpu_check
+# measured them on an H200 (torch 2.11): flat at ~0.1 ms per call up to 128 rows.
+H200_BF16_S = {1: 132.2e-6, 2: 105.8e-6, 4: 114.9e-6, 8: 103.4e-6, 16: 123.4e-6, 32: 114.2e-6,
+               64: 111.6e-6, 128: 117.9e-6, 256: 141.2e-6, 512: 241.5e-6, 1024: 429.7e-6,
+               2048: 762.9e-6, 4096: 1571.2e-6, 8192: 2974.6e-6, 16384: 5889.9e-6}
+
+
+def test_the_gemm_fit_of_launch_bound_gpu_timings_is_a_real_peak():
+    from expertmesh.sim.calibrate import fit_gemm
+    flops = {m: 4 * m * 4096 * 16384 / s for m, s in H200_BF16_S.items()}
+    peak, half = fit_gemm(flops)
+    assert max(flops.values()) <= peak < 989e12  # not above the H200's dense bf16 peak (1e18 before)
+    assert 64 < half < 1024
+
+
+def test_the_gemm_fit_recovers_a_curve_and_keeps_a_flat_one_at_its_best():
+    from expertmesh.sim.calibrate import fit_gemm
+    peak, half = fit_gemm({m: 5e14 * m / (m + 200) for m in (1, 16, 256, 4096)})
+    assert peak == pytest.approx(5e14) and half == pytest.approx(200)
+    assert fit_gemm({m: 3e14 * (1 + 1e-3 * (m % 3)) for m in (1, 2, 4, 8)})[0] == pytest.approx(3e14, rel=1e-2)
