@@ -1,58 +1,78 @@
-"""Measure one GPU on the seed model's operations and write a profile the simulator can load.
+"""First contact with one GPU: run every path the engine takes on it, check it, time it, and write
+a profile the simulator can load.
 
-    python benchmarks/gpu_check.py --out gpu-check          # on a CUDA machine, under 8 minutes
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gc  # tiny sizes on CPU: checks the logic
+    python benchmarks/gpu_check.py --out gpu-check          # one CUDA GPU: about 2 minutes
+    python benchmarks/gpu_check.py --dry-run --out /tmp/gc  # tiny sizes on the CPU: the logic
 
-Steps, each timed with the device synchronized (medians of a few calls after a warm-up):
-  1. one expert's matmuls (up, gelu, down) at d_model 4096 / hidden 16384, bf16, for 1 .. 16384
-     tokens; fp32 at the largest size: the GEMM peak and the half-efficiency row count
-     (`calibrate.fit_gemm`'s curve)
-  2. decode attention over a 10k-token KV cache (32 heads x 128, batch 8): the bytes of K and V
-     read per step give the memory bandwidth a decode step reaches
-  3. the launch overhead of one tiny op
-  4. one whole `paper` decoder layer (attention + 16 experts, top-2), bf16: prefill of 2048 tokens
-     and one decode step of 8 sequences against a 10k cache
-  5. end to end: `single` run of `preset("paper", n_layers=2)`, batch 8, prompt 512, gen 16, and
-     the simulator's prediction for it from the measured profile
-  6. the parallel code paths on this one device, in a process group of world size 1 (NCCL on a
-     GPU): the same model and workload as step 5 with the expert-parallel all-to-all dispatcher
-     forced (ep1), and with the tensor-parallel layers applied (tp1, all-reduce hooks); each
-     must give the single-device path's tokens (greedy), and its max |Δlogit| is reported
+Each step is a named function of `STEPS`; a failing step records `ok: false` and its error line
+and the next one runs. Estimates on one H200 (bf16, the `paper` preset's shapes):
+  1. expert matmuls (~5 s): one expert's up/down matmuls (d_model 4096, hidden 16384) at 1 ..
+     16384 rows, timed with CUDA events over back-to-back calls; fp32 at the largest: the GEMM
+     peak and half-efficiency rows (`calibrate.fit_gemm`)
+  2. memory bandwidth (~1 s): a 2 GiB device copy
+  3. launch (~1 s): host enqueue per tiny kernel (after a warm-up, which also loads the kernel),
+     device time per tiny kernel, and one synchronize's round trip, apart
+  4. attention backends (~15 s): decode attention over a 10k context, 8 sequences, 32 heads,
+     MHA and GQA (8 KV heads), as the engine runs it (each backend of `attention_backends`) and as
+     contiguous SDPA; each under `sdpa_kernel` limited to the fused kernels, so a silent fall back
+     to the math kernel fails loudly; bytes of K and V read per second
+  5. engine single (~25 s): `preset("paper", n_layers=2)`, batch 8, prompt 512, 16 tokens through
+     the serving engine, the decode forwards under `torch.cuda.set_sync_debug_mode("error")`: a
+     hidden host sync inside a forward fails the step; TTFT / TPOT and the simulator's prediction
+  6. engine ep1 (~40 s): the same through a real process group of one (NCCL with its gloo twin,
+     the engine's control `Messages`, the exchange choice): the all-to-all dispatcher with the
+     low-latency exchange, with two-batch overlap, with chunked overlap, and tp1; each under the
+     sync check, tokens and logits against step 5's
+  7. decode profile (~10 s): `torch.profiler` on one engine decode step of step 5's model: kernels
+     launched, host time of the step against the device time of its kernels
+  8. sampling (~3 s): the engine's sampling at temperature 1 for 8 and 128 rows
+  9. prefill memory (~20 s): peak memory of one `paper` layer's engine prefill of 8 x 10k tokens
+     (an EP rank's 80k tokens in the seed's 128 x 10k run under ep16; its activations are those
+     of all 16 experts' rows, which that rank receives), against `sim/memory.py`'s figure
+Writes DIR/gpu_check.json (every step) and DIR/profile.json (a `HardwareProfile`: `expertmesh
+simulate --hardware DIR/profile.json`). Links (NVLink, network) cannot be measured on one GPU and
+come from the catalogue entry of the same GPU (H100 when none matches).
 
-Writes DIR/profile.json (a `HardwareProfile`: `expertmesh simulate --hardware DIR/profile.json`)
-and DIR/gpu_check.json (every timing). Link figures (NVLink, network) cannot be measured on one GPU
-and are taken from the catalogue entry of the same GPU (H100 if the name matches none).
-Runs on any torch this project supports: the grouped expert kernel is used only where
-`torch._grouped_mm` exists and the GPU is Hopper or newer, else the per-expert loop.
+New paths (attention backends, CUDA graphs, device sampling) get a step here: a function
+`(Ctx) -> dict` added to `STEPS`; an attention backend an entry in `attention_backends`.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
+import tempfile
 import time
+import traceback
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine import shard
-from expertmesh.engine.generate import generate
+from expertmesh.engine.engine import Engine
+from expertmesh.engine.request import Request
+from expertmesh.engine.runner import Runner
+from expertmesh.engine.sampling import finish_draws, start_draws
+from expertmesh.engine.serve import serve
 from expertmesh.engine.spec import RunSpec
-from expertmesh.engine.worker import run_rank
-from expertmesh.launch import free_port
-from expertmesh.model.attention import Contiguous, KVCache
+from expertmesh.engine.worker import run_rank, static_engine, static_requests
+from expertmesh.launch import init_group
+from expertmesh.model.paged import KVPool, PagedBatch, PagedView
 from expertmesh.model.synthetic import materialize
-from expertmesh.model.transformer import DecoderLayer, build_model
+from expertmesh.model.transformer import build_model, parameter_bytes
 from expertmesh.parallel.expert import apply_expert_parallel
+from expertmesh.parallel.mesh import with_host_twin
 from expertmesh.parallel.placement import default_placement
 from expertmesh.parallel.tensor import apply_tensor_parallel
 from expertmesh.sim.calibrate import fit_gemm
@@ -70,45 +90,516 @@ class Sizes:
     hidden: int
     token_counts: tuple[int, ...]
     heads: int
+    kv_heads: tuple[int, ...]   # attention cases: MHA, then GQA
     head_dim: int
     kv_len: int
     decode_batch: int
-    layer_cfg: dict            # preset("paper", **layer_cfg) for steps 4 and 5
-    prefill_tokens: int
+    model: dict                 # preset("paper", **model) for the engine steps
     e2e: Workload
-    e2e_layers: int
+    sample_rows: tuple[int, ...]
+    prefill: tuple[int, int]    # (sequences, tokens each) of the prefill memory step
+    copy_bytes: int
     reps: int
 
 
 GPU = Sizes(d_model=4096, hidden=16384, token_counts=tuple(2 ** i for i in range(15)), heads=32,
-            head_dim=128, kv_len=10_000, decode_batch=8, layer_cfg={}, prefill_tokens=2048,
-            e2e=Workload(batch_size=8, prompt_len=512, gen_len=16), e2e_layers=2, reps=5)
-DRY = Sizes(d_model=64, hidden=256, token_counts=(1, 4, 16, 64), heads=4, head_dim=16, kv_len=128,
-            decode_batch=2, layer_cfg=dict(d_model=64, n_heads=4, head_dim=16, n_experts=4,
-                                           expert_hidden=128, vocab_size=128, max_seq_len=256),
-            prefill_tokens=32, e2e=Workload(batch_size=2, prompt_len=8, gen_len=4), e2e_layers=2,
-            reps=2)
+            kv_heads=(32, 8), head_dim=128, kv_len=10_000, decode_batch=8, model={"n_layers": 2},
+            e2e=Workload(batch_size=8, prompt_len=512, gen_len=16), sample_rows=(8, 128),
+            prefill=(8, 10_000), copy_bytes=2 << 30, reps=5)
+TINY_MODEL = dict(d_model=64, n_heads=4, head_dim=16, n_experts=4, expert_hidden=128, vocab_size=128,
+                  max_seq_len=512, n_layers=2)
+DRY = Sizes(d_model=64, hidden=256, token_counts=(1, 4, 16, 64), heads=4, kv_heads=(4, 2), head_dim=16,
+            kv_len=100, decode_batch=2, model=TINY_MODEL, e2e=Workload(batch_size=2, prompt_len=8, gen_len=4),
+            sample_rows=(2, 8), prefill=(2, 64), copy_bytes=1 << 20, reps=2)
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+@dataclass
+class Ctx:
+    """What the steps share: sizes, device, dtype, and what earlier steps left for later ones."""
+
+    sizes: Sizes
+    device: torch.device
+    dtype: torch.dtype
+    grouped: bool
+    out_dir: Path
+    shared: dict = field(default_factory=dict)
+
+    @property
+    def cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+    @property
+    def model_dtype(self) -> str:
+        return "bf16" if self.dtype == torch.bfloat16 else "fp32"
+
+    def cfg(self, **over):
+        return preset("paper", dtype=self.model_dtype, **{**self.sizes.model, **over})
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
 
 
-def median_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median seconds of `reps` calls after one warm-up, the device drained around each."""
+def device_time(ctx: Ctx, fn: Callable[[], object], calls: int = 10) -> float:
+    """Seconds per call of `fn`, `calls` back to back after a warm-up, median of `reps` runs:
+    between CUDA events on a GPU (no synchronize inside), host time on the CPU."""
     fn()
     times = []
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
+    for _ in range(ctx.sizes.reps):
+        ctx.sync()
+        if ctx.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / calls)
+        else:
+            t0 = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            times.append((time.perf_counter() - t0) / calls)
     return statistics.median(times)
 
 
-def grouped_kernel_usable(device: torch.device) -> bool:
+# ---- 1-3: the device's raw figures ----
+def expert_matmuls(ctx: Ctx) -> dict:
+    s, gen = ctx.sizes, torch.Generator().manual_seed(0)
+    w_up = (torch.randn(s.hidden, s.d_model, generator=gen) / s.d_model ** 0.5).to(ctx.device, ctx.dtype)
+    w_down = (torch.randn(s.d_model, s.hidden, generator=gen) / s.hidden ** 0.5).to(ctx.device, ctx.dtype)
+    rows = {}
+    for tokens in s.token_counts:
+        x = torch.randn(tokens, s.d_model, generator=gen).to(ctx.device, ctx.dtype)
+        t = device_time(ctx, lambda: F.linear(F.gelu(F.linear(x, w_up)), w_down))
+        rows[tokens] = {"s": t, "flops": 4 * tokens * s.d_model * s.hidden / t}
+    big = max(s.token_counts)
+    x32, up32, down32 = (torch.randn(big, s.d_model, generator=gen).to(ctx.device), w_up.float(), w_down.float())
+    t32 = device_time(ctx, lambda: F.linear(F.gelu(F.linear(x32, up32)), down32), calls=2)
+    peak, half = fit_gemm({t: r["flops"] for t, r in rows.items()})
+    return {"bf16": rows, "fitted_peak_flops": peak, "half_tokens": half,
+            "fp32_largest": {"tokens": big, "s": t32, "flops": 4 * big * s.d_model * s.hidden / t32}}
+
+
+def memory_bandwidth(ctx: Ctx) -> dict:
+    src = torch.empty(ctx.sizes.copy_bytes // 2, dtype=torch.bfloat16, device=ctx.device)
+    dst = torch.empty_like(src)
+    t = device_time(ctx, lambda: dst.copy_(src), calls=5)
+    return {"bytes_moved": 2 * src.nbytes, "s": t, "bandwidth": 2 * src.nbytes / t}
+
+
+def launch(ctx: Ctx, n: int = 1000) -> dict:
+    """Host enqueue per tiny kernel (what launches cost the host), device time per tiny kernel,
+    and a synchronize's round trip; the warm-up loads the kernel (CUDA loads modules lazily: the
+    first call of a kernel takes milliseconds, which the last gpu_check counted as launch)."""
+    x = torch.zeros(1, device=ctx.device)
+    for _ in range(10):
+        x.add_(1)
+    ctx.sync()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        x.add_(1)
+    enqueue = (time.perf_counter() - t0) / n
+    ctx.sync()
+    rounds = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        ctx.sync()
+        rounds.append(time.perf_counter() - t0)
+    return {"enqueue_s": enqueue, "device_s": device_time(ctx, lambda: x.add_(1), calls=n),
+            "sync_round_trip_s": statistics.median(rounds)}
+
+
+# ---- 4: attention ----
+def attention_backends() -> dict[str, Callable]:
+    """Decode attention as the engine can run it: name -> fn(pool, batch, q, k, v) -> `[1, N, h, d]`.
+    Another backend (FlashInfer, ...) adds its entry here and is checked and timed by step 4."""
+    return {"torch paged (model/paged.py)": lambda pool, batch, q, k, v: PagedView(pool, batch).attend(q, k, v)}
+
+
+def fused_only(ctx: Ctx):
+    """SDPA limited to its fused kernels on a GPU: no silent math fallback (the CPU has only its
+    flash kernel and math, both allowed in a dry run)."""
+    if ctx.cuda:
+        return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                            SDPBackend.CUDNN_ATTENTION])
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.MATH])
+
+
+def attention(ctx: Ctx) -> dict:
+    s, gen, out = ctx.sizes, torch.Generator().manual_seed(1), {}
+    b, h, d, block = s.decode_batch, s.heads, s.head_dim, 16
+    lens = [s.kv_len - i for i in range(b)]  # ragged, as a real batch: the paged path needs its mask
+    for g in s.kv_heads:
+        case = f"{'MHA' if g == h else 'GQA'} h{h} g{g}"
+        tables, nb = [], 0
+        for n in lens:
+            tables.append(list(range(nb, nb + -(-n // block))))
+            nb += len(tables[-1])
+        pool = KVPool(nb, block, g, d, ctx.dtype, ctx.device)
+        pool.k.normal_()
+        pool.v.normal_()
+        batch = PagedBatch([(n - 1, 1, t) for n, t in zip(lens, tables)], block, ctx.device)
+        q = torch.randn(1, b, h, d, generator=gen).to(ctx.device, ctx.dtype)
+        k, v = (torch.randn(1, b, g, d, generator=gen).to(ctx.device, ctx.dtype) for _ in range(2))
+        read = sum(lens) * g * d * 2 * pool.k.element_size()
+        # the reference: each sequence's own context (the new k, v written first, as attend does)
+        for pool_t, new in ((pool.k, k), (pool.v, v)):
+            for i, (n, t) in enumerate(zip(lens, tables)):
+                pool_t[t[(n - 1) // block], (n - 1) % block] = new[0, i]
+        ks, vs = ([F.pad(p[t].reshape(-1, g, d)[:n], (0, 0, 0, 0, 0, max(lens) - n)).transpose(0, 1)
+                   for n, t in zip(lens, tables)] for p in (pool.k, pool.v))
+        kc, vc = torch.stack(ks), torch.stack(vs)  # [b, g, S, d]
+        mask = (torch.arange(max(lens), device=ctx.device)[None, :]
+                < torch.tensor(lens, device=ctx.device)[:, None])[:, None, None, :]
+        qc = q[0][:, :, None]  # [b, h, 1, d]
+        with sdpa_kernel([SDPBackend.MATH]):
+            reference = F.scaled_dot_product_attention(qc, kc, vc, attn_mask=mask, enable_gqa=g != h)[:, :, 0]
+        rows = {}
+        with fused_only(ctx):
+            rows["contiguous SDPA (no mask)"] = _attention_row(
+                ctx, lambda: F.scaled_dot_product_attention(qc, kc, vc, enable_gqa=g != h),
+                b * max(lens) * g * d * 2 * kc.element_size(), None, None)
+            for name, fn in attention_backends().items():
+                rows[name] = _attention_row(ctx, lambda: fn(pool, batch, q, k, v), read,
+                                            lambda o: o[0], reference)
+        out[case] = rows
+    return out
+
+
+def _attention_row(ctx: Ctx, fn, read: int, to_bhd, reference) -> dict:
+    try:
+        o = fn()
+        diff = None if to_bhd is None else (to_bhd(o).float() - reference.float()).abs().max().item()
+        t = device_time(ctx, fn)
+        tolerance = 1e-4 if ctx.dtype == torch.float32 else 3e-2
+        return {"ok": diff is None or diff <= tolerance, "s": t, "kv_bytes_read": read, "bandwidth": read / t, "max_abs_diff": diff}
+    except RuntimeError as exc:  # "No available kernel": only the math kernel would take it
+        return {"ok": False, "error": _line(exc)}
+
+
+# ---- 5-7: the engine ----
+@contextlib.contextmanager
+def no_host_sync_in_decode_forwards(ctx: Ctx):
+    """Every decode forward (a step whose token bound rank 0 sent) runs with CUDA's sync debug
+    mode at "error": a host read inside it raises. The step's one planned read (`Runner._read`)
+    is outside the forwards."""
+    micro = Runner._micro
+
+    def checked(self, m, chosen, bound):
+        if bound is None or not ctx.cuda:
+            return micro(self, m, chosen, bound)
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return micro(self, m, chosen, bound)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    Runner._micro = checked
+    try:
+        yield
+    finally:
+        Runner._micro = micro
+
+
+def sync_checked(ctx: Ctx, fn: Callable[[], object]) -> tuple[object, str]:
+    """`fn()` with decode forwards under the sync check, and the check's verdict; when a host
+    sync fails it, `fn()` again without the check, so the later comparisons still have results."""
+    if not ctx.cuda:
+        return fn(), "not checked (CPU)"
+    try:
+        with no_host_sync_in_decode_forwards(ctx):
+            return fn(), "ok"
+    except RuntimeError as exc:
+        verdict = f"FAILED: {_line(exc)}"
+    torch.cuda.synchronize(ctx.device)
+    return fn(), verdict
+
+
+def _experts(ctx: Ctx):
+    return nullcontext() if ctx.grouped else per_expert_loop()
+
+
+def engine_single(ctx: Ctx) -> dict:
+    cfg = ctx.cfg()
+    spec = RunSpec(cfg, Deployment(), ctx.sizes.e2e, record_logits=True)
+    spec.validate(1)
+    t0 = time.perf_counter()
+    with _experts(ctx):
+        result, verdict = sync_checked(ctx, lambda: run_rank(spec, ctx.device))
+    ctx.shared["single"] = (result.tokens, result.logits)
+    m = result.metrics
+    measured = {"wall_s": time.perf_counter() - t0, "sync_check": verdict, "metrics": m.to_dict(),
+                "model": cfg.to_dict()}
+    ctx.shared["e2e"] = (cfg, m)
+    return measured
+
+
+def _serve_static(ctx: Ctx, model, cfg, overlap: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The workload's batch through an engine around `model`: tokens `[B, gen]`, logits `[B, gen, V]`."""
+    requests = static_requests(ctx.sizes.e2e, cfg)
+    engine = Engine(model, cfg, Deployment(), static_engine(requests, Deployment()), 0,
+                    record_logits=True, overlap=overlap)
+    t = serve(engine, [(0, r) for r in requests])
+    ids = [r.id for r in requests]
+    return (torch.tensor([t.tokens[i] for i in ids]),
+            torch.stack([torch.stack(list(t.logits[i])) for i in ids]).float())
+
+
+def engine_ep1(ctx: Ctx) -> dict:
+    """ep1 / tp1 through a real process group of one (NCCL + gloo twin on a GPU), each variant
+    checked apart: a failure is its row's, not the step's."""
+    cfg, s = ctx.cfg(), ctx.sizes
+    backend = "nccl" if ctx.cuda else "gloo"
+    store_dir = tempfile.mkdtemp(prefix="gpu-check-")
+    init_group(backend, dist.FileStore(os.path.join(store_dir, "store"), 1), 0, 1, 300.0, ctx.device)
+    group = with_host_twin(dist.group.WORLD)
+    placement = default_placement(cfg.n_layers, cfg.n_experts, 1)
+    few = s.decode_batch + 1  # every decode forward of the batch takes the low-latency exchange
+    variants = {
+        "ep1 low-latency exchange": (lambda m: apply_expert_parallel(m, group, 0, placement,
+                                                                     low_latency_threshold=few), "chunks"),
+        "ep1 two-batch overlap": (lambda m: apply_expert_parallel(m, group, 0, placement,
+                                                                  low_latency_threshold=0), "tbo"),
+        "ep1 chunked exchange": (lambda m: apply_expert_parallel(m, group, 0, placement, chunks=2,
+                                                                 low_latency_threshold=0), "chunks"),
+        "tp1 (tensor-parallel layers)": (lambda m: apply_tensor_parallel(m, group, 1, 0), "auto"),
+    }
+    ref_tokens, ref_logits = ctx.shared["single"]
+    out = {"backend": backend}
+    try:
+        for name, (transform, overlap) in variants.items():
+            t0 = time.perf_counter()
+            try:
+                model = materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, ctx.device)
+                with _experts(ctx):
+                    (tokens, logits), verdict = sync_checked(ctx, lambda: _serve_static(ctx, model, cfg, overlap))
+                match = bool(torch.equal(tokens, ref_tokens))
+                out[name] = {"ok": match and not verdict.startswith("FAILED"), "sync_check": verdict,
+                             "wall_s": time.perf_counter() - t0, "tokens_match": match,
+                             "max_abs_logit_diff": (logits - ref_logits.float()).abs().max().item()}
+            except Exception as exc:  # a variant's failure is reported, the others still run
+                out[name] = {"ok": False, "error": _line(exc)}
+            finally:
+                model = None
+                if ctx.cuda:
+                    torch.cuda.empty_cache()
+    finally:
+        dist.destroy_process_group()
+    return out
+
+
+def decode_profile(ctx: Ctx) -> dict:
+    """One engine decode step of the `single` model under torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cfg, s = ctx.cfg(), ctx.sizes
+    model = materialize(build_model(cfg), 0, cfg.torch_dtype, ctx.device)
+    requests = [Request(i, list(range(1, s.e2e.prompt_len + 1)), 4) for i in range(s.decode_batch)]
+    engine = Engine(model, cfg, Deployment(), static_engine(requests, Deployment()), 0)
+    for r in requests:
+        engine.add_request(r)
+    with _experts(ctx):
+        engine.step()  # prefill
+        engine.step()  # a first decode step: its kernels loaded
+        ctx.sync()
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ctx.cuda else [])
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            engine.step()
+            host = time.perf_counter() - t0
+            ctx.sync()
+    events = prof.events()
+    kernels = [e for e in events if e.device_type == torch.autograd.DeviceType.CUDA]
+    device = sum(e.device_time_total for e in kernels) / 1e6 if kernels else None
+    prof.export_chrome_trace(str(ctx.out_dir / "decode_step_trace.json"))
+    ops = sum(1 for e in events if e.name.startswith("aten::") and e.cpu_parent is None)
+    return {"host_s": host, "kernels": len(kernels), "device_busy_s": device, "top_level_aten_ops": ops,
+            "batch": s.decode_batch, "n_layers": cfg.n_layers, "trace": "decode_step_trace.json"}
+
+
+def sampling(ctx: Ctx) -> dict:
+    V, out = ctx.cfg().vocab_size, {}
+    for rows in ctx.sizes.sample_rows:
+        logits = torch.randn(rows, V, device=ctx.device, dtype=torch.float32)
+
+        def draw():
+            d = start_draws(logits, [1.0] * rows, [1.0] * rows, list(range(rows)), [0] * rows)
+            return finish_draws(d, d.device.cpu())
+
+        draw()
+        ctx.sync()
+        times = []
+        for _ in range(ctx.sizes.reps):
+            t0 = time.perf_counter()
+            draw()
+            times.append(time.perf_counter() - t0)
+        out[rows] = {"s": statistics.median(times), "temperature": 1.0, "vocab": V}
+    return out
+
+
+def prefill_memory(ctx: Ctx) -> dict:
+    """Peak memory of one layer's engine prefill of `prefill` sequences x tokens, less the layer's
+    weights and KV pool: the activations, against `sim/memory.py`'s per-GPU figure for an EP
+    rank of the seed's run (ep16, batch 16 x sequences, the same prompt length)."""
+    from expertmesh.sim.memory import peak_activations
+    from expertmesh.sim.scenario import Scenario
+
+    seqs, n = ctx.sizes.prefill
+    cfg = ctx.cfg(n_layers=1, max_seq_len=max(ctx.cfg().max_seq_len, n + 16))
+    model = materialize(build_model(cfg), 0, cfg.torch_dtype, ctx.device)
+    requests = [Request(i, [(7 * i + j) % cfg.vocab_size for j in range(n)], 1) for i in range(seqs)]
+    engine = Engine(model, cfg, Deployment(), static_engine(requests, Deployment()), 0)
+    held = parameter_bytes(model, cfg.torch_dtype) + engine.runner.kv_cache_bytes
+    if ctx.cuda:
+        ctx.sync()
+        torch.cuda.reset_peak_memory_stats(ctx.device)
+        base = torch.cuda.memory_allocated(ctx.device)
+    t0 = time.perf_counter()
+    with _experts(ctx):
+        for r in requests:
+            engine.add_request(r)
+        engine.step()
+        ctx.sync()
+    took = time.perf_counter() - t0
+    ep = min(16, cfg.n_experts)  # the seed's ep16 (the dry run's model has fewer experts)
+    ep16 = Scenario(cfg, Deployment(ep=ep), Workload(batch_size=ep * seqs, prompt_len=n, gen_len=1),
+                    CATALOGUE["h100"])
+    activations, buffers = peak_activations(ep16)
+    row = {"tokens": seqs * n, "s": took, "weights_and_kv_bytes": held,
+           "simulated_activation_bytes": activations, "simulated_buffer_bytes": buffers}
+    if ctx.cuda:
+        row["measured_activation_bytes"] = torch.cuda.max_memory_allocated(ctx.device) - base
+        row["measured_over_simulated"] = row["measured_activation_bytes"] / activations
+    return row
+
+
+STEPS: list[tuple[str, Callable[[Ctx], dict]]] = [
+    ("expert matmuls", expert_matmuls),
+    ("memory bandwidth", memory_bandwidth),
+    ("launch", launch),
+    ("attention backends", attention),
+    ("engine single", engine_single),
+    ("engine ep1", engine_ep1),
+    ("decode profile", decode_profile),
+    ("sampling", sampling),
+    ("prefill memory", prefill_memory),
+]
+
+
+def _line(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}"
+
+
+def _all_ok(row: dict) -> bool:
+    """False when any part of a step's record (a variant, a backend) says `ok: false`."""
+    return row.get("ok", True) is not False and all(_all_ok(v) for v in row.values() if isinstance(v, dict))
+
+
+def run_steps(ctx: Ctx, steps, log: Callable[[str], None]) -> dict:
+    """Each step's record, with `ok`, `s` and, if it raised, `error` (its first line)."""
+    results, t_start = {}, time.perf_counter()
+    for name, fn in steps:
+        t0 = time.perf_counter()
+        try:
+            row = fn(ctx)
+            row = {**row, "ok": _all_ok(row)}
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            row = {"ok": False, "error": _line(exc)}
+        row["s"] = time.perf_counter() - t0
+        results[name] = row
+        log(f"[{time.perf_counter() - t_start:6.1f} s] {name}: {'ok' if row['ok'] else row['error']} "
+            f"({row['s']:.1f} s)")
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    return results
+
+
+# ---- the profile and the summary ----
+def catalogue_entry(name: str) -> tuple[str, HardwareProfile]:
+    """The catalogue profile whose key appears in the device name (H100 when none does)."""
+    lowered = name.lower().replace(" ", "")
+    for key, profile in CATALOGUE.items():
+        if key in lowered:
+            return key, profile
+    return "h100", CATALOGUE["h100"]
+
+
+def build_profile(name: str, steps: dict, memory_bytes: float, dry_run: bool) -> HardwareProfile | None:
+    """Matmul peak and curve, memory bandwidth and size, launch cost from this device; links from
+    the catalogue. None when a step it needs failed."""
+    needed = ("expert matmuls", "memory bandwidth", "launch")
+    if not all(steps.get(n, {}).get("ok") for n in needed):
+        return None
+    mm, bw, ln = (steps[n] for n in needed)
+    key, base = catalogue_entry(name)
+    return base.with_(
+        name=f"{name} (gpu_check{', dry run' if dry_run else ''})", bf16_flops=mm["fitted_peak_flops"],
+        fp32_flops=mm["fp32_largest"]["flops"], hbm_bytes=float(memory_bytes), hbm_bw=bw["bandwidth"],
+        gemm_peak_efficiency=1.0, gemm_half_tokens=mm["half_tokens"], hbm_efficiency=1.0,
+        launch_s=ln["enqueue_s"], launch_overlaps=not dry_run,
+        compute_slots=None if not dry_run else len(os.sched_getaffinity(0)),
+        source=f"gpu_check: matmul, copy bandwidth and launch enqueue measured; links from catalogue '{key}'")
+
+
+def simulated(ctx: Ctx, profile: HardwareProfile | None) -> dict | None:
+    """The simulator's TTFT / TPOT for step 5's run from the measured profile, and what it
+    assumes that the engine does not do (from step 7's profile of a decode step)."""
+    if profile is None or "e2e" not in ctx.shared:
+        return None
+    from expertmesh.sim.scenario import Scenario
+    from expertmesh.sim.simulator import simulate
+
+    cfg, measured = ctx.shared["e2e"]
+    try:
+        m = simulate(Scenario(cfg, Deployment(), ctx.sizes.e2e, profile)).metrics
+    except Exception as exc:  # the prediction is a bonus; never lose the measurements for it
+        return {"error": _line(exc)}
+    row = {"tpot_s": m.tpot_s, "ttft_s": m.ttft_s, "measured_tpot_s": measured.tpot_s,
+           "assumes": "launches hidden under device work (launch_overlaps) and no host work between "
+                      "kernels; a step costs its device time"}
+    prof = ctx.shared.get("decode profile")
+    if prof and prof.get("ok") and prof.get("kernels"):
+        enqueue = prof["kernels"] * profile.launch_s
+        row["engine_decode_step"] = {
+            "kernels": prof["kernels"], "host_s": prof["host_s"], "device_busy_s": prof["device_busy_s"],
+            "kernels_x_enqueue_s": enqueue,
+            "host_bound": prof["host_s"] > (prof["device_busy_s"] or 0.0)}
+    return row
+
+
+def check(out_dir: Path, dry_run: bool, log: Callable[[str], None] = print,
+          steps: list | None = None) -> dict:
+    """Run `steps` (default: all); write gpu_check.json and profile.json under `out_dir`."""
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or --dry-run to check the logic on CPU")
+    device = torch.device("cpu") if dry_run else torch.device("cuda", 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    name = "CPU" if dry_run else torch.cuda.get_device_name(device)
+    memory = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if dry_run
+              else torch.cuda.get_device_properties(device).total_memory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(DRY if dry_run else GPU, device, torch.float32 if dry_run else torch.bfloat16,
+              _grouped_kernel_usable(device), out_dir)
+    t0 = time.perf_counter()
+    results = run_steps(ctx, steps or STEPS, log)
+    ctx.shared["decode profile"] = results.get("decode profile")
+    record = {"device": name, "torch": torch.__version__, "dry_run": dry_run, "dtype": str(ctx.dtype),
+              "grouped_mm": ctx.grouped, "sizes": asdict(ctx.sizes), "steps": results}
+    profile = build_profile(name, results, memory, dry_run)
+    if profile is not None:
+        profile.save(out_dir / "profile.json")
+        record["profile"] = asdict(profile)
+    record["simulated_end_to_end"] = simulated(ctx, profile)
+    record["elapsed_s"] = time.perf_counter() - t0
+    (out_dir / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    log(summary(record))
+    return record
+
+
+def _grouped_kernel_usable(device: torch.device) -> bool:
     """`torch._grouped_mm` exists and runs here (its CUDA kernel needs Hopper, sm90, or newer)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -123,238 +614,64 @@ def grouped_kernel_usable(device: torch.device) -> bool:
         return False
 
 
-@contextmanager
-def weights_hashed_on_device():
-    """Make `run_rank` compute the synthetic weights on its device itself: the hash is
-    elementwise int32 arithmetic, identical on CPU and CUDA, and hashing the paper layer's 2.2 B
-    weights on the host takes minutes."""
-    original = shard.materialize
-
-    def on_device(model, seed, dtype, dev="cpu"):
-        with torch.device(dev):
-            return original(model, seed, dtype, dev)
-
-    shard.materialize = on_device
-    try:
-        yield
-    finally:
-        shard.materialize = original
-
-
-def expert_matmuls(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
-    """FLOP/s of one expert (up -> gelu -> down) per token count; fp32 at the largest count."""
-    gen = torch.Generator().manual_seed(0)
-    w_up = (torch.randn(sizes.hidden, sizes.d_model, generator=gen) / sizes.d_model ** 0.5).to(device, dtype)
-    w_down = (torch.randn(sizes.d_model, sizes.hidden, generator=gen) / sizes.hidden ** 0.5).to(device, dtype)
-    rows = {}
-    for tokens in sizes.token_counts:
-        x = torch.randn(tokens, sizes.d_model, generator=gen).to(device, dtype)
-        t = median_time(lambda: F.linear(F.gelu(F.linear(x, w_up)), w_down), device, sizes.reps)
-        rows[tokens] = {"s": t, "flops": 2 * 2 * tokens * sizes.d_model * sizes.hidden / t}
-    big = max(sizes.token_counts)
-    x32 = torch.randn(big, sizes.d_model, generator=gen).to(device)
-    up32, down32 = w_up.float(), w_down.float()
-    t32 = median_time(lambda: F.linear(F.gelu(F.linear(x32, up32)), down32), device, sizes.reps)
-    return {"bf16": rows, "fp32_largest": {"tokens": big, "s": t32,
-                                            "flops": 2 * 2 * big * sizes.d_model * sizes.hidden / t32}}
-
-
-def decode_attention(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
-    """One new query per sequence against a `kv_len` cache: bytes of K and V read / time."""
-    b, h, d, S = sizes.decode_batch, sizes.heads, sizes.head_dim, sizes.kv_len
-    q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
-    k = torch.randn(b, h, S, d, device=device, dtype=dtype)
-    v = torch.randn_like(k)
-    t = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, sizes.reps)
-    return {"s": t, "bytes": k.nbytes + v.nbytes, "bandwidth": (k.nbytes + v.nbytes) / t,
-            "batch": b, "heads": h, "head_dim": d, "kv_len": S}
-
-
-def launch_overhead(device: torch.device, n: int = 200) -> float:
-    """Seconds per tiny op when issued back to back (a CPU adds its op overhead instead)."""
-    x = torch.zeros(1, device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        x.add_(1)
-    sync(device)
-    return (time.perf_counter() - t0) / n
-
-
-def paper_layer(sizes: Sizes, device: torch.device, dtype: torch.dtype, grouped: bool) -> dict:
-    """A whole `paper` decoder layer on `device`: prefill of `prefill_tokens`, one decode step."""
-    cfg = preset("paper", **sizes.layer_cfg)
-    t_build = time.perf_counter()
-    with torch.device("meta"):
-        layer = DecoderLayer(cfg)
-    with torch.device(device):  # hash on the device (see `weights_hashed_on_device`)
-        layer = materialize(layer, 0, dtype, device)
-    t_build = time.perf_counter() - t_build
-    gen = torch.Generator().manual_seed(1)
-    loop = nullcontext() if grouped else per_expert_loop()
-    out = {"build_s": t_build, "grouped_mm": grouped}
-    with torch.inference_mode(), loop:
-        x = torch.randn(1, sizes.prefill_tokens, cfg.d_model, generator=gen).to(device, dtype)
-        out["prefill_s"] = median_time(lambda: layer(x, Contiguous(None)), device, sizes.reps)
-        out["prefill_tokens"] = sizes.prefill_tokens
-        cache = KVCache(sizes.decode_batch, sizes.kv_len + 1, cfg.n_kv_heads, cfg.head_dim, dtype, device)
-        step = torch.randn(sizes.decode_batch, 1, cfg.d_model, generator=gen).to(device, dtype)
-        at_kv_len = Contiguous(cache, slice(None), sizes.kv_len)
-        out["decode_step_s"] = median_time(lambda: layer(step, at_kv_len), device, sizes.reps)
-        out["decode_batch"], out["kv_len"] = sizes.decode_batch, sizes.kv_len
-    del layer
-    return out
-
-
-def end_to_end(sizes: Sizes, device: torch.device, dtype: str, grouped: bool) -> tuple[dict, object]:
-    cfg = preset("paper", n_layers=sizes.e2e_layers, dtype=dtype, **sizes.layer_cfg)
-    spec = RunSpec(cfg, Deployment.parse("single"), sizes.e2e)
-    spec.validate(1)
-    t0 = time.perf_counter()
-    with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
-        result = run_rank(spec, device)
-    m = result.metrics
-    return {"wall_s": time.perf_counter() - t0, "model": cfg.to_dict(),
-            "workload": {"batch": sizes.e2e.batch_size, "prompt": sizes.e2e.prompt_len,
-                         "gen": sizes.e2e.gen_len},
-            "metrics": m.to_dict()}, cfg
-
-
-def parallel_paths(sizes: Sizes, device: torch.device, dtype: str, grouped: bool) -> dict:
-    """Tokens and logits of the ep1 (all-to-all dispatcher) and tp1 paths against `single`."""
-    import torch.distributed as dist
-
-    cfg = preset("paper", n_layers=sizes.e2e_layers, dtype=dtype, **sizes.layer_cfg)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
-    group = dist.group.WORLD
-    transforms = {
-        "single": lambda m: m,
-        "ep1 (all-to-all dispatcher)": lambda m: apply_expert_parallel(
-            m, group, 0, default_placement(cfg.n_layers, cfg.n_experts, 1)),
-        "tp1 (tensor-parallel layers)": lambda m: apply_tensor_parallel(m, group, 1, 0),
-    }
-    prompts = sizes.e2e.prompts(cfg)
-    rows = list(range(sizes.e2e.batch_size))
-    out = {}
-    try:
-        with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
-            for name, transform in transforms.items():
-                model = shard.materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, device)
-                t0 = time.perf_counter()
-                gen = generate(model, sizes.e2e, prompts, rows, record_logits=True)
-                out[name] = {"wall_s": time.perf_counter() - t0, "tokens": gen.tokens, "logits": gen.logits}
-                del model
-    finally:
-        dist.destroy_process_group()
-    reference = out["single"]
-    return {name: {"wall_s": r["wall_s"], "tokens_match": bool(torch.equal(r["tokens"], reference["tokens"])),
-                   "max_abs_logit_diff": (r["logits"] - reference["logits"]).abs().max().item()}
-            for name, r in out.items()}
-
-
-def catalogue_entry(name: str) -> tuple[str, HardwareProfile]:
-    """The catalogue profile whose key appears in the device name (H100 when none does)."""
-    lowered = name.lower().replace(" ", "")
-    for key, profile in CATALOGUE.items():
-        if key in lowered:
-            return key, profile
-    return "h100", CATALOGUE["h100"]
-
-
-def build_profile(name: str, matmuls: dict, attention: dict, launch_s: float,
-                  memory_bytes: float, dry_run: bool) -> HardwareProfile:
-    """The fields `calibrate` fills, from this device's measurements: matmul peak and its curve,
-    memory bandwidth and size, launch overhead; links from the catalogue (one device only)."""
-    peak, half = fit_gemm({t: r["flops"] for t, r in matmuls["bf16"].items()})
-    key, base = catalogue_entry(name)
-    return base.with_(
-        name=f"{name} (gpu_check{', dry run' if dry_run else ''})", bf16_flops=peak,
-        fp32_flops=matmuls["fp32_largest"]["flops"], hbm_bytes=float(memory_bytes),
-        hbm_bw=attention["bandwidth"], gemm_peak_efficiency=1.0, gemm_half_tokens=half,
-        hbm_efficiency=1.0, launch_s=launch_s, launch_overlaps=not dry_run,
-        compute_slots=None if not dry_run else len(os.sched_getaffinity(0)),
-        source=f"gpu_check: matmul, bandwidth and launch measured; links from catalogue '{key}'")
-
-
-def predicted(cfg, workload: Workload, profile: HardwareProfile) -> dict | None:
-    """The simulator's TPOT / TTFT for the end-to-end run, from the measured profile."""
-    try:
-        from expertmesh.sim.scenario import Scenario
-        from expertmesh.sim.simulator import simulate
-
-        m = simulate(Scenario(cfg, Deployment(), workload, profile)).metrics
-        return {"tpot_s": m.tpot_s, "ttft_s": m.ttft_s}
-    except Exception as exc:  # the prediction is a bonus; never lose the measurements for it
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def check(out_dir: Path, dry_run: bool, log: Callable[[str], None] = print) -> dict:
-    """Run every step; write profile.json and gpu_check.json under `out_dir`; return the record."""
-    if not dry_run and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU machine, or --dry-run to check the logic on CPU")
-    s = DRY if dry_run else GPU
-    device = torch.device("cpu") if dry_run else torch.device("cuda", 0)
-    dtype = torch.float32 if dry_run else torch.bfloat16
-    name = "CPU" if dry_run else torch.cuda.get_device_name(device)
-    memory = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if dry_run
-              else torch.cuda.get_device_properties(device).total_memory)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grouped = grouped_kernel_usable(device)
-    record = {"device": name, "torch": torch.__version__, "dry_run": dry_run, "sizes": asdict(s),
-              "dtype": str(dtype),
-              "grouped_mm": grouped}
-    t0 = time.perf_counter()
-
-    def step(label: str, fn: Callable[[], object]):
-        t = time.perf_counter()
-        value = fn()
-        log(f"[{time.perf_counter() - t0:6.1f} s] {label}: {time.perf_counter() - t:.1f} s")
-        return value
-
-    record["expert_matmuls"] = step("expert matmuls", lambda: expert_matmuls(s, device, dtype))
-    record["decode_attention"] = step("decode attention", lambda: decode_attention(s, device, dtype))
-    record["launch_s"] = step("launch overhead", lambda: launch_overhead(device))
-    profile = build_profile(name, record["expert_matmuls"], record["decode_attention"],
-                            record["launch_s"], memory, dry_run)
-    profile.save(out_dir / "profile.json")
-    record["paper_layer"] = step("paper layer", lambda: paper_layer(s, device, dtype, grouped))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    e2e, cfg = step("end to end", lambda: end_to_end(s, device, "fp32" if dry_run else "bf16", grouped))
-    record["end_to_end"] = e2e
-    record["end_to_end"]["simulated"] = predicted(cfg, s.e2e, profile)
-    record["parallel_paths"] = step("parallel paths", lambda: parallel_paths(
-        s, device, "fp32" if dry_run else "bf16", grouped))
-    record["profile"] = asdict(profile)
-    record["elapsed_s"] = time.perf_counter() - t0
-    (out_dir / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    log(summary(record))
-    return record
-
-
 def summary(r: dict) -> str:
-    p, mm = r["profile"], r["expert_matmuls"]["bf16"]
-    best = max(v["flops"] for v in mm.values())
-    e2e = r["end_to_end"]["metrics"]
-    sim = r["end_to_end"].get("simulated") or {}
-    lines = [
-        f"{r['device']} (torch {r['torch']}, grouped mm {'yes' if r['grouped_mm'] else 'no: per-expert loop'})",
-        f"expert matmuls: best {best / 1e12:.1f} TFLOP/s; fitted peak {p['bf16_flops'] / 1e12:.1f}, "
-        f"half efficiency at {p['gemm_half_tokens']:.0f} tokens; fp32 "
-        f"{p['fp32_flops'] / 1e12:.1f} TFLOP/s",
-        f"decode attention: {r['decode_attention']['bandwidth'] / 1e9:.0f} GB/s; launch "
-        f"{r['launch_s'] * 1e6:.1f} us",
-        f"paper layer: prefill {r['paper_layer']['prefill_tokens']} tokens "
-        f"{r['paper_layer']['prefill_s'] * 1e3:.1f} ms, decode step {r['paper_layer']['decode_step_s'] * 1e3:.2f} ms",
-        f"end to end: TTFT {e2e['ttft_s'] * 1e3:.1f} ms, TPOT {e2e['tpot_s'] * 1e3:.2f} ms"
-        + (f" (simulated from this profile: TTFT {sim['ttft_s'] * 1e3:.1f} ms, TPOT {sim['tpot_s'] * 1e3:.2f} ms)"
-           if "tpot_s" in sim else ""),
-        *(f"{name}: tokens {'= single' if p['tokens_match'] else 'DIFFER from single'}, max |Δlogit| "
-          f"{p['max_abs_logit_diff']:.2e}" for name, p in r["parallel_paths"].items() if name != "single"),
-        f"in {r['elapsed_s']:.0f} s",
-    ]
+    steps = r["steps"]
+    lines = [f"{r['device']} (torch {r['torch']}, grouped mm {'yes' if r['grouped_mm'] else 'no: per-expert loop'})"]
+
+    def ok(name):
+        return steps.get(name, {}).get("ok")
+
+    if ok("expert matmuls"):
+        mm = steps["expert matmuls"]
+        lines.append(f"expert matmuls: best {max(v['flops'] for v in mm['bf16'].values()) / 1e12:.1f} "
+                     f"TFLOP/s; fitted peak {mm['fitted_peak_flops'] / 1e12:.1f}, half efficiency at "
+                     f"{mm['half_tokens']:.0f} rows; fp32 {mm['fp32_largest']['flops'] / 1e12:.1f} TFLOP/s")
+    if ok("memory bandwidth") and ok("launch"):
+        ln = steps["launch"]
+        lines.append(f"copy bandwidth {steps['memory bandwidth']['bandwidth'] / 1e9:.0f} GB/s; launch: "
+                     f"enqueue {ln['enqueue_s'] * 1e6:.1f} us, tiny kernel on device "
+                     f"{ln['device_s'] * 1e6:.1f} us, synchronize {ln['sync_round_trip_s'] * 1e6:.1f} us")
+    if ok("attention backends"):
+        for case, rows in steps["attention backends"].items():
+            if isinstance(rows, dict):
+                lines.append(f"attention {case}: " + "; ".join(
+                    f"{n} {v['bandwidth'] / 1e9:.0f} GB/s"
+                    + (f" (max |Δ| {v['max_abs_diff']:.1e}{'' if v['ok'] else ' TOO LARGE'})" if v.get("max_abs_diff") is not None else "")
+                    if "bandwidth" in v else f"{n} FAILED ({v['error']})"
+                    for n, v in rows.items()))
+    if ok("engine single"):
+        m = steps["engine single"]["metrics"]
+        sim = r.get("simulated_end_to_end") or {}
+        lines.append(f"engine single: TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms"
+                     + (f" (simulated: TTFT {sim['ttft_s'] * 1e3:.1f} ms, TPOT {sim['tpot_s'] * 1e3:.2f} ms)"
+                        if "tpot_s" in sim else "") + f"; sync check {steps['engine single']['sync_check']}")
+    if ok("engine ep1"):
+        for name, v in steps["engine ep1"].items():
+            if isinstance(v, dict):
+                lines.append(f"{name}: " + (f"tokens {'= single' if v['tokens_match'] else 'DIFFER from single'}, "
+                                            f"max |Δlogit| {v['max_abs_logit_diff']:.2e}; sync check "
+                                            f"{v['sync_check']}" if "tokens_match" in v
+                                            else f"FAILED ({v['error']})"))
+    if ok("decode profile"):
+        p = steps["decode profile"]
+        dev = f"{p['device_busy_s'] * 1e3:.2f} ms" if p["device_busy_s"] is not None else "-"
+        lines.append(f"decode step: {p['kernels']} kernels, host {p['host_s'] * 1e3:.2f} ms, device busy {dev}")
+        gap = (r.get("simulated_end_to_end") or {}).get("engine_decode_step")
+        if gap:
+            lines.append(f"the simulator hides launches under device work; this step enqueued {gap['kernels']} "
+                         f"kernels x {r['profile']['launch_s'] * 1e6:.1f} us = {gap['kernels_x_enqueue_s'] * 1e3:.2f} ms "
+                         f"and was {'host' if gap['host_bound'] else 'device'}-bound")
+    if ok("sampling"):
+        lines.append("sampling at temperature 1: " + ", ".join(
+            f"{rows} rows {v['s'] * 1e3:.2f} ms" for rows, v in steps["sampling"].items() if isinstance(v, dict)))
+    if ok("prefill memory"):
+        p = steps["prefill memory"]
+        lines.append(f"prefill of {p['tokens']} tokens, one layer: activations "
+                     + (f"{p['measured_activation_bytes'] / 2**30:.2f} GiB measured, " if "measured_activation_bytes" in p else "")
+                     + f"{p['simulated_activation_bytes'] / 2**30:.2f} GiB simulated (+ {p['simulated_buffer_bytes'] / 2**30:.2f} buffers)")
+    failed = [n for n, v in steps.items() if not v["ok"]]
+    lines.append(f"{len(steps) - len(failed)}/{len(steps)} steps ok" + (f"; failed: {', '.join(failed)}" if failed else "")
+                 + f"; in {r['elapsed_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -364,9 +681,18 @@ def main(argv: list[str] | None = None) -> dict:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--out", default="gpu-check", help="output folder (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the script")
+    parser.add_argument("--steps", default=None, help="comma-separated step names (default: all)")
     args = parser.parse_args(argv)
-    return check(Path(args.out), args.dry_run)
+    steps = None
+    if args.steps:
+        wanted = [s.strip() for s in args.steps.split(",")]
+        unknown = [s for s in wanted if s not in dict(STEPS)]
+        if unknown:
+            parser.error(f"unknown steps {unknown}; choose from {[n for n, _ in STEPS]}")
+        steps = [(n, f) for n, f in STEPS if n in wanted]
+    return check(Path(args.out), args.dry_run, steps=steps)
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    record = main()
+    sys.exit(0 if all(v["ok"] for v in record["steps"].values()) else 1)

@@ -46,6 +46,13 @@ def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
 _HOST_TWIN: dict = {}
 
 
+def with_host_twin(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """`group`, given a gloo twin over the same ranks for `host_group` (a group made outside
+    `stage_group`, e.g. one GPU's world of one in `benchmarks/gpu_check.py`). Collective."""
+    _HOST_TWIN[group] = new_group(dist.get_process_group_ranks(group), backend="gloo")
+    return group
+
+
 def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup:
     """`group` when it is a gloo group, else its gloo twin from `stage_group`."""
     return group if dist.get_backend(group) == "gloo" else _HOST_TWIN[group]
