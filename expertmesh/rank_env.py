@@ -12,14 +12,17 @@ reach them. So a rank under torchrun picks the interface itself, unless the user
      both libraries use the network the user chose (an exclusion list, `^docker`, names none);
   3. else the interface whose address routes to `MASTER_ADDR` (the source address the kernel
      picks for it), the network the rendezvous itself uses;
-  4. all on one node (`LOCAL_WORLD_SIZE == WORLD_SIZE`): loopback is right and is used when the
-     route finds nothing better; across nodes a route to loopback is an error, never a choice.
+  4. all on one node (`LOCAL_WORLD_SIZE == WORLD_SIZE`), or `MASTER_ADDR` `localhost` or a
+     loopback address (every "node" on this host, as tests run two): loopback is right and is used when the route
+     finds nothing better; across nodes a host name that leads to loopback (`/etc/hosts` mapping
+     the node's own name to 127.0.1.1) is an error, never a choice.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import ipaddress
 import os
 import socket
 import struct
@@ -57,7 +60,7 @@ def gloo_interface(env: Mapping[str, str], route_to: Callable[[str], str | None]
     master = env.get("MASTER_ADDR", "127.0.0.1")
     source = route_to(master)
     name = interfaces.get(source) if source else None
-    across = multi_node(env)
+    across = multi_node(env) and not _loopback_literal(master)
     if name and not (across and name == LOOPBACK):
         return name
     if not across:
@@ -66,6 +69,13 @@ def gloo_interface(env: Mapping[str, str], route_to: Callable[[str], str | None]
                      f"this node, but the run spans nodes; set GLOO_SOCKET_IFNAME (and "
                      f"NCCL_SOCKET_IFNAME) to the interface of the network between the nodes, or "
                      f"give MASTER_ADDR as that network's address")
+
+
+def _loopback_literal(host: str) -> bool:
+    """`localhost` or a loopback address: no other host can reach it, so every rank is here."""
+    with contextlib.suppress(ValueError):
+        return ipaddress.ip_address(host).is_loopback
+    return host == "localhost"
 
 
 def route_source(host: str) -> str | None:

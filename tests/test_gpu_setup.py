@@ -74,13 +74,15 @@ def _route(ip):
     (TWO_NODES, "192.168.5.7", "ib0"),                                        # the route to the master
     ({"WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "8", "MASTER_ADDR": "127.0.0.1"}, "127.0.0.1", "lo"),
     ({"WORLD_SIZE": "8", "MASTER_ADDR": "localhost"}, None, "lo"),          # one node, no route
+    ({**TWO_NODES, "MASTER_ADDR": "127.0.0.1"}, "127.0.0.1", "lo"),          # two "nodes" on one host
+    ({**TWO_NODES, "MASTER_ADDR": "localhost"}, "127.0.0.1", "lo"),
 ])
 def test_gloo_binds_the_interface_of_the_network_between_the_ranks(env, route, expected):
     assert gloo_interface(env, _route(route), HOST) == expected
 
 
 def test_a_multi_node_run_never_binds_loopback():
-    env = {**TWO_NODES, "MASTER_ADDR": "localhost"}  # a hostname that resolves to loopback
+    env = {**TWO_NODES, "MASTER_ADDR": "node0"}  # /etc/hosts on node0: node0 -> 127.0.1.1
     with pytest.raises(ValueError, match="reached through lo on this node, but the run spans nodes; set GLOO_SOCKET_IFNAME"):
         gloo_interface(env, _route("127.0.0.1"), HOST)
     with pytest.raises(ValueError, match="no known interface"):
