@@ -247,3 +247,10 @@ def test_the_gemm_fit_recovers_a_curve_and_keeps_a_flat_one_at_its_best():
     peak, half = fit_gemm({m: 5e14 * m / (m + 200) for m in (1, 16, 256, 4096)})
     assert peak == pytest.approx(5e14) and half == pytest.approx(200)
     assert fit_gemm({m: 3e14 * (1 + 1e-3 * (m % 3)) for m in (1, 2, 4, 8)})[0] == pytest.approx(3e14, rel=1e-2)
+
+
+@pytest.mark.parametrize("value", ["0", "1.5", "nan"])
+def test_a_bad_gpu_memory_utilization_is_one_line_before_any_rank_starts(value, capsys):
+    from expertmesh.cli import main
+    assert main(["serve", "--port", "0", "--gpu-memory-utilization", value]) == 2
+    assert f"gpu-memory-utilization {float(value)} must be in (0, 1]" in capsys.readouterr().err
