@@ -124,8 +124,9 @@ def memory_bandwidth(ctx: Ctx) -> dict:
 
 
 def launch(ctx: Ctx, n: int = 1000) -> dict:
-    """Host enqueue per tiny kernel (what launches cost the host), device time per tiny kernel,
-    and a synchronize's round trip; the warm-up loads the kernel (CUDA loads modules lazily: the
+    """Host enqueue per tiny kernel (what launches cost the host), the stream's time per tiny
+    kernel issued back to back (`device_s`: the larger of its run time and the enqueue rate), and
+    a synchronize's round trip; the warm-up loads the kernel (CUDA loads modules lazily: the
     first call of a kernel takes milliseconds, which the last gpu_check counted as launch)."""
     x = torch.zeros(1, device=ctx.device)
     for _ in range(10):
