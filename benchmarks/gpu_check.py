@@ -1,29 +1,40 @@
-"""Measure one GPU on the seed model's operations and write a profile the simulator can load.
+"""First contact with one GPU: run every path the engine takes on it, check it, time it, and write
+a profile the simulator can load.
 
-    python benchmarks/gpu_check.py --out gpu-check          # on a CUDA machine, under 8 minutes
-    python benchmarks/gpu_check.py --dry-run --out /tmp/gc  # tiny sizes on CPU: checks the logic
+    python benchmarks/gpu_check.py --out gpu-check          # one CUDA GPU: about 2 minutes
+    python benchmarks/gpu_check.py --dry-run --out /tmp/gc  # tiny sizes on the CPU: the logic
 
-Steps, each timed with the device synchronized (medians of a few calls after a warm-up):
-  1. one expert's matmuls (up, gelu, down) at d_model 4096 / hidden 16384, bf16, for 1 .. 16384
-     tokens; fp32 at the largest size: the GEMM peak and the half-efficiency row count
-     (`calibrate.fit_gemm`'s curve)
-  2. decode attention over a 10k-token KV cache (32 heads x 128, batch 8): the bytes of K and V
-     read per step give the memory bandwidth a decode step reaches
-  3. the launch overhead of one tiny op
-  4. one whole `paper` decoder layer (attention + 16 experts, top-2), bf16: prefill of 2048 tokens
-     and one decode step of 8 sequences against a 10k cache
-  5. end to end: `single` run of `preset("paper", n_layers=2)`, batch 8, prompt 512, gen 16, and
-     the simulator's prediction for it from the measured profile
-  6. the parallel code paths on this one device, in a process group of world size 1 (NCCL on a
-     GPU): the same model and workload as step 5 with the expert-parallel all-to-all dispatcher
-     forced (ep1), and with the tensor-parallel layers applied (tp1, all-reduce hooks); each
-     must give the single-device path's tokens (greedy), and its max |Δlogit| is reported
+Each step is a named function of `STEPS`; a failing step records `ok: false` and its error line
+and the next one runs. Estimates on one H200 (bf16, the `paper` preset's shapes):
+  1. expert matmuls (~5 s): one expert's up/down matmuls (d_model 4096, hidden 16384) at 1 ..
+     16384 rows, timed with CUDA events over back-to-back calls; fp32 at the largest: the GEMM
+     peak and half-efficiency rows (`calibrate.fit_gemm`)
+  2. memory bandwidth (~1 s): a 2 GiB device copy
+  3. launch (~1 s): host enqueue per tiny kernel (after a warm-up, which also loads the kernel),
+     device time per tiny kernel, and one synchronize's round trip, apart
+  4. attention backends (~15 s): decode attention over a 10k context, 8 sequences, 32 heads,
+     MHA and GQA (8 KV heads), as the engine runs it (each backend of `attention_backends`) and as
+     contiguous SDPA; each under `sdpa_kernel` limited to the fused kernels, so a silent fall back
+     to the math kernel fails loudly; bytes of K and V read per second
+  5. engine single (~25 s): `preset("paper", n_layers=2)`, batch 8, prompt 512, 16 tokens through
+     the serving engine, the decode forwards under `torch.cuda.set_sync_debug_mode("error")`: a
+     hidden host sync inside a forward fails the step; TTFT / TPOT and the simulator's prediction
+  6. engine ep1 (~40 s): the same through a real process group of one (NCCL with its gloo twin,
+     the engine's control `Messages`, the exchange choice): the all-to-all dispatcher with the
+     low-latency exchange, with two-batch overlap, with chunked overlap, and tp1; each under the
+     sync check, tokens and logits against step 5's
+  7. decode profile (~10 s): `torch.profiler` on one engine decode step of step 5's model: kernels
+     launched, host time of the step against the device time of its kernels
+  8. sampling (~3 s): the engine's sampling at temperature 1 for 8 and 128 rows
+  9. prefill memory (~20 s): peak memory of one `paper` layer's engine prefill of 8 x 10k tokens
+     (an EP rank's 80k tokens in the seed's 128 x 10k run under ep16; its activations are those
+     of all 16 experts' rows, which that rank receives), against `sim/memory.py`'s figure
+Writes DIR/gpu_check.json (every step) and DIR/profile.json (a `HardwareProfile`: `expertmesh
+simulate --hardware DIR/profile.json`). Links (NVLink, network) cannot be measured on one GPU and
+come from the catalogue entry of the same GPU (H100 when none matches).
 
-Writes DIR/profile.json (a `HardwareProfile`: `expertmesh simulate --hardware DIR/profile.json`)
-and DIR/gpu_check.json (every timing). Link figures (NVLink, network) cannot be measured on one GPU
-and are taken from the catalogue entry of the same GPU (H100 if the name matches none).
-Runs on any torch this project supports: the grouped expert kernel is used only where
-`torch._grouped_mm` exists and the GPU is Hopper or newer, else the per-expert loop.
+New paths (attention backends, CUDA graphs, device sampling) get a step here: a function
+`(Ctx) -> dict` added to `STEPS`; an attention backend an entry in `attention_backends`.
 """
 
 from __future__ import annotations
@@ -31,84 +42,152 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import time
+import traceback
 from collections.abc import Callable
-from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from expertmesh.config import Workload, preset
 from expertmesh.deployment import Deployment
-from expertmesh.engine import shard
-from expertmesh.engine.generate import generate
-from expertmesh.engine.spec import RunSpec
-from expertmesh.engine.worker import run_rank
-from expertmesh.launch import free_port
-from expertmesh.model.attention import Contiguous, KVCache
-from expertmesh.model.synthetic import materialize
-from expertmesh.model.transformer import DecoderLayer, build_model
-from expertmesh.parallel.expert import apply_expert_parallel
-from expertmesh.parallel.placement import default_placement
-from expertmesh.parallel.tensor import apply_tensor_parallel
-from expertmesh.sim.calibrate import fit_gemm
 from expertmesh.sim.hardware import CATALOGUE, HardwareProfile
 
-try:  # imported from the `benchmarks` package (tests) or run as a script beside moe_block.py
-    from .moe_block import per_expert_loop
+try:  # imported from the `benchmarks` package (tests) or run as a script
+    from .gpu_device_steps import (DRY, GPU, Ctx, _line, attention, attention_backends,  # noqa: F401
+                                   expert_matmuls, launch, memory_bandwidth, sampling)
+    from .gpu_engine_steps import (decode_profile, engine_ep1, engine_single,  # noqa: F401
+                                   no_host_sync_in_decode_forwards, prefill_memory)
 except ImportError:
-    from moe_block import per_expert_loop
+    from gpu_device_steps import (DRY, GPU, Ctx, _line, attention, attention_backends,  # noqa: F401
+                                  expert_matmuls, launch, memory_bandwidth, sampling)
+    from gpu_engine_steps import (decode_profile, engine_ep1, engine_single,  # noqa: F401
+                                  no_host_sync_in_decode_forwards, prefill_memory)
 
 
-@dataclass(frozen=True)
-class Sizes:
-    d_model: int
-    hidden: int
-    token_counts: tuple[int, ...]
-    heads: int
-    head_dim: int
-    kv_len: int
-    decode_batch: int
-    layer_cfg: dict            # preset("paper", **layer_cfg) for steps 4 and 5
-    prefill_tokens: int
-    e2e: Workload
-    e2e_layers: int
-    reps: int
+STEPS: list[tuple[str, Callable[[Ctx], dict]]] = [
+    ("expert matmuls", expert_matmuls),
+    ("memory bandwidth", memory_bandwidth),
+    ("launch", launch),
+    ("attention backends", attention),
+    ("engine single", engine_single),
+    ("engine ep1", engine_ep1),
+    ("decode profile", decode_profile),
+    ("sampling", sampling),
+    ("prefill memory", prefill_memory),
+]
 
 
-GPU = Sizes(d_model=4096, hidden=16384, token_counts=tuple(2 ** i for i in range(15)), heads=32,
-            head_dim=128, kv_len=10_000, decode_batch=8, layer_cfg={}, prefill_tokens=2048,
-            e2e=Workload(batch_size=8, prompt_len=512, gen_len=16), e2e_layers=2, reps=5)
-DRY = Sizes(d_model=64, hidden=256, token_counts=(1, 4, 16, 64), heads=4, head_dim=16, kv_len=128,
-            decode_batch=2, layer_cfg=dict(d_model=64, n_heads=4, head_dim=16, n_experts=4,
-                                           expert_hidden=128, vocab_size=128, max_seq_len=256),
-            prefill_tokens=32, e2e=Workload(batch_size=2, prompt_len=8, gen_len=4), e2e_layers=2,
-            reps=2)
+def _all_ok(row: dict) -> bool:
+    """False when any part of a step's record (a variant, a backend) says `ok: false`."""
+    return row.get("ok", True) is not False and all(_all_ok(v) for v in row.values() if isinstance(v, dict))
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], object], device: torch.device, reps: int) -> float:
-    """Median seconds of `reps` calls after one warm-up, the device drained around each."""
-    fn()
-    times = []
-    for _ in range(reps):
-        sync(device)
+def run_steps(ctx: Ctx, steps, log: Callable[[str], None]) -> dict:
+    """Each step's record, with `ok`, `s` and, if it raised, `error` (its first line)."""
+    results, t_start = {}, time.perf_counter()
+    for name, fn in steps:
         t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        try:
+            row = fn(ctx)
+            row = {**row, "ok": _all_ok(row)}
+        except Exception as exc:
+            traceback.print_exc(file=sys.stderr)
+            row = {"ok": False, "error": _line(exc)}
+        row["s"] = time.perf_counter() - t0
+        results[name] = row
+        log(f"[{time.perf_counter() - t_start:6.1f} s] {name}: {'ok' if row['ok'] else row['error']} "
+            f"({row['s']:.1f} s)")
+        if ctx.cuda:
+            torch.cuda.empty_cache()
+    return results
 
 
-def grouped_kernel_usable(device: torch.device) -> bool:
+# ---- the profile and the summary ----
+def catalogue_entry(name: str) -> tuple[str, HardwareProfile]:
+    """The catalogue profile whose key appears in the device name (H100 when none does)."""
+    lowered = name.lower().replace(" ", "")
+    for key, profile in CATALOGUE.items():
+        if key in lowered:
+            return key, profile
+    return "h100", CATALOGUE["h100"]
+
+
+def build_profile(name: str, steps: dict, memory_bytes: float, dry_run: bool) -> HardwareProfile | None:
+    """Matmul peak and curve, memory bandwidth and size, launch cost from this device; links from
+    the catalogue. None when a step it needs failed."""
+    needed = ("expert matmuls", "memory bandwidth", "launch")
+    if not all(steps.get(n, {}).get("ok") for n in needed):
+        return None
+    mm, bw, ln = (steps[n] for n in needed)
+    key, base = catalogue_entry(name)
+    return base.with_(
+        name=f"{name} (gpu_check{', dry run' if dry_run else ''})", bf16_flops=mm["fitted_peak_flops"],
+        fp32_flops=mm["fp32_largest"]["flops"], hbm_bytes=float(memory_bytes), hbm_bw=bw["bandwidth"],
+        gemm_peak_efficiency=1.0, gemm_half_tokens=mm["half_tokens"], hbm_efficiency=1.0,
+        launch_s=ln["enqueue_s"], launch_overlaps=not dry_run,
+        compute_slots=None if not dry_run else len(os.sched_getaffinity(0)),
+        source=f"gpu_check: matmul, copy bandwidth and launch enqueue measured; links from catalogue '{key}'")
+
+
+def simulated(ctx: Ctx, profile: HardwareProfile | None) -> dict | None:
+    """The simulator's TTFT / TPOT for step 5's run from the measured profile, and what it
+    assumes that the engine does not do (from step 7's profile of a decode step)."""
+    if profile is None or "e2e" not in ctx.shared:
+        return None
+    from expertmesh.sim.scenario import Scenario
+    from expertmesh.sim.simulator import simulate
+
+    cfg, measured = ctx.shared["e2e"]
+    try:
+        m = simulate(Scenario(cfg, Deployment(), ctx.sizes.e2e, profile)).metrics
+    except Exception as exc:  # the prediction is a bonus; never lose the measurements for it
+        return {"error": _line(exc)}
+    row = {"tpot_s": m.tpot_s, "ttft_s": m.ttft_s, "measured_tpot_s": measured.tpot_s,
+           "assumes": "launches hidden under device work (launch_overlaps) and no host work between "
+                      "kernels; a step costs its device time"}
+    prof = ctx.shared.get("decode profile")
+    if prof and prof.get("ok") and prof.get("kernels"):
+        enqueue = prof["kernels"] * profile.launch_s
+        row["engine_decode_step"] = {
+            "kernels": prof["kernels"], "host_s": prof["host_s"], "device_busy_s": prof["device_busy_s"],
+            "kernels_x_enqueue_s": enqueue,
+            "host_bound": prof["host_s"] > (prof["device_busy_s"] or 0.0)}
+    return row
+
+
+def check(out_dir: Path, dry_run: bool, log: Callable[[str], None] = print,
+          steps: list | None = None) -> dict:
+    """Run `steps` (default: all); write gpu_check.json and profile.json under `out_dir`."""
+    if not dry_run and not torch.cuda.is_available():
+        raise SystemExit("no CUDA device: run on a GPU machine, or --dry-run to check the logic on CPU")
+    device = torch.device("cpu") if dry_run else torch.device("cuda", 0)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    name = "CPU" if dry_run else torch.cuda.get_device_name(device)
+    memory = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if dry_run
+              else torch.cuda.get_device_properties(device).total_memory)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = Ctx(DRY if dry_run else GPU, device, torch.float32 if dry_run else torch.bfloat16,
+              _grouped_kernel_usable(device), out_dir)
+    t0 = time.perf_counter()
+    results = run_steps(ctx, steps or STEPS, log)
+    ctx.shared["decode profile"] = results.get("decode profile")
+    record = {"device": name, "torch": torch.__version__, "dry_run": dry_run, "dtype": str(ctx.dtype),
+              "grouped_mm": ctx.grouped, "sizes": asdict(ctx.sizes), "steps": results}
+    profile = build_profile(name, results, memory, dry_run)
+    if profile is not None:
+        profile.save(out_dir / "profile.json")
+        record["profile"] = asdict(profile)
+    record["simulated_end_to_end"] = simulated(ctx, profile)
+    record["elapsed_s"] = time.perf_counter() - t0
+    (out_dir / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
+    log(summary(record))
+    return record
+
+
+def _grouped_kernel_usable(device: torch.device) -> bool:
     """`torch._grouped_mm` exists and runs here (its CUDA kernel needs Hopper, sm90, or newer)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
@@ -123,238 +202,64 @@ def grouped_kernel_usable(device: torch.device) -> bool:
         return False
 
 
-@contextmanager
-def weights_hashed_on_device():
-    """Make `run_rank` compute the synthetic weights on its device itself: the hash is
-    elementwise int32 arithmetic, identical on CPU and CUDA, and hashing the paper layer's 2.2 B
-    weights on the host takes minutes."""
-    original = shard.materialize
-
-    def on_device(model, seed, dtype, dev="cpu"):
-        with torch.device(dev):
-            return original(model, seed, dtype, dev)
-
-    shard.materialize = on_device
-    try:
-        yield
-    finally:
-        shard.materialize = original
-
-
-def expert_matmuls(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
-    """FLOP/s of one expert (up -> gelu -> down) per token count; fp32 at the largest count."""
-    gen = torch.Generator().manual_seed(0)
-    w_up = (torch.randn(sizes.hidden, sizes.d_model, generator=gen) / sizes.d_model ** 0.5).to(device, dtype)
-    w_down = (torch.randn(sizes.d_model, sizes.hidden, generator=gen) / sizes.hidden ** 0.5).to(device, dtype)
-    rows = {}
-    for tokens in sizes.token_counts:
-        x = torch.randn(tokens, sizes.d_model, generator=gen).to(device, dtype)
-        t = median_time(lambda: F.linear(F.gelu(F.linear(x, w_up)), w_down), device, sizes.reps)
-        rows[tokens] = {"s": t, "flops": 2 * 2 * tokens * sizes.d_model * sizes.hidden / t}
-    big = max(sizes.token_counts)
-    x32 = torch.randn(big, sizes.d_model, generator=gen).to(device)
-    up32, down32 = w_up.float(), w_down.float()
-    t32 = median_time(lambda: F.linear(F.gelu(F.linear(x32, up32)), down32), device, sizes.reps)
-    return {"bf16": rows, "fp32_largest": {"tokens": big, "s": t32,
-                                            "flops": 2 * 2 * big * sizes.d_model * sizes.hidden / t32}}
-
-
-def decode_attention(sizes: Sizes, device: torch.device, dtype: torch.dtype) -> dict:
-    """One new query per sequence against a `kv_len` cache: bytes of K and V read / time."""
-    b, h, d, S = sizes.decode_batch, sizes.heads, sizes.head_dim, sizes.kv_len
-    q = torch.randn(b, h, 1, d, device=device, dtype=dtype)
-    k = torch.randn(b, h, S, d, device=device, dtype=dtype)
-    v = torch.randn_like(k)
-    t = median_time(lambda: F.scaled_dot_product_attention(q, k, v), device, sizes.reps)
-    return {"s": t, "bytes": k.nbytes + v.nbytes, "bandwidth": (k.nbytes + v.nbytes) / t,
-            "batch": b, "heads": h, "head_dim": d, "kv_len": S}
-
-
-def launch_overhead(device: torch.device, n: int = 200) -> float:
-    """Seconds per tiny op when issued back to back (a CPU adds its op overhead instead)."""
-    x = torch.zeros(1, device=device)
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(n):
-        x.add_(1)
-    sync(device)
-    return (time.perf_counter() - t0) / n
-
-
-def paper_layer(sizes: Sizes, device: torch.device, dtype: torch.dtype, grouped: bool) -> dict:
-    """A whole `paper` decoder layer on `device`: prefill of `prefill_tokens`, one decode step."""
-    cfg = preset("paper", **sizes.layer_cfg)
-    t_build = time.perf_counter()
-    with torch.device("meta"):
-        layer = DecoderLayer(cfg)
-    with torch.device(device):  # hash on the device (see `weights_hashed_on_device`)
-        layer = materialize(layer, 0, dtype, device)
-    t_build = time.perf_counter() - t_build
-    gen = torch.Generator().manual_seed(1)
-    loop = nullcontext() if grouped else per_expert_loop()
-    out = {"build_s": t_build, "grouped_mm": grouped}
-    with torch.inference_mode(), loop:
-        x = torch.randn(1, sizes.prefill_tokens, cfg.d_model, generator=gen).to(device, dtype)
-        out["prefill_s"] = median_time(lambda: layer(x, Contiguous(None)), device, sizes.reps)
-        out["prefill_tokens"] = sizes.prefill_tokens
-        cache = KVCache(sizes.decode_batch, sizes.kv_len + 1, cfg.n_kv_heads, cfg.head_dim, dtype, device)
-        step = torch.randn(sizes.decode_batch, 1, cfg.d_model, generator=gen).to(device, dtype)
-        at_kv_len = Contiguous(cache, slice(None), sizes.kv_len)
-        out["decode_step_s"] = median_time(lambda: layer(step, at_kv_len), device, sizes.reps)
-        out["decode_batch"], out["kv_len"] = sizes.decode_batch, sizes.kv_len
-    del layer
-    return out
-
-
-def end_to_end(sizes: Sizes, device: torch.device, dtype: str, grouped: bool) -> tuple[dict, object]:
-    cfg = preset("paper", n_layers=sizes.e2e_layers, dtype=dtype, **sizes.layer_cfg)
-    spec = RunSpec(cfg, Deployment.parse("single"), sizes.e2e)
-    spec.validate(1)
-    t0 = time.perf_counter()
-    with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
-        result = run_rank(spec, device)
-    m = result.metrics
-    return {"wall_s": time.perf_counter() - t0, "model": cfg.to_dict(),
-            "workload": {"batch": sizes.e2e.batch_size, "prompt": sizes.e2e.prompt_len,
-                         "gen": sizes.e2e.gen_len},
-            "metrics": m.to_dict()}, cfg
-
-
-def parallel_paths(sizes: Sizes, device: torch.device, dtype: str, grouped: bool) -> dict:
-    """Tokens and logits of the ep1 (all-to-all dispatcher) and tp1 paths against `single`."""
-    import torch.distributed as dist
-
-    cfg = preset("paper", n_layers=sizes.e2e_layers, dtype=dtype, **sizes.layer_cfg)
-    backend = "nccl" if device.type == "cuda" else "gloo"
-    dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            device_id=device if device.type == "cuda" else None)
-    group = dist.group.WORLD
-    transforms = {
-        "single": lambda m: m,
-        "ep1 (all-to-all dispatcher)": lambda m: apply_expert_parallel(
-            m, group, 0, default_placement(cfg.n_layers, cfg.n_experts, 1)),
-        "tp1 (tensor-parallel layers)": lambda m: apply_tensor_parallel(m, group, 1, 0),
-    }
-    prompts = sizes.e2e.prompts(cfg)
-    rows = list(range(sizes.e2e.batch_size))
-    out = {}
-    try:
-        with weights_hashed_on_device(), nullcontext() if grouped else per_expert_loop():
-            for name, transform in transforms.items():
-                model = shard.materialize(transform(build_model(cfg)), 0, cfg.torch_dtype, device)
-                t0 = time.perf_counter()
-                gen = generate(model, sizes.e2e, prompts, rows, record_logits=True)
-                out[name] = {"wall_s": time.perf_counter() - t0, "tokens": gen.tokens, "logits": gen.logits}
-                del model
-    finally:
-        dist.destroy_process_group()
-    reference = out["single"]
-    return {name: {"wall_s": r["wall_s"], "tokens_match": bool(torch.equal(r["tokens"], reference["tokens"])),
-                   "max_abs_logit_diff": (r["logits"] - reference["logits"]).abs().max().item()}
-            for name, r in out.items()}
-
-
-def catalogue_entry(name: str) -> tuple[str, HardwareProfile]:
-    """The catalogue profile whose key appears in the device name (H100 when none does)."""
-    lowered = name.lower().replace(" ", "")
-    for key, profile in CATALOGUE.items():
-        if key in lowered:
-            return key, profile
-    return "h100", CATALOGUE["h100"]
-
-
-def build_profile(name: str, matmuls: dict, attention: dict, launch_s: float,
-                  memory_bytes: float, dry_run: bool) -> HardwareProfile:
-    """The fields `calibrate` fills, from this device's measurements: matmul peak and its curve,
-    memory bandwidth and size, launch overhead; links from the catalogue (one device only)."""
-    peak, half = fit_gemm({t: r["flops"] for t, r in matmuls["bf16"].items()})
-    key, base = catalogue_entry(name)
-    return base.with_(
-        name=f"{name} (gpu_check{', dry run' if dry_run else ''})", bf16_flops=peak,
-        fp32_flops=matmuls["fp32_largest"]["flops"], hbm_bytes=float(memory_bytes),
-        hbm_bw=attention["bandwidth"], gemm_peak_efficiency=1.0, gemm_half_tokens=half,
-        hbm_efficiency=1.0, launch_s=launch_s, launch_overlaps=not dry_run,
-        compute_slots=None if not dry_run else len(os.sched_getaffinity(0)),
-        source=f"gpu_check: matmul, bandwidth and launch measured; links from catalogue '{key}'")
-
-
-def predicted(cfg, workload: Workload, profile: HardwareProfile) -> dict | None:
-    """The simulator's TPOT / TTFT for the end-to-end run, from the measured profile."""
-    try:
-        from expertmesh.sim.scenario import Scenario
-        from expertmesh.sim.simulator import simulate
-
-        m = simulate(Scenario(cfg, Deployment(), workload, profile)).metrics
-        return {"tpot_s": m.tpot_s, "ttft_s": m.ttft_s}
-    except Exception as exc:  # the prediction is a bonus; never lose the measurements for it
-        return {"error": f"{type(exc).__name__}: {exc}"}
-
-
-def check(out_dir: Path, dry_run: bool, log: Callable[[str], None] = print) -> dict:
-    """Run every step; write profile.json and gpu_check.json under `out_dir`; return the record."""
-    if not dry_run and not torch.cuda.is_available():
-        raise SystemExit("no CUDA device: run on a GPU machine, or --dry-run to check the logic on CPU")
-    s = DRY if dry_run else GPU
-    device = torch.device("cpu") if dry_run else torch.device("cuda", 0)
-    dtype = torch.float32 if dry_run else torch.bfloat16
-    name = "CPU" if dry_run else torch.cuda.get_device_name(device)
-    memory = (os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if dry_run
-              else torch.cuda.get_device_properties(device).total_memory)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    grouped = grouped_kernel_usable(device)
-    record = {"device": name, "torch": torch.__version__, "dry_run": dry_run, "sizes": asdict(s),
-              "dtype": str(dtype),
-              "grouped_mm": grouped}
-    t0 = time.perf_counter()
-
-    def step(label: str, fn: Callable[[], object]):
-        t = time.perf_counter()
-        value = fn()
-        log(f"[{time.perf_counter() - t0:6.1f} s] {label}: {time.perf_counter() - t:.1f} s")
-        return value
-
-    record["expert_matmuls"] = step("expert matmuls", lambda: expert_matmuls(s, device, dtype))
-    record["decode_attention"] = step("decode attention", lambda: decode_attention(s, device, dtype))
-    record["launch_s"] = step("launch overhead", lambda: launch_overhead(device))
-    profile = build_profile(name, record["expert_matmuls"], record["decode_attention"],
-                            record["launch_s"], memory, dry_run)
-    profile.save(out_dir / "profile.json")
-    record["paper_layer"] = step("paper layer", lambda: paper_layer(s, device, dtype, grouped))
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    e2e, cfg = step("end to end", lambda: end_to_end(s, device, "fp32" if dry_run else "bf16", grouped))
-    record["end_to_end"] = e2e
-    record["end_to_end"]["simulated"] = predicted(cfg, s.e2e, profile)
-    record["parallel_paths"] = step("parallel paths", lambda: parallel_paths(
-        s, device, "fp32" if dry_run else "bf16", grouped))
-    record["profile"] = asdict(profile)
-    record["elapsed_s"] = time.perf_counter() - t0
-    (out_dir / "gpu_check.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
-    log(summary(record))
-    return record
-
-
 def summary(r: dict) -> str:
-    p, mm = r["profile"], r["expert_matmuls"]["bf16"]
-    best = max(v["flops"] for v in mm.values())
-    e2e = r["end_to_end"]["metrics"]
-    sim = r["end_to_end"].get("simulated") or {}
-    lines = [
-        f"{r['device']} (torch {r['torch']}, grouped mm {'yes' if r['grouped_mm'] else 'no: per-expert loop'})",
-        f"expert matmuls: best {best / 1e12:.1f} TFLOP/s; fitted peak {p['bf16_flops'] / 1e12:.1f}, "
-        f"half efficiency at {p['gemm_half_tokens']:.0f} tokens; fp32 "
-        f"{p['fp32_flops'] / 1e12:.1f} TFLOP/s",
-        f"decode attention: {r['decode_attention']['bandwidth'] / 1e9:.0f} GB/s; launch "
-        f"{r['launch_s'] * 1e6:.1f} us",
-        f"paper layer: prefill {r['paper_layer']['prefill_tokens']} tokens "
-        f"{r['paper_layer']['prefill_s'] * 1e3:.1f} ms, decode step {r['paper_layer']['decode_step_s'] * 1e3:.2f} ms",
-        f"end to end: TTFT {e2e['ttft_s'] * 1e3:.1f} ms, TPOT {e2e['tpot_s'] * 1e3:.2f} ms"
-        + (f" (simulated from this profile: TTFT {sim['ttft_s'] * 1e3:.1f} ms, TPOT {sim['tpot_s'] * 1e3:.2f} ms)"
-           if "tpot_s" in sim else ""),
-        *(f"{name}: tokens {'= single' if p['tokens_match'] else 'DIFFER from single'}, max |Δlogit| "
-          f"{p['max_abs_logit_diff']:.2e}" for name, p in r["parallel_paths"].items() if name != "single"),
-        f"in {r['elapsed_s']:.0f} s",
-    ]
+    steps = r["steps"]
+    lines = [f"{r['device']} (torch {r['torch']}, grouped mm {'yes' if r['grouped_mm'] else 'no: per-expert loop'})"]
+
+    def ok(name):
+        return steps.get(name, {}).get("ok")
+
+    if ok("expert matmuls"):
+        mm = steps["expert matmuls"]
+        lines.append(f"expert matmuls: best {max(v['flops'] for v in mm['bf16'].values()) / 1e12:.1f} "
+                     f"TFLOP/s; fitted peak {mm['fitted_peak_flops'] / 1e12:.1f}, half efficiency at "
+                     f"{mm['half_tokens']:.0f} rows; fp32 {mm['fp32_largest']['flops'] / 1e12:.1f} TFLOP/s")
+    if ok("memory bandwidth") and ok("launch"):
+        ln = steps["launch"]
+        lines.append(f"copy bandwidth {steps['memory bandwidth']['bandwidth'] / 1e9:.0f} GB/s; launch: "
+                     f"enqueue {ln['enqueue_s'] * 1e6:.1f} us, tiny kernel on device "
+                     f"{ln['device_s'] * 1e6:.1f} us, synchronize {ln['sync_round_trip_s'] * 1e6:.1f} us")
+    if ok("attention backends"):
+        for case, rows in steps["attention backends"].items():
+            if isinstance(rows, dict):
+                lines.append(f"attention {case}: " + "; ".join(
+                    f"{n} {v['bandwidth'] / 1e9:.0f} GB/s"
+                    + (f" (max |Δ| {v['max_abs_diff']:.1e}{'' if v['ok'] else ' TOO LARGE'})" if v.get("max_abs_diff") is not None else "")
+                    if "bandwidth" in v else f"{n} FAILED ({v['error']})"
+                    for n, v in rows.items()))
+    if ok("engine single"):
+        m = steps["engine single"]["metrics"]
+        sim = r.get("simulated_end_to_end") or {}
+        lines.append(f"engine single: TTFT {m['ttft_s'] * 1e3:.1f} ms, TPOT {m['tpot_s'] * 1e3:.2f} ms"
+                     + (f" (simulated: TTFT {sim['ttft_s'] * 1e3:.1f} ms, TPOT {sim['tpot_s'] * 1e3:.2f} ms)"
+                        if "tpot_s" in sim else "") + f"; sync check {steps['engine single']['sync_check']}")
+    if ok("engine ep1"):
+        for name, v in steps["engine ep1"].items():
+            if isinstance(v, dict):
+                lines.append(f"{name}: " + (f"tokens {'= single' if v['tokens_match'] else 'DIFFER from single'}, "
+                                            f"max |Δlogit| {v['max_abs_logit_diff']:.2e}; sync check "
+                                            f"{v['sync_check']}" if "tokens_match" in v
+                                            else f"FAILED ({v['error']})"))
+    if ok("decode profile"):
+        p = steps["decode profile"]
+        dev = f"{p['device_busy_s'] * 1e3:.2f} ms" if p["device_busy_s"] is not None else "-"
+        lines.append(f"decode step: {p['kernels']} kernels, host {p['host_s'] * 1e3:.2f} ms, device busy {dev}")
+        gap = (r.get("simulated_end_to_end") or {}).get("engine_decode_step")
+        if gap:
+            lines.append(f"the simulator hides launches under device work; this step enqueued {gap['kernels']} "
+                         f"kernels x {r['profile']['launch_s'] * 1e6:.1f} us = {gap['kernels_x_enqueue_s'] * 1e3:.2f} ms "
+                         f"and was {'host' if gap['host_bound'] else 'device'}-bound")
+    if ok("sampling"):
+        lines.append("sampling at temperature 1: " + ", ".join(
+            f"{rows} rows {v['s'] * 1e3:.2f} ms" for rows, v in steps["sampling"].items() if isinstance(v, dict)))
+    if ok("prefill memory"):
+        p = steps["prefill memory"]
+        lines.append(f"prefill of {p['tokens']} tokens, one layer: activations "
+                     + (f"{p['measured_activation_bytes'] / 2**30:.2f} GiB measured, " if "measured_activation_bytes" in p else "")
+                     + f"{p['simulated_activation_bytes'] / 2**30:.2f} GiB simulated (+ {p['simulated_buffer_bytes'] / 2**30:.2f} buffers)")
+    failed = [n for n, v in steps.items() if not v["ok"]]
+    lines.append(f"{len(steps) - len(failed)}/{len(steps)} steps ok" + (f"; failed: {', '.join(failed)}" if failed else "")
+                 + f"; in {r['elapsed_s']:.0f} s")
     return "\n".join(lines)
 
 
@@ -364,9 +269,18 @@ def main(argv: list[str] | None = None) -> dict:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("--out", default="gpu-check", help="output folder (default: %(default)s)")
     parser.add_argument("--dry-run", action="store_true", help="tiny sizes on CPU: checks the script")
+    parser.add_argument("--steps", default=None, help="comma-separated step names (default: all)")
     args = parser.parse_args(argv)
-    return check(Path(args.out), args.dry_run)
+    steps = None
+    if args.steps:
+        wanted = [s.strip() for s in args.steps.split(",")]
+        unknown = [s for s in wanted if s not in dict(STEPS)]
+        if unknown:
+            parser.error(f"unknown steps {unknown}; choose from {[n for n, _ in STEPS]}")
+        steps = [(n, f) for n, f in STEPS if n in wanted]
+    return check(Path(args.out), args.dry_run, steps=steps)
 
 
 if __name__ == "__main__":
-    sys.exit(0 if main() else 1)
+    record = main()
+    sys.exit(0 if all(v["ok"] for v in record["steps"].values()) else 1)

@@ -22,14 +22,16 @@ from rich.table import Table
 
 from expertmesh.checkpoint import decode, has_tokenizer
 from expertmesh.deployment import Deployment
+from expertmesh.engine.kv_budget import activation_reserve
 from expertmesh.engine.result import RunResult
 from expertmesh.engine.spec import RunSpec
 from expertmesh.engine.worker import run_rank
-from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
+from expertmesh.launch import RankFailure, check_launch, launch, local_device, under_torchrun
 from expertmesh.parallel.placement import save_routing
 from expertmesh.place_cli import add_commands as add_place_command
 from expertmesh.run_flags import add_run_args, spec_from_flags
 from expertmesh.server.cli import add_commands as add_server_commands
+from expertmesh.sim.memory import kv_cache_bytes, rank_params
 from expertmesh.sim.cli import add_commands as add_simulator_commands
 from expertmesh.trace import write_trace
 
@@ -86,10 +88,33 @@ def execute(spec: RunSpec, args, label: str, alone: bool = False) -> RunResult |
     progress = LazyProgress(spec.workload.gen_len, label)
     if alone or (spec.deployment.world_size == 1 and not under_torchrun()):
         torch.set_num_threads(max(1, os.cpu_count() or 1))
-        device = torchrun_device(args.backend) if under_torchrun() else torch.device("cpu")
+        device = local_device(spec.deployment.world_size, args.backend)
+        if alone and device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(device)
+            refusal = reference_refusal(spec, free, total)
+            if refusal:
+                raise ValueError(refusal)
         return run_rank(spec, device, on_step=progress)
     fn = functools.partial(run_rank, spec, on_step=progress)
     return launch(fn, spec.deployment.world_size, backend=args.backend, timeout=args.timeout)
+
+
+def reference_refusal(spec: RunSpec, free: int, total: int, utilization: float = 0.9) -> str | None:
+    """Why compare's single-device reference cannot run on a GPU with `free` of `total` bytes
+    (its weights, the workload's KV cache and a forward's activations over `utilization` of the
+    device), or None when it fits. On a GPU the reference runs on rank 0's GPU, after the
+    deployments (a process that used CUDA cannot fork ranks), so this is checked then."""
+    cfg, w = spec.cfg, spec.workload
+    weights = rank_params(cfg, Deployment(), 0) * cfg.torch_dtype.itemsize
+    kv = kv_cache_bytes(cfg, Deployment(), w, 0)
+    reserve = activation_reserve(cfg, Deployment(), w.batch_size * w.prompt_len, w.batch_size)
+    if weights + kv + reserve <= utilization * total - (total - free):
+        return None
+    return (f"compare's single-device reference needs {(weights + kv + reserve) / 2**30:.1f} GiB "
+            f"(weights {weights / 2**30:.1f}, KV {kv / 2**30:.1f}, activations {reserve / 2**30:.1f}) "
+            f"and one GPU gives {(utilization * total - (total - free)) / 2**30:.1f} GiB; compare a "
+            f"model that fits one GPU, or run each deployment with `expertmesh run --json` and "
+            f"compare their tokens")
 
 
 def _ms(seconds: float | None) -> str:

@@ -1,6 +1,12 @@
-"""Start the ranks of a run: locally (one forked process per rank, gloo on loopback) or by joining
-a group that `torchrun` set up (RANK / WORLD_SIZE / LOCAL_RANK in the environment; NCCL and one
-GPU per rank when CUDA is available).
+"""Start the ranks of a run: locally (one forked process per rank) or by joining a group that
+`torchrun` set up (RANK / WORLD_SIZE / LOCAL_RANK in the environment).
+
+Where the ranks run (`local_plan`, `torchrun_device`): without torchrun, on a machine without CUDA
+or under `--backend gloo`, every rank is a CPU process over gloo; on a GPU machine one rank runs on
+cuda:0, and N local ranks get one GPU each and NCCL when there are N GPUs (else the run is refused
+before it starts). Under torchrun a rank takes GPU `LOCAL_RANK % device_count` (SLURM may show each
+process only its own GPU) and NCCL, binds gloo to the interface `rank_env` chooses, and sets NCCL's
+diagnostics defaults. Every group gets the run's `timeout`, subgroups too (`group_timeout`).
 
 Failures are bounded: when a local rank raises or dies, the launcher kills every other rank and
 raises `RankFailure` naming the rank and its error; when the run outlives `timeout` seconds it
@@ -10,12 +16,14 @@ read without blocking, so a rank killed mid-report is a dead rank, not a hang. N
 the launcher.
 
 A local run listens on loopback only: the ranks meet through a file store in a private temporary
-directory (no rendezvous socket at all) and gloo binds the loopback interface.
+directory (no rendezvous socket at all), and gloo (and NCCL's bootstrap) bind the loopback interface.
+The launcher forks its ranks, so it never initializes CUDA itself first (it counts GPUs through
+NVML, which does not).
 
 Under torchrun `timeout` bounds each rank's run the same way: a rank still running after
 `timeout` seconds prints its stacks and exits with code 1, and torchrun stops the others. (The
-collectives' own timeout, also `timeout`, would miss a hang in a group made by `new_group` with
-its default 30 min, or in a kernel.) The process group's teardown is bounded too, and a rank dies
+collectives' own timeout, also `timeout` in every group, would miss a hang in a kernel or in the
+host code between collectives.) The process group's teardown is bounded too, and a rank dies
 with its torchrun agent, as a local rank dies with the launcher.
 """
 
@@ -45,14 +53,16 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from expertmesh.rank_env import prepare_local_rank, prepare_torchrun_rank
+
 T = TypeVar("T")
 POLL_S = 0.05
 FAILURE_GRACE_S = 1.0
 STACK_DUMP_S = 0.2  # what a timed-out rank gets to print its stacks
 TEARDOWN_S = 30.0  # what destroy_process_group gets (NCCL's can hang after a peer died)
-LOOPBACK = "lo"  # Linux's loopback interface, where gloo binds for a local run
 _HEADER = struct.Struct("!Q")  # a rank's report: its length, then the pickled (status, payload)
 _TORCHRUN_LAUNCHES = itertools.count()  # every rank makes the same calls: equal counts
+_GROUP_TIMEOUT: list[timedelta] = []  # the timeout of the process group this process joined
 # What gloo and NCCL say on a rank whose peer failed first.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
               "NCCL communicator was aborted")
@@ -68,8 +78,30 @@ def under_torchrun() -> bool:
     return "RANK" in os.environ and "WORLD_SIZE" in os.environ
 
 
+def cuda_devices() -> int:
+    """GPUs this process sees, counted without initializing CUDA where NVML can (fork stays safe)."""
+    return torch.cuda.device_count()
+
+
 def default_backend() -> str:
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    return "nccl" if cuda_devices() > 0 else "gloo"
+
+
+def local_plan(world_size: int, backend: str | None, gpus: int) -> tuple[str, str]:
+    """(device type, backend) of a run of `world_size` local ranks (no torchrun) on a machine
+    with `gpus` GPUs: the CPU and gloo without GPUs or when asked (`--backend gloo`), else one GPU
+    per rank and NCCL (nothing to join for a single rank). ValueError, one line, when the GPUs
+    are too few or NCCL has none."""
+    if backend == "gloo" or (gpus == 0 and backend is None):
+        return "cpu", "gloo"
+    if gpus == 0:
+        raise ValueError("--backend nccl needs CUDA GPUs, one per rank; this machine has none "
+                         "(drop --backend to run the ranks on the CPU over gloo)")
+    if world_size > gpus:
+        raise ValueError(f"{world_size} local ranks need {world_size} GPUs (one each) and this "
+                         f"machine has {gpus}; start the ranks on several nodes with torchrun, run "
+                         f"a smaller deployment, or add --backend gloo to run them on the CPU")
+    return "cuda", "nccl"
 
 
 def check_launch(world_size: int, backend: str | None, timeout: float) -> None:
@@ -78,9 +110,11 @@ def check_launch(world_size: int, backend: str | None, timeout: float) -> None:
         raise ValueError(f"timeout {timeout} must be a positive, finite number of seconds (--timeout)")
     if backend not in (None, "gloo", "nccl"):
         raise ValueError(f"unknown backend {backend!r}; use gloo or nccl (--backend)")
-    if backend == "nccl" and not (under_torchrun() and torch.cuda.is_available()):
-        raise ValueError("--backend nccl needs ranks started by torchrun, one per visible CUDA GPU; "
-                         "local ranks use gloo")
+    if backend == "nccl" and cuda_devices() == 0:
+        raise ValueError("--backend nccl needs CUDA GPUs, one per rank; this machine has none "
+                         "(drop --backend to run the ranks on the CPU over gloo)")
+    if not under_torchrun():
+        local_plan(world_size, backend, cuda_devices())
     if under_torchrun() and int(os.environ["WORLD_SIZE"]) != world_size:
         raise ValueError(f"torchrun started {os.environ['WORLD_SIZE']} processes but the deployment "
                          f"needs {world_size}; set --nnodes x --nproc-per-node to {world_size}")
@@ -92,15 +126,36 @@ def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None
     check_launch(world_size, backend, timeout)
     if under_torchrun():
         return _join_torchrun(fn, backend, timeout)
-    return _run_local(fn, world_size, backend or "gloo", timeout)
+    kind, backend = local_plan(world_size, backend, cuda_devices())
+    if kind == "cuda" and torch.cuda.is_initialized():
+        raise RuntimeError("this process initialized CUDA before forking its ranks, which then "
+                           "cannot use it; start multi-GPU runs from a fresh process or torchrun")
+    return _run_local(fn, world_size, kind, backend, timeout)
+
+
+def init_group(backend: str, store, rank: int, world_size: int, timeout: float,
+               device: torch.device) -> None:
+    """The default process group, bound to this rank's GPU under NCCL (`device_id`: NCCL sets up
+    its communicator now, on that GPU, and new groups split from it); its `timeout` is kept for
+    every subgroup (`group_timeout`)."""
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    limit = timedelta(seconds=timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=limit,
+                            device_id=device if device.type == "cuda" else None)
+    _GROUP_TIMEOUT[:] = [limit]
+
+
+def group_timeout() -> timedelta | None:
+    """The run's timeout, for `new_group` (whose default is 10 or 30 minutes, not the run's)."""
+    return _GROUP_TIMEOUT[0] if _GROUP_TIMEOUT else None
 
 
 def _join_torchrun(fn, backend, timeout):
     _die_with_agent()
     backend = backend or default_backend()
     device = torchrun_device(backend)
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
+    prepare_torchrun_rank(backend)
     rank = int(os.environ["RANK"])
     watchdog = _watchdog(timeout, f"rank {rank} timed out after {timeout:.0f} s (raise --timeout "
                                   f"if the run is just slow)")
@@ -108,8 +163,7 @@ def _join_torchrun(fn, backend, timeout):
     # a second group on the same keys would find the first one's (closed) gloo addresses.
     store, rank, world_size = next(dist.rendezvous("env://", timeout=timedelta(seconds=timeout)))
     store = dist.PrefixStore(f"expertmesh/launch{next(_TORCHRUN_LAUNCHES)}", store)
-    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                            timeout=timedelta(seconds=timeout))
+    init_group(backend, store, rank, world_size, timeout, device)
     try:
         return fn(device)
     finally:
@@ -121,11 +175,22 @@ def _join_torchrun(fn, backend, timeout):
         teardown.cancel()
 
 
-def torchrun_device(backend: str | None) -> torch.device:
-    """This torchrun rank's device: its GPU (LOCAL_RANK) under NCCL, else the CPU."""
+def torchrun_device(backend: str | None, gpus: int | None = None) -> torch.device:
+    """This torchrun rank's device: under NCCL GPU `LOCAL_RANK % gpus` (all of the node's GPUs
+    visible: its own; one visible per process, as SLURM may set it: that one), else the CPU."""
     if (backend or default_backend()) == "nccl":
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        gpus = cuda_devices() if gpus is None else gpus
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)) % max(gpus, 1))
     return torch.device("cpu")
+
+
+def local_device(world_size: int, backend: str | None) -> torch.device:
+    """Where a run of `world_size` ranks puts a rank that runs in this process (one rank, or
+    compare's reference): cuda:0 when its ranks go on GPUs, else the CPU."""
+    if under_torchrun():
+        return torchrun_device(backend)
+    kind, _ = local_plan(world_size, backend, cuda_devices())
+    return torch.device(kind, 0) if kind == "cuda" else torch.device("cpu")
 
 
 def _watchdog(seconds: float, message: str) -> threading.Timer:
@@ -167,20 +232,20 @@ def _die_with_agent() -> None:
         os._exit(1)
 
 
-def _child(rank, world_size, store_path, fn, report_fd, backend, timeout):
+def _child(rank, world_size, store_path, fn, report_fd, kind, backend, timeout):
     _die_with_parent()
     # Ctrl-C reaches every process of the terminal's group: the launcher alone handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The launcher's request at a timeout; to fd 2, which exists even when sys.stderr is replaced.
     faulthandler.register(signal.SIGUSR1, file=2, all_threads=True)
     torch.set_num_threads(1)  # ranks share the cores: one thread each avoids oversubscription
-    os.environ["GLOO_SOCKET_IFNAME"] = LOOPBACK  # else gloo binds what the hostname resolves to
+    prepare_local_rank(backend)  # else gloo binds what the hostname resolves to
+    device = torch.device(kind, rank) if kind == "cuda" else torch.device("cpu")
     ok = False
     try:
         store = dist.FileStore(store_path, world_size)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
-                                timeout=timedelta(seconds=timeout))
-        result = fn(torch.device("cpu"))
+        init_group(backend, store, rank, world_size, timeout, device)
+        result = fn(device)
         report = pickle.dumps(("ok", result if rank == 0 else None))
         ok = True
     except BaseException as exc:  # report anything, then exit
@@ -211,7 +276,7 @@ class _Report:
         return pickle.loads(memoryview(self.data)[_HEADER.size:])
 
 
-def _run_local(fn, world_size, backend, timeout):
+def _run_local(fn, world_size, kind, backend, timeout):
     ctx = mp.get_context("fork")
     private = tempfile.mkdtemp(prefix="expertmesh-")  # mode 0700: the store is this user's alone
     procs, reports = [], []
@@ -220,7 +285,7 @@ def _run_local(fn, world_size, backend, timeout):
             read_fd, write_fd = os.pipe()
             reports.append(_Report(read_fd))
             procs.append(ctx.Process(target=_child, daemon=True, args=(
-                r, world_size, os.path.join(private, "store"), fn, write_fd, backend, timeout)))
+                r, world_size, os.path.join(private, "store"), fn, write_fd, kind, backend, timeout)))
             procs[-1].start()
             os.close(write_fd)  # the rank holds the only write end
         return _wait(procs, reports, timeout)

@@ -124,6 +124,17 @@ def add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_le
     p.add_argument("--routing", default=None, help="routing statistics from `run --record-routing`")
 
 
+def add_memory_args(p: argparse.ArgumentParser) -> None:
+    """The KV pool's size (`serve`): blocks, else GiB, else the share of a GPU's memory."""
+    p.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                   help="on a GPU, without --kv-cache-gb / --num-blocks: the share of the device's "
+                        "memory the rank may fill (weights, activations, then KV blocks; default 0.9)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache per rank in GiB (overrides --gpu-memory-utilization; default on "
+                        "the CPU: 1)")
+    p.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank (overrides both)")
+
+
 def add_exchange_args(p: argparse.ArgumentParser) -> None:
     """The flags of the token exchange and the experts (`run`, `compare`, `serve`)."""
     p.add_argument("--a2a", default="flat", choices=("flat", "hierarchical"),

@@ -7,6 +7,12 @@ tracing off `span` returns a shared no-op context, so instrumented code costs on
 Spans are complete events ("ph": "X"): name, start and duration in microseconds, on the track
 (`tid`) of their rank; spans of one rank never overlap (they are nested or sequential), while an
 asynchronous exchange shows as a span on a second track of the rank ("rank R comm").
+
+On a GPU a host clock would time how long the host took to enqueue a span's kernels, not their
+work, so there `span` records a CUDA event pair on the current stream (`DeviceClock`): a span's
+duration is device time, its start the device's, placed on the host timeline by one event recorded
+when tracing started. The exchanges' spans (`record`) stay host observations: when the host saw
+an exchange start and finish.
 """
 
 from __future__ import annotations
@@ -16,22 +22,52 @@ import json
 import time
 from pathlib import Path
 
+import torch
+
 _spans: list[tuple[str, int, int, int]] | None = None  # (name, start ns, duration ns, lane)
+_clock = None  # a DeviceClock while tracing a GPU rank, else None (host clock)
 _lane_end: dict[int, int] = {}  # end of the last span recorded on each asynchronous lane
 _NOOP = contextlib.nullcontext()
 COMPUTE, COMM = 0, 1  # lanes of a rank: its main thread, and exchanges in flight
 
 
-def start_tracing() -> None:
-    global _spans
+class DeviceClock:
+    """Marks on a GPU stream: `mark()` records a timing event; `spans` turns (name, start mark,
+    end mark, lane) into (name, start ns, duration ns, lane) once the device has passed them."""
+
+    def __init__(self, device: torch.device, event=None, synchronize=None):
+        self.event = event or (lambda: torch.cuda.Event(enable_timing=True))
+        self.synchronize = synchronize or (lambda: torch.cuda.synchronize(device))
+        self.base, self.base_ns = self.mark(), time.perf_counter_ns()
+
+    def mark(self):
+        e = self.event()
+        e.record()
+        return e
+
+    def spans(self, marked: list) -> list[tuple[str, int, int, int]]:
+        self.synchronize()
+        return [(name, self.base_ns + int(self.base.elapsed_time(a) * 1e6),
+                 int(a.elapsed_time(b) * 1e6), lane) for name, a, b, lane in marked]
+
+
+def start_tracing(device: torch.device | None = None) -> None:
+    """Trace from now on; on a CUDA `device`, spans in device time (`DeviceClock`)."""
+    global _spans, _clock
     _spans = []
     _lane_end.clear()
+    _clock = DeviceClock(device) if device is not None and device.type == "cuda" else None
 
 
 def take_spans() -> list[tuple[str, int, int, int]]:
     """The spans recorded since `start_tracing`; tracing is off afterwards."""
-    global _spans
+    global _spans, _clock
     spans, _spans = _spans or [], None
+    if _clock is not None:
+        host = [s for s in spans if not hasattr(s[1], "elapsed_time")]
+        spans = sorted(host + _clock.spans([s for s in spans if hasattr(s[1], "elapsed_time")]),
+                       key=lambda s: s[1])
+    _clock = None
     return spans
 
 
@@ -42,10 +78,14 @@ class _Span:
         self.name, self.lane = name, lane
 
     def __enter__(self):
-        self.t0 = time.perf_counter_ns()
+        self.t0 = _clock.mark() if _clock is not None else time.perf_counter_ns()
 
     def __exit__(self, *exc):
-        if _spans is not None:
+        if _spans is None:
+            return
+        if _clock is not None:
+            _spans.append((self.name, self.t0, _clock.mark(), self.lane))
+        else:
             _spans.append((self.name, self.t0, time.perf_counter_ns() - self.t0, self.lane))
 
 

@@ -8,6 +8,7 @@ import types
 from pathlib import Path
 
 import pytest
+import torch
 
 from expertmesh.sim.hardware import HardwareProfile
 
@@ -110,15 +111,54 @@ def test_transformers_blocks_agree_with_expertmesh_before_timing():
     assert all(r["fp32_rel_diff"] < peers.FP32_RTOL for r in out["rows"])
 
 
-def test_gpu_check_dry_run_writes_a_profile_the_simulator_loads(tmp_path):
+def test_gpu_check_dry_run_runs_every_step_and_writes_a_profile_the_simulator_loads(tmp_path):
     record = gpu_check.main(["--dry-run", "--out", str(tmp_path)])
+    steps = record["steps"]
+    assert list(steps) == [name for name, _ in gpu_check.STEPS]
+    assert all(s["ok"] for s in steps.values()), {n: s.get("error") for n, s in steps.items()}
     profile = HardwareProfile.load(tmp_path / "profile.json")
     assert profile.bf16_flops > 0 and profile.hbm_bw > 0 and profile.gemm_half_tokens > 0
-    assert record["end_to_end"]["metrics"]["tpot_s"] > 0
-    assert "tpot_s" in record["end_to_end"]["simulated"]
-    paths = record["parallel_paths"]  # ep1 and tp1 give single's tokens (fp32 in a dry run)
-    assert len(paths) == 3 and all(p["tokens_match"] and p["max_abs_logit_diff"] < 1e-4 for p in paths.values())
+    assert steps["engine single"]["metrics"]["tpot_s"] > 0
+    assert "tpot_s" in record["simulated_end_to_end"]
+    paths = {n: p for n, p in steps["engine ep1"].items() if isinstance(p, dict)}
+    assert len(paths) == 4 and all(p["tokens_match"] and p["max_abs_logit_diff"] < 1e-4 for p in paths.values())
+    for case in (c for c in steps["attention backends"].values() if isinstance(c, dict)):  # paged vs math
+        paged = [r for name, r in case.items() if "paged" in name]
+        assert paged and all(r["max_abs_diff"] < 1e-4 for r in paged)
+    assert steps["prefill memory"]["simulated_activation_bytes"] > 0
     assert json.loads((tmp_path / "gpu_check.json").read_text())["dry_run"]
+
+
+def test_gpu_check_reports_a_failing_step_and_runs_the_next(tmp_path):
+    def broken(ctx):
+        raise RuntimeError("No available kernel. Aborting execution.\n(details)")
+
+    steps = [("broken", broken), ("launch", gpu_check.launch)]
+    record = gpu_check.check(tmp_path, dry_run=True, log=lambda line: None, steps=steps)
+    assert record["steps"]["broken"] == {"ok": False, "error": "RuntimeError: No available kernel. "
+                                         "Aborting execution.", "s": record["steps"]["broken"]["s"]}
+    assert record["steps"]["launch"]["ok"]
+
+
+def test_gpu_check_puts_only_decode_forwards_under_the_sync_check(monkeypatch, tmp_path):
+    """The wiring of the check, with the CUDA call recorded: "error" around each decode forward
+    (a step whose token bound rank 0 sent), never around a prefill."""
+    from expertmesh.config import Workload, preset
+    from expertmesh.deployment import Deployment
+    from expertmesh.engine.engine import Engine
+    from expertmesh.engine.serve import serve
+    from expertmesh.engine.worker import static_engine, static_requests
+    from expertmesh.model.transformer import reference_model
+
+    modes = []
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", modes.append)
+    ctx = gpu_check.Ctx(gpu_check.DRY, torch.device("cuda", 0), torch.float32, False, tmp_path)
+    cfg = preset("tiny")
+    requests = static_requests(Workload(batch_size=2, prompt_len=4, gen_len=3), cfg)
+    engine = Engine(reference_model(cfg), cfg, Deployment(), static_engine(requests, Deployment()), 0)
+    with gpu_check.no_host_sync_in_decode_forwards(ctx):
+        serve(engine, [(0, r) for r in requests])
+    assert modes == ["error", "default"] * 2  # 3 tokens: one prefill step, then two decode steps
 
 
 def test_scripts_answer_help_without_running():

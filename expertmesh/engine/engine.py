@@ -21,31 +21,45 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import torch
 import torch.distributed as dist
 
 from expertmesh import faults
 from expertmesh.config import ModelConfig
 from expertmesh.deployment import Deployment
+from expertmesh.engine.kv_budget import activation_reserve, kv_blocks_from_memory
 from expertmesh.engine.messages import Messages
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.engine.runner import Runner
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
 from expertmesh.engine.stages import StageLinks
-from expertmesh.model.transformer import MoETransformer
+from expertmesh.model.transformer import MoETransformer, parameter_bytes
+from expertmesh.parallel.mesh import new_group
 
 
-def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine: EngineConfig) -> int:
+CPU_KV_CACHE_GB = 1.0  # a CPU rank's pool when no size is given: a host has no "free device memory"
+
+
+def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine: EngineConfig,
+                device: torch.device = torch.device("cpu"), weights: int = 0) -> int:
     """Blocks per pool: `engine.num_blocks`, else as many as `kv_cache_gb` holds on the rank with
-    the most KV bytes per block (most layers, KV heads / tp), the same number on every rank so
-    that the replicas of a scheduler agree."""
+    the most KV bytes per block (most layers, KV heads / tp), else on a GPU what
+    `gpu_memory_utilization` leaves of it with `weights` bytes loaded (`kv_budget.py`; the
+    caller takes the minimum over the ranks), else `CPU_KV_CACHE_GB`."""
     if engine.num_blocks is not None:
         return engine.num_blocks
     layers = max(len(r) for r in deployment.stage_layers(cfg.n_layers))
     per_block = (2 * engine.block_size * (cfg.n_kv_heads // deployment.tp) * cfg.head_dim
                  * cfg.torch_dtype.itemsize * layers)
-    blocks = int(engine.kv_cache_gb * 2**30) // per_block
+    if engine.kv_cache_gb is None and device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        reserve = activation_reserve(cfg, deployment, engine.max_batched_tokens, engine.max_seqs)
+        return kv_blocks_from_memory(free, total, weights, reserve, per_block,
+                                     engine.gpu_memory_utilization)
+    gb = CPU_KV_CACHE_GB if engine.kv_cache_gb is None else engine.kv_cache_gb
+    blocks = int(gb * 2**30) // per_block
     if blocks < 1:
-        raise ValueError(f"--kv-cache-gb {engine.kv_cache_gb} holds no KV block of {per_block} bytes; "
+        raise ValueError(f"--kv-cache-gb {gb} holds no KV block of {per_block} bytes; "
                          f"raise it")
     return blocks
 
@@ -71,17 +85,17 @@ class Engine:
                  eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1,
                  overlap: str = "auto"):
         self.cfg, self.deployment, self.rank = cfg, deployment, rank
-        self.num_blocks = pool_blocks(cfg, deployment, engine)
+        self.distributed = dist.is_initialized()
+        self.group = None
+        if self.distributed and dist.get_backend() != "gloo":
+            self.group = new_group(backend="gloo")  # the control path stays on the CPU
+        self.num_blocks = self._agreed_blocks(model, engine)
         self.scheduler = Scheduler(engine, self.num_blocks, eos)
         self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro,
                              overlap)
         inner = deployment.coords(rank)[1]
         self.dp = inner if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)
-        self.distributed = dist.is_initialized()
-        self.group = None
-        if self.distributed and dist.get_backend() != "gloo":
-            self.group = dist.new_group(backend="gloo")  # the control path stays on the CPU
         self.messages = Messages(self.group) if self.distributed else None
         # rank 0's view of the front
         self.new: list[Request] = []
@@ -89,6 +103,18 @@ class Engine:
         self.live: set = set()
         self.dp_stats = [self.scheduler.stats() for _ in range(deployment.dp)]
         self.stopped = False
+
+    def _agreed_blocks(self, model: MoETransformer, engine: EngineConfig) -> int:
+        """`pool_blocks` on this rank; sized from device memory, the smallest over the ranks
+        (one all-reduce over the gloo group), so that every replica of a scheduler agrees."""
+        device = next(model.parameters()).device
+        weights = parameter_bytes(model, self.cfg.torch_dtype)
+        blocks = pool_blocks(self.cfg, self.deployment, engine, device, weights)
+        if self.distributed and engine.num_blocks is None and engine.kv_cache_gb is None and device.type == "cuda":
+            agreed = torch.tensor([blocks])
+            dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
+            blocks = int(agreed)
+        return blocks
 
     # ---- rank 0's API ----
     def add_request(self, request: Request) -> None:

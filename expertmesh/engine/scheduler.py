@@ -27,13 +27,15 @@ from expertmesh.engine.request import Request, TokenOutput
 @dataclass(frozen=True)
 class EngineConfig:
     """block_size: tokens per KV block. num_blocks: blocks per pool (None: as many as
-    `kv_cache_gb` holds on the rank with the most KV per block). max_batched_tokens: tokens per
+    `kv_cache_gb` holds on the rank with the most KV per block; neither given: on a GPU what
+    `gpu_memory_utilization` of it leaves (`kv_budget.py`), on the CPU 1 GiB). max_batched_tokens: tokens per
     forward. max_seqs: running sequences per data-parallel rank. chunked_prefill: a prompt may be
     prefilled over several steps (else it must fit `max_batched_tokens` whole)."""
 
     block_size: int = 16
     num_blocks: int | None = None
-    kv_cache_gb: float = 1.0
+    kv_cache_gb: float | None = None
+    gpu_memory_utilization: float = 0.9
     max_batched_tokens: int = 512
     max_seqs: int = 64
     chunked_prefill: bool = True
@@ -45,8 +47,10 @@ class EngineConfig:
                 raise ValueError(f"{name.replace('_', '-')} {value!r} must be a positive integer")
         if self.num_blocks is not None and (not isinstance(self.num_blocks, int) or self.num_blocks < 1):
             raise ValueError(f"num-blocks {self.num_blocks!r} must be a positive integer")
-        if not self.kv_cache_gb > 0:
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv-cache-gb {self.kv_cache_gb} must be > 0")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
 
 
 @dataclass(eq=False)

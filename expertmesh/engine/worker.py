@@ -86,7 +86,7 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
     if dist.is_initialized():
         dist.barrier()
     if spec.trace:
-        start_tracing()
+        start_tracing(device)
     requests = static_requests(w, spec.cfg)
     measured = engine(requests, spec.record_logits)
     progress = (lambda t: on_step(t.steps - 1)) if on_step is not None and rank == 0 else None

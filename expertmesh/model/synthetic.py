@@ -6,6 +6,11 @@ holds a slice of a weight (an expert, a block of heads, a block of hidden units)
 that slice, and it equals the same slice of the single-device reference's weight. No rank ever
 builds the whole model.
 
+The hash runs where the weight will live: on a GPU it is a few elementwise kernels per weight
+(the paper model's 35 B weights in seconds, where one host thread per rank took minutes), and its
+int32 arithmetic is the same on every device, so every deployment gets the same weights whichever
+device made them. It runs over slabs of the leading dimension, so its temporaries stay small.
+
 Parallel code records what slice a parameter holds with `mark_shard`; `materialize` then fills
 every parameter of a model built on the `meta` device.
 """
@@ -26,6 +31,7 @@ _MULTIPLIERS = (0x7FEB352D, -0x7B935975)
 
 # Per-dimension index of a shard: a slice of the global dimension or an explicit list of indices.
 DimIndex = slice | Sequence[int]
+SLAB_ELEMENTS = 1 << 26  # elements hashed at once: bounds the int32 temporaries (256 MiB each)
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -37,38 +43,48 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def _dim_positions(index: DimIndex, size: int) -> torch.Tensor:
+def _dim_positions(index: DimIndex, size: int, device: torch.device) -> torch.Tensor:
     if isinstance(index, slice):
-        return torch.arange(size)[index]
-    return torch.as_tensor(list(index), dtype=torch.long)
+        return torch.arange(size, device=device)[index]
+    return torch.as_tensor(list(index), dtype=torch.long).to(device)
 
 
 def synthetic_values(seed: int, name: str, global_shape: Sequence[int],
-                     index: Sequence[DimIndex] | None = None) -> torch.Tensor:
-    """The values at `index` of the synthetic parameter `name` of shape `global_shape` (fp32).
+                     index: Sequence[DimIndex] | None = None,
+                     device: torch.device | str = "cpu") -> torch.Tensor:
+    """The values at `index` of the synthetic parameter `name` of shape `global_shape` (fp32),
+    computed on `device`.
 
     Norm weights (names ending in `norm.weight`) are ones, as a freshly built model has them.
     """
     index = list(index) if index is not None else [slice(None)] * len(global_shape)
-    positions = [_dim_positions(ix, n) for ix, n in zip(index, global_shape)]
+    positions = [_dim_positions(ix, n, torch.device(device)) for ix, n in zip(index, global_shape)]
     shape = [len(p) for p in positions]
     if name.endswith("norm.weight"):
-        return torch.ones(shape)
+        return torch.ones(shape, device=device)
     strides = [1] * len(global_shape)
     for d in range(len(global_shape) - 2, -1, -1):
         strides[d] = strides[d + 1] * global_shape[d + 1]
     if math.prod(global_shape) >= 2**31:
         raise ValueError(f"synthetic weight {name} has over 2**31 elements; split it")
-    linear = torch.zeros(shape, dtype=torch.int32)
-    for d, (pos, stride) in enumerate(zip(positions, strides)):
-        view = [1] * len(shape)
-        view[d] = len(pos)
-        linear += (pos * stride).to(torch.int32).view(view)
     key = zlib.crc32(f"{seed}:{name}".encode())
     key = key - 2**32 if key >= 2**31 else key  # as a signed int32
-    bits = _mix(_mix(linear) ^ key)
     fan_in = global_shape[-1] if len(global_shape) > 1 else 1
-    return bits.to(torch.float32).mul_(2.0**-31 / fan_in**0.5)
+    out = torch.empty(shape, dtype=torch.float32, device=device)
+    if not shape:
+        return out
+    offsets = [(p * s).to(torch.int32) for p, s in zip(positions, strides)]
+    rows = max(1, SLAB_ELEMENTS // max(1, math.prod(shape[1:])))
+    for start in range(0, shape[0], rows):
+        slab = [offsets[0][start:start + rows], *offsets[1:]]
+        linear = torch.zeros([len(slab[0]), *shape[1:]], dtype=torch.int32, device=device)
+        for d, o in enumerate(slab):
+            view = [1] * len(shape)
+            view[d] = len(o)
+            linear += o.view(view)
+        bits = _mix(_mix(linear) ^ key)
+        out[start:start + rows] = bits.to(torch.float32).mul_(2.0**-31 / fan_in**0.5)
+    return out
 
 
 def mark_shard(module: nn.Module, param: str, global_shape: Sequence[int],
@@ -108,5 +124,6 @@ def fill_parameters(model: nn.Module, values_of: Callable[[str, tuple, tuple | N
 
 def materialize(model: nn.Module, seed: int, dtype: torch.dtype,
                 device: torch.device | str = "cpu") -> nn.Module:
-    """Replace every (meta) parameter with its synthetic values; returns `model` in eval mode."""
-    return fill_parameters(model, functools.partial(synthetic_values, seed), dtype, device)
+    """Replace every (meta) parameter with its synthetic values, computed on `device`; returns
+    `model` in eval mode."""
+    return fill_parameters(model, functools.partial(synthetic_values, seed, device=device), dtype, device)

@@ -1,12 +1,18 @@
 """Process groups of a deployment: one EP or TP group per pipeline stage, and under a device
 backend (NCCL) a gloo twin of each, for small agreements on the host that must not wait for the
-device."""
+device. Every group this project makes comes from `new_group`, with the run's timeout."""
 
 from __future__ import annotations
 
 import torch.distributed as dist
 
 from expertmesh.deployment import Deployment
+from expertmesh.launch import group_timeout
+
+
+def new_group(ranks: list[int] | None = None, backend: str | None = None) -> dist.ProcessGroup:
+    """`dist.new_group` bounded by the run's `--timeout` (torch's default is 10 or 30 minutes)."""
+    return dist.new_group(ranks, timeout=group_timeout(), backend=backend)
 
 
 def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
@@ -20,8 +26,8 @@ def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
     twins = dist.get_backend() != "gloo"
     for stage in range(deployment.pp):
         ranks = list(range(stage * deployment.inner, (stage + 1) * deployment.inner))
-        group = dist.new_group(ranks)
-        twin = dist.new_group(ranks, backend="gloo") if twins else group
+        group = new_group(ranks)
+        twin = new_group(ranks, backend="gloo") if twins else group
         if rank in ranks:
             mine = group
             _HOST_TWIN[group] = twin
@@ -39,6 +45,13 @@ def all_gather_flat(output, input, group: dist.ProcessGroup | None = None) -> No
     """
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(output, input, group=group)
+
+
+def with_host_twin(group: dist.ProcessGroup) -> dist.ProcessGroup:
+    """`group`, given a gloo twin over the same ranks for `host_group` (a group made outside
+    `stage_group`, e.g. one GPU's world of one in `benchmarks/gpu_check.py`). Collective."""
+    _HOST_TWIN[group] = new_group(dist.get_process_group_ranks(group), backend="gloo")
+    return group
 
 
 def host_group(group: dist.ProcessGroup) -> dist.ProcessGroup:

@@ -23,8 +23,8 @@ from expertmesh.checkpoint.hf_config import eos_ids
 from expertmesh.deployment import Deployment
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
-from expertmesh.launch import launch, under_torchrun
-from expertmesh.run_flags import add_exchange_args, spec_from_flags
+from expertmesh.launch import launch, local_device, under_torchrun
+from expertmesh.run_flags import add_exchange_args, add_memory_args, spec_from_flags
 
 # The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
 # each engine step instead (server/rank.py).
@@ -39,7 +39,8 @@ def cmd_serve(args) -> int:
                                   record_routing=None, trace=None, redundant_experts=0, routing=None)
     spec = spec_from_flags(run_args, deployment)
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
-                          kv_cache_gb=args.kv_cache_gb, max_batched_tokens=args.max_batched_tokens,
+                          kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
+                          max_batched_tokens=args.max_batched_tokens,
                           max_seqs=args.max_seqs)
     pool_blocks(spec.cfg, deployment, engine)
     try:
@@ -57,7 +58,7 @@ def cmd_serve(args) -> int:
     try:
         if deployment.world_size == 1 and not under_torchrun():
             torch.set_num_threads(max(1, os.cpu_count() or 1))
-            fn(torch.device("cpu"))
+            fn(local_device(1, args.backend))
             return 0
         if under_torchrun():  # this process is a rank: rank 0 answers the signals itself
             launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
@@ -143,8 +144,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--seed", type=int, default=0, help="seed of a preset's synthetic weights")
     serve.add_argument("--block-size", type=int, default=16, help="tokens per KV cache block")
-    serve.add_argument("--kv-cache-gb", type=float, default=1.0, help="KV cache per rank (GiB)")
-    serve.add_argument("--num-blocks", type=int, default=None, help="KV blocks per rank (overrides --kv-cache-gb)")
+    add_memory_args(serve)
     serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
     serve.add_argument("--max-seqs", type=int, default=64, help="running sequences per data-parallel rank")
     serve.add_argument("--micro-batches", type=int, default=None,

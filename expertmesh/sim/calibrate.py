@@ -53,12 +53,21 @@ def matmul_throughput(dtype: torch.dtype, repeat: int) -> dict[int, float]:
 
 
 def fit_gemm(throughput: dict[int, float]) -> tuple[float, float]:
-    """(peak FLOP/s, half_tokens) of efficiency(m) = m / (m + half), by least squares on 1/tput:
-    1 / tput(m) = 1 / peak + half / (peak m)."""
+    """(peak FLOP/s, half_tokens) of efficiency(m) = m / (m + half): 1 / tput(m) = a + b / m with
+    peak = 1 / a, half = b / a, fitted by least squares on the *relative* error of each point.
+
+    Absolute residuals of 1/tput would let the few-row points (1/tput large: time per call
+    dominated by launch and weight reads) decide alone, driving a to zero: an unbounded peak (a
+    GPU's bf16 timings, flat at ~0.1 ms up to 128 rows, gave 1e18 FLOP/s). Weighted, every row
+    count counts alike; the peak is never below the best throughput measured, and where the data
+    show no bend at all (a <= 0) it is that best figure."""
     m = np.array(list(throughput), dtype=float)
-    inv = 1.0 / np.array(list(throughput.values()))
-    a, b = np.linalg.lstsq(np.stack([np.ones_like(m), 1 / m], 1), inv, rcond=None)[0]
-    peak = 1.0 / max(a, 1e-30)
+    tput = np.array(list(throughput.values()), dtype=float)
+    a, b = np.linalg.lstsq(np.stack([np.ones_like(m), 1 / m], 1) * tput[:, None], np.ones_like(m),
+                           rcond=None)[0]
+    best = float(tput.max())
+    peak = max(1.0 / a, best) if a > 0 else best
+    # half from the fitted slope b = half / peak, at the peak kept
     return float(peak), float(max(b * peak, 1e-3))
 
 
