@@ -44,7 +44,8 @@ from expertmesh.engine.spec import RunSpec  # noqa: E402
 from expertmesh.engine.worker import serve_rank, static_engine, static_requests  # noqa: E402
 from expertmesh.launch import launch  # noqa: E402
 from expertmesh.model.attention import Attention, Contiguous, KVCache  # noqa: E402
-from expertmesh.model.paged import KVPool, PagedBatch, PagedView, Workspace  # noqa: E402
+from expertmesh.model.attn_backends.torch_paged import TorchBackend  # noqa: E402
+from expertmesh.model.paged import KVPool, PagedBatch, PagedView  # noqa: E402
 from expertmesh.model.synthetic import materialize  # noqa: E402
 from expertmesh.model.transformer import build_model  # noqa: E402
 
@@ -99,7 +100,7 @@ def attention_section(quick: bool) -> dict:
     order = list(range(B * per_seq))
     random.Random(0).shuffle(order)  # blocks scattered over the pool, as after a long run
     tables = [order[i * per_seq:(i + 1) * per_seq] for i in range(B)]
-    batch = PagedBatch([(ctx, 1, t) for t in tables], block, torch.device("cpu"), Workspace())
+    batch = PagedBatch([(ctx, 1, t) for t in tables], block, torch.device("cpu"), TorchBackend.for_pool(pool.k))
 
     def contiguous():
         attn(x, Contiguous(cache, slice(None), ctx))

@@ -25,7 +25,8 @@ from expertmesh.engine.finite import FiniteCheck
 from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import Draws, finish_draws, start_draws
 from expertmesh.engine.scheduler import Sequence
-from expertmesh.model.paged import PagedBatch, Workspace, upload
+from expertmesh.model.paged import PagedBatch, upload
+from expertmesh.model.attn_backends.torch_paged import TorchBackend
 from expertmesh.model.steps import take_turns
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.parallel.expert import ExchangeChoice
@@ -44,7 +45,8 @@ class Runner:
         self.device, self.dtype = ref.device, ref.dtype
         self.record_logits = record_logits and self.links.is_last
         self.finite = FiniteCheck(model)
-        self.workspace = Workspace()
+        pool = next(iter(self.pools.values()), None)
+        self.backend = TorchBackend.for_pool(pool.k) if pool is not None else TorchBackend()
         self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
 
@@ -118,7 +120,7 @@ class Runner:
 
     def _batch(self, chosen: list[tuple[Sequence, int]]) -> PagedBatch:
         return PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
-                          self.device, self.workspace)
+                          self.device, self.backend)
 
     def _start_sampling(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
                         logits: torch.Tensor) -> tuple[list, Draws, list]:
