@@ -26,7 +26,7 @@ from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import Draws, finish_draws, start_draws
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, upload
-from expertmesh.model.attn_backends.torch_paged import TorchBackend
+from expertmesh.model.attn_backends import choose_backend
 from expertmesh.model.steps import take_turns
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.parallel.expert import ExchangeChoice
@@ -45,8 +45,8 @@ class Runner:
         self.device, self.dtype = ref.device, ref.dtype
         self.record_logits = record_logits and self.links.is_last
         self.finite = FiniteCheck(model)
-        pool = next(iter(self.pools.values()), None)
-        self.backend = TorchBackend.for_pool(pool.k) if pool is not None else TorchBackend()
+        self.backend = choose_backend(next(iter(self.pools.values()), None),
+                                      next(iter(model.layers.values()), None))
         self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
 

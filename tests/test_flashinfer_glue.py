@@ -1,0 +1,139 @@
+"""FlashInfer's glue (model/attn_backends/flashinfer.py), checked on the CPU: the page table the
+backend hands FlashInfer (qo_indptr, kv_indptr, kv_indices, kv_last_page_len over the pool in
+NHD layout), built from real engine batches, is run here through a plain torch implementation of
+FlashInfer's documented contract (`contract_attention`, independent of the backend's code); the
+logits and greedy tokens equal the reference model's, and a wrong index array breaks them."""
+
+import math
+
+import torch
+
+from expertmesh.deployment import Deployment
+from expertmesh.engine.engine import Engine
+from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.model.attn_backends.flashinfer import FlashInferBackend, PageTable, page_table
+from expertmesh.model.paged import PagedBatch
+from serving import naive_tokens
+from test_paged import reference_logits, run_schedule, scattered_tables
+
+
+def contract_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, t: PageTable,
+                       causal: bool) -> torch.Tensor:
+    """FlashInfer's batch attention over a paged cache, as its documentation states it. q `[N, h, d]`;
+    k_pages, v_pages `[pages, page_size, g, d]` (NHD). Request i owns query rows
+    qo_indptr[i] .. qo_indptr[i+1]-1 and pages kv_indices[kv_indptr[i] .. kv_indptr[i+1]-1], of
+    which the last holds kv_last_page_len[i] positions. Query head j reads KV head j // (h / g);
+    scale 1 / sqrt(d); causal: query row r of n sees positions 0 .. kv_len - n + r."""
+    N, h, d = q.shape
+    page, g = k_pages.shape[1], k_pages.shape[2]
+    kv_head = torch.arange(h) // (h // g)
+    out = torch.full_like(q, float("nan"))
+    for i in range(len(t.qo_indptr) - 1):
+        pages = t.kv_indices[int(t.kv_indptr[i]):int(t.kv_indptr[i + 1])].long()
+        kv_len = (len(pages) - 1) * page + int(t.kv_last_page_len[i])
+        keys = k_pages[pages].reshape(-1, g, d)[:kv_len, kv_head].double()  # [kv_len, h, d]
+        values = v_pages[pages].reshape(-1, g, d)[:kv_len, kv_head].double()
+        rows = slice(int(t.qo_indptr[i]), int(t.qo_indptr[i + 1]))
+        queries = q[rows].double()
+        n = queries.shape[0]
+        scores = torch.einsum("nhd,khd->hnk", queries, keys) / math.sqrt(d)
+        if causal:
+            seen = torch.arange(kv_len)[None, :] <= kv_len - n + torch.arange(n)[:, None]
+            scores = scores.masked_fill(~seen, float("-inf"))
+        else:
+            assert n == 1, "the decode wrapper takes one query per request"
+        out[rows] = torch.einsum("hnk,khd->nhd", scores.softmax(-1), values).to(q.dtype)
+    return out
+
+
+class ContractBackend(FlashInferBackend):
+    """The FlashInfer backend with FlashInfer's two calls replaced: `_plan` keeps the arguments it
+    would hand FlashInfer, `_run` computes FlashInfer's contract from exactly those. `corrupt`
+    rewrites a page table before it is used (to show a wrong one fails)."""
+
+    def __init__(self, corrupt=None):  # no FlashInfer here: nothing of the wrappers is built
+        self.planned: list[PageTable] = []
+        self.corrupt = corrupt
+
+    def prepare(self, batch, up):
+        table = page_table(batch)
+        if self.corrupt is not None:
+            table = self.corrupt(table)
+        if batch.n_tokens:
+            self._plan(table, batch.block_size)
+        return table
+
+    def _plan(self, table: PageTable, page_size: int) -> None:
+        self.planned.append(table)
+
+    def _run(self, q, pool, table: PageTable):
+        assert table is self.planned[-1], "run with the table planned for the step"
+        return contract_attention(q, pool.k, pool.v, table, causal=not table.decode_only)
+
+
+def test_the_page_table_of_a_batch_is_flashinfers_csr_layout():
+    batch = PagedBatch([(0, 3, [5, 2]), (6, 1, [7, 1]), (2, 6, [3, 0, 9])], 4, torch.device("cpu"),
+                       ContractBackend())
+    t = page_table(batch)
+    assert t.qo_indptr.tolist() == [0, 3, 4, 10]
+    assert t.kv_indptr.tolist() == [0, 1, 3, 5]  # 3, 7 and 8 positions: 1, 2, 2 pages of 4
+    assert t.kv_indices.tolist() == [5, 7, 1, 3, 0]
+    assert t.kv_last_page_len.tolist() == [3, 3, 4]
+    assert all(x.dtype == torch.int32 for x in (t.qo_indptr, t.kv_indptr, t.kv_indices, t.kv_last_page_len))
+    assert not t.decode_only
+
+
+def test_flashinfers_contract_over_the_page_table_gives_the_reference_logits(small_model):
+    """Prefill chunks beside decodes (the prefill wrapper) and decode-only steps (the decode
+    wrapper), GQA, blocks scattered over the pool."""
+    model = small_model(seed=1, n_kv_heads=2)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [torch.randint(0, model.cfg.vocab_size, (n,), generator=gen).tolist() for n in (9, 2, 14, 7)]
+    steps = [[(0, 5), (2, 3)], [(0, 1), (1, 1), (2, 7)], [(0, 1), (2, 4), (3, 5)],
+             [(0, 1), (3, 1)], [(0, 1)], [(1, 1), (0, 1), (3, 1)]]
+    seqs[0] += [5]
+    backend = ContractBackend()
+    seen = run_schedule(model, seqs, steps, scattered_tables(4, 4, seed=2), backend)
+    assert [t.decode_only for t in backend.planned] == [False, False, False, True, True, True]
+    for i, ids in enumerate(seqs):
+        ref = reference_logits(model, ids)
+        for pos, logits in seen[i]:
+            torch.testing.assert_close(logits, ref[pos], rtol=1e-4, atol=1e-4)
+
+
+def _engine_tokens(model, backend) -> dict:
+    engine = Engine(model, model.cfg, Deployment(), EngineConfig(block_size=4, num_blocks=64,
+                                                                  max_batched_tokens=16, max_seqs=4))
+    engine.runner.backend = backend
+    prompts = {0: (3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4), 1: (2, 7, 1), 2: (8, 2, 8, 1, 8)}
+    for rid, prompt in prompts.items():
+        engine.add_request(Request(rid, prompt, 6))
+    tokens = {rid: [] for rid in prompts}
+    while engine.has_work:
+        for out in engine.step():
+            tokens[out.request_id].append(out.token)
+    engine.shutdown()
+    return {rid: (prompts[rid], got) for rid, got in tokens.items()}
+
+
+def test_engine_batches_through_the_contract_generate_the_reference_tokens(small_model):
+    """Chunked prefill (a 20-token prompt over a 16-token budget) beside decodes, then decodes."""
+    model = small_model(seed=2, n_kv_heads=2)
+    backend = ContractBackend()
+    for prompt, got in _engine_tokens(model, backend).values():
+        assert got == naive_tokens(model, prompt, 6)
+    assert any(t.decode_only for t in backend.planned) and not all(t.decode_only for t in backend.planned)
+
+
+def test_a_wrong_index_array_gives_other_tokens(small_model):
+    """The same engine run with each sequence's pages in reverse order: the contract reads other
+    keys and values, and the tokens change (so the check above can fail)."""
+    model = small_model(seed=2, n_kv_heads=2)
+
+    def reverse_pages(t: PageTable) -> PageTable:
+        pages = [t.kv_indices[int(a):int(b)].flip(0) for a, b in zip(t.kv_indptr[:-1], t.kv_indptr[1:])]
+        return PageTable(t.qo_indptr, t.kv_indptr, torch.cat(pages), t.kv_last_page_len, t.decode_only)
+
+    wrong = _engine_tokens(model, ContractBackend(reverse_pages))
+    assert any(got != naive_tokens(model, prompt, 6) for prompt, got in wrong.values())
