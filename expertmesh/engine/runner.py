@@ -21,6 +21,7 @@ from itertools import accumulate
 
 import torch
 
+from expertmesh.engine.block_tables import BlockTables
 from expertmesh.engine.finite import FiniteCheck
 from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import Draws, finish_draws, start_draws
@@ -47,6 +48,7 @@ class Runner:
         self.finite = FiniteCheck(model)
         self.backend = choose_backend(next(iter(self.pools.values()), None),
                                       next(iter(model.layers.values()), None))
+        self.block_tables = BlockTables()
         self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
 
@@ -119,8 +121,10 @@ class Runner:
         return None
 
     def _batch(self, chosen: list[tuple[Sequence, int]]) -> PagedBatch:
-        return PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
-                          self.device, self.backend)
+        needed = [-(-(seq.computed + n) // self.block_size) for seq, n in chosen]
+        tables = self.block_tables.step([seq for seq, _ in chosen], needed)
+        return PagedBatch([(seq.computed, n, None) for seq, n in chosen], self.block_size, self.device,
+                          self.backend, tables)
 
     def _start_sampling(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
                         logits: torch.Tensor) -> tuple[list, Draws, list]:

@@ -17,8 +17,8 @@ Prefill chunks: all of a step's in one padded SDPA call: queries `[P, h, Lmax, d
 padded by repeating their last token), keys gathered `[P, g, Cmax, d]`, a causal mask by position
 `[P, 1, Lmax, Cmax]`; the padded rows' outputs are dropped.
 
-Everything per step (gather indices, masks) is built once, in `prepare`; per layer `attend` runs
-the gathers and the SDPA calls only.
+Everything per step (gather indices, masks) is built once, at the first layer; per layer
+`attend` runs the gathers and the SDPA calls only.
 """
 
 from __future__ import annotations
@@ -87,8 +87,14 @@ class TorchBackend:
         return out
 
     def prepare(self, batch, up: dict[str, torch.Tensor]) -> dict:
+        """The step's state: its uploaded arrays; the gather slots and masks follow at the first
+        layer (`_device_plan`), device work kept off the host's step setup."""
+        return {"up": up, "pieces": None, "prefill": None, "masks": {}}
+
+    def _device_plan(self, batch) -> None:
         """Once per step, on the device: each decode piece's gather slots and mask, the prefill
         call's slots and causal mask."""
+        meta, up = batch.meta, batch.meta["up"]
         s, lens = batch.block_size, batch.kv_lens
         decodes = [i for i, n in enumerate(batch.seq_lens) if n == 1]
         pieces, first = [], 0
@@ -103,7 +109,7 @@ class TorchBackend:
                 mask = mask[:, None, None, :]
             pieces.append(_Piece(up["decode_tokens"][part], _slots(tables[part], width, s), width, mask))
             first += count
-        prefill = None
+        meta["pieces"] = pieces
         if "prefill_rows" in up:
             rows = up["prefill_rows"]
             P = rows.shape[0]
@@ -112,10 +118,9 @@ class TorchBackend:
             queries = up["prefill_queries"]
             position = batch.positions.index_select(0, queries).view(P, width)
             mask = torch.arange(context, device=batch.device)[None, None, :] <= position[:, :, None]
-            prefill = _Prefill(queries, up["prefill_keep"], queries.index_select(0, up["prefill_keep"]),
-                               _slots(up["tables"].index_select(0, rows), context, s),
-                               (P, width, context), mask[:, None])
-        return {"pieces": pieces, "prefill": prefill, "masks": {}}
+            meta["prefill"] = _Prefill(queries, up["prefill_keep"], queries.index_select(0, up["prefill_keep"]),
+                                       _slots(up["tables"].index_select(0, rows), context, s),
+                                       (P, width, context), mask[:, None])
 
     def _pieces(self, lens: list[int]) -> list[tuple[int, int]]:
         """Consecutive runs of decoding sequences: (count, longest length) each, under the budget."""
@@ -132,6 +137,8 @@ class TorchBackend:
     def attend(self, q: torch.Tensor, pool, batch) -> torch.Tensor:
         """q `[N, h, d]` over the pool `[B, s, g, d]` (this step's k, v already stored) -> `[N, h, d]`."""
         meta = batch.meta
+        if meta["pieces"] is None:
+            self._device_plan(batch)
         nb, s, g, d = pool.k.shape
         N, h, _ = q.shape
         flat_k, flat_v = pool.k.view(nb * s, g, d), pool.v.view(nb * s, g, d)
