@@ -105,7 +105,7 @@ def attention_section(quick: bool) -> dict:
     order = list(range(B * per_seq))
     random.Random(0).shuffle(order)  # blocks scattered over the pool, as after a long run
     tables = [order[i * per_seq:(i + 1) * per_seq] for i in range(B)]
-    batch = PagedBatch([(ctx, 1, t) for t in tables], block, torch.device("cpu"), TorchBackend.for_pool(pool.k))
+    batch = PagedBatch([(ctx, 1, t) for t in tables], block, torch.device("cpu"), TorchBackend.for_device(pool.k.device, cfg.n_kv_heads * cfg.head_dim * dtype.itemsize))
 
     def contiguous():
         attn(x, Contiguous(cache, slice(None), ctx))

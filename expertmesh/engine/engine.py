@@ -69,12 +69,12 @@ class Engine:
     def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
                  engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
                  eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1,
-                 overlap: str = "auto"):
+                 overlap: str = "auto", graphs: str = "auto"):
         self.cfg, self.deployment, self.rank = cfg, deployment, rank
         self.num_blocks = pool_blocks(cfg, deployment, engine)
         self.scheduler = Scheduler(engine, self.num_blocks, eos)
         self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro,
-                             overlap)
+                             overlap, engine.max_seqs, graphs)
         inner = deployment.coords(rank)[1]
         self.dp = inner if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)

@@ -56,6 +56,8 @@ class PagedBatch:
     kv_lens `[S]`, and the backend's own arrays. `rope(d, theta)`: cos, sin `[N, d]`, once a step.
     """
 
+    static = False  # `engine/graphs.py`'s padded decode plan is static: shapes by bucket only
+
     def __init__(self, chunks: list[tuple[int, int, list[int]]], block_size: int, device: torch.device,
                  backend=None, tables: torch.Tensor | None = None):
         self.block_size, self.device = block_size, device

@@ -12,20 +12,27 @@ from __future__ import annotations
 import importlib.util
 import sys
 
+import torch
+
 from expertmesh.model.attn_backends.torch_paged import TorchBackend
 
 
-def choose_backend(pool, layer):
+def flashinfer_applies(device: torch.device) -> bool:
+    """FlashInfer runs here: a CUDA device, and the package installed."""
+    return device.type == "cuda" and importlib.util.find_spec("flashinfer") is not None
+
+
+def choose_backend(layer, device: torch.device, dtype: torch.dtype):
     """FlashInfer on CUDA where it is installed (with a one-line warning where it is not), the
-    torch backend otherwise, for the pools like `pool` (a `KVPool`) of layers like `layer` (a
-    `DecoderLayer`; both None on a stage without layers)."""
-    if pool is None:
+    torch backend otherwise, for layers like `layer` (a `DecoderLayer`; None on a stage without
+    layers) whose KV pools are on `device` in `dtype`."""
+    if layer is None:
         return TorchBackend()
-    if pool.k.device.type == "cuda":
-        if importlib.util.find_spec("flashinfer") is not None:
-            from expertmesh.model.attn_backends.flashinfer import FlashInferBackend
-            attn = layer.attn
-            return FlashInferBackend(attn.n_heads, attn.n_kv_heads, attn.head_dim, pool.k.dtype, pool.k.device)
+    attn = layer.attn
+    if flashinfer_applies(device):
+        from expertmesh.model.attn_backends.flashinfer import FlashInferBackend
+        return FlashInferBackend(attn.n_heads, attn.n_kv_heads, attn.head_dim, dtype, device)
+    if device.type == "cuda":
         print("warning: flashinfer is not installed (pip install 'expertmesh[gpu]'); paged attention "
               "runs the torch backend", file=sys.stderr)
-    return TorchBackend.for_pool(pool.k)
+    return TorchBackend.for_device(device, attn.n_kv_heads * attn.head_dim * dtype.itemsize)

@@ -53,7 +53,7 @@ class _Prefill:
 
 class TorchBackend:
     """`piece_bytes`: the most bytes of gathered keys per decode SDPA call (None: the whole batch
-    in one call). `for_pool` chooses it for a pool's device and layout."""
+    in one call). `for_device` chooses it for a device and a pool layout."""
 
     name = "torch"
 
@@ -62,11 +62,10 @@ class TorchBackend:
         self.buffers: dict[str, torch.Tensor] = {}
 
     @classmethod
-    def for_pool(cls, k: torch.Tensor) -> TorchBackend:
-        """For a pool `k: [B, s, g, d]`: pieces of `CPU_PIECE_BYTES` on the CPU, one on CUDA."""
-        if k.device.type == "cuda":
-            return cls()
-        return cls(CPU_PIECE_BYTES, k.shape[2] * k.shape[3] * k.element_size())
+    def for_device(cls, device: torch.device, position_bytes: int) -> TorchBackend:
+        """Pieces of `CPU_PIECE_BYTES` on the CPU, one on CUDA, for pools of `position_bytes` per
+        position (g * d * itemsize)."""
+        return cls() if device.type == "cuda" else cls(CPU_PIECE_BYTES, position_bytes)
 
     def host_arrays(self, batch) -> dict[str, torch.Tensor]:
         """The step's index arrays that only the host can make, to go up with the batch's."""
@@ -94,6 +93,8 @@ class TorchBackend:
     def _device_plan(self, batch) -> None:
         """Once per step, on the device: each decode piece's gather slots and mask, the prefill
         call's slots and causal mask."""
+        if batch.static:
+            return self._static_plan(batch)
         meta, up = batch.meta, batch.meta["up"]
         s, lens = batch.block_size, batch.kv_lens
         decodes = [i for i, n in enumerate(batch.seq_lens) if n == 1]
@@ -121,6 +122,16 @@ class TorchBackend:
             meta["prefill"] = _Prefill(queries, up["prefill_keep"], queries.index_select(0, up["prefill_keep"]),
                                        _slots(up["tables"].index_select(0, rows), context, s),
                                        (P, width, context), mask[:, None])
+
+    def _static_plan(self, batch) -> None:
+        """A padded decode forward (`engine/graphs.py`): shapes by its bucket only, values only
+        from its device buffers: one piece over every row's whole table `[B, W * s]`, masked past
+        each row's length."""
+        B, width = batch.n_tokens, batch.tables.shape[1] * batch.block_size
+        past = torch.arange(width, device=batch.device)[None, :] >= batch.kv_lens_device[:, None]
+        mask = torch.zeros(past.shape, device=batch.device).masked_fill_(past, float("-inf"))
+        batch.meta["pieces"] = [_Piece(torch.arange(B, device=batch.device),
+                                       _slots(batch.tables, width, batch.block_size), width, mask[:, None, None, :])]
 
     def _pieces(self, lens: list[int]) -> list[tuple[int, int]]:
         """Consecutive runs of decoding sequences: (count, longest length) each, under the budget."""
