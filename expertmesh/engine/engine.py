@@ -66,6 +66,9 @@ def assign_ranks(prompt_blocks: list[int], stats: list[dict]) -> list[int]:
 
 
 class Engine:
+    """`graphs`: the decode graph mode (`engine/graphs.py`): "auto" (CUDA graphs on CUDA), "padded",
+    "graphs" or "off"."""
+
     def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
                  engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
                  eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1,
