@@ -5,8 +5,9 @@
 1. decode: the engine at a steady batch of B requests (one arrival, equal prompts) vs the static
    loop (`engine/generate.py`, contiguous KV cache) on the same model, batch and context, on 2
    ranks (ep2); generated tokens per second over the decode steps; goal ratio >= 0.85.
-2. attention: one decode step of paged attention (blocks gathered from a pool) vs contiguous
-   attention (rows of a preallocated cache) at 1k context, one process; goal ratio <= 1.2.
+2. attention: one decode step of paged attention (the torch backend, `model/attn_backends/`, over
+   blocks scattered in a pool) vs contiguous attention (rows of a preallocated cache) at 1k
+   context, one process; goal ratio <= 1.15.
 3. metadata: host milliseconds to build one decode step's plan (`PagedBatch`: slots, positions,
    block tables, the attention backend's per-step arrays) at 8 and 128 sequences x 10k context,
    from the sequences' block lists (as every step did before `engine/block_tables.py`) and from
@@ -122,7 +123,7 @@ def attention_section(quick: bool) -> dict:
                 times[name].append(time.perf_counter() - t0)
     c, p = statistics.median(times["contiguous"]), statistics.median(times["paged"])
     return {"preset": cfg.name, "batch": B, "context": ctx, "block_size": block, "dtype": "fp32",
-            "contiguous_ms": c * 1e3, "paged_ms": p * 1e3, "ratio": p / c, "goal": "<= 1.2"}
+            "contiguous_ms": c * 1e3, "paged_ms": p * 1e3, "ratio": p / c, "goal": "<= 1.15"}
 
 
 def metadata_ms(n_seqs: int, context: int, persistent: bool, steps: int = 20) -> float:
