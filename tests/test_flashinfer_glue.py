@@ -25,7 +25,7 @@ def contract_attention(q: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Te
     qo_indptr[i] .. qo_indptr[i+1]-1 and pages kv_indices[kv_indptr[i] .. kv_indptr[i+1]-1], of
     which the last holds kv_last_page_len[i] positions. Query head j reads KV head j // (h / g);
     scale 1 / sqrt(d); causal: query row r of n sees positions 0 .. kv_len - n + r."""
-    N, h, d = q.shape
+    h, d = q.shape[1:]
     page, g = k_pages.shape[1], k_pages.shape[2]
     kv_head = torch.arange(h) // (h // g)
     out = torch.full_like(q, float("nan"))

@@ -4,7 +4,6 @@ block; the decode forward reads nothing from the host and allocates by bucket, w
 batch's size or lengths; `off` and CPU's `auto` use none of it."""
 
 import pytest
-import torch
 
 from expertmesh.deployment import Deployment
 from expertmesh.engine import graphs

@@ -104,7 +104,9 @@ class DecodeGraphs:
         S = len(ids)
         B = next(b for b in self.sizes if b >= S)
         self._fill(S, ids, starts, tables)
-        self.flat.copy_(self.host, non_blocking=True)  # waits for nothing (pinned on CUDA)
+        # waits for nothing (pinned on CUDA); the host buffer is free again at the next step, which
+        # starts after this one read its sampled tokens, so after this copy
+        self.flat.copy_(self.host, non_blocking=True)
         if B in self.graphs:
             graph, logits, flags, layers = self.graphs[B]
             graph.replay()

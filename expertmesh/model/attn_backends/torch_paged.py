@@ -151,7 +151,7 @@ class TorchBackend:
         if meta["pieces"] is None:
             self._device_plan(batch)
         nb, s, g, d = pool.k.shape
-        N, h, _ = q.shape
+        h = q.shape[1]
         flat_k, flat_v = pool.k.view(nb * s, g, d), pool.v.view(nb * s, g, d)
         out = torch.empty_like(q)
         for i, piece in enumerate(meta["pieces"]):
