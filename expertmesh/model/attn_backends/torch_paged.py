@@ -7,8 +7,9 @@ Decodes: the keys and values of each sequence's positions 0 .. kv_len-1 are gath
 pool by slot (`index_select`) into a reused buffer and attended by one SDPA call per *piece*, a
 run of decoding sequences whose gathered keys stay under `piece_bytes`. On the CPU a piece
 fits in the last-level cache, so the copy is read back from the cache rather than from memory:
-measured on one core of an EPYC (small preset, 8 x 1k context) gathering sequence by sequence
-runs at 0.85x of contiguous attention, gathering the whole batch at once at 1.6x. On CUDA the
+on one core of an EPYC at load 0.3 (small preset, 8 x 1k context; the gathers and SDPA alone)
+gathering sequence by sequence took 0.85x the time of SDPA over a contiguous cache, gathering
+the whole batch at once 1.6x; other processes that share the cache erode the gain. On CUDA the
 whole batch is one piece (one launch each). Within a piece the query is `[Sd, g, r, d]`: the r
 query heads of a KV head are its r query rows, so SDPA needs no repeat of the keys for GQA. A
 piece of unequal lengths carries an additive mask `[Sd, 1, 1, C]`; one of equal lengths none.
