@@ -8,6 +8,11 @@ pass each micro-batch's hidden states `[N_m, D]` to the next stage as soon as it
 stage s + 1 works on micro-batch m while stage s works on m + 1. Every stage knows each N_m from
 its own replica of the scheduler. The last stage samples.
 
+A forward's plan (`model/paged.py`) takes its block tables from the rank's persistent ones
+(`engine/block_tables.py`) and its attention backend from `model/attn_backends/`. A decode-only
+step, where padded decodes apply (one stage, no EP, no capacity, the torch backend), runs on the
+persistent buffers of `engine/graphs.py`, replayed from a CUDA graph on CUDA.
+
 Under expert parallelism each forward is planned first (`parallel/expert.py`'s ExchangeChoice,
 agreed over the EP group): which exchange its MoE layers use, and whether it runs as two
 micro-batches that take turns (two-batch overlap: the forward's sequences split in two halves
