@@ -5,6 +5,8 @@ FlashInfer's documented contract (`contract_attention`, independent of the backe
 logits and greedy tokens equal the reference model's, and a wrong index array breaks them."""
 
 import math
+import sys
+from types import SimpleNamespace
 
 import torch
 
@@ -12,6 +14,8 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.model import attn_backends
+from expertmesh.model.attn_backends import choose_backend
 from expertmesh.model.attn_backends.flashinfer import FlashInferBackend, PageTable, page_table
 from expertmesh.model.paged import PagedBatch
 from serving import naive_tokens
@@ -137,3 +141,76 @@ def test_a_wrong_index_array_gives_other_tokens(small_model):
 
     wrong = _engine_tokens(model, ContractBackend(reverse_pages))
     assert any(got != naive_tokens(model, prompt, 6) for prompt, got in wrong.values())
+
+
+class FakeWrapper:
+    """A FlashInfer wrapper with the documented signatures (`__init__(float_workspace_buffer,
+    kv_layout)`, `plan(...)`, `run(q, paged_kv_cache)`), whose `run` is the contract over what was
+    planned: so the backend's own calls (argument order and names, layout, once-per-step plans)
+    are what is checked here."""
+
+    calls: list = []
+
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD"):
+        assert kv_layout == "NHD"
+        self.table = None
+
+    def run(self, q: torch.Tensor, paged_kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        k_pages, v_pages = paged_kv_cache
+        h, g, d = self.heads
+        assert q.shape[1:] == (h, d) and k_pages.shape[1:] == (self.page_size, g, d)
+        assert q.dtype == self.dtypes[0] and k_pages.dtype == self.dtypes[1]
+        self.calls.append(("run", type(self).__name__))
+        return contract_attention(q, k_pages, v_pages, self.table, causal=self.causal)
+
+
+class FakeDecode(FakeWrapper):
+    def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
+             pos_encoding_mode="NONE", q_data_type="float16", kv_data_type=None):
+        assert pos_encoding_mode == "NONE", "the model applies RoPE itself"
+        qo = torch.arange(len(last_page_len) + 1, dtype=torch.int32)
+        self.table = PageTable(qo, indptr, indices, last_page_len, True)
+        self.heads, self.page_size, self.causal = (num_qo_heads, num_kv_heads, head_dim), page_size, False
+        self.dtypes = (q_data_type, kv_data_type or q_data_type)
+        self.calls.append(("plan", "FakeDecode"))
+
+
+class FakePrefill(FakeWrapper):
+    def plan(self, qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, num_qo_heads,
+             num_kv_heads, head_dim_qk, page_size, *, causal=False, pos_encoding_mode="NONE",
+             q_data_type="float16", kv_data_type=None):
+        assert pos_encoding_mode == "NONE"
+        self.table = PageTable(qo_indptr, paged_kv_indptr, paged_kv_indices, paged_kv_last_page_len, False)
+        self.heads, self.page_size, self.causal = (num_qo_heads, num_kv_heads, head_dim_qk), page_size, causal
+        self.dtypes = (q_data_type, kv_data_type or q_data_type)
+        self.calls.append(("plan", "FakePrefill"))
+
+
+def test_the_backend_plans_once_per_step_and_runs_each_layer_on_its_pool(small_model, monkeypatch):
+    """The FlashInfer backend itself, over wrappers with FlashInfer's documented signatures."""
+    monkeypatch.setitem(sys.modules, "flashinfer", SimpleNamespace(
+        BatchDecodeWithPagedKVCacheWrapper=FakeDecode, BatchPrefillWithPagedKVCacheWrapper=FakePrefill))
+    monkeypatch.setattr(FakeWrapper, "calls", [])
+    model = small_model(seed=2, n_kv_heads=2)
+    attn = model.layers["0"].attn
+    backend = FlashInferBackend(attn.n_heads, attn.n_kv_heads, attn.head_dim, torch.float32, torch.device("cpu"))
+    for prompt, got in _engine_tokens(model, backend).values():
+        assert got == naive_tokens(model, prompt, 6)
+    calls = FakeWrapper.calls
+    plans = [i for i, (what, _) in enumerate(calls) if what == "plan"]
+    layers = model.cfg.n_layers
+    assert len(calls) == len(plans) * (1 + layers), "one plan per step, then one run per layer"
+    for i in plans:
+        assert calls[i + 1:i + 1 + layers] == [("run", calls[i][1])] * layers
+    assert {kind for _, kind in calls} == {"FakeDecode", "FakePrefill"}
+
+
+def test_without_flashinfer_cuda_warns_in_one_line_and_runs_the_torch_backend(small_model, monkeypatch, capsys):
+    monkeypatch.setattr(attn_backends.importlib.util, "find_spec", lambda name: None)
+    layer = small_model().layers["0"]
+    backend = choose_backend(layer, torch.device("cuda"), torch.bfloat16)  # builds nothing on the device
+    assert backend.name == "torch" and backend.piece_positions is None  # one piece on CUDA
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("warning: flashinfer is not installed")
+    assert choose_backend(layer, torch.device("cpu"), torch.float32).piece_positions is not None
+    assert capsys.readouterr().err == ""
