@@ -11,6 +11,7 @@ from types import SimpleNamespace
 import torch
 
 from expertmesh.deployment import Deployment
+from expertmesh.engine import runner
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
@@ -106,10 +107,12 @@ def test_flashinfers_contract_over_the_page_table_gives_the_reference_logits(sma
             torch.testing.assert_close(logits, ref[pos], rtol=1e-4, atol=1e-4)
 
 
-def _engine_tokens(model, backend) -> dict:
+def _engine_tokens(model, backend, graphs: str = "off") -> dict:
     engine = Engine(model, model.cfg, Deployment(), EngineConfig(block_size=4, num_blocks=64,
-                                                                  max_batched_tokens=16, max_seqs=4))
-    engine.runner.backend = backend
+                                                                  max_batched_tokens=16, max_seqs=4),
+                    graphs=graphs)
+    if backend is not None:
+        engine.runner.backend = backend
     prompts = {0: (3, 1, 4, 1, 5, 9, 2, 6, 5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8, 4), 1: (2, 7, 1), 2: (8, 2, 8, 1, 8)}
     for rid, prompt in prompts.items():
         engine.add_request(Request(rid, prompt, 6))
@@ -151,16 +154,20 @@ class FakeWrapper:
 
     calls: list = []
 
-    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD"):
+    def __init__(self, float_workspace_buffer: torch.Tensor, kv_layout: str = "NHD", use_cuda_graph: bool = False,
+                 paged_kv_indptr_buffer=None, paged_kv_indices_buffer=None, paged_kv_last_page_len_buffer=None):
         assert kv_layout == "NHD"
         self.table = None
+        self.fixed = paged_kv_last_page_len_buffer.shape[0] if use_cuda_graph else None  # FlashInfer checks both
+        self.max_indices = paged_kv_indices_buffer.shape[0] if use_cuda_graph else None
 
     def run(self, q: torch.Tensor, paged_kv_cache: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         k_pages, v_pages = paged_kv_cache
         h, g, d = self.heads
         assert q.shape[1:] == (h, d) and k_pages.shape[1:] == (self.page_size, g, d)
         assert q.dtype == self.dtypes[0] and k_pages.dtype == self.dtypes[1]
-        self.calls.append(("run", type(self).__name__))
+        self.calls.append(("run", type(self).__name__ if getattr(self, "fixed", None) is None
+                               else f"FakeDecode graph {self.fixed}"))
         return contract_attention(q, k_pages, v_pages, self.table, causal=self.causal)
 
 
@@ -168,11 +175,13 @@ class FakeDecode(FakeWrapper):
     def plan(self, indptr, indices, last_page_len, num_qo_heads, num_kv_heads, head_dim, page_size, *,
              pos_encoding_mode="NONE", q_data_type="float16", kv_data_type=None):
         assert pos_encoding_mode == "NONE", "the model applies RoPE itself"
+        if self.fixed is not None:  # the CUDA-graph variant: the batch of its buffers, no more indices
+            assert len(last_page_len) == self.fixed and len(indices) <= self.max_indices
         qo = torch.arange(len(last_page_len) + 1, dtype=torch.int32)
         self.table = PageTable(qo, indptr, indices, last_page_len, True)
         self.heads, self.page_size, self.causal = (num_qo_heads, num_kv_heads, head_dim), page_size, False
         self.dtypes = (q_data_type, kv_data_type or q_data_type)
-        self.calls.append(("plan", "FakeDecode"))
+        self.calls.append(("plan", "FakeDecode" if self.fixed is None else f"FakeDecode graph {self.fixed}"))
 
 
 class FakePrefill(FakeWrapper):
@@ -214,3 +223,24 @@ def test_without_flashinfer_cuda_warns_in_one_line_and_runs_the_torch_backend(sm
     assert len(err) == 1 and err[0].startswith("warning: flashinfer is not installed")
     assert choose_backend(layer, torch.device("cpu"), torch.float32).piece_positions is not None
     assert capsys.readouterr().err == ""
+
+
+def test_padded_decodes_plan_flashinfers_graph_wrapper_of_their_size_each_step(small_model, monkeypatch):
+    """Decode graphs (engine/graphs.py, eager here) with the FlashInfer backend: each padded
+    decode forward (3 sequences, bucket 4) plans the CUDA-graph wrapper of its bucket (fixed
+    batch, padded rows one scratch page) and runs it in every layer; the tokens are the
+    reference's."""
+    monkeypatch.setitem(sys.modules, "flashinfer", SimpleNamespace(
+        BatchDecodeWithPagedKVCacheWrapper=FakeDecode, BatchPrefillWithPagedKVCacheWrapper=FakePrefill))
+    monkeypatch.setattr(FakeWrapper, "calls", [])
+    model = small_model(seed=2, n_kv_heads=2)
+    attn = model.layers["0"].attn
+    backend = FlashInferBackend(attn.n_heads, attn.n_kv_heads, attn.head_dim, torch.float32, torch.device("cpu"))
+    monkeypatch.setattr(runner, "choose_backend", lambda layer, device, dtype: backend)
+    for prompt, got in _engine_tokens(model, None, graphs="padded").values():
+        assert got == naive_tokens(model, prompt, 6)
+    calls = FakeWrapper.calls
+    kinds = {kind for _, kind in calls}
+    assert kinds == {"FakeDecode graph 4", "FakePrefill"}, "every decode-only step ran padded, in bucket 4"
+    padded_runs = calls.count(("run", "FakeDecode graph 4"))
+    assert padded_runs > model.cfg.n_layers and padded_runs % model.cfg.n_layers == 0  # beyond the warm-up

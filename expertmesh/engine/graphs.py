@@ -15,6 +15,10 @@ parallelism stays eager here: its exchange would carry the padded rows and count
 statistics that expert placement reads; so does capacity, under which padded rows would take
 places of real ones.
 
+Attention inside is the torch backend's static decode (each row's whole table gathered, masked
+past its length), or FlashInfer's CUDA-graph decode wrapper of the bucket, planned on the host
+before each forward from the same buffers' host copy.
+
 On CUDA (mode "graphs") every bucket's forward is captured at start, largest first (the attention
 gather buffers are then allocated once, at their largest), with every row padded; a step fills
 the buffers and replays its bucket's graph. Mode "padded" runs the same buffers and padding
@@ -75,10 +79,11 @@ class DecodeBuffers:
 
 class DecodeGraphs:
     """`mode`: "graphs" (capture on CUDA) or "padded" (the same, eager). `scratch`: the pool block
-    padded rows use; `max_len`: the longest sequence (sets W)."""
+    padded rows use; `max_len`: the longest sequence (sets W); `backend`: the rank's attention
+    backend (torch or FlashInfer)."""
 
     def __init__(self, model, pools: dict, finite: FiniteCheck, block_size: int, max_seqs: int,
-                 max_len: int, scratch: int, mode: str):
+                 max_len: int, scratch: int, mode: str, backend):
         self.model, self.pools, self.finite, self.mode = model, pools, finite, mode
         self.block_size, self.scratch = block_size, scratch
         self.sizes = buckets(max_seqs)
@@ -88,7 +93,10 @@ class DecodeGraphs:
         if device.type == "cuda":
             self.host = self.host.pin_memory()
         self.flat = torch.zeros_like(self.host, device=device)
-        self.backend = TorchBackend()
+        # the torch backend's static plan gathers into its own buffers; FlashInfer's plans each size
+        self.backend = backend if backend.name == "flashinfer" else TorchBackend()
+        for B in self.sizes if backend.name == "flashinfer" else ():
+            backend.add_graph_size(B, self.width)
         self.plans = {B: DecodeBuffers(self.flat, self.rows, self.width, B, block_size, self.backend)
                       for B in self.sizes}
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, list, list]] = {}
@@ -107,6 +115,7 @@ class DecodeGraphs:
         # waits for nothing (pinned on CUDA); the host buffer is free again at the next step, which
         # starts after this one read its sampled tokens, so after this copy
         self.flat.copy_(self.host, non_blocking=True)
+        self._plan(B)
         if B in self.graphs:
             graph, logits, flags, layers = self.graphs[B]
             graph.replay()
@@ -131,6 +140,14 @@ class DecodeGraphs:
         ids_[S:], positions[S:], kv_lens[S:], slots[S:] = 0, 0, 1, self.scratch * s
         table[S:] = self.scratch
 
+    def _plan(self, B: int) -> None:
+        """FlashInfer's page table of the first B rows of the host buffer (the torch backend
+        plans on the device, inside the forward)."""
+        if self.backend.name == "flashinfer":
+            R = self.rows
+            self.backend.plan_graph(self.host[4 * R:].view(R, self.width)[:B], self.host[3 * R:3 * R + B],
+                                    self.block_size)
+
     def _forward(self, B: int) -> torch.Tensor:
         plan = self.plans[B]
         plan.reset()
@@ -143,6 +160,7 @@ class DecodeGraphs:
         self._fill(0, [], [], torch.zeros(0, 0, dtype=torch.long))
         self.flat.copy_(self.host)
         before = len(self.finite.flags)
+        self._plan(self.rows)
         if capture:
             side = torch.cuda.Stream()  # warm up off the capture stream, as capture requires
             side.wait_stream(torch.cuda.current_stream())
@@ -157,6 +175,7 @@ class DecodeGraphs:
         memory = torch.cuda.graph_pool_handle()
         try:
             for B in reversed(self.sizes):
+                self._plan(B)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=memory):
                     logits = self._forward(B)

@@ -10,7 +10,7 @@ its own replica of the scheduler. The last stage samples.
 
 A forward's plan (`model/paged.py`) takes its block tables from the rank's persistent ones
 (`engine/block_tables.py`) and its attention backend from `model/attn_backends/`. A decode-only
-step, where padded decodes apply (one stage, no EP, no capacity, the torch backend), runs on the
+step, where padded decodes apply (one stage, no EP, no capacity), runs on the
 persistent buffers of `engine/graphs.py`, replayed from a CUDA graph on CUDA.
 
 Under expert parallelism each forward is planned first (`parallel/expert.py`'s ExchangeChoice,
@@ -57,19 +57,20 @@ class Runner:
         self.record_logits = record_logits and self.links.is_last
         self.finite = FiniteCheck(model)
         self.graphs = None if mode == "off" else DecodeGraphs(
-            model, self.pools, self.finite, block_size, max_seqs, model.cfg.max_seq_len, num_blocks, mode)
+            model, self.pools, self.finite, block_size, max_seqs, model.cfg.max_seq_len, num_blocks, mode,
+            self.backend)
         self.block_tables = BlockTables()
         self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
 
     def _graph_mode(self, asked: str, layer) -> str:
         """`engine/graphs.py`'s mode for this rank: "auto" captures graphs on CUDA; any mode is
-        "off" where padded decodes do not apply (several stages, expert parallelism, capacity,
-        FlashInfer's backend, a stage without layers)."""
+        "off" where padded decodes do not apply (several stages, expert parallelism, capacity, a
+        stage without layers)."""
         if asked not in MODES:
             raise ValueError(f"unknown decode graph mode {asked!r}; use one of {', '.join(MODES)}")
         applies = (layer is not None and self.links.is_first and self.links.is_last
-                   and not dispatchers(self.model) and self.backend.name == "torch"
+                   and not dispatchers(self.model)
                    and all(lay.moe.capacity is None for lay in self.model.layers.values()))
         if asked == "off" or not applies:
             return "off"
