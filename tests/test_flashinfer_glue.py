@@ -8,6 +8,7 @@ import math
 import sys
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from expertmesh.deployment import Deployment
@@ -195,14 +196,21 @@ class FakePrefill(FakeWrapper):
         self.calls.append(("plan", "FakePrefill"))
 
 
-def test_the_backend_plans_once_per_step_and_runs_each_layer_on_its_pool(small_model, monkeypatch):
-    """The FlashInfer backend itself, over wrappers with FlashInfer's documented signatures."""
+@pytest.fixture
+def fake_flashinfer(small_model, monkeypatch):
+    """A model and the FlashInfer backend built over `FakeDecode` / `FakePrefill` (calls reset)."""
     monkeypatch.setitem(sys.modules, "flashinfer", SimpleNamespace(
         BatchDecodeWithPagedKVCacheWrapper=FakeDecode, BatchPrefillWithPagedKVCacheWrapper=FakePrefill))
     monkeypatch.setattr(FakeWrapper, "calls", [])
     model = small_model(seed=2, n_kv_heads=2)
     attn = model.layers["0"].attn
-    backend = FlashInferBackend(attn.n_heads, attn.n_kv_heads, attn.head_dim, torch.float32, torch.device("cpu"))
+    return model, FlashInferBackend(attn.n_heads, attn.n_kv_heads, attn.head_dim, torch.float32,
+                                    torch.device("cpu"))
+
+
+def test_the_backend_plans_once_per_step_and_runs_each_layer_on_its_pool(fake_flashinfer):
+    """The FlashInfer backend itself, over wrappers with FlashInfer's documented signatures."""
+    model, backend = fake_flashinfer
     for prompt, got in _engine_tokens(model, backend).values():
         assert got == naive_tokens(model, prompt, 6)
     calls = FakeWrapper.calls
@@ -225,17 +233,12 @@ def test_without_flashinfer_cuda_warns_in_one_line_and_runs_the_torch_backend(sm
     assert capsys.readouterr().err == ""
 
 
-def test_padded_decodes_plan_flashinfers_graph_wrapper_of_their_size_each_step(small_model, monkeypatch):
+def test_padded_decodes_plan_flashinfers_graph_wrapper_of_their_size_each_step(fake_flashinfer, monkeypatch):
     """Decode graphs (engine/graphs.py, eager here) with the FlashInfer backend: each padded
     decode forward (3 sequences, bucket 4) plans the CUDA-graph wrapper of its bucket (fixed
     batch, padded rows one scratch page) and runs it in every layer; the tokens are the
     reference's."""
-    monkeypatch.setitem(sys.modules, "flashinfer", SimpleNamespace(
-        BatchDecodeWithPagedKVCacheWrapper=FakeDecode, BatchPrefillWithPagedKVCacheWrapper=FakePrefill))
-    monkeypatch.setattr(FakeWrapper, "calls", [])
-    model = small_model(seed=2, n_kv_heads=2)
-    attn = model.layers["0"].attn
-    backend = FlashInferBackend(attn.n_heads, attn.n_kv_heads, attn.head_dim, torch.float32, torch.device("cpu"))
+    model, backend = fake_flashinfer
     monkeypatch.setattr(runner, "choose_backend", lambda layer, device, dtype: backend)
     for prompt, got in _engine_tokens(model, None, graphs="padded").values():
         assert got == naive_tokens(model, prompt, 6)
