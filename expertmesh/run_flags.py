@@ -92,7 +92,8 @@ def spec_from_flags(args, deployment: Deployment, record_logits: bool = False, e
                    low_latency_tokens=args.low_latency_tokens,
                    gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
                    placement=placement, replica_routing=args.replica_routing if ep_flags else "local",
-                   record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace))
+                   record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace),
+                   enforce_eager=bool(getattr(args, "enforce_eager", False)))
     spec.validate(deployment.world_size)
     return spec
 
@@ -118,6 +119,8 @@ def add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_le
                    help="seconds before a stuck run is stopped (positive, finite)")
     p.add_argument("--json", default=None, help="write metrics and generated token ids to this file")
     add_exchange_args(p)
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (captured on CUDA by default)")
     p.add_argument("--trace", default=None, help="write a Perfetto trace JSON per run to this folder")
     p.add_argument("--redundant-experts", type=int, default=0,
                    help="extra replicas of hot experts, planned from --routing statistics")

@@ -7,9 +7,14 @@ import random
 import pytest
 import torch
 
+from expertmesh.model.attn_backends.torch_paged import TorchBackend
 from expertmesh.model.paged import PagedBatch
 
 BLOCK = 4
+# The torch backend's decode pieces: the whole batch in one SDPA call (as on CUDA), one call per
+# sequence, and runs of several sequences of unequal lengths (each with its padding mask).
+PIECES = {"one-piece": lambda: TorchBackend(), "per-sequence": lambda: TorchBackend(1),
+          "runs-of-unequal": lambda: TorchBackend(24)}
 
 
 def reference_logits(model, ids: list[int]) -> torch.Tensor:
@@ -18,7 +23,7 @@ def reference_logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids]), all_logits=True)[0]
 
 
-def run_schedule(model, seqs: list[list[int]], steps: list[list[tuple[int, int]]], tables):
+def run_schedule(model, seqs: list[list[int]], steps: list[list[tuple[int, int]]], tables, backend=None):
     """Feed `steps[t] = [(sequence, n new tokens), ...]`; return {sequence: [(position, logits)]}
     for the last new token of each chunk."""
     pools = model.make_pools(num_blocks=64, block_size=BLOCK)
@@ -30,7 +35,7 @@ def run_schedule(model, seqs: list[list[int]], steps: list[list[tuple[int, int]]
             for i, n in step:
                 chunks.append((done[i], n, tables[i]))
                 ids += seqs[i][done[i]:done[i] + n]
-            batch = PagedBatch(chunks, BLOCK, torch.device("cpu"))
+            batch = PagedBatch(chunks, BLOCK, torch.device("cpu"), backend)
             logits = model.forward_paged(torch.tensor(ids, dtype=torch.long), pools, batch)
             assert logits.shape == (len(step), model.cfg.vocab_size)
             for row, (i, n) in enumerate(step):
@@ -46,8 +51,9 @@ def scattered_tables(n_seqs: int, blocks_each: int, seed: int) -> list[list[int]
     return [ids[i * blocks_each:(i + 1) * blocks_each] for i in range(n_seqs)]
 
 
+@pytest.mark.parametrize("pieces", list(PIECES))
 @pytest.mark.parametrize("n_kv_heads", [None, 2], ids=["mha", "gqa"])
-def test_prefill_chunks_and_decodes_of_many_sequences_in_one_forward_are_exact(n_kv_heads, small_model):
+def test_prefill_chunks_and_decodes_of_many_sequences_in_one_forward_are_exact(n_kv_heads, pieces, small_model):
     model = small_model(seed=1, n_kv_heads=n_kv_heads)
     gen = torch.Generator().manual_seed(0)
     lengths = [9, 1, 14, 6]
@@ -55,8 +61,11 @@ def test_prefill_chunks_and_decodes_of_many_sequences_in_one_forward_are_exact(n
     # sequence 0: prefill 5 then 4 decodes; 1: a single token; 2: chunks 3, 7, 4 beside the
     # others' decodes; 3: whole prompt at step 2, then one decode
     steps = [[(0, 5), (2, 3)], [(0, 1), (1, 1), (2, 7)], [(0, 1), (2, 4), (3, 5)],
-             [(0, 1), (3, 1)], [(0, 1)]]
-    seen = run_schedule(model, seqs, steps, scattered_tables(4, 4, seed=2))
+             [(0, 1), (3, 1)], [(0, 1)], [(1, 1), (0, 1), (3, 1)]]
+    seqs[1] += [3]  # sequence 1 decodes again at the end, beside 0 and 3 (lengths 2, 10, 7)
+    seqs[0] += [5]
+    seqs[3] += [9]
+    seen = run_schedule(model, seqs, steps, scattered_tables(4, 4, seed=2), PIECES[pieces]())
     for i, ids in enumerate(seqs):
         ref = reference_logits(model, ids)
         assert seen[i], f"sequence {i} never ran"

@@ -80,10 +80,13 @@ def assign_ranks(prompt_blocks: list[int], stats: list[dict]) -> list[int]:
 
 
 class Engine:
+    """`graphs`: the decode graph mode (`engine/graphs.py`): "auto" (CUDA graphs on CUDA), "padded",
+    "graphs" or "off"."""
+
     def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
                  engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
                  eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1,
-                 overlap: str = "auto"):
+                 overlap: str = "auto", graphs: str = "auto"):
         self.cfg, self.deployment, self.rank = cfg, deployment, rank
         self.distributed = dist.is_initialized()
         self.group = None
@@ -92,7 +95,7 @@ class Engine:
         self.num_blocks = self._agreed_blocks(model, engine)
         self.scheduler = Scheduler(engine, self.num_blocks, eos)
         self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro,
-                             overlap)
+                             overlap, engine.max_seqs, graphs)
         inner = deployment.coords(rank)[1]
         self.dp = inner if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)

@@ -8,6 +8,11 @@ pass each micro-batch's hidden states `[N_m, D]` to the next stage as soon as it
 stage s + 1 works on micro-batch m while stage s works on m + 1. Every stage knows each N_m from
 its own replica of the scheduler. The last stage samples.
 
+A forward's plan (`model/paged.py`) takes its block tables from the rank's persistent ones
+(`engine/block_tables.py`) and its attention backend from `model/attn_backends/`. A decode-only
+step, where padded decodes apply (one stage, no EP, no capacity), runs on the
+persistent buffers of `engine/graphs.py`, replayed from a CUDA graph on CUDA.
+
 Under expert parallelism each forward is planned first (`parallel/expert.py`'s ExchangeChoice,
 agreed over the EP group): which exchange its MoE layers use, and whether it runs as two
 micro-batches that take turns (two-batch overlap: the forward's sequences split in two halves
@@ -21,14 +26,17 @@ from itertools import accumulate
 
 import torch
 
+from expertmesh.engine.block_tables import BlockTables
 from expertmesh.engine.finite import FiniteCheck
+from expertmesh.engine.graphs import MODES, DecodeGraphs
 from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import Draws, finish_draws, start_draws
 from expertmesh.engine.scheduler import Sequence
-from expertmesh.model.paged import PagedBatch, Workspace, upload
+from expertmesh.model.paged import PagedBatch, upload
+from expertmesh.model.attn_backends import choose_backend
 from expertmesh.model.steps import take_turns
 from expertmesh.model.transformer import MoETransformer
-from expertmesh.parallel.expert import ExchangeChoice
+from expertmesh.parallel.expert import ExchangeChoice, dispatchers
 from expertmesh.split import split_evenly
 from expertmesh.trace import span
 
@@ -36,17 +44,39 @@ from expertmesh.trace import span
 class Runner:
     def __init__(self, model: MoETransformer, num_blocks: int, block_size: int,
                  links: StageLinks | None = None, record_logits: bool = False, n_micro: int = 1,
-                 overlap: str = "auto"):
+                 overlap: str = "auto", max_seqs: int = 64, graphs: str = "auto"):
         self.model, self.block_size, self.n_micro = model, block_size, n_micro
         self.links = links or SingleStage()
-        self.pools = model.make_pools(num_blocks, block_size)
         ref = next(model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
+        layer = next(iter(model.layers.values()), None)
+        self.backend = choose_backend(layer, self.device, self.dtype)
+        mode = self._graph_mode(graphs, layer)
+        # padded decode rows write their k, v into one block past those the scheduler hands out
+        self.pools = model.make_pools(num_blocks + (mode != "off"), block_size)
         self.record_logits = record_logits and self.links.is_last
         self.finite = FiniteCheck(model)
-        self.workspace = Workspace()
+        self.graphs = None if mode == "off" else DecodeGraphs(
+            model, self.pools, self.finite, block_size, max_seqs, model.cfg.max_seq_len, num_blocks, mode,
+            self.backend)
+        self.block_tables = BlockTables()
         self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
+
+    def _graph_mode(self, asked: str, layer) -> str:
+        """`engine/graphs.py`'s mode for this rank: "auto" captures graphs on CUDA; any mode is
+        "off" where padded decodes do not apply (several stages, expert parallelism, capacity, a
+        stage without layers)."""
+        if asked not in MODES:
+            raise ValueError(f"unknown decode graph mode {asked!r}; use one of {', '.join(MODES)}")
+        applies = (layer is not None and self.links.is_first and self.links.is_last
+                   and not dispatchers(self.model)
+                   and all(lay.moe.capacity is None for lay in self.model.layers.values()))
+        if asked == "off" or not applies:
+            return "off"
+        if asked == "auto":
+            return "graphs" if self.device.type == "cuda" else "off"
+        return asked
 
     @property
     def kv_cache_bytes(self) -> int:
@@ -93,6 +123,8 @@ class Runner:
 
     def _micro(self, m: int, chosen: list[tuple[Sequence, int]], bound: int | None) -> torch.Tensor | None:
         N, links, D = sum(n for _, n in chosen), self.links, self.model.cfg.d_model
+        if self.graphs is not None and self.graphs.takes(chosen):
+            return self._padded_decode(chosen)
         if links.is_first:
             ids = [t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]]
             x = upload([torch.tensor(ids, dtype=torch.long)], self.device)[0]  # waits for nothing
@@ -116,9 +148,18 @@ class Runner:
             links.send_hidden(m, out)
         return None
 
+    def _padded_decode(self, chosen: list[tuple[Sequence, int]]) -> torch.Tensor:
+        """A decode forward on the persistent buffers (`engine/graphs.py`) -> logits `[S, V]`."""
+        needed = [-(-(seq.computed + 1) // self.block_size) for seq, _ in chosen]
+        tables = self.block_tables.step([seq for seq, _ in chosen], needed)
+        return self.graphs.forward([seq.tokens[seq.computed] for seq, _ in chosen],
+                                   [seq.computed for seq, _ in chosen], tables)
+
     def _batch(self, chosen: list[tuple[Sequence, int]]) -> PagedBatch:
-        return PagedBatch([(seq.computed, n, seq.blocks) for seq, n in chosen], self.block_size,
-                          self.device, self.workspace)
+        needed = [-(-(seq.computed + n) // self.block_size) for seq, n in chosen]
+        tables = self.block_tables.step([seq for seq, _ in chosen], needed)
+        return PagedBatch([(seq.computed, n, None) for seq, n in chosen], self.block_size, self.device,
+                          self.backend, tables)
 
     def _start_sampling(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
                         logits: torch.Tensor) -> tuple[list, Draws, list]:

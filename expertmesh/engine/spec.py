@@ -30,6 +30,7 @@ class RunSpec:
     experts each rank's tokens choose. trace: record spans for a Perfetto trace.
     checkpoint: a Hugging Face model directory whose weights each rank reads its shard of
     (`cfg` from `expertmesh.checkpoint.config_from_hf`), instead of synthetic weights.
+    enforce_eager: no decode graphs (`engine/graphs.py`; they are captured on CUDA only).
     """
 
     cfg: ModelConfig
@@ -49,6 +50,12 @@ class RunSpec:
     record_routing: bool = False
     trace: bool = False
     checkpoint: str | None = None
+    enforce_eager: bool = False
+
+    @property
+    def graphs(self) -> str:
+        """The engine's decode graph mode (`engine/graphs.py`)."""
+        return "off" if self.enforce_eager else "auto"
 
     def validate(self, world_size: int | None = None) -> None:
         """All checks that can fail, before any rank starts."""

@@ -44,7 +44,7 @@ def serve_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list
     model, links, _ = load_rank(spec, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     eng = Engine(model, spec.cfg, spec.deployment, engine, rank, links, eos, record_logits,
-                 spec.micro_batches, spec.overlap)
+                 spec.micro_batches, spec.overlap, spec.graphs)
     return serve(eng, arrivals, aborts, clock)
 
 
@@ -75,7 +75,8 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
 
     def engine(requests: list[Request], record_logits: bool = False) -> Engine:
         return Engine(model, spec.cfg, dep, static_engine(requests, dep), rank, links,
-                      record_logits=record_logits, n_micro=spec.micro_batches, overlap=spec.overlap)
+                      record_logits=record_logits, n_micro=spec.micro_batches, overlap=spec.overlap,
+                      graphs=spec.graphs)
 
     if spec.warmup:
         warm = dataclasses.replace(w, prompt_ids=None, prompt_len=min(WARMUP_PROMPT, w.prompt_len))

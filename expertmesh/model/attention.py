@@ -6,10 +6,11 @@ g KV heads (h % g == 0), d head_dim, D d_model.
 The attention module projects and rotates; where keys and values are kept and which positions a
 query sees is the job of the KV view it is given: `Contiguous` (rows of a preallocated
 `KVCache`, or no cache at all) or `PagedView` (`model/paged.py`: a ragged batch of sequences
-over a pool of fixed-size blocks). A view has `positions(length)` (`[length]` int64, the
-position of each new token), `attend(q, k, v)` (store k, v; return the attention output) and
-`seq_lens` (the lengths of the consecutive sequences of a ragged batch; None when each row is a
-sequence).
+over a pool of fixed-size blocks). A view has `rope(length, head_dim, theta, device)` (the
+rotary tables `cos, sin: [length, d]` fp32 of its new tokens' positions; a paged view computes
+them once per step for all layers), `attend(q, k, v)` (store k, v; return the attention output)
+and `seq_lens` (the lengths of the consecutive sequences of a ragged batch; None when each row
+is a sequence).
 """
 
 from __future__ import annotations
@@ -21,16 +22,20 @@ from torch import nn
 from expertmesh.model.layers import Linear, RMSNorm
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate `x: [b, L, heads, d]` for `positions: [L]` (half-split convention)."""
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """`positions: [L]` -> cos, sin `[L, d]` fp32 (half-split convention: each angle twice)."""
+    d = head_dim
+    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
+    angles = torch.outer(positions.float(), inv_freq).repeat(1, 2)  # [L, d]
+    return angles.cos(), angles.sin()
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate `x: [b, L, heads, d]` by the tables `cos, sin: [L, d]` of its positions."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
-    angles = torch.outer(positions.to(device=x.device, dtype=torch.float32), inv_freq)  # [L, d/2]
-    cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None, :]
-    sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None, :]
     xf = x.float()
     rotated = torch.cat([-xf[..., d // 2:], xf[..., : d // 2]], -1)
-    return (xf * cos + rotated * sin).to(x.dtype)
+    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
 
 
 class KVCache:
@@ -67,8 +72,8 @@ class Contiguous:
             raise ValueError("attention without a KV cache must start at position 0")
         self.cache, self.rows, self.start = cache, rows, start
 
-    def positions(self, length: int, device: torch.device) -> torch.Tensor:
-        return torch.arange(self.start, self.start + length, device=device)
+    def rope(self, length: int, head_dim: int, theta: float, device: torch.device):
+        return rope_tables(torch.arange(self.start, self.start + length, device=device), head_dim, theta)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q `[b, L, h, d]`, k, v `[b, L, g, d]` -> `[b, L, h, d]`."""
@@ -116,9 +121,9 @@ class Attention(nn.Module):
         q, k = self.wq(x), self.wk(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        pos = kv.positions(L, x.device)
-        q = rotary(q.view(b, L, self.n_heads, self.head_dim), pos, self.theta)
-        k = rotary(k.view(b, L, self.n_kv_heads, self.head_dim), pos, self.theta)
+        cos, sin = kv.rope(L, self.head_dim, self.theta, x.device)
+        q = rotary(q.view(b, L, self.n_heads, self.head_dim), cos, sin)
+        k = rotary(k.view(b, L, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(b, L, self.n_kv_heads, self.head_dim)
         out = kv.attend(q, k, v)
         return self.wo(out.reshape(b, L, self.n_heads * self.head_dim))

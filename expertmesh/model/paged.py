@@ -1,26 +1,24 @@
-"""Paged KV cache: a pool of fixed-size blocks per layer, and the ragged batch that reads it.
+"""Paged KV cache: a pool of fixed-size blocks per layer, and the plan of one forward over it.
 
 Notation: N new tokens in the forward (all sequences, flattened), S sequences, B blocks in the
-pool, s block size, g KV heads, d head_dim, h query heads.
+pool, s block size, g KV heads, d head_dim, h query heads, W blocks of the longest table.
 
 A sequence's keys and values live in the blocks of its block table: position p is slot
-`table[p // s] * s + p % s` of the flattened pool `[B * s, g, d]`. `PagedBatch` turns the
-scheduler's choice for one step (per sequence: first new position, number of new tokens, block
-table) into tensors every layer shares: where each new token is written, and which slots each
-sequence reads. Attention is exact: a query sees the positions of its own sequence up to itself,
-nothing of another sequence.
-
-Sequences with one new token (decodes) attend together in one padded call over their gathered
-blocks `[Sd, C, g, d]` (C = most blocks of any of them x s, positions past a sequence's length
-masked); a sequence with several new tokens (a prefill chunk) attends alone, causally.
+`table[p // s] * s + p % s` of the flattened pool `[B * s, g, d]`. `PagedBatch` is the plan of one
+forward, built once per step from the scheduler's choice (per sequence: first new position,
+number of new tokens, block table) and shared by every layer: where each new token is written,
+the block tables `[S, W]`, the rotary tables of the step's positions, and what its attention
+backend (`model/attn_backends/`) planned for the step. Attention is exact: a query sees the
+positions of its own sequence up to itself, nothing of another sequence. The pool's layout
+`[B, s, g, d]` is the contract every backend reads in place (FlashInfer calls it NHD).
 """
 
 from __future__ import annotations
 
-from itertools import accumulate
-
 import torch
-import torch.nn.functional as F
+
+from expertmesh.model.attention import rope_tables
+from expertmesh.model.attn_backends.torch_paged import TorchBackend
 
 
 class KVPool:
@@ -36,76 +34,62 @@ class KVPool:
         return self.k.nbytes + self.v.nbytes
 
 
-class Workspace:
-    """Gather buffers reused from step to step and layer to layer: a fresh buffer of the gathered
-    keys (megabytes at 1k context) costs its page faults on every call, more than the copy."""
-
-    def __init__(self):
-        self.buffers: dict[str, torch.Tensor] = {}
-
-    def take(self, name: str, shape: tuple[int, ...], like: torch.Tensor) -> torch.Tensor:
-        n = 1
-        for size in shape:
-            n *= size
-        buf = self.buffers.get(name)
-        if buf is None or buf.numel() < n or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self.buffers[name] = torch.empty(n, dtype=like.dtype, device=like.device)
-        return buf[:n].view(shape)
+def tables_from_lists(chunks: list[tuple[int, int, list[int]]], block_size: int) -> torch.Tensor:
+    """The block tables of `chunks` (start, n, table) as `[S, W]` int64, each cut to the blocks its
+    `start + n` positions need and padded with block 0 (never read: past every length)."""
+    need = [-(-(start + n) // block_size) for start, n, _ in chunks]
+    tables = torch.zeros(len(chunks), max(need, default=0), dtype=torch.long)
+    for row, (k, (_, _, table)) in enumerate(zip(need, chunks)):
+        tables[row, :k] = torch.tensor(table[:k], dtype=torch.long)
+    return tables
 
 
 class PagedBatch:
-    """One forward's sequences: `chunks[i] = (start, n, table)`: sequence i brings n new tokens at
+    """One forward's plan. `chunks[i] = (start, n, table)`: sequence i brings n new tokens at
     positions start .. start+n-1 and its blocks are `table` (enough for start + n positions).
+    `tables`: the block tables as `[S, W]` (`tables_from_lists(chunks)` when None; the engine
+    passes its persistent ones, `engine/block_tables.py`), then `chunks`' tables are not read.
 
-    positions `[N]`, slots `[N]` (where each new token's k, v go), seq_lens (n per sequence),
-    last `[S]` (index of each sequence's last new token in the flattened batch).
+    On the host: starts, seq_lens (n per sequence), kv_lens (start + n), tables `[S, W]`.
+    On the device, in one upload: positions `[N]`, slots `[N]` (where each new token's k, v go),
+    last `[S]` (each sequence's last new token in the flattened batch), tables `[S, W]`,
+    kv_lens `[S]`, and the backend's own arrays. `rope(d, theta)`: cos, sin `[N, d]`, once a step.
     """
 
-    def __init__(self, chunks: list[tuple[int, int, list[int]]], block_size: int,
-                 device: torch.device, workspace: Workspace | None = None):
-        self.workspace = workspace or Workspace()
+    static = False  # `engine/graphs.py`'s padded decode plan is static: shapes by bucket only
+
+    def __init__(self, chunks: list[tuple[int, int, list[int]]], block_size: int, device: torch.device,
+                 backend=None, tables: torch.Tensor | None = None):
+        self.block_size, self.device = block_size, device
+        self.backend = backend or TorchBackend()
+        self.starts = [start for start, _, _ in chunks]
         self.seq_lens = [n for _, n, _ in chunks]
-        s = block_size
-        positions, slots, decode_tokens, decode_tables, decode_lens, prefills = [], [], [], [], [], []
-        offset = 0
-        for start, n, table in chunks:
-            end = start + n
-            table_t = torch.tensor(table[:-(-end // s)], dtype=torch.long)
-            pos = torch.arange(start, end)
-            positions.append(pos)
-            slots.append(table_t[pos // s] * s + pos % s)
-            if n == 1:
-                decode_tokens.append(offset)
-                decode_tables.append(table_t)
-                decode_lens.append(end)
-            else:
-                prefills.append((offset, n, start, table_t))
-            offset += n
-        self.n_tokens = offset
-        none = torch.zeros(0, dtype=torch.long)
-        host = [torch.cat(positions) if chunks else none, torch.cat(slots) if chunks else none,
-                torch.tensor([o - 1 for o in accumulate(self.seq_lens)], dtype=torch.long),
-                torch.tensor(decode_tokens, dtype=torch.long)]
-        width = max((len(t) for t in decode_tables), default=0)
-        lens = torch.tensor(decode_lens, dtype=torch.long)
-        if decode_tables:
-            host += [torch.stack([F.pad(t, (0, width - len(t))) for t in decode_tables]), lens]
-        host += [table_t for _, _, _, table_t in prefills]
-        up = upload(host, device)
-        self.positions, self.slots, self.last, self.decode_tokens = up[:4]
-        self.decode_tables = self.decode_mask = None
-        if decode_tables:
-            self.decode_tables = up[4]
-            if not bool((lens == width * s).all()):  # lens on the host: no device read
-                past = torch.arange(width * s, device=device)[None, :] >= up[5][:, None]  # [Sd, C]
-                # additive, not boolean: the CPU kernel is faster with it (measured 1.2x at 1k)
-                mask = torch.zeros(past.shape, device=device).masked_fill_(past, float("-inf"))
-                self.decode_mask = mask[:, None, None, :]
-        self.prefills: list[tuple[int, int, torch.Tensor, torch.Tensor | None]] = []
-        for (first, n, start, _), table in zip(prefills, up[len(up) - len(prefills):]):
-            mask = None if start == 0 else (
-                torch.arange(start + n, device=device)[None, :] <= self.positions[first:first + n, None])
-            self.prefills.append((first, first + n, table, mask))
+        self.kv_lens = [start + n for start, n in zip(self.starts, self.seq_lens)]
+        self.n_tokens = sum(self.seq_lens)
+        self.tables_host = tables_from_lists(chunks, block_size) if tables is None else tables
+        S, s = len(chunks), block_size
+        starts = torch.tensor(self.starts, dtype=torch.long)
+        lens = torch.tensor(self.seq_lens, dtype=torch.long)
+        ends = lens.cumsum(0)
+        seq_of = torch.repeat_interleave(torch.arange(S), lens, output_size=self.n_tokens)  # [N]
+        positions = starts[seq_of] + torch.arange(self.n_tokens) - (ends - lens)[seq_of]
+        slots = self.tables_host[seq_of, positions // s].long() * s + positions % s
+        host = {"positions": positions, "slots": slots, "last": ends - 1,
+                "tables": self.tables_host.long(), "kv_lens": starts + lens}
+        host.update(self.backend.host_arrays(self))
+        names = list(host)
+        up = dict(zip(names, upload([host[n] for n in names], device)))
+        self.positions, self.slots, self.last = up["positions"], up["slots"], up["last"]
+        self.tables, self.kv_lens_device = up["tables"], up["kv_lens"]
+        self._rope: dict = {}
+        self.meta = self.backend.prepare(self, up)
+
+    def rope(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[N, d]` of the step's positions, computed at the first layer, reused by the rest."""
+        key = (head_dim, theta)
+        if key not in self._rope:
+            self._rope[key] = rope_tables(self.positions, head_dim, theta)
+        return self._rope[key]
 
 
 def upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
@@ -126,38 +110,14 @@ class PagedView:
         self.pool, self.batch = pool, batch
         self.seq_lens = batch.seq_lens
 
-    def positions(self, length: int, device: torch.device) -> torch.Tensor:
-        return self.batch.positions
+    def rope(self, length: int, head_dim: int, theta: float, device: torch.device):
+        return self.batch.rope(head_dim, theta)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q `[1, N, h, d]`, k, v `[1, N, g, d]` -> `[1, N, h, d]`."""
-        batch, pool = self.batch, self.pool
+        """q `[1, N, h, d]`, k, v `[1, N, g, d]`: store k, v at the batch's slots, then the
+        backend's attention over the pool -> `[1, N, h, d]`."""
+        pool, batch = self.pool, self.batch
         nb, s, g, d = pool.k.shape
-        pool.k.view(nb * s, g, d)[batch.slots] = k[0]
-        pool.v.view(nb * s, g, d)[batch.slots] = v[0]
-        gqa = q.shape[2] != g
-        out = torch.empty_like(q[0])  # [N, h, d]
-        if batch.decode_tables is not None:
-            Sd, width = batch.decode_tables.shape
-            qd = q[0, batch.decode_tokens].unsqueeze(2)  # [Sd, h, 1, d]
-            blocks = batch.decode_tables.view(-1)
-            kd, vd = (torch.index_select(t.view(nb, s * g * d), 0, blocks,
-                                         out=batch.workspace.take(name, (Sd * width, s * g * d), t))
-                      .view(Sd, width * s, g, d).transpose(1, 2)
-                      for name, t in (("k", pool.k), ("v", pool.v)))  # [Sd, g, C, d]
-            mask = batch.decode_mask
-            if mask is not None and mask.dtype != q.dtype:
-                mask = batch.decode_mask = mask.to(q.dtype)  # once per forward, then every layer
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=mask, enable_gqa=gqa)
-            out[batch.decode_tokens] = o.squeeze(2)
-        for first, end, table, mask in batch.prefills:
-            qs = q[0, first:end].transpose(0, 1).unsqueeze(0)  # [1, h, n, d]
-            if mask is None:  # a chunk from position 0 sees only itself: no gather
-                ks, vs = (t[0, first:end].transpose(0, 1).unsqueeze(0) for t in (k, v))
-            else:
-                ks, vs = (t[table].view(-1, g, d)[:mask.shape[1]].transpose(0, 1).unsqueeze(0)
-                          for t in (pool.k, pool.v))  # [1, g, context, d]
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
-                                               enable_gqa=gqa)
-            out[first:end] = o[0].transpose(0, 1)
-        return out.unsqueeze(0)
+        pool.k.view(nb * s, g, d).index_copy_(0, batch.slots, k[0])
+        pool.v.view(nb * s, g, d).index_copy_(0, batch.slots, v[0])
+        return batch.backend.attend(q[0], pool, batch).unsqueeze(0)

@@ -74,7 +74,7 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     model, links, _ = load_rank(spec, device)
     engine = Engine(model, spec.cfg, spec.deployment, engine_cfg, rank, links, options.eos,
-                    n_micro=spec.micro_batches, overlap=spec.overlap)
+                    n_micro=spec.micro_batches, overlap=spec.overlap, graphs=spec.graphs)
     if rank != 0:
         follow(engine, model)
         return
