@@ -5,6 +5,7 @@ import contextlib
 import copy
 import random
 
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
@@ -145,9 +146,11 @@ def can_only_decode(s: Scheduler) -> bool:
 def test_every_step_keeps_arrival_order_and_every_block_and_bounds_every_decode_only_step(
         block_size, blocks, budget, max_seqs, chunked, seed):
     """Random streams of arrivals, aborts, prompts and lengths, with pools small enough to
-    preempt. After every step: the waiting queue is in arrival order (preempted sequences
-    included), free plus held blocks are the pool, each block once; and before every step that
-    can only decode, `decode_tokens` gives a bound."""
+    preempt. Every step runs at least one token per chosen sequence, within the budget and the
+    cap on running sequences, the running ones oldest first, and preempts only sequences newer
+    than every one it keeps. After every step: the waiting queue is in arrival order (preempted
+    sequences included), free plus held blocks are the pool, each block once; and before every
+    step that can only decode, `decode_tokens` gives a bound."""
     rng = random.Random(seed)
     s = Scheduler(EngineConfig(block_size=block_size, max_batched_tokens=budget, max_seqs=max_seqs,
                                chunked_prefill=chunked), num_blocks=blocks)
@@ -163,11 +166,79 @@ def test_every_step_keeps_arrival_order_and_every_block_and_bounds_every_decode_
                 s.add(request)
         if s.running and rng.random() < 0.1:
             s.abort(rng.choice(s.running).request.id)
-        step(s)
-        arrivals = [seq.arrival for seq in s.waiting]
-        assert arrivals == sorted(arrivals)
+        before = [seq.request.id for seq in s.running]  # ids count arrivals here
+        chosen = s.schedule()
+        assert all(n >= 1 for _, n in chosen) and sum(n for _, n in chosen) <= budget
+        assert len(s.running) <= max_seqs
+        ran = [seq.request.id for seq, _ in chosen if seq.request.id in before]
+        assert ran == sorted(ran)  # running sequences oldest first
+        kept = [i for i in before if any(seq.request.id == i for seq in s.running)]
+        preempted = [i for i in before if i not in kept]
+        assert not kept or not preempted or max(kept) < min(preempted)  # the newest are preempted
+        s.finish(chosen, {seq.request.id: 7 for seq, n in chosen})
+        waiting = [seq.request.id for seq in s.waiting]
+        assert waiting == sorted(waiting)
+        # and all of them arrived after every running one: a preempted sequence goes to the front
+        assert not waiting or not s.running or max(seq.request.id for seq in s.running) < waiting[0]
         assert sorted(s.free_blocks + blocks_held(s)) == list(range(blocks))
         assert all(not seq.blocks for seq in s.waiting)  # preempted sequences hold nothing
     while s.has_work:
         step(s)
     assert sorted(s.free_blocks) == list(range(blocks))
+
+
+@pytest.mark.parametrize("field, value", [("block_size", 0), ("max_batched_tokens", -1), ("max_seqs", 1.5),
+                                          ("num_blocks", 0), ("num_blocks", 2.0), ("kv_cache_gb", 0.0)])
+def test_engine_config_refuses_a_size_below_one_naming_the_flag(field, value):
+    with pytest.raises(ValueError, match=field.replace("_", "-")):
+        EngineConfig(**{field: value})
+    EngineConfig(**{field: 1})  # the smallest that is allowed
+
+
+def test_check_refuses_only_requests_that_can_never_fit():
+    """A request's KV holds prompt + max_tokens - 1 tokens at most (the last token is never fed)."""
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=8), num_blocks=3)
+    whole_pool = Request("whole pool", (1,) * 9, max_tokens=4)  # 12 tokens: 3 blocks, over the budget
+    s.check(whole_pool)  # chunked: a prompt longer than the budget is prefilled in pieces
+    with pytest.raises(ValueError, match="needs 4 KV blocks but the pool has 3"):
+        s.check(Request("over", (1,) * 9, max_tokens=5))
+    s.add(whole_pool)
+    outputs = []
+    while s.has_work:
+        chosen = s.schedule()
+        outputs += s.finish(chosen, {seq.request.id: 7 for seq, n in chosen})
+    assert [(o.token, o.index, o.finished) for o in outputs] == [(7, 0, None), (7, 1, None), (7, 2, None),
+                                                                  (7, 3, "length")]
+    assert sorted(s.free_blocks) == [0, 1, 2]
+    whole = Scheduler(EngineConfig(block_size=4, max_batched_tokens=8, chunked_prefill=False), num_blocks=3)
+    whole.check(Request("one prefill", (1,) * 8, max_tokens=1))
+    with pytest.raises(ValueError, match="max-batched-tokens 8"):
+        whole.check(Request("two prefills", (1,) * 8, max_tokens=2))
+
+
+def test_finish_reports_every_sampled_token_and_why_a_sequence_stops():
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=4), num_blocks=8, eos=(2,))
+    s.add(Request("eos", (1, 1), max_tokens=5))
+    s.add(Request("stop", (1,) * 5, max_tokens=5, stop=(9,)))  # 5 prompt tokens: 2 chunks
+    s.add(Request("length", (1,), max_tokens=1))
+    tokens = {"eos": [3, 2], "stop": [9], "length": [4]}
+    seen = []
+    while s.has_work:
+        chosen = s.schedule()
+        sampled = [seq.request.id for (seq, n), yes in zip(chosen, s.sampled(chosen)) if yes]
+        outputs = s.finish(chosen, {i: tokens[i].pop(0) for i in sampled})
+        assert [o.request_id for o in outputs] == sampled
+        seen += [(o.request_id, o.token, o.index, o.finished) for o in outputs]
+    assert sorted(seen) == [("eos", 2, 1, "stop"), ("eos", 3, 0, None), ("length", 4, 0, "length"),
+                            ("stop", 9, 0, "stop")]
+
+
+def test_abort_drops_exactly_that_request_and_frees_its_blocks():
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=100, max_seqs=1), num_blocks=8)
+    for i in "abc":
+        s.add(Request(i, (1,) * 5, max_tokens=3))
+    assert step(s) == [("a", 5)]  # a holds 2 blocks; b and c wait (one running at most)
+    assert s.abort("b") and [seq.request.id for seq in s.waiting] == ["c"]
+    assert s.abort("a") and not s.running and len(s.free_blocks) == 8
+    assert not s.abort("a") and not s.abort("missing")
+    assert step(s) == [("c", 5)]

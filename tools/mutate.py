@@ -171,8 +171,10 @@ def run_tests(copy_root: Path, args: list[str], timeout: float) -> str:
         time.sleep(0.05)
 
 
-def mutate_module(module: str, limit: int | None, timeout: float) -> list[tuple[Mutant, str]]:
-    """Every mutant of `module` (or the first `limit`) -> its result; prints as it goes."""
+def mutate_module(module: str, limit: int | None, timeout: float,
+                  lines: set[int] | None = None) -> list[tuple[Mutant, str]]:
+    """Every mutant of `module` (or those on `lines`; the first `limit`) -> its result; prints as
+    it goes."""
     path = ROOT / PACKAGE / module
     source = path.read_text()
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
@@ -187,7 +189,7 @@ def mutate_module(module: str, limit: int | None, timeout: float) -> list[tuple[
             raise SystemExit(f"{module}: its tests do not pass unmutated ({baseline}); fix that first")
         print(f"{module}: tests pass unmutated in {time.perf_counter() - t0:.0f} s", flush=True)
         results = []
-        for mutant in mutants(source)[:limit]:
+        for mutant in [m for m in mutants(source) if lines is None or m.line in lines][:limit]:
             target.write_text(mutated(source, mutant))
             result = run_tests(copy_root, COVERING[module], timeout)
             results.append((mutant, result))
@@ -203,6 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("modules", nargs="*", help=f"paths under {PACKAGE}/: {', '.join(COVERING)}")
     parser.add_argument("--all", action="store_true", help="every module above")
     parser.add_argument("--max", type=int, default=None, help="mutants per module (the first N)")
+    parser.add_argument("--lines", type=lambda text: {int(n) for n in text.split(",")}, default=None,
+                        help="only the mutants on these lines, e.g. 85,132 (to check a new test kills survivors)")
     parser.add_argument("--timeout", type=float, default=300, help="seconds per test run (default %(default)s)")
     args = parser.parse_args(argv)
     modules = list(COVERING) if args.all else args.modules
@@ -211,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"modules: some of {', '.join(COVERING)} (got {unknown or 'none'})")
     survivors = []
     for module in modules:
-        results = mutate_module(module, args.max, args.timeout)
+        results = mutate_module(module, args.max, args.timeout, args.lines)
         killed = sum(r != "passed" for _, r in results)
         print(f"{module}: {killed} of {len(results)} mutants killed", flush=True)
         survivors += [(module, m) for m, r in results if r == "passed"]
