@@ -274,3 +274,16 @@ def test_a_gpu_rank_binds_its_group_to_its_gpu_with_the_runs_timeout(monkeypatch
     (_, device), (backend, kw) = calls
     assert device == kw["device_id"] == torch.device("cuda", 3) and backend == "nccl"
     assert kw["timeout"].total_seconds() == 45.0 == launch_mod.group_timeout().total_seconds()
+
+
+def test_compare_forks_its_ranks_before_it_runs_a_rank_itself(monkeypatch, capsys):
+    """On a GPU the launcher's process must not have used CUDA when it forks ranks, so `compare`
+    runs `single` (in this process) after the multi-rank deployments; the table keeps its order."""
+    from expertmesh import cli
+    ran = []
+    real = cli.execute
+    monkeypatch.setattr(cli, "execute", lambda spec, args, label, alone=False: ran.append(label) or real(spec, args, label, alone))
+    assert cli.main(["compare", "--deployments", "single,ep2", "--gen-len", "2", "--batch", "2", "--prompt-len", "4"]) == 0
+    assert ran == ["ep2", "single", "reference"]
+    table = capsys.readouterr().out
+    assert table.index("single") < table.index("ep2")
