@@ -202,7 +202,10 @@ def cmd_compare(args) -> int:
     reference_spec = spec_from_flags(args, Deployment(), record_logits=True, ep_flags=False)
     for s in specs:  # all checks first
         check_launch(s.deployment.world_size, args.backend, args.timeout)
-    results = [execute(s, args, s.deployment.name) for s in specs]
+    # Forked ranks first: a process that ran a rank itself on a GPU (single) cannot fork more.
+    order = sorted(range(len(specs)), key=lambda i: specs[i].deployment.world_size == 1 and not under_torchrun())
+    done = {i: execute(specs[i], args, specs[i].deployment.name) for i in order}
+    results = [done[i] for i in range(len(specs))]
     if any(r is None for r in results):  # a torchrun rank other than 0
         return 0
     # The reference runs last, in this process alone, so no rank is forked from a process that

@@ -161,8 +161,15 @@ def test_gpu_check_puts_only_decode_forwards_under_the_sync_check(monkeypatch, t
     assert modes == ["error", "default"] * 2  # 3 tokens: one prefill step, then two decode steps
 
 
+def test_gpu_multi_without_two_gpus_is_one_line_unless_dry(tmp_path, capsys):
+    from benchmarks import gpu_multi
+    assert gpu_multi.main(["--out", str(tmp_path)]) == 2
+    assert "gpu_multi needs 2 GPUs (this machine has 0); --dry-run" in capsys.readouterr().err
+
+
 def test_scripts_answer_help_without_running():
-    for args in (["-m", "benchmarks", "--help"], [str(ROOT / "benchmarks" / "gpu_check.py"), "--help"]):
+    for args in (["-m", "benchmarks", "--help"], [str(ROOT / "benchmarks" / "gpu_check.py"), "--help"],
+                 [str(ROOT / "benchmarks" / "gpu_multi.py"), "--help"]):
         done = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                               timeout=60)
         assert done.returncode == 0, done.stderr

@@ -109,7 +109,6 @@ def _group_timeouts(device) -> list[float]:
 
 def test_every_group_gets_the_runs_timeout():
     assert launch(_group_timeouts, 2, timeout=37) == [37.0, 37.0]
-    assert launch_mod.group_timeout() is None  # the launcher's own process joined no group
 
 
 # ---- the KV pool from free device memory ----
@@ -254,3 +253,37 @@ def test_a_bad_gpu_memory_utilization_is_one_line_before_any_rank_starts(value, 
     from expertmesh.cli import main
     assert main(["serve", "--port", "0", "--gpu-memory-utilization", value]) == 2
     assert f"gpu-memory-utilization {float(value)} must be in (0, 1]" in capsys.readouterr().err
+
+
+# ---- torch 2.11 / 2.12: the engine's collectives under their older names ----
+def _gather_ranks(device) -> list:
+    from expertmesh.engine.messages import Messages
+    return Messages(None).all_gather({"rank": dist.get_rank()})
+
+
+def test_the_engine_gathers_where_torch_has_no_all_gather_single(monkeypatch):
+    monkeypatch.delattr(dist, "all_gather_single")  # torch < 2.13; the forked ranks inherit it
+    assert launch(_gather_ranks, 2, timeout=60) == [{"rank": 0}, {"rank": 1}]
+
+
+def test_a_gpu_rank_binds_its_group_to_its_gpu_with_the_runs_timeout(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: calls.append(("set_device", d)))
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: calls.append((backend, kw)))
+    launch_mod.init_group("nccl", None, 3, 8, 45.0, torch.device("cuda", 3))
+    (_, device), (backend, kw) = calls
+    assert device == kw["device_id"] == torch.device("cuda", 3) and backend == "nccl"
+    assert kw["timeout"].total_seconds() == 45.0 == launch_mod.group_timeout().total_seconds()
+
+
+def test_compare_forks_its_ranks_before_it_runs_a_rank_itself(monkeypatch, capsys):
+    """On a GPU the launcher's process must not have used CUDA when it forks ranks, so `compare`
+    runs `single` (in this process) after the multi-rank deployments; the table keeps its order."""
+    from expertmesh import cli
+    ran = []
+    real = cli.execute
+    monkeypatch.setattr(cli, "execute", lambda spec, args, label, alone=False: ran.append(label) or real(spec, args, label, alone))
+    assert cli.main(["compare", "--deployments", "single,ep2", "--gen-len", "2", "--batch", "2", "--prompt-len", "4"]) == 0
+    assert ran == ["ep2", "single", "reference"]
+    table = capsys.readouterr().out
+    assert table.index("single") < table.index("ep2")
