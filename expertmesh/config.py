@@ -43,7 +43,8 @@ class Capacity:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only MoE transformer: every layer is attention + an MoE block of routed experts.
+    """A decoder-only MoE transformer: every layer is attention + an MoE block of routed experts
+    (or a dense MLP, in `dense_layers`).
 
     Router convention: softmax over all `n_experts` router logits, keep the `top_k` largest; with
     `renormalize` the kept weights are divided by their sum, which equals a softmax over the top-k
@@ -53,7 +54,10 @@ class ModelConfig:
     Options of Hugging Face families: `shared_expert_hidden > 0` adds a SwiGLU shared expert that
     every token passes through, scaled by sigmoid(shared_gate(x)) (Qwen2-MoE); `qkv_bias` gives
     the query, key and value projections a bias (Qwen2-MoE); `qk_norm` applies RMSNorm to the
-    whole query and key projections, before splitting heads and RoPE (OLMoE).
+    whole query and key projections, before splitting heads and RoPE (OLMoE); `qk_head_norm`
+    applies RMSNorm over `head_dim` to each query and key head, before RoPE (Qwen3-MoE).
+    `dense_layers`: the layers whose feed-forward is a dense SwiGLU MLP of hidden `dense_hidden`
+    instead of an MoE block (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`).
     """
 
     name: str
@@ -79,6 +83,9 @@ class ModelConfig:
     overflow: str = "drop"
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_head_norm: bool = False
+    dense_layers: tuple[int, ...] = ()
+    dense_hidden: int = 0
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_experts", "top_k", "d_model", "n_heads", "head_dim",
@@ -107,6 +114,15 @@ class ModelConfig:
         _check(self.router_skew >= 0, f"ModelConfig.router_skew={self.router_skew} must be >= 0")
         if self.capacity_factor is not None:
             Capacity(self.capacity_factor, self.overflow)  # validates factor and policy
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        _check(all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.dense_layers)
+               and list(self.dense_layers) == sorted(set(self.dense_layers)),
+               f"ModelConfig.dense_layers={self.dense_layers!r} must be distinct layer indices in "
+               f"[0, {self.n_layers}), ascending")
+        _check(isinstance(self.dense_hidden, int) and self.dense_hidden >= 0
+               and (self.dense_hidden > 0) == bool(self.dense_layers),
+               f"ModelConfig.dense_hidden={self.dense_hidden!r} must be a positive integer exactly "
+               f"when dense_layers is not empty")
         _check(self.dtype in DTYPES,
                f"ModelConfig.dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
 
@@ -117,6 +133,10 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def is_dense(self, layer: int) -> bool:
+        """Whether layer `layer`'s feed-forward is the dense MLP rather than an MoE block."""
+        return layer in self.dense_layers
 
     @property
     def matrices_per_expert(self) -> int:

@@ -8,9 +8,12 @@ the half-split convention, RMSNorm, softmax router over all experts then top-k):
 | mixtral    | always renormalized         | -                                             |
 | qwen2_moe  | renormalized if norm_topk_prob | shared expert + sigmoid gate, q/k/v bias   |
 | olmoe      | renormalized if norm_topk_prob | RMSNorm on the whole q and k projections   |
+| qwen3_moe  | renormalized if norm_topk_prob | RMSNorm per q / k head, explicit head_dim, |
+|            |                             | dense MLP layers (mlp_only_layers, decoder_sparse_step) |
 
 Anything that would make the result differ from transformers (another activation, RoPE scaling,
-dense layers between MoE layers, q/k/v clipping) is rejected with a ValueError naming the field.
+dense layers between Qwen2-MoE layers, q/k/v clipping, attention biases where the family has none
+by default) is rejected with a ValueError naming the field.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from pathlib import Path
 
 from expertmesh.config import ModelConfig
 
-FAMILIES = ("mixtral", "qwen2_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
 # checkpoint dtype -> expertmesh dtype; fp16 is widened to fp32, which holds it exactly
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
 # Numeric fields read from config.json, checked for their type before any arithmetic on them.
@@ -89,6 +92,21 @@ def _reject(ok: bool, file: Path, what: str) -> None:
         raise ValueError(f"{file}: {what} is not supported; use a checkpoint without it")
 
 
+def _dense_layers(raw: dict, n_layers: int, file: Path) -> dict:
+    """Qwen3-MoE's rule (as transformers builds the layers): layer i is dense when it is in
+    `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`."""
+    only, step = raw.get("mlp_only_layers") or [], raw.get("decoder_sparse_step", 1)
+    if not (isinstance(only, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in only)):
+        raise ValueError(f"{file}: field 'mlp_only_layers' is {only!r}, not a list of layer "
+                         f"indices; write it as a JSON list of integers")
+    if step < 1:
+        raise ValueError(f"{file}: field 'decoder_sparse_step' is {step}; it must be >= 1")
+    dense = tuple(i for i in range(n_layers) if i in only or (i + 1) % step)
+    if not dense:
+        return {}
+    return dict(dense_layers=dense, dense_hidden=_get(raw, "intermediate_size", file))
+
+
 def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
     """The `ModelConfig` of the checkpoint at `path`; `dtype` (fp32, bf16) overrides the file's."""
     raw = read_hf_config(path)
@@ -98,7 +116,7 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
     _reject(raw.get("hidden_act", "silu") == "silu", file, f"hidden_act={raw.get('hidden_act')!r}")
     d_model, n_heads = g("hidden_size"), g("num_attention_heads")
     max_len = g("max_position_embeddings")
-    if raw.get("sliding_window") and (family != "qwen2_moe" or raw.get("use_sliding_window")):
+    if raw.get("sliding_window") and (family not in ("qwen2_moe", "qwen3_moe") or raw.get("use_sliding_window")):
         max_len = min(max_len, raw["sliding_window"])  # within the window attention is full
     fields = dict(
         name=Path(path).resolve().name, n_layers=g("num_hidden_layers"), top_k=g("num_experts_per_tok"),
@@ -118,6 +136,13 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
                       renormalize=bool(raw.get("norm_topk_prob", False)),
                       shared_expert_hidden=g("shared_expert_intermediate_size"),
                       qkv_bias=bool(raw.get("qkv_bias", True)))
+    elif family == "qwen3_moe":
+        _reject(not raw.get("attention_bias"), file, "attention_bias=true")
+        # published configs say num_experts; transformers 5 saves it as num_local_experts
+        experts = raw.get("num_experts") or g("num_local_experts")
+        fields.update(n_experts=experts, expert_hidden=g("moe_intermediate_size"),
+                      renormalize=bool(raw.get("norm_topk_prob", False)), qk_head_norm=True,
+                      **_dense_layers(raw, g("num_hidden_layers"), file))
     else:
         _reject(raw.get("clip_qkv") is None, file, f"clip_qkv={raw.get('clip_qkv')}")
         _reject(not raw.get("attention_bias"), file, "attention_bias=true")

@@ -18,6 +18,8 @@ down_proj).
   layers.N.moe.experts.w_down       [E, D, H]: moe.experts.{e}.down.weight, or moe.experts.down_proj
   layers.N.moe.shared.w_gate.weight mlp.shared_expert.gate_proj.weight (w_up, w_down alike)
   layers.N.moe.shared.gate.weight   mlp.shared_expert_gate.weight
+  layers.N.attn.q_head_norm.weight  self_attn.q_norm.weight [head_dim] (k_head_norm alike)
+  layers.N.mlp.w_gate.weight        mlp.gate_proj.weight, a dense layer's (w_up, w_down alike)
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ _PROJ = {
     "mixtral": {"w_gate": "w1", "w_up": "w3", "w_down": "w2"},
     "qwen2_moe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
     "olmoe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
+    "qwen3_moe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
 }
-_MOE_PREFIXES = {"mixtral": ("block_sparse_moe", "mlp"), "qwen2_moe": ("mlp",), "olmoe": ("mlp",)}
+_MOE_PREFIXES = {"mixtral": ("block_sparse_moe", "mlp"), "qwen2_moe": ("mlp",), "olmoe": ("mlp",),
+                  "qwen3_moe": ("mlp",)}
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 _LAYER = {
@@ -43,6 +47,9 @@ _LAYER = {
     "moe.shared.w_up.weight": "mlp.shared_expert.up_proj.weight",
     "moe.shared.w_down.weight": "mlp.shared_expert.down_proj.weight",
     "moe.shared.gate.weight": "mlp.shared_expert_gate.weight",
+    "attn.q_head_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_head_norm.weight": "self_attn.k_norm.weight",
+    **{f"mlp.{ours}.weight": f"mlp.{theirs}.weight" for ours, theirs in _PROJ["qwen3_moe"].items()},
     **{f"attn.w{p}.{kind}": f"self_attn.{p}_proj.{kind}" for p in "qkvo" for kind in ("weight", "bias")},
 }
 _LAYER_NAME = re.compile(r"layers\.(\d+)\.(.+)")

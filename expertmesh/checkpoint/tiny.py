@@ -25,6 +25,12 @@ _FAMILY = {
                        num_experts_per_tok=2, shared_expert_intermediate_size=80)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
+    # 3 layers, the middle one dense (mlp_only_layers), so that pp2 puts a dense layer beside an
+    # MoE one on the first stage; head_dim 24 is not hidden / heads (16), as in real Qwen3-MoE.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_hidden_layers=3, head_dim=24, intermediate_size=80,
+                       moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, mlp_only_layers=[1])),
 }
 
 

@@ -95,11 +95,14 @@ class Attention(nn.Module):
     Tensor parallelism shards the projections by heads and lowers `n_heads` / `n_kv_heads` to the
     local counts; nothing here changes. `qkv_bias`: the q, k, v projections have a bias.
     `qk_norm_eps`: RMSNorm over the whole projected query `[h * d]` and key `[g * d]`, before
-    splitting heads and RoPE (OLMoE); None for none.
+    splitting heads and RoPE (OLMoE); None for none. `qk_head_norm_eps`: RMSNorm over `d` of each
+    query and key head, before RoPE (Qwen3-MoE); its weight `[d]` is shared by all heads, so
+    tensor parallelism leaves it whole.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, theta: float,
-                 qkv_bias: bool = False, qk_norm_eps: float | None = None):
+                 qkv_bias: bool = False, qk_norm_eps: float | None = None,
+                 qk_head_norm_eps: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = n_heads, n_kv_heads, head_dim, theta
         self.wq = Linear(d_model, n_heads * head_dim, qkv_bias)
@@ -109,6 +112,9 @@ class Attention(nn.Module):
         with_norm = qk_norm_eps is not None
         self.q_norm = RMSNorm(n_heads * head_dim, qk_norm_eps) if with_norm else None
         self.k_norm = RMSNorm(n_kv_heads * head_dim, qk_norm_eps) if with_norm else None
+        per_head = qk_head_norm_eps is not None
+        self.q_head_norm = RMSNorm(head_dim, qk_head_norm_eps) if per_head else None
+        self.k_head_norm = RMSNorm(head_dim, qk_head_norm_eps) if per_head else None
 
     def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
         """x `[b, L, D]` and a KV view (`Contiguous` or `PagedView`) -> `[b, L, D]`."""
@@ -116,9 +122,11 @@ class Attention(nn.Module):
         q, k = self.wq(x), self.wk(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, L, self.n_heads, self.head_dim), k.view(b, L, self.n_kv_heads, self.head_dim)
+        if self.q_head_norm is not None:
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
         pos = kv.positions(L, x.device)
-        q = rotary(q.view(b, L, self.n_heads, self.head_dim), pos, self.theta)
-        k = rotary(k.view(b, L, self.n_kv_heads, self.head_dim), pos, self.theta)
+        q, k = rotary(q, pos, self.theta), rotary(k, pos, self.theta)
         v = self.wv(x).view(b, L, self.n_kv_heads, self.head_dim)
         out = kv.attend(q, k, v)
         return self.wo(out.reshape(b, L, self.n_heads * self.head_dim))

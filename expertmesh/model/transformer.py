@@ -21,6 +21,7 @@ from torch import nn
 
 from expertmesh.config import ModelConfig
 from expertmesh.model.attention import Attention, Contiguous, KVCache
+from expertmesh.model.dense import DenseMLP
 from expertmesh.model.layers import Embedding, Linear, RMSNorm
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView
@@ -30,15 +31,21 @@ from expertmesh.trace import span
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Attention, then the feed-forward: the MoE block `moe`, or in the config's dense layers the
+    dense MLP `mlp` (`moe` is then None)."""
+
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
-                              cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None)
+                              cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None,
+                              cfg.norm_eps if cfg.qk_head_norm else None)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.moe = MoEBlock(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden,
-                            cfg.expert_kind, cfg.renormalize, cfg.shared_expert_hidden,
-                            cfg.router_skew, cfg.capacity)
+        dense = cfg.is_dense(index)
+        self.mlp = DenseMLP(cfg.d_model, cfg.dense_hidden) if dense else None
+        self.moe = None if dense else MoEBlock(
+            cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.expert_kind,
+            cfg.renormalize, cfg.shared_expert_hidden, cfg.router_skew, cfg.capacity)
 
     def forward(self, x: torch.Tensor, kv, low_latency_tokens: int | None = None) -> torch.Tensor:
         """x `[b, L, D]` with a KV view (`model/attention.py`) -> `[b, L, D]`."""
@@ -48,6 +55,8 @@ class DecoderLayer(nn.Module):
         """`forward` as a generator that yields while the MoE block's token exchange is in flight."""
         with span("attention"):
             x = x + self.attn(self.attn_norm(x), kv)
+        if self.mlp is not None:
+            return x + self.mlp(self.moe_norm(x))
         if kv.seq_lens is None:  # each row of x is one sequence
             return x + (yield from self.moe.steps(self.moe_norm(x), None, low_latency_tokens))
         out = yield from self.moe.steps(self.moe_norm(x)[0], kv.seq_lens, low_latency_tokens)
@@ -59,7 +68,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed: Embedding | None = Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head: Linear | None = Linear(cfg.d_model, cfg.vocab_size)
         # Called with (layer index, output `[b, L, D]`) after every layer held here, in order: the

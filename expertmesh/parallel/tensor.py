@@ -8,6 +8,7 @@ parallel, down row parallel); the MoE block's output `[b, L, D]` is all-reduced 
 weighted combine, which is linear in the partial outputs. The router is replicated, so every
 rank routes identically. A shared expert (Qwen2-MoE) is split like the experts; its gate is
 replicated, so sigmoid(gate(x)) * partial output is a partial sum of the same all-reduce.
+A dense layer's MLP (`model/dense.py`) is split like an expert and all-reduced alike.
 The q / k norms of OLMoE span all heads: each rank keeps its heads' slice of the norm weight and
 all-reduces the sum of squares `[b, L, 1]` (`ShardedRMSNorm`).
 """
@@ -85,6 +86,12 @@ def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: i
             attn.q_norm = ShardedRMSNorm(attn.q_norm, group, tp, tp_rank)
             attn.k_norm = ShardedRMSNorm(attn.k_norm, group, tp, tp_rank)
         attn.register_forward_hook(_all_reduce_output(group))
+        if layer.mlp is not None:
+            mlp = layer.mlp
+            mlp.w_gate, mlp.w_up = (_split_linear(lin, 0, tp, tp_rank) for lin in (mlp.w_gate, mlp.w_up))
+            mlp.w_down = _split_linear(mlp.w_down, 1, tp, tp_rank)
+            mlp.register_forward_hook(_all_reduce_output(group))
+            continue
 
         experts = layer.moe.experts
         for name in ("w_up", "w_gate"):
