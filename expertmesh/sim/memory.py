@@ -2,8 +2,9 @@
 activations at their peak, communication buffers and a runtime reserve.
 
 Counts follow the engine's sharding: attention projections split by heads under TP, experts
-split by hidden units under TP and by expert under EP, layers split by stage under PP; the
-embedding lives on the first stage, the final norm and LM head on the last.
+split by hidden units under TP and by expert under EP, a dense layer's MLP split under TP and
+replicated under EP, layers split by stage under PP; the embedding lives on the first stage, the
+final norm and LM head on the last.
 
 Activations peak in a prefill layer, on the rank's t = rows x prompt tokens of one micro-batch:
 the residual stream and the normed input `[t, D]`, then the larger of attention's q, k, v and
@@ -26,11 +27,15 @@ from expertmesh.deployment import Deployment
 ITEMSIZE = {"bf16": 2, "fp32": 4}
 
 
-def layer_params(cfg: ModelConfig, dep: Deployment, attn_tp: int | None = None) -> int:
+def layer_params(cfg: ModelConfig, dep: Deployment, attn_tp: int | None = None,
+                 dense: bool = False) -> int:
     """Parameters of one decoder layer on one rank; attention split over `attn_tp` ranks
-    (default: the TP size)."""
+    (default: the TP size); `dense`: a dense layer's (its MLP instead of router and experts)."""
     d, D = cfg.head_dim, cfg.d_model
     attention = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d * D // (attn_tp or dep.tp)
+    attention += 2 * d if cfg.qk_head_norm else 0
+    if dense:
+        return attention + 3 * (cfg.dense_hidden // dep.tp) * D + 2 * D
     experts = (cfg.n_experts // dep.ep) * cfg.matrices_per_expert * (cfg.expert_hidden // dep.tp) * D
     norms_router = 2 * D + cfg.n_experts * D
     return attention + experts + norms_router
@@ -38,7 +43,7 @@ def layer_params(cfg: ModelConfig, dep: Deployment, attn_tp: int | None = None) 
 
 def rank_params(cfg: ModelConfig, dep: Deployment, rank: int, attn_tp: int | None = None) -> int:
     stage = dep.coords(rank)[0]
-    n = len(dep.stage_layers(cfg.n_layers)[stage]) * layer_params(cfg, dep, attn_tp)
+    n = sum(layer_params(cfg, dep, attn_tp, cfg.is_dense(i)) for i in dep.stage_layers(cfg.n_layers)[stage])
     if stage == 0:
         n += cfg.vocab_size * cfg.d_model
     if stage == dep.pp - 1:
