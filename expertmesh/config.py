@@ -13,6 +13,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPERT_KINDS = ("mlp", "swiglu")
 OVERFLOW_POLICIES = ("drop", "reroute")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -57,7 +58,11 @@ class ModelConfig:
     whole query and key projections, before splitting heads and RoPE (OLMoE); `qk_head_norm`
     applies RMSNorm over `head_dim` to each query and key head, before RoPE (Qwen3-MoE).
     `dense_layers`: the layers whose feed-forward is a dense SwiGLU MLP of hidden `dense_hidden`
-    instead of an MoE block (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`).
+    instead of an MoE block (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`, DeepSeek-V3's
+    `first_k_dense_replace`). `router_kind="sigmoid_grouped"` is DeepSeek-V3's router
+    (`model/routing.py`: sigmoid scores, a correction bias for the choice only, the best
+    `topk_groups` of `n_groups` expert groups, weights times `routed_scaling`);
+    `shared_expert_gate=False` drops the shared expert's sigmoid gate (DeepSeek-V3).
     """
 
     name: str
@@ -86,6 +91,11 @@ class ModelConfig:
     qk_head_norm: bool = False
     dense_layers: tuple[int, ...] = ()
     dense_hidden: int = 0
+    router_kind: str = "softmax"
+    n_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    shared_expert_gate: bool = True
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_experts", "top_k", "d_model", "n_heads", "head_dim",
@@ -123,6 +133,21 @@ class ModelConfig:
                and (self.dense_hidden > 0) == bool(self.dense_layers),
                f"ModelConfig.dense_hidden={self.dense_hidden!r} must be a positive integer exactly "
                f"when dense_layers is not empty")
+        _check(self.router_kind in ROUTER_KINDS,
+               f"ModelConfig.router_kind={self.router_kind!r}; use one of: {', '.join(ROUTER_KINDS)}")
+        _check(isinstance(self.n_groups, int) and self.n_groups > 0 and self.n_experts % self.n_groups == 0
+               and (self.n_groups == 1 or self.n_experts // self.n_groups >= 2),
+               f"ModelConfig.n_groups={self.n_groups!r} must divide n_experts={self.n_experts} into "
+               f"groups of at least 2 experts")
+        _check(isinstance(self.topk_groups, int) and 0 < self.topk_groups <= self.n_groups
+               and self.top_k <= self.topk_groups * (self.n_experts // self.n_groups),
+               f"ModelConfig.topk_groups={self.topk_groups!r} must be in [1, n_groups={self.n_groups}] "
+               f"and its groups must hold top_k={self.top_k} experts")
+        _check(self.router_kind == "sigmoid_grouped" or (self.n_groups, self.topk_groups) == (1, 1),
+               "ModelConfig.n_groups / topk_groups apply to router_kind='sigmoid_grouped' only")
+        _check(self.routed_scaling > 0, f"ModelConfig.routed_scaling={self.routed_scaling} must be > 0")
+        _check(self.capacity_factor is None or self.router_kind == "softmax",
+               "ModelConfig.capacity_factor applies to the softmax router only; omit it")
         _check(self.dtype in DTYPES,
                f"ModelConfig.dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
 

@@ -23,8 +23,9 @@ from expertmesh.config import ModelConfig
 from expertmesh.model.attention import Attention, Contiguous, KVCache
 from expertmesh.model.dense import DenseMLP
 from expertmesh.model.layers import Embedding, Linear, RMSNorm
-from expertmesh.model.moe import MoEBlock
+from expertmesh.model.moe import MoEBlock, SharedExpert
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView
+from expertmesh.model.routing import GroupLimitedRouter
 from expertmesh.model.steps import Steps, run_steps
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.trace import span
@@ -46,6 +47,11 @@ class DecoderLayer(nn.Module):
         self.moe = None if dense else MoEBlock(
             cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.expert_kind,
             cfg.renormalize, cfg.shared_expert_hidden, cfg.router_skew, cfg.capacity)
+        if self.moe is not None and cfg.router_kind == "sigmoid_grouped":
+            self.moe.router = GroupLimitedRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.renormalize,
+                                                 cfg.n_groups, cfg.topk_groups, cfg.routed_scaling)
+        if self.moe is not None and cfg.shared_expert_hidden and not cfg.shared_expert_gate:
+            self.moe.shared = SharedExpert(cfg.d_model, cfg.shared_expert_hidden, gated=False)
 
     def forward(self, x: torch.Tensor, kv, low_latency_tokens: int | None = None) -> torch.Tensor:
         """x `[b, L, D]` with a KV view (`model/attention.py`) -> `[b, L, D]`."""
