@@ -63,6 +63,10 @@ class ModelConfig:
     (`model/routing.py`: sigmoid scores, a correction bias for the choice only, the best
     `topk_groups` of `n_groups` expert groups, weights times `routed_scaling`);
     `shared_expert_gate=False` drops the shared expert's sigmoid gate (DeepSeek-V3).
+    `kv_lora_rank > 0`: multi-head latent attention (DeepSeek-V2/V3, `model/mla.py`): keys and
+    values come from a cached latent of `kv_lora_rank` plus a shared RoPE key of
+    `qk_rope_head_dim`; `head_dim` is then the query / key head dim (nope + rope), `v_head_dim`
+    the value's, `q_lora_rank > 0` a low-rank query, `rope_interleave` RoPE on interleaved pairs.
     """
 
     name: str
@@ -96,6 +100,11 @@ class ModelConfig:
     topk_groups: int = 1
     routed_scaling: float = 1.0
     shared_expert_gate: bool = True
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_experts", "top_k", "d_model", "n_heads", "head_dim",
@@ -148,6 +157,13 @@ class ModelConfig:
         _check(self.routed_scaling > 0, f"ModelConfig.routed_scaling={self.routed_scaling} must be > 0")
         _check(self.capacity_factor is None or self.router_kind == "softmax",
                "ModelConfig.capacity_factor applies to the softmax router only; omit it")
+        if self.kv_lora_rank:
+            _check(0 < self.qk_rope_head_dim < self.head_dim and self.qk_rope_head_dim % 2 == 0
+                   and self.v_head_dim > 0 and self.q_lora_rank >= 0 and self.n_kv_heads == self.n_heads,
+                   f"ModelConfig: latent attention needs an even 0 < qk_rope_head_dim < head_dim, "
+                   f"v_head_dim > 0, q_lora_rank >= 0 and n_kv_heads == n_heads; got "
+                   f"{self.qk_rope_head_dim}, {self.head_dim}, {self.v_head_dim}, {self.q_lora_rank}, "
+                   f"{self.n_kv_heads}")
         _check(self.dtype in DTYPES,
                f"ModelConfig.dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
 
@@ -162,6 +178,13 @@ class ModelConfig:
     def is_dense(self, layer: int) -> bool:
         """Whether layer `layer`'s feed-forward is the dense MLP rather than an MoE block."""
         return layer in self.dense_layers
+
+    def kv_per_token(self, tp: int = 1) -> tuple[int, int]:
+        """(KV heads, head dim) a rank caches per token and layer, as K and as V: the latent and the
+        RoPE key as one head (every TP rank holds all of it) under latent attention."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim
+        return self.n_kv_heads // tp, self.head_dim
 
     @property
     def matrices_per_expert(self) -> int:

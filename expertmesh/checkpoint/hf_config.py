@@ -10,6 +10,8 @@ the half-split convention, RMSNorm, softmax router over all experts then top-k):
 | olmoe      | renormalized if norm_topk_prob | RMSNorm on the whole q and k projections   |
 | qwen3_moe  | renormalized if norm_topk_prob | RMSNorm per q / k head, explicit head_dim, |
 |            |                             | dense MLP layers (mlp_only_layers, decoder_sparse_step) |
+| deepseek_v3 | sigmoid + correction bias, group-limited, scaled | latent attention (MLA), ungated |
+|            |                             | shared experts, first_k_dense_replace dense layers |
 
 Anything that would make the result differ from transformers (another activation, RoPE scaling,
 dense layers between Qwen2-MoE layers, q/k/v clipping, attention biases where the family has none
@@ -23,15 +25,17 @@ from pathlib import Path
 
 from expertmesh.config import ModelConfig
 
-FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3")
 # checkpoint dtype -> expertmesh dtype; fp16 is widened to fp32, which holds it exactly
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
 # Numeric fields read from config.json, checked for their type before any arithmetic on them.
 _INTEGERS = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim",
              "num_hidden_layers", "num_experts_per_tok", "vocab_size", "max_position_embeddings",
              "sliding_window", "num_local_experts", "num_experts", "intermediate_size",
-             "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step")
-_REALS = ("rms_norm_eps", "rope_theta")
+             "moe_intermediate_size", "shared_expert_intermediate_size", "decoder_sparse_step",
+             "n_routed_experts", "n_shared_experts", "n_group", "topk_group", "first_k_dense_replace",
+             "kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+_REALS = ("rms_norm_eps", "rope_theta", "routed_scaling_factor")
 
 
 def read_hf_config(path: str | Path) -> dict:
@@ -107,6 +111,29 @@ def _dense_layers(raw: dict, n_layers: int, file: Path) -> dict:
     return dict(dense_layers=dense, dense_hidden=_get(raw, "intermediate_size", file))
 
 
+def _deepseek_v3(raw: dict, fields: dict, file: Path) -> dict:
+    """DeepSeek-V3's fields: its router, shared experts, leading dense layers and latent attention."""
+    g = lambda key: _get(raw, key, file)  # noqa: E731
+    _reject(not raw.get("attention_bias"), file, "attention_bias=true")
+    _reject(raw.get("quantization_config") is None, file,
+            "a quantized checkpoint (quantization_config, e.g. FP8 weight_scale_inv)")
+    _reject(raw.get("scoring_func", "sigmoid") == "sigmoid" and raw.get("topk_method", "noaux_tc") == "noaux_tc",
+            file, f"scoring_func={raw.get('scoring_func')!r} / topk_method={raw.get('topk_method')!r}")
+    moe_hidden, first_dense = g("moe_intermediate_size"), raw.get("first_k_dense_replace") or 0
+    nope, rope = g("qk_nope_head_dim"), g("qk_rope_head_dim")
+    return dict(
+        n_experts=raw.get("n_routed_experts") or g("num_local_experts"), expert_hidden=moe_hidden,
+        renormalize=bool(raw.get("norm_topk_prob", False)), router_kind="sigmoid_grouped",
+        n_groups=raw.get("n_group") or 1, topk_groups=raw.get("topk_group") or 1,
+        routed_scaling=float(raw.get("routed_scaling_factor", 1.0)),
+        shared_expert_hidden=(raw.get("n_shared_experts") or 0) * moe_hidden, shared_expert_gate=False,
+        dense_layers=tuple(range(min(first_dense, fields["n_layers"]))),
+        dense_hidden=g("intermediate_size") if first_dense else 0,
+        n_kv_heads=fields["n_heads"], head_dim=nope + rope, qk_rope_head_dim=rope,
+        v_head_dim=g("v_head_dim"), kv_lora_rank=g("kv_lora_rank"), q_lora_rank=raw.get("q_lora_rank") or 0,
+        rope_interleave=bool(raw.get("rope_interleave", True)))
+
+
 def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
     """The `ModelConfig` of the checkpoint at `path`; `dtype` (fp32, bf16) overrides the file's."""
     raw = read_hf_config(path)
@@ -143,6 +170,8 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
         fields.update(n_experts=experts, expert_hidden=g("moe_intermediate_size"),
                       renormalize=bool(raw.get("norm_topk_prob", False)), qk_head_norm=True,
                       **_dense_layers(raw, g("num_hidden_layers"), file))
+    elif family == "deepseek_v3":
+        fields.update(_deepseek_v3(raw, fields, file))
     else:
         _reject(raw.get("clip_qkv") is None, file, f"clip_qkv={raw.get('clip_qkv')}")
         _reject(not raw.get("attention_bias"), file, "attention_bias=true")

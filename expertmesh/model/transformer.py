@@ -23,6 +23,7 @@ from expertmesh.config import ModelConfig
 from expertmesh.model.attention import Attention, Contiguous, KVCache
 from expertmesh.model.dense import DenseMLP
 from expertmesh.model.layers import Embedding, Linear, RMSNorm
+from expertmesh.model.mla import LatentAttention
 from expertmesh.model.moe import MoEBlock, SharedExpert
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView
 from expertmesh.model.routing import GroupLimitedRouter
@@ -38,9 +39,15 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
-                              cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None,
-                              cfg.norm_eps if cfg.qk_head_norm else None)
+        if cfg.kv_lora_rank:
+            self.attn = LatentAttention(
+                cfg.d_model, cfg.n_heads, cfg.head_dim - cfg.qk_rope_head_dim, cfg.qk_rope_head_dim,
+                cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank, cfg.rope_theta, cfg.norm_eps,
+                cfg.rope_interleave)
+        else:
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
+                                  cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None,
+                                  cfg.norm_eps if cfg.qk_head_norm else None)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         dense = cfg.is_dense(index)
         self.mlp = DenseMLP(cfg.d_model, cfg.dense_hidden) if dense else None
@@ -92,7 +99,7 @@ class MoETransformer(nn.Module):
         caches = {}
         for name, layer in self.layers.items():
             attn = layer.attn
-            ref = attn.wk.weight
+            ref = layer.attn_norm.weight
             caches[name] = KVCache(batch, max_len, attn.n_kv_heads, attn.head_dim, ref.dtype, ref.device)
         return caches
 
@@ -118,7 +125,7 @@ class MoETransformer(nn.Module):
         """One KV block pool `[num_blocks, block_size, g, d]` per layer held here."""
         pools = {}
         for name, layer in self.layers.items():
-            attn, ref = layer.attn, layer.attn.wk.weight
+            attn, ref = layer.attn, layer.attn_norm.weight
             pools[name] = KVPool(num_blocks, block_size, attn.n_kv_heads, attn.head_dim, ref.dtype,
                                  ref.device)
         return pools
