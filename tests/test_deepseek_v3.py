@@ -61,3 +61,58 @@ def test_run_command_on_a_deepseek_v3_checkpoint(checkpoint, capsys):
                  "--gen-len", "4", "--show-tokens"]) == 0
     tokens, _ = reference_greedy(checkpoint, torch.tensor([[5, 17, 3]]), 4)
     assert f"sequence 0: {tokens[0].tolist()}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("deployment", ["single", "ep2", "tp2", "pp2"])
+def test_simulator_counts_the_parameters_transformers_holds(checkpoint, deployment):
+    """Summed over a stage's ranks: every transformers parameter (and router bias) once (EP: the
+    routed experts split; TP: the per-head projections and every MLP split, the latent's and the
+    low-rank query's first projections, norms and routers whole)."""
+    from expertmesh.sim.memory import rank_params
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    whole = {n: t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if n.endswith(("weight", "proj", "e_score_correction_bias"))}
+    dep = Deployment.parse(deployment)
+    tp_split = ("q_b_proj", "kv_b_proj", "o_proj", "experts", "gate_proj", "up_proj", "down_proj")
+    split_by = ("mlp.experts.",) if dep.ep > 1 else tp_split if dep.tp > 1 else ()
+    split = sum(v for n, v in whole.items() if any(s in n for s in split_by))
+    held = sum(rank_params(config_from_hf(checkpoint), dep, r) for r in range(dep.world_size))
+    assert held == split + dep.inner * (sum(whole.values()) - split)
+
+
+def test_simulator_kv_bytes_are_the_engines_latent_pools(checkpoint):
+    """The simulator's KV bytes for a workload equal what the engine's pools hold for its tokens."""
+    from expertmesh.config import Workload
+    from expertmesh.sim.memory import kv_cache_bytes
+
+    cfg = config_from_hf(checkpoint)
+    pools = build_model(cfg).make_pools(num_blocks=1, block_size=1)
+    per_token = sum(p.k.nbytes + p.v.nbytes for p in pools.values())
+    workload = Workload(batch_size=3, prompt_len=10, gen_len=6)
+    assert kv_cache_bytes(cfg, Deployment(tp=2), workload, 0) == per_token * 3 * 16
+
+
+# DeepSeek-V3's published shapes (config.json of deepseek-ai/DeepSeek-V3), without its YaRN RoPE
+# scaling and FP8 quantization, which the engine does not read yet
+DEEPSEEK_V3_SHAPES = {
+    "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "n_routed_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "n_shared_experts": 1,
+    "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+    "vocab_size": 129280, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+    "torch_dtype": "bfloat16"}
+
+
+def test_simulate_command_takes_deepseek_v3_shapes(tmp_path, capsys):
+    import json
+
+    from expertmesh.sim.models import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3_SHAPES))
+    cfg = load_model("paper", str(tmp_path))
+    assert cfg.dense_layers == (0, 1, 2) and cfg.kv_per_token() == (1, 576)
+    assert main(["simulate", "--model", str(tmp_path), "--deployments", "ep64", "--batch", "64",
+                 "--prompt-len", "512", "--gen-len", "4"]) == 0
+    assert "4 expert/layer" in capsys.readouterr().out

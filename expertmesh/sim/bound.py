@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from expertmesh.sim.memory import attention_params
 from expertmesh.sim.scenario import Scenario
 
 RESOURCE_NAMES = ("compute", "hbm", "nvlink", "network")
@@ -24,7 +25,8 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
     B, D, d, k, inner = w.batch_size, cfg.d_model, cfg.head_dim, cfg.top_k, dep.inner
     h, g, H, E, V = cfg.n_heads, cfg.n_kv_heads, cfg.expert_hidden, cfg.n_experts, cfg.vocab_size
     t = B * L
-    proj = (2 * h + 2 * g) * d * D
+    proj = attention_params(cfg, 1)
+    g, d = cfg.kv_per_token()  # latent attention: the latent, one head
     expert = cfg.matrices_per_expert * D * H
     shares = sc.routing.shares(E, k)
     used = sum(1 - (1 - min(1.0, k * s)) ** t for s in shares)

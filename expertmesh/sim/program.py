@@ -102,8 +102,28 @@ def _experts(sc: Scenario, loads: list[float], tokens: float) -> Cost:
     return cost.total([*ins, act, cost.grouped_gemm(sc.hw, dt, isz, rows, D, H, used)])
 
 
+def _latent_attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
+    """Latent attention as `model/mla.py` runs it: the query (low-rank pair or one GEMM), the
+    latent's GEMM, the query absorbed into the latent (W_uk), multi-query attention over the
+    cached latent `r + p` wide, W_uv on its output, the output GEMM."""
+    cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
+    D, d, p, r, v, ql = cfg.d_model, cfg.head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim, cfg.q_lora_rank
+    h, t = cfg.n_heads // sc.attn_tp, _tokens(segments)
+    query = ([cost.gemm(hw, dt, isz, t, ql, D), cost.gemm(hw, dt, isz, t, h * d, ql)] if ql
+             else [cost.gemm(hw, dt, isz, t, h * d, D)])
+    moved = (5 * t * D + 2 * t * h * (d + r + p)) * isz + 2 * t * (r + p) * sc.kv_itemsize
+    attn_dt = "bf16" if dt == "fp8" else dt
+    cores = [cost.attention(hw, attn_dt, isz, b, L, start, h, 1, r + p, sc.kv_itemsize)
+             for b, L, start in segments if b] or [cost.launched(hw, 1)]
+    return cost.total([cost.elementwise(hw, moved, ATTENTION_OPS), *query,
+                       cost.gemm(hw, dt, isz, t, r + p, D), cost.gemm(hw, dt, isz, t, h * r, d - p),
+                       *cores, cost.gemm(hw, dt, isz, t, h * v, r), cost.gemm(hw, dt, isz, t, D, h * v)])
+
+
 def _attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
     cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
+    if cfg.kv_lora_rank:
+        return _latent_attention(sc, segments)
     tp, D, d = sc.attn_tp, cfg.d_model, cfg.head_dim
     h, g, t = cfg.n_heads // tp, cfg.n_kv_heads // tp, _tokens(segments)
     # bytes of the norm, rotary on q and k, the cache write and the residual add
