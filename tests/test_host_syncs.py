@@ -49,6 +49,12 @@ from fake_device import DEVICE, FakeDevice, move_to_device, to_host
 CFG = preset("tiny", n_layers=2)
 # Qwen3-MoE's features: per-head q/k norms, and a dense MLP as the second layer (no exchange there)
 QWEN3 = CFG.with_(expert_kind="swiglu", n_kv_heads=4, qk_head_norm=True, dense_layers=(1,), dense_hidden=512)
+# DeepSeek-V3's: latent attention with a low-rank query, the group-limited sigmoid router, an
+# ungated shared expert, a dense first layer
+DEEPSEEK = CFG.with_(expert_kind="swiglu", head_dim=48, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16,
+                     v_head_dim=32, rope_interleave=True, router_kind="sigmoid_grouped", n_groups=4,
+                     topk_groups=2, routed_scaling=2.5, shared_expert_hidden=128, shared_expert_gate=False,
+                     dense_layers=(0,), dense_hidden=512)
 PROMPT, BATCH, NEW = 6, 8, 3
 # Blocks of 4: a decode at position 6 reads 2 blocks, 7 of their 8 slots (the padding mask runs).
 ENGINE = EngineConfig(block_size=4, num_blocks=24, max_batched_tokens=64, max_seqs=8, chunked_prefill=False)
@@ -185,10 +191,11 @@ def test_an_engine_decode_step_waits_for_the_device_only_where_the_design_needs(
 
 @pytest.mark.parametrize("deployment, exchange, kernel", [
     ("single", "-", "loop"), ("ep2", "standard", "grouped"), ("tp2", "-", "grouped"), ("pp2", "-", "loop")])
-def test_dense_layers_and_per_head_norms_add_no_wait(deployment, exchange, kernel):
-    """Qwen3-MoE's dense layer reads nothing (no routing, no exchange) and its head norms stay on
-    the device."""
-    _check_step(deployment, exchange, kernel, None, QWEN3)
+@pytest.mark.parametrize("cfg", [QWEN3, DEEPSEEK], ids=["qwen3_moe", "deepseek_v3"])
+def test_family_features_add_no_wait(deployment, exchange, kernel, cfg):
+    """A dense layer reads nothing (no routing, no exchange); per-head norms, latent attention and
+    the group-limited router stay on the device."""
+    _check_step(deployment, exchange, kernel, None, cfg)
 
 
 def _check_step(deployment: str, exchange: str, kernel: str, overflow: str | None, cfg) -> None:
