@@ -107,7 +107,8 @@ def _latent_attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
     latent's GEMM, the query absorbed into the latent (W_uk), multi-query attention over the
     cached latent `r + p` wide, W_uv on its output, the output GEMM."""
     cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
-    D, d, p, r, v, ql = cfg.d_model, cfg.head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank, cfg.v_head_dim, cfg.q_lora_rank
+    D, d, p, v = cfg.d_model, cfg.head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    r, ql = cfg.kv_lora_rank, cfg.q_lora_rank
     h, t = cfg.n_heads // sc.attn_tp, _tokens(segments)
     query = ([cost.gemm(hw, dt, isz, t, ql, D), cost.gemm(hw, dt, isz, t, h * d, ql)] if ql
              else [cost.gemm(hw, dt, isz, t, h * d, D)])
