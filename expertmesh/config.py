@@ -43,6 +43,29 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (DeepSeek-V3's `rope_scaling`, type yarn): the frequencies of RoPE's
+    slow dimensions divided by `factor`, blended into the fast ones between the dimensions that
+    turn `beta_slow` and `beta_fast` times over `original_max` positions; cos / sin scaled by
+    `attention_factor` (None: from `mscale` / `mscale_all_dim`), the softmax scale by
+    mscale(factor, mscale_all_dim)^2. `model/mla.py` applies it."""
+
+    factor: float
+    original_max: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.factor >= 1 and self.original_max > 0 and self.beta_fast > self.beta_slow > 0,
+               f"Yarn(factor={self.factor}, original_max={self.original_max}, beta_fast={self.beta_fast}, "
+               f"beta_slow={self.beta_slow}): needs factor >= 1, original_max > 0, beta_fast > beta_slow > 0")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """A decoder-only MoE transformer: every layer is attention + an MoE block of routed experts
     (or a dense MLP, in `dense_layers`).
@@ -66,7 +89,8 @@ class ModelConfig:
     `kv_lora_rank > 0`: multi-head latent attention (DeepSeek-V2/V3, `model/mla.py`): keys and
     values come from a cached latent of `kv_lora_rank` plus a shared RoPE key of
     `qk_rope_head_dim`; `head_dim` is then the query / key head dim (nope + rope), `v_head_dim`
-    the value's, `q_lora_rank > 0` a low-rank query, `rope_interleave` RoPE on interleaved pairs.
+    the value's, `q_lora_rank > 0` a low-rank query, `rope_interleave` RoPE on interleaved pairs,
+    `yarn` its YaRN RoPE scaling.
     """
 
     name: str
@@ -105,6 +129,7 @@ class ModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
+    yarn: Yarn | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_experts", "top_k", "d_model", "n_heads", "head_dim",
@@ -164,6 +189,8 @@ class ModelConfig:
                    f"v_head_dim > 0, q_lora_rank >= 0 and n_kv_heads == n_heads; got "
                    f"{self.qk_rope_head_dim}, {self.head_dim}, {self.v_head_dim}, {self.q_lora_rank}, "
                    f"{self.n_kv_heads}")
+        _check(self.yarn is None or self.kv_lora_rank > 0,
+               "ModelConfig.yarn applies to latent attention (kv_lora_rank > 0) only")
         _check(self.dtype in DTYPES,
                f"ModelConfig.dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
 

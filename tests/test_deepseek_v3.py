@@ -93,8 +93,8 @@ def test_simulator_kv_bytes_are_the_engines_latent_pools(checkpoint):
     assert kv_cache_bytes(cfg, Deployment(tp=2), workload, 0) == per_token * 3 * 16
 
 
-# DeepSeek-V3's published shapes (config.json of deepseek-ai/DeepSeek-V3), without its YaRN RoPE
-# scaling and FP8 quantization, which the engine does not read yet
+# DeepSeek-V3's published config.json (deepseek-ai/DeepSeek-V3) without its FP8 quantization_config,
+# which the engine does not read yet
 DEEPSEEK_V3_SHAPES = {
     "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
     "num_key_value_heads": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048,
@@ -102,7 +102,9 @@ DEEPSEEK_V3_SHAPES = {
     "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "kv_lora_rank": 512,
     "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
     "vocab_size": 129280, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
-    "torch_dtype": "bfloat16"}
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "torch_dtype": "bfloat16"}
 
 
 def test_simulate_command_takes_deepseek_v3_shapes(tmp_path, capsys):
@@ -112,7 +114,22 @@ def test_simulate_command_takes_deepseek_v3_shapes(tmp_path, capsys):
 
     (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3_SHAPES))
     cfg = load_model("paper", str(tmp_path))
-    assert cfg.dense_layers == (0, 1, 2) and cfg.kv_per_token() == (1, 576)
+    assert cfg.dense_layers == (0, 1, 2) and cfg.kv_per_token() == (1, 576) and cfg.yarn.factor == 40
     assert main(["simulate", "--model", str(tmp_path), "--deployments", "ep64", "--batch", "64",
                  "--prompt-len", "512", "--gen-len", "4"]) == 0
     assert "4 expert/layer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("deployment", ["single", "tp2"])
+def test_yarn_rope_scaling_reproduces_transformers(tmp_path, deployment):
+    """DeepSeek-V3's YaRN (as its published config has it, here with factor 4 over 64 original
+    positions and mscale != mscale_all_dim, so that both the frequencies, the rotated parts'
+    attention factor and the softmax scale change): transformers' greedy tokens and logits."""
+    from test_hf_parity import GEN_LEN, PROMPTS as ALL, run_checkpoint, assert_matches
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.7, "mscale_all_dim": 1.0}
+    path = save_tiny_checkpoint("deepseek_v3", tmp_path, rope_parameters=yarn)
+    assert config_from_hf(path).yarn.factor == 4.0
+    tokens, logits = reference_greedy(path, ALL, GEN_LEN)
+    assert_matches(run_checkpoint(path, deployment), tokens, logits)

@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from expertmesh.config import Workload, preset
+from expertmesh.config import Workload, Yarn, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine import runner
 from expertmesh.engine.engine import Engine
@@ -49,10 +49,11 @@ from fake_device import DEVICE, FakeDevice, move_to_device, to_host
 CFG = preset("tiny", n_layers=2)
 # Qwen3-MoE's features: per-head q/k norms, and a dense MLP as the second layer (no exchange there)
 QWEN3 = CFG.with_(expert_kind="swiglu", n_kv_heads=4, qk_head_norm=True, dense_layers=(1,), dense_hidden=512)
-# DeepSeek-V3's: latent attention with a low-rank query, the group-limited sigmoid router, an
-# ungated shared expert, a dense first layer
+# DeepSeek-V3's: latent attention with a low-rank query and YaRN, the group-limited sigmoid
+# router, an ungated shared expert, a dense first layer
 DEEPSEEK = CFG.with_(expert_kind="swiglu", head_dim=48, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16,
-                     v_head_dim=32, rope_interleave=True, router_kind="sigmoid_grouped", n_groups=4,
+                     v_head_dim=32, rope_interleave=True, yarn=Yarn(4.0, 64, mscale=0.7, mscale_all_dim=1.0),
+                     router_kind="sigmoid_grouped", n_groups=4,
                      topk_groups=2, routed_scaling=2.5, shared_expert_hidden=128, shared_expert_gate=False,
                      dense_layers=(0,), dense_hidden=512)
 PROMPT, BATCH, NEW = 6, 8, 3

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from expertmesh.config import ModelConfig
+from expertmesh.config import ModelConfig, Yarn
 
 FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3")
 # checkpoint dtype -> expertmesh dtype; fp16 is widened to fp32, which holds it exactly
@@ -77,13 +77,32 @@ def _get(raw: dict, key: str, file: Path):
     return raw[key]
 
 
-def _rope_theta(raw: dict, file: Path) -> float:
+def _rope_kind(raw: dict) -> tuple[str, dict]:
+    """RoPE's type and parameters: transformers 5's `rope_parameters`, or older `rope_scaling`."""
+    params = {**(raw.get("rope_scaling") or {}), **(raw.get("rope_parameters") or {})}
+    return params.get("rope_type") or params.get("type") or "default", params
+
+
+def _yarn(raw: dict, file: Path) -> Yarn | None:
+    kind, params = _rope_kind(raw)
+    if kind != "yarn":
+        return None
+    try:
+        return Yarn(float(params["factor"]), int(params["original_max_position_embeddings"]),
+                    float(params.get("beta_fast") or 32), float(params.get("beta_slow") or 1),
+                    float(params.get("mscale") or 0), float(params.get("mscale_all_dim") or 0),
+                    params.get("attention_factor"), bool(params.get("truncate", True)))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{file}: yarn RoPE parameters {params} are incomplete or not numbers "
+                         f"({exc}); fix rope_scaling") from None
+
+
+def _rope_theta(raw: dict, file: Path, allowed: tuple[str, ...] = ("default",)) -> float:
     params = raw.get("rope_parameters") or {}
-    scaling = raw.get("rope_scaling") or {}
-    kind = params.get("rope_type") or scaling.get("rope_type") or scaling.get("type") or "default"
-    if kind != "default":
-        raise ValueError(f"{file}: rope_type {kind!r} is not supported; only default RoPE "
-                         f"(no scaling) is, so remove rope scaling or use another checkpoint")
+    kind, _ = _rope_kind(raw)
+    if kind not in allowed:
+        raise ValueError(f"{file}: rope_type {kind!r} is not supported; only {' or '.join(allowed)} "
+                         f"RoPE is for this family, so remove rope scaling or use another checkpoint")
     theta = params.get("rope_theta", raw.get("rope_theta"))
     if theta is None:
         raise ValueError(f"{file}: no rope_theta (in rope_parameters or top level); add it")
@@ -131,7 +150,7 @@ def _deepseek_v3(raw: dict, fields: dict, file: Path) -> dict:
         dense_hidden=g("intermediate_size") if first_dense else 0,
         n_kv_heads=fields["n_heads"], head_dim=nope + rope, qk_rope_head_dim=rope,
         v_head_dim=g("v_head_dim"), kv_lora_rank=g("kv_lora_rank"), q_lora_rank=raw.get("q_lora_rank") or 0,
-        rope_interleave=bool(raw.get("rope_interleave", True)))
+        rope_interleave=bool(raw.get("rope_interleave", True)), yarn=_yarn(raw, file))
 
 
 def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
@@ -149,7 +168,8 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
         name=Path(path).resolve().name, n_layers=g("num_hidden_layers"), top_k=g("num_experts_per_tok"),
         d_model=d_model, n_heads=n_heads, n_kv_heads=raw.get("num_key_value_heads") or n_heads,
         head_dim=raw.get("head_dim") or d_model // n_heads, vocab_size=g("vocab_size"),
-        max_seq_len=max_len, expert_kind="swiglu", rope_theta=_rope_theta(raw, file),
+        max_seq_len=max_len, expert_kind="swiglu",
+        rope_theta=_rope_theta(raw, file, ("default", "yarn") if family == "deepseek_v3" else ("default",)),
         norm_eps=g("rms_norm_eps"), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         dtype=dtype or _DTYPES.get(raw.get("dtype") or raw.get("torch_dtype"), "fp32"),
     )

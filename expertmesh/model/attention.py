@@ -21,10 +21,13 @@ from torch import nn
 from expertmesh.model.layers import Linear, RMSNorm
 
 
-def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
-    """Rotate `x: [b, L, heads, d]` for `positions: [L]` (half-split convention)."""
+def rotary(x: torch.Tensor, positions: torch.Tensor, theta: float,
+           inv_freq: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate `x: [b, L, heads, d]` for `positions: [L]` (half-split convention); `inv_freq`
+    `[d/2]` (on x's device) replaces theta's frequencies when given (RoPE scaling)."""
     d = x.shape[-1]
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=x.device) / d)
     angles = torch.outer(positions.to(device=x.device, dtype=torch.float32), inv_freq)  # [L, d/2]
     cos = torch.cat([angles.cos(), angles.cos()], -1)[None, :, None, :]
     sin = torch.cat([angles.sin(), angles.sin()], -1)[None, :, None, :]

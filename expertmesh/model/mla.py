@@ -16,7 +16,8 @@ and layer, against 2 h (n + p) / v for full keys and values). Prefill uses the s
 form (cheaper than expanding keys and values only when the prompt is long: not done).
 
 The softmax scale is 1 / sqrt(n + p) (the model's); the views apply 1 / sqrt(r + p), so q_lat
-is scaled by their ratio first. Tensor parallelism splits heads (q_b or wq, kv_b by rows, wo by
+is scaled by their ratio first. YaRN (`config.Yarn`) changes RoPE's frequencies, scales the
+rotated parts by its attention factor and the softmax scale by its mscale^2. Tensor parallelism splits heads (q_b or wq, kv_b by rows, wo by
 columns); the latent projections, their norms and the cache are whole on every rank.
 """
 
@@ -27,6 +28,7 @@ import math
 import torch
 from torch import nn
 
+from expertmesh.config import Yarn
 from expertmesh.model.attention import rotary
 from expertmesh.model.layers import Linear, RMSNorm
 
@@ -36,10 +38,17 @@ class LatentAttention(nn.Module):
     the one cached head `r + p` wide, as the engine allocates caches and pools."""
 
     def __init__(self, d_model: int, n_heads: int, nope: int, rope: int, v_dim: int, kv_rank: int,
-                 q_rank: int, theta: float, eps: float, interleave: bool):
+                 q_rank: int, theta: float, eps: float, interleave: bool, yarn: Yarn | None = None):
         super().__init__()
         self.n_heads, self.nope, self.rope, self.v_dim, self.kv_rank = n_heads, nope, rope, v_dim, kv_rank
-        self.theta, self.interleave, self.low_rank_q = theta, interleave, q_rank > 0
+        self.theta, self.interleave, self.low_rank_q, self.yarn = theta, interleave, q_rank > 0, yarn
+        self.rope_scale, self.softmax_scale = 1.0, (nope + rope) ** -0.5
+        if yarn is not None:
+            self.rope_scale = yarn.attention_factor or (
+                _mscale(yarn.factor, yarn.mscale) / _mscale(yarn.factor, yarn.mscale_all_dim)
+                if yarn.mscale and yarn.mscale_all_dim else _mscale(yarn.factor, 1.0))
+            if yarn.mscale_all_dim:
+                self.softmax_scale *= _mscale(yarn.factor, yarn.mscale_all_dim) ** 2
         self.n_kv_heads, self.head_dim = 1, kv_rank + rope
         if q_rank:
             self.q_a, self.q_a_norm = Linear(d_model, q_rank), RMSNorm(q_rank, eps)
@@ -56,7 +65,10 @@ class LatentAttention(nn.Module):
         the same for queries and keys, which leaves their dot products as the model's."""
         if self.interleave:
             x = torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
-        return rotary(x, pos, self.theta)
+        if self.yarn is None:
+            return rotary(x, pos, self.theta)
+        inv_freq = yarn_inv_freq(self.yarn, self.rope, self.theta, x.device)
+        return rotary(x, pos, self.theta, inv_freq) * self.rope_scale
 
     def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
         b, L, _ = x.shape
@@ -68,8 +80,30 @@ class LatentAttention(nn.Module):
         latent = torch.cat([self.kv_a_norm(c), self._rotate(k_pe.view(b, L, 1, p), pos)[:, :, 0]], -1)
         w = self.kv_b.weight.view(h, n + self.v_dim, r)
         q_lat = torch.cat([torch.einsum("blhn,hnr->blhr", q_nope, w[:, :n]), self._rotate(q_pe, pos)], -1)
-        q_lat = q_lat * math.sqrt((r + p) / (n + p))
+        q_lat = q_lat * (self.softmax_scale * math.sqrt(r + p))
         cached = latent.unsqueeze(2)  # [b, L, 1, r + p]
         out = kv.attend(q_lat, cached, cached)[..., :r]  # [b, L, h, r]
         out = torch.einsum("blhr,hvr->blhv", out, w[:, n:])
         return self.wo(out.reshape(b, L, h * self.v_dim))
+
+
+def _mscale(factor: float, mscale: float) -> float:
+    return 0.1 * mscale * math.log(factor) + 1.0 if factor > 1 else 1.0
+
+
+def yarn_inv_freq(yarn: Yarn, dim: int, theta: float, device: torch.device) -> torch.Tensor:
+    """RoPE's `[dim/2]` inverse frequencies under YaRN, built on `device` (no copy from the host):
+    dimension pairs below the one that turns `beta_fast` times over `original_max` positions keep
+    theta's frequency, those above the one that turns `beta_slow` times take it divided by
+    `factor`, those between a linear blend."""
+    def turning_dim(rotations: float) -> float:
+        return dim * math.log(yarn.original_max / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = turning_dim(yarn.beta_fast), turning_dim(yarn.beta_slow)
+    if yarn.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    high = high + 0.001 if low == high else high
+    base = 1.0 / theta ** (torch.arange(0, dim, 2, dtype=torch.float32, device=device) / dim)
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32, device=device) - low) / (high - low)).clamp(0, 1)
+    return base / yarn.factor * ramp + base * (1 - ramp)

@@ -43,7 +43,7 @@ class DecoderLayer(nn.Module):
             self.attn = LatentAttention(
                 cfg.d_model, cfg.n_heads, cfg.head_dim - cfg.qk_rope_head_dim, cfg.qk_rope_head_dim,
                 cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank, cfg.rope_theta, cfg.norm_eps,
-                cfg.rope_interleave)
+                cfg.rope_interleave, cfg.yarn)
         else:
             self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
                                   cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None,
