@@ -10,8 +10,9 @@ the half-split convention, RMSNorm, softmax router over all experts then top-k):
 | olmoe      | renormalized if norm_topk_prob | RMSNorm on the whole q and k projections   |
 | qwen3_moe  | renormalized if norm_topk_prob | RMSNorm per q / k head, explicit head_dim, |
 |            |                             | dense MLP layers (mlp_only_layers, decoder_sparse_step) |
-| deepseek_v3 | sigmoid + correction bias, group-limited, scaled | latent attention (MLA), ungated |
-|            |                             | shared experts, first_k_dense_replace dense layers |
+| deepseek_v3 | sigmoid + correction bias, group-limited, scaled | latent attention (MLA), YaRN, |
+|            |                             | ungated shared experts, first_k_dense_replace dense layers, |
+|            |                             | fp8 block-quantized weights (dequantized by `files.py`) |
 
 Anything that would make the result differ from transformers (another activation, RoPE scaling,
 dense layers between Qwen2-MoE layers, q/k/v clipping, attention biases where the family has none
@@ -134,8 +135,9 @@ def _deepseek_v3(raw: dict, fields: dict, file: Path) -> dict:
     """DeepSeek-V3's fields: its router, shared experts, leading dense layers and latent attention."""
     g = lambda key: _get(raw, key, file)  # noqa: E731
     _reject(not raw.get("attention_bias"), file, "attention_bias=true")
-    _reject(raw.get("quantization_config") is None, file,
-            "a quantized checkpoint (quantization_config, e.g. FP8 weight_scale_inv)")
+    quant = raw.get("quantization_config")
+    _reject(quant is None or quant.get("quant_method") == "fp8", file,
+            f"quantization_config {quant} (only fp8 block quantization is read)")
     _reject(raw.get("scoring_func", "sigmoid") == "sigmoid" and raw.get("topk_method", "noaux_tc") == "noaux_tc",
             file, f"scoring_func={raw.get('scoring_func')!r} / topk_method={raw.get('topk_method')!r}")
     moe_hidden, first_dense = g("moe_intermediate_size"), raw.get("first_k_dense_replace") or 0
