@@ -26,9 +26,10 @@ def quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     w8 = torch.empty(w.shape, dtype=torch.float8_e4m3fn)
     for i in range(R):
         for j in range(C):
-            block = w[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK]
+            rows, cols = slice(i * BLOCK, (i + 1) * BLOCK), slice(j * BLOCK, (j + 1) * BLOCK)
+            block = w[rows, cols]
             scale[i, j] = block.abs().max() / FP8_MAX
-            w8[i * BLOCK:(i + 1) * BLOCK, j * BLOCK:(j + 1) * BLOCK] = (block / scale[i, j]).to(torch.float8_e4m3fn)
+            w8[rows, cols] = (block / scale[i, j]).to(torch.float8_e4m3fn)
     return w8, scale
 
 

@@ -138,8 +138,9 @@ def _deepseek_v3(raw: dict, fields: dict, file: Path) -> dict:
     quant = raw.get("quantization_config")
     _reject(quant is None or quant.get("quant_method") == "fp8", file,
             f"quantization_config {quant} (only fp8 block quantization is read)")
-    _reject(raw.get("scoring_func", "sigmoid") == "sigmoid" and raw.get("topk_method", "noaux_tc") == "noaux_tc",
-            file, f"scoring_func={raw.get('scoring_func')!r} / topk_method={raw.get('topk_method')!r}")
+    _reject(raw.get("scoring_func", "sigmoid") == "sigmoid"
+            and raw.get("topk_method", "noaux_tc") == "noaux_tc", file,
+            f"scoring_func={raw.get('scoring_func')!r} / topk_method={raw.get('topk_method')!r}")
     moe_hidden, first_dense = g("moe_intermediate_size"), raw.get("first_k_dense_replace") or 0
     nope, rope = g("qk_nope_head_dim"), g("qk_rope_head_dim")
     return dict(
@@ -164,7 +165,8 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
     _reject(raw.get("hidden_act", "silu") == "silu", file, f"hidden_act={raw.get('hidden_act')!r}")
     d_model, n_heads = g("hidden_size"), g("num_attention_heads")
     max_len = g("max_position_embeddings")
-    if raw.get("sliding_window") and (family not in ("qwen2_moe", "qwen3_moe") or raw.get("use_sliding_window")):
+    windowed = family not in ("qwen2_moe", "qwen3_moe") or raw.get("use_sliding_window")
+    if raw.get("sliding_window") and windowed:
         max_len = min(max_len, raw["sliding_window"])  # within the window attention is full
     fields = dict(
         name=Path(path).resolve().name, n_layers=g("num_hidden_layers"), top_k=g("num_experts_per_tok"),

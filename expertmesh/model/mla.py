@@ -17,8 +17,9 @@ form (cheaper than expanding keys and values only when the prompt is long: not d
 
 The softmax scale is 1 / sqrt(n + p) (the model's); the views apply 1 / sqrt(r + p), so q_lat
 is scaled by their ratio first. YaRN (`config.Yarn`) changes RoPE's frequencies, scales the
-rotated parts by its attention factor and the softmax scale by its mscale^2. Tensor parallelism splits heads (q_b or wq, kv_b by rows, wo by
-columns); the latent projections, their norms and the cache are whole on every rank.
+rotated parts by its attention factor and the softmax scale by its mscale^2. Tensor parallelism
+splits heads (q_b or wq, kv_b by rows, wo by columns); the latent projections, their norms and the
+cache are whole on every rank.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The model a simulation runs: a preset, or a Hugging Face `config.json` (no weights are read).
 
-MoE families the engine loads (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE with its dense layers) go
-through the engine's own `config_from_hf`, so the simulator sees exactly the model the engine
-would build. Dense Llama / Qwen2 configs, which the engine does not load, are read for their
-shapes only: a dense model is an MoE with one SwiGLU expert that every token takes (top-1 of 1,
-whose router GEMM of one column is negligible), which is the same arithmetic.
+MoE families the engine loads (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, DeepSeek-V3, with their
+dense layers and DeepSeek's latent attention) go through the engine's own `config_from_hf`, so
+the simulator sees exactly the model the engine would build. Dense Llama / Qwen2 configs, which
+the engine does not load, are read for their shapes only: a dense model is an MoE with one SwiGLU
+expert that every token takes (top-1 of 1, whose router GEMM of one column is negligible), which
+is the same arithmetic.
 """
 
 from __future__ import annotations
