@@ -13,6 +13,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPERT_KINDS = ("mlp", "swiglu")
 OVERFLOW_POLICIES = ("drop", "reroute")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -42,8 +43,32 @@ class Capacity:
 
 
 @dataclass(frozen=True)
+class Yarn:
+    """YaRN RoPE scaling (DeepSeek-V3's `rope_scaling`, type yarn): the frequencies of RoPE's
+    slow dimensions divided by `factor`, blended into the fast ones between the dimensions that
+    turn `beta_slow` and `beta_fast` times over `original_max` positions; cos / sin scaled by
+    `attention_factor` (None: from `mscale` / `mscale_all_dim`), the softmax scale by
+    mscale(factor, mscale_all_dim)^2. `model/mla.py` applies it."""
+
+    factor: float
+    original_max: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float = 0.0
+    mscale_all_dim: float = 0.0
+    attention_factor: float | None = None
+    truncate: bool = True
+
+    def __post_init__(self) -> None:
+        _check(self.factor >= 1 and self.original_max > 0 and self.beta_fast > self.beta_slow > 0,
+               f"Yarn(factor={self.factor}, original_max={self.original_max}, beta_fast={self.beta_fast}, "
+               f"beta_slow={self.beta_slow}): needs factor >= 1, original_max > 0, beta_fast > beta_slow > 0")
+
+
+@dataclass(frozen=True)
 class ModelConfig:
-    """A decoder-only MoE transformer: every layer is attention + an MoE block of routed experts.
+    """A decoder-only MoE transformer: every layer is attention + an MoE block of routed experts
+    (or a dense MLP, in `dense_layers`).
 
     Router convention: softmax over all `n_experts` router logits, keep the `top_k` largest; with
     `renormalize` the kept weights are divided by their sum, which equals a softmax over the top-k
@@ -53,7 +78,19 @@ class ModelConfig:
     Options of Hugging Face families: `shared_expert_hidden > 0` adds a SwiGLU shared expert that
     every token passes through, scaled by sigmoid(shared_gate(x)) (Qwen2-MoE); `qkv_bias` gives
     the query, key and value projections a bias (Qwen2-MoE); `qk_norm` applies RMSNorm to the
-    whole query and key projections, before splitting heads and RoPE (OLMoE).
+    whole query and key projections, before splitting heads and RoPE (OLMoE); `qk_head_norm`
+    applies RMSNorm over `head_dim` to each query and key head, before RoPE (Qwen3-MoE).
+    `dense_layers`: the layers whose feed-forward is a dense SwiGLU MLP of hidden `dense_hidden`
+    instead of an MoE block (Qwen3-MoE's `mlp_only_layers` / `decoder_sparse_step`, DeepSeek-V3's
+    `first_k_dense_replace`). `router_kind="sigmoid_grouped"` is DeepSeek-V3's router
+    (`model/routing.py`: sigmoid scores, a correction bias for the choice only, the best
+    `topk_groups` of `n_groups` expert groups, weights times `routed_scaling`);
+    `shared_expert_gate=False` drops the shared expert's sigmoid gate (DeepSeek-V3).
+    `kv_lora_rank > 0`: multi-head latent attention (DeepSeek-V2/V3, `model/mla.py`): keys and
+    values come from a cached latent of `kv_lora_rank` plus a shared RoPE key of
+    `qk_rope_head_dim`; `head_dim` is then the query / key head dim (nope + rope), `v_head_dim`
+    the value's, `q_lora_rank > 0` a low-rank query, `rope_interleave` RoPE on interleaved pairs,
+    `yarn` its YaRN RoPE scaling.
     """
 
     name: str
@@ -79,6 +116,20 @@ class ModelConfig:
     overflow: str = "drop"
     qkv_bias: bool = False
     qk_norm: bool = False
+    qk_head_norm: bool = False
+    dense_layers: tuple[int, ...] = ()
+    dense_hidden: int = 0
+    router_kind: str = "softmax"
+    n_groups: int = 1
+    topk_groups: int = 1
+    routed_scaling: float = 1.0
+    shared_expert_gate: bool = True
+    kv_lora_rank: int = 0
+    q_lora_rank: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
+    yarn: Yarn | None = None
 
     def __post_init__(self) -> None:
         for name in ("n_layers", "n_experts", "top_k", "d_model", "n_heads", "head_dim",
@@ -107,6 +158,39 @@ class ModelConfig:
         _check(self.router_skew >= 0, f"ModelConfig.router_skew={self.router_skew} must be >= 0")
         if self.capacity_factor is not None:
             Capacity(self.capacity_factor, self.overflow)  # validates factor and policy
+        object.__setattr__(self, "dense_layers", tuple(self.dense_layers))
+        _check(all(isinstance(i, int) and 0 <= i < self.n_layers for i in self.dense_layers)
+               and list(self.dense_layers) == sorted(set(self.dense_layers)),
+               f"ModelConfig.dense_layers={self.dense_layers!r} must be distinct layer indices in "
+               f"[0, {self.n_layers}), ascending")
+        _check(isinstance(self.dense_hidden, int) and self.dense_hidden >= 0
+               and (self.dense_hidden > 0) == bool(self.dense_layers),
+               f"ModelConfig.dense_hidden={self.dense_hidden!r} must be a positive integer exactly "
+               f"when dense_layers is not empty")
+        _check(self.router_kind in ROUTER_KINDS,
+               f"ModelConfig.router_kind={self.router_kind!r}; use one of: {', '.join(ROUTER_KINDS)}")
+        _check(isinstance(self.n_groups, int) and self.n_groups > 0 and self.n_experts % self.n_groups == 0
+               and (self.n_groups == 1 or self.n_experts // self.n_groups >= 2),
+               f"ModelConfig.n_groups={self.n_groups!r} must divide n_experts={self.n_experts} into "
+               f"groups of at least 2 experts")
+        _check(isinstance(self.topk_groups, int) and 0 < self.topk_groups <= self.n_groups
+               and self.top_k <= self.topk_groups * (self.n_experts // self.n_groups),
+               f"ModelConfig.topk_groups={self.topk_groups!r} must be in [1, n_groups={self.n_groups}] "
+               f"and its groups must hold top_k={self.top_k} experts")
+        _check(self.router_kind == "sigmoid_grouped" or (self.n_groups, self.topk_groups) == (1, 1),
+               "ModelConfig.n_groups / topk_groups apply to router_kind='sigmoid_grouped' only")
+        _check(self.routed_scaling > 0, f"ModelConfig.routed_scaling={self.routed_scaling} must be > 0")
+        _check(self.capacity_factor is None or self.router_kind == "softmax",
+               "ModelConfig.capacity_factor applies to the softmax router only; omit it")
+        if self.kv_lora_rank:
+            _check(0 < self.qk_rope_head_dim < self.head_dim and self.qk_rope_head_dim % 2 == 0
+                   and self.v_head_dim > 0 and self.q_lora_rank >= 0 and self.n_kv_heads == self.n_heads,
+                   f"ModelConfig: latent attention needs an even 0 < qk_rope_head_dim < head_dim, "
+                   f"v_head_dim > 0, q_lora_rank >= 0 and n_kv_heads == n_heads; got "
+                   f"{self.qk_rope_head_dim}, {self.head_dim}, {self.v_head_dim}, {self.q_lora_rank}, "
+                   f"{self.n_kv_heads}")
+        _check(self.yarn is None or self.kv_lora_rank > 0,
+               "ModelConfig.yarn applies to latent attention (kv_lora_rank > 0) only")
         _check(self.dtype in DTYPES,
                f"ModelConfig.dtype={self.dtype!r}; use one of: {', '.join(DTYPES)}")
 
@@ -117,6 +201,17 @@ class ModelConfig:
     @property
     def torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
+
+    def is_dense(self, layer: int) -> bool:
+        """Whether layer `layer`'s feed-forward is the dense MLP rather than an MoE block."""
+        return layer in self.dense_layers
+
+    def kv_per_token(self, tp: int = 1) -> tuple[int, int]:
+        """(KV heads, head dim) a rank caches per token and layer, as K and as V: the latent and the
+        RoPE key as one head (every TP rank holds all of it) under latent attention."""
+        if self.kv_lora_rank:
+            return 1, self.kv_lora_rank + self.qk_rope_head_dim
+        return self.n_kv_heads // tp, self.head_dim
 
     @property
     def matrices_per_expert(self) -> int:

@@ -82,7 +82,8 @@ class Deployment:
         if cfg.n_experts % self.ep:
             raise ValueError(f"ep={self.ep} must divide the {cfg.n_experts} experts of "
                              f"{cfg.name}; use one of {_divisors(cfg.n_experts)}")
-        for field in ("n_heads", "n_kv_heads", "expert_hidden", "shared_expert_hidden"):
+        for field in ("n_heads", "n_kv_heads", "expert_hidden", "shared_expert_hidden",
+                      "dense_hidden"):
             value = getattr(cfg, field)
             if value % self.tp:
                 raise ValueError(f"tp={self.tp} must divide {field}={value} of {cfg.name}; "

@@ -30,7 +30,7 @@ def run_checkpoint(path, deployment: str):
     return run(spec, timeout=120)
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "olmoe"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3"])
 def family_checkpoint(request, tmp_path_factory):
     """(path, transformers' tokens, transformers' logits) of a tiny random model of the family."""
     path = save_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))
@@ -50,7 +50,8 @@ def test_checkpoint_reproduces_transformers(family_checkpoint, deployment):
 
 
 @pytest.mark.parametrize("family,deployment", [("mixtral", "ep2"), ("olmoe", "tp2"),
-                                               ("qwen2_moe", "ep4")])
+                                               ("qwen2_moe", "ep4"), ("qwen3_moe", "ep2"),
+                                               ("deepseek_v3", "tp2")])
 def test_fused_expert_tensors_load_like_per_expert_ones(tmp_path, family, deployment):
     """transformers 5 holds experts as stacked gate_up_proj / down_proj; a file written that way
     loads too (ep slices experts of the stack, tp slices rows of both halves of gate_up)."""

@@ -30,7 +30,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from expertmesh.config import Workload, preset
+from expertmesh.config import Workload, Yarn, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine import runner
 from expertmesh.engine.engine import Engine
@@ -47,6 +47,15 @@ from expertmesh.parallel.pipeline import PipelineLinks
 from fake_device import DEVICE, FakeDevice, move_to_device, to_host
 
 CFG = preset("tiny", n_layers=2)
+# Qwen3-MoE's features: per-head q/k norms, and a dense MLP as the second layer (no exchange there)
+QWEN3 = CFG.with_(expert_kind="swiglu", n_kv_heads=4, qk_head_norm=True, dense_layers=(1,), dense_hidden=512)
+# DeepSeek-V3's: latent attention with a low-rank query and YaRN, the group-limited sigmoid
+# router, an ungated shared expert, a dense first layer
+DEEPSEEK = CFG.with_(expert_kind="swiglu", head_dim=48, kv_lora_rank=64, q_lora_rank=96, qk_rope_head_dim=16,
+                     v_head_dim=32, rope_interleave=True, yarn=Yarn(4.0, 64, mscale=0.7, mscale_all_dim=1.0),
+                     router_kind="sigmoid_grouped", n_groups=4,
+                     topk_groups=2, routed_scaling=2.5, shared_expert_hidden=128, shared_expert_gate=False,
+                     dense_layers=(0,), dense_hidden=512)
 PROMPT, BATCH, NEW = 6, 8, 3
 # Blocks of 4: a decode at position 6 reads 2 blocks, 7 of their 8 slots (the padding mask runs).
 ENGINE = EngineConfig(block_size=4, num_blocks=24, max_batched_tokens=64, max_seqs=8, chunked_prefill=False)
@@ -65,12 +74,12 @@ class Counts:
     events: list = field(default_factory=list, compare=False, repr=False)  # where each happened
 
 
-def expected(deployment: str, exchange: str, kernel: str, stage: int) -> Counts:
+def expected(deployment: str, exchange: str, kernel: str, stage: int, cfg=CFG) -> Counts:
     """What one engine decode step does on a rank of pipeline stage `stage`, reason by reason."""
     dep = Deployment.parse(deployment)
     micro = dep.pp  # the engine's default: one micro-batch per stage
     first, last = stage == 0, stage == dep.pp - 1
-    moe_layers = len(dep.stage_layers(CFG.n_layers)[stage])
+    moe_layers = sum(not cfg.is_dense(i) for i in dep.stage_layers(cfg.n_layers)[stage])
     exchange, _, overlap = exchange.partition("+")
     standard_ep = dep.ep > 1 and exchange == "standard"
     halves = 2 if overlap == "tbo" else 1  # two-batch overlap: two forwards through the layers
@@ -131,18 +140,18 @@ def _serve(spec: RunSpec, rank: int, group, mode: FakeDevice | None):
     return counts, logits, sorted((o.request_id, o.token) for o in outputs)
 
 
-def _spec(deployment: str, exchange: str, overflow: str | None = None) -> RunSpec:
+def _spec(deployment: str, exchange: str, overflow: str | None = None, cfg=CFG) -> RunSpec:
     """overflow: with capacity (factor 1, that policy), which never bites a decode step."""
     exchange, _, overlap = exchange.partition("+")
-    cfg = CFG.with_(capacity_factor=1.0, overflow=overflow) if overflow else CFG
+    cfg = cfg.with_(capacity_factor=1.0, overflow=overflow) if overflow else cfg
     return RunSpec(cfg, Deployment.parse(deployment), Workload(), overlap=overlap or "auto",
                    low_latency_tokens=0 if exchange == "standard" else LOW_LATENCY_TOKENS)
 
 
-def _rank(deployment: str, exchange: str, kernel: str, overflow: str | None, device) -> list:
+def _rank(deployment: str, exchange: str, kernel: str, overflow: str | None, cfg, device) -> list:
     """Per rank: (stage, counts of the decode step on the pretend device, logits rows compared,
     max |Δlogit| against the same step on the CPU, rank 0's tokens on both)."""
-    spec = _spec(deployment, exchange, overflow)
+    spec = _spec(deployment, exchange, overflow, cfg)
     rank = dist.get_rank() if dist.is_initialized() else 0
     group = stage_group(spec.deployment, rank) if dist.is_initialized() else None
     _, want, want_tokens = _serve(spec, rank, group, None)
@@ -178,11 +187,24 @@ def _rank(deployment: str, exchange: str, kernel: str, overflow: str | None, dev
 def test_an_engine_decode_step_waits_for_the_device_only_where_the_design_needs(deployment, exchange, kernel,
                                                                                  overflow):
     """Counts per rank as `expected` states them, and the step's logits and tokens are the CPU's."""
+    _check_step(deployment, exchange, kernel, overflow, CFG)
+
+
+@pytest.mark.parametrize("deployment, exchange, kernel", [
+    ("single", "-", "loop"), ("ep2", "standard", "grouped"), ("tp2", "-", "grouped"), ("pp2", "-", "loop")])
+@pytest.mark.parametrize("cfg", [QWEN3, DEEPSEEK], ids=["qwen3_moe", "deepseek_v3"])
+def test_family_features_add_no_wait(deployment, exchange, kernel, cfg):
+    """A dense layer reads nothing (no routing, no exchange); per-head norms, latent attention and
+    the group-limited router stay on the device."""
+    _check_step(deployment, exchange, kernel, None, cfg)
+
+
+def _check_step(deployment: str, exchange: str, kernel: str, overflow: str | None, cfg) -> None:
     dep = Deployment.parse(deployment)
-    run = functools.partial(_rank, deployment, exchange, kernel, overflow)
+    run = functools.partial(_rank, deployment, exchange, kernel, overflow, cfg)
     ranks = run(torch.device("cpu")) if dep.world_size == 1 else launch(run, dep.world_size, timeout=120)
     for rank, (stage, counts, rows, diff, (tokens, want_tokens)) in enumerate(ranks):
-        want = expected(deployment, exchange, kernel, stage)
+        want = expected(deployment, exchange, kernel, stage, cfg)
         assert counts == want, f"rank {rank}: {counts}, expected {want}; where:\n" + "\n".join(counts.events)
         last = stage == dep.pp - 1
         assert rows == (BATCH // dep.dp if last else 0), f"rank {rank}: logits of every sequence it samples"

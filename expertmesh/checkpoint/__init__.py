@@ -1,6 +1,6 @@
-"""Hugging Face checkpoints (Mixtral, Qwen2-MoE, OLMoE): config, sharded safetensors loading,
-tokenizer. Build the rank's shard with `shard_model`, then `load_checkpoint` instead of
-`materialize`."""
+"""Hugging Face checkpoints (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, DeepSeek-V3): config, sharded
+safetensors loading, tokenizer. Build the rank's shard with `shard_model`, then `load_checkpoint`
+instead of `materialize`."""
 
 from expertmesh.checkpoint.hf_config import FAMILIES, config_from_hf, read_hf_config
 from expertmesh.checkpoint.loader import check_checkpoint, load_checkpoint

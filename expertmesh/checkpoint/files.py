@@ -5,11 +5,18 @@ Only safetensors are read: a checkpoint with only pickled weights (`*.bin`, `*.p
 never unpickled. A file is opened (its header parsed, the data memory-mapped) the first time one
 of its tensors is read; `get_slice(name)[index]` copies just the indexed elements, and those are
 the bytes counted in `bytes_read`.
+
+Block-quantized FP8 weights (DeepSeek-V3's release: `quantization_config` with quant_method fp8
+and `weight_block_size` [br, bc]) hold `W.weight` in float8 `[R, C]` and `W.weight_scale_inv`
+fp32 `[ceil(R / br), ceil(C / bc)]`; a read of `W.weight` returns its elements dequantized to
+fp32 (each times its block's scale), reading the fp8 slice and the scales of the blocks it
+touches only.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -46,6 +53,19 @@ def _weight_map(root: Path) -> dict[str, str]:
                      f"model directory")
 
 
+def _fp8_block(root: Path) -> tuple[int, int] | None:
+    """`weight_block_size` of an fp8 block-quantized checkpoint's config.json, else None."""
+    config = root / "config.json"
+    quant = json.loads(config.read_text()).get("quantization_config") if config.is_file() else None
+    if not quant:
+        return None
+    block = quant.get("weight_block_size")
+    if quant.get("quant_method") != "fp8" or not (isinstance(block, list) and len(block) == 2):
+        raise ValueError(f"{config}: quantization_config {quant} is not supported; only fp8 with a "
+                         f"2-D weight_block_size (DeepSeek-V3's) is")
+    return int(block[0]), int(block[1])
+
+
 class CheckpointFiles:
     """Slices of the tensors of checkpoint directory `root`; `bytes_read` counts what was copied."""
 
@@ -54,6 +74,7 @@ class CheckpointFiles:
         self.weight_map = _weight_map(self.root)
         self._open: dict[str, object] = {}
         self.bytes_read = 0
+        self.block = _fp8_block(self.root)
 
     def __contains__(self, name: str) -> bool:
         return name in self.weight_map
@@ -81,7 +102,23 @@ class CheckpointFiles:
         """Elements `index` (one slice per dim) of tensor `name`, whose full shape must be `shape`."""
         values = self._slice(name, shape)[tuple(index)]
         self.bytes_read += values.nbytes
-        return values
+        scales = f"{name}_scale_inv"
+        if self.block is None or scales not in self.weight_map:
+            return values
+        return self._dequantize(values, scales, shape, index)
+
+    def _dequantize(self, values: torch.Tensor, scales: str, shape: Sequence[int],
+                    index: Sequence[slice]) -> torch.Tensor:
+        """fp8 `values` = elements `index` of a `[R, C]` weight -> fp32, times their blocks' scales."""
+        (rows, cols), block = ([s.indices(n)[:2] for s, n in zip(index, shape)], self.block)
+        grid = [math.ceil(n / b) for n, b in zip(shape, block)]
+        first = [start // b for (start, _), b in zip((rows, cols), block)]
+        last = [math.ceil(stop / b) for (_, stop), b in zip((rows, cols), block)]
+        part = self._slice(scales, grid)[first[0]:last[0], first[1]:last[1]]
+        self.bytes_read += part.nbytes
+        full = part.float().repeat_interleave(block[0], 0).repeat_interleave(block[1], 1)
+        r0, c0 = rows[0] - first[0] * block[0], cols[0] - first[1] * block[1]
+        return values.float() * full[r0:r0 + values.shape[0], c0:c0 + values.shape[1]]
 
     def close(self) -> None:
         self._open.clear()

@@ -18,6 +18,14 @@ down_proj).
   layers.N.moe.experts.w_down       [E, D, H]: moe.experts.{e}.down.weight, or moe.experts.down_proj
   layers.N.moe.shared.w_gate.weight mlp.shared_expert.gate_proj.weight (w_up, w_down alike)
   layers.N.moe.shared.gate.weight   mlp.shared_expert_gate.weight
+  layers.N.attn.q_head_norm.weight  self_attn.q_norm.weight [head_dim] (k_head_norm alike)
+  layers.N.mlp.w_gate.weight        mlp.gate_proj.weight, a dense layer's (w_up, w_down alike)
+DeepSeek-V3 (latent attention, `model/mla.py`; router bias; shared experts without a gate):
+  layers.N.attn.q_a.weight          self_attn.q_a_proj.weight (q_a_norm: q_a_layernorm, q_b: q_b_proj)
+  layers.N.attn.kv_a.weight         self_attn.kv_a_proj_with_mqa.weight (kv_a_norm: kv_a_layernorm,
+                                    kv_b: kv_b_proj)
+  layers.N.moe.router.bias          mlp.gate.e_score_correction_bias
+  layers.N.moe.shared.w_gate.weight mlp.shared_experts.gate_proj.weight (w_up, w_down alike)
 """
 
 from __future__ import annotations
@@ -30,8 +38,11 @@ _PROJ = {
     "mixtral": {"w_gate": "w1", "w_up": "w3", "w_down": "w2"},
     "qwen2_moe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
     "olmoe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
+    "qwen3_moe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
+    "deepseek_v3": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
 }
-_MOE_PREFIXES = {"mixtral": ("block_sparse_moe", "mlp"), "qwen2_moe": ("mlp",), "olmoe": ("mlp",)}
+_MOE_PREFIXES = {"mixtral": ("block_sparse_moe", "mlp"), "qwen2_moe": ("mlp",), "olmoe": ("mlp",),
+                  "qwen3_moe": ("mlp",), "deepseek_v3": ("mlp",)}
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 _LAYER = {
@@ -43,7 +54,21 @@ _LAYER = {
     "moe.shared.w_up.weight": "mlp.shared_expert.up_proj.weight",
     "moe.shared.w_down.weight": "mlp.shared_expert.down_proj.weight",
     "moe.shared.gate.weight": "mlp.shared_expert_gate.weight",
+    "attn.q_head_norm.weight": "self_attn.q_norm.weight",
+    "attn.k_head_norm.weight": "self_attn.k_norm.weight",
+    **{f"mlp.{ours}.weight": f"mlp.{theirs}.weight" for ours, theirs in _PROJ["qwen3_moe"].items()},
     **{f"attn.w{p}.{kind}": f"self_attn.{p}_proj.{kind}" for p in "qkvo" for kind in ("weight", "bias")},
+}
+_DEEPSEEK_LAYER = {
+    "attn.q_a.weight": "self_attn.q_a_proj.weight",
+    "attn.q_a_norm.weight": "self_attn.q_a_layernorm.weight",
+    "attn.q_b.weight": "self_attn.q_b_proj.weight",
+    "attn.kv_a.weight": "self_attn.kv_a_proj_with_mqa.weight",
+    "attn.kv_a_norm.weight": "self_attn.kv_a_layernorm.weight",
+    "attn.kv_b.weight": "self_attn.kv_b_proj.weight",
+    "moe.router.bias": "mlp.gate.e_score_correction_bias",
+    **{f"moe.shared.{ours}.weight": f"mlp.shared_experts.{theirs}.weight"
+       for ours, theirs in _PROJ["deepseek_v3"].items()},
 }
 _LAYER_NAME = re.compile(r"layers\.(\d+)\.(.+)")
 
@@ -79,6 +104,8 @@ def source_of(family: str, name: str, global_shape: Sequence[int], present: Cont
         return Source((next((n for n in names if n in present), names[0]),), shape)
     if rest.startswith("moe.experts."):
         return _expert_source(family, prefix, rest.removeprefix("moe.experts."), shape, present)
+    if family == "deepseek_v3" and rest in _DEEPSEEK_LAYER:
+        return Source((prefix + _DEEPSEEK_LAYER[rest],), shape)
     if rest not in _LAYER:
         raise ValueError(f"parameter {name} has no counterpart in a {family} checkpoint")
     return Source((prefix + _LAYER[rest],), shape)

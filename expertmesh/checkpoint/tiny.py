@@ -25,6 +25,21 @@ _FAMILY = {
                        num_experts_per_tok=2, shared_expert_intermediate_size=80)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM",
               dict(intermediate_size=48, num_experts=8, num_experts_per_tok=2)),
+    # 3 layers, the middle one dense (mlp_only_layers), so that pp2 puts a dense layer beside an
+    # MoE one on the first stage; head_dim 24 is not hidden / heads (16), as in real Qwen3-MoE.
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_hidden_layers=3, head_dim=24, intermediate_size=80,
+                       moe_intermediate_size=48, num_experts=8, num_experts_per_tok=2,
+                       norm_topk_prob=True, mlp_only_layers=[1])),
+    # 3 layers, the first dense; 8 experts in 4 groups, 2 kept; latent attention with a low-rank
+    # query; the routers' correction biases are drawn (save_tiny_checkpoint) so that they move
+    # choices
+    "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
+                    dict(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+                         moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                         n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
+                         routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=32,
+                         q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)),
 }
 
 
@@ -46,6 +61,9 @@ def save_tiny_checkpoint(family: str, path: str | Path, fused: bool = False,
     config = getattr(transformers, config_cls)(**{**_COMMON, **extra, **overrides})
     torch.manual_seed(seed)
     model = getattr(transformers, model_cls)(config).eval()
+    for name, buffer in model.named_buffers():
+        if name.endswith("e_score_correction_bias"):
+            buffer.normal_(0.0, 0.2)
     path = Path(path)
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)

@@ -26,7 +26,7 @@ from expertmesh.parallel.expert import dispatchers
 class RankCounters:
     """One rank's counters, by global layer index. exchange, placement: the expert-parallel
     layers held here (placement[layer][ep_rank] names the expert of each slot, whose rows
-    `exchange[layer].loads` counts); overflow: every layer held here; routing: a Counter of
+    `exchange[layer].loads` counts); overflow: every MoE layer held here; routing: a Counter of
     sorted expert tuples -> tokens per EP layer, when recorded."""
 
     rank: int
@@ -50,7 +50,8 @@ def reset(model: MoETransformer) -> None:
         if d.routing is not None:
             d.routing.clear()
     for layer in model.layers.values():
-        layer.moe.overflow.reset()
+        if layer.moe is not None:
+            layer.moe.overflow.reset()
 
 
 def snapshot(model: MoETransformer, rank: int) -> RankCounters:
@@ -61,7 +62,8 @@ def snapshot(model: MoETransformer, rank: int) -> RankCounters:
         rank=rank,
         exchange={layer: d.stats.snapshot() for layer, d in exchange.items()},
         placement={layer: d.placement for layer, d in exchange.items()},
-        overflow={int(name): layer.moe.overflow.snapshot() for name, layer in model.layers.items()},
+        overflow={int(name): layer.moe.overflow.snapshot() for name, layer in model.layers.items()
+                  if layer.moe is not None},
         routing=routing or None,
     )
 

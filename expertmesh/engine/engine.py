@@ -49,8 +49,8 @@ def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine: EngineConfig,
     if engine.num_blocks is not None:
         return engine.num_blocks
     layers = max(len(r) for r in deployment.stage_layers(cfg.n_layers))
-    per_block = (2 * engine.block_size * (cfg.n_kv_heads // deployment.tp) * cfg.head_dim
-                 * cfg.torch_dtype.itemsize * layers)
+    heads, dim = cfg.kv_per_token(deployment.tp)
+    per_block = 2 * engine.block_size * heads * dim * cfg.torch_dtype.itemsize * layers
     if engine.kv_cache_gb is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserve = activation_reserve(cfg, deployment, engine.max_batched_tokens, engine.max_seqs)

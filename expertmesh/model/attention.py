@@ -22,10 +22,14 @@ from torch import nn
 from expertmesh.model.layers import Linear, RMSNorm
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """`positions: [L]` -> cos, sin `[L, d]` fp32 (half-split convention: each angle twice)."""
+def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
+                inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`positions: [L]` -> cos, sin `[L, d]` fp32 (half-split convention: each angle twice);
+    `inv_freq` `[d/2]` (on the positions' device) replaces theta's frequencies when given (RoPE
+    scaling)."""
     d = head_dim
-    inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
+    if inv_freq is None:
+        inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
     angles = torch.outer(positions.float(), inv_freq).repeat(1, 2)  # [L, d]
     return angles.cos(), angles.sin()
 
@@ -72,8 +76,11 @@ class Contiguous:
             raise ValueError("attention without a KV cache must start at position 0")
         self.cache, self.rows, self.start = cache, rows, start
 
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        return torch.arange(self.start, self.start + length, device=device)
+
     def rope(self, length: int, head_dim: int, theta: float, device: torch.device):
-        return rope_tables(torch.arange(self.start, self.start + length, device=device), head_dim, theta)
+        return rope_tables(self.positions(length, device), head_dim, theta)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q `[b, L, h, d]`, k, v `[b, L, g, d]` -> `[b, L, h, d]`."""
@@ -100,11 +107,14 @@ class Attention(nn.Module):
     Tensor parallelism shards the projections by heads and lowers `n_heads` / `n_kv_heads` to the
     local counts; nothing here changes. `qkv_bias`: the q, k, v projections have a bias.
     `qk_norm_eps`: RMSNorm over the whole projected query `[h * d]` and key `[g * d]`, before
-    splitting heads and RoPE (OLMoE); None for none.
+    splitting heads and RoPE (OLMoE); None for none. `qk_head_norm_eps`: RMSNorm over `d` of each
+    query and key head, before RoPE (Qwen3-MoE); its weight `[d]` is shared by all heads, so
+    tensor parallelism leaves it whole.
     """
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, theta: float,
-                 qkv_bias: bool = False, qk_norm_eps: float | None = None):
+                 qkv_bias: bool = False, qk_norm_eps: float | None = None,
+                 qk_head_norm_eps: float | None = None):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim, self.theta = n_heads, n_kv_heads, head_dim, theta
         self.wq = Linear(d_model, n_heads * head_dim, qkv_bias)
@@ -114,6 +124,9 @@ class Attention(nn.Module):
         with_norm = qk_norm_eps is not None
         self.q_norm = RMSNorm(n_heads * head_dim, qk_norm_eps) if with_norm else None
         self.k_norm = RMSNorm(n_kv_heads * head_dim, qk_norm_eps) if with_norm else None
+        per_head = qk_head_norm_eps is not None
+        self.q_head_norm = RMSNorm(head_dim, qk_head_norm_eps) if per_head else None
+        self.k_head_norm = RMSNorm(head_dim, qk_head_norm_eps) if per_head else None
 
     def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
         """x `[b, L, D]` and a KV view (`Contiguous` or `PagedView`) -> `[b, L, D]`."""
@@ -121,9 +134,11 @@ class Attention(nn.Module):
         q, k = self.wq(x), self.wk(x)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.view(b, L, self.n_heads, self.head_dim), k.view(b, L, self.n_kv_heads, self.head_dim)
+        if self.q_head_norm is not None:
+            q, k = self.q_head_norm(q), self.k_head_norm(k)
         cos, sin = kv.rope(L, self.head_dim, self.theta, x.device)
-        q = rotary(q.view(b, L, self.n_heads, self.head_dim), cos, sin)
-        k = rotary(k.view(b, L, self.n_kv_heads, self.head_dim), cos, sin)
+        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
         v = self.wv(x).view(b, L, self.n_kv_heads, self.head_dim)
         out = kv.attend(q, k, v)
         return self.wo(out.reshape(b, L, self.n_heads * self.head_dim))

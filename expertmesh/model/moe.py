@@ -181,22 +181,23 @@ class LocalDispatcher:
 
 class SharedExpert(nn.Module):
     """A dense SwiGLU MLP every token passes through, gated per token (Qwen2-MoE):
-    x `[T, D]` -> sigmoid(gate(x)) * down(silu(w_gate(x)) * w_up(x)) `[T, D]`, hidden Hs.
+    x `[T, D]` -> sigmoid(gate(x)) * down(silu(w_gate(x)) * w_up(x)) `[T, D]`, hidden Hs;
+    without `gated`, no gate (DeepSeek-V3's shared experts).
 
     The output is linear in `w_down`'s partial sums, so tensor parallelism may split Hs and
     all-reduce the block's output once, with the routed experts' partial output.
     """
 
-    def __init__(self, d_model: int, hidden: int):
+    def __init__(self, d_model: int, hidden: int, gated: bool = True):
         super().__init__()
         self.w_gate = Linear(d_model, hidden)
         self.w_up = Linear(d_model, hidden)
         self.w_down = Linear(hidden, d_model)
-        self.gate = Linear(d_model, 1)
+        self.gate = Linear(d_model, 1) if gated else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = F.silu(self.w_gate(x)) * self.w_up(x)
-        return torch.sigmoid(self.gate(x)) * self.w_down(h)
+        out = self.w_down(F.silu(self.w_gate(x)) * self.w_up(x))
+        return out if self.gate is None else torch.sigmoid(self.gate(x)) * out
 
 
 class MoEBlock(nn.Module):

@@ -110,6 +110,9 @@ class PagedView:
         self.pool, self.batch = pool, batch
         self.seq_lens = batch.seq_lens
 
+    def positions(self, length: int, device: torch.device) -> torch.Tensor:
+        return self.batch.positions
+
     def rope(self, length: int, head_dim: int, theta: float, device: torch.device):
         return self.batch.rope(head_dim, theta)
 

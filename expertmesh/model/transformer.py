@@ -21,24 +21,44 @@ from torch import nn
 
 from expertmesh.config import ModelConfig
 from expertmesh.model.attention import Attention, Contiguous, KVCache
+from expertmesh.model.dense import DenseMLP
 from expertmesh.model.layers import Embedding, Linear, RMSNorm
-from expertmesh.model.moe import MoEBlock
+from expertmesh.model.mla import LatentAttention
+from expertmesh.model.moe import MoEBlock, SharedExpert
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView
+from expertmesh.model.routing import GroupLimitedRouter
 from expertmesh.model.steps import Steps, run_steps
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.trace import span
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """Attention, then the feed-forward: the MoE block `moe`, or in the config's dense layers the
+    dense MLP `mlp` (`moe` is then None)."""
+
+    def __init__(self, cfg: ModelConfig, index: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
-                              cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None)
+        if cfg.kv_lora_rank:
+            self.attn = LatentAttention(
+                cfg.d_model, cfg.n_heads, cfg.head_dim - cfg.qk_rope_head_dim, cfg.qk_rope_head_dim,
+                cfg.v_head_dim, cfg.kv_lora_rank, cfg.q_lora_rank, cfg.rope_theta, cfg.norm_eps,
+                cfg.rope_interleave, cfg.yarn)
+        else:
+            self.attn = Attention(cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rope_theta,
+                                  cfg.qkv_bias, cfg.norm_eps if cfg.qk_norm else None,
+                                  cfg.norm_eps if cfg.qk_head_norm else None)
         self.moe_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.moe = MoEBlock(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden,
-                            cfg.expert_kind, cfg.renormalize, cfg.shared_expert_hidden,
-                            cfg.router_skew, cfg.capacity)
+        dense = cfg.is_dense(index)
+        self.mlp = DenseMLP(cfg.d_model, cfg.dense_hidden) if dense else None
+        self.moe = None if dense else MoEBlock(
+            cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.expert_kind,
+            cfg.renormalize, cfg.shared_expert_hidden, cfg.router_skew, cfg.capacity)
+        if self.moe is not None and cfg.router_kind == "sigmoid_grouped":
+            self.moe.router = GroupLimitedRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.renormalize,
+                                                 cfg.n_groups, cfg.topk_groups, cfg.routed_scaling)
+        if self.moe is not None and cfg.shared_expert_hidden and not cfg.shared_expert_gate:
+            self.moe.shared = SharedExpert(cfg.d_model, cfg.shared_expert_hidden, gated=False)
 
     def forward(self, x: torch.Tensor, kv, low_latency_tokens: int | None = None) -> torch.Tensor:
         """x `[b, L, D]` with a KV view (`model/attention.py`) -> `[b, L, D]`."""
@@ -48,6 +68,8 @@ class DecoderLayer(nn.Module):
         """`forward` as a generator that yields while the MoE block's token exchange is in flight."""
         with span("attention"):
             x = x + self.attn(self.attn_norm(x), kv)
+        if self.mlp is not None:
+            return x + self.mlp(self.moe_norm(x))
         if kv.seq_lens is None:  # each row of x is one sequence
             return x + (yield from self.moe.steps(self.moe_norm(x), None, low_latency_tokens))
         out = yield from self.moe.steps(self.moe_norm(x)[0], kv.seq_lens, low_latency_tokens)
@@ -59,7 +81,7 @@ class MoETransformer(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.embed: Embedding | None = Embedding(cfg.vocab_size, cfg.d_model)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg) for i in range(cfg.n_layers)})
+        self.layers = nn.ModuleDict({str(i): DecoderLayer(cfg, i) for i in range(cfg.n_layers)})
         self.norm: RMSNorm | None = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.lm_head: Linear | None = Linear(cfg.d_model, cfg.vocab_size)
         # Called with (layer index, output `[b, L, D]`) after every layer held here, in order: the
@@ -77,7 +99,7 @@ class MoETransformer(nn.Module):
         caches = {}
         for name, layer in self.layers.items():
             attn = layer.attn
-            ref = attn.wk.weight
+            ref = layer.attn_norm.weight
             caches[name] = KVCache(batch, max_len, attn.n_kv_heads, attn.head_dim, ref.dtype, ref.device)
         return caches
 
@@ -103,7 +125,7 @@ class MoETransformer(nn.Module):
         """One KV block pool `[num_blocks, block_size, g, d]` per layer held here."""
         pools = {}
         for name, layer in self.layers.items():
-            attn, ref = layer.attn, layer.attn.wk.weight
+            attn, ref = layer.attn, layer.attn_norm.weight
             pools[name] = KVPool(num_blocks, block_size, attn.n_kv_heads, attn.head_dim, ref.dtype,
                                  ref.device)
         return pools

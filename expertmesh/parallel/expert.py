@@ -32,6 +32,8 @@ def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_ra
     `group`. `exchange` goes to `AllToAllDispatcher` (chunks, overlap, peer_nodes, hierarchical)."""
     cfg = model.cfg
     for name, layer in model.layers.items():
+        if layer.moe is None:  # a dense layer: data-parallel, like attention
+            continue
         placement = placements[int(name)]
         mine = placement[ep_rank]
         experts = GroupedExperts(len(mine), cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
@@ -110,7 +112,7 @@ class ExchangeChoice:
 def dispatchers(model: MoETransformer) -> dict[int, AllToAllDispatcher]:
     """The all-to-all dispatchers of the layers held here, by global layer index."""
     return {int(name): layer.moe.dispatcher for name, layer in model.layers.items()
-            if isinstance(layer.moe.dispatcher, AllToAllDispatcher)}
+            if layer.moe is not None and isinstance(layer.moe.dispatcher, AllToAllDispatcher)}
 
 
 def rebalance(model: MoETransformer, placements: list[list[list[int]]]) -> int:

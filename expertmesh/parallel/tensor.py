@@ -8,8 +8,10 @@ parallel, down row parallel); the MoE block's output `[b, L, D]` is all-reduced 
 weighted combine, which is linear in the partial outputs. The router is replicated, so every
 rank routes identically. A shared expert (Qwen2-MoE) is split like the experts; its gate is
 replicated, so sigmoid(gate(x)) * partial output is a partial sum of the same all-reduce.
+A dense layer's MLP (`model/dense.py`) is split like an expert and all-reduced alike.
 The q / k norms of OLMoE span all heads: each rank keeps its heads' slice of the norm weight and
-all-reduces the sum of squares `[b, L, 1]` (`ShardedRMSNorm`).
+all-reduces the sum of squares `[b, L, 1]` (`ShardedRMSNorm`). Latent attention (`model/mla.py`)
+splits heads alike; its latent is computed and cached whole on every rank.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from expertmesh.model.attention import Attention
 from expertmesh.model.layers import Linear, RMSNorm, meta_weight
+from expertmesh.model.mla import LatentAttention
 from expertmesh.model.synthetic import mark_shard
 from expertmesh.model.transformer import MoETransformer
 
@@ -70,6 +74,30 @@ def _all_reduce_output(group: dist.ProcessGroup):
     return hook
 
 
+def _split_attention(attn: Attention, group: dist.ProcessGroup, tp: int, tp_rank: int) -> None:
+    attn.wq, attn.wk, attn.wv = (_split_linear(lin, 0, tp, tp_rank) for lin in (attn.wq, attn.wk, attn.wv))
+    attn.wo = _split_linear(attn.wo, 1, tp, tp_rank)
+    attn.n_heads //= tp
+    attn.n_kv_heads //= tp
+    if attn.q_norm is not None:
+        attn.q_norm = ShardedRMSNorm(attn.q_norm, group, tp, tp_rank)
+        attn.k_norm = ShardedRMSNorm(attn.k_norm, group, tp, tp_rank)
+    attn.register_forward_hook(_all_reduce_output(group))
+
+
+def _split_latent_attention(attn: LatentAttention, group: dist.ProcessGroup, tp: int, tp_rank: int) -> None:
+    """Heads split: the query's up-projection and kv_b by rows, wo by columns; the latent's
+    projections and norms whole, so each rank caches the whole latent."""
+    if attn.low_rank_q:
+        attn.q_b = _split_linear(attn.q_b, 0, tp, tp_rank)
+    else:
+        attn.wq = _split_linear(attn.wq, 0, tp, tp_rank)
+    attn.kv_b = _split_linear(attn.kv_b, 0, tp, tp_rank)
+    attn.wo = _split_linear(attn.wo, 1, tp, tp_rank)
+    attn.n_heads //= tp
+    attn.register_forward_hook(_all_reduce_output(group))
+
+
 def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: int,
                           tp_rank: int) -> MoETransformer:
     cfg = model.cfg
@@ -77,14 +105,16 @@ def apply_tensor_parallel(model: MoETransformer, group: dist.ProcessGroup, tp: i
     h_slice = slice(tp_rank * hidden, (tp_rank + 1) * hidden)
     for layer in model.layers.values():
         attn = layer.attn
-        attn.wq, attn.wk, attn.wv = (_split_linear(lin, 0, tp, tp_rank) for lin in (attn.wq, attn.wk, attn.wv))
-        attn.wo = _split_linear(attn.wo, 1, tp, tp_rank)
-        attn.n_heads //= tp
-        attn.n_kv_heads //= tp
-        if attn.q_norm is not None:
-            attn.q_norm = ShardedRMSNorm(attn.q_norm, group, tp, tp_rank)
-            attn.k_norm = ShardedRMSNorm(attn.k_norm, group, tp, tp_rank)
-        attn.register_forward_hook(_all_reduce_output(group))
+        if isinstance(attn, LatentAttention):
+            _split_latent_attention(attn, group, tp, tp_rank)
+        else:
+            _split_attention(attn, group, tp, tp_rank)
+        if layer.mlp is not None:
+            mlp = layer.mlp
+            mlp.w_gate, mlp.w_up = (_split_linear(lin, 0, tp, tp_rank) for lin in (mlp.w_gate, mlp.w_up))
+            mlp.w_down = _split_linear(mlp.w_down, 1, tp, tp_rank)
+            mlp.register_forward_hook(_all_reduce_output(group))
+            continue
 
         experts = layer.moe.experts
         for name in ("w_up", "w_gate"):

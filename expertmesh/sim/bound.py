@@ -3,8 +3,8 @@
 Volumes are counted from the model, the deployment and the workload alone (not from the
 simulator's schedule), for one replica over its `world_size` GPUs, each at the datasheet peak:
 no efficiency loss, no latency, perfect overlap. Minimal HBM traffic per forward pass: each
-weight copy that computes is read once (attention and the head are replicated on EP ranks, the
-head on TP ranks), each expert that some token chose is read once (expected number under the
+weight copy that computes is read once (attention, dense layers' MLP and the head are replicated
+on EP ranks, the head on TP ranks), each expert that some token chose is read once (expected number under the
 routing), the cached K and V are read once; under EP with attention TP, one attention copy per
 group. A run cannot be faster than the slowest resource.
 """
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from expertmesh.sim.memory import attention_params
 from expertmesh.sim.scenario import Scenario
 
 RESOURCE_NAMES = ("compute", "hbm", "nvlink", "network")
@@ -24,17 +25,20 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
     B, D, d, k, inner = w.batch_size, cfg.d_model, cfg.head_dim, cfg.top_k, dep.inner
     h, g, H, E, V = cfg.n_heads, cfg.n_kv_heads, cfg.expert_hidden, cfg.n_experts, cfg.vocab_size
     t = B * L
-    proj = (2 * h + 2 * g) * d * D
+    proj = attention_params(cfg, 1)
+    g, d = cfg.kv_per_token()  # latent attention: the latent, one head
     expert = cfg.matrices_per_expert * D * H
     shares = sc.routing.shares(E, k)
     used = sum(1 - (1 - min(1.0, k * s)) ** t for s in shares)
     pairs = B * (L * start + L * (L + 1) / 2)
 
-    flops = cfg.n_layers * (2 * t * proj + 4 * h * d * pairs + 2 * t * D * E + 2 * t * k * expert)
-    flops += 2 * B * D * V
+    n_dense = len(cfg.dense_layers)
+    n_moe, dense = cfg.n_layers - n_dense, 3 * D * cfg.dense_hidden  # dense layers' MLP: every token
+    flops = cfg.n_layers * (2 * t * proj + 4 * h * d * pairs)
+    flops += n_moe * (2 * t * D * E + 2 * t * k * expert) + n_dense * 2 * t * dense + 2 * B * D * V
     a = sc.attn_tp if dep.ep > 1 else 1  # attention TP inside EP: one copy per attention group
-    weights = cfg.n_layers * (proj * min(dep.ep // a, B) + E * D * min(dep.ep, B) + used * expert)
-    weights += V * D * dep.tp + V * D
+    weights = cfg.n_layers * proj * min(dep.ep // a, B) + n_moe * (E * D * min(dep.ep, B) + used * expert)
+    weights += n_dense * dense * min(dep.ep, B) + V * D * dep.tp + V * D
     kv = cfg.n_layers * 2 * B * (start + L) * g * d
     out = {"compute": flops, "hbm": weights * sc.weight_itemsize + kv * sc.kv_itemsize,
            "nvlink": 0.0, "network": 0.0}
@@ -45,6 +49,7 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
     for s in range(dep.pp):
         ranks = range(s * inner, (s + 1) * inner)
         layers = len(dep.stage_layers(cfg.n_layers)[s])
+        moe_layers = sum(not cfg.is_dense(i) for i in dep.stage_layers(cfg.n_layers)[s])
         if dep.tp > 1:  # two ring all-reduces of [t, D] per layer, 2 (p-1)/p of it sent per rank
             ring = list(ranks)
             for i, r in enumerate(ring):
@@ -61,7 +66,7 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
                 tokens = len(dep.rows_of(r, B)) * L
                 for j, q in enumerate(ranks):
                     if i != j:
-                        move(r, q, layers * tokens * k * sum(shares[j * per:(j + 1) * per]) * D
+                        move(r, q, moe_layers * tokens * k * sum(shares[j * per:(j + 1) * per]) * D
                              * (sc.dispatch_itemsize + isz))
         if s < dep.pp - 1:
             move(s * inner, (s + 1) * inner, t * D * isz)

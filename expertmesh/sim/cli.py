@@ -39,7 +39,8 @@ def parse_seconds(text: str) -> float:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--preset", default="paper", help="model preset (default: paper)")
     p.add_argument("--model", help="a Hugging Face config.json or checkpoint directory (no weights are "
-                                   "read): Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, dense Llama / Qwen2")
+                                   "read): Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, DeepSeek-V3, "
+                                   "dense Llama / Qwen2")
     p.add_argument("--gpu", default="h100", help="h100, h200, a100, b200 or a calibrated profile JSON")
     p.add_argument("--batch", type=int, default=128, help="sequences in the batch")
     p.add_argument("--prompt-len", type=int, default=10000, help="prompt tokens per sequence")

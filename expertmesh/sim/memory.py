@@ -2,8 +2,9 @@
 activations at their peak, communication buffers and a runtime reserve.
 
 Counts follow the engine's sharding: attention projections split by heads under TP, experts
-split by hidden units under TP and by expert under EP, layers split by stage under PP; the
-embedding lives on the first stage, the final norm and LM head on the last.
+split by hidden units under TP and by expert under EP, a dense layer's MLP split under TP and
+replicated under EP, layers split by stage under PP; the embedding lives on the first stage, the
+final norm and LM head on the last.
 
 Activations peak in a prefill layer, on the rank's t = rows x prompt tokens of one micro-batch:
 the residual stream and the normed input `[t, D]`, then the larger of attention's q, k, v and
@@ -26,19 +27,34 @@ from expertmesh.deployment import Deployment
 ITEMSIZE = {"bf16": 2, "fp32": 4}
 
 
-def layer_params(cfg: ModelConfig, dep: Deployment, attn_tp: int | None = None) -> int:
+def attention_params(cfg: ModelConfig, tp: int) -> int:
+    """Attention's parameters on one of `tp` ranks that split its heads. Latent attention (MLA):
+    the query's low-rank pair, the latent's projection and norm whole, q_b / wq, kv_b, wo split."""
+    d, D, h = cfg.head_dim, cfg.d_model, cfg.n_heads
+    if not cfg.kv_lora_rank:
+        return (2 * h + 2 * cfg.n_kv_heads) * d * D // tp + (2 * d if cfg.qk_head_norm else 0)
+    r, p, v, ql = cfg.kv_lora_rank, cfg.qk_rope_head_dim, cfg.v_head_dim, cfg.q_lora_rank
+    query = D * ql + ql + ql * h * d // tp if ql else D * h * d // tp
+    return query + D * (r + p) + r + (r * h * (d - p + v) + h * v * D) // tp
+
+
+def layer_params(cfg: ModelConfig, dep: Deployment, attn_tp: int | None = None,
+                 dense: bool = False) -> int:
     """Parameters of one decoder layer on one rank; attention split over `attn_tp` ranks
-    (default: the TP size)."""
-    d, D = cfg.head_dim, cfg.d_model
-    attention = (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d * D // (attn_tp or dep.tp)
+    (default: the TP size); `dense`: a dense layer's (its MLP instead of router and experts)."""
+    D = cfg.d_model
+    attention = attention_params(cfg, attn_tp or dep.tp)
+    if dense:
+        return attention + 3 * (cfg.dense_hidden // dep.tp) * D + 2 * D
     experts = (cfg.n_experts // dep.ep) * cfg.matrices_per_expert * (cfg.expert_hidden // dep.tp) * D
-    norms_router = 2 * D + cfg.n_experts * D
-    return attention + experts + norms_router
+    norms_router = 2 * D + cfg.n_experts * (D + (cfg.router_kind == "sigmoid_grouped"))  # + bias
+    shared = 3 * (cfg.shared_expert_hidden // dep.tp) * D + (D if cfg.shared_expert_gate else 0)
+    return attention + experts + norms_router + (shared if cfg.shared_expert_hidden else 0)
 
 
 def rank_params(cfg: ModelConfig, dep: Deployment, rank: int, attn_tp: int | None = None) -> int:
     stage = dep.coords(rank)[0]
-    n = len(dep.stage_layers(cfg.n_layers)[stage]) * layer_params(cfg, dep, attn_tp)
+    n = sum(layer_params(cfg, dep, attn_tp, cfg.is_dense(i)) for i in dep.stage_layers(cfg.n_layers)[stage])
     if stage == 0:
         n += cfg.vocab_size * cfg.d_model
     if stage == dep.pp - 1:
@@ -50,7 +66,8 @@ def kv_cache_bytes(cfg: ModelConfig, dep: Deployment, workload: Workload, rank: 
                    attn_tp: int | None = None) -> int:
     """K and V `[b, total_len, g / tp, d]` for each layer of the rank's stage, b its sequences;
     under EP with attention TP (`attn_tp` > 1), b is its attention group's sequences and the KV
-    heads are split over the group."""
+    heads are split over the group. Latent attention: the latent `[b, total_len, 1, r + p]` as K
+    and as V, whole on every rank."""
     stage, i = dep.coords(rank)
     layers = len(dep.stage_layers(cfg.n_layers)[stage])
     a = attn_tp or dep.tp
@@ -59,7 +76,8 @@ def kv_cache_bytes(cfg: ModelConfig, dep: Deployment, workload: Workload, rank: 
         b = sum(len(dep.rows_of(r, workload.batch_size)) for r in range(first, first + a))
     else:
         b = len(dep.rows_of(rank, workload.batch_size))
-    per_layer = 2 * b * workload.total_len * (cfg.n_kv_heads // a) * cfg.head_dim
+    heads, dim = cfg.kv_per_token(a)
+    per_layer = 2 * b * workload.total_len * heads * dim
     return layers * per_layer * ITEMSIZE[cfg.dtype]
 
 

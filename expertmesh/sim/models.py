@@ -1,10 +1,11 @@
 """The model a simulation runs: a preset, or a Hugging Face `config.json` (no weights are read).
 
-MoE families the engine loads (Mixtral, Qwen2-MoE, OLMoE) go through the engine's own
-`config_from_hf`, so the simulator sees exactly the model the engine would build. Dense Llama /
-Qwen2 configs, and Qwen3-MoE, which the engine does not load, are read for their shapes only:
-a dense model is an MoE with one SwiGLU expert that every token takes (top-1 of 1, whose router
-GEMM of one column is negligible), which is the same arithmetic.
+MoE families the engine loads (Mixtral, Qwen2-MoE, OLMoE, Qwen3-MoE, DeepSeek-V3, with their
+dense layers and DeepSeek's latent attention) go through the engine's own `config_from_hf`, so
+the simulator sees exactly the model the engine would build. Dense Llama / Qwen2 configs, which
+the engine does not load, are read for their shapes only: a dense model is an MoE with one SwiGLU
+expert that every token takes (top-1 of 1, whose router GEMM of one column is negligible), which
+is the same arithmetic.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 from expertmesh.checkpoint.hf_config import FAMILIES, config_from_hf
 from expertmesh.config import ModelConfig, preset
 
-SHAPE_ONLY = ("llama", "qwen2", "qwen3_moe")
+SHAPE_ONLY = ("llama", "qwen2")
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "bf16"}  # fp16 costs as bf16
 
 
@@ -34,21 +35,19 @@ def _read(path: Path) -> tuple[Path, dict]:
 
 
 def shape_config(raw: dict, name: str, file: Path) -> ModelConfig:
-    """A dense Llama / Qwen2 or a Qwen3-MoE config as a `ModelConfig` of the same shapes."""
+    """A dense Llama / Qwen2 config as a `ModelConfig` of the same shapes."""
     def get(key: str):
         if not isinstance(raw.get(key), (int, float)) or isinstance(raw.get(key), bool):
             raise ValueError(f"{file}: field {key!r} is missing or not a number; fix config.json")
         return raw[key]
 
     d_model, heads = get("hidden_size"), get("num_attention_heads")
-    moe = raw["model_type"] == "qwen3_moe"
     return ModelConfig(
         name=name, n_layers=get("num_hidden_layers"), d_model=d_model, n_heads=heads,
         n_kv_heads=raw.get("num_key_value_heads") or heads,
         head_dim=raw.get("head_dim") or d_model // heads, vocab_size=get("vocab_size"),
-        max_seq_len=get("max_position_embeddings"), expert_kind="swiglu",
-        n_experts=get("num_experts") if moe else 1, top_k=get("num_experts_per_tok") if moe else 1,
-        expert_hidden=get("moe_intermediate_size") if moe else get("intermediate_size"),
+        max_seq_len=get("max_position_embeddings"), expert_kind="swiglu", n_experts=1, top_k=1,
+        expert_hidden=get("intermediate_size"),
         tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         dtype=_DTYPES.get(raw.get("dtype") or raw.get("torch_dtype"), "bf16"))
 

@@ -1,6 +1,7 @@
 """What the ranks of one pipeline stage do for one micro-batch of one step, as costed phases.
 
-A stage task is `embed` (first stage) + n_layers x `layer` + `head` (last stage). A layer follows
+A stage task is `embed` (first stage) + n_layers x `layer` + n_dense x `dense` + `head` (last
+stage). An MoE layer follows
 the engine (model/attention.py, model/moe.py, parallel/*.py), per rank with t = b x L tokens:
 
   attention    norm, q/k/v GEMMs, rotary, KV-cache write, causal attention, output GEMM
@@ -15,6 +16,10 @@ the engine (model/attention.py, model/moe.py, parallel/*.py), per rank with t = 
   [no ep] experts over all local experts; [tp] all-reduce of [t, D]
   combine      un-permute, weighted sum, residual
   [ep, attention TP] all-gather of the group's [t_g, D]
+
+A dense layer (the config's `dense_layers`, Qwen3-MoE's MLP-only layers) has the same attention
+phases, then the dense SwiGLU MLP over the rank's t tokens (gate, up, down GEMMs of hidden F / tp;
+replicated under EP, so no exchange), [tp] all-reduce of [t, D], and the residual add.
 
 A stage task under EP with a low-latency threshold starts with the engine's exchange choice: one
 all-reduce of an int over the EP group's host processes (gloo), once per forward that does not
@@ -72,10 +77,15 @@ class Exchange:
 
 @dataclass(frozen=True)
 class StageProgram:
+    """`layer`: an MoE layer's phases, played `n_layers` times; `dense`: a dense layer's, played
+    `n_dense` times."""
+
     embed: tuple
     layer: tuple
     head: tuple
     n_layers: int
+    dense: tuple = ()
+    n_dense: int = 0
 
 
 def _experts(sc: Scenario, loads: list[float], tokens: float) -> Cost:
@@ -92,8 +102,29 @@ def _experts(sc: Scenario, loads: list[float], tokens: float) -> Cost:
     return cost.total([*ins, act, cost.grouped_gemm(sc.hw, dt, isz, rows, D, H, used)])
 
 
+def _latent_attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
+    """Latent attention as `model/mla.py` runs it: the query (low-rank pair or one GEMM), the
+    latent's GEMM, the query absorbed into the latent (W_uk), multi-query attention over the
+    cached latent `r + p` wide, W_uv on its output, the output GEMM."""
+    cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
+    D, d, p, v = cfg.d_model, cfg.head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
+    r, ql = cfg.kv_lora_rank, cfg.q_lora_rank
+    h, t = cfg.n_heads // sc.attn_tp, _tokens(segments)
+    query = ([cost.gemm(hw, dt, isz, t, ql, D), cost.gemm(hw, dt, isz, t, h * d, ql)] if ql
+             else [cost.gemm(hw, dt, isz, t, h * d, D)])
+    moved = (5 * t * D + 2 * t * h * (d + r + p)) * isz + 2 * t * (r + p) * sc.kv_itemsize
+    attn_dt = "bf16" if dt == "fp8" else dt
+    cores = [cost.attention(hw, attn_dt, isz, b, L, start, h, 1, r + p, sc.kv_itemsize)
+             for b, L, start in segments if b] or [cost.launched(hw, 1)]
+    return cost.total([cost.elementwise(hw, moved, ATTENTION_OPS), *query,
+                       cost.gemm(hw, dt, isz, t, r + p, D), cost.gemm(hw, dt, isz, t, h * r, d - p),
+                       *cores, cost.gemm(hw, dt, isz, t, h * v, r), cost.gemm(hw, dt, isz, t, D, h * v)])
+
+
 def _attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
     cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
+    if cfg.kv_lora_rank:
+        return _latent_attention(sc, segments)
     tp, D, d = sc.attn_tp, cfg.d_model, cfg.head_dim
     h, g, t = cfg.n_heads // tp, cfg.n_kv_heads // tp, _tokens(segments)
     # bytes of the norm, rotary on q and k, the cache write and the residual add
@@ -105,6 +136,15 @@ def _attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
              cost.gemm(hw, dt, isz, t, h * d, D), cost.gemm(hw, dt, isz, t, g * d, D),
              cost.gemm(hw, dt, isz, t, g * d, D), *cores, cost.gemm(hw, dt, isz, t, D, h * d)]
     return cost.total(parts)
+
+
+def _dense_mlp(sc: Scenario, t: float) -> Cost:
+    """down(silu(gate(x)) * up(x)) over `t` tokens, hidden F / tp."""
+    cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
+    F, D = cfg.dense_hidden // sc.deployment.tp, cfg.d_model
+    up = cost.gemm(hw, dt, isz, t, F, D)
+    act = cost.elementwise(hw, 3 * t * F * isz, 1)
+    return cost.total([up, up, act, cost.gemm(hw, dt, isz, t, D, F)])
 
 
 def _tokens(segments: tuple[Segment, ...]) -> int:
@@ -191,19 +231,26 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
     seqs = [sum(b for b, _, _ in w) for w in work]
     D = cfg.d_model
 
-    layer: list = []
+    prefix: list = []
     a = sc.attn_tp if dep.ep > 1 else 1
     if a > 1:
         groups = [ranks[g:g + a] for g in range(0, len(ranks), a)]
         group_work = [sum((work[i - ranks[0]] for i in g), ()) for g in groups for _ in g]
         group_bytes = [_tokens(w) * D * isz for w in group_work]
-        layer.append(Phase("attention", tuple(_attention(sc, w) for w in group_work)))
-        layer.append(_group_phase(sc, groups, "attention reduce-scatter", group_bytes))
+        prefix.append(Phase("attention", tuple(_attention(sc, w) for w in group_work)))
+        prefix.append(_group_phase(sc, groups, "attention reduce-scatter", group_bytes))
         tokens = [_tokens(w) / a for w in group_work]
     else:
-        layer.append(Phase("attention", tuple(_attention(sc, w) for w in work)))
+        prefix.append(Phase("attention", tuple(_attention(sc, w) for w in work)))
     if dep.tp > 1:
-        layer.append(_collective(sc, ranks, "all-reduce", [t * D * isz for t in tokens]))
+        prefix.append(_collective(sc, ranks, "all-reduce", [t * D * isz for t in tokens]))
+    suffix = [_group_phase(sc, groups, "attention all-gather", group_bytes)] if a > 1 else []
+    dense = [*prefix, Phase("dense mlp", tuple(_dense_mlp(sc, t) for t in tokens))]
+    if dep.tp > 1:
+        dense.append(_collective(sc, ranks, "all-reduce", [t * D * isz for t in tokens]))
+    dense += [Phase("residual", tuple(cost.elementwise(hw, 3 * t * D * isz, 1) for t in tokens)), *suffix]
+
+    layer = list(prefix)
     layer.append(Phase("router", tuple(_moe_pre(sc, t) for t in tokens)))
     if dep.ep > 1:
         layer += _ep_exchange(sc, ranks, tokens)
@@ -214,8 +261,7 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
         if dep.tp > 1:
             layer.append(_collective(sc, ranks, "all-reduce", [t * D * isz for t in tokens]))
     layer.append(Phase("combine", tuple(_combine(sc, t) for t in tokens)))
-    if a > 1:
-        layer.append(_group_phase(sc, groups, "attention all-gather", group_bytes))
+    layer += suffix
 
     embed, head = [], ()
     decode_only = all(L == 1 for w in work for _, L, _ in w)
@@ -229,5 +275,6 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
         head = (Phase("head", tuple(cost.total([
             cost.elementwise(hw, (2 * b * D + 2 * b * cfg.vocab_size) * isz, HEAD_OPS),
             cost.gemm(hw, head_dt, isz, b, cfg.vocab_size, D)]) for b in seqs)),)
-    n_layers = len(dep.stage_layers(cfg.n_layers)[stage])
-    return StageProgram(tuple(embed), tuple(layer), head, n_layers)
+    held = dep.stage_layers(cfg.n_layers)[stage]
+    n_dense = sum(cfg.is_dense(i) for i in held)
+    return StageProgram(tuple(embed), tuple(layer), head, len(held) - n_dense, tuple(dense), n_dense)

@@ -193,20 +193,31 @@ class StageTask:
                 R = max(c.seconds for c in ex[m].combine)
                 net = self._combine(ex[m], m, max(net, max(dev)), R, 1.0)
                 ready[m] = [net] * self.n
+        for p in progs:  # dense layers have no exchange to overlap: one micro-batch after the other
+            dev, host = self._layers(p.dense, p.n_dense, dev, host)
         for p in progs:
             dev, host = self.play(p.head, dev, host)
         return max(dev)
 
     def run(self, prog: StageProgram) -> float:
-        """Duration of the whole task. Two layers are played (the host may fall behind or run
-        ahead over the first); the second's length stands for each later one, and its events
-        are repeated at multiples of it."""
+        """Duration of the whole task: its MoE layers, then its dense ones (`_layers`)."""
         start_host = self.launch_s if self.graphs else 0.0  # one graph launch per step
         dev, host = self.play(prog.embed, [0.0] * self.n, [start_host] * self.n)
-        d1, h1 = self.play(prog.layer, dev, host, times=1.0)
+        dev, host = self._layers(prog.layer, prog.n_layers, dev, host)
+        dev, host = self._layers(prog.dense, prog.n_dense, dev, host)
+        dev, _ = self.play(prog.head, dev, host)
+        return max(dev)
+
+    def _layers(self, layer: tuple, n: int, dev: list[float], host: list[float]):
+        """`n` layers of phases `layer`. Two are played (the host may fall behind or run ahead
+        over the first); the second's length stands for each later one, and its events are
+        repeated at multiples of it."""
+        if n == 0:
+            return dev, host
+        d1, h1 = self.play(layer, dev, host, times=1.0)
         mark = len(self.events) if self.events is not None else 0
-        n_more = prog.n_layers - 1
-        d2, h2 = self.play(prog.layer, d1, h1, times=float(n_more)) if n_more else (d1, h1)
+        n_more = n - 1
+        d2, h2 = self.play(layer, d1, h1, times=float(n_more)) if n_more else (d1, h1)
         period_d, period_h = max(d2) - max(d1), max(h2) - max(h1)
         if self.events is not None and n_more:
             second = self.events[mark:]
@@ -214,8 +225,7 @@ class StageTask:
                                   for i in range(n_more) for r, name, t, d in second]
         dev = [d + (n_more - 1) * period_d for d in d2] if n_more else d2
         host = [h + (n_more - 1) * period_h for h in h2] if n_more else h2
-        dev, _ = self.play(prog.head, dev, host)
-        return max(dev)
+        return dev, host
 
 
 def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:

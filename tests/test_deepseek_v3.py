@@ -1,0 +1,135 @@
+"""DeepSeek-V3 checkpoints: the test model's correction biases really move the routing, the KV
+cache holds the latent (not full keys and values), and `expertmesh run --model` on one. Parity
+with transformers under every deployment is in `test_hf_parity.py`."""
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="DeepSeek-V3 checkpoints are built with transformers")
+
+from expertmesh.checkpoint import config_from_hf  # noqa: E402
+from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
+from expertmesh.cli import main  # noqa: E402
+from expertmesh.deployment import Deployment  # noqa: E402
+from expertmesh.engine.engine import pool_blocks  # noqa: E402
+from expertmesh.engine.scheduler import EngineConfig  # noqa: E402
+from expertmesh.model.transformer import build_model  # noqa: E402
+from expertmesh.parallel.tensor import apply_tensor_parallel  # noqa: E402
+
+PROMPTS = torch.tensor([[1, 5, 9, 13, 17], [2, 30, 4, 77, 8]])
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return save_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3"), tokenizer=True)
+
+
+def test_the_correction_bias_changes_which_experts_transformers_chooses(checkpoint):
+    """On the router inputs of the reference run, choosing without the bias picks other experts
+    for many tokens: the parity tests do exercise bias-steered routing."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    inputs = []
+    gate = model.model.layers[1].mlp.gate
+    gate.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(PROMPTS)
+        _, _, biased = gate(inputs[0])
+        gate.e_score_correction_bias.zero_()
+        _, _, plain = gate(inputs[0])
+    moved = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(biased, plain))
+    assert moved >= len(biased) // 4
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_the_kv_cache_holds_the_latent_per_token(checkpoint, tp):
+    """Per token and layer: the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim = 40),
+    stored as K and V, on every TP rank; full keys and values would be 4 heads x (24 + 24)."""
+    cfg = config_from_hf(checkpoint)
+    model = build_model(cfg)
+    if tp > 1:
+        model = apply_tensor_parallel(model, None, tp, 0)
+    pools = model.make_pools(num_blocks=2, block_size=4)
+    per_token = {name: (p.k[0, 0].numel() + p.v[0, 0].numel()) for name, p in pools.items()}
+    assert set(per_token.values()) == {2 * (32 + 8)}
+    assert 2 * (32 + 8) < 4 * (24 + 24)
+    engine = EngineConfig(block_size=4, kv_cache_gb=2 * 40 * 4 * 4 * 3 / 2**30)
+    assert pool_blocks(cfg, Deployment(tp=tp), engine) == 1  # exactly one block of 4 tokens x 3 layers
+
+
+def test_run_command_on_a_deepseek_v3_checkpoint(checkpoint, capsys):
+    assert main(["run", "--model", str(checkpoint), "--deployment", "ep2", "--prompt", "w5 w17 w3",
+                 "--gen-len", "4", "--show-tokens"]) == 0
+    tokens, _ = reference_greedy(checkpoint, torch.tensor([[5, 17, 3]]), 4)
+    assert f"sequence 0: {tokens[0].tolist()}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("deployment", ["single", "ep2", "tp2", "pp2"])
+def test_simulator_counts_the_parameters_transformers_holds(checkpoint, deployment):
+    """Summed over a stage's ranks: every transformers parameter (and router bias) once (EP: the
+    routed experts split; TP: the per-head projections and every MLP split, the latent's and the
+    low-rank query's first projections, norms and routers whole)."""
+    from expertmesh.sim.memory import rank_params
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    whole = {n: t.numel() for n, t in [*model.named_parameters(), *model.named_buffers()]
+             if n.endswith(("weight", "proj", "e_score_correction_bias"))}
+    dep = Deployment.parse(deployment)
+    tp_split = ("q_b_proj", "kv_b_proj", "o_proj", "experts", "gate_proj", "up_proj", "down_proj")
+    split_by = ("mlp.experts.",) if dep.ep > 1 else tp_split if dep.tp > 1 else ()
+    split = sum(v for n, v in whole.items() if any(s in n for s in split_by))
+    held = sum(rank_params(config_from_hf(checkpoint), dep, r) for r in range(dep.world_size))
+    assert held == split + dep.inner * (sum(whole.values()) - split)
+
+
+def test_simulator_kv_bytes_are_the_engines_latent_pools(checkpoint):
+    """The simulator's KV bytes for a workload equal what the engine's pools hold for its tokens."""
+    from expertmesh.config import Workload
+    from expertmesh.sim.memory import kv_cache_bytes
+
+    cfg = config_from_hf(checkpoint)
+    pools = build_model(cfg).make_pools(num_blocks=1, block_size=1)
+    per_token = sum(p.k.nbytes + p.v.nbytes for p in pools.values())
+    workload = Workload(batch_size=3, prompt_len=10, gen_len=6)
+    assert kv_cache_bytes(cfg, Deployment(tp=2), workload, 0) == per_token * 3 * 16
+
+
+# DeepSeek-V3's published config.json (deepseek-ai/DeepSeek-V3) without its FP8 quantization_config,
+# which the engine does not read yet
+DEEPSEEK_V3_SHAPES = {
+    "model_type": "deepseek_v3", "hidden_size": 7168, "num_hidden_layers": 61, "num_attention_heads": 128,
+    "num_key_value_heads": 128, "intermediate_size": 18432, "moe_intermediate_size": 2048,
+    "n_routed_experts": 256, "num_experts_per_tok": 8, "n_group": 8, "topk_group": 4, "n_shared_experts": 1,
+    "first_k_dense_replace": 3, "routed_scaling_factor": 2.5, "norm_topk_prob": True, "kv_lora_rank": 512,
+    "q_lora_rank": 1536, "qk_rope_head_dim": 64, "qk_nope_head_dim": 128, "v_head_dim": 128,
+    "vocab_size": 129280, "max_position_embeddings": 163840, "rms_norm_eps": 1e-6, "rope_theta": 10000,
+    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                     "original_max_position_embeddings": 4096, "type": "yarn"},
+    "scoring_func": "sigmoid", "topk_method": "noaux_tc", "torch_dtype": "bfloat16"}
+
+
+def test_simulate_command_takes_deepseek_v3_shapes(tmp_path, capsys):
+    import json
+
+    from expertmesh.sim.models import load_model
+
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3_SHAPES))
+    cfg = load_model("paper", str(tmp_path))
+    assert cfg.dense_layers == (0, 1, 2) and cfg.kv_per_token() == (1, 576) and cfg.yarn.factor == 40
+    assert main(["simulate", "--model", str(tmp_path), "--deployments", "ep64", "--batch", "64",
+                 "--prompt-len", "512", "--gen-len", "4"]) == 0
+    assert "4 expert/layer" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("deployment", ["single", "tp2"])
+def test_yarn_rope_scaling_reproduces_transformers(tmp_path, deployment):
+    """DeepSeek-V3's YaRN (as its published config has it, here with factor 4 over 64 original
+    positions and mscale != mscale_all_dim, so that both the frequencies, the rotated parts'
+    attention factor and the softmax scale change): transformers' greedy tokens and logits."""
+    from test_hf_parity import GEN_LEN, PROMPTS as ALL, run_checkpoint, assert_matches
+
+    yarn = {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0, "original_max_position_embeddings": 64,
+            "beta_fast": 32, "beta_slow": 1, "mscale": 0.7, "mscale_all_dim": 1.0}
+    path = save_tiny_checkpoint("deepseek_v3", tmp_path, rope_parameters=yarn)
+    assert config_from_hf(path).yarn.factor == 4.0
+    tokens, logits = reference_greedy(path, ALL, GEN_LEN)
+    assert_matches(run_checkpoint(path, deployment), tokens, logits)
