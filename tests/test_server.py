@@ -2,13 +2,15 @@
 port, driven by the official `openai` client, on a tiny random Qwen2-MoE checkpoint with a
 word-level tokenizer. Greedy outputs must equal transformers' own greedy decoding of each request
 alone; bad requests get a 400 naming the field and the server keeps serving; a full queue gets a
-429 at once; a client that leaves mid-stream has its request aborted and its KV blocks freed;
+429 at once; a client that leaves before its answer ends (streamed or not) has its request
+aborted and its KV blocks freed;
 SIGTERM ends the server gracefully with exit 0, a killed rank ends it with an error, and neither
 leaves a process.
 
 Two servers per module, each reused by several tests: the last test of each stops it.
 """
 
+import json
 import os
 import random
 import re
@@ -183,22 +185,48 @@ def test_32_concurrent_requests_each_get_the_tokens_of_the_request_alone(server,
     assert server.metric("expertmesh_kv_blocks_used", dp_rank=1) == 0
 
 
-@pytest.mark.parametrize("body, param", [
+COMPLETION_400 = [
     ({"model": "gpt-4", "prompt": [1, 2]}, "model"),
     ({"model": "tinyqwen"}, "prompt"),
     ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": -3}, "max_tokens"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": 0}, "max_tokens"),
     ({"model": "tinyqwen", "prompt": [1] * (MAX_LEN - 4), "max_tokens": 10}, "prompt"),
     ({"model": "tinyqwen", "prompt": [1, 2], "temperature": 2.5}, "temperature"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "temperature": -0.5}, "temperature"),
     ({"model": "tinyqwen", "prompt": [1, 2], "top_p": 0}, "top_p"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "top_p": 1.5}, "top_p"),
     ({"model": "tinyqwen", "prompt": [1, 2], "n": 2}, "n"),
     ({"model": "tinyqwen", "prompt": [1, 500]}, "prompt"),
-])
-def test_invalid_request_is_a_400_naming_the_field_and_the_server_keeps_serving(server, body, param):
+    ({"model": "tinyqwen", "prompt": ["w1", "w2"]}, "prompt"),
+    ({"model": "tinyqwen", "prompt": [[1], [2]]}, "prompt"),
+    ({"model": "tinyqwen", "prompt": ""}, "prompt"),
+    ({"model": "tinyqwen", "prompt": []}, "prompt"),
+]
+HI = [{"role": "user", "content": "w1"}]
+CHAT_400 = [
+    ({"model": "gpt-4", "messages": HI}, "model"),
+    ({"model": "tinyqwen"}, "messages"),
+    ({"model": "tinyqwen", "messages": []}, "messages"),
+    ({"model": "tinyqwen", "messages": [{"content": "w1"}]}, "messages"),
+    ({"model": "tinyqwen", "messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"model": "tinyqwen", "messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"model": "tinyqwen", "messages": HI, "max_tokens": MAX_LEN}, "prompt"),
+    ({"model": "tinyqwen", "messages": HI, "temperature": 3}, "temperature"),
+    ({"model": "tinyqwen", "messages": HI, "top_p": 1.5}, "top_p"),
+    ({"model": "tinyqwen", "messages": HI, "n": 3}, "n"),
+    ({"model": "tinyqwen", "messages": HI, "stop_token_ids": [1, 500]}, "stop_token_ids"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", [("/completions", b, p) for b, p in COMPLETION_400] +
+                         [("/chat/completions", b, p) for b, p in CHAT_400])
+def test_invalid_request_is_a_400_naming_the_field_and_the_server_keeps_serving(server, path, body, param):
     with pytest.raises(openai.BadRequestError) as err:
-        server.client.completions.create(**body) if "prompt" in body else \
-            server.client.post("/completions", body=body, cast_to=object)
+        server.client.post(path, body=body, cast_to=object)
     assert err.value.status_code == 400
     assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
+    if body.get("max_tokens", 1) < 1:  # refused by the body's schema, not taken as "the default"
+        assert err.value.body["message"].startswith("max_tokens: Input should be greater than or equal to 1")
     assert server.get("/health").status_code == 200
     r = server.client.completions.create(model="tinyqwen", prompt=[1, 2], max_tokens=2, temperature=0)
     assert len(r.choices[0].token_ids) == 2
@@ -235,6 +263,24 @@ def test_client_that_leaves_mid_stream_has_its_request_aborted_and_blocks_freed(
         used = server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \
             server.metric("expertmesh_kv_blocks_used", dp_rank=1)
         assert used > 0
+    deadline = time.monotonic() + 30
+    while server.metric("expertmesh_requests_total", outcome="abort") == aborted or \
+            server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \
+            server.metric("expertmesh_kv_blocks_used", dp_rank=1) > 0:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.2)
+
+
+def test_client_that_leaves_before_a_whole_answer_has_its_request_aborted_and_blocks_freed(server):
+    aborted = server.metric("expertmesh_requests_total", outcome="abort")
+    body = json.dumps({"model": "tinyqwen", "prompt": [3] * 40, "max_tokens": 200, "temperature": 0})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       f"content-length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 30
+        while server.metric("expertmesh_requests_running") == 0:
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.1)
     deadline = time.monotonic() + 30
     while server.metric("expertmesh_requests_total", outcome="abort") == aborted or \
             server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \

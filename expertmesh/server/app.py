@@ -36,6 +36,9 @@ from expertmesh.server.protocol import (ApiError, ChatRequest, CompletionRequest
                                         completion_body, new_id, usage, validation_error)
 
 
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection first; nobody reads it
+
+
 class EngineStopped(RuntimeError):
     """What an open request gets when the engine ends before it does (503, or an error event)."""
 
@@ -193,7 +196,10 @@ def create_app(api: Api) -> FastAPI:
                                    gen.usage() if final else None, chunk=True)
         if body.stream:
             return _stream(api, _events(gen, piece, body.include_usage, first=None))
-        text, reason = await _collect(gen, http)
+        whole = await _collect(gen, http)
+        if whole is None:
+            return Response(status_code=CLIENT_GONE)
+        text, reason = whole
         return completion_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
@@ -207,7 +213,10 @@ def create_app(api: Api) -> FastAPI:
         if body.stream:
             first = chat_body(gen.request.id, api.name, "", [], None, None, chunk=True, first=True)
             return _stream(api, _events(gen, piece, body.include_usage, first=first))
-        text, reason = await _collect(gen, http)
+        whole = await _collect(gen, http)
+        if whole is None:
+            return Response(status_code=CLIENT_GONE)
+        text, reason = whole
         return chat_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
 
     return app
@@ -243,6 +252,10 @@ def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Gen
     if body.stop_strings and api.tokenizer is None:
         raise ApiError(400, f"model {api.name!r} has no tokenizer, so stop strings cannot be "
                             f"matched; use stop_token_ids", param="stop")
+    outside = [t for t in body.stop_token_ids if not 0 <= t < api.vocab_size]
+    if outside:
+        raise ApiError(400, f"stop token id {outside[0]} is outside the vocabulary [0, {api.vocab_size})",
+                       param="stop_token_ids")
     seed = body.seed if body.seed is not None else random.getrandbits(31)
     max_tokens = body.max_tokens if body.max_tokens is not None else max(1, default_max)
     try:
@@ -281,8 +294,8 @@ async def _client_left(http: HttpRequest) -> None:
         pass
 
 
-async def _collect(gen: Generation, http: HttpRequest) -> tuple[str, str]:
-    """A whole answer; if the client leaves first, the request is aborted (and nothing is sent)."""
+async def _collect(gen: Generation, http: HttpRequest) -> tuple[str, str] | None:
+    """A whole answer; None if the client left first (the request is aborted)."""
     work = asyncio.create_task(_whole(gen))
     watch = asyncio.create_task(_client_left(http))
     try:
@@ -291,7 +304,9 @@ async def _collect(gen: Generation, http: HttpRequest) -> tuple[str, str]:
         watch.cancel()
         if not work.done():
             work.cancel()
-    return await work
+    if work.cancelled():
+        return None
+    return work.result()
 
 
 def _stream(api: Api, events) -> EventSourceResponse:

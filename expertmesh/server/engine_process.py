@@ -165,6 +165,7 @@ class EngineServer:
     def __init__(self, engine: Engine, model: MoETransformer, spec: RunSpec, options: ServeOptions):
         self.engine, self.model, self.spec, self.options = engine, model, spec, options
         self.step_started: float | None = None  # monotonic time of the step in progress
+        self.steps = 0  # warm-up included: the other ranks count those too (`follow`)
         self.signalled = False
         self.owners: dict[str, int] = {}  # request id -> the front end that sent it
         self.frontends: list[subprocess.Popen] = []
@@ -211,6 +212,7 @@ class EngineServer:
         self.step_started = time.monotonic()
         outputs = self.engine.step()
         self.step_started = None
+        self.steps += 1
         return outputs
 
     def _warm_up(self) -> None:
@@ -257,7 +259,6 @@ class EngineServer:
         started: set[int] = set()
         startup_deadline = time.monotonic() + self.options.timeout_s
         stopping = False
-        steps = 0
         while True:
             rejected: list[dict[str, str]] = [{} for _ in range(n)]
             for index, message in channel.receive(0.0 if self.engine.has_work else IDLE_S):
@@ -291,9 +292,8 @@ class EngineServer:
                     channel.send(i, FromEngine(failure=f"the engine failed ({type(exc).__name__})"))
                 self._await_frontends()
                 raise
-            steps += 1
             totals = None
-            if steps % STATS_EVERY == 0:
+            if self.steps % STATS_EVERY == 0:
                 cfg = self.spec.cfg
                 ranks = share_counters(self.engine, self.model)
                 totals = counter_totals(ranks, cfg.n_experts, cfg.d_model * cfg.torch_dtype.itemsize,
