@@ -337,8 +337,13 @@ def test_full_queue_is_a_429_at_once(small_server):
         client.completions.create(model="bare", prompt=[6] * 8, max_tokens=2, temperature=0)
     assert time.monotonic() - t0 < 30
     assert small_server.metric("expertmesh_requests_total", outcome="queue_full") == 1
+    aborted = small_server.metric("expertmesh_requests_total", outcome="abort")
     for stream in (*running, waiting):
         stream.close()
+    deadline = time.monotonic() + 30  # the server has seen all three go (no longer waiting)
+    while small_server.metric("expertmesh_requests_total", outcome="abort") < aborted + 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(small_server):
@@ -367,6 +372,8 @@ def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(sm
     (["--timeout", "0"], "--timeout"),
     (["--grace", "-1"], "--grace"),
     (["--a2a-chunks", "x", "--deployment", "ep2"], "--a2a-chunks"),
+    (["--api-server-count", "0"], "--api-server-count"),
+    (["--api-key", " "], "--api-key"),
 ])
 def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
     assert message in cli_error(["serve", "--port", "0", *argv])

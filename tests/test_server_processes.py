@@ -20,16 +20,25 @@ KEY = "sesame"
 EXIT_S = 30  # what every process gets to be gone after a death
 
 
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(p) for p in f.read().split()]
+    except OSError:
+        return []
+
+
 def frontends(server: Server) -> list[int]:
-    """The API server processes (children of rank 0, the CLI process itself under `single`)."""
-    rank0 = server.proc.pid if not server.ranks() else server.ranks()[0]
-    with open(f"/proc/{rank0}/task/{rank0}/children") as f:
-        children = [int(p) for p in f.read().split()]
+    """The API server processes: rank 0's children (rank 0 is the CLI process under `single`, its
+    first child otherwise)."""
     out = []
-    for pid in children:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            if b"expertmesh.server.frontend" in f.read():
-                out.append(pid)
+    for pid in children(server.proc.pid) + [c for r in children(server.proc.pid) for c in children(r)]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"expertmesh.server.frontend" in f.read():
+                    out.append(pid)
+        except OSError:
+            pass
     return sorted(out)
 
 
@@ -72,8 +81,11 @@ def test_two_api_servers_each_reach_the_engine_and_metrics_count_both(keyed):
     for paused in pids:  # the other one alone accepts while this one is stopped
         os.kill(paused, signal.SIGSTOP)
         try:
-            r = keyed.client.completions.create(model="tiny", prompt=[5, 6, 7], max_tokens=4, temperature=0)
-            tokens.append(r.choices[0].token_ids)
+            # A new connection (no pooled one, which the stopped process may hold)
+            r = httpx.post(keyed.url + "/v1/completions", headers={"authorization": f"Bearer {KEY}"},
+                           timeout=60, json={"model": "tiny", "prompt": [5, 6, 7], "max_tokens": 4,
+                                             "temperature": 0})
+            tokens.append(r.json()["choices"][0]["token_ids"])
         finally:
             os.kill(paused, signal.SIGCONT)
     assert tokens[0] == tokens[1] and len(tokens[0]) == 4
