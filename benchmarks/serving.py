@@ -101,10 +101,10 @@ def peer_missing() -> str | None:
 class Running:
     """A server process on a free loopback port, ready once its /health answers 200."""
 
-    def __init__(self, argv: list[str], log: Path, port: int):
+    def __init__(self, argv: list[str], log: Path, port: int, threads: int = os.cpu_count() or 1):
         self.url, self.log = f"http://127.0.0.1:{port}", open(log, "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         deadline = time.monotonic() + START_S
         while not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -143,8 +143,10 @@ def step_load(size: Size, vocab: int, url: str = "") -> BenchConfig:
                        output_len=(size.output_len, size.output_len), vocab=vocab, seed=2)
 
 
-def step_time(size: Size, workdir: Path) -> dict:
-    """ITL p50 (ms) of the 48-request batch: the engine alone, then behind the server."""
+def step_time(size: Size, workdir: Path, rounds: int = 2) -> dict:
+    """ITL p50 (ms) of the 48-request batch, the engine alone and behind the server, each on one
+    thread (two threads on two busy cores wait on each other's barriers), `rounds` interleaved
+    runs of each after one warm-up of each; medians over the rounds."""
     import httpx
 
     ckpt = save_tiny_checkpoint("qwen2_moe", workdir / "qwen2moe", tokenizer=True, **size.model)
@@ -152,22 +154,30 @@ def step_time(size: Size, workdir: Path) -> dict:
     load = step_load(size, cfg.vocab_size)
     arrivals = [(0, Request(i, tuple(prompt), n)) for i, (_, prompt, n) in enumerate(workload(load))]
     spec = RunSpec(cfg, Deployment(), Workload(), checkpoint=str(ckpt))
-    torch.set_num_threads(os.cpu_count() or 1)  # as `expertmesh serve` does for `single`
-    alone = []
-    for _ in range(2):  # the first run warms up
+    torch.set_num_threads(1)
+
+    def alone() -> float:
         t = serve_rank(spec, EngineConfig(**ENGINE), arrivals)
-        alone = [b - a for times in t.token_times.values() for a, b in zip(times, times[1:])]
+        return statistics.median(b - a for times in t.token_times.values() for a, b in zip(times, times[1:]))
+
     port = free_port()
-    server = Running([*serve_argv(ckpt), "--port", str(port)], workdir / "step_server.log", port)
+    server = Running([*serve_argv(ckpt), "--port", str(port)], workdir / "step_server.log", port, threads=1)
     try:
         model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
-        run_bench(dataclasses.replace(load, url=server.url + "/v1", model=model))  # warm-up
-        behind = run_bench(dataclasses.replace(load, url=server.url + "/v1", model=model))
+        load = dataclasses.replace(load, url=server.url + "/v1", model=model)
+        alone()  # warm-ups
+        run_bench(load)
+        alone_s, behind_s, failed = [], [], 0
+        for _ in range(rounds):
+            alone_s.append(alone())
+            run = run_bench(load)
+            behind_s.append(run["itl_s"]["p50"])
+            failed += run["failed"]
     finally:
         server.stop()
-    alone_ms, behind_ms = statistics.median(alone) * 1e3, behind["itl_s"]["p50"] * 1e3
+    alone_ms, behind_ms = statistics.median(alone_s) * 1e3, statistics.median(behind_s) * 1e3
     return {"alone_ms": alone_ms, "behind_ms": behind_ms, "ratio": behind_ms / alone_ms,
-            "failed": behind["failed"], "load": os.getloadavg()}
+            "failed": failed, "load": os.getloadavg()}
 
 
 def step_section(size: str) -> dict:
@@ -180,7 +190,8 @@ def step_section(size: str) -> dict:
                       col("behind_ms", "behind the server, ITL p50 ms", "{:.1f}"),
                       col("ratio", "behind / alone", "x{:.2f}"), col("failed", "failed", "{}")]
     out["summary"] = f"decode step time behind the server / engine alone (goal <= {STEP_GOAL})"
-    out["notes"] = [f"load average (1, 5, 15 min) at the end: {got['load']}; the load client shares the cores"]
+    out["notes"] = [f"one thread each; medians of 2 interleaved runs; load average (1, 5, 15 min) at the "
+                    f"end: {got['load']}; the load client shares the cores"]
     return out
 
 

@@ -48,9 +48,9 @@ def running_gauge(server: Server) -> float:
 
 @pytest.fixture(scope="module")
 def keyed(tmp_path_factory):
-    """single, tiny preset, two API servers, an API key."""
+    """single, tiny preset, two API servers, an API key, on a port the system chooses."""
     s = Server(tmp_path_factory.mktemp("logs"), "--api-server-count", "2", "--api-key", KEY,
-               "--num-blocks", "64", "--timeout", "60")
+               "--num-blocks", "64", "--timeout", "60", "--port", "0")
     s.client = openai.OpenAI(base_url=s.url + "/v1", api_key=KEY, max_retries=0, timeout=60)
     yield s
     s.stop()
@@ -71,6 +71,10 @@ def test_every_v1_route_wants_the_api_key_and_health_and_metrics_do_not(keyed, m
                       timeout=30)
     assert r.status_code != 401
     assert keyed.get("/health").status_code == 200 and keyed.get("/metrics").status_code == 200
+
+
+def test_port_0_prints_the_port_the_server_listens_on(keyed):
+    assert keyed.port != 0 and keyed.get("/health").status_code == 200
 
 
 def test_two_api_servers_each_reach_the_engine_and_metrics_count_both(keyed):

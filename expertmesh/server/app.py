@@ -28,6 +28,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import Scheduler
@@ -41,6 +42,23 @@ CLIENT_GONE = 499  # nginx's status for a client that closed the connection firs
 
 class EngineStopped(RuntimeError):
     """What an open request gets when the engine ends before it does (503, or an error event)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold: its body in bytes, stop strings and stop ids (each), and the
+    characters of all its stop strings. Every stop id and string is checked at every step."""
+
+    body_bytes: int = 8 * 2**20
+    stops: int = 64
+    stop_chars: int = 4096
+
+    def __post_init__(self) -> None:
+        for name, flag in (("body_bytes", "--max-body-mb"), ("stops", "--max-stops"),
+                           ("stop_chars", "--max-stop-chars")):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{flag} gives {value!r}; it must be a positive number")
 
 
 @dataclass
@@ -60,6 +78,7 @@ class Api:
     timeout_s: float = 600.0
     grace_s: float = 30.0  # what a stream gets to finish once the server is stopping
     api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
     server: object | None = None
     waiting: int = 0  # accepted requests without their first token yet
     created: int = field(default_factory=lambda: int(time.time()))
@@ -150,8 +169,55 @@ class Generation:
         return usage(len(self.request.prompt), len(self.text.ids))
 
 
+class BodyLimit:
+    """A body over `limit` bytes is a 413: at once when its content-length says so, else when the
+    bytes read pass it. (FastAPI's own `max_body_size` answers in plain text.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(self.limit).response()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413)  # answered by `create_app`'s handler
+            return message
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is over {limit} bytes (--max-body-mb)")
+
+
 def create_app(api: Api) -> FastAPI:
     app = FastAPI(title="expertmesh", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=api.limits.body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        """FastAPI's own refusals (unknown route, body too large or not JSON) in OpenAI's format."""
+        api.metrics.requests.labels("rejected").inc()
+        if exc.status_code == 413:
+            return _too_large(api.limits.body_bytes).response()
+        message = "the body is not valid JSON" if exc.status_code == 400 else str(exc.detail)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, message, kind=kind).response()
+
+    @app.exception_handler(Exception)
+    async def failed(_, exc: Exception):
+        """A bug: the client gets no traceback and no path (the log has them)."""
+        api.metrics.requests.labels("error").inc()
+        return ApiError(500, "internal server error; the server's log has the details",
+                        kind="server_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
@@ -228,7 +294,10 @@ async def _prompt_ids(api: Api, prompt) -> list[int]:
     if api.tokenizer is None:
         raise ApiError(400, f"model {api.name!r} has no tokenizer, so a text prompt cannot be "
                             f"encoded; send token ids (a list of integers) as the prompt", param="prompt")
-    return (await api.encode(api.tokenizer, prompt)).input_ids
+    try:
+        return (await api.encode(api.tokenizer, prompt)).input_ids
+    except (TypeError, ValueError):  # e.g. a lone surrogate, which is no UTF-8 text
+        raise ApiError(400, "the prompt cannot be encoded as UTF-8 text", param="prompt") from None
 
 
 async def _chat_ids(api: Api, body: ChatRequest) -> list[int]:
@@ -241,7 +310,10 @@ async def _chat_ids(api: Api, body: ChatRequest) -> list[int]:
     def render_chat():
         return api.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
                                                  return_dict=True)["input_ids"]
-    return list(await api.encode(render_chat))
+    try:
+        return list(await api.encode(render_chat))
+    except (TypeError, ValueError):
+        raise ApiError(400, "the messages cannot be encoded as UTF-8 text", param="messages") from None
 
 
 def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Generation:
@@ -249,6 +321,18 @@ def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Gen
     if body.model != api.name:
         raise ApiError(400, f"model {body.model!r} is not served here; use {api.name!r} "
                             f"(GET /v1/models)", param="model")
+    unsupported = body.unsupported()
+    if unsupported is not None:
+        raise ApiError(400, f"{unsupported} is not implemented by this server; leave it out",
+                       param=unsupported)
+    stops, limits = body.stop_strings, api.limits
+    if len(stops) > limits.stops or sum(map(len, stops)) > limits.stop_chars:
+        raise ApiError(400, f"{len(stops)} stop strings of {sum(map(len, stops))} characters: at most "
+                            f"{limits.stops} (--max-stops) of {limits.stop_chars} (--max-stop-chars) "
+                            f"in all", param="stop")
+    if len(body.stop_token_ids) > limits.stops:
+        raise ApiError(400, f"{len(body.stop_token_ids)} stop token ids: at most {limits.stops} "
+                            f"(--max-stops)", param="stop_token_ids")
     if body.stop_strings and api.tokenizer is None:
         raise ApiError(400, f"model {api.name!r} has no tokenizer, so stop strings cannot be "
                             f"matched; use stop_token_ids", param="stop")
@@ -257,7 +341,7 @@ def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Gen
         raise ApiError(400, f"stop token id {outside[0]} is outside the vocabulary [0, {api.vocab_size})",
                        param="stop_token_ids")
     seed = body.seed if body.seed is not None else random.getrandbits(31)
-    max_tokens = body.max_tokens if body.max_tokens is not None else max(1, default_max)
+    max_tokens = body.limit if body.limit is not None else max(1, default_max)
     try:
         request = Request(new_id(prefix), tuple(ids), max_tokens, stop=tuple(body.stop_token_ids),
                           temperature=body.temperature, top_p=body.top_p, seed=seed)

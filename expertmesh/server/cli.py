@@ -45,6 +45,7 @@ def cmd_serve(args) -> int:
                           max_seqs=args.max_seqs)
     pool_blocks(spec.cfg, deployment, engine)
     try:
+        from expertmesh.server.app import Limits
         from expertmesh.server.engine_process import ServeOptions, serve_rank
     except ImportError as exc:
         raise ValueError(f"expertmesh serve needs the serve extra ({exc.name} is missing): "
@@ -54,6 +55,7 @@ def cmd_serve(args) -> int:
                            tokenizer=tokenizer, eos=eos_ids(args.model) if args.model else (),
                            max_waiting=args.max_waiting, grace_s=args.grace, timeout_s=args.timeout,
                            api_servers=args.api_server_count,
+                           limits=Limits(int(args.max_body_mb * 2**20), args.max_stops, args.max_stop_chars),
                            api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     if not under_torchrun() or os.environ.get("RANK") == "0":
         _check_address(args.host, args.port)
@@ -63,7 +65,8 @@ def cmd_serve(args) -> int:
     fn = functools.partial(serve_rank, spec, engine, options)
     try:
         if deployment.world_size == 1 and not under_torchrun():
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            if "OMP_NUM_THREADS" not in os.environ:  # else torch took it at start-up
+                torch.set_num_threads(max(1, os.cpu_count() or 1))
             fn(torch.device("cpu"))
             return 0
         if under_torchrun():  # this process is a rank: rank 0 answers the signals itself
@@ -174,6 +177,12 @@ def add_commands(sub) -> None:
                        help="API server processes (HTTP, tokenization, detokenization) sharing the port")
     serve.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every "
                        f"/v1 route (default: ${API_KEY_ENV}, else no key)")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (MiB); "
+                       "larger ones get 413")
+    serve.add_argument("--max-stops", type=int, default=64,
+                       help="most stop strings, and most stop token ids, in one request")
+    serve.add_argument("--max-stop-chars", type=int, default=4096,
+                       help="most characters of all the stop strings of one request")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     add_exchange_args(serve)
     serve.set_defaults(func=cmd_serve)

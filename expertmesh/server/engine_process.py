@@ -49,6 +49,7 @@ from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
 from expertmesh.model.transformer import MoETransformer
+from expertmesh.server.app import Limits
 from expertmesh.server.frontend import FRONTEND_ENV, FrontendOptions
 from expertmesh.server.ipc import CounterTotals, EngineChannel, FromEngine, Token
 
@@ -66,7 +67,8 @@ class ServeOptions:
     end a generation. max_waiting: requests waiting for their first token before a 429 (split
     evenly over the API servers). grace_s: what in-flight requests get after SIGTERM. timeout_s:
     the longest an engine step (or the start-up) may take before the server gives up.
-    api_servers: front-end processes. api_key: required of every /v1 request when set."""
+    api_servers: front-end processes. api_key: required of every /v1 request when set.
+    limits: what one request may hold."""
 
     host: str
     port: int
@@ -78,6 +80,7 @@ class ServeOptions:
     timeout_s: float = 600.0
     api_servers: int = 1
     api_key: str | None = None
+    limits: Limits = Limits()
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -243,7 +246,7 @@ class EngineServer:
                     name=o.name, tokenizer=o.tokenizer, vocab_size=self.spec.cfg.vocab_size,
                     max_len=self.spec.cfg.max_seq_len, engine=asdict(self.engine.scheduler.cfg),
                     num_blocks=self.engine.num_blocks, max_waiting=waiting, grace_s=o.grace_s,
-                    timeout_s=o.timeout_s)
+                    timeout_s=o.timeout_s, limits=asdict(o.limits))
                 env = {**os.environ, FRONTEND_ENV: json.dumps(asdict(fe)),
                        "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
                 if o.api_key is not None:

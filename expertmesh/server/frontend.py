@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
-from expertmesh.server.app import Api, EngineStopped, create_app
+from expertmesh.server.app import Api, EngineStopped, Limits, create_app
 from expertmesh.server.ipc import FrontendChannel, NewRequest, ToEngine
 from expertmesh.server.metrics import ServerMetrics
 
@@ -56,6 +56,7 @@ class FrontendOptions:
     max_waiting: int
     grace_s: float
     timeout_s: float
+    limits: dict  # `app.Limits`' fields
 
 
 class EngineClient:
@@ -144,7 +145,7 @@ async def _serve(options: FrontendOptions) -> int:
     api = Api(options.name, options.vocab_size, options.max_len, engine,
               Scheduler(EngineConfig(**options.engine), options.num_blocks), metrics,
               _tokenizer(options.tokenizer), options.max_waiting, options.timeout_s, options.grace_s,
-              os.environ.get("EXPERTMESH_API_KEY") or None)
+              os.environ.get("EXPERTMESH_API_KEY") or None, Limits(**options.limits))
     config = uvicorn.Config(create_app(api), log_level="warning", lifespan="off",
                             timeout_graceful_shutdown=options.grace_s)
     server = api.server = uvicorn.Server(config)
@@ -156,12 +157,14 @@ async def _serve(options: FrontendOptions) -> int:
     if server.started:
         engine.started()
     while not serving.done():
-        await asyncio.wait([serving, receiving], timeout=PARENT_POLL_S, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([serving], timeout=PARENT_POLL_S)
         if os.getppid() != parent:
             engine.fail("the engine process ended")
+        elif receiving.done() and engine.failure is None:  # a message it could not read: a bug
+            engine.fail("the channel to the engine broke")
         if engine.failure is not None and not server.should_exit:
-            await asyncio.sleep(DRAIN_S)  # open requests send their error
-            server.should_exit = True
+            await asyncio.sleep(DRAIN_S)  # open requests send their error; then nothing waits
+            server.should_exit = server.force_exit = True
     await serving
     receiving.cancel()
     channel.close()

@@ -81,6 +81,7 @@ class EngineChannel:
         self.context = zmq.Context()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops at its high-water mark: never
         self.socket.bind(f"ipc://{path}")
         self.poller = zmq.Poller()
         self.poller.register(self.socket, zmq.POLLIN)
@@ -117,6 +118,7 @@ class FrontendChannel:
         self.socket = self.context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.IDENTITY, identity(index))
         self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, 0)
         self.socket.connect(f"ipc://{path}")
         self.encoder = msgspec.msgpack.Encoder()
         self.decoder = msgspec.msgpack.Decoder(FromEngine)
