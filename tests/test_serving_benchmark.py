@@ -28,3 +28,11 @@ def test_serving_section_measures_expertmesh_and_reports_a_missing_peer(monkeypa
         assert r["out_tps"] > 0 and r["ttft_ms"] > 0 and r["tpot_ms"] > 0
         assert "ratio" not in r  # nothing to compare with
     assert any("transformers serve skipped: not installed (test)" in n for n in sec["notes"])
+
+
+def test_step_time_section_compares_the_engine_alone_with_the_same_batch_behind_the_server():
+    sec = serving.step_section("smoke")
+    assert sec["status"] == "ok"
+    (row,) = sec["rows"]
+    assert row["failed"] == 0 and row["alone_ms"] > 0 and row["behind_ms"] > 0
+    assert row["ratio"] == row["behind_ms"] / row["alone_ms"]
