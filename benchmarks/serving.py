@@ -10,18 +10,25 @@ such. Servers run one at a time, each alone on the machine. A peer that is not i
 (`pip install -e .[peers]`: transformers' serving needs fastapi, uvicorn and accelerate) is
 reported as skipped with the reason.
 
-    python benchmarks/serving.py [--quick | --smoke] [--json out.json]
+Then the decode step time of one 48-sequence batch (48 requests at once, equal prompts and
+output lengths, token ids in) with the engine alone, in this process, and behind
+`expertmesh serve` (single, one API server), both read as the median gap between a request's
+tokens (ITL p50: once every request decodes, one gap is one engine step). Goal: at most 1.15x.
+
+    python benchmarks/serving.py [--quick | --smoke] [--step-time-only] [--json out.json]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
 import os
 import shutil
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,16 +38,30 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.peers import col, section, skipped
-from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint
-from expertmesh.launch import free_port
-from expertmesh.server.bench import BenchConfig, run_bench
+# `python benchmarks/serving.py` puts benchmarks/ first on the path, not the repository.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.peers import col, section, skipped  # noqa: E402
+from expertmesh.checkpoint import config_from_hf  # noqa: E402
+from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
+from expertmesh.config import Workload  # noqa: E402
+from expertmesh.deployment import Deployment  # noqa: E402
+from expertmesh.engine.request import Request  # noqa: E402
+from expertmesh.engine.scheduler import EngineConfig  # noqa: E402
+from expertmesh.engine.spec import RunSpec  # noqa: E402
+from expertmesh.engine.worker import serve_rank  # noqa: E402
+from expertmesh.launch import free_port  # noqa: E402
+from expertmesh.server.bench import BenchConfig, run_bench, workload  # noqa: E402
 
 TITLE = "Serving: expertmesh serve vs transformers serve --continuous-batching"
 START_S = 600  # a server's start-up on a busy 2-core machine
 AGREEMENT_PROMPTS = ("w5 w17 w99 w3", "w64 w2", "w11 w12 w13 w14 w15 w16 w17 w18")
 AGREEMENT_TOKENS = 8
 DEPLOYMENTS = ("single", "ep2", "tp2")
+STEP_TITLE = "Decode step: the engine alone vs behind expertmesh serve"
+STEP_GOAL = 1.15  # behind the server / alone, at most
+# The engine budget of every expertmesh server here, and of the engine alone.
+ENGINE = dict(kv_cache_gb=0.25, max_seqs=64, max_batched_tokens=1024)
 
 
 @dataclass(frozen=True)
@@ -80,10 +101,10 @@ def peer_missing() -> str | None:
 class Running:
     """A server process on a free loopback port, ready once its /health answers 200."""
 
-    def __init__(self, argv: list[str], log: Path, port: int):
+    def __init__(self, argv: list[str], log: Path, port: int, threads: int = os.cpu_count() or 1):
         self.url, self.log = f"http://127.0.0.1:{port}", open(log, "w")
         self.proc = subprocess.Popen(argv, stdout=self.log, stderr=subprocess.STDOUT,
-                                     env={**os.environ, "OMP_NUM_THREADS": str(os.cpu_count() or 1)})
+                                     env={**os.environ, "OMP_NUM_THREADS": str(threads)})
         deadline = time.monotonic() + START_S
         while not self._healthy():
             if self.proc.poll() is not None or time.monotonic() > deadline:
@@ -110,6 +131,70 @@ class Running:
         self.log.close()
 
 
+def serve_argv(ckpt: Path) -> list[str]:
+    flags = [f for k, v in ENGINE.items() for f in (f"--{k.replace('_', '-')}", str(v))]
+    return [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(ckpt), *flags]
+
+
+def step_load(size: Size, vocab: int, url: str = "") -> BenchConfig:
+    """48 requests at once, every prompt as long as the longest of the size, token ids in."""
+    n = size.input_len[1]
+    return BenchConfig(url=url, num_prompts=48, rate=math.inf, input_len=(n, n),
+                       output_len=(size.output_len, size.output_len), vocab=vocab, seed=2)
+
+
+def step_time(size: Size, workdir: Path, rounds: int = 2) -> dict:
+    """ITL p50 (ms) of the 48-request batch, the engine alone and behind the server, each on one
+    thread (two threads on two busy cores wait on each other's barriers), `rounds` interleaved
+    runs of each after one warm-up of each; medians over the rounds."""
+    import httpx
+
+    ckpt = save_tiny_checkpoint("qwen2_moe", workdir / "qwen2moe", tokenizer=True, **size.model)
+    cfg = config_from_hf(ckpt)
+    load = step_load(size, cfg.vocab_size)
+    arrivals = [(0, Request(i, tuple(prompt), n)) for i, (_, prompt, n) in enumerate(workload(load))]
+    spec = RunSpec(cfg, Deployment(), Workload(), checkpoint=str(ckpt))
+    torch.set_num_threads(1)
+
+    def alone() -> float:
+        t = serve_rank(spec, EngineConfig(**ENGINE), arrivals)
+        return statistics.median(b - a for times in t.token_times.values() for a, b in zip(times, times[1:]))
+
+    port = free_port()
+    server = Running([*serve_argv(ckpt), "--port", str(port)], workdir / "step_server.log", port, threads=1)
+    try:
+        model = httpx.get(server.url + "/v1/models", timeout=30).json()["data"][0]["id"]
+        load = dataclasses.replace(load, url=server.url + "/v1", model=model)
+        alone()  # warm-ups
+        run_bench(load)
+        alone_s, behind_s, failed = [], [], 0
+        for _ in range(rounds):
+            alone_s.append(alone())
+            run = run_bench(load)
+            behind_s.append(run["itl_s"]["p50"])
+            failed += run["failed"]
+    finally:
+        server.stop()
+    alone_ms, behind_ms = statistics.median(alone_s) * 1e3, statistics.median(behind_s) * 1e3
+    return {"alone_ms": alone_ms, "behind_ms": behind_ms, "ratio": behind_ms / alone_ms,
+            "failed": failed, "load": os.getloadavg()}
+
+
+def step_section(size: str) -> dict:
+    if any(importlib.util.find_spec(m) is None for m in ("fastapi", "openai", "httpx", "transformers")):
+        return skipped(STEP_TITLE, "expertmesh serve needs the serve extra (pip install -e .[serve])")
+    with tempfile.TemporaryDirectory() as tmp:
+        got = step_time(SIZES[size], Path(tmp), rounds=1 if size == "smoke" else 2)
+    out = section(STEP_TITLE, rows=[{"batch": 48, **got}], setup={"size": size, "engine": ENGINE})
+    out["columns"] = [col("batch", "sequences", "{}"), col("alone_ms", "engine alone, ITL p50 ms", "{:.1f}"),
+                      col("behind_ms", "behind the server, ITL p50 ms", "{:.1f}"),
+                      col("ratio", "behind / alone", "x{:.2f}"), col("failed", "failed", "{}")]
+    out["summary"] = f"decode step time behind the server / engine alone (goal <= {STEP_GOAL})"
+    out["notes"] = [f"one thread each; medians of interleaved runs; load average (1, 5, 15 min) at the "
+                    f"end: {got['load']}; the load client shares the cores"]
+    return out
+
+
 def greedy_agrees(url: str, model: str, want: list[str]) -> bool:
     """The server's greedy texts of AGREEMENT_PROMPTS equal `want`."""
     import httpx
@@ -133,9 +218,7 @@ def measure(size: Size, workdir: Path, progress=lambda: None) -> dict:
     want = [tokenizer.decode(reference_greedy(hf, torch.tensor([tokenizer(p).input_ids]), AGREEMENT_TOKENS)[0][0],
                              skip_special_tokens=True) for p in AGREEMENT_PROMPTS]
     del hf
-    servers = {f"expertmesh {d}": [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(ckpt),
-                                   "--deployment", d, "--kv-cache-gb", "0.25", "--max-seqs", "64",
-                                   "--max-batched-tokens", "1024"] for d in size.deployments}
+    servers = {f"expertmesh {d}": [*serve_argv(ckpt), "--deployment", d] for d in size.deployments}
     reason = peer_missing()
     if reason is None:
         servers["transformers"] = ["transformers", "serve", "--continuous-batching", "--device", "cpu", str(ckpt)]
@@ -226,12 +309,17 @@ def main(argv: list[str] | None = None) -> None:
     which = parser.add_mutually_exclusive_group()
     which.add_argument("--quick", action="store_true")
     which.add_argument("--smoke", action="store_true")
-    parser.add_argument("--json", default=None, help="write the section here")
+    parser.add_argument("--step-time-only", action="store_true",
+                        help="only the decode step time, alone and behind the server")
+    parser.add_argument("--json", default=None, help="write the sections here")
     args = parser.parse_args(argv)
-    sec = serving_section("smoke" if args.smoke else "quick" if args.quick else "full")
-    report.render(sec, Console(width=160))
+    size = "smoke" if args.smoke else "quick" if args.quick else "full"
+    sections = [] if args.step_time_only else [serving_section(size)]
+    sections.append(step_section(size))
+    for sec in sections:
+        report.render(sec, Console(width=160))
     if args.json:
-        Path(args.json).write_text(json.dumps(sec, indent=2, default=str))
+        Path(args.json).write_text(json.dumps(sections, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,15 @@
 port, driven by the official `openai` client, on a tiny random Qwen2-MoE checkpoint with a
 word-level tokenizer. Greedy outputs must equal transformers' own greedy decoding of each request
 alone; bad requests get a 400 naming the field and the server keeps serving; a full queue gets a
-429 at once; a client that leaves mid-stream has its request aborted and its KV blocks freed;
+429 at once; a client that leaves before its answer ends (streamed or not) has its request
+aborted and its KV blocks freed;
 SIGTERM ends the server gracefully with exit 0, a killed rank ends it with an error, and neither
 leaves a process.
 
 Two servers per module, each reused by several tests: the last test of each stops it.
 """
 
+import json
 import os
 import random
 import re
@@ -52,6 +54,7 @@ class Server:
             assert self.proc.poll() is None, f"the server exited: {self.output()}"
             assert time.monotonic() < deadline, f"no ready line in {START_S} s: {self.output()}"
             time.sleep(0.2)
+        self.port = int(re.search(r"ready at http://127\.0\.0\.1:(\d+)/v1", self.output()).group(1))
         self.url = f"http://127.0.0.1:{self.port}"
         self.client = openai.OpenAI(base_url=self.url + "/v1", api_key="none", max_retries=0, timeout=120)
 
@@ -183,31 +186,104 @@ def test_32_concurrent_requests_each_get_the_tokens_of_the_request_alone(server,
     assert server.metric("expertmesh_kv_blocks_used", dp_rank=1) == 0
 
 
-@pytest.mark.parametrize("body, param", [
+COMPLETION_400 = [
     ({"model": "gpt-4", "prompt": [1, 2]}, "model"),
     ({"model": "tinyqwen"}, "prompt"),
     ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": -3}, "max_tokens"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": 0}, "max_tokens"),
     ({"model": "tinyqwen", "prompt": [1] * (MAX_LEN - 4), "max_tokens": 10}, "prompt"),
     ({"model": "tinyqwen", "prompt": [1, 2], "temperature": 2.5}, "temperature"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "temperature": -0.5}, "temperature"),
     ({"model": "tinyqwen", "prompt": [1, 2], "top_p": 0}, "top_p"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "top_p": 1.5}, "top_p"),
     ({"model": "tinyqwen", "prompt": [1, 2], "n": 2}, "n"),
     ({"model": "tinyqwen", "prompt": [1, 500]}, "prompt"),
-])
-def test_invalid_request_is_a_400_naming_the_field_and_the_server_keeps_serving(server, body, param):
-    with pytest.raises(openai.BadRequestError) as err:
-        server.client.completions.create(**body) if "prompt" in body else \
-            server.client.post("/completions", body=body, cast_to=object)
-    assert err.value.status_code == 400
-    assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"
+    ({"model": "tinyqwen", "prompt": ["w1", "w2"]}, "prompt"),
+    ({"model": "tinyqwen", "prompt": [[1], [2]]}, "prompt"),
+    ({"model": "tinyqwen", "prompt": ""}, "prompt"),
+    ({"model": "tinyqwen", "prompt": []}, "prompt"),
+    ({"model": "tinyqwen", "prompt": [True, False]}, "prompt"),
+    ({"model": "tinyqwen", "prompt": "w1 \ud800"}, "prompt"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": "4"}, "max_tokens"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": 4.0}, "max_tokens"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "max_tokens": True}, "max_tokens"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "seed": 2**63}, "seed"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "seed": -2**63 - 1}, "seed"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "logprobs": 2}, "logprobs"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "echo": True}, "echo"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "presence_penalty": 0.5}, "presence_penalty"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "frequency_penalty": -1}, "frequency_penalty"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "logit_bias": {"5": 100}}, "logit_bias"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "stop": ["w1"] * 65}, "stop"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "stop": ["w" * 2000] * 3}, "stop"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "stop_token_ids": [1] * 65}, "stop_token_ids"),
+]
+HI = [{"role": "user", "content": "w1"}]
+CHAT_400 = [
+    ({"model": "gpt-4", "messages": HI}, "model"),
+    ({"model": "tinyqwen"}, "messages"),
+    ({"model": "tinyqwen", "messages": []}, "messages"),
+    ({"model": "tinyqwen", "messages": [{"content": "w1"}]}, "messages"),
+    ({"model": "tinyqwen", "messages": [{"role": "user", "content": 5}]}, "messages"),
+    ({"model": "tinyqwen", "messages": HI, "max_tokens": 0}, "max_tokens"),
+    ({"model": "tinyqwen", "messages": HI, "max_tokens": MAX_LEN}, "prompt"),
+    ({"model": "tinyqwen", "messages": HI, "temperature": 3}, "temperature"),
+    ({"model": "tinyqwen", "messages": HI, "top_p": 1.5}, "top_p"),
+    ({"model": "tinyqwen", "messages": HI, "n": 3}, "n"),
+    ({"model": "tinyqwen", "messages": HI, "stop_token_ids": [1, 500]}, "stop_token_ids"),
+    ({"model": "tinyqwen", "messages": HI, "max_completion_tokens": 0}, "max_completion_tokens"),
+    ({"model": "tinyqwen", "messages": HI, "logprobs": True, "top_logprobs": 2}, "logprobs"),
+    ({"model": "tinyqwen", "messages": HI, "response_format": {"type": "json_object"}}, "response_format"),
+    ({"model": "tinyqwen", "messages": HI, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+]
+
+
+@pytest.mark.parametrize("path, body, param", [("/completions", b, p) for b, p in COMPLETION_400] +
+                         [("/chat/completions", b, p) for b, p in CHAT_400])
+def test_invalid_request_is_a_400_naming_the_field_and_the_server_keeps_serving(server, path, body, param):
+    r = httpx.post(server.url + "/v1" + path, content=json.dumps(body),  # ASCII: "\ud800" escaped
+                   headers={"content-type": "application/json"}, timeout=60)
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == param and error["type"] == "invalid_request_error"
+    if body.get("max_tokens") in (0, -3):  # refused by the body's schema, not taken as "the default"
+        assert error["message"].startswith("max_tokens: Input should be greater than or equal to 1")
     assert server.get("/health").status_code == 200
     r = server.client.completions.create(model="tinyqwen", prompt=[1, 2], max_tokens=2, temperature=0)
     assert len(r.choices[0].token_ids) == 2
 
 
-def test_malformed_json_is_a_400(server):
-    r = httpx.post(server.url + "/v1/completions", content=b'{"model": "tinyqwen", "prompt": [1,',
+@pytest.mark.parametrize("content", [b'{"model": "tinyqwen", "prompt": [1,', b'{"model": "tinyqwen\xff\xfe"}',
+                                     b'{"a": ' * 100_000 + b'1' + b'}' * 100_000])
+def test_malformed_non_utf8_or_too_deep_json_is_an_openai_400(server, content):
+    r = httpx.post(server.url + "/v1/completions", content=content,
                    headers={"content-type": "application/json"}, timeout=30)
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+def test_a_body_over_the_limit_is_an_openai_413(server, chunked):
+    body = json.dumps({"model": "tinyqwen", "prompt": "w1 " * (3 << 20)}).encode()
+    content = (body[i:i + (1 << 20)] for i in range(0, len(body), 1 << 20)) if chunked else body
+    r = httpx.post(server.url + "/v1/completions", timeout=60, content=content,
+                   headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "--max-body-mb" in r.json()["error"]["message"]
+
+
+def test_neutral_values_of_unimplemented_parameters_are_accepted(server):
+    r = server.client.post("/completions", cast_to=object, body={
+        "model": "tinyqwen", "prompt": [1, 2], "max_tokens": 2, "temperature": 0, "logprobs": None,
+        "echo": False, "presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}})
+    assert len(r["choices"][0]["token_ids"]) == 2
+
+
+def test_chat_honours_max_completion_tokens_and_an_empty_stop_string_stops_nothing(server):
+    r = server.client.chat.completions.create(model="tinyqwen", messages=HI, max_completion_tokens=2,
+                                              max_tokens=50, temperature=0)
+    assert r.usage.completion_tokens == 2 and r.choices[0].finish_reason == "length"
+    r = server.client.completions.create(model="tinyqwen", prompt="w1 w2", max_tokens=5, temperature=0, stop="")
+    assert r.usage.completion_tokens == 5 and r.choices[0].finish_reason == "length"
 
 
 def test_models_health_and_metrics(server):
@@ -224,6 +300,16 @@ def test_models_health_and_metrics(server):
     assert server.metric("expertmesh_exchanged_bytes_total") > 0
 
 
+def wait_for_abort(server, aborted: float) -> None:
+    """Until one more request was aborted than `aborted` and every KV block is free."""
+    deadline = time.monotonic() + 30
+    while server.metric("expertmesh_requests_total", outcome="abort") == aborted or \
+            server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \
+            server.metric("expertmesh_kv_blocks_used", dp_rank=1) > 0:
+        assert time.monotonic() < deadline, "the request was not aborted"
+        time.sleep(0.2)
+
+
 def test_client_that_leaves_mid_stream_has_its_request_aborted_and_blocks_freed(server):
     aborted = server.metric("expertmesh_requests_total", outcome="abort")
     with httpx.stream("POST", server.url + "/v1/completions", timeout=60,
@@ -235,12 +321,20 @@ def test_client_that_leaves_mid_stream_has_its_request_aborted_and_blocks_freed(
         used = server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \
             server.metric("expertmesh_kv_blocks_used", dp_rank=1)
         assert used > 0
-    deadline = time.monotonic() + 30
-    while server.metric("expertmesh_requests_total", outcome="abort") == aborted or \
-            server.metric("expertmesh_kv_blocks_used", dp_rank=0) + \
-            server.metric("expertmesh_kv_blocks_used", dp_rank=1) > 0:
-        assert time.monotonic() < deadline, "the request was not aborted"
-        time.sleep(0.2)
+    wait_for_abort(server, aborted)
+
+
+def test_client_that_leaves_before_a_whole_answer_has_its_request_aborted_and_blocks_freed(server):
+    aborted = server.metric("expertmesh_requests_total", outcome="abort")
+    body = json.dumps({"model": "tinyqwen", "prompt": [3] * 40, "max_tokens": 200, "temperature": 0})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as client:
+        client.sendall(f"POST /v1/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                       f"content-length: {len(body)}\r\n\r\n{body}".encode())
+        deadline = time.monotonic() + 30
+        while server.metric("expertmesh_requests_running") == 0:
+            assert time.monotonic() < deadline, "the request never ran"
+            time.sleep(0.1)
+    wait_for_abort(server, aborted)
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_stops_listening_and_exits_0(server, hf_model):
@@ -291,8 +385,13 @@ def test_full_queue_is_a_429_at_once(small_server):
         client.completions.create(model="bare", prompt=[6] * 8, max_tokens=2, temperature=0)
     assert time.monotonic() - t0 < 30
     assert small_server.metric("expertmesh_requests_total", outcome="queue_full") == 1
+    aborted = small_server.metric("expertmesh_requests_total", outcome="abort")
     for stream in (*running, waiting):
         stream.close()
+    deadline = time.monotonic() + 30  # the server has seen all three go (no longer waiting)
+    while small_server.metric("expertmesh_requests_total", outcome="abort") < aborted + 3:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
 
 
 def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(small_server):
@@ -321,9 +420,21 @@ def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(sm
     (["--timeout", "0"], "--timeout"),
     (["--grace", "-1"], "--grace"),
     (["--a2a-chunks", "x", "--deployment", "ep2"], "--a2a-chunks"),
+    (["--api-server-count", "0"], "--api-server-count"),
+    (["--api-key", " "], "--api-key"),
+    (["--max-stops", "0"], "--max-stops"),
+    (["--max-stop-chars", "-1"], "--max-stop-chars"),
+    (["--max-body-mb", "0"], "--max-body-mb"),
 ])
 def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
     assert message in cli_error(["serve", "--port", "0", *argv])
+
+
+def test_a_server_off_loopback_without_an_api_key_is_warned_about():
+    from expertmesh.server.cli import _loopback
+
+    assert _loopback("127.0.0.1") and _loopback("localhost") and _loopback("::1")
+    assert not _loopback("0.0.0.0") and not _loopback("::")
 
 
 def test_an_address_in_use_is_an_error_before_any_rank_starts(cli_error):

@@ -45,3 +45,11 @@ def test_transformers_serve_agrees_with_transformers_greedy_and_is_measured(tmp_
     assert entry["greedy_agrees"]
     run = entry["runs"]["inf"]
     assert run["failed"] == 0 and run["output_token_throughput"] > 0
+
+
+def test_step_time_section_compares_the_engine_alone_with_the_same_batch_behind_the_server():
+    sec = serving.step_section("smoke")
+    assert sec["status"] == "ok"
+    (row,) = sec["rows"]
+    assert row["failed"] == 0 and row["alone_ms"] > 0 and row["behind_ms"] > 0
+    assert row["ratio"] == row["behind_ms"] / row["alone_ms"]

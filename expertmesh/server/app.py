@@ -1,64 +1,104 @@
-"""The HTTP API on rank 0 (FastAPI): OpenAI completions and chat completions, streamed as
-server-sent events (sse-starlette) or not, models, health and Prometheus metrics.
+"""The HTTP API of an API server process (FastAPI): OpenAI completions and chat completions,
+streamed as server-sent events (sse-starlette) or not, models, health and Prometheus metrics.
 
-A handler turns the body into token ids (the checkpoint's tokenizer, or ids as given), checks
-the request against the model and the KV pool (400 naming the field), refuses it when
-`max_waiting` requests are already waiting for their first token (429), then submits it to the
-`EngineLoop` and reads its tokens from an asyncio queue the engine thread fills with
-`call_soon_threadsafe`. Text is the decoding of all tokens so far, sent as it grows; while stop
-strings are set, the last characters that could begin one are held back until it is decided.
-A streamed request whose client goes away is aborted (its KV blocks are freed at the next step).
+A handler turns the body into token ids (the checkpoint's tokenizer, in a thread of its own so
+that the event loop goes on, or ids as given), checks the request against the model and the KV
+pool (400 naming the field), refuses it when `max_waiting` requests of this process are already
+waiting for their first token (429), then submits it to the engine (`frontend.EngineClient`) and
+reads its tokens from an asyncio queue. Text is the decoding of all tokens so far, sent as it
+grows; while stop strings are set, the last characters that could begin one are held back until
+it is decided. A request whose client goes away, streamed or not, is aborted (its KV blocks are
+freed at the next step). With an API key set, every /v1 route wants `Authorization: Bearer KEY`
+(401 otherwise); /health and /metrics stay open.
 """
 
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
+from fastapi import Request as HttpRequest
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from expertmesh.config import ModelConfig
-from expertmesh.engine.request import Request, TokenOutput
+from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import Scheduler
-from expertmesh.server.loop import EngineLoop, EngineStopped
-from expertmesh.server.metrics import ServerMetrics
+from expertmesh.server.metrics import ServerMetrics, render
 from expertmesh.server.protocol import (ApiError, ChatRequest, CompletionRequest, chat_body,
                                         completion_body, new_id, usage, validation_error)
 
 
+CLIENT_GONE = 499  # nginx's status for a client that closed the connection first; nobody reads it
+
+
+class EngineStopped(RuntimeError):
+    """What an open request gets when the engine ends before it does (503, or an error event)."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold: its body in bytes, stop strings and stop ids (each), and the
+    characters of all its stop strings. Every stop id and string is checked at every step."""
+
+    body_bytes: int = 8 * 2**20
+    stops: int = 64
+    stop_chars: int = 4096
+
+    def __post_init__(self) -> None:
+        for name, flag in (("body_bytes", "--max-body-mb"), ("stops", "--max-stops"),
+                           ("stop_chars", "--max-stop-chars")):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 1):
+                raise ValueError(f"{flag} gives {value!r}; it must be a positive number")
+
+
 @dataclass
 class Api:
-    """What the handlers share. `tokenizer`: transformers' tokenizer of the checkpoint, or None
-    (token-id prompts only). `scheduler`: checks that a request fits the KV pool."""
+    """What the handlers share. `engine`: a `frontend.EngineClient`. `tokenizer`: transformers'
+    tokenizer of the checkpoint, or None (token-id prompts only). `scheduler`: a replica of the
+    engine's, which checks that a request fits the KV pool. `server`: the uvicorn server."""
 
     name: str
-    cfg: ModelConfig
-    loop: EngineLoop
+    vocab_size: int
+    max_len: int
+    engine: object
     scheduler: Scheduler
     metrics: ServerMetrics
     tokenizer: object | None = None
     max_waiting: int = 256
     timeout_s: float = 600.0
     grace_s: float = 30.0  # what a stream gets to finish once the server is stopping
+    api_key: str | None = None
+    limits: Limits = field(default_factory=Limits)
+    server: object | None = None
     waiting: int = 0  # accepted requests without their first token yet
     created: int = field(default_factory=lambda: int(time.time()))
+    # One thread encodes text, in turn: the event loop goes on meanwhile, and the tokenizer is
+    # never called from two threads at once.
+    encoder: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(1, "tokenize"))
 
     def healthy(self) -> str | None:
-        """None when every rank answers; else why not."""
-        if self.loop.failure is not None:
-            return f"engine failed: {self.loop.failure}"
-        if self.loop.stopping or not self.loop.thread.is_alive():
+        """None when the engine steps; else why not."""
+        if self.engine.failure is not None:
+            return self.engine.failure
+        if self.server is not None and self.server.should_exit:
             return "shutting down"
-        if self.loop.stuck_for() > self.timeout_s:
-            return f"a step has taken over {self.timeout_s:.0f} s"
+        quiet = time.monotonic() - self.engine.last_heard
+        if quiet > self.timeout_s:
+            return f"no engine step has ended for {quiet:.0f} s"
         return None
+
+    async def encode(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self.encoder, fn, *args)
 
 
 class TextStream:
@@ -95,40 +135,33 @@ class Generation:
         self.times: list[float] = []
         self.reason: str | None = None
         self.queue: asyncio.Queue = asyncio.Queue()
-        loop = asyncio.get_running_loop()
-
-        def sink(item: TokenOutput | BaseException) -> None:
-            try:
-                loop.call_soon_threadsafe(self.queue.put_nowait, item)
-            except RuntimeError:  # the event loop has closed: nobody is listening any more
-                pass
-
         api.waiting += 1
-        api.loop.submit(request, sink)
+        api.engine.submit(request, self.queue)
 
     async def pieces(self):
         """(text delta, new token ids, finish reason or None) as tokens arrive; raises ApiError
         when the engine ends first."""
         while self.reason is None:
             item = await self.queue.get()
-            if isinstance(item, BaseException):
-                status = 503 if isinstance(item, EngineStopped) else 500
-                raise ApiError(status, f"the request was ended: {item}", kind="server_error")
+            if isinstance(item, EngineStopped):
+                raise ApiError(503, f"the request was ended: {item}", kind="server_error")
+            if isinstance(item, ValueError):  # the engine refused it (checked here already)
+                raise ApiError(400, str(item).split(": ", 1)[-1])
             if not self.times:
                 self.api.waiting -= 1
             self.times.append(time.perf_counter())
             delta = self.text.add(item.token, item.finished is not None)
             self.reason = "stop" if self.text.stopped else item.finished
             if self.text.stopped and item.finished is None:
-                self.api.loop.abort(self.request.id)  # a stop string: the engine need not go on
+                self.api.engine.abort(self.request.id)  # a stop string: the engine need not go on
             yield delta, [item.token], self.reason
 
     def close(self, error: bool = False) -> None:
         """Count the outcome; abort the request if it is still running (its client left)."""
         if not self.times:
             self.api.waiting -= 1
-        if self.reason is None and not error:
-            self.api.loop.abort(self.request.id)
+        if self.reason is None:
+            self.api.engine.abort(self.request.id)
         outcome = "error" if error else (self.reason or "abort")
         self.api.metrics.finished(outcome, self.accepted, self.times)
 
@@ -136,8 +169,55 @@ class Generation:
         return usage(len(self.request.prompt), len(self.text.ids))
 
 
+class BodyLimit:
+    """A body over `limit` bytes is a 413: at once when its content-length says so, else when the
+    bytes read pass it. (FastAPI's own `max_body_size` answers in plain text.)"""
+
+    def __init__(self, app, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.limit:
+            return await _too_large(self.limit).response()(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise StarletteHTTPException(413)  # answered by `create_app`'s handler
+            return message
+        await self.app(scope, counted, send)
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"the body is over {limit} bytes (--max-body-mb)")
+
+
 def create_app(api: Api) -> FastAPI:
     app = FastAPI(title="expertmesh", docs_url=None, redoc_url=None)
+    app.add_middleware(BodyLimit, limit=api.limits.body_bytes)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_, exc: StarletteHTTPException):
+        """FastAPI's own refusals (unknown route, body too large or not JSON) in OpenAI's format."""
+        api.metrics.requests.labels("rejected").inc()
+        if exc.status_code == 413:
+            return _too_large(api.limits.body_bytes).response()
+        message = "the body is not valid JSON" if exc.status_code == 400 else str(exc.detail)
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        return ApiError(exc.status_code, message, kind=kind).response()
+
+    @app.exception_handler(Exception)
+    async def failed(_, exc: Exception):
+        """A bug: the client gets no traceback and no path (the log has them)."""
+        api.metrics.requests.labels("error").inc()
+        return ApiError(500, "internal server error; the server's log has the details",
+                        kind="server_error").response()
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_, exc: RequestValidationError):
@@ -146,8 +226,17 @@ def create_app(api: Api) -> FastAPI:
 
     @app.exception_handler(ApiError)
     async def refused(_, exc: ApiError):
-        api.metrics.requests.labels("queue_full" if exc.status == 429 else "rejected").inc()
+        outcome = {401: "unauthorized", 429: "queue_full"}.get(exc.status, "rejected")
+        api.metrics.requests.labels("error" if exc.status >= 500 else outcome).inc()
         return exc.response()
+
+    async def authorized(http: HttpRequest) -> None:
+        if api.api_key is None:
+            return
+        given = http.headers.get("authorization", "").encode()
+        if not hmac.compare_digest(given, f"Bearer {api.api_key}".encode()):
+            raise ApiError(401, "a valid API key is required: send the header 'Authorization: Bearer "
+                                "KEY' (the server's --api-key)", code="invalid_api_key")
 
     @app.get("/health")
     async def health():
@@ -156,16 +245,16 @@ def create_app(api: Api) -> FastAPI:
 
     @app.get("/metrics")
     async def metrics():
-        return Response(api.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+        return Response(render(), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models")
+    @app.get("/v1/models", dependencies=[Depends(authorized)])
     async def models():
         return {"object": "list", "data": [{"id": api.name, "object": "model", "created": api.created,
-                                            "owned_by": "expertmesh", "max_model_len": api.cfg.max_seq_len}]}
+                                            "owned_by": "expertmesh", "max_model_len": api.max_len}]}
 
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest):
-        ids = _prompt_ids(api, body.prompt)
+    @app.post("/v1/completions", dependencies=[Depends(authorized)])
+    async def completions(body: CompletionRequest, http: HttpRequest):
+        ids = await _prompt_ids(api, body.prompt)
         gen = _start(api, body, ids, default_max=16, prefix="cmpl")
 
         def piece(delta, new, reason, final):
@@ -173,13 +262,16 @@ def create_app(api: Api) -> FastAPI:
                                    gen.usage() if final else None, chunk=True)
         if body.stream:
             return _stream(api, _events(gen, piece, body.include_usage, first=None))
-        text, reason = await _collect(gen)
+        whole = await _collect(gen, http)
+        if whole is None:
+            return Response(status_code=CLIENT_GONE)
+        text, reason = whole
         return completion_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
 
-    @app.post("/v1/chat/completions")
-    async def chat(body: ChatRequest):
-        ids = _chat_ids(api, body)
-        gen = _start(api, body, ids, default_max=api.cfg.max_seq_len - len(ids), prefix="chatcmpl")
+    @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+    async def chat(body: ChatRequest, http: HttpRequest):
+        ids = await _chat_ids(api, body)
+        gen = _start(api, body, ids, default_max=api.max_len - len(ids), prefix="chatcmpl")
 
         def piece(delta, new, reason, final):
             return chat_body(gen.request.id, api.name, delta, new, reason,
@@ -187,29 +279,41 @@ def create_app(api: Api) -> FastAPI:
         if body.stream:
             first = chat_body(gen.request.id, api.name, "", [], None, None, chunk=True, first=True)
             return _stream(api, _events(gen, piece, body.include_usage, first=first))
-        text, reason = await _collect(gen)
+        whole = await _collect(gen, http)
+        if whole is None:
+            return Response(status_code=CLIENT_GONE)
+        text, reason = whole
         return chat_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
 
     return app
 
 
-def _prompt_ids(api: Api, prompt) -> list[int]:
+async def _prompt_ids(api: Api, prompt) -> list[int]:
     if isinstance(prompt, list):
         return prompt
     if api.tokenizer is None:
         raise ApiError(400, f"model {api.name!r} has no tokenizer, so a text prompt cannot be "
                             f"encoded; send token ids (a list of integers) as the prompt", param="prompt")
-    return api.tokenizer(prompt).input_ids
+    try:
+        return (await api.encode(api.tokenizer, prompt)).input_ids
+    except (TypeError, ValueError):  # e.g. a lone surrogate, which is no UTF-8 text
+        raise ApiError(400, "the prompt cannot be encoded as UTF-8 text", param="prompt") from None
 
 
-def _chat_ids(api: Api, body: ChatRequest) -> list[int]:
+async def _chat_ids(api: Api, body: ChatRequest) -> list[int]:
     if api.tokenizer is None or not getattr(api.tokenizer, "chat_template", None):
         what = "no tokenizer" if api.tokenizer is None else "no chat template"
         raise ApiError(400, f"model {api.name!r} has {what}, so chat messages cannot be rendered; "
                             f"use /v1/completions", param="messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
-    return list(api.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                                  return_dict=True)["input_ids"])
+
+    def render_chat():
+        return api.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
+                                                 return_dict=True)["input_ids"]
+    try:
+        return list(await api.encode(render_chat))
+    except (TypeError, ValueError):
+        raise ApiError(400, "the messages cannot be encoded as UTF-8 text", param="messages") from None
 
 
 def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Generation:
@@ -217,26 +321,44 @@ def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Gen
     if body.model != api.name:
         raise ApiError(400, f"model {body.model!r} is not served here; use {api.name!r} "
                             f"(GET /v1/models)", param="model")
+    unsupported = body.unsupported()
+    if unsupported is not None:
+        raise ApiError(400, f"{unsupported} is not implemented by this server; leave it out",
+                       param=unsupported)
+    stops, limits = body.stop_strings, api.limits
+    if len(stops) > limits.stops or sum(map(len, stops)) > limits.stop_chars:
+        raise ApiError(400, f"{len(stops)} stop strings of {sum(map(len, stops))} characters: at most "
+                            f"{limits.stops} (--max-stops) of {limits.stop_chars} (--max-stop-chars) "
+                            f"in all", param="stop")
+    if len(body.stop_token_ids) > limits.stops:
+        raise ApiError(400, f"{len(body.stop_token_ids)} stop token ids: at most {limits.stops} "
+                            f"(--max-stops)", param="stop_token_ids")
     if body.stop_strings and api.tokenizer is None:
         raise ApiError(400, f"model {api.name!r} has no tokenizer, so stop strings cannot be "
                             f"matched; use stop_token_ids", param="stop")
+    outside = [t for t in body.stop_token_ids if not 0 <= t < api.vocab_size]
+    if outside:
+        raise ApiError(400, f"stop token id {outside[0]} is outside the vocabulary [0, {api.vocab_size})",
+                       param="stop_token_ids")
     seed = body.seed if body.seed is not None else random.getrandbits(31)
+    max_tokens = body.limit if body.limit is not None else max(1, default_max)
     try:
-        request = Request(new_id(prefix), tuple(ids), body.max_tokens or max(1, default_max),
-                          stop=tuple(body.stop_token_ids), temperature=body.temperature,
-                          top_p=body.top_p, seed=seed)
-        request.check_for(api.cfg.vocab_size, api.cfg.max_seq_len)
+        request = Request(new_id(prefix), tuple(ids), max_tokens, stop=tuple(body.stop_token_ids),
+                          temperature=body.temperature, top_p=body.top_p, seed=seed)
+        request.check_for(api.vocab_size, api.max_len)
         api.scheduler.check(request)
     except ValueError as exc:
         message = str(exc).split(": ", 1)[-1]  # the engine names the request by its id
         raise ApiError(400, message, param="max_tokens" if "max_tokens=" in message else "prompt") from None
+    if api.engine.failure is not None or (api.server is not None and api.server.should_exit):
+        raise ApiError(503, f"the server is not taking requests: {api.healthy()}", kind="server_error")
     if api.waiting >= api.max_waiting:
         raise ApiError(429, f"{api.waiting} requests are already waiting (--max-waiting "
                             f"{api.max_waiting}); retry later", kind="rate_limit_exceeded")
     return Generation(api, request, body.stop_strings)
 
 
-async def _collect(gen: Generation) -> tuple[str, str]:
+async def _whole(gen: Generation) -> tuple[str, str]:
     """A whole answer."""
     text, error = [], False
     try:
@@ -248,6 +370,27 @@ async def _collect(gen: Generation) -> tuple[str, str]:
         raise
     finally:
         gen.close(error)
+
+
+async def _client_left(http: HttpRequest) -> None:
+    """Returns once the client has closed its connection (the body was read already)."""
+    while (await http.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(gen: Generation, http: HttpRequest) -> tuple[str, str] | None:
+    """A whole answer; None if the client left first (the request is aborted)."""
+    work = asyncio.create_task(_whole(gen))
+    watch = asyncio.create_task(_client_left(http))
+    try:
+        await asyncio.wait([work, watch], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watch.cancel()
+        if not work.done():
+            work.cancel()
+    if work.cancelled():
+        return None
+    return work.result()
 
 
 def _stream(api: Api, events) -> EventSourceResponse:

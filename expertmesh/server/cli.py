@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import multiprocessing as mp
+import ipaddress
 import os
 import signal
 import socket
@@ -27,8 +28,9 @@ from expertmesh.launch import launch, local_device, under_torchrun
 from expertmesh.run_flags import add_exchange_args, add_memory_args, spec_from_flags
 
 # The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
-# each engine step instead (server/rank.py).
+# each engine step instead (server/engine_process.py).
 SERVE_LIFETIME_S = 10 * 365 * 86400.0
+API_KEY_ENV = "EXPERTMESH_API_KEY"
 
 
 def cmd_serve(args) -> int:
@@ -44,20 +46,28 @@ def cmd_serve(args) -> int:
                           max_seqs=args.max_seqs)
     pool_blocks(spec.cfg, deployment, engine)
     try:
-        from expertmesh.server.rank import ServeOptions, serve_rank
+        from expertmesh.server.app import Limits
+        from expertmesh.server.engine_process import ServeOptions, serve_rank
     except ImportError as exc:
         raise ValueError(f"expertmesh serve needs the serve extra ({exc.name} is missing): "
                          f"pip install -e '.[serve]'") from None
     tokenizer = args.model if args.model and has_tokenizer(args.model) else None
     options = ServeOptions(host=args.host, port=args.port, name=args.served_model_name or spec.cfg.name,
                            tokenizer=tokenizer, eos=eos_ids(args.model) if args.model else (),
-                           max_waiting=args.max_waiting, grace_s=args.grace, timeout_s=args.timeout)
+                           max_waiting=args.max_waiting, grace_s=args.grace, timeout_s=args.timeout,
+                           api_servers=args.api_server_count,
+                           limits=Limits(int(args.max_body_mb * 2**20), args.max_stops, args.max_stop_chars),
+                           api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     if not under_torchrun() or os.environ.get("RANK") == "0":
         _check_address(args.host, args.port)
+        if options.api_key is None and not _loopback(args.host):
+            print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
+                  f"machine can use the server; set --api-key (or {API_KEY_ENV})", file=sys.stderr, flush=True)
     fn = functools.partial(serve_rank, spec, engine, options)
     try:
         if deployment.world_size == 1 and not under_torchrun():
-            torch.set_num_threads(max(1, os.cpu_count() or 1))
+            if "OMP_NUM_THREADS" not in os.environ:  # else torch took it at start-up
+                torch.set_num_threads(max(1, os.cpu_count() or 1))
             fn(local_device(1, args.backend))
             return 0
         if under_torchrun():  # this process is a rank: rank 0 answers the signals itself
@@ -73,6 +83,14 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def _loopback(host: str) -> bool:
+    try:
+        return all(ipaddress.ip_address(info[4][0]).is_loopback
+                   for info in socket.getaddrinfo(host, None, type=socket.SOCK_STREAM))
+    except (OSError, ValueError):
+        return False
 
 
 def _forward_to_ranks(_signum, _frame) -> None:
@@ -155,6 +173,16 @@ def add_commands(sub) -> None:
                        help="seconds in-flight requests get to finish after SIGTERM / SIGINT")
     serve.add_argument("--timeout", type=float, default=600.0,
                        help="seconds one engine step (or the start-up) may take before the server gives up")
+    serve.add_argument("--api-server-count", type=int, default=1,
+                       help="API server processes (HTTP, tokenization, detokenization) sharing the port")
+    serve.add_argument("--api-key", default=None, help=f"require 'Authorization: Bearer KEY' on every "
+                       f"/v1 route (default: ${API_KEY_ENV}, else no key)")
+    serve.add_argument("--max-body-mb", type=float, default=8.0, help="largest request body (MiB); "
+                       "larger ones get 413")
+    serve.add_argument("--max-stops", type=int, default=64,
+                       help="most stop strings, and most stop token ids, in one request")
+    serve.add_argument("--max-stop-chars", type=int, default=4096,
+                       help="most characters of all the stop strings of one request")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     add_exchange_args(serve)
     serve.set_defaults(func=cmd_serve)

@@ -1,55 +1,62 @@
-"""The server's Prometheus metrics (`GET /metrics`), in a registry of its own.
+"""The server's Prometheus metrics (`GET /metrics`), shared by every API server process through
+prometheus_client's multiprocess mode: each process writes its values to files in
+`PROMETHEUS_MULTIPROC_DIR` (set by rank 0, private to the server), and `render` in any of them
+sums the counters and histograms of all; gauges show the latest value written.
 
 Request latencies are measured by the HTTP handlers as a client sees them, from the moment a
 request is accepted: TTFT to its first token, TPOT the mean gap between its later tokens (the
 definitions of `engine/metrics.py`, per request), end-to-end to its last. Queue and KV gauges
-follow every engine step; the expert-parallel counters arrive every `loop.STATS_EVERY` steps.
+follow every engine step and the expert-parallel counters arrive every
+`engine_process.STATS_EVERY` steps; front end 0 alone records those (`engine_metrics`), so that
+they count once.
 """
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.multiprocess import MultiProcessCollector
 
-from expertmesh.engine.counters import RankCounters
-from expertmesh.engine.load import load_summary
+from expertmesh.server.ipc import CounterTotals
 
 # Seconds; CPU ranks are slow, GPU ones fast: the buckets span both.
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
                    30.0, 60.0, 120.0)
+OUTCOMES = ("stop", "length", "abort", "error", "rejected", "unauthorized", "queue_full")
 
 
 class ServerMetrics:
-    def __init__(self, n_experts: int, row_bytes: int, tp: int):
-        self.n_experts, self.row_bytes, self.tp = n_experts, row_bytes, tp
-        r = self.registry = CollectorRegistry()
+    def __init__(self, engine_metrics: bool):
+        # Values live in the multiprocess files; no process registry is needed (`render`).
+        r = dict(registry=None)
         self.requests = Counter("expertmesh_requests", "Requests by outcome: stop, length, abort "
                                 "(client gone), error (engine failed or shut down), rejected (400), "
-                                "queue_full (429)", ["outcome"], registry=r)
-        self.ttft = Histogram("expertmesh_ttft_seconds", "Time to first token", registry=r,
-                              buckets=LATENCY_BUCKETS)
+                                "unauthorized (401), queue_full (429)", ["outcome"], **r)
+        self.ttft = Histogram("expertmesh_ttft_seconds", "Time to first token", buckets=LATENCY_BUCKETS, **r)
         self.tpot = Histogram("expertmesh_tpot_seconds", "Mean time per output token after the "
-                              "first, per request", registry=r, buckets=LATENCY_BUCKETS)
+                              "first, per request", buckets=LATENCY_BUCKETS, **r)
         self.e2e = Histogram("expertmesh_e2e_seconds", "Request latency, accepted to last token",
-                             registry=r, buckets=LATENCY_BUCKETS)
-        self.waiting = Gauge("expertmesh_requests_waiting", "Requests not yet admitted to a batch",
-                             registry=r)
-        self.running = Gauge("expertmesh_requests_running", "Requests in the running batch", registry=r)
-        self.kv_used = Gauge("expertmesh_kv_blocks_used", "KV cache blocks in use, per data-parallel "
-                             "rank (EP rank under epN)", ["dp_rank"], registry=r)
-        self.kv_free = Gauge("expertmesh_kv_blocks_free", "Free KV cache blocks, per data-parallel rank",
-                             ["dp_rank"], registry=r)
-        self.expert_tokens = Counter("expertmesh_expert_tokens", "Token assignments computed by each "
-                                     "expert (EP deployments)", ["layer", "expert"], registry=r)
-        self.imbalance = Gauge("expertmesh_load_imbalance", "Max / mean EP rank load of a MoE call, "
-                               "averaged over the calls of the last collection", registry=r)
-        self.exchanged = Counter("expertmesh_exchanged_bytes", "Bytes of token rows sent by the EP "
-                                 "exchange, every rank and layer", registry=r)
-        self.cross_node = Counter("expertmesh_cross_node_bytes", "Of those, bytes sent to another node",
-                                  registry=r)
-        self.overflow = Counter("expertmesh_capacity_assignments", "Assignments over expert capacity, "
-                                "by what happened to them", ["action"], registry=r)
-        for outcome in ("stop", "length", "abort", "error", "rejected", "queue_full"):
+                             buckets=LATENCY_BUCKETS, **r)
+        for outcome in OUTCOMES:
             self.requests.labels(outcome)
+        self.engine_metrics = engine_metrics
+        if not engine_metrics:
+            return
+        gauge = dict(multiprocess_mode="mostrecent", **r)
+        self.waiting = Gauge("expertmesh_requests_waiting", "Requests not yet admitted to a batch", **gauge)
+        self.running = Gauge("expertmesh_requests_running", "Requests in the running batch", **gauge)
+        self.kv_used = Gauge("expertmesh_kv_blocks_used", "KV cache blocks in use, per data-parallel "
+                             "rank (EP rank under epN)", ["dp_rank"], **gauge)
+        self.kv_free = Gauge("expertmesh_kv_blocks_free", "Free KV cache blocks, per data-parallel rank",
+                             ["dp_rank"], **gauge)
+        self.expert_tokens = Counter("expertmesh_expert_tokens", "Token assignments computed by each "
+                                     "expert (EP deployments)", ["layer", "expert"], **r)
+        self.imbalance = Gauge("expertmesh_load_imbalance", "Max / mean EP rank load of a MoE call, "
+                               "averaged over the calls of the last collection", **gauge)
+        self.exchanged = Counter("expertmesh_exchanged_bytes", "Bytes of token rows sent by the EP "
+                                 "exchange, every rank and layer", **r)
+        self.cross_node = Counter("expertmesh_cross_node_bytes", "Of those, bytes sent to another node", **r)
+        self.overflow = Counter("expertmesh_capacity_assignments", "Assignments over expert capacity, "
+                                "by what happened to them", ["action"], **r)
         for action in ("dropped", "rerouted"):
             self.overflow.labels(action)
 
@@ -62,36 +69,30 @@ class ServerMetrics:
         if len(times) > 1:
             self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
 
-    def step(self, stats: list[dict], counters: list[dict] | None) -> None:
+    def step(self, stats: list[dict], counters: CounterTotals | None) -> None:
+        """An engine step's pool stats (per data-parallel rank) and, every few steps, counters."""
+        if not self.engine_metrics:
+            return
         self.waiting.set(sum(s["waiting"] for s in stats))
         self.running.set(sum(s["running"] for s in stats))
         for dp, s in enumerate(stats):
             self.kv_used.labels(str(dp)).set(s["blocks_used"])
             self.kv_free.labels(str(dp)).set(s["blocks_free"])
-        if counters:
-            self._counters(counters)
-
-    def _counters(self, ranks: list[RankCounters]) -> None:
-        per_layer: dict[int, dict[int, list]] = {}
-        placements: dict[int, list] = {}
-        for i, r in enumerate(ranks):
-            for layer, stats in r.exchange.items():
-                per_layer.setdefault(layer, {})[len(per_layer.get(layer, {}))] = stats.loads
-                placements[layer] = r.placement[layer]
-                self.exchanged.inc(stats.rows_sent * self.row_bytes)
-                self.cross_node.inc(stats.cross_node_bytes)
-            if self.tp > 1 and i % self.tp:  # TP peers see the same tokens: count them once
-                continue
-            for counts in r.overflow.values():
-                self.overflow.labels("dropped").inc(counts.dropped)
-                self.overflow.labels("rerouted").inc(counts.rerouted)
-        if not per_layer:
+        if counters is None:
             return
-        summary = load_summary(per_layer, placements, self.n_experts)
-        self.imbalance.set(summary["imbalance_mean"])
-        for layer in per_layer:
-            for expert, n in enumerate(summary["tokens_per_expert"][layer]):
+        self.exchanged.inc(counters.exchanged_bytes)
+        self.cross_node.inc(counters.cross_node_bytes)
+        self.overflow.labels("dropped").inc(counters.dropped)
+        self.overflow.labels("rerouted").inc(counters.rerouted)
+        if counters.imbalance is not None:
+            self.imbalance.set(counters.imbalance)
+        for layer, per_expert in counters.expert_tokens.items():
+            for expert, n in enumerate(per_expert):
                 self.expert_tokens.labels(str(layer), str(expert)).inc(n)
 
-    def render(self) -> bytes:
-        return generate_latest(self.registry)
+
+def render() -> bytes:
+    """Every API server's metrics, in Prometheus' text format."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry)
+    return generate_latest(registry)

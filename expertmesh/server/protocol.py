@@ -1,9 +1,11 @@
 """The OpenAI wire format: request bodies (validated by pydantic), response bodies, error bodies.
 
-Only what the server implements is accepted with a meaning; unknown fields are ignored, as the
-OpenAI API does for fields a model does not use. Extensions (vLLM's names): `stop_token_ids`
-(generation also stops at these ids) and, in every choice, `token_ids` (the generated ids, so
-that models without a tokenizer are usable).
+Types are strict (`max_tokens: "4"`, `4.0` or `true` is a 400, and so is a prompt of booleans).
+OpenAI parameters the server does not implement (`UNSUPPORTED`) are a 400 unless they hold
+their neutral value; other unknown fields are ignored, as the OpenAI API does for fields a model
+does not use. Extensions (vLLM's names): `stop_token_ids` (generation also stops at these ids)
+and, in every choice, `token_ids` (the generated ids, so that models without a tokenizer are
+usable).
 """
 
 from __future__ import annotations
@@ -16,20 +18,31 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range
+INT64 = 2**63  # a seed is a signed 64-bit integer
+# Parameters not implemented, and the values that ask for nothing (those are accepted).
+UNSUPPORTED = {
+    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
+    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
+    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "tool_choice": (None, "none"), "functions": (None, []), "best_of": (None, 1), "suffix": (None, ""),
+    "min_tokens": (None, 0), "ignore_eos": (None, False),
+}
 
 
 class StreamOptions(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     include_usage: bool = False
 
 
 class _Generation(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0, le=MAX_TEMPERATURE)
     top_p: float = Field(1.0, gt=0, le=1)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-INT64, lt=INT64)
     stop: str | list[str] | None = None
     stop_token_ids: list[int] = []
     stream: bool = False
@@ -45,9 +58,21 @@ class _Generation(BaseModel):
 
     @property
     def stop_strings(self) -> list[str]:
+        """The stop strings, empty ones left out (they would match at once)."""
         if self.stop is None:
             return []
-        return [self.stop] if isinstance(self.stop, str) else [s for s in self.stop if s]
+        return [s for s in ([self.stop] if isinstance(self.stop, str) else self.stop) if s]
+
+    @property
+    def limit(self) -> int | None:
+        """The most tokens asked for, if any."""
+        return self.max_tokens
+
+    def unsupported(self) -> str | None:
+        """The first parameter given that the server does not implement, if any."""
+        extra = self.model_extra or {}
+        return next((name for name, neutral in UNSUPPORTED.items()
+                     if name in extra and not any(_same(extra[name], n) for n in neutral)), None)
 
     @property
     def include_usage(self) -> bool:
@@ -71,13 +96,22 @@ class CompletionRequest(_Generation):
         return prompt
 
 
+def _same(value, neutral) -> bool:
+    """JSON equality: `true` is not 1 and `false` not 0, `0.0` is 0."""
+    if type(value) is bool or type(neutral) is bool:
+        return value is neutral
+    return value == neutral
+
+
 class TextPart(BaseModel):
+    model_config = ConfigDict(strict=True)
+
     type: Literal["text"]
     text: str
 
 
 class Message(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     role: str
     content: str | list[TextPart] | None = None
@@ -89,20 +123,27 @@ class Message(BaseModel):
 
 
 class ChatRequest(_Generation):
+    """`max_completion_tokens`: the current OpenAI name of `max_tokens` (it wins when both are given)."""
+
     messages: list[Message] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+
+    @property
+    def limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
 class ApiError(Exception):
     """An answer other than 200: HTTP status, message, the offending field (`param`)."""
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 kind: str = "invalid_request_error"):
+                 kind: str = "invalid_request_error", code: str | None = None):
         super().__init__(message)
-        self.status, self.message, self.param, self.kind = status, message, param, kind
+        self.status, self.message, self.param, self.kind, self.code = status, message, param, kind, code
 
     def body(self) -> dict:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param,
-                          "code": None}}
+                          "code": self.code}}
 
     def response(self) -> JSONResponse:
         return JSONResponse(self.body(), status_code=self.status)

@@ -1,0 +1,345 @@
+"""The engine side of `expertmesh serve`: every rank loads its shard; rank 0 runs the engine loop
+and nothing else, the other ranks step with it.
+
+Rank 0 warms the engine up with one request, binds the HTTP port, starts `api_server_count` API
+server processes (`server/frontend.py`, which share that listening socket) and then loops:
+take what the front ends sent (`server/ipc.py`: new requests, aborts), step, send each front end
+its requests' tokens. It prints the ready line once every front end accepts connections. With
+nothing to do it waits for a message at most `IDLE_S` and steps anyway (an empty step), so the
+other ranks, blocked in the step's broadcast, always hear from rank 0 well within the
+collectives' timeout, and a dead rank is noticed within that time.
+
+Ending:
+- SIGTERM / SIGINT: rank 0 sends SIGTERM to the front ends, which stop accepting and give open
+  requests `grace_s`; the engine keeps stepping for them until every front end has exited, then
+  stops every rank, and the rank returns (exit 0).
+- A step fails (a dead rank): every front end gets the failure (its requests end with an error,
+  it exits 1), and rank 0 raises, so that the launcher stops the other ranks and exits non-zero.
+- A step outlasts `timeout_s`: a watchdog thread says so and ends rank 0 (exit 1).
+- A front end dies: rank 0 stops the others and every rank, and raises.
+- Rank 0 dies: its front ends see their parent gone, answer 503 and exit.
+
+Every `STATS_EVERY` steps, every rank sends rank 0 its expert-parallel counters since the last
+time (`gather_object` over the engine's control group), which rank 0 sums (`CounterTotals`) for
+front end 0's `/metrics`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.distributed as dist
+
+from expertmesh.engine import counters
+from expertmesh.engine.counters import RankCounters
+from expertmesh.engine.engine import Engine
+from expertmesh.engine.load import load_summary
+from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.shard import load_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.model.transformer import MoETransformer
+from expertmesh.server.app import Limits
+from expertmesh.server.frontend import FRONTEND_ENV, FrontendOptions
+from expertmesh.server.ipc import CounterTotals, EngineChannel, FromEngine, Token
+
+STATS_EVERY = 16  # steps between two collections of the ranks' counters
+IDLE_S = 0.5  # the longest rank 0 waits, idle, before an empty step
+WATCH_S = 1.0  # how often the watchdog looks at the step in progress
+FRONTEND_EXIT_S = 10.0  # what a front end gets to exit once the engine failed or stopped
+WARMUP_PROMPT, WARMUP_TOKENS = 8, 2
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    """host / port: where the API listens. name: the model's name in the API. tokenizer: the
+    checkpoint directory whose tokenizer encodes text (None: token ids only). eos: token ids that
+    end a generation. max_waiting: requests waiting for their first token before a 429 (split
+    evenly over the API servers). grace_s: what in-flight requests get after SIGTERM. timeout_s:
+    the longest an engine step (or the start-up) may take before the server gives up.
+    api_servers: front-end processes. api_key: required of every /v1 request when set.
+    limits: what one request may hold."""
+
+    host: str
+    port: int
+    name: str
+    tokenizer: str | None = None
+    eos: tuple[int, ...] = ()
+    max_waiting: int = 256
+    grace_s: float = 30.0
+    timeout_s: float = 600.0
+    api_servers: int = 1
+    api_key: str | None = None
+    limits: Limits = Limits()
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"--port {self.port} must be in 0 .. 65535")
+        if not (isinstance(self.max_waiting, int) and self.max_waiting >= 0):
+            raise ValueError(f"--max-waiting {self.max_waiting} must be an integer >= 0")
+        if not self.grace_s >= 0:
+            raise ValueError(f"--grace {self.grace_s} must be >= 0 seconds")
+        if not 0 < self.timeout_s < float("inf"):
+            raise ValueError(f"--timeout {self.timeout_s} must be a positive number of seconds")
+        if not (isinstance(self.api_servers, int) and 1 <= self.api_servers <= 64):
+            raise ValueError(f"--api-server-count {self.api_servers} must be an integer in 1 .. 64")
+        if self.api_key is not None and not self.api_key.strip():
+            raise ValueError("--api-key is empty; give a key or leave it (and EXPERTMESH_API_KEY) unset")
+
+
+def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
+               device: torch.device = torch.device("cpu")) -> None:
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank != 0:
+        # Rank 0 alone answers a signal, and then stops every rank through the engine.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    model, links, _ = load_rank(spec, device)
+    engine = Engine(model, spec.cfg, spec.deployment, engine_cfg, rank, links, options.eos,
+                    n_micro=spec.micro_batches, overlap=spec.overlap, graphs=spec.graphs)
+    if rank != 0:
+        follow(engine, model)
+        return
+    EngineServer(engine, model, spec, options).run()
+
+
+def follow(engine: Engine, model: MoETransformer) -> None:
+    """A rank other than 0: step with rank 0 until it says stop."""
+    steps = 0
+    while True:
+        engine.step()
+        if engine.stopped:
+            return
+        steps += 1
+        if steps % STATS_EVERY == 0:
+            share_counters(engine, model)
+
+
+def share_counters(engine: Engine, model: MoETransformer) -> list[RankCounters] | None:
+    """Collective: every rank's counters since the last call, which resets them; rank 0 gets the
+    list, the others None."""
+    mine = counters.take(model, engine.rank)
+    if not dist.is_initialized():
+        return [mine]
+    everyone = [None] * dist.get_world_size() if engine.rank == 0 else None
+    dist.gather_object(mine, everyone, dst=0, group=engine.group)
+    return everyone
+
+
+def counter_totals(ranks: list[RankCounters], n_experts: int, row_bytes: int, tp: int) -> CounterTotals:
+    """The ranks' counters summed: TP peers see the same tokens, so their overflow counts once."""
+    per_layer: dict[int, dict[int, list]] = {}
+    placements: dict[int, list] = {}
+    exchanged = cross = dropped = rerouted = 0
+    for i, r in enumerate(ranks):
+        for layer, stats in r.exchange.items():
+            per_layer.setdefault(layer, {})[len(per_layer.get(layer, {}))] = stats.loads
+            placements[layer] = r.placement[layer]
+            exchanged += stats.rows_sent * row_bytes
+            cross += stats.cross_node_bytes
+        if tp > 1 and i % tp:
+            continue
+        for c in r.overflow.values():
+            dropped, rerouted = dropped + c.dropped, rerouted + c.rerouted
+    imbalance, experts = None, {}
+    if per_layer:
+        summary = load_summary(per_layer, placements, n_experts)
+        imbalance, experts = summary["imbalance_mean"], summary["tokens_per_expert"]
+    return CounterTotals(exchanged, cross, dropped, rerouted, imbalance, experts)
+
+
+class FrontendDied(RuntimeError):
+    pass
+
+
+class EngineServer:
+    """Rank 0 (see the module's docstring)."""
+
+    def __init__(self, engine: Engine, model: MoETransformer, spec: RunSpec, options: ServeOptions):
+        self.engine, self.model, self.spec, self.options = engine, model, spec, options
+        self.step_started: float | None = None  # monotonic time of the step in progress
+        self.steps = 0  # warm-up included: the other ranks count those too (`follow`)
+        self.signalled = False
+        self.owners: dict[str, int] = {}  # request id -> the front end that sent it
+        self.frontends: list[subprocess.Popen] = []
+
+    def run(self) -> None:
+        previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        done = threading.Event()
+        threading.Thread(target=self._watch, args=(done,), name="watchdog", daemon=True).start()
+        private = tempfile.TemporaryDirectory(prefix="expertmesh-serve-")
+        channel = None
+        try:
+            self._warm_up()
+            if self.signalled:
+                self.engine.shutdown()
+                return
+            channel = EngineChannel(os.path.join(private.name, "engine.sock"))
+            url = self._start_frontends(private.name)
+            self._loop(channel, url)
+        finally:
+            done.set()
+            for p in self.frontends:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+            if channel is not None:
+                channel.close()
+            private.cleanup()
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def _on_signal(self, *_) -> None:
+        self.signalled = True
+
+    def _watch(self, done: threading.Event) -> None:
+        timeout = self.options.timeout_s
+        while not done.wait(WATCH_S):
+            started = self.step_started
+            if started is not None and time.monotonic() - started > timeout:
+                print(f"error: an engine step took over {timeout:.0f} s (--timeout); stopping",
+                      file=sys.stderr, flush=True)
+                os._exit(1)
+
+    def _step(self):
+        self.step_started = time.monotonic()
+        outputs = self.engine.step()
+        self.step_started = None
+        self.steps += 1
+        return outputs
+
+    def _warm_up(self) -> None:
+        """One short request through every rank, so that the first client does not pay for it."""
+        prompt = tuple(range(min(WARMUP_PROMPT, self.spec.cfg.max_seq_len - WARMUP_TOKENS)))
+        self.engine.add_request(Request("warmup", prompt, WARMUP_TOKENS))
+        while self.engine.has_work:
+            self._step()
+
+    def _start_frontends(self, private: str) -> str:
+        """Bind the port, start the front ends on it; the URL they serve."""
+        o = self.options
+        family = socket.getaddrinfo(o.host, o.port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as listener:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+            try:
+                listener.bind((o.host, o.port))
+            except OSError as exc:
+                raise RuntimeError(f"could not listen on {o.host}:{o.port} ({exc.strerror})") from None
+            listener.listen(2048)
+            port = listener.getsockname()[1]
+            metrics_dir = os.path.join(private, "metrics")
+            os.mkdir(metrics_dir)
+            waiting = -(-o.max_waiting // o.api_servers)
+            for i in range(o.api_servers):
+                fe = FrontendOptions(
+                    index=i, socket_path=os.path.join(private, "engine.sock"), fd=listener.fileno(),
+                    name=o.name, tokenizer=o.tokenizer, vocab_size=self.spec.cfg.vocab_size,
+                    max_len=self.spec.cfg.max_seq_len, engine=asdict(self.engine.scheduler.cfg),
+                    num_blocks=self.engine.num_blocks, max_waiting=waiting, grace_s=o.grace_s,
+                    timeout_s=o.timeout_s, limits=asdict(o.limits))
+                env = {**os.environ, FRONTEND_ENV: json.dumps(asdict(fe)),
+                       "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
+                if o.api_key is not None:
+                    env["EXPERTMESH_API_KEY"] = o.api_key
+                self.frontends.append(subprocess.Popen(
+                    [sys.executable, "-m", "expertmesh.server.frontend"], env=env,
+                    pass_fds=(listener.fileno(),), start_new_session=True))
+        host = f"[{o.host}]" if ":" in o.host else o.host
+        return f"http://{host}:{port}/v1"
+
+    def _loop(self, channel: EngineChannel, url: str) -> None:
+        n = len(self.frontends)
+        started: set[int] = set()
+        startup_deadline = time.monotonic() + self.options.timeout_s
+        stopping = False
+        while True:
+            rejected: list[dict[str, str]] = [{} for _ in range(n)]
+            for index, message in channel.receive(0.0 if self.engine.has_work else IDLE_S):
+                self._take(index, message, rejected[index])
+                if message.started and index not in started:
+                    started.add(index)
+                    if len(started) == n:
+                        print(f"expertmesh serve: ready at {url} (model {self.options.name!r}, "
+                              f"{n} API server{'s' if n > 1 else ''})", flush=True)
+            if len(started) < n and time.monotonic() > startup_deadline:
+                raise RuntimeError(f"the API servers did not start within {self.options.timeout_s:.0f} s "
+                                   f"(--timeout)")
+            exited = [i for i, p in enumerate(self.frontends) if p.poll() is not None]
+            if self.signalled and not stopping:
+                stopping = True
+                for p in self.frontends:
+                    if p.poll() is None:
+                        p.send_signal(signal.SIGTERM)
+            if exited and not stopping:
+                code = self.frontends[exited[0]].returncode
+                self._stop_all()
+                raise FrontendDied(f"API server {exited[0]} exited with code {code}; the engine stopped")
+            if stopping and len(exited) == n:
+                self._stop_all()
+                return
+            try:
+                outputs = self._step()
+            except BaseException as exc:
+                self.step_started = None
+                for i in range(n):
+                    channel.send(i, FromEngine(failure=f"the engine failed ({type(exc).__name__})"))
+                self._await_frontends()
+                raise
+            totals = None
+            if self.steps % STATS_EVERY == 0:
+                cfg = self.spec.cfg
+                ranks = share_counters(self.engine, self.model)
+                totals = counter_totals(ranks, cfg.n_experts, cfg.d_model * cfg.torch_dtype.itemsize,
+                                        self.spec.deployment.tp)
+            tokens: list[list[Token]] = [[] for _ in range(n)]
+            for out in outputs:
+                owner = self.owners.get(out.request_id)
+                if owner is not None:
+                    tokens[owner].append(Token(out.request_id, out.token, out.finished))
+                    if out.finished:
+                        del self.owners[out.request_id]
+            stats = self.engine.stats()
+            for i in range(n):
+                channel.send(i, FromEngine(tokens[i], rejected[i], stats, totals if i == 0 else None))
+
+    def _take(self, index: int, message, rejected: dict[str, str]) -> None:
+        for request_id in message.aborts:
+            if self.owners.pop(request_id, None) is not None:
+                self.engine.abort(request_id)
+        for r in message.new:
+            try:
+                self.engine.add_request(Request(r.id, tuple(r.prompt), r.max_tokens, tuple(r.stop),
+                                                r.temperature, r.top_p, r.seed))
+                self.owners[r.id] = index
+            except ValueError as exc:  # the front end checked what it could; the pool is ours
+                rejected[r.id] = str(exc)
+
+    def _stop_all(self) -> None:
+        """End what is left, stop every rank and every front end."""
+        for request_id in list(self.owners):
+            self.engine.abort(request_id)
+        self.owners.clear()
+        for p in self.frontends:
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        self.engine.shutdown()
+        self._await_frontends()
+
+    def _await_frontends(self) -> None:
+        deadline = time.monotonic() + FRONTEND_EXIT_S
+        for p in self.frontends:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
