@@ -71,7 +71,8 @@ class Runner:
             raise ValueError(f"unknown decode graph mode {asked!r}; use one of {', '.join(MODES)}")
         applies = (layer is not None and self.links.is_first and self.links.is_last
                    and not dispatchers(self.model)
-                   and all(lay.moe.capacity is None for lay in self.model.layers.values()))
+                   and all(lay.moe is None or lay.moe.capacity is None
+                           for lay in self.model.layers.values()))
         if asked == "off" or not applies:
             return "off"
         if asked == "auto":
