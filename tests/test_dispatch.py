@@ -175,11 +175,13 @@ def test_the_low_latency_exchange_equals_the_standard_one_bit_for_bit(pattern, p
     assert launch(functools.partial(_low_latency_against_standard, pattern, placement, grouped), EP)
 
 
-def _low_latency_counters(device) -> list[int]:
-    """Every rank's counters summed after one low-latency call (E experts on EP ranks as 2 nodes x
-    2, bound max(TOKENS_PER_RANK)): rows sent, cross-node rows and bytes, calls, rows computed."""
+def _low_latency_counters(idle: bool, device) -> list[int]:
+    """Every rank's counters summed after one low-latency call (E experts on EP ranks, rank 0 on
+    node 0 and ranks 1-3 on node 1; bound max(TOKENS_PER_RANK), or 0 with no token anywhere):
+    rows sent, cross-node rows and bytes, calls, and the ranks whose rows computed per local
+    expert differ from a count of every rank's routing."""
     rank = dist.get_rank()
-    T = TOKENS_PER_RANK[rank]
+    T = 0 if idle else TOKENS_PER_RANK[rank]
     gen = torch.Generator().manual_seed(rank)
     x, ids, weights = torch.randn(T, D, generator=gen), _routing("random", rank, T), torch.rand(T, K, generator=gen)
     placement = contiguous_placement(E, EP)
@@ -187,24 +189,36 @@ def _low_latency_counters(device) -> list[int]:
     for name, p in local.named_parameters():
         mark_shard(local, name, (E, *p.shape[1:]), (placement[rank], slice(None), slice(None)))
     materialize(local, seed=7, dtype=torch.float32)
-    d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, peer_nodes=[0, 0, 1, 1])
-    d(x, ids, weights, local, low_latency_tokens=max(TOKENS_PER_RANK))
+    d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, peer_nodes=[0, 1, 1, 1])
+    out = d(x, ids, weights, local, low_latency_tokens=0 if idle else max(TOKENS_PER_RANK))
+    assert out.shape == (T, D)
+    everyone = [None] * EP
+    dist.all_gather_object(everyone, ids.reshape(-1).tolist())
+    routed = [sum(e == expert for ids_of in everyone for e in ids_of) for expert in placement[rank]]
     s = d.stats.snapshot()
     total = torch.tensor([s.rows_sent, s.cross_node_rows, s.cross_node_bytes, s.low_latency_calls,
-                          sum(map(sum, s.loads))])
+                          int(s.loads[-1] != routed)])
     dist.all_reduce(total)
     return total.tolist()
 
 
 def test_low_latency_counters_match_a_hand_count_padding_included():
     """Bound 7 tokens, top-2, 2 experts per rank: a block to each peer holds 7 x 2 = 14 rows
-    whatever is routed. Each rank sends 4 blocks and gets 4 back (112 rows), 2 of them each way to
-    the 2 ranks of the other node (56 rows of 16 fp32); its experts compute the rows routed."""
-    rows_sent, cross_rows, cross_bytes, calls, computed = launch(_low_latency_counters, EP)
+    whatever is routed. Each rank sends 4 blocks and gets 4 back (112 rows); rank 0 exchanges
+    with 3 ranks of the other node, ranks 1-3 with 1 (2 x 14 x (3 + 1 + 1 + 1) = 168 cross-node
+    rows of 16 fp32); each local expert computes the rows routed to it."""
+    rows_sent, cross_rows, cross_bytes, calls, wrong_loads = launch(functools.partial(_low_latency_counters, False), EP)
     assert rows_sent == 4 * 112
-    assert cross_rows == 4 * 56 and cross_bytes == 4 * 56 * 16 * 4
-    assert calls == 4
-    assert computed == sum(TOKENS_PER_RANK) * K
+    assert cross_rows == 168 and cross_bytes == 168 * 16 * 4
+    assert calls == 4 and wrong_loads == 0
+
+
+def test_an_idle_low_latency_call_sends_one_padding_row_per_block():
+    """Bound 0 (no rank has a token, as in an idle data-parallel step): still one row per block,
+    never an empty message: 2 x 4 rows per rank."""
+    rows_sent, cross_rows, cross_bytes, calls, wrong_loads = launch(functools.partial(_low_latency_counters, True), EP)
+    assert rows_sent == 4 * 8 and cross_rows == 2 * 6 and cross_bytes == 2 * 6 * 16 * 4
+    assert calls == 4 and wrong_loads == 0
 
 
 def test_exchange_stats_keep_the_loads_of_the_last_calls_only(monkeypatch):
