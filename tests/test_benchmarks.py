@@ -37,8 +37,11 @@ def test_expertmesh_sections_write_results_and_plots(tmp_path):
         "variant", "ms per call", "vs sync", "overlap efficiency"]
     assert report.cell(overlap["rows"][1]["efficiency"], overlap["columns"][3]["fmt"]).endswith("%")
     sync_ms = overlap["rows"][0]["ms"]
-    for r in overlap["rows"][1:]:  # same work as the synchronous call: within 10x of it either way
-        assert 0.1 < r["ms"] / sync_ms < 10, r
+    for r in overlap["rows"][1:]:
+        if r["variant"] == "exchange only":  # a part of the synchronous call's work
+            assert 0 < r["ms"] < sync_ms, r
+        else:  # the same work as the synchronous call: within 10x of it either way
+            assert 0.1 < r["ms"] / sync_ms < 10, r
         assert "ratio" not in r or abs(r["ratio"] * r["ms"] - sync_ms) < 1e-9 * sync_ms, r
     cross = results["sections"]["cross-node"]  # bytes, not times: exact relations hold
     assert cross["status"] == "ok" and len(cross["rows"]) == 4 and cross["rows"][0]["vs_flat"] == 1.0
