@@ -28,6 +28,7 @@ from expertmesh.engine.worker import run_rank
 from expertmesh.launch import RankFailure, check_launch, launch, torchrun_device, under_torchrun
 from expertmesh.parallel.placement import save_routing
 from expertmesh.place_cli import add_commands as add_place_command
+from expertmesh.profile import add_commands as add_profile_command
 from expertmesh.run_flags import add_run_args, spec_from_flags
 from expertmesh.server.cli import add_commands as add_server_commands
 from expertmesh.sim.cli import add_commands as add_simulator_commands
@@ -274,6 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated deployments, baseline first (default tp8pp2,ep16)")
     compare.set_defaults(func=cmd_compare)
     add_place_command(sub)
+    add_profile_command(sub)
     add_server_commands(sub)
     add_simulator_commands(sub)
     return parser
