@@ -17,7 +17,11 @@ does) is also a host sync on CUDA (the copy waits for the stream), and is counte
 `blocking_uploads`, as is every host index tensor handed to a device tensor's indexing
 (`x[list]`, `x[host_tensor]`: CUDA copies the indices up first, blocking). A non-blocking one
 waits for nothing on CUDA when its source is pinned, which this machine cannot check: code
-under test pins where the device is CUDA.
+under test pins where the device is CUDA. `device_buffer.copy_(host_tensor, non_blocking=...)`,
+a copy up into a persistent buffer (what a CUDA graph's inputs need), is an upload too.
+
+With `record_shapes`, every op's output shapes are kept in `shapes` (op name, shapes), so that a
+test can check that a forward allocates by a bucket's size and not by its batch's.
 """
 
 from __future__ import annotations
@@ -99,8 +103,10 @@ class FakeDevice(TorchDispatchMode):
     - counts `uploads`: copies from the host to the device, and `blocking_uploads`, those of
       them that are not `non_blocking`."""
 
-    def __init__(self):
+    def __init__(self, record_shapes: bool = False):
         super().__init__()
+        self.record_shapes = record_shapes
+        self.shapes: list[tuple[str, tuple]] = []
         self.syncs = 0
         self.uploads = 0
         self.blocking_uploads = 0
@@ -134,10 +140,16 @@ class FakeDevice(TorchDispatchMode):
         tensors = [t for t in flat if isinstance(t, torch.Tensor)]
         on_device = [t for t in tensors if isinstance(t, OnDevice)]
         on_host = [t for t in tensors if not isinstance(t, OnDevice) and t.dim() > 0]
-        if on_device and on_host and func not in _HOST_INDICES_OK:
+        upload_into = func is aten.copy_.default and isinstance(args[0], OnDevice) and not isinstance(args[1], OnDevice)
+        if on_device and on_host and func not in _HOST_INDICES_OK and not upload_into:
             raise MixedDevices(f"{func} got tensors on {DEVICE} and on the host "
                                f"(host shapes {[tuple(t.shape) for t in on_host]})")
-        if on_device and on_host:  # CUDA copies host indices to the device first, blocking
+        if upload_into:
+            self.uploads += 1
+            non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
+            self.blocking_uploads += not non_blocking
+            self._note("upload" if non_blocking else "blocking upload", func)
+        elif on_device and on_host:  # CUDA copies host indices to the device first, blocking
             self.uploads += len(on_host)
             self.blocking_uploads += len(on_host)
             self._note("blocking upload (host indices)", func)
@@ -160,6 +172,9 @@ class FakeDevice(TorchDispatchMode):
                   torch.device("cpu") if isinstance(t, torch.device) and t.type == DEVICE.type else t)
         out = func(*tree_map(unwrap, args), **tree_map(unwrap, kwargs))
         keep = (on_device and not to_host) or to_device
+        if self.record_shapes and keep:
+            self.shapes.append((str(func), tuple(tuple(t.shape) for t in tree_flatten(out)[0]
+                                                 if isinstance(t, torch.Tensor))))
         if not keep:
             return out
         # Wrappers made in inference mode would be inference tensors, which cannot be views of the
