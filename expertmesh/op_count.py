@@ -1,7 +1,7 @@
 """Counting what a forward launches: aten ops per decoder layer, as a `TorchDispatchMode`.
 
 Counted: every aten op that reaches the dispatcher, except views (they launch nothing), bare
-allocations (`empty*`) and scalar reads (`item`, `_local_scalar_dense`; a read is counted apart,
+allocations (`empty*`), `detach_` (a metadata change) and scalar reads (`item`, `_local_scalar_dense`; a read is counted apart,
 `tests/fake_device.py`). On a GPU without graphs each counted op is about one kernel launch.
 Collectives (the `c10d` namespace) are counted apart, in `collectives`.
 
@@ -18,8 +18,9 @@ from contextlib import contextmanager
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+# allocations, scalar reads, and `detach_` (autograd metadata of a tensor: no kernel, no data)
 _NOT_COUNTED = {"empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided", "item",
-                "_local_scalar_dense"}
+                "_local_scalar_dense", "detach_"}
 
 
 def counted(func) -> bool:

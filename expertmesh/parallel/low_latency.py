@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from expertmesh.model.moe import GroupedExperts
+from expertmesh.model.moe import GroupedExperts, weighted_sum
 from expertmesh.model.steps import Steps
 from expertmesh.parallel.in_flight import InFlight
 from expertmesh.trace import span
@@ -90,7 +90,7 @@ class LowLatencyExchange:
         stats.cross_node_bytes += 2 * cap * self.remote_peers * row_bytes
         stats.loads.append(per_expert)  # read on the host after the run
         with span("combine"):
-            return (back[where].view(T, k, D) * weights.unsqueeze(-1)).sum(dim=1)
+            return weighted_sum(back[where].view(T, k, D), weights)
 
     def _exchange(self, out: torch.Tensor, message: torch.Tensor, name: str) -> Steps[torch.Tensor]:
         """The equal-split all_to_all_single of `message` into `out`: start it, yield while it is
