@@ -51,6 +51,7 @@ class LowLatencyExchange:
         # repeated past its slots (so they count no rows), then a row for "skipped"
         self._bounds = torch.tensor([[first[p] + min(e, n) for e in range(self.max_slots + 1)]
                                      for p, n in enumerate(slots_per_rank)] + [[n_slots] * (self.max_slots + 1)])
+        self._positions_made = torch.empty(0, 0, dtype=torch.long)
 
     def _on(self, device: torch.device) -> None:
         if self._dest.device != device:  # once: a copy per call would wait for the device
@@ -114,6 +115,12 @@ class LowLatencyExchange:
         header = before[:P, 1:] - before[:P, :-1]
         return torch.add(place - before[:, 0][dest], dest, alpha=cap), header
 
+    def _position_table(self, P: int, cap: int, device: torch.device) -> torch.Tensor:
+        """`[P, cap]` int64: each row's position in its peer's block, made once per (cap, device)."""
+        if self._positions_made.shape != (P, cap) or self._positions_made.device != device:
+            self._positions_made = torch.arange(cap, device=device).expand(P, cap).contiguous()
+        return self._positions_made
+
     def _compute(self, rows: torch.Tensor, counts: torch.Tensor, per_expert: torch.Tensor, cap: int,
                  experts: GroupedExperts) -> torch.Tensor:
         """rows `[P * cap, D]` (peer blocks, valid rows first, grouped by local expert), counts
@@ -122,7 +129,7 @@ class LowLatencyExchange:
         P, El = counts.shape
         with span("expert compute"):
             bounds = counts.cumsum(1)  # [P, El]: end of each local expert's rows in a block
-            position = torch.arange(cap, device=rows.device).expand(P, cap).contiguous()
+            position = self._position_table(P, cap, rows.device)
             expert_of_row = torch.searchsorted(bounds, position, right=True)  # El: padding
             regroup = torch.argsort(expert_of_row.reshape(-1), stable=True)
             computed = experts(rows[regroup], per_expert)
