@@ -1,6 +1,7 @@
 """A pretend accelerator for tests and `expertmesh profile` on a CPU-only machine: tensors that
-say they are on another device while their data stays on the CPU, so that code mixing host and device tensors fails here
-as it would on a GPU, and every device-to-host copy (a host sync on a GPU) is counted.
+say they are on another device while their data stays on the CPU, so that code mixing host and
+device tensors fails here as it would on a GPU, and every device-to-host copy (a host sync on a
+GPU) is counted.
 
 The pretend device is `meta`: PyTorch has a device guard for it on every build (a `cuda` device
 would need a CUDA build before any op reaches the mode), and code under test only ever names it

@@ -92,16 +92,20 @@ class AllToAllDispatcher:
     replica_routing: "local" (each source's static replica of an expert, `slot_table`) or
     "balanced" (chosen per call from every rank's counts, `replicas.py`; a layer without
     replicas keeps the static table).
+    may_drop: ids may be -1 (dropped by capacity); False spares the low-latency exchange zeroing
+    the rows dropped assignments read.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: list[list[int]], n_experts: int,
                  rank: int, chunks: int | None = None, overlap: bool = True,
                  peer_nodes: list[int] | None = None, hierarchical: bool = False,
-                 low_latency_threshold: int = LOW_LATENCY_TOKENS, replica_routing: str = "local"):
+                 low_latency_threshold: int = LOW_LATENCY_TOKENS, replica_routing: str = "local",
+                 may_drop: bool = True):
         self.group = group
         self.placement = placement
         self.options = dict(chunks=chunks, overlap=overlap, peer_nodes=peer_nodes, hierarchical=hierarchical,
-                            low_latency_threshold=low_latency_threshold, replica_routing=replica_routing)
+                            low_latency_threshold=low_latency_threshold, replica_routing=replica_routing,
+                            may_drop=may_drop)
         self.low_latency_threshold = 0 if hierarchical else low_latency_threshold
         self.n_ranks = len(placement)
         self.peer_nodes = peer_nodes or [0] * self.n_ranks
@@ -129,7 +133,7 @@ class AllToAllDispatcher:
         self.hierarchical = hierarchical and len(per_node) > 1
         self.stats = ExchangeStats()
         self.routing: Counter | None = None  # set to a Counter to record this rank's routing
-        self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes)
+        self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes, may_drop)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
                  low_latency_tokens: int | None = None) -> torch.Tensor:

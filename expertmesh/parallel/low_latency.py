@@ -38,8 +38,10 @@ class LowLatencyExchange:
     """The fixed-size exchange of one EP layer for one rank (`rank` of `slots_per_rank`)."""
 
     def __init__(self, group: dist.ProcessGroup | None, slots_per_rank: list[int], rank: int,
-                 peer_nodes: list[int]):
+                 peer_nodes: list[int], may_skip: bool = True):
+        """`may_skip`: some assignment may be sent nowhere (capacity drops); else none is."""
         self.group, self.rank, self.slots_per_rank = group, rank, slots_per_rank
+        self.may_skip = may_skip
         self.n_ranks, self.max_slots = len(slots_per_rank), max(slots_per_rank)
         self.remote_peers = sum(node != peer_nodes[rank] for node in peer_nodes)
         n_slots = sum(slots_per_rank)
@@ -82,7 +84,8 @@ class LowLatencyExchange:
         per_expert = counts[:, :El].sum(0)
         results = self._compute(recv_rows.reshape(-1, D), counts[:, :El], per_expert, cap, experts)
         back = results.new_empty(P * cap + T * k, D)
-        back[P * cap:].zero_()  # skipped assignments read zeros
+        if self.may_skip:
+            back[P * cap:].zero_()  # skipped assignments read zeros
         yield from self._exchange(back[:P * cap], results, "low-latency combine exchange")
         row_bytes = D * x.element_size()
         stats.low_latency_calls += 1
@@ -148,6 +151,9 @@ def _unpack(message: torch.Tensor, max_slots: int, cap: int, dtype: torch.dtype,
             d_model: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The inverse of `_pack`: counts `[P, El_max]` (int64), rows `[P, cap, D]`."""
     P, head = message.shape[0], max_slots * 8
-    counts = message[:, :head].contiguous().view(torch.int64).view(P, max_slots)
+    counts = message[:, :head]
+    if counts.stride(0) % 8:  # rows of a length that int64 cannot view in place
+        counts = counts.contiguous()
+    counts = counts.view(torch.int64).view(P, max_slots)
     rows = message[:, head:].contiguous().view(dtype).view(P, cap, d_model)
     return counts, rows
