@@ -42,7 +42,7 @@ from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import check_launch, launch
 from expertmesh.model import moe
-from expertmesh.op_count import OpCounter, per_layer
+from expertmesh.op_count import OpCounter, counted, per_layer
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.pretend_device import FakeDevice, move_to_device
 
@@ -66,10 +66,11 @@ class KVReads(OpCounter):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = super().__torch_dispatch__(func, types, args, kwargs)
-        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-        written = args[0] if func._schema.is_mutable and args else None
-        from_pool = [t for t in inputs if t is not written and _storage(t) in self.pools]
-        from_copy = [t for t in inputs if t is not written and _storage(t) in self.copies]
+        if not counted(func):  # a view reads nothing (and shares its base's storage)
+            return out
+        inputs = [t for t in _read_arguments(func, args, kwargs or {}) if isinstance(t, torch.Tensor)]
+        from_pool = [t for t in inputs if _storage(t) in self.pools]
+        from_copy = [t for t in inputs if _storage(t) in self.copies]
         outputs = [t for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)]
         if from_pool:
             self.kv_bytes += sum(t.nbytes for t in outputs)
@@ -77,6 +78,17 @@ class KVReads(OpCounter):
         if (from_pool or from_copy) and func.__name__.split(".")[0] in _COPIES:
             self.copies.update(_storage(t) for t in outputs)
         return out
+
+
+def _read_arguments(func, args, kwargs) -> list:
+    """The arguments `func` reads: all but those its schema writes (`self` of an in-place op,
+    `out=`)."""
+    read = []
+    for i, arg in enumerate(func._schema.arguments):
+        value = args[i] if i < len(args) else kwargs.get(arg.name)
+        if arg.alias_info is None or not arg.alias_info.is_write:
+            read.extend(tree_flatten(value)[0])
+    return read
 
 
 def _storage(t: torch.Tensor) -> int:

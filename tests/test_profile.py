@@ -9,7 +9,7 @@ import torch
 
 from expertmesh.cli import main
 from expertmesh.op_count import OpCounter
-from expertmesh.profile import KEYS
+from expertmesh.profile import KEYS, KVReads
 
 GOALS = {"single": 35, "ep2": 50}
 
@@ -50,6 +50,16 @@ def test_the_op_counter_counts_launches_not_views_allocations_or_reads():
         z.item()
         x.add_(1)  # in place: one op
     assert counter.ops == 4, counter.by_name
+
+
+def test_kv_reads_count_a_gather_and_the_reads_of_its_copy_but_no_view_or_write():
+    pool = torch.randn(10, 4)
+    with KVReads([pool]) as reads:
+        copy = pool.index_select(0, torch.tensor([1, 3, 5]))  # reads 3 rows of the pool: 48 bytes
+        copy.t().sum()  # a view reads nothing, the sum reads the copy: 48 bytes
+        pool[0] = 1.0  # a write into the pool reads nothing of it
+        (pool[:2] * 1).sum()  # a slice (a view), a multiply reading its 2 rows: 32 bytes, a sum of no KV
+    assert reads.kv_bytes == 48 + 48 + 32
 
 
 @pytest.mark.parametrize("flags, message", [
