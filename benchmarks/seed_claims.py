@@ -104,7 +104,11 @@ def main(argv: list[str] | None = None) -> int:
              f"share of one decode step's device time (\"idle\": the device waiting for the host, a "
              f"pipeline peer or a slower rank). A deployment that does not fit in memory gets no "
              f"figures.", "",
-             "## Predictions at the seed's configuration (the engine as it runs today)", "", HEADER]
+             "## Predictions at the seed's configuration (the engine as it runs today)", "",
+             "Decode attention reads the KV cache in place, as the engine's FlashInfer backend does on "
+             "CUDA (the `.[gpu]` extra); the notes below give TPOT with the torch backend too "
+             "(`--attention-backend torch`). Framework ops per layer are the engine's as counted by "
+             "`expertmesh profile`.", "", HEADER]
     results = {}
     for gpus in CLUSTERS:
         for name in CLAIMS:
@@ -149,7 +153,9 @@ def main(argv: list[str] | None = None) -> int:
                      f"is {b.tpot_s * 1e3:.2f} ms ({b.tpot_resource}), the bound at achieved efficiency "
                      f"{real.tpot_s * 1e3:.2f} ms ({real.tpot_resource}), the simulation "
                      f"{m.tpot_s * 1e3:.2f} ms (with CUDA graphs{' and the low-latency all-to-all' if Deployment.parse(name).ep > 1 else ''} "
-                     f"{fast[name].metrics.tpot_s * 1e3:.2f} ms): the claim is {verdict}.")
+                     f"{fast[name].metrics.tpot_s * 1e3:.2f} ms; with the torch attention backend, "
+                     f"which gathers a copy of the KV cache, {run(name, 16, attention_backend='torch').metrics.tpot_s * 1e3:.2f} "
+                     f"ms): the claim is {verdict}.")
         decode_limit = w.batch_size / real.tpot_s
         overall_limit = w.batch_size * w.total_len / real.total_s
         lines.append(f"- **{name}, claimed {tps:,} TPS**: at batch {w.batch_size} the decode TPS "

@@ -29,6 +29,7 @@ from expertmesh.engine.worker import run_rank
 from expertmesh.launch import RankFailure, check_launch, launch, local_device, under_torchrun
 from expertmesh.parallel.placement import save_routing
 from expertmesh.place_cli import add_commands as add_place_command
+from expertmesh.profile import add_commands as add_profile_command
 from expertmesh.run_flags import add_run_args, spec_from_flags
 from expertmesh.server.cli import add_commands as add_server_commands
 from expertmesh.sim.memory import kv_cache_bytes, rank_params
@@ -302,6 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="comma-separated deployments, baseline first (default tp8pp2,ep16)")
     compare.set_defaults(func=cmd_compare)
     add_place_command(sub)
+    add_profile_command(sub)
     add_server_commands(sub)
     add_simulator_commands(sub)
     return parser

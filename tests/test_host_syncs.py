@@ -10,14 +10,14 @@ indices handed to a device tensor's indexing).
 
 Per engine step and rank, reason by reason in `expected`:
 - one read per step on every rank: the finite check's flags, with, on the last pipeline stage,
-  every micro-batch's sampled tokens and the logits of its rows that draw at random (the
-  scheduler needs the tokens as Python ints, after the step);
+  every micro-batch's sampled token ids (sampled on the device; the scheduler needs them as
+  Python ints, after the step);
 - the standard EP exchange reads its split sizes once per MoE layer (`all_to_all_single` takes
   Python ints); the low-latency exchange reads none; without the grouped kernel (any GPU but
   Hopper in bf16) the per-expert loop reads each layer's expert counts;
 - the first stage's token ids and the paged batch's layout go up in one copy each per
-  micro-batch, and sampling's indices of the drawn rows in one where a micro-batch mixes greedy
-  and random requests; none waits (non-blocking, from pinned memory on CUDA, which this machine
+  micro-batch, and sampling's per-row values (temperature, top-p, top-k, the draw's uniform) in
+  one where a micro-batch has a random request; none waits (non-blocking, from pinned memory on CUDA, which this machine
   cannot check).
 Everything else stays on the host (the scheduler, the exchange choice's all-reduce over a gloo
 group, the control messages) or on the device (pipeline hidden states, TP all-reduces).
@@ -84,8 +84,8 @@ def expected(deployment: str, exchange: str, kernel: str, stage: int, cfg=CFG) -
     standard_ep = dep.ep > 1 and exchange == "standard"
     halves = 2 if overlap == "tbo" else 1  # two-batch overlap: two forwards through the layers
     syncs = {
-        "the step's finite flags, with every micro-batch's sampled tokens and drawn rows' logits "
-        "on the last stage, in one copy": 1,
+        "the step's finite flags, with every micro-batch's sampled token ids on the last stage, "
+        "in one copy": 1,
         "standard EP exchange: its split sizes, once per MoE layer and micro-batch (each half of "
         "one under two-batch overlap)": moe_layers * micro * halves if standard_ep else 0,
         "per-expert loop (no grouped kernel): each MoE layer's expert counts, once per "
@@ -97,8 +97,7 @@ def expected(deployment: str, exchange: str, kernel: str, stage: int, cfg=CFG) -
         **blocking,
         "token ids of the first stage, one non-blocking copy per micro-batch": micro if first else 0,
         "paged batch layout, one copy per micro-batch (per half under two-batch overlap)": micro * halves,
-        "indices of the drawn rows in sampling (every micro-batch here mixes greedy and random "
-        "requests)": micro if last else 0,
+        "sampling's per-row values (every micro-batch here has a random request)": micro if last else 0,
     }
     return Counts(sum(syncs.values()), sum(uploads.values()), sum(blocking.values()))
 
@@ -219,13 +218,13 @@ def _check_step(deployment: str, exchange: str, kernel: str, overflow: str | Non
 ], ids=["read", "blocking-upload", "non-blocking-upload"])
 def test_one_more_wait_in_a_decode_step_changes_its_count(monkeypatch, extra, more):
     """The count itself: one more read, or copy up, at sampling is one more in the step."""
-    start = runner.start_draws
+    start = runner.sample_requests
 
     def start_and_extra(logits, *args):
         extra(logits)
         return start(logits, *args)
 
-    monkeypatch.setattr(runner, "start_draws", start_and_extra)
+    monkeypatch.setattr(runner, "sample_requests", start_and_extra)
     monkeypatch.setattr(moe, "_grouped_mm_applies", lambda x, hidden: True)
     with FakeDevice() as mode:
         counts, _, _ = _serve(_spec("single", "-"), 0, None, mode)

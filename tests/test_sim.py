@@ -181,3 +181,14 @@ def test_cli_plan_with_an_slo(tmp_path, capsys):
     assert main(["plan", "--gpus", "4", "--batch", "16", "--prompt-len", "2000", "--gen-len", "3",
                  "--tpot-slo", "50ms", "--json", str(out)]) == 0
     assert all(r["memory"]["fits"] for r in json.loads(out.read_text()))
+
+
+def test_the_torch_attention_backend_pays_for_its_gathered_copy_of_the_kv_cache():
+    """Decode attention over a 10k context: gathering K and V into a copy (written, then read
+    again) moves 2x the cached bytes more than reading them in place, and takes longer."""
+    w = Workload(batch_size=128, prompt_len=10000, gen_len=4)
+    in_place = simulate(Scenario(PAPER, Deployment(ep=16), w, H100)).metrics
+    gather = simulate(Scenario(PAPER, Deployment(ep=16), w, H100, attention_backend="torch")).metrics
+    assert gather.tpot_s > in_place.tpot_s
+    with pytest.raises(ValueError, match="attention-backend 'nope'"):
+        Scenario(PAPER, Deployment(ep=16), w, H100, attention_backend="nope")

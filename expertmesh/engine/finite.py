@@ -1,7 +1,8 @@
 """NaN and inf, caught where they appear and reported with the step and the layer.
 
-Every layer output a rank computes, and the logits of the sampling rank, leave a 0-dim
-`isfinite(x).all()` flag; the flags are read once per step (one host sync, which sampling already
+Every layer output a rank computes, and the logits of the sampling rank, leave a 0-dim sum in
+fp64 (one op; finite exactly when every element is: a sum of fp32 values cannot overflow fp64),
+turned into flags once per step; the flags are read once per step (one host sync, which sampling already
 implies; the serving engine reads them in the same copy as the sampled tokens), raising
 `NonFiniteError` with the step and the first layer whose output was non-finite.
 """
@@ -18,8 +19,8 @@ class NonFiniteError(RuntimeError):
 
 
 class FiniteCheck:
-    """Flags `isfinite(x).all()` of every layer output (`model.after_layer`, until exit) and of
-    what `add` is given; `check(step)` reads the step's flags at once and raises on the first
+    """Flags whether every layer output (`model.after_layer`, until exit) and what `add` is given
+    are finite; `check(step)` reads the step's flags at once and raises on the first
     non-finite one."""
 
     LOGITS = -1
@@ -31,12 +32,12 @@ class FiniteCheck:
         model.after_layer.append(self.add)
 
     def add(self, layer: int, x: torch.Tensor) -> None:
-        self.flags.append(torch.isfinite(x).all())
+        self.flags.append(x.sum(dtype=torch.float64))
         self.layers.append(layer)
 
     def take(self, device: torch.device) -> torch.Tensor:
         """The flags added since the last call, `[n]` bool on `device`, for `verify` once read."""
-        flags = torch.stack(self.flags) if self.flags else torch.ones(0, dtype=torch.bool, device=device)
+        flags = torch.stack(self.flags).isfinite() if self.flags else torch.ones(0, dtype=torch.bool, device=device)
         self.flags = []
         return flags
 

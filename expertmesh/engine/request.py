@@ -16,7 +16,8 @@ import torch
 class Request:
     """`prompt`: token ids (1 .. max length); generation stops after `max_tokens` tokens, or at a
     token in `stop` or in the engine's EOS ids (that token is returned, then the request ends).
-    temperature 0 is greedy; otherwise temperature / top-p sampling seeded by `seed`."""
+    temperature 0 is greedy; otherwise temperature / top-k / top-p sampling seeded by `seed`
+    (any integer; `engine/sampling.py`); top_k 0 keeps every token."""
 
     id: int | str
     prompt: tuple[int, ...]
@@ -25,6 +26,7 @@ class Request:
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int = 0
+    top_k: int = 0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
@@ -34,8 +36,10 @@ class Request:
             raise ValueError(f"{name}: the prompt is empty; give at least one token id")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
             raise ValueError(f"{name}: max_tokens={self.max_tokens!r} must be a positive integer")
-        if not self.temperature >= 0:
-            raise ValueError(f"{name}: temperature={self.temperature} must be >= 0 (0 is greedy)")
+        if not 0 <= self.temperature < float("inf"):
+            raise ValueError(f"{name}: temperature={self.temperature} must be finite and >= 0 (0 is greedy)")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"{name}: top_k={self.top_k!r} must be an integer >= 0 (0 keeps every token)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"{name}: top_p={self.top_p} must be in (0, 1]")
 

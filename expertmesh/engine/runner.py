@@ -30,7 +30,7 @@ from expertmesh.engine.block_tables import BlockTables
 from expertmesh.engine.finite import FiniteCheck
 from expertmesh.engine.graphs import MODES, DecodeGraphs
 from expertmesh.engine.stages import SingleStage, StageLinks
-from expertmesh.engine.sampling import Draws, finish_draws, start_draws
+from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.paged import PagedBatch, upload
 from expertmesh.model.attn_backends import choose_backend
@@ -91,7 +91,7 @@ class Runner:
         runs in it, the same on all of them (then the forwards' plans need no all-reduce).
 
         The device is read once per step, on every rank: the finite check's flags, with every
-        micro-batch's sampled tokens (and the logits of rows that draw) on the last stage."""
+        micro-batch's sampled token ids on the last stage."""
         draws = []
         with torch.inference_mode():
             bounds = split_evenly(decode_tokens, self.n_micro) if decode_tokens is not None else None
@@ -105,19 +105,15 @@ class Runner:
         if not self.links.is_last:
             return None
         result = {}
-        for (reqs, d, kept), read in zip(draws, host):
-            with span("sample"):
-                tokens = finish_draws(d, read)
-            result.update({r.id: (t, row) for r, t, row in zip(reqs, tokens, kept)})
+        for (reqs, _, kept), read in zip(draws, host):
+            result.update({r.id: (t, row) for r, t, row in zip(reqs, read.tolist(), kept)})
         return result
 
-    def _read(self, draws: list[Draws]) -> list[torch.Tensor]:
+    def _read(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """One copy to the host: the step's finite flags (checked here, raising on a non-finite
-        value) and each of `draws`' device values -> those of `draws`, on the host."""
+        value) and each micro-batch's token ids `[S_m]` int64 -> the token ids, on the host."""
         flags = self.finite.take(self.device)
-        parts = [d.device for d in draws]
-        dtype = parts[0].dtype if parts else torch.float32
-        host = torch.cat(parts + [flags.to(dtype)]).cpu()
+        host = torch.cat(parts + [flags.long()]).cpu()
         *mine, flags = host.split([p.numel() for p in parts] + [flags.numel()])
         self.finite.verify(self.steps, flags)
         return mine
@@ -163,18 +159,20 @@ class Runner:
                           self.backend, tables)
 
     def _start_sampling(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
-                        logits: torch.Tensor) -> tuple[list, Draws, list]:
-        """A micro-batch's logits `[N_m, V]` -> (its sampled requests, their `Draws`, their logits on
-        the host when recorded, else None each)."""
+                        logits: torch.Tensor) -> tuple[list, torch.Tensor, list]:
+        """A micro-batch's logits `[N_m, V]` -> (its sampled requests, their token ids `[S_m]` on the
+        device, their logits on the host when recorded, else None each)."""
         rows = [i for i, s in enumerate(sampled) if s]
         if len(rows) < logits.shape[0]:  # a prefill chunk mid-prompt samples nothing
             logits = logits[upload([torch.tensor(rows, dtype=torch.long)], logits.device)[0]]
         self.finite.add(FiniteCheck.LOGITS, logits)
         reqs = [chosen[i][0].request for i in rows]
-        draws = start_draws(logits, [r.temperature for r in reqs], [r.top_p for r in reqs],
-                            [r.seed for r in reqs], [chosen[i][0].generated for i in rows])
+        with span("sample"):
+            tokens = sample_requests(logits, [r.temperature for r in reqs], [r.top_p for r in reqs],
+                                     [r.top_k for r in reqs], [r.seed for r in reqs],
+                                     [chosen[i][0].generated for i in rows])
         kept = logits.float().cpu() if self.record_logits else [None] * len(rows)
-        return reqs, draws, kept
+        return reqs, tokens, kept
 
     def close(self) -> None:
         self.links.finish()

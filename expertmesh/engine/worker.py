@@ -22,6 +22,7 @@ from expertmesh.engine import counters
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request
 from expertmesh.engine.result import RankReport, RunResult, assemble
+from expertmesh.engine.sampling import static_seed
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.serve import Transcript, serve
 from expertmesh.engine.shard import load_rank
@@ -52,7 +53,7 @@ def static_requests(workload: Workload, cfg: ModelConfig, gen_len: int | None = 
     """The static batch as requests: sequence i's prompt, `gen_len` tokens (no stop token), and
     a sampling seed of its own derived from the workload's."""
     return [Request(i, prompt, gen_len or workload.gen_len, temperature=workload.temperature,
-                    top_p=workload.top_p, seed=workload.seed * 1_000_003 + i)
+                    top_p=workload.top_p, seed=static_seed(workload.seed, i))
             for i, prompt in enumerate(workload.prompt_lists(cfg))]
 
 

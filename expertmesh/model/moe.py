@@ -26,8 +26,8 @@ from expertmesh.trace import span
 class Router(nn.Module):
     """Top-k gating: x `[T, D]` -> expert ids `[T, k]` (int64), weights `[T, k]` (x's dtype).
 
-    Softmax over all experts in fp32, keep the k largest; with `renormalize` divide by their sum
-    (identical to a softmax over the top-k logits). `skew` > 0 biases the logits of expert e by
+    Softmax over all experts in fp32, keep the k largest; with `renormalize` divide by their sum,
+    computed as a softmax over the top-k logits (the same values, two ops fewer). `skew` > 0 biases the logits of expert e by
     -skew * log(e + 1), multiplying its probability by (e + 1)^-skew (a Zipf-like popularity,
     for producing load imbalance on purpose with synthetic weights).
     """
@@ -37,23 +37,29 @@ class Router(nn.Module):
         self.top_k, self.renormalize, self.skew = top_k, renormalize, skew
         self.weight = meta_weight(n_experts, d_model)
 
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[T, D]` -> router probabilities `[T, E]` (fp32)."""
-        logits = F.linear(x, self.weight).float()
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[T, D]` -> router logits `[T, E]` (x's dtype; fp32 once skewed)."""
+        logits = F.linear(x, self.weight)
         if self.skew:
             ranks = torch.arange(1, logits.shape[-1] + 1, device=x.device, dtype=torch.float32)
-            logits = logits - self.skew * ranks.log()
-        return logits.softmax(dim=-1)
+            logits = logits.float() - self.skew * ranks.log()
+        return logits
 
-    def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """probs `[T, E]` -> ids `[T, k]`, weights `[T, k]` (fp32)."""
-        weights, ids = probs.topk(self.top_k, dim=-1)
+    def probs(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[T, D]` -> router probabilities `[T, E]` (fp32)."""
+        return self.logits(x).softmax(dim=-1, dtype=torch.float32)
+
+    def select(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """logits `[T, E]` -> ids `[T, k]`, weights `[T, k]` (fp32). Softmax is monotone, so the
+        top-k of the logits are those of the probabilities."""
         if self.renormalize:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
+            top, ids = logits.topk(self.top_k, dim=-1)
+            return ids, top.softmax(dim=-1, dtype=torch.float32)
+        weights, ids = logits.softmax(dim=-1, dtype=torch.float32).topk(self.top_k, dim=-1)
         return ids, weights
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, weights = self.select(self.probs(x))
+        ids, weights = self.select(self.logits(x))
         return ids, weights.to(x.dtype)
 
 
@@ -76,18 +82,21 @@ class GroupedExperts(nn.Module):
         if kind == "swiglu":
             self.w_gate = meta_weight(n_experts, hidden, d_model)
 
-    def forward(self, x: torch.Tensor, counts: torch.Tensor, splits: list[int] | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, counts: torch.Tensor | None, splits: list[int] | None = None,
+                ends: torch.Tensor | None = None) -> torch.Tensor:
         """`splits`: `counts` as Python ints, when the caller has them (spares the per-expert loop
-        a host sync)."""
+        a host sync). `ends`: the cumulative sums of `counts` `[E]` int32, when the caller has them
+        instead of `counts` (spares the grouped kernel a cumsum)."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.w_down.shape[1])
         if _grouped_mm_applies(x, self.w_up.shape[1]):
-            offs = counts.cumsum(0).to(torch.int32)
+            offs = ends if ends is not None else counts.cumsum(0, dtype=torch.int32)
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
         else:
-            splits = splits if splits is not None else counts.cpu().tolist()  # the loop needs ints: a host read
+            if splits is None:  # the loop needs ints: a host read
+                splits = counts.cpu().tolist() if counts is not None else _differences(ends.cpu().tolist())
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
                 parts = a[:sum(splits)].split(splits)
@@ -101,6 +110,10 @@ class GroupedExperts(nn.Module):
         if out.shape[0] < x.shape[0]:  # the loop computed no padding rows
             out = torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
         return out
+
+
+def _differences(ends: list[int]) -> list[int]:
+    return [b - a for a, b in zip([0, *ends], ends)]
 
 
 def _grouped_mm_applies(x: torch.Tensor, hidden: int) -> bool:
@@ -144,7 +157,13 @@ def combine(sorted_out: torch.Tensor, order: torch.Tensor, weights: torch.Tensor
     T, k = weights.shape
     unsorted = torch.empty_like(sorted_out)
     unsorted[order] = sorted_out
-    return (unsorted.view(T, k, sorted_out.shape[-1]) * weights.unsqueeze(-1)).sum(dim=1)
+    return weighted_sum(unsorted.view(T, k, sorted_out.shape[-1]), weights)
+
+
+def weighted_sum(rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """rows `[T, k, D]`, weights `[T, k]` (the rows' dtype) -> sum over k of weight x row `[T, D]`,
+    one batched matmul (every path that combines expert outputs uses it, so they agree bitwise)."""
+    return torch.bmm(weights.unsqueeze(1), rows).squeeze(1)
 
 
 class LocalDispatcher:
@@ -157,14 +176,19 @@ class LocalDispatcher:
 
     def __init__(self, may_drop: bool = False):
         self.may_drop = may_drop
+        self._ends = torch.arange(0)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
         E = experts.n_experts
         if not self.may_drop:
-            order, counts = sort_assignments(ids, E)
+            ordered, order = torch.sort(ids.reshape(-1), stable=True)
+            if self._ends.device != ids.device or self._ends.numel() != E:  # once
+                self._ends = torch.arange(1, E + 1, device=ids.device)
+            # where each expert's rows end: how many assignments chose an expert below e + 1
+            ends = torch.searchsorted(ordered, self._ends, out_int32=True)
             with span("expert compute"):
-                out = experts(x[order // ids.shape[1]], counts)
+                out = experts(x[order // ids.shape[1]], None, ends=ends)
             return combine(out, order, weights)
         order, counts = sort_assignments(torch.where(ids >= 0, ids, E), E + 1)  # -1 (dropped) last
         with span("expert compute"):
@@ -247,10 +271,11 @@ class MoEBlock(nn.Module):
     def _route(self, x: torch.Tensor, seq_lens: list[int] | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k routing, then capacity (if any) per sequence: local, since a sequence's tokens are
         all on this rank."""
-        probs = self.router.probs(x)
-        ids, weights = self.router.select(probs)
+        logits = self.router.logits(x)
+        ids, weights = self.router.select(logits)
         if self.capacity is None:
             return ids, weights
+        probs = logits.softmax(dim=-1, dtype=torch.float32)
         ids, weights, status = apply_capacity(probs, ids, weights, self.capacity, seq_lens)
         self.overflow.count(status)
         return ids, weights

@@ -92,16 +92,20 @@ class AllToAllDispatcher:
     replica_routing: "local" (each source's static replica of an expert, `slot_table`) or
     "balanced" (chosen per call from every rank's counts, `replicas.py`; a layer without
     replicas keeps the static table).
+    may_drop: ids may be -1 (dropped by capacity); False spares the low-latency exchange zeroing
+    the rows dropped assignments read.
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: list[list[int]], n_experts: int,
                  rank: int, chunks: int | None = None, overlap: bool = True,
                  peer_nodes: list[int] | None = None, hierarchical: bool = False,
-                 low_latency_threshold: int = LOW_LATENCY_TOKENS, replica_routing: str = "local"):
+                 low_latency_threshold: int = LOW_LATENCY_TOKENS, replica_routing: str = "local",
+                 may_drop: bool = True):
         self.group = group
         self.placement = placement
         self.options = dict(chunks=chunks, overlap=overlap, peer_nodes=peer_nodes, hierarchical=hierarchical,
-                            low_latency_threshold=low_latency_threshold, replica_routing=replica_routing)
+                            low_latency_threshold=low_latency_threshold, replica_routing=replica_routing,
+                            may_drop=may_drop)
         self.low_latency_threshold = 0 if hierarchical else low_latency_threshold
         self.n_ranks = len(placement)
         self.peer_nodes = peer_nodes or [0] * self.n_ranks
@@ -111,6 +115,11 @@ class AllToAllDispatcher:
         self.slot_rank = torch.repeat_interleave(torch.arange(self.n_ranks), torch.tensor(self.slots_per_rank))
         self.slot_node = torch.tensor([self.peer_nodes[r] for r in self.slot_rank.tolist()])
         self.slots = slot_table(placement, n_experts, rank, self.peer_nodes)
+        # The slot of each expert id, then of a dropped assignment (id -1 indexes the last entry),
+        # so that one lookup maps ids to slots: -1 for "skip" (the standard and hierarchical
+        # exchanges), or n_slots (the low-latency one, which sends skipped rows nowhere).
+        self.slot_or_skip = torch.cat([self.slots, torch.tensor([-1])])
+        self.slot_or_last = torch.where(self.slot_or_skip >= 0, self.slot_or_skip, self.n_slots)
         replicated = self.n_slots > n_experts
         self.balanced = (BalancedReplicas(group, placement, n_experts, rank, self.peer_nodes)
                          if replica_routing == "balanced" and replicated else None)
@@ -124,7 +133,7 @@ class AllToAllDispatcher:
         self.hierarchical = hierarchical and len(per_node) > 1
         self.stats = ExchangeStats()
         self.routing: Counter | None = None  # set to a Counter to record this rank's routing
-        self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes)
+        self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes, may_drop)
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
                  low_latency_tokens: int | None = None) -> torch.Tensor:
@@ -140,17 +149,19 @@ class AllToAllDispatcher:
             choices, tokens = torch.unique(ids.sort(dim=1).values, dim=0, return_counts=True)
             self.routing.update({tuple(e for e in c if e >= 0): n  # -1: dropped by capacity
                                  for c, n in zip(choices.tolist(), tokens.tolist())})
-        if self.slots.device != ids.device:  # once: a copy per call would wait for the device
-            self.slots = self.slots.to(ids.device)
+        if self.slot_or_skip.device != ids.device:  # once: a copy per call would wait for the device
+            self.slot_or_skip, self.slot_or_last = self.slot_or_skip.to(ids.device), self.slot_or_last.to(ids.device)
         if self.balanced is not None:
             with span("replica choice"):
                 slots = self.balanced(ids)
+        elif low_latency_tokens is not None and not self.hierarchical:
+            slots = self.slot_or_last[ids]
         else:
-            slots = torch.where(ids >= 0, self.slots[ids.clamp(min=0)], -1)
+            slots = self.slot_or_skip[ids]
         if self.hierarchical:
             return (yield from self._hierarchical(x, slots, weights, experts))
         if low_latency_tokens is not None:
-            skipped_last = torch.where(slots >= 0, slots, self.n_slots)
+            skipped_last = slots if self.balanced is None else torch.where(slots >= 0, slots, self.n_slots)
             return (yield from self.low_latency.steps(x, skipped_last, weights, experts, low_latency_tokens,
                                                       self.stats))
         return (yield from self._exchange_and_compute(x, slots, weights, experts))

@@ -40,7 +40,8 @@ def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_ra
         for pname, param in experts.named_parameters():
             mark_shard(experts, pname, (cfg.n_experts, *param.shape[1:]), (mine, slice(None), slice(None)))
         layer.moe.experts = experts
-        layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, ep_rank, **exchange)
+        layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, ep_rank,
+                                                  may_drop=cfg.capacity is not None, **exchange)
     return model
 
 

@@ -22,7 +22,7 @@ from expertmesh.sim.report import (SWEEP_GPUS, console as report_console, domina
 from expertmesh.sim.routing import Routing
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
-from expertmesh.sim.scenario import Scenario
+from expertmesh.sim.scenario import ATTENTION_BACKENDS, Scenario
 from expertmesh.sim.simulator import simulate
 
 _UNITS = {"ms": 1e-3, "us": 1e-6, "s": 1.0}
@@ -69,6 +69,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--nics-per-node", type=int, help="network ports per node, shared by the GPUs "
                                                      "that use them at once (default: one per GPU)")
     p.add_argument("--cuda-graphs", action="store_true", help="decode steps replay captured CUDA graphs")
+    p.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default="flashinfer",
+                   help="decode attention reads the KV cache in place (flashinfer, default) or gathers "
+                        "a copy first (torch, the engine without FlashInfer)")
     p.add_argument("--fp8", action="store_true", help="FP8 weights, KV cache, dispatch and GEMMs")
     p.add_argument("--rate", type=float, help="serve Poisson arrivals at this many requests/s (prompt and "
                                               "output lengths around --prompt-len, --gen-len)")
@@ -93,7 +96,7 @@ def _base(args, deployment: Deployment, gpus: int | None) -> Scenario:
                     routing=Routing.parse(args.routing),
                     prefill_micro=args.prefill_micro or args.micro,
                     decode_micro=args.decode_micro or args.micro, a2a_kernel=args.a2a_kernel,
-                    cuda_graphs=args.cuda_graphs, fp8=args.fp8,
+                    cuda_graphs=args.cuda_graphs, fp8=args.fp8, attention_backend=args.attention_backend,
                     low_latency_tokens=args.low_latency_tokens, overlap=args.overlap)
 
 

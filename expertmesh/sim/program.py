@@ -43,12 +43,15 @@ from expertmesh.sim import cost
 from expertmesh.sim.cost import Cost
 from expertmesh.sim.scenario import Scenario
 
-# Framework ops (kernel launches on a GPU) the engine issues besides its GEMMs and attention,
-# counted in its code: RMSNorm ~8 ops, rotary ~17 per call on q and k, cache writes and views,
-# the router's softmax / top-k / renormalise, sorting, gathers, the combine, the residuals.
-ATTENTION_OPS = 50
-MOE_OPS = 30
-EP_OPS = 15
+# Framework ops (kernel launches on a GPU) the engine issues per decode layer besides the ones
+# costed on their own (q, k, v, o projections, the attention core, the router GEMM, the expert
+# GEMMs and activation), as built: `expertmesh profile --preset small` counts 40 aten ops per
+# layer on `single` and 56 on ep2 with the low-latency exchange (this branch with RoPE tables
+# once per step, op_count.py); attention's side (norm, rotary, KV write and gather, residual) is
+# about 25 of them, the MoE side 11 + the combine, the EP exchange 16 more than the local path.
+ATTENTION_OPS = 20
+MOE_OPS = 11
+EP_OPS = 16
 HEAD_OPS = 12
 
 
@@ -132,6 +135,9 @@ def _attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
     attn_dt = "bf16" if dt == "fp8" else dt  # the attention kernel itself stays 16-bit
     cores = [cost.attention(hw, attn_dt, isz, b, L, start, h, g, d, sc.kv_itemsize)
              for b, L, start in segments if b] or [cost.launched(hw, 1)]
+    if sc.attention_backend == "torch":  # the gather's copy of K and V: written, then read
+        cached = sum(b * (start + L) for b, L, start in segments)
+        cores.append(cost.elementwise(hw, 2 * 2 * cached * g * d * sc.kv_itemsize, 2))
     parts = [cost.elementwise(hw, moved, ATTENTION_OPS),
              cost.gemm(hw, dt, isz, t, h * d, D), cost.gemm(hw, dt, isz, t, g * d, D),
              cost.gemm(hw, dt, isz, t, g * d, D), *cores, cost.gemm(hw, dt, isz, t, D, h * d)]

@@ -23,6 +23,12 @@ from expertmesh.topology import Topology
 A2A_KERNELS = ("nccl", "low-latency")
 
 
+# How decode attention reads the paged KV cache (the engine's attention backends):
+# `flashinfer` reads the cached K and V in place, once; `torch` (the engine without FlashInfer)
+# gathers each sequence's blocks into a copy and attends over the copy: read, written, read again.
+ATTENTION_BACKENDS = ("flashinfer", "torch")
+
+
 @dataclass(frozen=True)
 class Scenario:
     """`gpus` None: exactly the deployment's ranks. `gpus_per_node` None: the hardware's.
@@ -49,7 +55,8 @@ class Scenario:
     (it gathers each step's tokens on every rank); False: a pipeline stage starts a micro-batch
     of the next step as soon as its tokens are back (a what-if for pipelined engines). `cuda_graphs`: decode steps replay captured graphs, one launch per stretch between
     host syncs instead of one per op. `fp8`: FP8 weights, KV cache and EP dispatch, FP8 GEMMs
-    (as TensorRT-LLM's FP8 mode); activations and the combine stay 16-bit."""
+    (as TensorRT-LLM's FP8 mode); activations and the combine stay 16-bit. `attention_backend`:
+    how decode attention reads the KV cache (`ATTENTION_BACKENDS`)."""
 
     cfg: ModelConfig
     deployment: Deployment
@@ -69,6 +76,7 @@ class Scenario:
     overlap: str = "auto"
     attn_dp: int | None = None
     step_barrier: bool = True
+    attention_backend: str = "flashinfer"
 
     def __post_init__(self) -> None:
         self.deployment.validate(self.cfg)
@@ -101,6 +109,9 @@ class Scenario:
             raise ValueError(f"--low-latency-tokens {self.low_latency_tokens} must be >= 0 (0: never)")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"--overlap {self.overlap!r}; use one of: {', '.join(OVERLAPS)}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"--attention-backend {self.attention_backend!r}; use one of: "
+                             f"{', '.join(ATTENTION_BACKENDS)}")
         self._check_attn_dp()
 
     def _check_attn_dp(self) -> None:
