@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from expertmesh.config import Workload, preset
-from expertmesh.engine.sampling import finish_draws, start_draws
+from expertmesh.engine.sampling import sample_requests
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView
 from expertmesh.sim.calibrate import fit_gemm
 
@@ -219,9 +219,9 @@ def sampling(ctx: Ctx) -> dict:
     for rows in ctx.sizes.sample_rows:
         logits = torch.randn(rows, V, device=ctx.device, dtype=torch.float32)
 
-        def draw():
-            d = start_draws(logits, [1.0] * rows, [1.0] * rows, list(range(rows)), [0] * rows)
-            return finish_draws(d, d.device.cpu())
+        def draw():  # the engine's device sampling, then the one read of the ids
+            return sample_requests(logits, [1.0] * rows, [1.0] * rows, [0] * rows,
+                                   list(range(rows)), [0] * rows).tolist()
 
         draw()
         ctx.sync()
