@@ -97,7 +97,9 @@ def run_steps(ctx: Ctx, steps, log: Callable[[str], None]) -> dict:
             row = {"ok": False, "error": _line(exc)}
         row["s"] = time.perf_counter() - t0
         results[name] = row
-        log(f"[{time.perf_counter() - t_start:6.1f} s] {name}: {'ok' if row['ok'] else row['error']} "
+        verdict = "ok" if row["ok"] else row.get("error") or "failed: " + ", ".join(
+            k for k, v in row.items() if isinstance(v, dict) and not _all_ok(v))
+        log(f"[{time.perf_counter() - t_start:6.1f} s] {name}: {verdict} "
             f"({row['s']:.1f} s)")
         if ctx.cuda:
             torch.cuda.empty_cache()
