@@ -9,7 +9,7 @@ per token.
   weights = scores[ids] (unbiased), / their sum if `renormalize`, x `scaling`   [T, k]
 
 The bias steers which experts are chosen (DeepSeek's auxiliary-loss-free load balancing) but
-never the weight an expert's output gets. Same interface as `moe.Router` (`probs`, `select`,
+never the weight an expert's output gets. Same interface as `moe.Router` (`logits`, `select`,
 `forward`), so the MoE block, expert and tensor parallelism use it unchanged (it is replicated).
 """
 
@@ -31,8 +31,9 @@ class GroupLimitedRouter(nn.Module):
         self.weight = meta_weight(n_experts, d_model)
         self.bias = meta_weight(n_experts)
 
-    def probs(self, x: torch.Tensor) -> torch.Tensor:
-        """x `[T, D]` -> sigmoid scores `[T, E]` (fp32)."""
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x `[T, D]` -> sigmoid scores `[T, E]` (fp32): what `select` takes, under the name the
+        MoE block asks every router for (`moe.Router.logits`)."""
         return F.linear(x, self.weight).float().sigmoid()
 
     def select(self, probs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,5 +51,5 @@ class GroupLimitedRouter(nn.Module):
         return ids, weights * self.scaling
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        ids, weights = self.select(self.probs(x))
+        ids, weights = self.select(self.logits(x))
         return ids, weights.to(x.dtype)
