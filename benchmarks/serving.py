@@ -182,10 +182,10 @@ def step_time(size: Size, workdir: Path, rounds: int = 2) -> dict:
 
 def step_section(size: str) -> dict:
     if any(importlib.util.find_spec(m) is None for m in ("fastapi", "openai", "httpx", "transformers")):
-        return skipped(STEP_TITLE, "expertmesh serve needs the serve extra (pip install -e .[serve])")
+        return skipped(STEP_TITLE, "ourselves", "expertmesh serve needs the serve extra (pip install -e .[serve])")
     with tempfile.TemporaryDirectory() as tmp:
         got = step_time(SIZES[size], Path(tmp), rounds=1 if size == "smoke" else 2)
-    out = section(STEP_TITLE, rows=[{"batch": 48, **got}], setup={"size": size, "engine": ENGINE})
+    out = section(STEP_TITLE, "ourselves", rows=[{"batch": 48, **got}], setup={"size": size, "engine": ENGINE})
     out["columns"] = [col("batch", "sequences", "{}"), col("alone_ms", "engine alone, ITL p50 ms", "{:.1f}"),
                       col("behind_ms", "behind the server, ITL p50 ms", "{:.1f}"),
                       col("ratio", "behind / alone", "x{:.2f}"), col("failed", "failed", "{}")]
