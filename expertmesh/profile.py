@@ -19,8 +19,14 @@ steps and reports:
   the step's plan, sampling's host part; on CUDA also the wait for the device at the step's read);
 - `attention_backend`: the backend the runner planned the step with;
 - on CUDA, `kernels_per_step` and `device_ms_per_step` from `torch.profiler`, and
-  `cuda_graphs` (whether decode graphs were captured, `engine/graphs.py`: a decode step
-  whose batch fits a bucket replays one).
+  `decode_ms_per_step` (wall ms of the whole step).
+
+Every figure above is of an eager engine (decode graphs off): a step that replays a CUDA graph
+dispatches no aten op, so counting one finds no ops, no reads and no KV. On CUDA the step as the
+engine runs it by default is timed apart, on an engine of its own: `cuda_graphs` (whether decode
+graphs were captured, `engine/graphs.py`: a decode step whose batch fits a bucket replays one),
+`graphs_decode_ms` (wall ms per decode step), `graphs_device_ms_per_step` and
+`graphs_kernels_per_step`.
 """
 
 from __future__ import annotations
@@ -105,12 +111,15 @@ def _requests(batch: int, context: int, steps: int, vocab: int) -> list[Request]
             for i in range(batch)]
 
 
-def _engine(spec: RunSpec, model, batch: int, context: int, steps: int, rank: int, links) -> Engine:
+def _engine(spec: RunSpec, model, batch: int, context: int, steps: int, rank: int, links,
+            graphs: str = "off") -> Engine:
+    """`graphs`: the decode graph mode (`engine/graphs.py`); "off" for every engine whose ops are
+    counted, since a replayed graph dispatches none."""
     longest = context + 2 * steps + 4
     block = 16
     config = EngineConfig(block_size=block, num_blocks=batch * -(-longest // block) + 1,
                           max_batched_tokens=batch * longest, max_seqs=batch, chunked_prefill=False)
-    eng = Engine(model, spec.cfg, spec.deployment, config, rank, links, overlap="none")
+    eng = Engine(model, spec.cfg, spec.deployment, config, rank, links, overlap="none", graphs=graphs)
     if rank == 0:
         for r in _requests(batch, context, steps, spec.cfg.vocab_size):
             eng.add_request(r)
@@ -173,8 +182,12 @@ def profile_rank(spec: RunSpec, batch: int, context: int, steps: int, device: to
         "attention_backend": attention_backend(eng.runner),
     }
     if device.type == "cuda":
+        mine["decode_ms_per_step"] = 1e3 * sum(walls) / steps
         mine.update(_cuda_profile(eng))
     _stop(eng, rank)
+    if device.type == "cuda":
+        del eng, model, links, pools  # freed before the graphs engine loads its own copy
+        mine.update(_cuda_graphs_profile(spec, batch, context, steps, device, rank))
     mine["host_reads_per_step"] = _host_reads(spec, batch, context, steps, device, rank)
     if not dist.is_initialized():
         return [mine]
@@ -253,10 +266,28 @@ def _cuda_profile(eng: Engine) -> dict:
         eng.step()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    graphs = getattr(eng.runner, "graphs", None)
     return {"kernels_per_step": len(kernels),
-            "device_ms_per_step": sum(e.device_time_total for e in kernels) / 1e3,
-            "cuda_graphs": graphs is not None and bool(graphs.graphs)}
+            "device_ms_per_step": sum(e.device_time_total for e in kernels) / 1e3}
+
+
+def _cuda_graphs_profile(spec: RunSpec, batch: int, context: int, steps: int, device: torch.device,
+                         rank: int) -> dict:
+    """The decode step as the engine runs it by default (`spec.graphs`: captured graphs where
+    they apply): wall ms per step, and one step's kernels and device time."""
+    model, links, _ = load_rank(spec, device)
+    eng = _engine(spec, model, batch, context, steps, rank, links, graphs=spec.graphs)
+    graphs = eng.runner.graphs
+    walls = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        eng.step()  # ends reading the sampled tokens, so after the device's work
+        walls.append(time.perf_counter() - start)
+    timed = _cuda_profile(eng)
+    _stop(eng, rank)
+    return {"cuda_graphs": graphs is not None and bool(graphs.graphs),
+            "graphs_decode_ms": 1e3 * sum(walls) / steps,
+            "graphs_device_ms_per_step": timed["device_ms_per_step"],
+            "graphs_kernels_per_step": timed["kernels_per_step"]}
 
 
 def spec_for(args) -> RunSpec:
@@ -298,6 +329,11 @@ def cmd_profile(args) -> int:
         print(f"rank {r['rank']}: {r['ops_per_layer']:.1f} ops/layer, {r['host_reads_per_step']} host "
               f"reads/step, KV read {r['kv_bytes_read'] / 2**20:.1f} MiB of {r['kv_bytes_resident'] / 2**20:.1f} "
               f"MiB resident, host {r['host_ms_per_step']:.2f} ms/step, attention: {r['attention_backend']}")
+        if "graphs_decode_ms" in r:
+            print(f"rank {r['rank']}: decode step {r['decode_ms_per_step']:.2f} ms eager "
+                  f"({r['device_ms_per_step']:.2f} ms on the device), {r['graphs_decode_ms']:.2f} ms "
+                  f"{'replaying CUDA graphs' if r['cuda_graphs'] else 'without graphs (none captured)'} "
+                  f"({r['graphs_device_ms_per_step']:.2f} ms on the device)")
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"model": spec.cfg.name, "deployment": spec.deployment.name, "batch": args.batch,

@@ -1,8 +1,8 @@
 """The run flags: their definitions, and their translation into a validated `RunSpec`.
 
 `run` and `compare` take all of them; `serve` takes the model, deployment and exchange flags
-(`add_exchange_args`) and builds its spec through the same `spec_from_flags`, so every command
-checks them alike, before any rank starts.
+(`add_exchange_args`) and `--enforce-eager` (`add_eager_arg`), and builds its spec through the
+same `spec_from_flags`, so every command checks them alike, before any rank starts.
 """
 
 from __future__ import annotations
@@ -119,12 +119,17 @@ def add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_le
                    help="seconds before a stuck run is stopped (positive, finite)")
     p.add_argument("--json", default=None, help="write metrics and generated token ids to this file")
     add_exchange_args(p)
-    p.add_argument("--enforce-eager", action="store_true",
-                   help="no CUDA graphs for decode steps (captured on CUDA by default)")
+    add_eager_arg(p)
     p.add_argument("--trace", default=None, help="write a Perfetto trace JSON per run to this folder")
     p.add_argument("--redundant-experts", type=int, default=0,
                    help="extra replicas of hot experts, planned from --routing statistics")
     p.add_argument("--routing", default=None, help="routing statistics from `run --record-routing`")
+
+
+def add_eager_arg(p: argparse.ArgumentParser) -> None:
+    """`--enforce-eager` (`run`, `compare`, `serve`): `RunSpec.enforce_eager`."""
+    p.add_argument("--enforce-eager", action="store_true",
+                   help="no CUDA graphs for decode steps (captured on CUDA by default)")
 
 
 def add_memory_args(p: argparse.ArgumentParser) -> None:

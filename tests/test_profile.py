@@ -7,7 +7,9 @@ import json
 import pytest
 import torch
 
+from expertmesh import profile
 from expertmesh.cli import main
+from expertmesh.engine.engine import Engine
 from expertmesh.op_count import OpCounter
 from expertmesh.profile import KEYS, KVReads
 
@@ -39,6 +41,29 @@ def test_profile_reports_every_rank_its_reads_and_kv_bytes(report):
 def test_a_decode_layer_runs_within_the_op_goal(report):
     for rank in report["ranks"]:
         assert rank["ops_per_layer"] <= GOALS[report["deployment"]], rank["ops_by_name_per_step"]
+
+
+def test_profile_counts_an_eager_engine_whatever_graph_mode_the_engine_would_take(monkeypatch, tmp_path):
+    """On CUDA the engine's default decode replays captured graphs, which dispatch no aten op:
+    profile reported 0 ops per layer and 0 host reads on an H200. "padded", the graphs' buffers
+    run eagerly, stands in for them on the CPU: taking it wherever an engine would default must
+    leave every counted figure as it is."""
+    argv = ["profile", "--preset", "tiny", "--batch", "2", "--context", "16", "--steps", "1", "--json"]
+    assert main([*argv, str(tmp_path / "eager.json")]) == 0
+    modes = []
+
+    def engine(*args, graphs="auto", **kwargs):
+        modes.append(graphs)
+        return Engine(*args, graphs="padded" if graphs == "auto" else graphs, **kwargs)
+
+    monkeypatch.setattr(profile, "Engine", engine)
+    assert main([*argv, str(tmp_path / "as_on_cuda.json")]) == 0
+    (eager,), (as_on_cuda,) = (json.loads((tmp_path / f).read_text())["ranks"]
+                               for f in ("eager.json", "as_on_cuda.json"))
+    for key in ("ops_per_layer", "ops_by_name_per_step", "kv_bytes_read", "kv_bytes_resident",
+                "host_reads_per_step"):
+        assert as_on_cuda[key] == eager[key], key
+    assert modes and set(modes) == {"off"}, modes
 
 
 def test_the_op_counter_counts_launches_not_views_allocations_or_reads():

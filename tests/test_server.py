@@ -430,6 +430,15 @@ def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, messag
     assert message in cli_error(["serve", "--port", "0", *argv])
 
 
+@pytest.mark.parametrize("argv, graphs", [([], "auto"), (["--enforce-eager"], "off")])
+def test_serve_takes_enforce_eager_as_run_does(argv, graphs):
+    from expertmesh.cli import build_parser
+    from expertmesh.server.cli import serve_plan
+
+    spec, _ = serve_plan(build_parser().parse_args(["serve", "--port", "0", *argv]))
+    assert spec.graphs == graphs  # what serve_rank hands its Engine
+
+
 def test_a_server_off_loopback_without_an_api_key_is_warned_about():
     from expertmesh.server.cli import _loopback
 

@@ -24,8 +24,9 @@ from expertmesh.checkpoint.hf_config import eos_ids
 from expertmesh.deployment import Deployment
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch, local_device, under_torchrun
-from expertmesh.run_flags import add_exchange_args, add_memory_args, spec_from_flags
+from expertmesh.run_flags import add_eager_arg, add_exchange_args, add_memory_args, spec_from_flags
 
 # The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
 # each engine step instead (server/engine_process.py).
@@ -33,8 +34,9 @@ SERVE_LIFETIME_S = 10 * 365 * 86400.0
 API_KEY_ENV = "EXPERTMESH_API_KEY"
 
 
-def cmd_serve(args) -> int:
-
+def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
+    """The validated spec and engine budget of `serve`'s flags; raises ValueError (one line) on a
+    bad one."""
     deployment = Deployment.parse(args.deployment)
     run_args = argparse.Namespace(**vars(args), prompt=None, prompt_ids=None, batch=1, prompt_len=1,
                                   gen_len=1, temperature=0.0, top_p=1.0,
@@ -45,6 +47,12 @@ def cmd_serve(args) -> int:
                           max_batched_tokens=args.max_batched_tokens,
                           max_seqs=args.max_seqs)
     pool_blocks(spec.cfg, deployment, engine)
+    return spec, engine
+
+
+def cmd_serve(args) -> int:
+    spec, engine = serve_plan(args)
+    deployment = spec.deployment
     try:
         from expertmesh.server.app import Limits
         from expertmesh.server.engine_process import ServeOptions, serve_rank
@@ -185,6 +193,7 @@ def add_commands(sub) -> None:
                        help="most characters of all the stop strings of one request")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     add_exchange_args(serve)
+    add_eager_arg(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks against a running server")
