@@ -18,7 +18,7 @@ Prefill chunks: all of a step's in one padded SDPA call: queries `[P, h, Lmax, d
 padded by repeating their last token), keys gathered `[P, g, Cmax, d]`, a causal mask by position
 `[P, 1, Lmax, Cmax]`; the padded rows' outputs are dropped.
 
-Everything per step (gather indices, masks) is built once, at the first layer; per layer
+Everything per step (gather indices, masks) is built once, before the first layer; per layer
 `attend` runs the gathers and the SDPA calls only.
 """
 
@@ -92,9 +92,14 @@ class TorchBackend:
         return out
 
     def prepare(self, batch, up: dict[str, torch.Tensor]) -> dict:
-        """The step's state: its uploaded arrays; the gather slots and masks follow at the first
-        layer (`_device_plan`), device work kept off the host's step setup."""
+        """The step's state: its uploaded arrays; the gather slots and masks follow before the first
+        layer (`plan`), device work kept off the host's step setup."""
         return {"up": up, "pieces": None, "prefill": None, "masks": {}}
+
+    def plan(self, batch) -> None:
+        """The step's device plan, before its first layer (`model/paged.py`'s `plan_step`)."""
+        if batch.meta["pieces"] is None:
+            self._device_plan(batch)
 
     def _device_plan(self, batch) -> None:
         """Once per step, on the device: each decode piece's gather slots and mask, the prefill
