@@ -35,9 +35,6 @@ def test_profile_reports_every_rank_its_reads_and_kv_bytes(report):
         assert rank["kv_bytes_read"] >= rank["kv_bytes_resident"]  # a gather path reads a copy too
 
 
-@pytest.mark.xfail(strict=True, reason="issue 24's goal also needs attention's side (attn24: RoPE tables once "
-                                       "per step, a cheaper rotary); this branch alone: 62 ops per layer on "
-                                       "single, 76 on ep2; drop this mark when the merged counts meet it")
 def test_a_decode_layer_runs_within_the_op_goal(report):
     for rank in report["ranks"]:
         assert rank["ops_per_layer"] <= GOALS[report["deployment"]], rank["ops_by_name_per_step"]

@@ -36,6 +36,7 @@ import torch
 from expertmesh.engine.finite import FiniteCheck
 from expertmesh.model.attn_backends.torch_paged import TorchBackend
 from expertmesh.model.attention import rope_tables
+from expertmesh.model.paged import plan_step
 
 MODES = ("auto", "graphs", "padded", "off")
 
@@ -75,6 +76,9 @@ class DecodeBuffers:
         if key not in self._rope:
             self._rope[key] = rope_tables(self.positions, head_dim, theta)
         return self._rope[key]
+
+    def plan(self, head_dim: int | None, theta: float | None) -> None:
+        plan_step(self, head_dim, theta)
 
 
 class DecodeGraphs:

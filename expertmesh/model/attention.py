@@ -24,22 +24,24 @@ from expertmesh.model.layers import Linear, RMSNorm
 
 def rope_tables(positions: torch.Tensor, head_dim: int, theta: float,
                 inv_freq: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`positions: [L]` -> cos, sin `[L, d]` fp32 (half-split convention: each angle twice);
-    `inv_freq` `[d/2]` (on the positions' device) replaces theta's frequencies when given (RoPE
-    scaling)."""
+    """`positions: [L]` -> cos, sin `[L, d]` fp32 (half-split convention: each angle twice), the
+    sine negated on the first half (what `rotary` multiplies the halves it swaps by); `inv_freq`
+    `[d/2]` (on the positions' device) replaces theta's frequencies when given (RoPE scaling)."""
     d = head_dim
     if inv_freq is None:
         inv_freq = 1.0 / theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=positions.device) / d)
-    angles = torch.outer(positions.float(), inv_freq).repeat(1, 2)  # [L, d]
+    angles = torch.outer(positions.float(), inv_freq)  # [L, d/2]
+    # cos is even and sin odd: the sign of the rotated half rides in the table, once a step,
+    # rather than in a negation of every layer's queries and keys
+    angles = torch.cat([-angles, angles], -1)  # [L, d]
     return angles.cos(), angles.sin()
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate `x: [b, L, heads, d]` by the tables `cos, sin: [L, d]` of its positions."""
-    d = x.shape[-1]
+    """Rotate `x: [b, L, heads, d]` by the tables `cos, sin: [L, d]` of its positions (`rope_tables`)."""
     xf = x.float()
-    rotated = torch.cat([-xf[..., d // 2:], xf[..., : d // 2]], -1)
-    return (xf * cos[:, None] + rotated * sin[:, None]).to(x.dtype)
+    # the swap of halves is a roll; the table's sign makes it (-x2, x1)
+    return torch.addcmul(xf * cos[:, None], xf.roll(x.shape[-1] // 2, -1), sin[:, None]).to(x.dtype)
 
 
 class KVCache:
@@ -138,7 +140,8 @@ class Attention(nn.Module):
         if self.q_head_norm is not None:
             q, k = self.q_head_norm(q), self.k_head_norm(k)
         cos, sin = kv.rope(L, self.head_dim, self.theta, x.device)
-        q, k = rotary(q, cos, sin), rotary(k, cos, sin)
+        # queries and keys rotate in one pass: one copy joins them, saving the three ops of a second rotation
+        q, k = rotary(torch.cat([q, k], 2), cos, sin).split([self.n_heads, self.n_kv_heads], 2)
         v = self.wv(x).view(b, L, self.n_kv_heads, self.head_dim)
         out = kv.attend(q, k, v)
         return self.wo(out.reshape(b, L, self.n_heads * self.head_dim))

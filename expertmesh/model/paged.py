@@ -85,11 +85,25 @@ class PagedBatch:
         self.meta = self.backend.prepare(self, up)
 
     def rope(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[N, d]` of the step's positions, computed at the first layer, reused by the rest."""
+        """cos, sin `[N, d]` of the step's positions, computed once a step, reused by every layer."""
         key = (head_dim, theta)
         if key not in self._rope:
             self._rope[key] = rope_tables(self.positions, head_dim, theta)
         return self._rope[key]
+
+    def plan(self, head_dim: int | None, theta: float | None) -> None:
+        """The step's work that every layer shares (`plan_step`)."""
+        plan_step(self, head_dim, theta)
+
+
+def plan_step(batch, head_dim: int | None, theta: float | None) -> None:
+    """Before the first layer: the rotary tables of `batch` (when `head_dim`, `theta`: the layers'
+    `Attention`) and its backend's device plan, so that no layer pays for the step's."""
+    if head_dim is not None:
+        batch.rope(head_dim, theta)
+    plan = getattr(batch.backend, "plan", None)
+    if plan is not None:
+        plan(batch)
 
 
 def upload(host: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -141,6 +141,11 @@ class MoETransformer(nn.Module):
                     low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
         """`forward_paged` as a generator that yields while a token exchange is in flight."""
         h = (self.embed(x) if self.embed is not None else x).unsqueeze(0)  # [1, N, D]
+        attn = next((layer.attn for layer in self.layers.values()), None)
+        if isinstance(attn, Attention):
+            batch.plan(attn.head_dim, attn.theta)
+        else:
+            batch.plan(None, None)  # latent attention rotates by its own tables
         for name in self.layers:
             h = yield from self._layer_steps(name, h, PagedView(pools[name], batch), low_latency_tokens)
         h = h[0]

@@ -106,6 +106,9 @@ class FlashInferBackend:
 
     def attend(self, q: torch.Tensor, pool, batch) -> torch.Tensor:
         """q `[N, h, d]` over the pool (this step's k, v already stored) -> `[N, h, d]`."""
+        # q arrives as a strided view (rows of the joint q, k rotation, `model/attention.py`); the
+        # kernels' stride support is unverified here, so they get dense rows
+        q = q.contiguous()
         if batch.static:  # a padded decode forward: its size's wrapper, planned by `plan_graph`
             return self.graph_decode[q.shape[0]].run(q, (pool.k, pool.v))
         if q.shape[0] == 0:

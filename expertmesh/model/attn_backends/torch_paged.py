@@ -18,7 +18,7 @@ Prefill chunks: all of a step's in one padded SDPA call: queries `[P, h, Lmax, d
 padded by repeating their last token), keys gathered `[P, g, Cmax, d]`, a causal mask by position
 `[P, 1, Lmax, Cmax]`; the padded rows' outputs are dropped.
 
-Everything per step (gather indices, masks) is built once, at the first layer; per layer
+Everything per step (gather indices, masks) is built once, before the first layer; per layer
 `attend` runs the gathers and the SDPA calls only.
 """
 
@@ -92,9 +92,14 @@ class TorchBackend:
         return out
 
     def prepare(self, batch, up: dict[str, torch.Tensor]) -> dict:
-        """The step's state: its uploaded arrays; the gather slots and masks follow at the first
-        layer (`_device_plan`), device work kept off the host's step setup."""
+        """The step's state: its uploaded arrays; the gather slots and masks follow before the first
+        layer (`plan`), device work kept off the host's step setup."""
         return {"up": up, "pieces": None, "prefill": None, "masks": {}}
+
+    def plan(self, batch) -> None:
+        """The step's device plan, before its first layer (`model/paged.py`'s `plan_step`)."""
+        if batch.meta["pieces"] is None:
+            self._device_plan(batch)
 
     def _device_plan(self, batch) -> None:
         """Once per step, on the device: each decode piece's gather slots and mask, the prefill
@@ -159,8 +164,12 @@ class TorchBackend:
         nb, s, g, d = pool.k.shape
         h = q.shape[1]
         flat_k, flat_v = pool.k.view(nb * s, g, d), pool.v.view(nb * s, g, d)
-        out = torch.empty_like(q)
-        for i, piece in enumerate(meta["pieces"]):
+        pieces = meta["pieces"]
+        # a decode-only step in one piece takes every row of q in order: no gather of the queries
+        # nor scatter of the output, two ops a layer
+        whole = meta["prefill"] is None and len(pieces) == 1 and pieces[0].tokens.shape[0] == q.shape[0]
+        out = None if whole else torch.empty_like(q)
+        for i, piece in enumerate(pieces):
             Sp, C = piece.tokens.shape[0], piece.width
             keys, values = (self._gather(name, flat, piece.slots).view(Sp, C, g, d).transpose(1, 2)
                             for name, flat in (("k", flat_k), ("v", flat_v)))  # [Sp, g, C, d]
@@ -169,8 +178,10 @@ class TorchBackend:
                 mask = meta["masks"].get((i, q.dtype))
                 if mask is None:
                     mask = meta["masks"][(i, q.dtype)] = piece.mask.to(q.dtype)
-            query = q.index_select(0, piece.tokens).view(Sp, g, h // g, d)
+            query = q.view(Sp, g, h // g, d) if whole else q.index_select(0, piece.tokens).view(Sp, g, h // g, d)
             o = _sdpa(query, keys, values, attn_mask=mask)  # [Sp, g, r, d]
+            if whole:
+                return o.reshape(Sp, h, d)
             out.index_copy_(0, piece.tokens, o.reshape(Sp, h, d))
         pre = meta["prefill"]
         if pre is not None:
