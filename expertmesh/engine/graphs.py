@@ -35,8 +35,7 @@ import torch
 
 from expertmesh.engine.finite import FiniteCheck
 from expertmesh.model.attn_backends.torch_paged import TorchBackend
-from expertmesh.model.attention import rope_tables
-from expertmesh.model.paged import plan_step
+from expertmesh.model.paged import StepShared
 
 MODES = ("auto", "graphs", "padded", "off")
 
@@ -50,7 +49,7 @@ def buckets(max_seqs: int) -> list[int]:
     return out + [max_seqs]
 
 
-class DecodeBuffers:
+class DecodeBuffers(StepShared):
     """The plan (`model/paged.py`'s `PagedBatch` interface) of a padded decode forward of B rows, on
     views of the persistent buffers: the same tensors every step."""
 
@@ -70,15 +69,6 @@ class DecodeBuffers:
         """Before an eager forward: the per-step state is computed again from the buffers."""
         self.meta = {"pieces": None, "prefill": None, "masks": {}}
         self._rope: dict = {}
-
-    def rope(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (head_dim, theta)
-        if key not in self._rope:
-            self._rope[key] = rope_tables(self.positions, head_dim, theta)
-        return self._rope[key]
-
-    def plan(self, head_dim: int | None, theta: float | None) -> None:
-        plan_step(self, head_dim, theta)
 
 
 class DecodeGraphs:

@@ -44,7 +44,24 @@ def tables_from_lists(chunks: list[tuple[int, int, list[int]]], block_size: int)
     return tables
 
 
-class PagedBatch:
+class StepShared:
+    """What every layer of a step shares, computed once a step: the rotary tables of the step's
+    `positions` (kept in `_rope`) and the attention backend's plan. Mixed into the batches
+    (`PagedBatch`, and the decode graphs' persistent `DecodeBuffers`)."""
+
+    def rope(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin `[N, d]` of the step's positions, computed once a step, reused by every layer."""
+        key = (head_dim, theta)
+        if key not in self._rope:
+            self._rope[key] = rope_tables(self.positions, head_dim, theta)
+        return self._rope[key]
+
+    def plan(self, head_dim: int | None, theta: float | None) -> None:
+        """The step's work that every layer shares (`plan_step`)."""
+        plan_step(self, head_dim, theta)
+
+
+class PagedBatch(StepShared):
     """One forward's plan. `chunks[i] = (start, n, table)`: sequence i brings n new tokens at
     positions start .. start+n-1 and its blocks are `table` (enough for start + n positions).
     `tables`: the block tables as `[S, W]` (`tables_from_lists(chunks)` when None; the engine
@@ -83,17 +100,6 @@ class PagedBatch:
         self.tables, self.kv_lens_device = up["tables"], up["kv_lens"]
         self._rope: dict = {}
         self.meta = self.backend.prepare(self, up)
-
-    def rope(self, head_dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin `[N, d]` of the step's positions, computed once a step, reused by every layer."""
-        key = (head_dim, theta)
-        if key not in self._rope:
-            self._rope[key] = rope_tables(self.positions, head_dim, theta)
-        return self._rope[key]
-
-    def plan(self, head_dim: int | None, theta: float | None) -> None:
-        """The step's work that every layer shares (`plan_step`)."""
-        plan_step(self, head_dim, theta)
 
 
 def plan_step(batch, head_dim: int | None, theta: float | None) -> None:
