@@ -179,7 +179,7 @@ def profile_rank(spec: RunSpec, batch: int, context: int, steps: int, device: to
         "kv_bytes_read": counter.kv_bytes // steps,
         "kv_bytes_resident": _resident(eng),
         "host_ms_per_step": 1e3 * (sum(walls) - sum(forward)) / steps,
-        "attention_backend": attention_backend(eng.runner),
+        "attention_backend": eng.runner.backend.name,
     }
     if device.type == "cuda":
         mine["decode_ms_per_step"] = 1e3 * sum(walls) / steps
@@ -194,13 +194,6 @@ def profile_rank(spec: RunSpec, batch: int, context: int, steps: int, device: to
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
     return everyone
-
-
-def attention_backend(runner) -> str:
-    """The name the runner's attention backend gives itself; the torch gather path of
-    `model/paged.py` where the runner has no backend object."""
-    backend = getattr(runner, "backend", None)
-    return getattr(backend, "name", "torch (gathers each sequence's blocks, then SDPA)")
 
 
 def _resident(eng: Engine) -> int:
