@@ -12,9 +12,10 @@ So a stray variable in a production environment (or one an attacker can set) doe
 The reliability tests use it to check that the run ends within its timeout, names the rank and
 leaves no process behind. KIND is `raise` (a RuntimeError), `kill` (SIGKILL to itself), `stall`
 (sleep for an hour) or `nan` (the output of LAYER, default the first layer the rank holds, becomes
-NaN for that step, which the decode loop's finite check must report). The loop calls `at_step` once per step of
-every `generate` call, the 2-step warm-up included, so a fault at step >= 2 hits the measured run
-(and the warm-up passes through it first, at steps 0 and 1). Disabled, `at_step` does nothing.
+NaN for that step, which the decode loop's finite check must report). The static loop (`engine/generate.py`) calls `at_step`
+once per step of every `generate` call, the 2-step warm-up included, so a fault at step >= 2 hits the measured run
+(and the warm-up passes through it first, at steps 0 and 1); the serving engine
+(`engine/engine.py`) calls it once per engine step, counted by its runner. Disabled, `at_step` does nothing.
 A stall prints one line to stderr when it starts, so that a test knows the run reached it.
 """
 

@@ -1,8 +1,8 @@
 """A generation request, and the tokens the engine hands back for it.
 
-A `Request` checks its own values on construction; `check_for` checks it against the model and
-the engine (vocabulary, maximum length, KV pool). Either raises a one-line `ValueError` naming
-the field and the fix, and the engine rejects that request alone.
+A `Request` checks its own values on construction; `check_for` checks it against the model
+(vocabulary, maximum length); whether it fits the KV pool is the scheduler's `check`. Each raises
+a one-line `ValueError` naming the field and the fix, and the engine rejects that request alone.
 """
 
 from __future__ import annotations

@@ -1,8 +1,10 @@
 """A rank's pipeline neighbours, as the engine's forward sees them.
 
 Under pipeline parallelism a stage receives hidden states from the previous stage and sends its
-own to the next one, and the last stage sends sampled tokens back to the first;
-`parallel/pipeline.py`'s `PipelineLinks` implements `StageLinks` over point-to-point messages.
+own to the next one; `parallel/pipeline.py`'s `PipelineLinks` implements `StageLinks` over
+point-to-point messages. (The serving engine shares the last stage's sampled tokens with every rank
+through the step's all-gather, `engine/engine.py`; only the static `generate` loop sends them back
+to the first stage over these links.)
 Without pipeline parallelism a rank is a `SingleStage`: first and last, with no neighbours.
 """
 
