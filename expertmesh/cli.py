@@ -30,7 +30,7 @@ from expertmesh.launch import RankFailure, check_launch, launch, local_device, u
 from expertmesh.parallel.placement import save_routing
 from expertmesh.place_cli import add_commands as add_place_command
 from expertmesh.profile import add_commands as add_profile_command
-from expertmesh.run_flags import add_run_args, spec_from_flags
+from expertmesh.run_flags import add_run_args, check_output, spec_from_flags
 from expertmesh.server.cli import add_commands as add_server_commands
 from expertmesh.sim.memory import kv_cache_bytes, rank_params
 from expertmesh.sim.cli import add_commands as add_simulator_commands
@@ -60,26 +60,10 @@ class LazyProgress:
                 self.progress.stop()
 
 
-def _check_output(flag: str, path: str | None, directory: bool = False) -> None:
-    """An output path that cannot be written is an error before the run, not after it."""
-    if not path:
-        return
-    target = Path(path)
-    if target.exists() and target.is_dir() != directory:
-        raise ValueError(f"{flag} {path} is {'not ' if directory else ''}a directory; give a "
-                         f"{'directory' if directory else 'file'} path")
-    folder = target if directory else target.parent
-    existing = next(p for p in (folder, *folder.parents) if p.exists())  # what will be created in
-    if not existing.is_dir():
-        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory; fix the path")
-    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
-        raise ValueError(f"{flag} {path}: no permission to write there; choose another path")
-
-
 def _check_outputs(args) -> None:
-    _check_output("--json", args.json)
-    _check_output("--trace", args.trace, directory=True)
-    _check_output("--record-routing", getattr(args, "record_routing", None))
+    check_output("--json", args.json)
+    check_output("--trace", args.trace, directory=True)
+    check_output("--record-routing", getattr(args, "record_routing", None))
 
 
 def execute(spec: RunSpec, args, label: str, alone: bool = False) -> RunResult | None:

@@ -52,6 +52,7 @@ from expertmesh.model import moe
 from expertmesh.op_count import OpCounter, counted, per_layer
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.pretend_device import FakeDevice, move_to_device
+from expertmesh.run_flags import check_output
 
 KEYS = ("ops_per_layer", "host_reads_per_step", "kv_bytes_read", "kv_bytes_resident", "host_ms_per_step",
         "attention_backend")
@@ -306,9 +307,7 @@ def spec_for(args) -> RunSpec:
 
 
 def cmd_profile(args) -> int:
-    from expertmesh.cli import _check_output
-
-    _check_output("--json", args.json)
+    check_output("--json", args.json)
     spec = spec_for(args)
     check_launch(spec.deployment.world_size, args.backend, args.timeout)
     run = functools.partial(profile_rank, spec, args.batch, args.context, args.steps)

@@ -8,6 +8,8 @@ same `spec_from_flags`, so every command checks them alike, before any rank star
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 from expertmesh.checkpoint import config_from_hf, encode
 from expertmesh.config import DTYPES, Workload, preset
@@ -169,3 +171,19 @@ def add_exchange_args(p: argparse.ArgumentParser) -> None:
                    help="cap tokens per expert per call at C x fair share (default: no cap, dropless)")
     p.add_argument("--overflow", default="drop", choices=("drop", "reroute"),
                    help="with --capacity-factor: drop the assignment or reroute it to the next-best expert")
+
+
+def check_output(flag: str, path: str | None, directory: bool = False) -> None:
+    """An output path that cannot be written is an error before the run, not after it."""
+    if not path:
+        return
+    target = Path(path)
+    if target.exists() and target.is_dir() != directory:
+        raise ValueError(f"{flag} {path} is {'not ' if directory else ''}a directory; give a "
+                         f"{'directory' if directory else 'file'} path")
+    folder = target if directory else target.parent
+    existing = next(p for p in (folder, *folder.parents) if p.exists())  # what will be created in
+    if not existing.is_dir():
+        raise ValueError(f"{flag} {path}: {existing} is a file, not a directory; fix the path")
+    if not os.access(existing, os.W_OK | os.X_OK) or (target.exists() and not os.access(target, os.W_OK)):
+        raise ValueError(f"{flag} {path}: no permission to write there; choose another path")
