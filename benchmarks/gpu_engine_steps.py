@@ -8,6 +8,7 @@ import contextlib
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Callable
 from contextlib import nullcontext
 
@@ -72,9 +73,19 @@ def sync_checked(ctx: Ctx, fn: Callable[[], object]) -> tuple[object, str]:
         with no_host_sync_in_decode_forwards(ctx):
             return fn(), "ok"
     except RuntimeError as exc:
-        verdict = f"FAILED: {_line(exc)}"
+        verdict = f"FAILED: {_line(exc)} at {code_line(exc)}"
     torch.cuda.synchronize(ctx.device)
     return fn(), verdict
+
+
+def code_line(exc: BaseException) -> str:
+    """Where in expertmesh an exception was raised: its innermost frame in the package, as
+    `package/module.py:line`, so that a failed sync check names the op that synchronized."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/expertmesh/" in f.filename]
+    if not frames:
+        return "outside expertmesh"
+    frame = frames[-1]
+    return f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} ({frame.line})"
 
 
 def _experts(ctx: Ctx):
