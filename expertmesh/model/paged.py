@@ -84,15 +84,7 @@ class PagedBatch(StepShared):
         self.kv_lens = [start + n for start, n in zip(self.starts, self.seq_lens)]
         self.n_tokens = sum(self.seq_lens)
         self.tables_host = tables_from_lists(chunks, block_size) if tables is None else tables
-        S, s = len(chunks), block_size
-        starts = torch.tensor(self.starts, dtype=torch.long)
-        lens = torch.tensor(self.seq_lens, dtype=torch.long)
-        ends = lens.cumsum(0)
-        seq_of = torch.repeat_interleave(torch.arange(S), lens, output_size=self.n_tokens)  # [N]
-        positions = starts[seq_of] + torch.arange(self.n_tokens) - (ends - lens)[seq_of]
-        slots = self.tables_host[seq_of, positions // s].long() * s + positions % s
-        host = {"positions": positions, "slots": slots, "last": ends - 1,
-                "tables": self.tables_host.long(), "kv_lens": starts + lens}
+        host = token_layout(self.starts, self.seq_lens, self.tables_host, block_size)
         host.update(self.backend.host_arrays(self))
         names = list(host)
         up = dict(zip(names, upload([host[n] for n in names], device)))
@@ -100,6 +92,23 @@ class PagedBatch(StepShared):
         self.tables, self.kv_lens_device = up["tables"], up["kv_lens"]
         self._rope: dict = {}
         self.meta = self.backend.prepare(self, up)
+
+
+def token_layout(starts: list[int], seq_lens: list[int], tables: torch.Tensor,
+                 block_size: int) -> dict[str, torch.Tensor]:
+    """Where a step's new tokens go, on the host: sequence i brings seq_lens[i] tokens from
+    position starts[i], its blocks in `tables [S, W]` -> positions `[N]`, slots `[N]` (block *
+    block_size + offset, where each token's k, v go), last `[S]` (each sequence's last token in
+    the flattened batch), tables `[S, W]` int64, kv_lens `[S]`."""
+    S, N = len(seq_lens), sum(seq_lens)
+    start = torch.tensor(starts, dtype=torch.long)
+    lens = torch.tensor(seq_lens, dtype=torch.long)
+    ends = lens.cumsum(0)
+    seq_of = torch.repeat_interleave(torch.arange(S), lens, output_size=N)  # [N]
+    positions = start[seq_of] + torch.arange(N) - (ends - lens)[seq_of]
+    slots = tables[seq_of, positions // block_size].long() * block_size + positions % block_size
+    return {"positions": positions, "slots": slots, "last": ends - 1, "tables": tables.long(),
+            "kv_lens": start + lens}
 
 
 def plan_step(batch, head_dim: int | None, theta: float | None) -> None:
