@@ -197,31 +197,10 @@ def cmd_compare(args) -> int:
     # computed (and, under torchrun, so that it needs no process group of one).
     reference = execute(reference_spec, args, "reference", alone=True)
     exact = specs[0].cfg.dtype == "fp32" and specs[0].workload.temperature == 0
-    w = specs[0].workload
-    table = Table(title=f"expertmesh compare: {specs[0].cfg.name} ({specs[0].cfg.dtype}), batch "
-                        f"{w.batch_size} x prompt {w.prompt_len} + {w.gen_len} generated")
-    for col in ("method", "ranks", "per-rank deployment", "decode TPS", "overall TPS",
-                "TPOT ms", "TTFT ms", "tokens = ref", "max |Δlogit|"):
-        table.add_column(col, justify="left" if col in ("method", "per-rank deployment") else "right")
-    all_match = True
-    for spec, r in zip(specs, results):
-        match = bool(torch.equal(r.tokens, reference.tokens))
-        diff = (r.logits - reference.logits).abs().max().item()
-        all_match &= match and (not exact or diff <= FP32_LOGIT_TOLERANCE)
-        m = r.metrics
-        table.add_row(r.deployment, str(r.world_size), spec.deployment.describe(spec.cfg.n_experts),
-                      _num(m.decode_tps), _num(m.overall_tps), _ms(m.tpot_s), _ms(m.ttft_s),
-                      "yes" if match else "NO", f"{diff:.2e}")
-    console.print(table)
-    if len(results) >= 2:
-        base, other = results[0].metrics, results[-1].metrics
-        console.print(f"{results[-1].deployment} vs {results[0].deployment}: "
-                      f"decode TPS x{_ratio(other.decode_tps, base.decode_tps)}, "
-                      f"overall TPS x{_ratio(other.overall_tps, base.overall_tps)}, "
-                      f"TPOT x{_ratio(other.tpot_s, base.tpot_s)}, TTFT x{_ratio(other.ttft_s, base.ttft_s)}")
-    console.print("timings exclude a warm-up run (prompt 8, 2 tokens); reference: one process, "
-                  f"same weights and prompts; logit tolerance {FP32_LOGIT_TOLERANCE:g} in fp32",
-                  style="dim")
+    checks = [(bool(torch.equal(r.tokens, reference.tokens)), (r.logits - reference.logits).abs().max().item())
+              for r in results]
+    all_match = all(match and (not exact or diff <= FP32_LOGIT_TOLERANCE) for match, diff in checks)
+    _print_comparison(specs, results, checks)
     _oversubscription_note(max(r.world_size for r in results))
     if args.json:
         _write_json(args.json, {"preset": specs[0].cfg.to_dict(), "workload": _workload_dict(specs[0]),
@@ -236,6 +215,32 @@ def cmd_compare(args) -> int:
         console.print(f"[red]error: {msg}[/red]")
         return 1
     return 0
+
+
+def _print_comparison(specs: list[RunSpec], results: list, checks: list[tuple[bool, float]]) -> None:
+    """The compare table (one row per deployment, with its (tokens equal, max |dlogit|) check
+    against the reference) and the last deployment's ratios to the first."""
+    w = specs[0].workload
+    table = Table(title=f"expertmesh compare: {specs[0].cfg.name} ({specs[0].cfg.dtype}), batch "
+                        f"{w.batch_size} x prompt {w.prompt_len} + {w.gen_len} generated")
+    for col in ("method", "ranks", "per-rank deployment", "decode TPS", "overall TPS",
+                "TPOT ms", "TTFT ms", "tokens = ref", "max |Δlogit|"):
+        table.add_column(col, justify="left" if col in ("method", "per-rank deployment") else "right")
+    for spec, r, (match, diff) in zip(specs, results, checks):
+        m = r.metrics
+        table.add_row(r.deployment, str(r.world_size), spec.deployment.describe(spec.cfg.n_experts),
+                      _num(m.decode_tps), _num(m.overall_tps), _ms(m.tpot_s), _ms(m.ttft_s),
+                      "yes" if match else "NO", f"{diff:.2e}")
+    console.print(table)
+    if len(results) >= 2:
+        base, other = results[0].metrics, results[-1].metrics
+        console.print(f"{results[-1].deployment} vs {results[0].deployment}: "
+                      f"decode TPS x{_ratio(other.decode_tps, base.decode_tps)}, "
+                      f"overall TPS x{_ratio(other.overall_tps, base.overall_tps)}, "
+                      f"TPOT x{_ratio(other.tpot_s, base.tpot_s)}, TTFT x{_ratio(other.ttft_s, base.ttft_s)}")
+    console.print("timings exclude a warm-up run (prompt 8, 2 tokens); reference: one process, "
+                  f"same weights and prompts; logit tolerance {FP32_LOGIT_TOLERANCE:g} in fp32",
+                  style="dim")
 
 
 def _ratio(a: float | None, b: float | None) -> str:

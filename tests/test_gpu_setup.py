@@ -287,3 +287,22 @@ def test_compare_forks_its_ranks_before_it_runs_a_rank_itself(monkeypatch, capsy
     assert ran == ["ep2", "single", "reference"]
     table = capsys.readouterr().out
     assert table.index("single") < table.index("ep2")
+
+
+def test_compare_fails_when_a_deployment_gives_other_tokens_than_the_reference(monkeypatch, capsys):
+    """compare's correctness gate: one changed token in one deployment's output is a NO in the
+    table, an error line and exit 1 (fp32 greedy, where outputs must be equal)."""
+    from expertmesh import cli
+    real = cli.execute
+
+    def one_token_off(spec, args, label, alone=False):
+        result = real(spec, args, label, alone)
+        if label == "ep2":
+            result.tokens = result.tokens.clone()
+            result.tokens[0, -1] += 1
+        return result
+
+    monkeypatch.setattr(cli, "execute", one_token_off)
+    assert cli.main(["compare", "--deployments", "single,ep2", "--gen-len", "2", "--batch", "2", "--prompt-len", "4"]) == 1
+    out = capsys.readouterr().out
+    assert "NO" in out and "outputs differ from the single-process reference" in out
