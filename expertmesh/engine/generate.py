@@ -34,7 +34,7 @@ from expertmesh.trace import span
 
 
 @dataclass
-class Generation:
+class RankOutput:
     """What one rank produced: tokens `[b, gen_len]` of its sequences `rows` (global indices).
 
     `step_times` is the event log of `engine/metrics.py`, relative to `start`; it is filled on
@@ -51,11 +51,11 @@ class Generation:
 
 def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, rows: list[int],
              n_micro: int = 1, links: StageLinks | None = None, record_logits: bool = False,
-             on_step: Callable[[int], None] | None = None, check_finite: bool = True) -> Generation:
+             on_step: Callable[[int], None] | None = None, check_finite: bool = True) -> RankOutput:
     """Prefill then decode `workload.gen_len` tokens for this rank's sequences.
 
     prompts `[b, prompt_len]` int64 are the prompts of the global sequences `rows` (needed on the
-    first stage only). Returns this rank's `Generation`. `check_finite=False` skips the NaN / inf
+    first stage only). Returns this rank's `RankOutput`. `check_finite=False` skips the NaN / inf
     check (to measure its cost).
     """
     links = links or SingleStage()
@@ -69,7 +69,7 @@ def generate(model: MoETransformer, workload: Workload, prompts: torch.Tensor, r
     global_rows = torch.tensor(rows, dtype=torch.long)
     prompts = prompts.to(device)
     logits_log = [] if record_logits else None
-    result = Generation(rows=rows, tokens=tokens, start=0.0,
+    result = RankOutput(rows=rows, tokens=tokens, start=0.0,
                         kv_cache_bytes=sum(c.nbytes for c in caches.values()))
     d_model = model.cfg.d_model
 
