@@ -58,7 +58,7 @@ def _layer_times(preset_name: str, dtype_name: str, tokens: int, reps: int, roun
     w = torch.rand(tokens, cfg.top_k, generator=gen).to(cfg.torch_dtype)
 
     def call(chunks, overlap, module=experts):
-        d = AllToAllDispatcher(dist.group.WORLD, placement, cfg.n_experts, rank, chunks=chunks, overlap=overlap)
+        d = AllToAllDispatcher(dist.group.WORLD, placement, cfg.n_experts, rank, chunks=chunks, overlap_chunks=overlap)
         return lambda: d(x, ids, w, module)
 
     variants = {"sync 1 chunk": call(1, False), "overlap 1": call(1, True), "overlap 2": call(2, True),

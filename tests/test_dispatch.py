@@ -83,13 +83,13 @@ def _variants_against_flat(pattern: str, device) -> dict:
     def run(**kw):
         return AllToAllDispatcher(dist.group.WORLD, placement, E, rank, **kw)(x, ids, weights, local)
 
-    flat = run(chunks=1, overlap=False)
+    flat = run(chunks=1, overlap_chunks=False)
     variants = {"chunks=2": dict(chunks=2), "chunks=5": dict(chunks=5), "auto": dict(),
                 "hierarchical": dict(chunks=1, peer_nodes=nodes, hierarchical=True),
                 "hierarchical chunks=3": dict(chunks=3, peer_nodes=nodes, hierarchical=True)}
     report = {}
     for name, kw in variants.items():
-        overlapped, synchronous = run(**kw), run(overlap=False, **kw)
+        overlapped, synchronous = run(**kw), run(overlap_chunks=False, **kw)
         err = torch.tensor([(overlapped - flat).abs().max().item() if T else 0.0,
                             0.0 if torch.equal(overlapped, synchronous) else 1.0])
         dist.all_reduce(err, op=dist.ReduceOp.MAX)

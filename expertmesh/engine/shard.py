@@ -12,7 +12,7 @@ from expertmesh.checkpoint.loader import load_checkpoint
 from expertmesh.engine.spec import RunSpec
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model
-from expertmesh.parallel.expert import apply_expert_parallel
+from expertmesh.parallel.expert import Overlap, apply_expert_parallel
 from expertmesh.parallel.mesh import stage_group
 from expertmesh.parallel.pipeline import PipelineLinks, apply_pipeline
 from expertmesh.parallel.placement import default_placement
@@ -33,7 +33,7 @@ def shard_model(spec: RunSpec, rank: int, group: dist.ProcessGroup | None) -> Mo
         placements = spec.placement or default_placement(spec.cfg.n_layers, spec.cfg.n_experts, dep.ep)
         peer_nodes = [topology.node_of(stage * dep.inner + i) for i in range(dep.ep)]
         apply_expert_parallel(model, group, inner, placements, chunks=spec.a2a_chunks,
-                              overlap=spec.overlap != "none", peer_nodes=peer_nodes,
+                              overlap_chunks=spec.overlap != Overlap.NONE, peer_nodes=peer_nodes,
                               hierarchical=spec.a2a == "hierarchical",
                               low_latency_threshold=spec.low_latency_tokens,
                               replica_routing=spec.replica_routing)

@@ -10,7 +10,7 @@ from expertmesh.checkpoint.loader import check_checkpoint
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, REPLICA_ROUTINGS
-from expertmesh.parallel.expert import OVERLAPS
+from expertmesh.parallel.expert import OVERLAPS, Overlap
 from expertmesh.parallel.placement import validate_placement
 from expertmesh.topology import Topology
 
@@ -22,7 +22,7 @@ class RunSpec:
     n_micro: pipeline micro-batches (None: one per stage). low_latency_tokens: a forward whose
     every EP rank has at most this many tokens uses the low-latency exchange (0: never).
     a2a: "flat" or "hierarchical" token exchange; a2a_chunks: None picks per layer call.
-    overlap: "auto", "tbo", "chunks" or "none" (`parallel/expert.py`; none waits on every exchange).
+    overlap: an `Overlap` (`parallel/expert.py`: auto, tbo, chunks, none; none waits on every exchange).
     gpus_per_node: node size of the topology (None: LOCAL_WORLD_SIZE, or one node).
     placement: experts per EP rank per layer (None: contiguous). replica_routing: "local" or
     "balanced" (`parallel/replicas.py`: each call splits replicated experts' tokens over their
@@ -42,7 +42,7 @@ class RunSpec:
     warmup: bool = True
     a2a: str = "flat"
     a2a_chunks: int | None = None
-    overlap: str = "auto"
+    overlap: Overlap = Overlap.AUTO
     low_latency_tokens: int = LOW_LATENCY_TOKENS
     gpus_per_node: int | None = None
     placement: list | None = None

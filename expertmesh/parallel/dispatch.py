@@ -82,8 +82,8 @@ class AllToAllDispatcher:
     """The EP step of an MoE block (replaces `LocalDispatcher`); see the module docstring.
 
     chunks: None chooses per call (1 for decode-sized batches); an int fixes it.
-    overlap: False waits for every exchange as soon as it is issued (same chunks, same order:
-    the synchronous reference of the overlapped path, bit for bit).
+    overlap_chunks: False waits for every exchange as soon as it is issued (same chunks, same
+    order: the synchronous reference of the overlapped path, bit for bit).
     peer_nodes: the node of each rank of the group (for byte counts and `hierarchical`).
     rank: this rank's index in `group` (and in `placement`).
     low_latency_threshold: the engine runs the low-latency exchange for a forward in which every
@@ -97,13 +97,13 @@ class AllToAllDispatcher:
     """
 
     def __init__(self, group: dist.ProcessGroup | None, placement: list[list[int]], n_experts: int,
-                 rank: int, chunks: int | None = None, overlap: bool = True,
+                 rank: int, chunks: int | None = None, overlap_chunks: bool = True,
                  peer_nodes: list[int] | None = None, hierarchical: bool = False,
                  low_latency_threshold: int = LOW_LATENCY_TOKENS, replica_routing: str = "local",
                  may_drop: bool = True):
         self.group = group
         self.placement = placement
-        self.options = dict(chunks=chunks, overlap=overlap, peer_nodes=peer_nodes, hierarchical=hierarchical,
+        self.options = dict(chunks=chunks, overlap_chunks=overlap_chunks, peer_nodes=peer_nodes, hierarchical=hierarchical,
                             low_latency_threshold=low_latency_threshold, replica_routing=replica_routing,
                             may_drop=may_drop)
         self.low_latency_threshold = 0 if hierarchical else low_latency_threshold
@@ -125,7 +125,7 @@ class AllToAllDispatcher:
                          if replica_routing == "balanced" and replicated else None)
         self.slices = chunks or AUTO_SLICES
         self.auto = chunks is None
-        self.overlap = overlap
+        self.overlap_chunks = overlap_chunks
         per_node = [self.peer_nodes.count(n) for n in set(self.peer_nodes)]
         if hierarchical and len(set(per_node)) > 1:
             raise ValueError(f"hierarchical exchange needs the same number of EP ranks on every "
@@ -275,7 +275,7 @@ class AllToAllDispatcher:
 
     def _in_flight(self, out: torch.Tensor, work: dist.Work, name: str) -> InFlight:
         flight = InFlight(out, work, name)
-        if not self.overlap:
+        if not self.overlap_chunks:
             flight.finish()
         return flight
 

@@ -13,6 +13,7 @@ point to point; nothing is reloaded and no process restarts.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from enum import StrEnum
 
 import torch
 import torch.distributed as dist
@@ -45,7 +46,19 @@ def apply_expert_parallel(model: MoETransformer, group: dist.ProcessGroup, ep_ra
     return model
 
 
-OVERLAPS = ("auto", "tbo", "chunks", "none")
+class Overlap(StrEnum):
+    """How a forward's EP exchanges overlap with compute (`--overlap`): TBO always splits a forward
+    into two micro-batches that take turns, AUTO when some rank has at least `TWO_BATCH_TOKENS`
+    tokens; CHUNKS and NONE never split (the dispatchers' own chunking and waiting decide the
+    rest: `AllToAllDispatcher(overlap_chunks=...)`)."""
+
+    AUTO = "auto"
+    TBO = "tbo"
+    CHUNKS = "chunks"
+    NONE = "none"
+
+
+OVERLAPS = tuple(mode.value for mode in Overlap)  # the flag's choices
 # auto: two-batch overlap when some rank of the group has at least this many tokens in a forward.
 # Measured on 2 CPU ranks (benchmarks/two_batch.py, small preset, fp32, one engine forward, two
 # runs): a decode forward's exchange is 2-7% of it, less than two half-size forwards add (none /
@@ -74,20 +87,18 @@ class ExchangeChoice:
     gloo twin (no device sync; counted in `all_reduces`). Every rank of a stage runs every forward
     (with zero tokens if idle) and gets the same message, so the all-reduces match.
 
-    overlap (`OVERLAPS`): "tbo" always splits a forward into two micro-batches, "auto" when some
-    rank has at least `TWO_BATCH_TOKENS` tokens, "chunks" and "none" never (the dispatchers'
-    own chunking and waiting decide the rest). threshold: the dispatchers' `low_latency_threshold`
+    overlap: an `Overlap` (or its name). threshold: the dispatchers' `low_latency_threshold`
     (`--low-latency-tokens`): the low-latency exchange runs when every rank's (half) batch is at
     most this. Without EP layers every forward is planned as one batch, standard exchange.
     """
 
-    def __init__(self, model: MoETransformer, overlap: str = "auto"):
+    def __init__(self, model: MoETransformer, overlap: Overlap | str = Overlap.AUTO):
         if overlap not in OVERLAPS:
             raise ValueError(f"unknown overlap {overlap!r}; use one of {', '.join(OVERLAPS)}")
         held = list(dispatchers(model).values())
-        self.overlap = overlap if held else "none"
+        self.overlap = Overlap(overlap) if held else Overlap.NONE
         self.threshold = held[0].low_latency_threshold if held else 0
-        agree = self.threshold > 0 or self.overlap == "auto"
+        agree = self.threshold > 0 or self.overlap is Overlap.AUTO
         self.group = host_group(held[0].group) if held and agree else None
         self.all_reduces = 0
 
@@ -105,7 +116,7 @@ class ExchangeChoice:
             with span("exchange choice"):
                 dist.all_reduce(agreed, op=dist.ReduceOp.MAX, group=self.group)
             most, most_half = agreed.tolist()
-        two_batch = self.overlap == "tbo" or (self.overlap == "auto" and most >= TWO_BATCH_TOKENS)
+        two_batch = self.overlap is Overlap.TBO or (self.overlap is Overlap.AUTO and most >= TWO_BATCH_TOKENS)
         per_batch = most_half if two_batch else most
         return ForwardPlan(per_batch if 0 < self.threshold and per_batch <= self.threshold else None, two_batch)
 
