@@ -57,9 +57,9 @@ def per_layer(model, counter: OpCounter):
     layer_ops: list[int] = []
     inner = model._layer_steps
 
-    def counted_steps(name, h, kv, low_latency_tokens):
+    def counted_steps(name, h, kv):
         start = counter.ops
-        out = yield from inner(name, h, kv, low_latency_tokens)
+        out = yield from inner(name, h, kv)
         layer_ops.append(counter.ops - start)
         return out
 

@@ -18,6 +18,7 @@ from expertmesh.engine.shard import shard_model
 from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
 from expertmesh.model import moe
+from expertmesh.model.forward_context import forward_context
 from expertmesh.model.synthetic import materialize
 from expertmesh.parallel.mesh import stage_group
 from fake_device import FakeDevice, MixedDevices, OnDevice, move_to_device, to_host
@@ -32,11 +33,11 @@ def _prefill_and_decode(model, prompts: torch.Tensor, device_mode: FakeDevice | 
     b = prompts.shape[0]
     caches = model.make_caches(b, PROMPT + 1)
     ids = OnDevice(prompts) if device_mode else prompts
-    with torch.no_grad():  # inference tensors cannot back a tensor subclass's views
-        first = model(ids, caches, slice(0, b), 0, low_latency_tokens=low_latency_tokens)
+    with torch.no_grad(), forward_context(low_latency_tokens):  # no_grad: inference tensors cannot back a subclass's views
+        first = model(ids, caches, slice(0, b), 0)
         next_ids = first.argmax(-1, keepdim=True)
         before = device_mode.syncs if device_mode else 0
-        second = model(next_ids, caches, slice(0, b), PROMPT, low_latency_tokens=low_latency_tokens)
+        second = model(next_ids, caches, slice(0, b), PROMPT)
         syncs = device_mode.syncs - before if device_mode else 0
     return to_host(first), to_host(second), syncs
 

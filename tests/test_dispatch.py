@@ -8,6 +8,7 @@ import torch.distributed as dist
 
 from expertmesh.launch import launch
 from expertmesh.model import moe
+from expertmesh.model.forward_context import forward_context
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.parallel.dispatch import AllToAllDispatcher
@@ -158,7 +159,8 @@ def _low_latency_against_standard(pattern: str, placement: list[list[int]], grou
     materialize(local, seed=7, dtype=torch.float32)
     standard = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, chunks=1)(x, ids, weights, local)
     fast = AllToAllDispatcher(dist.group.WORLD, placement, E, rank)
-    low_latency = fast(x, ids, weights, local, low_latency_tokens=max(TOKENS_PER_RANK))
+    with forward_context(low_latency_tokens=max(TOKENS_PER_RANK)):
+        low_latency = fast(x, ids, weights, local)
     same = torch.tensor(float(torch.equal(low_latency, standard)))
     dist.all_reduce(same, op=dist.ReduceOp.MIN)
     return bool(same.item())
@@ -190,7 +192,8 @@ def _low_latency_counters(idle: bool, device) -> list[int]:
         mark_shard(local, name, (E, *p.shape[1:]), (placement[rank], slice(None), slice(None)))
     materialize(local, seed=7, dtype=torch.float32)
     d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, peer_nodes=[0, 1, 1, 1])
-    out = d(x, ids, weights, local, low_latency_tokens=0 if idle else max(TOKENS_PER_RANK))
+    with forward_context(low_latency_tokens=0 if idle else max(TOKENS_PER_RANK)):
+        out = d(x, ids, weights, local)
     assert out.shape == (T, D)
     everyone = [None] * EP
     dist.all_gather_object(everyone, ids.reshape(-1).tolist())

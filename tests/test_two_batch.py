@@ -11,6 +11,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.shard import shard_model
 from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
+from expertmesh.model.forward_context import forward_context
 from expertmesh.model.paged import PagedBatch
 from expertmesh.model.steps import run_steps, take_turns
 from expertmesh.model.synthetic import materialize
@@ -43,8 +44,9 @@ def _halves_on_rank(low_latency_tokens: int | None, turns: bool) -> tuple[torch.
         halves.append((ids, PagedBatch(chunks, BLOCK, torch.device("cpu"))))
     start_tracing()
     with torch.inference_mode():
-        steps = [model.paged_steps(ids, pools, batch, low_latency_tokens) for ids, batch in halves]
-        out = take_turns(steps) if turns else [run_steps(s) for s in steps]
+        with forward_context(low_latency_tokens):
+            steps = [model.paged_steps(ids, pools, batch) for ids, batch in halves]
+            out = take_turns(steps) if turns else [run_steps(s) for s in steps]
     spans = take_spans()
     in_flight = [(t0, t0 + d) for _, t0, d, lane in spans if lane == COMM]
     computed = [(t0, t0 + d) for name, t0, d, lane in spans

@@ -32,6 +32,7 @@ from expertmesh.engine.graphs import MODES, DecodeGraphs
 from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
+from expertmesh.model.forward_context import forward_context
 from expertmesh.model.paged import PagedBatch, upload
 from expertmesh.model.attn_backends import choose_backend
 from expertmesh.model.steps import take_turns
@@ -131,14 +132,14 @@ class Runner:
             x = torch.zeros(0, D, dtype=self.dtype, device=self.device)
         cut, first_half = _halves(chosen)
         plan = self.exchange(N, max(first_half, N - first_half), bound)  # the same on every EP rank
-        if plan.two_batch:
-            halves = take_turns([self.model.paged_steps(x[rows], self.pools, self._batch(part),
-                                                        plan.low_latency_tokens)
-                                 for rows, part in ((slice(0, first_half), chosen[:cut]),
-                                                    (slice(first_half, N), chosen[cut:]))])
-            out = torch.cat(halves)
-        else:
-            out = self.model.forward_paged(x, self.pools, self._batch(chosen), plan.low_latency_tokens)
+        with forward_context(plan.low_latency_tokens):
+            if plan.two_batch:
+                halves = take_turns([self.model.paged_steps(x[rows], self.pools, self._batch(part))
+                                     for rows, part in ((slice(0, first_half), chosen[:cut]),
+                                                        (slice(first_half, N), chosen[cut:]))])
+                out = torch.cat(halves)
+            else:
+                out = self.model.forward_paged(x, self.pools, self._batch(chosen))
         if links.is_last:
             return out
         if N:

@@ -196,8 +196,8 @@ class LocalDispatcher:
         computed = torch.arange(order.numel(), device=order.device) < order.numel() - counts[E]
         return combine(torch.where(computed[:, None], out, 0), order, weights)
 
-    def steps(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
-              low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+    def steps(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              experts: GroupedExperts) -> Steps[torch.Tensor]:
         """Nothing crosses the network: a generator that never yields (`model/steps.py`)."""
         yield from ()
         return self(x, ids, weights, experts)
@@ -230,9 +230,8 @@ class MoEBlock(nn.Module):
 
     Each row of x is one sequence's tokens, the unit of capacity (`model/capacity.py`); a ragged
     batch comes as x `[T, D]` with `seq_lens`, the lengths of its consecutive sequences.
-    `low_latency_tokens`: a bound on every EP rank's tokens in this forward under which the
-    expert-parallel exchange uses its low-latency path (`parallel/dispatch.py`); None: the
-    standard one. `reduce_output`: set by tensor parallelism, whose ranks each compute a partial
+    The exchange's path under expert parallelism follows the forward's context
+    (`model/forward_context.py`). `reduce_output`: set by tensor parallelism, whose ranks each compute a partial
     sum of the output: sums it in place over the group (an all-reduce).
     """
 
@@ -248,20 +247,17 @@ class MoEBlock(nn.Module):
         self.shared = SharedExpert(d_model, shared_hidden) if shared_hidden else None
         self.reduce_output: Callable[[torch.Tensor], object] | None = None
 
-    def forward(self, x: torch.Tensor, seq_lens: list[int] | None = None,
-                low_latency_tokens: int | None = None) -> torch.Tensor:
-        return run_steps(self.steps(x, seq_lens, low_latency_tokens))
+    def forward(self, x: torch.Tensor, seq_lens: list[int] | None = None) -> torch.Tensor:
+        return run_steps(self.steps(x, seq_lens))
 
-    def steps(self, x: torch.Tensor, seq_lens: list[int] | None = None,
-              low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+    def steps(self, x: torch.Tensor, seq_lens: list[int] | None = None) -> Steps[torch.Tensor]:
         """`forward` as a generator that yields while a token exchange is in flight."""
         flat = x.reshape(-1, x.shape[-1])
         if x.dim() == 3:
             seq_lens = [x.shape[1]] * x.shape[0]
         with span("route"):
             ids, weights = self._route(flat, seq_lens)
-        out = yield from self.dispatcher.steps(flat, ids, weights.to(flat.dtype), self.experts,
-                                               low_latency_tokens)
+        out = yield from self.dispatcher.steps(flat, ids, weights.to(flat.dtype), self.experts)
         if self.shared is not None:
             out = out + self.shared(flat)
         if self.reduce_output is not None:

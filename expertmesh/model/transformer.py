@@ -60,19 +60,19 @@ class DecoderLayer(nn.Module):
         if self.moe is not None and cfg.shared_expert_hidden and not cfg.shared_expert_gate:
             self.moe.shared = SharedExpert(cfg.d_model, cfg.shared_expert_hidden, gated=False)
 
-    def forward(self, x: torch.Tensor, kv, low_latency_tokens: int | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, kv) -> torch.Tensor:
         """x `[b, L, D]` with a KV view (`model/attention.py`) -> `[b, L, D]`."""
-        return run_steps(self.steps(x, kv, low_latency_tokens))
+        return run_steps(self.steps(x, kv))
 
-    def steps(self, x: torch.Tensor, kv, low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+    def steps(self, x: torch.Tensor, kv) -> Steps[torch.Tensor]:
         """`forward` as a generator that yields while the MoE block's token exchange is in flight."""
         with span("attention"):
             x = x + self.attn(self.attn_norm(x), kv)
         if self.mlp is not None:
             return x + self.mlp(self.moe_norm(x))
         if kv.seq_lens is None:  # each row of x is one sequence
-            return x + (yield from self.moe.steps(self.moe_norm(x), None, low_latency_tokens))
-        out = yield from self.moe.steps(self.moe_norm(x)[0], kv.seq_lens, low_latency_tokens)
+            return x + (yield from self.moe.steps(self.moe_norm(x), None))
+        out = yield from self.moe.steps(self.moe_norm(x)[0], kv.seq_lens)
         return x + out.unsqueeze(0)  # a ragged batch, b = 1
 
 
@@ -88,8 +88,8 @@ class MoETransformer(nn.Module):
         # engine's finite check, and test-only fault injection, which may overwrite the output.
         self.after_layer: list[Callable[[int, torch.Tensor], None]] = []
 
-    def _layer_steps(self, name: str, h: torch.Tensor, kv, low_latency_tokens: int | None) -> Steps[torch.Tensor]:
-        h = yield from self.layers[name].steps(h, kv, low_latency_tokens)
+    def _layer_steps(self, name: str, h: torch.Tensor, kv) -> Steps[torch.Tensor]:
+        h = yield from self.layers[name].steps(h, kv)
         for check in self.after_layer:
             check(int(name), h)
         return h
@@ -104,18 +104,18 @@ class MoETransformer(nn.Module):
         return caches
 
     def forward(self, x: torch.Tensor, caches: dict[str, KVCache] | None = None,
-                rows: slice = slice(None), start: int = 0, all_logits: bool = False,
-                low_latency_tokens: int | None = None) -> torch.Tensor:
+                rows: slice = slice(None), start: int = 0, all_logits: bool = False) -> torch.Tensor:
         """Token ids `[b, L]` (or hidden `[b, L, D]` on a later stage) -> logits `[b, V]` of the last
         position (`[b, L, V]` with `all_logits`), or hidden `[b, L, D]` on a stage without the head.
 
         `caches` (from `make_caches`) are read and written at batch `rows`, positions start..;
-        without them the call attends within `x` only. `low_latency_tokens`: see `MoEBlock`.
+        without them the call attends within `x` only. What every layer of the forward shares
+        (the EP exchange's bound): `model/forward_context.py`.
         """
         h = self.embed(x) if self.embed is not None else x
         for name in self.layers:
             kv = Contiguous(caches[name] if caches is not None else None, rows, start)
-            h = run_steps(self._layer_steps(name, h, kv, low_latency_tokens))
+            h = run_steps(self._layer_steps(name, h, kv))
         if self.lm_head is None:
             return h
         h = self.norm(h if all_logits else h[:, -1])
@@ -130,15 +130,13 @@ class MoETransformer(nn.Module):
                                  ref.device)
         return pools
 
-    def forward_paged(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch,
-                      low_latency_tokens: int | None = None) -> torch.Tensor:
+    def forward_paged(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch) -> torch.Tensor:
         """Token ids `[N]` (or hidden `[N, D]` on a later stage) of a ragged batch -> logits `[S, V]`
-        of each sequence's last new token, or hidden `[N, D]` on a stage without the head.
-        `low_latency_tokens`: see `MoEBlock`; the same on every rank of an EP group."""
-        return run_steps(self.paged_steps(x, pools, batch, low_latency_tokens))
+        of each sequence's last new token, or hidden `[N, D]` on a stage without the head. The EP
+        exchange's bound comes from the forward's context (`model/forward_context.py`)."""
+        return run_steps(self.paged_steps(x, pools, batch))
 
-    def paged_steps(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch,
-                    low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+    def paged_steps(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch) -> Steps[torch.Tensor]:
         """`forward_paged` as a generator that yields while a token exchange is in flight."""
         h = (self.embed(x) if self.embed is not None else x).unsqueeze(0)  # [1, N, D]
         attn = next((layer.attn for layer in self.layers.values()), None)
@@ -147,7 +145,7 @@ class MoETransformer(nn.Module):
         else:
             batch.plan(None, None)  # latent attention rotates by its own tables
         for name in self.layers:
-            h = yield from self._layer_steps(name, h, PagedView(pools[name], batch), low_latency_tokens)
+            h = yield from self._layer_steps(name, h, PagedView(pools[name], batch))
         h = h[0]
         if self.lm_head is None:
             return h

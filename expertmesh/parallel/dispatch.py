@@ -40,6 +40,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from expertmesh.model.forward_context import current_forward
 from expertmesh.model.moe import GroupedExperts, combine
 from expertmesh.model.steps import Steps, run_steps
 from expertmesh.parallel.exchange_stats import ExchangeStats
@@ -88,7 +89,7 @@ class AllToAllDispatcher:
     rank: this rank's index in `group` (and in `placement`).
     low_latency_threshold: the engine runs the low-latency exchange for a forward in which every
     rank has at most this many tokens (`parallel/expert.py`'s ExchangeChoice; 0: never); the
-    forward passes the agreed bound down as `low_latency_tokens`.
+    forward's context carries the agreed bound (`model/forward_context.py`).
     replica_routing: "local" (each source's static replica of an expert, `slot_table`) or
     "balanced" (chosen per call from every rank's counts, `replicas.py`; a layer without
     replicas keeps the static table).
@@ -135,16 +136,17 @@ class AllToAllDispatcher:
         self.routing: Counter | None = None  # set to a Counter to record this rank's routing
         self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes, may_drop)
 
-    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
-                 low_latency_tokens: int | None = None) -> torch.Tensor:
-        return run_steps(self.steps(x, ids, weights, experts, low_latency_tokens))
+    def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+                 experts: GroupedExperts) -> torch.Tensor:
+        return run_steps(self.steps(x, ids, weights, experts))
 
-    def steps(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor, experts: GroupedExperts,
-              low_latency_tokens: int | None = None) -> Steps[torch.Tensor]:
+    def steps(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
+              experts: GroupedExperts) -> Steps[torch.Tensor]:
         """x `[T, D]`, ids `[T, k]` (-1: dropped), weights `[T, k]` -> weighted sums `[T, D]`, as a
-        generator that yields while an exchange is in flight. `low_latency_tokens`: a bound on every
-        rank's T, the same on every rank, under which the low-latency exchange runs (None: the
-        standard one)."""
+        generator that yields while an exchange is in flight. The forward's context
+        (`model/forward_context.py`) may carry a bound on every rank's T, the same on every rank,
+        under which the low-latency exchange runs (None: the standard one)."""
+        low_latency_tokens = current_forward().low_latency_tokens
         if self.routing is not None and ids.numel():
             choices, tokens = torch.unique(ids.sort(dim=1).values, dim=0, return_counts=True)
             self.routing.update({tuple(e for e in c if e >= 0): n  # -1: dropped by capacity
