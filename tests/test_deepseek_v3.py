@@ -133,3 +133,34 @@ def test_yarn_rope_scaling_reproduces_transformers(tmp_path, deployment):
     assert config_from_hf(path).yarn.factor == 4.0
     tokens, logits = reference_greedy(path, ALL, GEN_LEN)
     assert_matches(run_checkpoint(path, deployment), tokens, logits)
+
+
+def test_the_group_limit_changes_which_experts_transformers_deepseek_v2_chooses(tmp_path):
+    """DeepSeek-V2's test checkpoint (the parity tests' `deepseek_v2`): keeping 1 of 2 groups moves
+    transformers' choice for many tokens, so its parity tests do exercise group-limited routing."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        save_tiny_checkpoint("deepseek_v2", tmp_path), dtype=torch.float32).eval()
+    inputs = []
+    gate = model.model.layers[1].mlp.gate
+    gate.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
+    with torch.no_grad():
+        model(PROMPTS)
+        _, _, limited = gate(inputs[0])
+        gate.topk_method = "greedy"
+        _, _, greedy = gate(inputs[0])
+    assert gate.num_group == 2 and gate.topk_group == 1
+    assert sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(limited, greedy)) >= len(limited) // 4
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"norm_topk_prob": True}, "norm_topk_prob=true"),
+    ({"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
+    ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+])
+def test_deepseek_v2_router_options_transformers_does_not_have_are_refused(tmp_path, edit, message):
+    import json
+
+    raw = json.loads((save_tiny_checkpoint("deepseek_v2", tmp_path / "ckpt") / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **edit}))
+    with pytest.raises(ValueError, match=f"{message}.* is not supported"):
+        config_from_hf(tmp_path)
