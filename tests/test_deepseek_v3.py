@@ -24,20 +24,26 @@ def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3"), tokenizer=True)
 
 
-def test_the_correction_bias_changes_which_experts_transformers_chooses(checkpoint):
-    """On the router inputs of the reference run, choosing without the bias picks other experts
-    for many tokens: the parity tests do exercise bias-steered routing."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+def moved_choices(path, change) -> tuple[int, int]:
+    """(tokens whose experts differ, tokens) when transformers' layer-1 router of the checkpoint at
+    `path` chooses again on its inputs of a forward over PROMPTS after `change(router)`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     inputs = []
     gate = model.model.layers[1].mlp.gate
     gate.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         model(PROMPTS)
-        _, _, biased = gate(inputs[0])
-        gate.e_score_correction_bias.zero_()
-        _, _, plain = gate(inputs[0])
-    moved = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(biased, plain))
-    assert moved >= len(biased) // 4
+        _, _, before = gate(inputs[0])
+        change(gate)
+        _, _, after = gate(inputs[0])
+    return sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(before, after)), len(before)
+
+
+def test_the_correction_bias_changes_which_experts_transformers_chooses(checkpoint):
+    """On the router inputs of the reference run, choosing without the bias picks other experts
+    for many tokens: the parity tests do exercise bias-steered routing."""
+    moved, tokens = moved_choices(checkpoint, lambda gate: gate.e_score_correction_bias.zero_())
+    assert moved >= tokens // 4
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -136,20 +142,13 @@ def test_yarn_rope_scaling_reproduces_transformers(tmp_path, deployment):
 
 
 def test_the_group_limit_changes_which_experts_transformers_deepseek_v2_chooses(tmp_path):
-    """DeepSeek-V2's test checkpoint (the parity tests' `deepseek_v2`): keeping 1 of 2 groups moves
-    transformers' choice for many tokens, so its parity tests do exercise group-limited routing."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        save_tiny_checkpoint("deepseek_v2", tmp_path), dtype=torch.float32).eval()
-    inputs = []
-    gate = model.model.layers[1].mlp.gate
-    gate.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
-    with torch.no_grad():
-        model(PROMPTS)
-        _, _, limited = gate(inputs[0])
-        gate.topk_method = "greedy"
-        _, _, greedy = gate(inputs[0])
-    assert gate.num_group == 2 and gate.topk_group == 1
-    assert sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(limited, greedy)) >= len(limited) // 4
+    """DeepSeek-V2's test checkpoint (the parity tests' `deepseek_v2`, keeping 1 of 2 groups):
+    choosing greedily over all experts moves transformers' choice for many tokens, so its parity
+    tests do exercise group-limited routing."""
+    path = save_tiny_checkpoint("deepseek_v2", tmp_path)
+    assert config_from_hf(path).topk_groups == 1
+    moved, tokens = moved_choices(path, lambda gate: setattr(gate, "topk_method", "greedy"))
+    assert moved >= tokens // 4
 
 
 @pytest.mark.parametrize("edit,message", [
