@@ -163,3 +163,32 @@ def test_deepseek_v2_router_options_transformers_does_not_have_are_refused(tmp_p
     (tmp_path / "config.json").write_text(json.dumps({**raw, **edit}))
     with pytest.raises(ValueError, match=f"{message}.* is not supported"):
         config_from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("start", [0, 1000])
+def test_simulated_latent_attention_flops_follow_the_form_mla_takes(tmp_path, start):
+    """DeepSeek-V3's attention FLOPs for one sequence of 2048 new tokens, counted here from the
+    architecture: after `start` cached positions the absorbed form (W_uk on the query, keys and
+    values the latent's r + p per query-key pair and head, W_uv on the output); at position 0 the
+    expanded form (kv_b per token, (n + p) + v per pair and head)."""
+    import json
+
+    from expertmesh.config import Workload
+    from expertmesh.sim.hardware import get_profile
+    from expertmesh.sim.program import _attention
+    from expertmesh.sim.scenario import Scenario
+
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3_SHAPES))
+    cfg = config_from_hf(tmp_path)
+    sc = Scenario(cfg, Deployment(), Workload(batch_size=1, prompt_len=2048, gen_len=1), get_profile("h100"))
+    D, h, n, p, v, r, q = 7168, 128, 128, 64, 128, 512, 1536
+    L = 2048
+    pairs = L * start + L * (L + 1) / 2
+    per_token = q * D + h * (n + p) * q + (r + p) * D + D * h * v  # q_a, q_b, kv_a, wo
+    if start == 0:
+        per_token += h * (n + v) * r  # kv_b expands every token's latent
+        per_pair = h * ((n + p) + v)
+    else:
+        per_token += h * n * r + h * v * r  # W_uk on the query, W_uv on the output
+        per_pair = h * ((r + p) * 2)  # the cost model reads values r + p wide too (the cache's row)
+    assert _attention(sc, ((1, L, start),)).flops == pytest.approx(2 * (L * per_token + pairs * per_pair))
