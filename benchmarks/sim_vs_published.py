@@ -13,6 +13,7 @@ sizes). Rows the simulator cannot express are listed at the end with the reason.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -20,12 +21,12 @@ import sys
 from rich.console import Console
 from rich.table import Table
 
-from expertmesh.config import ModelConfig, Workload
+from expertmesh.config import ModelConfig, Workload, Yarn
 from expertmesh.deployment import Deployment
 from expertmesh.sim import cost
 from expertmesh.sim.hardware import get_profile
 from expertmesh.sim.scenario import Scenario
-from expertmesh.sim.serving import offline, serve
+from expertmesh.sim.serving import iteration_seconds, offline, serve
 from expertmesh.topology import Topology
 
 KB, MB, GB = 1024, 1024 ** 2, 1024 ** 3
@@ -42,6 +43,34 @@ LLAMA = ModelConfig(name="Llama-3.1-8B", n_layers=32, n_experts=1, top_k=1, d_mo
 QWEN3 = ModelConfig(name="Qwen3-235B-A22B", n_layers=94, n_experts=128, top_k=8, d_model=4096,
                     n_heads=64, n_kv_heads=4, head_dim=128, expert_hidden=1536, vocab_size=151936,
                     max_seq_len=40960, expert_kind="swiglu", dtype="bf16")
+# DeepSeek-V3 as config_from_hf reads deepseek-ai/DeepSeek-V3's config.json (bf16 compute; the
+# rows run it with FP8 weights, as the checkpoint ships).
+DEEPSEEK_V3 = ModelConfig(
+    name="DeepSeek-V3", n_layers=61, n_experts=256, top_k=8, d_model=7168, n_heads=128, n_kv_heads=128,
+    head_dim=192, expert_hidden=2048, vocab_size=129280, max_seq_len=163840, expert_kind="swiglu",
+    norm_eps=1e-6, dtype="bf16", shared_expert_hidden=2048, dense_layers=(0, 1, 2), dense_hidden=18432,
+    router_kind="sigmoid_grouped", n_groups=8, topk_groups=4, routed_scaling=2.5, shared_expert_gate=False,
+    kv_lora_rank=512, q_lora_rank=1536, qk_rope_head_dim=64, v_head_dim=128, rope_interleave=True,
+    yarn=Yarn(factor=40.0, original_max=4096, beta_fast=32.0, beta_slow=1.0, mscale=1.0, mscale_all_dim=1.0))
+
+# SGLang's wide-EP DeepSeek-V3 on 12 nodes of 8 x H100 (InfiniBand), prefill and decode measured
+# apart, the other phase given unlimited resources: "Deploying DeepSeek with PD Disaggregation and
+# Large-scale Expert Parallelism on 96 H100 GPUs", LMSYS blog, 2025-05-05,
+# https://lmsys.org/blog/2025-05-05-large-scale-ep/ (Evaluation section; reproduction:
+# https://github.com/sgl-project/sglang/issues/6017). Both phases: DP attention, DeepEP, DeepGEMM
+# (FP8), two-batch overlap, EPLB.
+#  prefill: 4 nodes, EP32, input tokens/s per node for prompts of 1K / 2K / 4K: 57,674 / 54,543 /
+#    50,302 with the default expert distribution; 59,337 at 4K with "simulated perfect EPLB"
+#    (random experts under group-limited routing). 16,384 tokens per device is stated for the 4K
+#    runs; the 1K and 2K runs are simulated at the same tokens per device (assumed).
+#  decode: 9 nodes, EP72 (EPLB's 288 = 256 + 32 redundant experts, 4 per GPU), 256 sequences per
+#    GPU at KV length 2,000: 22,282 output tokens/s per node (DeepEP low-latency kernels, CUDA graphs).
+# Simulated with FP8 weights, KV cache and dispatch, two-batch overlap, uniform routing (a
+# perfectly balanced EPLB: decode as 288 experts over 72 ranks, prefill as 256 over 32), one
+# forward per step (the throughput of a full step: prefill prompts / decode tokens per step time).
+SGLANG_PREFILL = {1024: 57_674, 2048: 54_543, 4096: 50_302}
+SGLANG_PREFILL_PERFECT_EPLB_4K = 59_337
+SGLANG_DECODE = 22_282
 
 # TensorRT-LLM throughput runs (perf-overview, v0.17), output tokens/s; workloads input/output.
 # trtllm-bench chooses its batch limits per run and does not publish them: simulated with FP8
@@ -62,8 +91,19 @@ KNOWN_MISSES = [
     "published, so neither is modelled.",
     "Llama-3.1-8B serving: the simulator has no per-iteration runtime overhead (scheduler, "
     "sampling) and no published figure to set one from; both latencies come out low.",
+    "SGLang DeepSeek-V3 decode EP72: predicted for perfectly balanced experts; the run's EPLB "
+    "placement came from a distribution matched to its input and the blog reports balancedness "
+    "well below 1 during decode, and its per-step scheduler and MLA kernel overheads are not modelled.",
 ]
 NOT_EXPRESSED = [
+    "DeepSeek's own figures (https://github.com/deepseek-ai/open-infra-index, 'Day 6: One More Thing, "
+    "DeepSeek-V3/R1 Inference System Overview': 73.7k input tok/s per H800 node during prefill "
+    "including on-disk KV cache hits, 14.8k output tok/s per H800 node during decode, a day of "
+    "production traffic; and https://github.com/deepseek-ai/profile-data: 62,713 / 18,598 tok/s "
+    "per node): H800 (NVLink 400 GB/s) has no hardware profile, and the production figures average "
+    "an unpublished mix of requests with cache hits.",
+    "SGLang decode with simulated MTP (17,373 tok/s per node): MTP is emulated there with dummy "
+    "kernels that stretch attention to DeepSeek's profiled time; the simulator has no MTP.",
     "DeepEP normal (prefill) kernels, 4096 tokens, dispatch / combine GB/s at EP 16-64: neither "
     "--a2a-kernel choice models DeepEP's NVLink-forwarding normal kernels, and the row's bandwidth "
     "counts bytes in DeepEP's own way (RDMA bottleneck), which no simulated quantity equals.",
@@ -84,6 +124,23 @@ def _gemm_tflops(dtype: str, m: int, n: int, k: int) -> float:
 
 def _bandwidth(link: cost.Link) -> float:
     return GB / cost.send_recv(link, GB).seconds / 1e9
+
+
+def _deepseek_prefill(prompt_len: int, tokens_per_gpu: int = 16384) -> float:
+    """Input tokens/s per node of one EP32 prefill step over `tokens_per_gpu` tokens of each GPU."""
+    prompts = 32 * tokens_per_gpu // prompt_len
+    sc = Scenario(DEEPSEEK_V3, Deployment(ep=32), Workload(batch_size=prompts, prompt_len=prompt_len, gen_len=1),
+                  H100, fp8=True, overlap="tbo")
+    return prompts * prompt_len / iteration_seconds(sc, 0, 0, prompts, prompt_len) / 4
+
+
+def _deepseek_decode(per_gpu: int = 256, context: int = 2000) -> float:
+    """Output tokens/s per node of one EP72 decode step (288 experts: 32 redundant), DeepEP-style
+    low-latency exchange, CUDA graphs."""
+    sc = Scenario(dataclasses.replace(DEEPSEEK_V3, n_experts=288), Deployment(ep=72),
+                  Workload(batch_size=per_gpu * 72, prompt_len=context, gen_len=100), H100, fp8=True,
+                  cuda_graphs=True, overlap="tbo", a2a_kernel="low-latency", low_latency_tokens=per_gpu)
+    return per_gpu * 8 / iteration_seconds(sc, per_gpu * 72, context)
 
 
 def rows() -> list[dict]:
@@ -135,6 +192,13 @@ def rows() -> list[dict]:
     served = serve(sc, 2.0, 467, 256, requests=300)
     add("end-to-end", "Llama-3.1-8B 2 req/s ITL p50", 8.0, served.percentile("tpot_s", 50) * 1e3, "ms", "held-out")
     add("end-to-end", "Llama-3.1-8B 2 req/s TTFT p50", 23.0, served.percentile("ttft_s", 50) * 1e3, "ms", "held-out")
+    for p, published in SGLANG_PREFILL.items():
+        add("wide-ep", f"SGLang DeepSeek-V3 prefill EP32 {p // 1024}K per node", published,
+            _deepseek_prefill(p), "tok/s", "held-out")
+    add("wide-ep", "SGLang DeepSeek-V3 prefill EP32 4K per node, perfect EPLB", SGLANG_PREFILL_PERFECT_EPLB_4K,
+        _deepseek_prefill(4096), "tok/s", "held-out")
+    add("wide-ep", "SGLang DeepSeek-V3 decode EP72 256 seqs/GPU, KV 2000, per node", SGLANG_DECODE,
+        _deepseek_decode(), "tok/s", "held-out")
     sc = Scenario(QWEN3, Deployment(ep=8), Workload(batch_size=8, prompt_len=1000, gen_len=1000), H100,
                   fp8=True, cuda_graphs=True)
     add("end-to-end", "Qwen3-235B-A22B DP+EP8 1000/1000 per GPU", 1932,

@@ -13,7 +13,7 @@ import torch
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXPERT_KINDS = ("mlp", "swiglu")
 OVERFLOW_POLICIES = ("drop", "reroute")
-ROUTER_KINDS = ("softmax", "sigmoid_grouped")
+ROUTER_KINDS = ("softmax", "sigmoid_grouped", "softmax_grouped")
 
 
 def _check(ok: bool, message: str) -> None:
@@ -85,6 +85,8 @@ class ModelConfig:
     `first_k_dense_replace`). `router_kind="sigmoid_grouped"` is DeepSeek-V3's router
     (`model/routing.py`: sigmoid scores, a correction bias for the choice only, the best
     `topk_groups` of `n_groups` expert groups, weights times `routed_scaling`);
+    `router_kind="softmax_grouped"` is DeepSeek-V2's (softmax scores, no bias, groups ranked by
+    their best expert);
     `shared_expert_gate=False` drops the shared expert's sigmoid gate (DeepSeek-V3).
     `kv_lora_rank > 0`: multi-head latent attention (DeepSeek-V2/V3, `model/mla.py`): keys and
     values come from a cached latent of `kv_lora_rank` plus a shared RoPE key of
@@ -177,8 +179,8 @@ class ModelConfig:
                and self.top_k <= self.topk_groups * (self.n_experts // self.n_groups),
                f"ModelConfig.topk_groups={self.topk_groups!r} must be in [1, n_groups={self.n_groups}] "
                f"and its groups must hold top_k={self.top_k} experts")
-        _check(self.router_kind == "sigmoid_grouped" or (self.n_groups, self.topk_groups) == (1, 1),
-               "ModelConfig.n_groups / topk_groups apply to router_kind='sigmoid_grouped' only")
+        _check(self.router_kind != "softmax" or (self.n_groups, self.topk_groups) == (1, 1),
+               "ModelConfig.n_groups / topk_groups apply to the grouped router kinds only")
         _check(self.routed_scaling > 0, f"ModelConfig.routed_scaling={self.routed_scaling} must be > 0")
         _check(self.capacity_factor is None or self.router_kind == "softmax",
                "ModelConfig.capacity_factor applies to the softmax router only; omit it")

@@ -1,5 +1,6 @@
-"""DeepSeek-V3's routing and layer structure (no MLA yet): the group-limited sigmoid router
-against a naive per-token implementation written here and against transformers' router, its MoE
+"""DeepSeek-V3's routing and layer structure (no MLA yet): the group-limited sigmoid router (and
+DeepSeek-V2's softmax one) against a naive per-token implementation written here and against
+transformers' router, its MoE
 block (with an ungated shared expert) against transformers' DeepseekV3MoE, and every deployment
 of a model with it (first layer dense) reproducing the single-device model."""
 
@@ -25,6 +26,29 @@ def _router(weight, bias, renormalize=True, scaling=2.5) -> GroupLimitedRouter:
     router = GroupLimitedRouter(D, E, K, renormalize, G, TOPK_GROUPS, scaling)
     router.weight, router.bias = _param(weight), _param(bias)
     return router
+
+
+def _v2_router(weight, groups=G, topk_groups=TOPK_GROUPS) -> GroupLimitedRouter:
+    router = GroupLimitedRouter(D, E, K, False, groups, topk_groups, 2.5, scoring="softmax")
+    router.weight = _param(weight)
+    return router
+
+
+def naive_route_v2(x, weight, groups, topk_groups):
+    """DeepSeek-V2's routing token by token: softmax scores, groups ranked by their best expert,
+    the k best experts of the kept groups, weights their scores x 2.5 (never renormalized)."""
+    out = []
+    per_group = E // groups
+    for row in x:
+        logits = [torch.dot(row, w).item() for w in weight]
+        top = max(logits)
+        exps = [2.718281828459045 ** (v - top) for v in logits]
+        scores = [v / sum(exps) for v in exps]
+        best = [max(scores[g * per_group:(g + 1) * per_group]) for g in range(groups)]
+        kept = sorted(range(groups), key=lambda g: -best[g])[:topk_groups]
+        chosen = sorted((e for e in range(E) if e // per_group in kept), key=lambda e: -scores[e])[:K]
+        out.append({e: scores[e] * 2.5 for e in chosen})
+    return out
 
 
 def naive_route(x, weight, bias, renormalize, scaling):
@@ -63,6 +87,39 @@ def test_router_matches_a_naive_per_token_implementation(inputs, renormalize):
     ids, weights = _router(weight, bias, renormalize)(x)
     ours, theirs = _as_dicts(ids, weights), naive_route(x, weight, bias, renormalize, 2.5)
     for mine, want in zip(ours, theirs):
+        assert mine.keys() == want.keys()
+        assert all(abs(mine[e] - want[e]) < 1e-5 for e in want)
+
+
+@pytest.mark.parametrize("groups,topk_groups", [(G, TOPK_GROUPS), (1, 1)], ids=["group_limited", "greedy"])
+def test_softmax_router_matches_a_naive_per_token_implementation(inputs, groups, topk_groups):
+    x, weight, _ = inputs
+    ours = _as_dicts(*_v2_router(weight, groups, topk_groups)(x))
+    for mine, want in zip(ours, naive_route_v2(x, weight, groups, topk_groups)):
+        assert mine.keys() == want.keys()
+        assert all(abs(mine[e] - want[e]) < 1e-5 for e in want)
+
+
+def test_the_group_limit_changes_the_softmax_routers_choice(inputs):
+    x, weight, _ = inputs
+    limited, _ = _v2_router(weight)(x)
+    greedy, _ = _v2_router(weight, 1, 1)(x)
+    assert sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(limited, greedy)) >= T // 8
+
+
+@pytest.mark.parametrize("method", ["group_limited_greedy", "greedy"])
+def test_softmax_router_matches_transformers_deepseek_v2(inputs, method):
+    transformers = pytest.importorskip("transformers", reason="the reference is transformers' router")
+    from transformers.models.deepseek_v2.modeling_deepseek_v2 import DeepseekV2TopkRouter
+
+    x, weight, _ = inputs
+    theirs = DeepseekV2TopkRouter(transformers.DeepseekV2Config(
+        hidden_size=D, n_routed_experts=E, num_experts_per_tok=K, n_group=G, topk_group=TOPK_GROUPS,
+        topk_method=method, routed_scaling_factor=2.5, num_attention_heads=2))
+    theirs.weight.data.copy_(weight)
+    _, their_w, their_ids = theirs(x)
+    ours = _v2_router(weight) if method == "group_limited_greedy" else _v2_router(weight, 1, 1)
+    for mine, want in zip(_as_dicts(*ours(x)), _as_dicts(their_ids, their_w)):
         assert mine.keys() == want.keys()
         assert all(abs(mine[e] - want[e]) < 1e-5 for e in want)
 

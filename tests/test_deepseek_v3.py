@@ -24,20 +24,26 @@ def checkpoint(tmp_path_factory):
     return save_tiny_checkpoint("deepseek_v3", tmp_path_factory.mktemp("deepseek_v3"), tokenizer=True)
 
 
-def test_the_correction_bias_changes_which_experts_transformers_chooses(checkpoint):
-    """On the router inputs of the reference run, choosing without the bias picks other experts
-    for many tokens: the parity tests do exercise bias-steered routing."""
-    model = transformers.AutoModelForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+def moved_choices(path, change) -> tuple[int, int]:
+    """(tokens whose experts differ, tokens) when transformers' layer-1 router of the checkpoint at
+    `path` chooses again on its inputs of a forward over PROMPTS after `change(router)`."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
     inputs = []
     gate = model.model.layers[1].mlp.gate
     gate.register_forward_hook(lambda module, args, out: inputs.append(args[0].reshape(-1, args[0].shape[-1])))
     with torch.no_grad():
         model(PROMPTS)
-        _, _, biased = gate(inputs[0])
-        gate.e_score_correction_bias.zero_()
-        _, _, plain = gate(inputs[0])
-    moved = sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(biased, plain))
-    assert moved >= len(biased) // 4
+        _, _, before = gate(inputs[0])
+        change(gate)
+        _, _, after = gate(inputs[0])
+    return sum(set(a.tolist()) != set(b.tolist()) for a, b in zip(before, after)), len(before)
+
+
+def test_the_correction_bias_changes_which_experts_transformers_chooses(checkpoint):
+    """On the router inputs of the reference run, choosing without the bias picks other experts
+    for many tokens: the parity tests do exercise bias-steered routing."""
+    moved, tokens = moved_choices(checkpoint, lambda gate: gate.e_score_correction_bias.zero_())
+    assert moved >= tokens // 4
 
 
 @pytest.mark.parametrize("tp", [1, 2])
@@ -133,3 +139,56 @@ def test_yarn_rope_scaling_reproduces_transformers(tmp_path, deployment):
     assert config_from_hf(path).yarn.factor == 4.0
     tokens, logits = reference_greedy(path, ALL, GEN_LEN)
     assert_matches(run_checkpoint(path, deployment), tokens, logits)
+
+
+def test_the_group_limit_changes_which_experts_transformers_deepseek_v2_chooses(tmp_path):
+    """DeepSeek-V2's test checkpoint (the parity tests' `deepseek_v2`, keeping 1 of 2 groups):
+    choosing greedily over all experts moves transformers' choice for many tokens, so its parity
+    tests do exercise group-limited routing."""
+    path = save_tiny_checkpoint("deepseek_v2", tmp_path)
+    assert config_from_hf(path).topk_groups == 1
+    moved, tokens = moved_choices(path, lambda gate: setattr(gate, "topk_method", "greedy"))
+    assert moved >= tokens // 4
+
+
+@pytest.mark.parametrize("edit,message", [
+    ({"norm_topk_prob": True}, "norm_topk_prob=true"),
+    ({"scoring_func": "sigmoid"}, "scoring_func='sigmoid'"),
+    ({"topk_method": "noaux_tc"}, "topk_method='noaux_tc'"),
+])
+def test_deepseek_v2_router_options_transformers_does_not_have_are_refused(tmp_path, edit, message):
+    import json
+
+    raw = json.loads((save_tiny_checkpoint("deepseek_v2", tmp_path / "ckpt") / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**raw, **edit}))
+    with pytest.raises(ValueError, match=f"{message}.* is not supported"):
+        config_from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("start", [0, 1000])
+def test_simulated_latent_attention_flops_follow_the_form_mla_takes(tmp_path, start):
+    """DeepSeek-V3's attention FLOPs for one sequence of 2048 new tokens, counted here from the
+    architecture: after `start` cached positions the absorbed form (W_uk on the query, keys and
+    values the latent's r + p per query-key pair and head, W_uv on the output); at position 0 the
+    expanded form (kv_b per token, (n + p) + v per pair and head)."""
+    import json
+
+    from expertmesh.config import Workload
+    from expertmesh.sim.hardware import get_profile
+    from expertmesh.sim.program import _attention
+    from expertmesh.sim.scenario import Scenario
+
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3_SHAPES))
+    cfg = config_from_hf(tmp_path)
+    sc = Scenario(cfg, Deployment(), Workload(batch_size=1, prompt_len=2048, gen_len=1), get_profile("h100"))
+    D, h, n, p, v, r, q = 7168, 128, 128, 64, 128, 512, 1536
+    L = 2048
+    pairs = L * start + L * (L + 1) / 2
+    per_token = q * D + h * (n + p) * q + (r + p) * D + D * h * v  # q_a, q_b, kv_a, wo
+    if start == 0:
+        per_token += h * (n + v) * r  # kv_b expands every token's latent
+        per_pair = h * ((n + p) + v)
+    else:
+        per_token += h * n * r + h * v * r  # W_uk on the query, W_uv on the output
+        per_pair = h * ((r + p) * 2)  # the cost model reads values r + p wide too (the cache's row)
+    assert _attention(sc, ((1, L, start),)).flops == pytest.approx(2 * (L * per_token + pairs * per_pair))

@@ -30,7 +30,8 @@ def run_checkpoint(path, deployment: str):
     return run(spec, timeout=120)
 
 
-@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3"])
+@pytest.fixture(scope="module", params=["mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3",
+                                                       "deepseek_v2"])
 def family_checkpoint(request, tmp_path_factory):
     """(path, transformers' tokens, transformers' logits) of a tiny random model of the family."""
     path = save_tiny_checkpoint(request.param, tmp_path_factory.mktemp(request.param))

@@ -13,6 +13,7 @@ the half-split convention, RMSNorm, softmax router over all experts then top-k):
 | deepseek_v3 | sigmoid + correction bias, group-limited, scaled | latent attention (MLA), YaRN, |
 |            |                             | ungated shared experts, first_k_dense_replace dense layers, |
 |            |                             | fp8 block-quantized weights (dequantized by `files.py`) |
+| deepseek_v2 | softmax, group-limited (by each group's best), scaled, never renormalized | as deepseek_v3 |
 
 Anything that would make the result differ from transformers (another activation, RoPE scaling,
 dense layers between Qwen2-MoE layers, q/k/v clipping, attention biases where the family has none
@@ -26,7 +27,7 @@ from pathlib import Path
 
 from expertmesh.config import ModelConfig, Yarn
 
-FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "qwen3_moe", "deepseek_v3", "deepseek_v2")
 # checkpoint dtype -> expertmesh dtype; fp16 is widened to fp32, which holds it exactly
 _DTYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp32"}
 # Numeric fields read from config.json, checked for their type before any arithmetic on them.
@@ -131,29 +132,45 @@ def _dense_layers(raw: dict, n_layers: int, file: Path) -> dict:
     return dict(dense_layers=dense, dense_hidden=_get(raw, "intermediate_size", file))
 
 
-def _deepseek_v3(raw: dict, fields: dict, file: Path) -> dict:
-    """DeepSeek-V3's fields: its router, shared experts, leading dense layers and latent attention."""
+def _deepseek_router(raw: dict, file: Path) -> dict:
+    """DeepSeek-V3's router (sigmoid, noaux_tc) or DeepSeek-V2's (softmax, greedy or
+    group_limited_greedy, as transformers' DeepseekV2TopkRouter: weights never renormalized)."""
+    scoring, method = raw.get("scoring_func"), raw.get("topk_method")
+    if raw["model_type"] == "deepseek_v3":
+        _reject((scoring or "sigmoid") == "sigmoid" and (method or "noaux_tc") == "noaux_tc", file,
+                f"scoring_func={scoring!r} / topk_method={method!r}")
+        return dict(router_kind="sigmoid_grouped", renormalize=bool(raw.get("norm_topk_prob", False)),
+                    n_groups=raw.get("n_group") or 1, topk_groups=raw.get("topk_group") or 1)
+    _reject((scoring or "softmax") == "softmax" and (method or "greedy") in ("greedy", "group_limited_greedy"),
+            file, f"scoring_func={scoring!r} / topk_method={method!r}")
+    _reject(not raw.get("norm_topk_prob"), file, "norm_topk_prob=true (DeepSeek-V2 weights are not renormalized)")
+    grouped = method == "group_limited_greedy"
+    return dict(router_kind="softmax_grouped", renormalize=False,
+                n_groups=(raw.get("n_group") or 1) if grouped else 1,
+                topk_groups=(raw.get("topk_group") or 1) if grouped else 1)
+
+
+def _deepseek(raw: dict, fields: dict, file: Path) -> dict:
+    """DeepSeek-V3's and -V2's fields: the router, shared experts, leading dense layers and latent
+    attention."""
     g = lambda key: _get(raw, key, file)  # noqa: E731
     _reject(not raw.get("attention_bias"), file, "attention_bias=true")
     quant = raw.get("quantization_config")
     _reject(quant is None or quant.get("quant_method") == "fp8", file,
             f"quantization_config {quant} (only fp8 block quantization is read)")
-    _reject(raw.get("scoring_func", "sigmoid") == "sigmoid"
-            and raw.get("topk_method", "noaux_tc") == "noaux_tc", file,
-            f"scoring_func={raw.get('scoring_func')!r} / topk_method={raw.get('topk_method')!r}")
     moe_hidden, first_dense = g("moe_intermediate_size"), raw.get("first_k_dense_replace") or 0
     nope, rope = g("qk_nope_head_dim"), g("qk_rope_head_dim")
     return dict(
         n_experts=raw.get("n_routed_experts") or g("num_local_experts"), expert_hidden=moe_hidden,
-        renormalize=bool(raw.get("norm_topk_prob", False)), router_kind="sigmoid_grouped",
-        n_groups=raw.get("n_group") or 1, topk_groups=raw.get("topk_group") or 1,
-        routed_scaling=float(raw.get("routed_scaling_factor", 1.0)),
+        **_deepseek_router(raw, file), routed_scaling=float(raw.get("routed_scaling_factor", 1.0)),
         shared_expert_hidden=(raw.get("n_shared_experts") or 0) * moe_hidden, shared_expert_gate=False,
         dense_layers=tuple(range(min(first_dense, fields["n_layers"]))),
         dense_hidden=g("intermediate_size") if first_dense else 0,
         n_kv_heads=fields["n_heads"], head_dim=nope + rope, qk_rope_head_dim=rope,
         v_head_dim=g("v_head_dim"), kv_lora_rank=g("kv_lora_rank"), q_lora_rank=raw.get("q_lora_rank") or 0,
-        rope_interleave=bool(raw.get("rope_interleave", True)), yarn=_yarn(raw, file))
+        # transformers' DeepseekV2 always rotates interleaved pairs (it saves rope_interleave null)
+        rope_interleave=raw["model_type"] == "deepseek_v2" or bool(raw.get("rope_interleave", True)),
+        yarn=_yarn(raw, file))
 
 
 def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
@@ -173,7 +190,7 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
         d_model=d_model, n_heads=n_heads, n_kv_heads=raw.get("num_key_value_heads") or n_heads,
         head_dim=raw.get("head_dim") or d_model // n_heads, vocab_size=g("vocab_size"),
         max_seq_len=max_len, expert_kind="swiglu",
-        rope_theta=_rope_theta(raw, file, ("default", "yarn") if family == "deepseek_v3" else ("default",)),
+        rope_theta=_rope_theta(raw, file, ("default", "yarn") if family.startswith("deepseek") else ("default",)),
         norm_eps=g("rms_norm_eps"), tie_embeddings=bool(raw.get("tie_word_embeddings", False)),
         dtype=dtype or _DTYPES.get(raw.get("dtype") or raw.get("torch_dtype"), "fp32"),
     )
@@ -194,8 +211,8 @@ def config_from_hf(path: str | Path, dtype: str | None = None) -> ModelConfig:
         fields.update(n_experts=experts, expert_hidden=g("moe_intermediate_size"),
                       renormalize=bool(raw.get("norm_topk_prob", False)), qk_head_norm=True,
                       **_dense_layers(raw, g("num_hidden_layers"), file))
-    elif family == "deepseek_v3":
-        fields.update(_deepseek_v3(raw, fields, file))
+    elif family.startswith("deepseek"):
+        fields.update(_deepseek(raw, fields, file))
     else:
         _reject(raw.get("clip_qkv") is None, file, f"clip_qkv={raw.get('clip_qkv')}")
         _reject(not raw.get("attention_bias"), file, "attention_bias=true")

@@ -20,7 +20,7 @@ down_proj).
   layers.N.moe.shared.gate.weight   mlp.shared_expert_gate.weight
   layers.N.attn.q_head_norm.weight  self_attn.q_norm.weight [head_dim] (k_head_norm alike)
   layers.N.mlp.w_gate.weight        mlp.gate_proj.weight, a dense layer's (w_up, w_down alike)
-DeepSeek-V3 (latent attention, `model/mla.py`; router bias; shared experts without a gate):
+DeepSeek-V3 and -V2 (latent attention, `model/mla.py`; router bias (V3's); shared experts without a gate):
   layers.N.attn.q_a.weight          self_attn.q_a_proj.weight (q_a_norm: q_a_layernorm, q_b: q_b_proj)
   layers.N.attn.kv_a.weight         self_attn.kv_a_proj_with_mqa.weight (kv_a_norm: kv_a_layernorm,
                                     kv_b: kv_b_proj)
@@ -40,9 +40,10 @@ _PROJ = {
     "olmoe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
     "qwen3_moe": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
     "deepseek_v3": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
+    "deepseek_v2": {"w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj"},
 }
 _MOE_PREFIXES = {"mixtral": ("block_sparse_moe", "mlp"), "qwen2_moe": ("mlp",), "olmoe": ("mlp",),
-                  "qwen3_moe": ("mlp",), "deepseek_v3": ("mlp",)}
+                  "qwen3_moe": ("mlp",), "deepseek_v3": ("mlp",), "deepseek_v2": ("mlp",)}
 _TOP = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
         "lm_head.weight": "lm_head.weight"}
 _LAYER = {
@@ -104,7 +105,7 @@ def source_of(family: str, name: str, global_shape: Sequence[int], present: Cont
         return Source((next((n for n in names if n in present), names[0]),), shape)
     if rest.startswith("moe.experts."):
         return _expert_source(family, prefix, rest.removeprefix("moe.experts."), shape, present)
-    if family == "deepseek_v3" and rest in _DEEPSEEK_LAYER:
+    if family in ("deepseek_v2", "deepseek_v3") and rest in _DEEPSEEK_LAYER:
         return Source((prefix + _DEEPSEEK_LAYER[rest],), shape)
     if rest not in _LAYER:
         raise ValueError(f"parameter {name} has no counterpart in a {family} checkpoint")

@@ -40,6 +40,15 @@ _FAMILY = {
                          n_group=4, topk_group=2, n_shared_experts=1, first_k_dense_replace=1,
                          routed_scaling_factor=2.5, norm_topk_prob=True, kv_lora_rank=32,
                          q_lora_rank=48, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)),
+    # DeepSeek-V3's shapes with V2's routing (softmax, 2 groups of 4 ranked by their best expert,
+    # 1 kept: fewer groups than experts per token, else the limit never changes a choice) and a
+    # full-rank query
+    "deepseek_v2": ("DeepseekV2Config", "DeepseekV2ForCausalLM",
+                    dict(num_hidden_layers=3, num_key_value_heads=4, intermediate_size=96,
+                         moe_intermediate_size=32, n_routed_experts=8, num_experts_per_tok=2,
+                         n_group=2, topk_group=1, topk_method="group_limited_greedy", n_shared_experts=2,
+                         first_k_dense_replace=1, routed_scaling_factor=2.5, kv_lora_rank=32,
+                         q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=16, v_head_dim=24)),
 }
 
 

@@ -8,9 +8,10 @@ query sees is the job of the KV view it is given: `Contiguous` (rows of a preall
 `KVCache`, or no cache at all) or `PagedView` (`model/paged.py`: a ragged batch of sequences
 over a pool of fixed-size blocks). A view has `rope(length, head_dim, theta, device)` (the
 rotary tables `cos, sin: [length, d]` fp32 of its new tokens' positions; a paged view computes
-them once per step for all layers), `attend(q, k, v)` (store k, v; return the attention output)
-and `seq_lens` (the lengths of the consecutive sequences of a ragged batch; None when each row
-is a sequence).
+them once per step for all layers), `attend(q, k, v)` (store k, v; return the attention output),
+`store(k, v)` (only store them), `fresh` (True when no sequence of the forward has a cached
+position before its new ones: its new tokens' keys are all it attends to) and `seq_lens` (the
+lengths of the consecutive sequences of a ragged batch; None when each row is a sequence).
 """
 
 from __future__ import annotations
@@ -83,6 +84,15 @@ class Contiguous:
 
     def rope(self, length: int, head_dim: int, theta: float, device: torch.device):
         return rope_tables(self.positions(length, device), head_dim, theta)
+
+    @property
+    def fresh(self) -> bool:
+        return self.start == 0
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep k, v `[b, L, g, d]` at the new positions (nothing without a cache)."""
+        if self.cache is not None:
+            self.cache.update(self.rows, self.start, k, v)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q `[b, L, h, d]`, k, v `[b, L, g, d]` -> `[b, L, h, d]`."""

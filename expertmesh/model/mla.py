@@ -1,4 +1,4 @@
-"""Multi-head latent attention (DeepSeek-V2 / V3) over a cache of the latent, absorbed.
+"""Multi-head latent attention (DeepSeek-V2 / V3) over a cache of the latent: decode absorbed, prefill expanded.
 
 Notation: b sequences, L new positions, h query heads, n qk_nope_head_dim, p qk_rope_head_dim,
 v v_head_dim, r kv_lora_rank, D d_model.
@@ -12,8 +12,19 @@ and softmax(.) (W_uv c) = W_uv (softmax(.) c): attention runs on the latent itse
 head shared by all h query heads (multi-query), with the query absorbed
 q_lat = q_nope W_uk | q_pe `[b, L, h, r + p]`, and W_uv applied to its output. Only c | k_pe,
 `r + p` per token, is cached (the KV view's contract stores it as K and as V: 2 (r + p) per token
-and layer, against 2 h (n + p) / v for full keys and values). Prefill uses the same absorbed
-form (cheaper than expanding keys and values only when the prompt is long: not done).
+and layer, against h (n + p + v) for full keys and values).
+
+Prefill does not absorb. When no sequence of the forward has cached positions (the view's
+`fresh`), the latent of its L new tokens is expanded to per-head keys W_uk c | k_pe and values
+W_uv c, and the queries attend to them as ordinary multi-head attention (the latent is still what
+is cached). Per head, multiply-adds (as 1 FLOP pair each): absorbing costs n r per query token
+(q_nope W_uk) and v r per query token (W_uv out), then (r + p) + r per query-key pair; expanding
+costs (n + v) r per key token, then (n + p) + v per pair. A fresh prefill has as many key tokens
+as query tokens, so the per-token terms are equal and the L (L + 1) / 2 pairs decide: for
+DeepSeek-V3 (r 512, p 64, n = v = 128) 1088 against 320 per pair and head, 3.4x fewer attention
+multiply-adds expanded. A decode token (1 query over S cached keys) would pay (n + v) r = 131072
+per cached key expanded against (r + p) + r = 1088 absorbed: decode, and any forward over cached
+positions (a chunk after the first, a cached prefix), stays absorbed.
 
 The softmax scale is 1 / sqrt(n + p) (the model's); the views apply 1 / sqrt(r + p), so q_lat
 is scaled by their ratio first. YaRN (`config.Yarn`) changes RoPE's frequencies, scales the
@@ -27,6 +38,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from expertmesh.config import Yarn
@@ -79,13 +91,37 @@ class LatentAttention(nn.Module):
         c, k_pe = self.kv_a(x).split([r, p], dim=-1)
         pos = kv.positions(L, x.device)
         latent = torch.cat([self.kv_a_norm(c), self._rotate(k_pe.view(b, L, 1, p), pos)[:, :, 0]], -1)
-        w = self.kv_b.weight.view(h, n + self.v_dim, r)
-        q_lat = torch.cat([torch.einsum("blhn,hnr->blhr", q_nope, w[:, :n]), self._rotate(q_pe, pos)], -1)
-        q_lat = q_lat * (self.softmax_scale * math.sqrt(r + p))
         cached = latent.unsqueeze(2)  # [b, L, 1, r + p]
-        out = kv.attend(q_lat, cached, cached)[..., :r]  # [b, L, h, r]
-        out = torch.einsum("blhr,hvr->blhv", out, w[:, n:])
+        q_pe = self._rotate(q_pe, pos)
+        if kv.fresh:
+            kv.store(cached, cached)
+            out = self._expanded(q_nope, q_pe, latent, kv.seq_lens)
+        else:
+            w = self.kv_b.weight.view(h, n + self.v_dim, r)
+            q_lat = torch.cat([torch.einsum("blhn,hnr->blhr", q_nope, w[:, :n]), q_pe], -1)
+            q_lat = q_lat * (self.softmax_scale * math.sqrt(r + p))
+            out = kv.attend(q_lat, cached, cached)[..., :r]  # [b, L, h, r]
+            out = torch.einsum("blhr,hvr->blhv", out, w[:, n:])
         return self.wo(out.reshape(b, L, h * self.v_dim))
+
+    def _expanded(self, q_nope: torch.Tensor, q_pe: torch.Tensor, latent: torch.Tensor,
+                  seq_lens: list[int] | None) -> torch.Tensor:
+        """Attention of new tokens that are all their sequences hold, over keys and values expanded
+        from their latent: q_nope `[b, L, h, n]`, q_pe `[b, L, h, p]` (rotated), latent
+        `[b, L, r + p]` -> `[b, L, h, v]`; causal within each row, or within each of the
+        consecutive sequences of `seq_lens` (a ragged batch, b = 1)."""
+        b, L, h = q_nope.shape[:3]
+        n, p, r = self.nope, self.rope, self.kv_rank
+        k_nope, v = self.kv_b(latent[..., :r]).view(b, L, h, n + self.v_dim).split([n, self.v_dim], -1)
+        k = torch.cat([k_nope, latent[..., None, r:].expand(b, L, h, p)], -1)
+        if L == 0:  # a rank with no sequence this step (expert parallelism): [b, 0, h, v]
+            return v
+        q = torch.cat([q_nope, q_pe], -1)
+        q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # [b, h, L, .]
+        pieces = [L] if seq_lens is None else seq_lens
+        out = [F.scaled_dot_product_attention(qs, ks, vs, is_causal=True, scale=self.softmax_scale)
+               for qs, ks, vs in zip(q.split(pieces, 2), k.split(pieces, 2), v.split(pieces, 2))]
+        return torch.cat(out, 2).transpose(1, 2)
 
 
 def _mscale(factor: float, mscale: float) -> float:

@@ -145,11 +145,20 @@ class PagedView:
     def rope(self, length: int, head_dim: int, theta: float, device: torch.device):
         return self.batch.rope(head_dim, theta)
 
+    @property
+    def fresh(self) -> bool:
+        """Every sequence starts at position 0 (read on the host; a static decode plan never is)."""
+        return not self.batch.static and not any(self.batch.starts)
+
+    def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v `[1, N, g, d]` -> the pool, at the batch's slots."""
+        pool, slots = self.pool, self.batch.slots
+        nb, s, g, d = pool.k.shape
+        pool.k.view(nb * s, g, d).index_copy_(0, slots, k[0])
+        pool.v.view(nb * s, g, d).index_copy_(0, slots, v[0])
+
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q `[1, N, h, d]`, k, v `[1, N, g, d]`: store k, v at the batch's slots, then the
         backend's attention over the pool -> `[1, N, h, d]`."""
-        pool, batch = self.pool, self.batch
-        nb, s, g, d = pool.k.shape
-        pool.k.view(nb * s, g, d).index_copy_(0, batch.slots, k[0])
-        pool.v.view(nb * s, g, d).index_copy_(0, batch.slots, v[0])
-        return batch.backend.attend(q[0], pool, batch).unsqueeze(0)
+        self.store(k, v)
+        return self.batch.backend.attend(q[0], self.pool, self.batch).unsqueeze(0)

@@ -54,9 +54,10 @@ class DecoderLayer(nn.Module):
         self.moe = None if dense else MoEBlock(
             cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.expert_kind,
             cfg.renormalize, cfg.shared_expert_hidden, cfg.router_skew, cfg.capacity)
-        if self.moe is not None and cfg.router_kind == "sigmoid_grouped":
+        if self.moe is not None and cfg.router_kind != "softmax":
             self.moe.router = GroupLimitedRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.renormalize,
-                                                 cfg.n_groups, cfg.topk_groups, cfg.routed_scaling)
+                                                 cfg.n_groups, cfg.topk_groups, cfg.routed_scaling,
+                                                 cfg.router_kind.removesuffix("_grouped"))
         if self.moe is not None and cfg.shared_expert_hidden and not cfg.shared_expert_gate:
             self.moe.shared = SharedExpert(cfg.d_model, cfg.shared_expert_hidden, gated=False)
 

@@ -107,8 +107,10 @@ def _experts(sc: Scenario, loads: list[float], tokens: float) -> Cost:
 
 def _latent_attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
     """Latent attention as `model/mla.py` runs it: the query (low-rank pair or one GEMM), the
-    latent's GEMM, the query absorbed into the latent (W_uk), multi-query attention over the
-    cached latent `r + p` wide, W_uv on its output, the output GEMM."""
+    latent's GEMM, then either (a forward over cached positions) the query absorbed into the
+    latent (W_uk), multi-query attention over the cached latent `r + p` wide and W_uv on its
+    output, or (no segment with cached positions: a fresh prefill) the latent expanded by kv_b to
+    per-head keys `n + p` and values `v` and multi-head attention over them; the output GEMM."""
     cfg, hw, dt, isz = sc.cfg, sc.hw, sc.compute_dtype, sc.itemsize
     D, d, p, v = cfg.d_model, cfg.head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
     r, ql = cfg.kv_lora_rank, cfg.q_lora_rank
@@ -117,11 +119,17 @@ def _latent_attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
              else [cost.gemm(hw, dt, isz, t, h * d, D)])
     moved = (5 * t * D + 2 * t * h * (d + r + p)) * isz + 2 * t * (r + p) * sc.kv_itemsize
     attn_dt = "bf16" if dt == "fp8" else dt
-    cores = [cost.attention(hw, attn_dt, isz, b, L, start, h, 1, r + p, sc.kv_itemsize)
-             for b, L, start in segments if b] or [cost.launched(hw, 1)]
+    if all(start == 0 for b, _, start in segments if b):
+        # keys d wide, values v: the cost model's one head width is their mean (exact FLOPs)
+        cores = [cost.attention(hw, attn_dt, isz, b, L, 0, h, h, (d + v) // 2) for b, L, _ in segments if b]
+        inner = [cost.gemm(hw, dt, isz, t, h * (d - p + v), r), *(cores or [cost.launched(hw, 1)])]
+        moved += 2 * t * h * (d + v) * isz  # the expanded keys and values, written then read
+    else:
+        cores = [cost.attention(hw, attn_dt, isz, b, L, start, h, 1, r + p, sc.kv_itemsize)
+                 for b, L, start in segments if b] or [cost.launched(hw, 1)]
+        inner = [cost.gemm(hw, dt, isz, t, h * r, d - p), *cores, cost.gemm(hw, dt, isz, t, h * v, r)]
     return cost.total([cost.elementwise(hw, moved, ATTENTION_OPS), *query,
-                       cost.gemm(hw, dt, isz, t, r + p, D), cost.gemm(hw, dt, isz, t, h * r, d - p),
-                       *cores, cost.gemm(hw, dt, isz, t, h * v, r), cost.gemm(hw, dt, isz, t, D, h * v)])
+                       cost.gemm(hw, dt, isz, t, r + p, D), *inner, cost.gemm(hw, dt, isz, t, D, h * v)])
 
 
 def _attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
