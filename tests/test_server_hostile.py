@@ -1,8 +1,8 @@
 """`expertmesh serve` against hostile and careless clients (single deployment, the tiny Qwen2-MoE
 checkpoint with its word-level tokenizer, loopback only, every process stopped by PID): raw
 sockets that hold connections open, send headers or a body slowly or go idle; a prompt far too
-long to fit; SIGTERM with requests that outlast `--grace`; two servers started on one port; and
-random request bodies from hypothesis for a bounded time.
+long to fit; SIGTERM with requests that outlast `--grace`; a second server on a port whose first
+server is still loading; and random request bodies from hypothesis for a bounded time.
 """
 
 import asyncio
@@ -26,8 +26,8 @@ from hypothesis import strategies as st  # noqa: E402
 
 from expertmesh.checkpoint.tiny import save_tiny_checkpoint  # noqa: E402
 from expertmesh.launch import free_port  # noqa: E402
-from test_reliability import Leftovers  # noqa: E402
-from test_server import MAX_LEN, Server, Shared  # noqa: E402
+from test_reliability import FAULTY_CLI, Leftovers  # noqa: E402
+from test_server import MAX_LEN, START_S, Server, Shared  # noqa: E402
 
 HEADER_S, BODY_S, KEEP_ALIVE_S, GRACE_S = 2, 2, 1, 1
 MAX_CONNECTIONS = 4
@@ -214,39 +214,29 @@ def test_requests_outlasting_the_grace_get_an_openai_503_or_an_error_event_then_
     assert "Traceback" not in server.output() and "Error" not in server.output(), server.output()
 
 
-def test_two_servers_started_at_once_on_one_port_the_loser_exits_2_before_loading(checkpoint, tmp_path):
+def test_a_second_server_on_the_port_exits_2_while_the_first_still_loads(checkpoint, tmp_path):
+    """The first server stalls in its warm-up (an injected fault), so it has not loaded yet: it
+    holds the port already, and the second exits 2 with one line naming the port, before loading."""
     leftovers = Leftovers()
     port = free_port()
-    argv = [sys.executable, "-m", "expertmesh.cli", "serve", "--model", str(checkpoint), "--port", str(port)]
-    logs = [open(tmp_path / f"server{i}.log", "w+") for i in range(2)]
-    procs = [subprocess.Popen(argv, env=leftovers.env(), stdout=log, stderr=subprocess.STDOUT, text=True)
-             for log in logs]
-    try:
-        deadline = time.monotonic() + 120
-        while all(p.poll() is None for p in procs):
-            assert time.monotonic() < deadline, "neither server exited"
-            time.sleep(0.1)
-        loser = next(i for i, p in enumerate(procs) if p.poll() is not None)
-        time.sleep(0.5)
-        assert procs[1 - loser].poll() is None  # the winner serves on
-        assert procs[loser].returncode == 2
-        logs[loser].seek(0)
-        lines = logs[loser].read().strip().splitlines()
-        assert len(lines) == 1 and re.fullmatch(rf"error: cannot listen on 127\.0\.0\.1:{port} .*--port.*",
-                                                lines[0]), lines
-        winner = logs[1 - loser]
-        while "ready at" not in (winner.seek(0) or winner.read()):  # then stopped as an operator would
-            assert procs[1 - loser].poll() is None and time.monotonic() < deadline, winner.read()
-            time.sleep(0.2)
-        procs[1 - loser].send_signal(signal.SIGTERM)
-        assert procs[1 - loser].wait(60) == 0
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.wait(30)
-        for log in logs:
-            log.close()
+    argv = ["serve", "--model", str(checkpoint), "--port", str(port)]
+    with open(tmp_path / "first.log", "w+") as log:
+        first = subprocess.Popen([sys.executable, FAULTY_CLI, *argv], stdout=log, stderr=subprocess.STDOUT,
+                                 env=leftovers.env(EXPERTMESH_FAULT="0:0:stall"), text=True)
+        try:
+            deadline = time.monotonic() + START_S
+            while "stalls at step 0" not in (log.seek(0) or log.read()):
+                assert first.poll() is None and time.monotonic() < deadline, log.read()
+                time.sleep(0.2)
+            second = subprocess.run([sys.executable, "-m", "expertmesh.cli", *argv], env=leftovers.env(),
+                                    capture_output=True, text=True, timeout=START_S)
+        finally:
+            first.kill()
+            first.wait(30)
+    assert second.returncode == 2 and second.stdout == "", second
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(rf"error: cannot listen on 127\.0\.0\.1:{port} .*--port.*",
+                                            lines[0]), lines
     assert leftovers.alive() == []
 
 
