@@ -42,13 +42,14 @@ MAX_LEN = 256  # the checkpoint's max_position_embeddings
 class Server:
     """`expertmesh serve ...` in a subprocess whose descendants carry a tag."""
 
-    def __init__(self, tmp, *args):
+    def __init__(self, tmp, *args, preexec_fn=None):
         self.leftovers = Leftovers()
         self.env = self.leftovers.env()
         self.port = free_port()
         self.log = open(tmp / f"server_{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port",
                                       str(self.port), *args], env=self.env, stdout=self.log,
+                                     preexec_fn=preexec_fn,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + START_S
         while "ready at" not in self.output():

@@ -8,6 +8,7 @@ server is still loading; and random request bodies from hypothesis for a bounded
 import asyncio
 import json
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -33,6 +34,7 @@ HEADER_S, BODY_S, KEEP_ALIVE_S, GRACE_S = 2, 2, 1, 1
 MAX_CONNECTIONS = 4
 NUM_BLOCKS = 64
 FUZZ_S = 25.0  # the fuzz test's budget of time
+FILES = 128  # the open-file limit of the out-of-descriptors test's server
 
 
 @pytest.fixture(scope="module")
@@ -104,6 +106,32 @@ def test_connections_past_the_limit_get_an_openai_503_and_are_closed(server):
             assert time.monotonic() < deadline
             time.sleep(0.2)
     assert server.output().count("\n") == lines, server.output()  # nothing logged
+
+
+def test_out_of_file_descriptors_the_server_logs_one_line_and_recovers(checkpoint, tmp_path):
+    """A server whose processes may open only `FILES` files, and more connections than that: the
+    failed accepts are one warning line (asyncio's default: a traceback each second)."""
+    server = Server(tmp_path, "--model", str(checkpoint), "--num-blocks", str(NUM_BLOCKS),
+                    preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (FILES, FILES)))
+    try:
+        held = []
+        for _ in range(FILES + 50):
+            held.append(connect(server))
+        time.sleep(4)  # four retries of the accept
+        for s in held:
+            s.close()
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                assert server.get("/health").status_code == 200
+                break
+            except (httpx.HTTPError, AssertionError):
+                assert time.monotonic() < deadline
+                time.sleep(0.2)
+        log = server.output()
+        assert log.count("cannot accept a connection") == 1 and "Traceback" not in log, log
+    finally:
+        server.stop()
 
 
 def test_headers_sent_slowly_get_a_408_and_the_connection_closes(server):
