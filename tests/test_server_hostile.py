@@ -77,6 +77,19 @@ def timed_close(s: socket.socket) -> tuple[bytes, float]:
     return read_until_closed(s), time.monotonic() - t0
 
 
+def wait_healthy(server: Server, within_s: float = 30) -> None:
+    """Until `/health` answers 200."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            if server.get("/health").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, "the server does not answer /health"
+        time.sleep(0.2)
+
+
 def openai_error(raw: bytes, status: int) -> dict:
     """The `error` object of a raw HTTP response, checked to be OpenAI's shape with `status`."""
     head, _, body = raw.partition(b"\r\n\r\n")
@@ -97,14 +110,7 @@ def test_connections_past_the_limit_get_an_openai_503_and_are_closed(server):
     finally:
         for s in held:
             s.close()
-    deadline = time.monotonic() + 10  # the held ones are gone: the server takes connections again
-    while True:
-        try:
-            assert server.get("/health").status_code == 200
-            break
-        except (httpx.HTTPError, AssertionError):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+    wait_healthy(server)  # the held ones are gone: the server takes connections again
     assert server.output().count("\n") == lines, server.output()  # nothing logged
 
 
@@ -120,14 +126,7 @@ def test_out_of_file_descriptors_the_server_logs_one_line_and_recovers(checkpoin
         time.sleep(4)  # four retries of the accept
         for s in held:
             s.close()
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                assert server.get("/health").status_code == 200
-                break
-            except (httpx.HTTPError, AssertionError):
-                assert time.monotonic() < deadline
-                time.sleep(0.2)
+        wait_healthy(server)
         log = server.output()
         assert log.count("cannot accept a connection") == 1 and "Traceback" not in log, log
     finally:
