@@ -7,7 +7,8 @@ aborted and its KV blocks freed;
 SIGTERM ends the server gracefully with exit 0, a killed rank ends it with an error, and neither
 leaves a process.
 
-Two servers per module, each reused by several tests: the last test of each stops it.
+Two servers per module, each shared by several tests; a test that stops one gets it started
+again for the next (`Shared`), so that the tests run in any order.
 """
 
 import json
@@ -41,13 +42,14 @@ MAX_LEN = 256  # the checkpoint's max_position_embeddings
 class Server:
     """`expertmesh serve ...` in a subprocess whose descendants carry a tag."""
 
-    def __init__(self, tmp, *args):
+    def __init__(self, tmp, *args, preexec_fn=None):
         self.leftovers = Leftovers()
         self.env = self.leftovers.env()
         self.port = free_port()
         self.log = open(tmp / f"server_{self.port}.log", "w+")
         self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port",
                                       str(self.port), *args], env=self.env, stdout=self.log,
+                                     preexec_fn=preexec_fn,
                                      stderr=subprocess.STDOUT, text=True)
         deadline = time.monotonic() + START_S
         while "ready at" not in self.output():
@@ -102,14 +104,44 @@ def tokenizer(checkpoint):
     return transformers.AutoTokenizer.from_pretrained(checkpoint)
 
 
+class Shared:
+    """A server that the tests of a module share, started by `start()` when a test first needs it
+    and again after a test stopped it: any test runs alone, or in any order."""
+
+    def __init__(self, start):
+        self.start, self.current = start, None
+
+    def get(self) -> Server:
+        if self.current is not None and self.current.proc.poll() is not None:
+            self.current.stop()
+            self.current = None
+        if self.current is None:
+            self.current = self.start()
+        return self.current
+
+    def stop(self) -> None:
+        """As an operator would (SIGTERM), then `Server.stop`."""
+        if self.current is not None:
+            if self.current.proc.poll() is None:
+                self.current.proc.send_signal(signal.SIGTERM)
+                self.current.proc.wait(120)
+            self.current.stop()
+
+
 @pytest.fixture(scope="module")
-def server(checkpoint, tmp_path_factory):
+def servers(checkpoint, tmp_path_factory):
     """ep2 with a small KV pool and token budget, so that 32 requests queue, chunk and share steps."""
-    s = Server(tmp_path_factory.mktemp("logs"), "--model", str(checkpoint), "--deployment", "ep2",
-               "--num-blocks", "96", "--block-size", "8", "--max-batched-tokens", "64",
-               "--max-seqs", "12", "--grace", "60", "--timeout", "120")
-    yield s
-    s.stop()
+    shared = Shared(lambda: Server(tmp_path_factory.mktemp("logs"), "--model", str(checkpoint),
+                                   "--deployment", "ep2", "--num-blocks", "96", "--block-size", "8",
+                                   "--max-batched-tokens", "64", "--max-seqs", "12", "--grace", "60",
+                                   "--timeout", "120"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def server(servers):
+    return servers.get()
 
 
 def expected(hf_model, prompt: list[int], n: int) -> list[int]:
@@ -287,6 +319,8 @@ def test_chat_honours_max_completion_tokens_and_an_empty_stop_string_stops_nothi
 
 
 def test_models_health_and_metrics(server):
+    # Enough steps of its own for the ranks' counters to arrive (every 16 steps).
+    server.client.completions.create(model="tinyqwen", prompt=[1, 2, 3], max_tokens=20, temperature=0)
     models = server.client.models.list()
     assert [m.id for m in models.data] == ["tinyqwen"]
     assert server.get("/health").json() == {"status": "ok"}
@@ -338,7 +372,7 @@ def test_client_that_leaves_before_a_whole_answer_has_its_request_aborted_and_bl
 
 
 def test_sigterm_lets_in_flight_requests_finish_then_stops_listening_and_exits_0(server, hf_model):
-    """Stops the module's server: runs last of the tests that use it."""
+    """Stops the module's server (a later test gets a new one)."""
     prompt = [9, 8, 7]
     stream = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=60,
                                               temperature=0, stream=True)
@@ -353,15 +387,21 @@ def test_sigterm_lets_in_flight_requests_finish_then_stops_listening_and_exits_0
 
 
 @pytest.fixture(scope="module")
-def small_server(checkpoint, tmp_path_factory):
+def small_servers(checkpoint, tmp_path_factory):
     """ep2 on the checkpoint without its tokenizer (as a preset: token ids only), one running
     sequence per EP rank and one waiting request at most."""
     bare = tmp_path_factory.mktemp("bare") / "bare"
     shutil.copytree(checkpoint, bare, ignore=shutil.ignore_patterns("tokenizer*"))
-    s = Server(tmp_path_factory.mktemp("logs"), "--model", str(bare), "--deployment", "ep2",
-               "--num-blocks", "64", "--max-seqs", "1", "--max-waiting", "1", "--timeout", "60")
-    yield s
-    s.stop()
+    shared = Shared(lambda: Server(tmp_path_factory.mktemp("logs"), "--model", str(bare), "--deployment",
+                                   "ep2", "--num-blocks", "64", "--max-seqs", "1", "--max-waiting", "1",
+                                   "--timeout", "60"))
+    yield shared
+    shared.stop()
+
+
+@pytest.fixture
+def small_server(small_servers):
+    return small_servers.get()
 
 
 def test_text_needs_a_tokenizer(small_server):
@@ -395,14 +435,19 @@ def test_full_queue_is_a_429_at_once(small_server):
 
 
 def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(small_server):
-    """Stops the second server: runs last of the tests that use it."""
-    stream = small_server.client.completions.create(model="bare", prompt=[4] * 8, max_tokens=200,
-                                                    temperature=0, stream=True)
-    next(iter(stream))
-    os.kill(small_server.ranks()[1], signal.SIGKILL)
-    with pytest.raises((openai.APIError, httpx.HTTPError)):
-        for _ in stream:
-            pass
+    """Stops the second server (a later test gets a new one). The client's error event names no
+    internal path or port (gloo's message has both)."""
+    with httpx.stream("POST", small_server.url + "/v1/completions", timeout=60,
+                      json={"model": "bare", "prompt": [4] * 8, "max_tokens": 200, "temperature": 0,
+                            "stream": True}) as r:
+        events = (line[len("data: "):] for line in r.iter_lines() if line.startswith("data: "))
+        next(events)
+        os.kill(small_server.ranks()[1], signal.SIGKILL)
+        rest = list(events)
+    assert rest[-1] == "[DONE]"
+    error = json.loads(rest[-2])["error"]
+    assert error["type"] == "server_error" and "the request was ended" in error["message"]
+    assert not re.search(r"/\w|\.(py|cpp)|:\d{2,}", error["message"]), error["message"]
     try:  # rank 0 says so until the launcher, seeing rank 1 dead, stops it too
         assert small_server.get("/health").status_code == 503
     except httpx.ConnectError:
@@ -425,6 +470,10 @@ def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(sm
     (["--max-stops", "0"], "--max-stops"),
     (["--max-stop-chars", "-1"], "--max-stop-chars"),
     (["--max-body-mb", "0"], "--max-body-mb"),
+    (["--max-connections", "0"], "--max-connections"),
+    (["--header-timeout", "0"], "--header-timeout"),
+    (["--body-timeout", "-1"], "--body-timeout"),
+    (["--keep-alive-timeout", "inf"], "--keep-alive-timeout"),
 ])
 def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
     assert message in cli_error(["serve", "--port", "0", *argv])

@@ -38,6 +38,8 @@ from expertmesh.server.protocol import (ApiError, ChatRequest, CompletionRequest
 
 
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first; nobody reads it
+SHUTDOWN_MARGIN_S = 5.0  # after `--grace`, what ended requests get to send their error
+CHARS_PER_TOKEN = 16  # the most characters of text counted per token of the context (`_fits`)
 
 
 class EngineStopped(RuntimeError):
@@ -288,12 +290,21 @@ def create_app(api: Api) -> FastAPI:
     return app
 
 
+def _fits(api: Api, chars: int, param: str) -> None:
+    """Refuse text that cannot fit the model before tokenizing it: a token holds at most
+    `CHARS_PER_TOKEN` characters (runs of spaces aside), so longer text is too many tokens."""
+    if chars > api.max_len * CHARS_PER_TOKEN:
+        raise ApiError(400, f"{chars} characters of text cannot fit the model's {api.max_len} tokens "
+                            f"(at most {CHARS_PER_TOKEN} characters per token are counted)", param=param)
+
+
 async def _prompt_ids(api: Api, prompt) -> list[int]:
     if isinstance(prompt, list):
         return prompt
     if api.tokenizer is None:
         raise ApiError(400, f"model {api.name!r} has no tokenizer, so a text prompt cannot be "
                             f"encoded; send token ids (a list of integers) as the prompt", param="prompt")
+    _fits(api, len(prompt), "prompt")
     try:
         return (await api.encode(api.tokenizer, prompt)).input_ids
     except (TypeError, ValueError):  # e.g. a lone surrogate, which is no UTF-8 text
@@ -306,6 +317,7 @@ async def _chat_ids(api: Api, body: ChatRequest) -> list[int]:
         raise ApiError(400, f"model {api.name!r} has {what}, so chat messages cannot be rendered; "
                             f"use /v1/completions", param="messages")
     messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+    _fits(api, sum(len(m["content"]) for m in messages), "messages")
 
     def render_chat():
         return api.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
@@ -395,7 +407,9 @@ async def _collect(gen: Generation, http: HttpRequest) -> tuple[str, str] | None
 
 def _stream(api: Api, events) -> EventSourceResponse:
     # sse-starlette ends every stream when uvicorn starts shutting down, unless given a grace.
-    return EventSourceResponse(events, shutdown_grace_period=api.grace_s)
+    # The front end ends what is still open once `grace_s` is over: the stream's error event
+    # comes first, the cut only after `SHUTDOWN_MARGIN_S`.
+    return EventSourceResponse(events, shutdown_grace_period=api.grace_s + SHUTDOWN_MARGIN_S)
 
 
 async def _events(gen: Generation, piece, include_usage: bool, first: dict | None):
@@ -414,5 +428,6 @@ async def _events(gen: Generation, piece, include_usage: bool, first: dict | Non
     except ApiError as exc:
         error = True
         yield {"data": json.dumps(exc.body())}
+        yield {"data": "[DONE]"}
     finally:
         gen.close(error)

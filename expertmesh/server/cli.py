@@ -9,6 +9,7 @@ rank 0 answers with a graceful shutdown and the other ranks ignore.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import multiprocessing as mp
 import ipaddress
@@ -32,6 +33,7 @@ from expertmesh.run_flags import add_eager_arg, add_exchange_args, add_memory_ar
 # each engine step instead (server/engine_process.py).
 SERVE_LIFETIME_S = 10 * 365 * 86400.0
 API_KEY_ENV = "EXPERTMESH_API_KEY"
+LISTEN_BACKLOG = 2048  # connections the kernel queues before an API server accepts them
 
 
 def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
@@ -55,6 +57,7 @@ def cmd_serve(args) -> int:
     deployment = spec.deployment
     try:
         from expertmesh.server.app import Limits
+        from expertmesh.server.connections import ConnectionLimits
         from expertmesh.server.engine_process import ServeOptions, serve_rank
     except ImportError as exc:
         raise ValueError(f"expertmesh serve needs the serve extra ({exc.name} is missing): "
@@ -65,9 +68,12 @@ def cmd_serve(args) -> int:
                            max_waiting=args.max_waiting, grace_s=args.grace, timeout_s=args.timeout,
                            api_servers=args.api_server_count,
                            limits=Limits(int(args.max_body_mb * 2**20), args.max_stops, args.max_stop_chars),
+                           connections=ConnectionLimits(args.max_connections, args.header_timeout,
+                                                        args.body_timeout, args.keep_alive_timeout),
                            api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     if not under_torchrun() or os.environ.get("RANK") == "0":
-        _check_address(args.host, args.port)
+        # Bound and listening before any rank loads: a second server on this port fails here.
+        options = dataclasses.replace(options, fd=_listen(args.host, args.port))
         if options.api_key is None and not _loopback(args.host):
             print(f"warning: listening on {args.host} without an API key: anyone who can reach this "
                   f"machine can use the server; set --api-key (or {API_KEY_ENV})", file=sys.stderr, flush=True)
@@ -81,12 +87,20 @@ def cmd_serve(args) -> int:
         if under_torchrun():  # this process is a rank: rank 0 answers the signals itself
             launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
             return 0
-        previous = {s: signal.signal(s, _forward_to_ranks) for s in (signal.SIGTERM, signal.SIGINT)}
+        # The ranks inherit the listening socket: this process lets go of it once they stop.
+        listening = [options.fd]
+
+        def forward(_signum, _frame) -> None:
+            _let_go(listening)
+            for child in mp.active_children():
+                os.kill(child.pid, signal.SIGTERM)
+        previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
+            _let_go(listening)
     except RuntimeError as exc:  # the in-process server's failure (the launcher's is a RankFailure)
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
@@ -101,21 +115,29 @@ def _loopback(host: str) -> bool:
         return False
 
 
-def _forward_to_ranks(_signum, _frame) -> None:
-    for child in mp.active_children():
-        os.kill(child.pid, signal.SIGTERM)
+def _let_go(fds: list[int]) -> None:
+    """Close the file descriptors in `fds` (once: the list is emptied)."""
+    while fds:
+        os.close(fds.pop())
 
 
-def _check_address(host: str, port: int) -> None:
-    """Fail now, not on rank 0 after loading: the address must be one this machine can listen on."""
+def _listen(host: str, port: int) -> int:
+    """The file descriptor of a socket listening on host:port (its ranks inherit it; rank 0's API
+    servers accept on it). Fails now, not on rank 0 after loading, if another process has it."""
     try:
         family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as s:
+        s = socket.socket(family, socket.SOCK_STREAM)
+        try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
             s.bind((host, port))
+            s.listen(LISTEN_BACKLOG)
+        except OSError:
+            s.close()
+            raise
     except OSError as exc:
         raise ValueError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another "
                          f"--port or --host") from None
+    return s.detach()
 
 
 def cmd_bench_serve(args) -> int:
@@ -191,6 +213,14 @@ def add_commands(sub) -> None:
                        help="most stop strings, and most stop token ids, in one request")
     serve.add_argument("--max-stop-chars", type=int, default=4096,
                        help="most characters of all the stop strings of one request")
+    serve.add_argument("--max-connections", type=int, default=1024, help="open HTTP connections "
+                       "(all API servers together); past it a new connection gets 503 and is closed")
+    serve.add_argument("--header-timeout", type=float, default=30.0,
+                       help="seconds a request's headers may take to arrive (else 408 and close)")
+    serve.add_argument("--body-timeout", type=float, default=60.0,
+                       help="seconds a request's body may take once its headers are in (else 408)")
+    serve.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                       help="seconds an idle connection is kept open between requests")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     add_exchange_args(serve)
     add_eager_arg(serve)

@@ -35,7 +35,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -50,6 +50,7 @@ from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.server.app import Limits
+from expertmesh.server.connections import ConnectionLimits
 from expertmesh.server.frontend import FRONTEND_ENV, FrontendOptions
 from expertmesh.server.ipc import CounterTotals, EngineChannel, FromEngine, Token
 
@@ -68,7 +69,9 @@ class ServeOptions:
     evenly over the API servers). grace_s: what in-flight requests get after SIGTERM. timeout_s:
     the longest an engine step (or the start-up) may take before the server gives up.
     api_servers: front-end processes. api_key: required of every /v1 request when set.
-    limits: what one request may hold."""
+    limits: what one request may hold. connections: bounds on the HTTP connections (all API
+    servers together). fd: the socket listening on host:port, bound by the CLI before any rank
+    started; every rank inherits it, rank 0 hands it to the API servers and closes its own."""
 
     host: str
     port: int
@@ -81,6 +84,8 @@ class ServeOptions:
     api_servers: int = 1
     api_key: str | None = None
     limits: Limits = Limits()
+    connections: ConnectionLimits = ConnectionLimits()
+    fd: int | None = None
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -104,6 +109,8 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
         # Rank 0 alone answers a signal, and then stops every rank through the engine.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if options.fd is not None:
+            os.close(options.fd)  # rank 0's API servers alone accept
     model, links, _ = load_rank(spec, device)
     engine = Engine(model, spec.cfg, spec.deployment, engine_cfg, rank, links, options.eos,
                     n_micro=spec.micro_batches, overlap=spec.overlap, graphs=spec.graphs)
@@ -172,6 +179,7 @@ class EngineServer:
         self.signalled = False
         self.owners: dict[str, int] = {}  # request id -> the front end that sent it
         self.frontends: list[subprocess.Popen] = []
+        self.listening = options.fd  # until the front ends have it
 
     def run(self) -> None:
         previous = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -196,6 +204,8 @@ class EngineServer:
             if channel is not None:
                 channel.close()
             private.cleanup()
+            if self.listening is not None:
+                os.close(self.listening)
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
@@ -226,16 +236,11 @@ class EngineServer:
             self._step()
 
     def _start_frontends(self, private: str) -> str:
-        """Bind the port, start the front ends on it; the URL they serve."""
+        """Start the front ends on the listening socket, then close this process's copy; the URL
+        they serve."""
         o = self.options
-        family = socket.getaddrinfo(o.host, o.port, type=socket.SOCK_STREAM)[0][0]
-        with socket.socket(family, socket.SOCK_STREAM) as listener:
-            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
-            try:
-                listener.bind((o.host, o.port))
-            except OSError as exc:
-                raise RuntimeError(f"could not listen on {o.host}:{o.port} ({exc.strerror})") from None
-            listener.listen(2048)
+        fd, self.listening = self.listening, None
+        with socket.socket(fileno=fd) as listener:
             port = listener.getsockname()[1]
             metrics_dir = os.path.join(private, "metrics")
             os.mkdir(metrics_dir)
@@ -246,7 +251,9 @@ class EngineServer:
                     name=o.name, tokenizer=o.tokenizer, vocab_size=self.spec.cfg.vocab_size,
                     max_len=self.spec.cfg.max_seq_len, engine=asdict(self.engine.scheduler.cfg),
                     num_blocks=self.engine.num_blocks, max_waiting=waiting, grace_s=o.grace_s,
-                    timeout_s=o.timeout_s, limits=asdict(o.limits))
+                    timeout_s=o.timeout_s, limits=asdict(o.limits),
+                    connections=asdict(replace(o.connections, max_connections=-(
+                        -o.connections.max_connections // o.api_servers))))
                 env = {**os.environ, FRONTEND_ENV: json.dumps(asdict(fe)),
                        "PROMETHEUS_MULTIPROC_DIR": metrics_dir}
                 if o.api_key is not None:

@@ -10,7 +10,7 @@ connections) and one Prometheus multiprocess directory, so any of them answers `
 all; front end 0 alone records the engine's gauges and counters.
 
 The front end ends: on SIGTERM (from rank 0: uvicorn stops accepting and gives open requests
-`grace_s`), exit 0; when the engine reports a failure, or rank 0, its parent, is gone: every
+`grace_s`; then those still open end with a 503, or a stream's error event), exit 0; when the engine reports a failure, or rank 0, its parent, is gone: every
 open request ends with an error, `/health` and new requests get 503, and it exits 1.
 """
 
@@ -28,7 +28,8 @@ from dataclasses import dataclass
 import uvicorn
 
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
-from expertmesh.server.app import Api, EngineStopped, Limits, create_app
+from expertmesh.server.app import SHUTDOWN_MARGIN_S, Api, EngineStopped, Limits, create_app
+from expertmesh.server.connections import ConnectionLimits, quiet_accept_errors, uvicorn_options
 from expertmesh.server.ipc import FrontendChannel, NewRequest, ToEngine
 from expertmesh.server.metrics import ServerMetrics
 
@@ -57,6 +58,7 @@ class FrontendOptions:
     grace_s: float
     timeout_s: float
     limits: dict  # `app.Limits`' fields
+    connections: dict  # `connections.ConnectionLimits`' fields, this process's share
 
 
 class EngineClient:
@@ -104,8 +106,15 @@ class EngineClient:
     def fail(self, reason: str) -> None:
         if self.failure is None:
             self.failure = reason
+        self.end_all(reason)
+
+    def end_all(self, reason: str) -> None:
+        """End every open request with `EngineStopped(reason)` (and abort it in the engine)."""
         for queue in self.queues.values():
             queue.put_nowait(EngineStopped(reason))
+        if self.failure is None and self.queues:
+            self.pending.aborts.extend(self.queues)
+            self._schedule()
         self.queues.clear()
 
     async def receive(self) -> None:
@@ -146,8 +155,10 @@ async def _serve(options: FrontendOptions) -> int:
               Scheduler(EngineConfig(**options.engine), options.num_blocks), metrics,
               _tokenizer(options.tokenizer), options.max_waiting, options.timeout_s, options.grace_s,
               os.environ.get("EXPERTMESH_API_KEY") or None, Limits(**options.limits))
+    quiet_accept_errors(asyncio.get_running_loop())
     config = uvicorn.Config(create_app(api), log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=options.grace_s)
+                            timeout_graceful_shutdown=options.grace_s + SHUTDOWN_MARGIN_S,
+                            **uvicorn_options(ConnectionLimits(**options.connections)))
     server = api.server = uvicorn.Server(config)
     listener = socket.socket(fileno=options.fd)
     serving = asyncio.create_task(server.serve(sockets=[listener]))
@@ -156,8 +167,14 @@ async def _serve(options: FrontendOptions) -> int:
         await asyncio.sleep(0.05)
     if server.started:
         engine.started()
+    stopping_since = None
     while not serving.done():
         await asyncio.wait([serving], timeout=PARENT_POLL_S)
+        if server.should_exit and stopping_since is None:
+            stopping_since = time.monotonic()
+        if stopping_since is not None and time.monotonic() - stopping_since >= options.grace_s:
+            # Before uvicorn's own cut: 503s and error events, not 500s and broken streams.
+            engine.end_all(f"the server shut down before it finished (--grace {options.grace_s:g} s)")
         if os.getppid() != parent:
             engine.fail("the engine process ended")
         elif receiving.done() and engine.failure is None:  # a message it could not read: a bug
