@@ -86,7 +86,9 @@ class Server:
             self.proc.kill()
             self.proc.wait(30)
         self.log.close()
-        assert self.leftovers.alive() == []
+        # Its API servers see rank 0 gone within PARENT_POLL_S, drain for DRAIN_S, then stop
+        # uvicorn: seconds at most, but at a load of 15 on 2 cores more than 5 s was seen.
+        assert self.leftovers.alive(wait_s=30) == []
 
 
 @pytest.fixture(scope="module")
