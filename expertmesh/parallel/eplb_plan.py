@@ -1,0 +1,101 @@
+"""Online EPLB's planner: from one layer's load window, the experts its spare slots should hold.
+
+Each EP rank keeps its primary experts (the start-up placement's first slots, never moved) and
+`spares` more slots, the last ones of its placement row, that online rebalancing refills. The plan
+(`fill_spares`) fills them one at a time, greedily: each spare slot goes to the (expert, rank)
+pair that leaves the busiest rank least loaded, counting an expert's tokens as split evenly over
+its replicas (`planned_rank_loads`, the packer's model of `plan_redundant`); ties go to the lower
+sum of squared rank loads, then the lower expert and rank. This is `plan_redundant`'s candidate (b)
+with a limit of slots per rank: only spare slots change, so a rebalance moves at most `spares`
+experts per rank and layer. An expert that stays on a rank keeps its slot (`align`), so it moves
+no weight.
+
+`plan_layer` adopts the plan only when it lowers the window's max / mean rank load by `MARGIN`
+of the current placement's (both predicted by `planned_rank_loads` from the same window): a
+rebalance costs weight moves, so noise must not trigger one.
+"""
+
+from __future__ import annotations
+
+from expertmesh.parallel.placement import Placement, planned_rank_loads
+
+# Adopt a new placement when it lowers the window's predicted max/mean rank load by at least this
+# fraction (10%: the 1.8x -> 1.6x of a mild skew is worth a move; per-window noise of a steady
+# load is below it).
+MARGIN = 0.10
+
+
+def imbalance(placement: Placement, loads: list[float]) -> float:
+    """Predicted max / mean rank load of `placement` under expert `loads` (1.0: none or even)."""
+    ranks = planned_rank_loads(placement, loads)
+    mean = sum(ranks) / len(ranks)
+    return max(ranks) / mean if mean else 1.0
+
+
+def fill_spares(primaries: Placement, spares: int, loads: list[float]) -> list[list[int]]:
+    """primaries[r]: the experts rank r keeps -> the experts of each rank's `spares` spare slots
+    (a set per rank, unordered; see the module docstring). Every slot is filled, also when no
+    replica lowers the busiest rank (then the least harmful one)."""
+    placement = [list(experts) for experts in primaries]
+    n_experts = 1 + max(e for experts in primaries for e in experts)
+    room = [spares] * len(primaries)
+    for _ in range(spares * len(primaries)):
+        best = None
+        for e in range(n_experts):
+            for r in range(len(placement)):
+                if not room[r] or e in placement[r]:
+                    continue
+                placement[r].append(e)
+                ranks = planned_rank_loads(placement, loads)
+                placement[r].pop()
+                key = (max(ranks), sum(x * x for x in ranks), e, r)
+                if best is None or key < best:
+                    best = key
+        if best is None:  # more spare slots than distinct experts: nothing left to place
+            break
+        e, r = best[2], best[3]
+        placement[r].append(e)
+        room[r] -= 1
+    return [experts[len(primaries[r]):] for r, experts in enumerate(placement)]
+
+
+def align(current: list[int], chosen: list[int]) -> list[int]:
+    """Order `chosen` spare experts so that those already in `current` (the spare slots' experts
+    now) keep their slot: -> the new spare row, slot by slot."""
+    keep = [e if e in chosen else None for e in current]
+    rest = iter(e for e in chosen if e not in current)
+    return [e if e is not None else next(rest) for e in keep]
+
+
+def plan_layer(current: Placement, primaries: int, loads: list[float],
+               margin: float = MARGIN) -> Placement | None:
+    """current[r]: rank r's experts now, its first `primaries` slots fixed, the rest spare;
+    loads: the window's rows per expert -> the new placement, or None when it does not lower the
+    predicted imbalance by `margin` (relative)."""
+    fixed = [experts[:primaries] for experts in current]
+    spares = len(current[0]) - primaries
+    if spares <= 0 or not sum(loads):
+        return None
+    chosen = fill_spares(fixed, spares, loads)
+    new = [fixed[r] + align(current[r][primaries:], chosen[r]) for r in range(len(current))]
+    if new == current or imbalance(new, loads) > imbalance(current, loads) * (1 - margin):
+        return None
+    return new
+
+
+def start_placement(n_experts: int, ep: int, spares: int) -> Placement:
+    """The plain placement (rank r holds experts r*E/P .. (r+1)*E/P - 1) with `spares` more
+    slots per rank, filled before any load is known: spare j of rank r holds an expert of rank
+    r + 1 + j (mod P; a further one once every other rank has given one)."""
+    per = n_experts // ep
+    if spares > n_experts - per:
+        raise ValueError(f"--redundant-experts {spares} spare slots per rank exceed the {n_experts - per} "
+                         f"experts another rank holds; use at most that")
+    rows = []
+    for r in range(ep):
+        spare = []
+        for j in range(spares):
+            other = (r + 1 + j % (ep - 1)) % ep
+            spare.append(other * per + j // (ep - 1))
+        rows.append(list(range(r * per, (r + 1) * per)) + spare)
+    return rows

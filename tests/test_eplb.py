@@ -1,0 +1,171 @@
+"""Online expert load balancing (`parallel/eplb.py`, `eplb_plan.py`, `expert_moves.py`).
+
+Served on local gloo ranks, a mixed stream of requests (staggered arrivals, aborts, preemption)
+under a skew whose hot experts move every few steps gives the same greedy fp32 tokens with online
+rebalancing as without it, across several rebalances; every rank of a layer's EP group switches
+it at the same step; with the weight copies slowed down (sent from a thread, long after the step
+that posted them) no slot table ever names a slot whose weights differ from its expert's in the
+unsharded model; the planner never does worse than the placement it starts from.
+"""
+
+import functools
+import threading
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from expertmesh.config import Workload, preset
+from expertmesh.deployment import Deployment
+from expertmesh.engine.engine import Engine
+from expertmesh.engine.scheduler import EngineConfig
+from expertmesh.engine.serve import serve
+from expertmesh.engine.shard import load_rank
+from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import eplb_controller
+from expertmesh.launch import launch
+from expertmesh.model.transformer import reference_model
+from expertmesh.parallel import eplb_plan, expert_moves
+from expertmesh.parallel.eplb import EplbConfig
+from expertmesh.parallel.eplb_plan import start_placement
+from expertmesh.parallel.expert import dispatchers
+from serving import Mixed
+
+SEED = 11
+CFG = preset("tiny", router_skew=1.2, router_skew_shift=5)
+# a small pool: long prompts preempt running sequences
+PREEMPTING = EngineConfig(num_blocks=12, block_size=8, max_batched_tokens=128, max_seqs=8)
+EPLB = EplbConfig(interval=4, window=3, layers_per_step=1, margin=0.0)
+
+
+@pytest.fixture(scope="module")
+def mixed():
+    torch.set_num_threads(1)
+    return Mixed(reference_model(CFG, seed=SEED), n=24, max_prompt=80, max_new=12, spread=10,
+                 n_aborts=3, seed=2)
+
+
+def _spec(deployment: str, eplb: EplbConfig | None) -> RunSpec:
+    dep = Deployment.parse(deployment)
+    placement = [start_placement(CFG.n_experts, dep.ep, 1) for _ in range(CFG.n_layers)]
+    spec = RunSpec(CFG, dep, Workload(), seed=SEED, placement=placement, eplb=eplb)
+    spec.validate(dep.world_size)
+    return spec
+
+
+class _SlowSends:
+    """torch.distributed for `expert_moves`, but a move's sends leave from a thread `delay`
+    seconds after the step that posted them (its receives are posted at once)."""
+
+    def __init__(self, delay: float):
+        self.delay = delay
+
+    def __getattr__(self, name):
+        return getattr(dist, name)
+
+    def batch_isend_irecv(self, ops):
+        works = [dist.irecv(op.tensor, op.peer, op.group) for op in ops if op.op is dist.irecv]
+        sends = [op for op in ops if op.op is not dist.irecv]
+
+        def later():
+            time.sleep(self.delay)
+            for op in sends:
+                dist.send(op.tensor, op.peer, op.group)
+
+        thread = threading.Thread(target=later)
+        thread.start()
+        return works + [_Joined(thread)]
+
+
+class _Joined:
+    def __init__(self, thread):
+        self.thread = thread
+
+    def wait(self):
+        self.thread.join()
+
+
+def _serve(spec: RunSpec, work: Mixed, slow: float, device):
+    """This rank serves `work` -> (transcript or None, EPLB summary, switches [(step, layer,
+    placement)], slot checks made, slot checks failed)."""
+    torch.set_num_threads(1)
+    if slow:
+        expert_moves.dist = _SlowSends(slow)
+    rank = dist.get_rank()
+    model, links, _ = load_rank(spec, device)
+    eplb = eplb_controller(spec, model, rank)
+    reference = reference_model(spec.cfg, seed=SEED)
+    switches, checks = [], [0, 0]
+    for layer, d in dispatchers(model).items():
+        def logged(placement, layer=layer, switch=d.switch):
+            switches.append((eplb.step if eplb else None, layer, placement))
+            switch(placement)
+        d.switch = logged
+
+    def check_slots():
+        """Every slot of every layer held here holds its expert's weights (the unsharded model's)."""
+        for layer, d in dispatchers(model).items():
+            full = dict(reference.layers[str(layer)].moe.experts.named_parameters())
+            for name, param in model.layers[str(layer)].moe.experts.named_parameters():
+                checks[0] += 1
+                checks[1] += not torch.equal(param, full[name][d.placement[d.rank]])
+
+    if eplb:
+        begin = eplb.begin_step
+
+        def begin_and_check():
+            begin()
+            check_slots()
+        eplb.begin_step = begin_and_check
+    engine = Engine(model, spec.cfg, spec.deployment, PREEMPTING, rank, links, (work.eos,),
+                    n_micro=spec.micro_batches, eplb=eplb)
+    transcript = serve(engine, work.arrivals, work.aborts)
+    mine = (rank, eplb.summary() if eplb else None, switches, checks)
+    everyone = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    return transcript, everyone
+
+
+def _run(deployment: str, work: Mixed, eplb: EplbConfig | None, slow: float = 0.0):
+    spec = _spec(deployment, eplb)
+    return launch(functools.partial(_serve, spec, work, slow), spec.deployment.world_size, timeout=300)
+
+
+@pytest.mark.parametrize("deployment", ["ep4", "ep2pp2"])
+def test_online_rebalancing_changes_no_token_and_switches_every_rank_at_one_step(deployment, mixed):
+    without, _ = _run(deployment, mixed, None)
+    with_eplb, ranks = _run(deployment, mixed, EPLB)
+    assert with_eplb.tokens == without.tokens and with_eplb.finished == without.finished
+    assert sum(s["preemptions"] for s in without.rank_stats) > 0  # the workload preempts
+    assert set(mixed.aborted) & set(without.tokens)
+    dep = Deployment.parse(deployment)
+    for stage in range(dep.pp):
+        group = [r for r in ranks if r[0] // dep.inner == stage]
+        logs = [sorted((step, layer, str(p)) for step, layer, p in r[2]) for r in group]
+        assert all(log == logs[0] for log in logs), "ranks of a group switched differently"
+        assert len({step for step, _, _ in logs[0]}) >= 3  # several rebalances, at several steps
+        assert all(r[3][1] == 0 and r[3][0] > 0 for r in group)  # every slot always held its expert
+
+
+def test_slowed_copies_never_leave_a_slot_table_pointing_at_missing_weights(mixed):
+    without, _ = _run("ep4", mixed, None)
+    slowed, ranks = _run("ep4", mixed, EPLB, slow=0.3)
+    assert slowed.tokens == without.tokens
+    assert all(r[3][0] > 0 and r[3][1] == 0 for r in ranks)
+    assert sum(len(r[2]) for r in ranks) >= 4
+    # the copies came late: a step that finished a move waited for them
+    assert max(max(r[1]["stalls"]) for r in ranks) >= 0.2
+
+
+def test_the_planner_lowers_the_imbalance_and_never_raises_it():
+    loads = [100, 60, 40, 30, 20, 10, 8, 6, 5, 4, 3, 2, 2, 1, 1, 1]
+    start = start_placement(16, 4, 1)
+    new = eplb_plan.plan_layer(start, 4, loads, margin=0.1)
+    # by hand: rank 0 holds experts 0-3 (230 of 292 rows); replicas of 0, 1 and 2 elsewhere
+    # take half of theirs off it
+    naive = [sum(loads[e] for e in range(4 * r, 4 * r + 4)) for r in range(4)]
+    assert new is not None and [row[:4] for row in new] == [row[:4] for row in start]
+    assert eplb_plan.imbalance(new, loads) < max(naive) / (sum(naive) / 4) * 0.9
+    assert eplb_plan.plan_layer(new, 4, loads, margin=0.1) is None  # nothing better left
+    assert eplb_plan.plan_layer(start, 4, [1] * 16, margin=0.1) is None  # even: keep it
