@@ -83,6 +83,21 @@ def plan_layer(current: Placement, primaries: int, loads: list[float],
     return new
 
 
+def eplb_start(cfg, ep: int, spares: int, loads: list[list[int]] | None = None) -> list[Placement]:
+    """Every layer's start placement for online rebalancing: the plain one with `spares` slots per
+    rank, filled from recorded routing's expert loads per layer when given (`fill_spares`), else
+    by `start_placement`."""
+    plain = start_placement(cfg.n_experts, ep, spares)
+    if loads is None:
+        return [plain for _ in range(cfg.n_layers)]
+    primaries = [row[:cfg.n_experts // ep] for row in plain]
+    if len(loads) != cfg.n_layers:
+        raise ValueError(f"routing statistics have {len(loads)} layers, {cfg.name} has {cfg.n_layers}; "
+                         f"record them with the same model")
+    return [[p + align(row[len(p):], chosen) for p, row, chosen in
+             zip(primaries, plain, fill_spares(primaries, spares, layer))] for layer in loads]
+
+
 def start_placement(n_experts: int, ep: int, spares: int) -> Placement:
     """The plain placement (rank r holds experts r*E/P .. (r+1)*E/P - 1) with `spares` more
     slots per rank, filled before any load is known: spare j of rank r holds an expert of rank
