@@ -169,3 +169,70 @@ def test_the_planner_lowers_the_imbalance_and_never_raises_it():
     assert eplb_plan.imbalance(new, loads) < max(naive) / (sum(naive) / 4) * 0.9
     assert eplb_plan.plan_layer(new, 4, loads, margin=0.1) is None  # nothing better left
     assert eplb_plan.plan_layer(start, 4, [1] * 16, margin=0.1) is None  # even: keep it
+
+
+BAD_FLAGS = {
+    "interval zero": (["run", "--deployment", "ep2", "--redundant-experts", "1", "--eplb-interval", "0"],
+                      "--eplb-interval 0 must be at least 1 step"),
+    "window past interval": (["run", "--deployment", "ep2", "--redundant-experts", "1", "--eplb-interval", "10",
+                              "--eplb-window", "20"], "--eplb-window 20 must be between 1 and --eplb-interval 10"),
+    "window alone": (["run", "--deployment", "ep2", "--eplb-window", "5"], "add --eplb-interval K"),
+    "layers per step zero": (["run", "--deployment", "ep2", "--redundant-experts", "1", "--eplb-interval", "4",
+                              "--eplb-layers-per-step", "0"], "--eplb-layers-per-step 0 must be at least 1"),
+    "no spare slots": (["run", "--deployment", "ep2", "--eplb-interval", "4"], "add --redundant-experts R"),
+    "not ep": (["run", "--deployment", "tp2", "--redundant-experts", "1", "--eplb-interval", "4"],
+               "acts on expert-parallel deployments only"),
+    "too many spares": (["run", "--deployment", "ep2", "--redundant-experts", "9", "--eplb-interval", "4"],
+                        "exceed the 8 experts another rank holds"),
+    "skew shift": (["run", "--deployment", "ep2", "--router-skew", "zipf:1.2,shift:0"], "shift:N (N >= 1 steps)"),
+    "serve interval zero": (["serve", "--deployment", "ep2", "--redundant-experts", "1", "--eplb-interval", "0"],
+                            "--eplb-interval 0 must be at least 1 step"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_FLAGS)
+def test_bad_eplb_flags_are_one_error_line_before_any_rank_starts(name, cli_error):
+    argv, expected = BAD_FLAGS[name]
+    assert expected in cli_error(argv)
+
+
+WINDOWED = EplbConfig(interval=3, window=2, margin=1.0)  # measures, never adopts (nothing moves)
+STEPS = 7
+
+
+def _host_reads_per_step(eplb: EplbConfig | None, device) -> list[int]:
+    """ep2 on the pretend accelerator, the low-latency exchange (no read of its own): 8 requests
+    prefill, then decode; host reads of each of `STEPS` engine steps on this rank."""
+    from expertmesh.engine.request import Request
+    from expertmesh.engine.shard import shard_model
+    from expertmesh.model.synthetic import materialize
+    from expertmesh.parallel.mesh import stage_group
+    from fake_device import FakeDevice, move_to_device
+
+    torch.set_num_threads(1)
+    cfg = preset("tiny", n_layers=2, router_skew=1.2)
+    dep = Deployment.parse("ep2")
+    spec = RunSpec(cfg, dep, Workload(), placement=[start_placement(16, 2, 1)] * 2, eplb=eplb)
+    rank = dist.get_rank()
+    model = materialize(shard_model(spec, rank, stage_group(dep, rank)), seed=3, dtype=torch.float32)
+    engine_cfg = EngineConfig(block_size=4, num_blocks=40, max_batched_tokens=64, max_seqs=8, chunked_prefill=False)
+    with FakeDevice() as mode:
+        model = move_to_device(model)
+        engine = Engine(model, cfg, dep, engine_cfg, rank, eplb=eplb_controller(spec, model, rank))
+        if rank == 0:
+            for i in range(8):
+                engine.add_request(Request(i, tuple((7 * i + 5 * j) % cfg.vocab_size for j in range(6)), 12))
+        reads = []
+        for _ in range(STEPS):
+            before = mode.counts()[0]
+            engine.step()
+            reads.append(mode.counts()[0] - before)
+        engine.shutdown() if rank == 0 else engine.step()
+    return reads
+
+
+def test_the_load_window_is_read_on_the_host_once_per_window():
+    plain = launch(functools.partial(_host_reads_per_step, None), 2, timeout=120)
+    windowed = launch(functools.partial(_host_reads_per_step, WINDOWED), 2, timeout=120)
+    # windows close at steps 2 and 5 (the last 2 of every 3): one read each, all layers together
+    assert [w - p for w, p in zip(windowed, plain)] == [0, 0, 1, 0, 0, 1, 0]
