@@ -236,3 +236,34 @@ def test_the_load_window_is_read_on_the_host_once_per_window():
     windowed = launch(functools.partial(_host_reads_per_step, WINDOWED), 2, timeout=120)
     # windows close at steps 2 and 5 (the last 2 of every 3): one read each, all layers together
     assert [w - p for w, p in zip(windowed, plain)] == [0, 0, 1, 0, 0, 1, 0]
+
+
+def test_a_server_rebalancing_online_answers_transformers_tokens_and_reports_it_in_metrics(tmp_path):
+    """`serve` on ep2 of a real (tiny Qwen2-MoE) checkpoint, one spare slot per rank, windows of 2
+    steps every 4: greedy tokens equal transformers'; /metrics has the window's imbalance per
+    layer, the rebalance counter and the stall histogram."""
+    pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
+    pytest.importorskip("transformers", reason="the tiny checkpoint is built with transformers")
+    from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint
+    from test_server import Server
+
+    checkpoint = save_tiny_checkpoint("qwen2_moe", tmp_path / "tinyqwen", tokenizer=True)
+    server = Server(tmp_path, "--model", str(checkpoint), "--deployment", "ep2", "--num-blocks", "64",
+                    "--block-size", "8", "--redundant-experts", "1", "--eplb-interval", "4",
+                    "--eplb-window", "2", "--timeout", "120")
+    try:
+        prompts = [[(11 * i + 3 * j) % 200 + 1 for j in range(5 + i)] for i in range(6)]
+        for prompt in prompts:
+            r = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=12, temperature=0)
+            want = reference_greedy(checkpoint, torch.tensor([prompt]), 12)[0][0].tolist()
+            assert r.choices[0].token_ids == want
+        deadline = time.monotonic() + 60  # the ranks' counters arrive every few steps
+        while server.metric("expertmesh_eplb_step_stall_seconds_count") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.5)
+        assert server.metric("expertmesh_eplb_window_imbalance", layer=0) >= 1.0
+        assert server.metric("expertmesh_eplb_rebalances_total") >= 0
+    finally:
+        server.proc.terminate()  # SIGTERM: the ranks stop through the engine, moves in flight finish
+        server.proc.wait(90)
+        server.stop()

@@ -87,13 +87,16 @@ class Eplb:
         self.adopted: list[tuple[int, int, float, float]] = []  # (window, layer, before, after)
         self.switches = 0
         self.bytes_received = 0
-        self._spent = 0.0
+        self._spent, self._busy = 0.0, False
+        self.latest: dict[int, float] = {}  # layer -> the last window's measured imbalance
+        self.untaken: dict = {"rebalances": 0, "stalls": []}  # since the last `take`
 
     # -- the engine's calls, in step order ---------------------------------------------------
 
     def begin_step(self) -> None:
         """Before the forward: finish last step's moves, post the next ones, open the window."""
         start = time.perf_counter()
+        self._busy = bool(self.posted or self.queued)
         for move in self.posted:
             move.finish()
             self.switches += 1
@@ -129,8 +132,11 @@ class Eplb:
         closed."""
         start = time.perf_counter()
         if any(p is not None for p in payloads):
+            self._busy = True
             self._plan([p for p in payloads if p is not None])
         self.stalls.append(self._spent + time.perf_counter() - start)
+        if self._busy:
+            self.untaken["stalls"].append(self.stalls[-1])
         self.step += 1
 
     def close(self) -> None:
@@ -150,12 +156,22 @@ class Eplb:
             ranks = [sum(rows) for rows in per_rank]
             mean = sum(ranks) / len(ranks)
             measured.append(max(ranks) / mean if mean else 1.0)
+            self.latest[layer] = measured[-1]
             current = self.queued.get(layer, block.dispatcher.placement)
             new = plan_layer(current, self.primaries, loads, self.config.margin)
             if new is not None:
                 self.queued[layer] = new
                 self.adopted.append((window, layer, measured[-1], imbalance(new, loads)))
+        self.untaken["rebalances"] += any(w == window for w, *_ in self.adopted)
         self.windows.append(sum(measured) / len(measured) if measured else 1.0)
+
+    def take(self) -> dict:
+        """For a server's periodic collection: the last window's measured imbalance per layer
+        held here, windows that adopted a plan and the seconds of each step that did EPLB work
+        (plan, wait, switch, post), since the last call."""
+        taken = {"imbalance": dict(self.latest), **self.untaken}
+        self.untaken = {"rebalances": 0, "stalls": []}
+        return taken
 
     def summary(self) -> dict:
         """This rank's figures: windows' measured imbalance, adopted plans (window, layer,
