@@ -85,6 +85,7 @@ class Eplb:
         self.stalls: list[float] = []  # seconds each step spent on EPLB (plan, wait, switch, post)
         self.windows: list[float] = []  # per window: mean over layers of its measured imbalance
         self.adopted: list[tuple[int, int, float, float]] = []  # (window, layer, before, after)
+        self.busy_steps: list[int] = []  # steps that planned, finished or posted a move
         self.switches = 0
         self.bytes_received = 0
         self._spent, self._busy = 0.0, False
@@ -137,6 +138,7 @@ class Eplb:
         self.stalls.append(self._spent + time.perf_counter() - start)
         if self._busy:
             self.untaken["stalls"].append(self.stalls[-1])
+            self.busy_steps.append(self.step)
         self.step += 1
 
     def close(self) -> None:
@@ -176,9 +178,9 @@ class Eplb:
     def summary(self) -> dict:
         """This rank's figures: windows' measured imbalance, adopted plans (window, layer,
         measured imbalance before, predicted after), layer switches, bytes received, the
-        seconds each step spent on EPLB."""
+        seconds each step spent on EPLB, the steps that did EPLB work."""
         return {"windows": self.windows, "adopted": self.adopted, "switches": self.switches,
-                "bytes_received": self.bytes_received, "stalls": self.stalls}
+                "bytes_received": self.bytes_received, "stalls": self.stalls, "busy_steps": self.busy_steps}
 
 
 def run_summary(ranks: list[dict]) -> dict:

@@ -35,28 +35,37 @@ def imbalance(placement: Placement, loads: list[float]) -> float:
 def fill_spares(primaries: Placement, spares: int, loads: list[float]) -> list[list[int]]:
     """primaries[r]: the experts rank r keeps -> the experts of each rank's `spares` spare slots
     (a set per rank, unordered; see the module docstring). Every slot is filled, also when no
-    replica lowers the busiest rank (then the least harmful one)."""
-    placement = [list(experts) for experts in primaries]
+    replica lowers the busiest rank (then the least harmful one). Rank loads are updated per
+    candidate in O(ranks), not recomputed: O(spare slots x E x P^2) in all."""
+    P = len(primaries)
     n_experts = 1 + max(e for experts in primaries for e in experts)
-    room = [spares] * len(primaries)
-    for _ in range(spares * len(primaries)):
+    holders = {e: [r for r in range(P) if e in primaries[r]] for e in range(n_experts)}
+    rank_load = [0.0] * P
+    for e, where in holders.items():
+        for r in where:
+            rank_load[r] += loads[e] / len(where)
+    chosen: list[list[int]] = [[] for _ in range(P)]
+    for _ in range(spares * P):
         best = None
         for e in range(n_experts):
-            for r in range(len(placement)):
-                if not room[r] or e in placement[r]:
+            where = holders[e]
+            share, fewer = loads[e] / len(where), loads[e] / (len(where) + 1)
+            for r in range(P):
+                if len(chosen[r]) == spares or r in where:
                     continue
-                placement[r].append(e)
-                ranks = planned_rank_loads(placement, loads)
-                placement[r].pop()
-                key = (max(ranks), sum(x * x for x in ranks), e, r)
-                if best is None or key < best:
-                    best = key
+                trial = list(rank_load)
+                for h in where:
+                    trial[h] += fewer - share
+                trial[r] += fewer
+                key = (max(trial), sum(x * x for x in trial), e, r)
+                if best is None or key < best[0]:
+                    best = (key, trial)
         if best is None:  # more spare slots than distinct experts: nothing left to place
             break
-        e, r = best[2], best[3]
-        placement[r].append(e)
-        room[r] -= 1
-    return [experts[len(primaries[r]):] for r, experts in enumerate(placement)]
+        (_, _, e, r), rank_load = best
+        holders[e] = holders[e] + [r]
+        chosen[r].append(e)
+    return chosen
 
 
 def align(current: list[int], chosen: list[int]) -> list[int]:
