@@ -267,3 +267,28 @@ def test_a_server_rebalancing_online_answers_transformers_tokens_and_reports_it_
         server.proc.terminate()  # SIGTERM: the ranks stop through the engine, moves in flight finish
         server.proc.wait(90)
         server.stop()
+
+
+def test_the_simulator_rebalances_a_steady_skew_once_and_prices_the_move():
+    from expertmesh.sim.eplb import EplbScenario, move_cost, simulate_eplb
+    from expertmesh.sim.hardware import get_profile
+    from expertmesh.sim.routing import Routing
+
+    steady = EplbScenario(16, 2, 4, 1, Routing.parse("zipf:1.2"), shift=0, interval=10, window=5, layers=2)
+    r = simulate_eplb(steady, 100)
+    assert r["rebalances"] == 1  # a steady skew: nothing better after the first plan
+    # by hand: ranks 0..3 hold experts 0-3, 4-7, ...; rank r's spare holds expert 4(r+1) mod 16,
+    # which halves that expert's load between two ranks
+    shares = Routing.parse("zipf:1.2").shares(16, 2)
+    ranks = [sum(shares[4 * r + i] for i in range(4)) - shares[4 * r] / 2 + shares[4 * ((r + 1) % 4)] / 2
+             for r in range(4)]
+    assert r["static_per_step"][0] == pytest.approx(max(ranks) / (sum(ranks) / 4))
+    # plan at step 9, posted at 10, both layers switched by step 12 (one layer a step)
+    assert r["online_per_step"][11] < r["static_per_step"][11]
+    assert r["online_per_step"][12:] == [r["online_per_step"][12]] * 88 and r["online_per_step"][12] < 1.6
+    uniform = simulate_eplb(EplbScenario(16, 2, 4, 1, Routing(), 0, 10, 5, 2), 30)
+    assert uniform["imbalance_static"] == pytest.approx(1.0) and uniform["rebalances"] == 0
+    h100 = get_profile("h100")
+    cost = move_cost(h100, 1 << 20, 3, 16)  # 16 ranks, 8 per node: over the network
+    assert cost["link"] == "network" and cost["copy_s"] == pytest.approx(3 * 2**20 / (h100.net_bw * h100.net_efficiency)
+                                                                     + h100.net_latency_s)
