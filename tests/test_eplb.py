@@ -185,6 +185,9 @@ BAD_FLAGS = {
     "too many spares": (["run", "--deployment", "ep2", "--redundant-experts", "9", "--eplb-interval", "4"],
                         "exceed the 8 experts another rank holds"),
     "skew shift": (["run", "--deployment", "ep2", "--router-skew", "zipf:1.2,shift:0"], "shift:N (N >= 1 steps)"),
+    "simulate not ep": (["simulate-eplb", "--deployment", "tp2"], "give --deployment epN, not tp2"),
+    "simulate window": (["simulate-eplb", "--eplb-interval", "10", "--eplb-window", "11"],
+                        "--eplb-window 11 must be between 1 and --eplb-interval 10"),
     "serve interval zero": (["serve", "--deployment", "ep2", "--redundant-experts", "1", "--eplb-interval", "0"],
                             "--eplb-interval 0 must be at least 1 step"),
 }
