@@ -295,3 +295,20 @@ def test_the_simulator_rebalances_a_steady_skew_once_and_prices_the_move():
     cost = move_cost(h100, 1 << 20, 3, 16)  # 16 ranks, 8 per node: over the network
     assert cost["link"] == "network" and cost["copy_s"] == pytest.approx(3 * 2**20 / (h100.net_bw * h100.net_efficiency)
                                                                      + h100.net_latency_s)
+
+
+def test_a_run_reports_its_rebalances_in_the_json_and_keeps_its_tokens():
+    from expertmesh.engine.worker import run
+
+    cfg = preset("tiny", n_layers=2, router_skew=1.2)
+    dep = Deployment.parse("ep4")
+    workload = Workload(batch_size=8, prompt_len=6, gen_len=10, seed=1)
+    base = RunSpec(cfg, dep, workload, placement=[start_placement(16, 4, 1)] * 2)
+    plain = run(base, timeout=300)
+    online = run(RunSpec(cfg, dep, workload, placement=base.placement, eplb=EplbConfig(4, 2)), timeout=300)
+    assert torch.equal(plain.tokens, online.tokens)
+    figures = online.to_dict()["eplb"]
+    assert figures["rebalances"] >= 1 and figures["layer_switches"] >= 4  # every rank switched a layer
+    assert figures["imbalance_after"] < figures["imbalance_before"]
+    assert len(figures["window_imbalance"]) == 2 and figures["max_step_stall_s"] > 0
+    assert "eplb" not in plain.to_dict()
