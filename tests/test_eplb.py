@@ -150,12 +150,13 @@ def test_online_rebalancing_changes_no_token_and_switches_every_rank_at_one_step
 
 def test_slowed_copies_never_leave_a_slot_table_pointing_at_missing_weights(mixed):
     without, _ = _run("ep4", mixed, None)
-    slowed, ranks = _run("ep4", mixed, EPLB, slow=0.3)
+    slowed, ranks = _run("ep4", mixed, EPLB, slow=0.8)
     assert slowed.tokens == without.tokens
     assert all(r[3][0] > 0 and r[3][1] == 0 for r in ranks)
     assert sum(len(r[2]) for r in ranks) >= 4
-    # the copies came late: a step that finished a move waited for them
-    assert max(max(r[1]["stalls"]) for r in ranks) >= 0.2
+    # the copies came late: some step that finished a move waited for them (most steps take
+    # well under the delay, even on a loaded machine)
+    assert max(max(r[1]["stalls"]) for r in ranks) >= 0.3
 
 
 def test_the_planner_lowers_the_imbalance_and_never_raises_it():

@@ -9,7 +9,8 @@ Every `interval` (K) engine steps, over the last `window` (W) of them:
      (`{layer: [E] ints}`, about E * 8 bytes per layer held, on that one step only), so every rank
      has every rank's: no collective of its own;
   3. every rank of a layer's EP group plans that layer from the same numbers (`eplb_plan.py`), so
-     all agree without a message; an adopted plan queues a `LayerMove` (`expert_moves.py`);
+     all agree without a message, at most `layers_per_step` layers a step from the window's end
+     (a plan costs milliseconds of Python); an adopted plan queues a `LayerMove` (`expert_moves.py`);
   4. at each step's start, the moves posted at the previous step finish (wait, copy the staged
      weights into their slots, switch the slot table), then at most `layers_per_step` (L) queued
      layers post their copies, which run while this step computes with the old placement.
@@ -81,6 +82,7 @@ class Eplb:
             stats.window_experts = torch.tensor(block.dispatcher.placement[block.dispatcher.rank], device=device)
         self.step = 0
         self.queued: dict[int, list[list[int]]] = {}  # layer -> placement, in planning order
+        self.to_plan: list[tuple] = []  # (window, layer, loads, measured) of the last window
         self.posted: list[LayerMove] = []
         self.stalls: list[float] = []  # seconds each step spent on EPLB (plan, wait, switch, post)
         self.windows: list[float] = []  # per window: mean over layers of its measured imbalance
@@ -129,12 +131,15 @@ class Eplb:
         return dict(zip(layers, rows))
 
     def end_step(self, payloads: list) -> None:
-        """After the gather, with every rank's payload: plan each layer held here if a window
-        closed."""
+        """After the gather, with every rank's payload: measure the window if one closed; plan
+        at most `layers_per_step` of its layers."""
         start = time.perf_counter()
         if any(p is not None for p in payloads):
-            self._busy = True
-            self._plan([p for p in payloads if p is not None])
+            self._measure([p for p in payloads if p is not None])
+        self._busy = self._busy or bool(self.to_plan)
+        for item in self.to_plan[:self.config.layers_per_step]:  # planning spread like the moves
+            self._plan(*item)
+        del self.to_plan[:self.config.layers_per_step]
         self.stalls.append(self._spent + time.perf_counter() - start)
         if self._busy:
             self.untaken["stalls"].append(self.stalls[-1])
@@ -145,27 +150,34 @@ class Eplb:
         """The engine stops: finish the moves in flight (drops those not posted)."""
         for move in self.posted:
             move.finish()
-        self.posted, self.queued = [], {}
+        self.posted, self.queued, self.to_plan = [], {}, []
 
     # -- planning and the run's summary ------------------------------------------------------
 
-    def _plan(self, payloads: list[dict[int, list[int]]]) -> None:
+    def _measure(self, payloads: list[dict[int, list[int]]]) -> None:
+        """A window closed: its imbalance per layer, and every layer held here queued to plan."""
         window = self.step // self.config.interval
         measured = []
-        for layer, block in self.layers.items():
+        self.to_plan = []
+        for layer in self.layers:
             per_rank = [p[layer] for p in payloads if layer in p]  # this layer's EP group
             loads = [sum(rows[e] for rows in per_rank) for e in range(len(per_rank[0]))]
             ranks = [sum(rows) for rows in per_rank]
             mean = sum(ranks) / len(ranks)
             measured.append(max(ranks) / mean if mean else 1.0)
             self.latest[layer] = measured[-1]
-            current = self.queued.get(layer, block.dispatcher.placement)
-            new = plan_layer(current, self.primaries, loads, self.config.margin)
-            if new is not None:
-                self.queued[layer] = new
-                self.adopted.append((window, layer, measured[-1], imbalance(new, loads)))
-        self.untaken["rebalances"] += any(w == window for w, *_ in self.adopted)
+            self.to_plan.append((window, layer, loads, measured[-1]))
         self.windows.append(sum(measured) / len(measured) if measured else 1.0)
+
+    def _plan(self, window: int, layer: int, loads: list[int], measured: float) -> None:
+        """Plan one layer from its window's loads; queue its move if adopted."""
+        current = self.queued.get(layer, self.layers[layer].dispatcher.placement)
+        new = plan_layer(current, self.primaries, loads, self.config.margin)
+        if new is not None:
+            self.queued[layer] = new
+            if all(w != window for w, *_ in self.adopted):
+                self.untaken["rebalances"] += 1
+            self.adopted.append((window, layer, measured, imbalance(new, loads)))
 
     def take(self) -> dict:
         """For a server's periodic collection: the last window's measured imbalance per layer
