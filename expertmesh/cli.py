@@ -138,6 +138,11 @@ def cmd_run(args) -> int:
     if result.load:
         rows.append(("load imbalance, max/mean rank (mean, worst)",
                      f"{result.load['imbalance_mean']:.2f}, {result.load['imbalance_max']:.2f}"))
+    if result.eplb:
+        e = result.eplb
+        before, after = e["imbalance_before"], e["imbalance_after"]
+        rows.append(("online EPLB: rebalances, imbalance before -> after",
+                     f"{e['rebalances']}" + (f", {before:.2f} -> {after:.2f}" if e["rebalances"] else "")))
     if result.overflow:
         o = result.overflow
         rows.append(("capacity: rerouted / dropped assignments",

@@ -114,6 +114,7 @@ class ModelConfig:
     dtype: str = "fp32"
     shared_expert_hidden: int = 0
     router_skew: float = 0.0
+    router_skew_shift: int = 0  # steps after which the skew's hot experts rotate (0: never)
     capacity_factor: float | None = None
     overflow: str = "drop"
     qkv_bias: bool = False
@@ -158,6 +159,8 @@ class ModelConfig:
                f"ModelConfig.shared_expert_hidden={self.shared_expert_hidden!r} must be an integer "
                f">= 0 (0: no shared expert)")
         _check(self.router_skew >= 0, f"ModelConfig.router_skew={self.router_skew} must be >= 0")
+        _check(self.router_skew_shift >= 0,
+               f"ModelConfig.router_skew_shift={self.router_skew_shift} must be >= 0 (0: never)")
         if self.capacity_factor is not None:
             Capacity(self.capacity_factor, self.overflow)  # validates factor and policy
         object.__setattr__(self, "dense_layers", tuple(self.dense_layers))

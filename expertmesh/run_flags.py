@@ -17,7 +17,9 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.spec import RunSpec, refuse_off_ep
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, REPLICA_ROUTINGS
 from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
-from expertmesh.parallel.placement import balanced_placement, load_placement, load_routing
+from expertmesh.parallel.eplb import INTERVAL, EplbConfig
+from expertmesh.parallel.eplb_plan import eplb_start
+from expertmesh.parallel.placement import balanced_placement, expert_loads, load_placement, load_routing
 
 
 def _prompt_ids(text: str | None):
@@ -39,16 +41,20 @@ def _chunks(text: str) -> int | None:
         raise ValueError(f"--a2a-chunks {text!r} must be a positive integer or auto") from None
 
 
-def _skew(text: str | None) -> float:
+def _skew(text: str | None) -> tuple[float, int]:
+    """`zipf:S` or `zipf:S,shift:N` -> (S, N; 0: the hot experts never move)."""
     if not text:
-        return 0.0
-    kind, _, value = text.partition(":")
+        return 0.0, 0
+    skew, _, shift = text.partition(",")
+    kind, _, value = skew.partition(":")
+    name, _, steps = shift.partition(":")
     try:
-        if kind == "zipf" and float(value) >= 0:
-            return float(value)
+        if kind == "zipf" and float(value) >= 0 and (not shift or (name == "shift" and int(steps) >= 1)):
+            return float(value), int(steps) if shift else 0
     except ValueError:
         pass
-    raise ValueError(f"--router-skew {text!r}: write zipf:S with S >= 0, e.g. zipf:1.2")
+    raise ValueError(f"--router-skew {text!r}: write zipf:S with S >= 0, e.g. zipf:1.2, and "
+                     f"optionally ,shift:N (N >= 1 steps), e.g. zipf:1.2,shift:200")
 
 
 def spec_from_flags(args, deployment: Deployment, record_logits: bool = False, ep_flags: bool = True) -> RunSpec:
@@ -61,7 +67,8 @@ def spec_from_flags(args, deployment: Deployment, record_logits: bool = False, e
         cfg = config_from_hf(args.model, args.dtype)
     else:
         cfg = preset(args.preset, **({"dtype": args.dtype} if args.dtype else {}))
-    cfg = cfg.with_(router_skew=_skew(args.router_skew), capacity_factor=args.capacity_factor,
+    skew, shift = _skew(args.router_skew)
+    cfg = cfg.with_(router_skew=skew, router_skew_shift=shift, capacity_factor=args.capacity_factor,
                     overflow=args.overflow)
     if args.prompt and not args.model:
         raise ValueError("--prompt needs --model PATH, whose tokenizer.json encodes the text; "
@@ -75,13 +82,19 @@ def spec_from_flags(args, deployment: Deployment, record_logits: bool = False, e
                         seed=args.seed, temperature=args.temperature, top_p=args.top_p,
                         prompt_ids=prompt_ids)
     placement = None
+    eplb = eplb_from_flags(args) if ep_flags else None
     if ep_flags:
         refuse_off_ep("--placement", bool(args.placement), deployment)
         refuse_off_ep("--redundant-experts", bool(args.redundant_experts), deployment)
         refuse_off_ep("--overlap tbo", args.overlap == "tbo", deployment)
         if args.placement:
             placement = load_placement(args.placement, cfg.n_layers, cfg.n_experts, deployment.ep)
-        if args.redundant_experts:
+        if eplb is not None:
+            refuse_off_ep("--eplb-interval", True, deployment)
+        if args.redundant_experts and eplb is not None and not args.placement:
+            loads = [expert_loads(layer, cfg.n_experts) for layer in load_routing(args.routing)] if args.routing else None
+            placement = eplb_start(cfg, deployment.ep, args.redundant_experts, loads)
+        elif args.redundant_experts:
             if not args.routing:
                 raise ValueError("--redundant-experts needs --routing FILE (from `run "
                                  "--record-routing`) to know which experts are hot")
@@ -95,7 +108,7 @@ def spec_from_flags(args, deployment: Deployment, record_logits: bool = False, e
                    gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
                    placement=placement, replica_routing=args.replica_routing if ep_flags else "local",
                    record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace),
-                   enforce_eager=bool(getattr(args, "enforce_eager", False)))
+                   enforce_eager=bool(getattr(args, "enforce_eager", False)), eplb=eplb)
     spec.validate(deployment.world_size)
     return spec
 
@@ -123,9 +136,37 @@ def add_run_args(p: argparse.ArgumentParser, batch: int, prompt_len: int, gen_le
     add_exchange_args(p)
     add_eager_arg(p)
     p.add_argument("--trace", default=None, help="write a Perfetto trace JSON per run to this folder")
+    add_balance_args(p)
+
+
+def add_balance_args(p: argparse.ArgumentParser) -> None:
+    """Redundant experts and online rebalancing (`run`, `compare`, `serve`)."""
     p.add_argument("--redundant-experts", type=int, default=0,
-                   help="extra replicas of hot experts, planned from --routing statistics")
+                   help="extra replicas of hot experts, planned from --routing statistics; with "
+                        "--eplb-interval: spare expert slots per rank that rebalancing refills")
     p.add_argument("--routing", default=None, help="routing statistics from `run --record-routing`")
+    p.add_argument("--eplb-interval", type=int, nargs="?", const=INTERVAL, default=None,
+                   help=f"online expert load balancing: re-place hot experts every K steps (off "
+                        f"unless given; given alone: {INTERVAL}); needs --redundant-experts R")
+    p.add_argument("--eplb-window", type=int, default=None,
+                   help="with --eplb-interval: the last W steps of each interval are measured "
+                        "(default: half the interval)")
+    p.add_argument("--eplb-layers-per-step", type=int, default=1,
+                   help="with --eplb-interval: most layers whose weights start moving per step (default 1)")
+
+
+def eplb_from_flags(args) -> EplbConfig | None:
+    """The online EPLB flags -> its config (validated), or None when `--eplb-interval` is absent."""
+    if args.eplb_interval is None:
+        for flag, given in (("--eplb-window", args.eplb_window is not None),
+                            ("--eplb-layers-per-step", args.eplb_layers_per_step != 1)):
+            if given:
+                raise ValueError(f"{flag} applies to online rebalancing; add --eplb-interval K")
+        return None
+    window = args.eplb_window if args.eplb_window is not None else max(1, args.eplb_interval // 2)
+    config = EplbConfig(args.eplb_interval, window, args.eplb_layers_per_step)
+    config.validate()
+    return config
 
 
 def add_eager_arg(p: argparse.ArgumentParser) -> None:

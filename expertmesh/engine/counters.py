@@ -34,6 +34,7 @@ class RankCounters:
     placement: dict[int, list[list[int]]]
     overflow: dict[int, Overflow]
     routing: dict[int, Counter] | None = None
+    eplb: dict | None = None  # online EPLB's `Eplb.take()`, where a server collects it
 
 
 def record_routing(model: MoETransformer, on: bool = True) -> None:

@@ -86,7 +86,7 @@ class Engine:
     def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
                  engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
                  eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1,
-                 overlap: str = "auto", graphs: str = "auto"):
+                 overlap: str = "auto", graphs: str = "auto", eplb=None):
         self.cfg, self.deployment, self.rank = cfg, deployment, rank
         self.distributed = dist.is_initialized()
         self.group = None
@@ -106,6 +106,7 @@ class Engine:
         self.live: set = set()
         self.dp_stats = [self.scheduler.stats() for _ in range(deployment.dp)]
         self.stopped = False
+        self.eplb = eplb  # online expert load balancing (`parallel/eplb.py`), or None
 
     def _agreed_blocks(self, model: MoETransformer, engine: EngineConfig) -> int:
         """`pool_blocks` on this rank; sized from device memory, the smallest over the ranks
@@ -149,6 +150,8 @@ class Engine:
         """Rank 0: tell every rank to stop (after the work it wants done)."""
         self._control(stop=True)
         self.runner.close()
+        if self.eplb:
+            self.eplb.close()
 
     # ---- every rank ----
     def follow(self) -> None:
@@ -162,6 +165,8 @@ class Engine:
         if message["stop"]:
             self.stopped = True
             self.runner.close()
+            if self.eplb:
+                self.eplb.close()
             return []
         for request_id in message["aborts"]:  # before the new ones, which may reuse an aborted id
             self.scheduler.abort(request_id)
@@ -170,6 +175,8 @@ class Engine:
                 self.scheduler.add(request)
         faults.at_step(self.runner.steps, self.runner.model)  # test-only; nothing unless asked
         chosen = self.scheduler.schedule()
+        if self.eplb:
+            self.eplb.begin_step()
         sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen), message["decode_tokens"])
         mine = None
         if self.reports:
@@ -178,7 +185,10 @@ class Engine:
             if self.runner.record_logits:
                 outputs = [replace(o, logits=sampled[o.request_id][1]) for o in outputs]
             mine = (self.dp, outputs, self.scheduler.stats())
-        everyone = self._gather(mine)
+        everyone = self._gather((mine, self.eplb.payload() if self.eplb else None))
+        if self.eplb:
+            self.eplb.end_step([extra for _, extra in everyone])
+        everyone = [report for report, _ in everyone]
         if not self.reports:
             column = next(p for p in everyone if p is not None and p[0] == self.dp)
             self.scheduler.finish(chosen, {o.request_id: o.token for o in column[1]})

@@ -14,6 +14,7 @@ from expertmesh.engine.counters import RankCounters
 from expertmesh.engine.metrics import Metrics
 from expertmesh.engine.serve import Transcript
 from expertmesh.engine.spec import RunSpec
+from expertmesh.parallel.eplb import run_summary
 
 
 @dataclass
@@ -26,6 +27,7 @@ class RankReport:
     checkpoint_bytes: int
     counters: RankCounters
     spans: list | None = None
+    eplb: dict | None = None  # the online EPLB controller's summary (`parallel/eplb.py`)
 
 
 @dataclass
@@ -45,6 +47,7 @@ class RunResult:
     overflow: dict | None = None
     spans: dict[int, list] | None = None
     checkpoint_bytes: list[int] | None = None
+    eplb: dict | None = None
 
     def to_dict(self) -> dict:
         return {
@@ -53,6 +56,7 @@ class RunResult:
             "kv_cache_bytes_per_rank": self.kv_cache_bytes, "exchange": self.exchange,
             "load": self.load, "overflow": self.overflow,
             "tokens": self.tokens.tolist(),
+            **({"eplb": self.eplb} if self.eplb is not None else {}),
         }
 
 
@@ -87,4 +91,5 @@ def assemble(spec: RunSpec, transcript: Transcript, reports: list[RankReport]) -
         overflow=counters.overflow_total(ranks, dep) if spec.cfg.capacity is not None else None,
         spans={r.rank: r.spans for r in reports} if spec.trace else None,
         checkpoint_bytes=[r.checkpoint_bytes for r in reports] if spec.checkpoint else None,
+        eplb=run_summary([r.eplb for r in reports]) if spec.eplb is not None else None,
     )

@@ -33,6 +33,7 @@ from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.forward_context import forward_context
+from expertmesh.model.moe import rotate_skew
 from expertmesh.model.paged import PagedBatch, upload
 from expertmesh.model.attn_backends import choose_backend
 from expertmesh.model.steps import take_turns
@@ -94,6 +95,8 @@ class Runner:
         The device is read once per step, on every rank: the finite check's flags, with every
         micro-batch's sampled token ids on the last stage."""
         draws = []
+        if self.model.cfg.router_skew_shift:  # synthetic moving hot experts (`--router-skew`)
+            rotate_skew(self.model, self.steps)
         with torch.inference_mode():
             bounds = split_evenly(decode_tokens, self.n_micro) if decode_tokens is not None else None
             for m, part in enumerate(split_evenly(len(chosen), self.n_micro)):

@@ -10,6 +10,7 @@ from expertmesh.checkpoint.loader import check_checkpoint
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, REPLICA_ROUTINGS
+from expertmesh.parallel.eplb import EplbConfig
 from expertmesh.parallel.expert import OVERLAPS, Overlap
 from expertmesh.parallel.placement import validate_placement
 from expertmesh.topology import Topology
@@ -31,6 +32,8 @@ class RunSpec:
     checkpoint: a Hugging Face model directory whose weights each rank reads its shard of
     (`cfg` from `expertmesh.checkpoint.config_from_hf`), instead of synthetic weights.
     enforce_eager: no decode graphs (`engine/graphs.py`; they are captured on CUDA only).
+    eplb: online expert load balancing (`parallel/eplb.py`; None: off); needs a placement of
+    E / ep primary experts then as many spare slots on every rank (`eplb_plan.start_placement`).
     """
 
     cfg: ModelConfig
@@ -51,6 +54,7 @@ class RunSpec:
     trace: bool = False
     checkpoint: str | None = None
     enforce_eager: bool = False
+    eplb: EplbConfig | None = None
 
     @property
     def graphs(self) -> str:
@@ -93,8 +97,22 @@ class RunSpec:
             if self.a2a == "hierarchical":
                 raise ValueError("--replica-routing balanced ignores nodes, which --a2a hierarchical "
                                  "relies on; use --a2a flat with it")
+        if self.eplb is not None:
+            self._validate_eplb()
         if self.checkpoint:  # else each rank finds a bad tensor only when it loads it
             check_checkpoint(self.cfg, self.checkpoint)
+
+    def _validate_eplb(self) -> None:
+        refuse_off_ep("--eplb-interval", True, self.deployment)
+        self.eplb.validate()
+        per, ep = self.cfg.n_experts // self.deployment.ep, self.deployment.ep
+        plain = [list(range(r * per, (r + 1) * per)) for r in range(ep)]
+        if not self.placement or any(len({len(row) for row in layer}) != 1 or len(layer[0]) == per
+                                     or [row[:per] for row in layer] != plain for layer in self.placement):
+            raise ValueError("--eplb-interval refills spare expert slots: add --redundant-experts R "
+                             "(R spare slots per rank), without --placement")
+        if self.a2a == "hierarchical":
+            raise ValueError("--eplb-interval plans ranks' loads, not nodes' traffic; use --a2a flat with it")
 
     @property
     def topology(self) -> Topology:

@@ -29,6 +29,7 @@ from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch
 from expertmesh.model.transformer import parameter_bytes
+from expertmesh.parallel.eplb import Eplb, move_group
 from expertmesh.trace import start_tracing, take_spans
 
 WARMUP_PROMPT, WARMUP_GEN = 8, 2
@@ -45,8 +46,17 @@ def serve_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list
     model, links, _ = load_rank(spec, device)
     rank = dist.get_rank() if dist.is_initialized() else 0
     eng = Engine(model, spec.cfg, spec.deployment, engine, rank, links, eos, record_logits,
-                 spec.micro_batches, spec.overlap, spec.graphs)
+                 spec.micro_batches, spec.overlap, spec.graphs, eplb_controller(spec, model, rank))
     return serve(eng, arrivals, aborts, clock)
+
+
+def eplb_controller(spec: RunSpec, model, rank: int) -> Eplb | None:
+    """This rank's online EPLB controller when `spec` asks for one (collective: it makes the
+    move groups)."""
+    if spec.eplb is None:
+        return None
+    per = spec.cfg.n_experts // spec.deployment.ep
+    return Eplb(model, spec.eplb, per, move_group(spec.deployment, rank))
 
 
 def static_requests(workload: Workload, cfg: ModelConfig, gen_len: int | None = None) -> list[Request]:
@@ -74,10 +84,10 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
     dep, w = spec.deployment, spec.workload
     model, links, checkpoint_bytes = load_rank(spec, device)
 
-    def engine(requests: list[Request], record_logits: bool = False) -> Engine:
+    def engine(requests: list[Request], record_logits: bool = False, eplb: Eplb | None = None) -> Engine:
         return Engine(model, spec.cfg, dep, static_engine(requests, dep), rank, links,
                       record_logits=record_logits, n_micro=spec.micro_batches, overlap=spec.overlap,
-                      graphs=spec.graphs)
+                      graphs=spec.graphs, eplb=eplb)
 
     if spec.warmup:
         warm = dataclasses.replace(w, prompt_ids=None, prompt_len=min(WARMUP_PROMPT, w.prompt_len))
@@ -90,12 +100,13 @@ def run_rank(spec: RunSpec, device: torch.device, on_step=None) -> RunResult | N
     if spec.trace:
         start_tracing(device)
     requests = static_requests(w, spec.cfg)
-    measured = engine(requests, spec.record_logits)
+    measured = engine(requests, spec.record_logits, eplb_controller(spec, model, rank))
     progress = (lambda t: on_step(t.steps - 1)) if on_step is not None and rank == 0 else None
     transcript = serve(measured, [(0, r) for r in requests], on_step=progress)
     report = RankReport(rank=rank, param_bytes=parameter_bytes(model, spec.cfg.torch_dtype),
                         kv_cache_bytes=measured.runner.kv_cache_bytes, checkpoint_bytes=checkpoint_bytes,
-                        counters=counters.snapshot(model, rank), spans=take_spans() if spec.trace else None)
+                        counters=counters.snapshot(model, rank), spans=take_spans() if spec.trace else None,
+                        eplb=measured.eplb.summary() if measured.eplb else None)
     if not dist.is_initialized():
         return assemble(spec, transcript, [report])
     gathered = [None] * dist.get_world_size() if rank == 0 else None

@@ -29,19 +29,25 @@ class Router(nn.Module):
     Softmax over all experts in fp32, keep the k largest; with `renormalize` divide by their sum,
     computed as a softmax over the top-k logits (the same values, two ops fewer). `skew` > 0 biases the logits of expert e by
     -skew * log(e + 1), multiplying its probability by (e + 1)^-skew (a Zipf-like popularity,
-    for producing load imbalance on purpose with synthetic weights).
+    for producing load imbalance on purpose with synthetic weights). `skew_shift` N > 0 makes
+    the hot experts move: from engine step s on (`rotate_skew`), expert e is biased as expert
+    e - (s // N) * E / 4 (mod E) was, so every N steps a quarter of the experts' popularity
+    passes on to the next quarter.
     """
 
     def __init__(self, d_model: int, n_experts: int, top_k: int, renormalize: bool, skew: float = 0.0):
         super().__init__()
         self.top_k, self.renormalize, self.skew = top_k, renormalize, skew
+        self.skew_shift, self.skew_offset = 0, 0
         self.weight = meta_weight(n_experts, d_model)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x `[T, D]` -> router logits `[T, E]` (x's dtype; fp32 once skewed)."""
         logits = F.linear(x, self.weight)
         if self.skew:
-            ranks = torch.arange(1, logits.shape[-1] + 1, device=x.device, dtype=torch.float32)
+            E = logits.shape[-1]
+            ranks = (torch.arange(E, device=x.device) - self.skew_offset) % E + 1
+            ranks = ranks.to(torch.float32)
             logits = logits.float() - self.skew * ranks.log()
         return logits
 
@@ -61,6 +67,15 @@ class Router(nn.Module):
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         ids, weights = self.select(self.logits(x))
         return ids, weights.to(x.dtype)
+
+
+def rotate_skew(model: nn.Module, step: int) -> None:
+    """Before engine step `step`: move the hot experts of every skewed router with a
+    `skew_shift` (see `Router`). Host state only: the next forward's bias uses it."""
+    for router in model.modules():
+        if isinstance(router, Router) and router.skew and router.skew_shift:
+            E = router.weight.shape[0]
+            router.skew_offset = (step // router.skew_shift) * max(1, E // 4) % E
 
 
 class GroupedExperts(nn.Module):

@@ -54,6 +54,8 @@ class DecoderLayer(nn.Module):
         self.moe = None if dense else MoEBlock(
             cfg.d_model, cfg.n_experts, cfg.top_k, cfg.expert_hidden, cfg.expert_kind,
             cfg.renormalize, cfg.shared_expert_hidden, cfg.router_skew, cfg.capacity)
+        if self.moe is not None:
+            self.moe.router.skew_shift = cfg.router_skew_shift
         if self.moe is not None and cfg.router_kind != "softmax":
             self.moe.router = GroupLimitedRouter(cfg.d_model, cfg.n_experts, cfg.top_k, cfg.renormalize,
                                                  cfg.n_groups, cfg.topk_groups, cfg.routed_scaling,

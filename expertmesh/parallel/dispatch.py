@@ -115,6 +115,7 @@ class AllToAllDispatcher:
         self.n_slots = sum(self.slots_per_rank)
         self.slot_rank = torch.repeat_interleave(torch.arange(self.n_ranks), torch.tensor(self.slots_per_rank))
         self.slot_node = torch.tensor([self.peer_nodes[r] for r in self.slot_rank.tolist()])
+        self.n_experts = n_experts
         self.slots = slot_table(placement, n_experts, rank, self.peer_nodes)
         # The slot of each expert id, then of a dropped assignment (id -1 indexes the last entry),
         # so that one lookup maps ids to slots: -1 for "skip" (the standard and hierarchical
@@ -135,6 +136,21 @@ class AllToAllDispatcher:
         self.stats = ExchangeStats()
         self.routing: Counter | None = None  # set to a Counter to record this rank's routing
         self.low_latency = LowLatencyExchange(group, self.slots_per_rank, rank, self.peer_nodes, may_drop)
+
+    def switch(self, placement: list[list[int]]) -> None:
+        """Route by `placement` from the next call: the same number of slots on every rank, other
+        experts in some (online EPLB, `expert_moves.py`, once their weights are in place). The
+        slot tables change in place (a captured graph keeps reading them)."""
+        if [len(x) for x in placement] != self.slots_per_rank:
+            raise ValueError("a switch keeps every rank's slot count")
+        self.placement = placement
+        self.slots.copy_(slot_table(placement, self.n_experts, self.rank, self.peer_nodes))
+        self.slot_or_skip[:-1].copy_(self.slots)
+        self.slot_or_last.copy_(torch.where(self.slot_or_skip >= 0, self.slot_or_skip, self.n_slots))
+        if self.balanced is not None:
+            self.balanced = BalancedReplicas(self.group, placement, self.n_experts, self.rank, self.peer_nodes)
+        if self.stats.window_experts is not None:
+            self.stats.window_experts.copy_(torch.tensor(placement[self.rank]))
 
     def __call__(self, x: torch.Tensor, ids: torch.Tensor, weights: torch.Tensor,
                  experts: GroupedExperts) -> torch.Tensor:
@@ -244,6 +260,7 @@ class AllToAllDispatcher:
         from_peer = received[:, :-1].view(P, S, El)
         n_chunks = self._chunk_count(int(received_h[:, -1].max()) * k)
         self.stats.loads.append(from_peer_h.sum((0, 1)).tolist())
+        self.stats.count_window(lambda: from_peer.sum((0, 1)))
         chunks = []
         for c in range(n_chunks):
             mine = slice(c * S // n_chunks, (c + 1) * S // n_chunks)  # the chunk's slices

@@ -27,12 +27,22 @@ class ExchangeStats:
     # per call: rows per local slot; the low-latency exchange keeps them on the device (no host
     # sync); a snapshot's are a list of host lists
     loads: deque | list = field(default_factory=lambda: deque(maxlen=MAX_LOADS))
+    # online EPLB's load window (`eplb.py` sets, zeroes and reads it; `reset` leaves it): rows per
+    # expert `[E]` computed here, on the device, and the expert of each local slot `[El]`
+    window: torch.Tensor | None = None
+    window_experts: torch.Tensor | None = None
 
     def add(self, splits: list[int], peer_nodes: list[int], my_node: int, row_bytes: int) -> None:
         cross = sum(n for n, node in zip(splits, peer_nodes) if node != my_node)
         self.rows_sent += sum(splits)
         self.cross_node_rows += cross
         self.cross_node_bytes += cross * row_bytes
+
+    def count_window(self, rows_per_slot) -> None:
+        """Add one call's rows per local slot `[El]` (a zero-argument function giving them on the
+        device, called only while a window is open) to the window: device ops, no host read."""
+        if self.window is not None:
+            self.window.index_add_(0, self.window_experts, rows_per_slot())
 
     def reset(self) -> None:
         """Zero every counter, in place (the dispatcher keeps this object)."""

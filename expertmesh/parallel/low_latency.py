@@ -93,6 +93,7 @@ class LowLatencyExchange:
         stats.cross_node_rows += 2 * cap * self.remote_peers
         stats.cross_node_bytes += 2 * cap * self.remote_peers * row_bytes
         stats.loads.append(per_expert)  # read on the host after the run
+        stats.count_window(lambda: per_expert)
         with span("combine"):
             return weighted_sum(back[where].view(T, k, D), weights)
 

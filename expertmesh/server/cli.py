@@ -27,7 +27,8 @@ from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import launch, local_device, under_torchrun
-from expertmesh.run_flags import add_eager_arg, add_exchange_args, add_memory_args, spec_from_flags
+from expertmesh.run_flags import (add_balance_args, add_eager_arg, add_exchange_args, add_memory_args,
+                                  spec_from_flags)
 
 # The launcher bounds a whole run; a server runs until it is stopped, and `--timeout` bounds
 # each engine step instead (server/engine_process.py).
@@ -42,7 +43,7 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
     deployment = Deployment.parse(args.deployment)
     run_args = argparse.Namespace(**vars(args), prompt=None, prompt_ids=None, batch=1, prompt_len=1,
                                   gen_len=1, temperature=0.0, top_p=1.0,
-                                  record_routing=None, trace=None, redundant_experts=0, routing=None)
+                                  record_routing=None, trace=None)
     spec = spec_from_flags(run_args, deployment)
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -224,6 +225,7 @@ def add_commands(sub) -> None:
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     add_exchange_args(serve)
     add_eager_arg(serve)
+    add_balance_args(serve)
     serve.set_defaults(func=cmd_serve)
 
     bench = sub.add_parser("bench", help="benchmarks against a running server")

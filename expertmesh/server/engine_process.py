@@ -48,6 +48,7 @@ from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
+from expertmesh.engine.worker import eplb_controller
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.server.app import Limits
 from expertmesh.server.connections import ConnectionLimits
@@ -113,7 +114,8 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
             os.close(options.fd)  # rank 0's API servers alone accept
     model, links, _ = load_rank(spec, device)
     engine = Engine(model, spec.cfg, spec.deployment, engine_cfg, rank, links, options.eos,
-                    n_micro=spec.micro_batches, overlap=spec.overlap, graphs=spec.graphs)
+                    n_micro=spec.micro_batches, overlap=spec.overlap, graphs=spec.graphs,
+                    eplb=eplb_controller(spec, model, rank))
     if rank != 0:
         follow(engine, model)
         return
@@ -136,6 +138,7 @@ def share_counters(engine: Engine, model: MoETransformer) -> list[RankCounters] 
     """Collective: every rank's counters since the last call, which resets them; rank 0 gets the
     list, the others None."""
     mine = counters.take(model, engine.rank)
+    mine.eplb = engine.eplb.take() if engine.eplb else None
     if not dist.is_initialized():
         return [mine]
     everyone = [None] * dist.get_world_size() if engine.rank == 0 else None
@@ -162,7 +165,11 @@ def counter_totals(ranks: list[RankCounters], n_experts: int, row_bytes: int, tp
     if per_layer:
         summary = load_summary(per_layer, placements, n_experts)
         imbalance, experts = summary["imbalance_mean"], summary["tokens_per_expert"]
-    return CounterTotals(exchanged, cross, dropped, rerouted, imbalance, experts)
+    taken = [r.eplb for r in ranks if r.eplb is not None]
+    return CounterTotals(exchanged, cross, dropped, rerouted, imbalance, experts,
+                         eplb_imbalance={layer: x for t in taken for layer, x in t["imbalance"].items()},
+                         eplb_rebalances=max((t["rebalances"] for t in taken), default=0),
+                         eplb_stalls=[s for t in taken for s in t["stalls"]])
 
 
 class FrontendDied(RuntimeError):

@@ -58,6 +58,11 @@ class CounterTotals(msgspec.Struct, frozen=True):
     rerouted: int
     imbalance: float | None
     expert_tokens: dict[int, list[int]]
+    # online EPLB (`parallel/eplb.py`): last window's imbalance per layer, windows that
+    # rebalanced, seconds each step that did EPLB work spent on it
+    eplb_imbalance: dict[int, float] = {}
+    eplb_rebalances: int = 0
+    eplb_stalls: list[float] = []
 
 
 class FromEngine(msgspec.Struct):

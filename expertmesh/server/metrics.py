@@ -59,6 +59,13 @@ class ServerMetrics:
                                 "by what happened to them", ["action"], **r)
         for action in ("dropped", "rerouted"):
             self.overflow.labels(action)
+        self.eplb_imbalance = Gauge("expertmesh_eplb_window_imbalance", "Online EPLB: max / mean EP "
+                                    "rank rows over the last load window, per MoE layer", ["layer"], **gauge)
+        self.eplb_rebalances = Counter("expertmesh_eplb_rebalances", "Online EPLB: load windows "
+                                       "after which some layer's experts were re-placed", **r)
+        self.eplb_stall = Histogram("expertmesh_eplb_step_stall_seconds", "Online EPLB: seconds a step "
+                                    "spent planning, waiting for moved weights, switching and posting "
+                                    "moves, per rank and step that did any", buckets=LATENCY_BUCKETS, **r)
 
     def finished(self, outcome: str, accepted: float, times: list[float]) -> None:
         """A request ended (`times`: when each of its tokens reached the handler)."""
@@ -86,6 +93,11 @@ class ServerMetrics:
         self.overflow.labels("rerouted").inc(counters.rerouted)
         if counters.imbalance is not None:
             self.imbalance.set(counters.imbalance)
+        for layer, x in counters.eplb_imbalance.items():
+            self.eplb_imbalance.labels(str(layer)).set(x)
+        self.eplb_rebalances.inc(counters.eplb_rebalances)
+        for seconds in counters.eplb_stalls:
+            self.eplb_stall.observe(seconds)
         for layer, per_expert in counters.expert_tokens.items():
             for expert, n in enumerate(per_expert):
                 self.expert_tokens.labels(str(layer), str(expert)).inc(n)

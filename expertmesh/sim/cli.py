@@ -21,6 +21,7 @@ from expertmesh.sim.report import (SWEEP_GPUS, console as report_console, domina
                                    sweep)
 from expertmesh.sim.routing import Routing
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
+from expertmesh.parallel.eplb import INTERVAL, EplbConfig
 from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
 from expertmesh.sim.scenario import ATTENTION_BACKENDS, Scenario
 from expertmesh.sim.simulator import simulate
@@ -190,6 +191,44 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+def cmd_simulate_eplb(args) -> int:
+    """Imbalance with and without online EPLB for a moving skew, and the cost of its moves."""
+    from expertmesh.sim.eplb import EplbScenario, move_cost, simulate_eplb
+
+    cfg = load_model(args.preset, args.model)
+    dep = Deployment.parse(args.deployment)
+    if dep.ep == 1 or dep.world_size != dep.ep:
+        raise ValueError(f"simulate-eplb models one EP group: give --deployment epN, not {args.deployment}")
+    dep.validate(cfg)
+    for flag, value in (("--steps", args.steps), ("--redundant-experts", args.redundant_experts)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1")
+    if args.shift < 0:
+        raise ValueError(f"--shift {args.shift} must be >= 0 (0: the hot experts never move)")
+    window = args.eplb_window or max(1, args.eplb_interval // 2)
+    EplbConfig(args.eplb_interval, window).validate()
+    scenario = EplbScenario(cfg.n_experts, cfg.top_k, dep.ep, args.redundant_experts, Routing.parse(args.routing),
+                            args.shift, args.eplb_interval, window, cfg.n_layers - len(cfg.dense_layers))
+    result = simulate_eplb(scenario, args.steps)
+    matrices = 3 if cfg.expert_kind == "swiglu" else 2
+    expert_bytes = matrices * cfg.d_model * cfg.expert_hidden * cfg.torch_dtype.itemsize
+    cost = move_cost(get_profile(args.gpu), expert_bytes, result["max_slots_received_per_layer"], dep.ep,
+                     parse_seconds(args.step_time) if args.step_time else None)
+    console = report_console()
+    console.print(f"{cfg.name} {dep.name}, {args.routing} shifting every {args.shift} steps, "
+                  f"{args.redundant_experts} spare slot(s) per rank, interval {args.eplb_interval}, "
+                  f"window {window}, {args.steps} steps")
+    console.print(f"mean imbalance (max/mean rank load): start-up placement {result['imbalance_static']:.2f}, "
+                  f"online rebalancing {result['imbalance_online']:.2f} "
+                  f"({result['imbalance_online'] / result['imbalance_static']:.2f}x), {result['rebalances']} rebalances")
+    stall = "" if cost["stall_s"] is None else f", not hidden by a {args.step_time} step: {cost['stall_s'] * 1e3:.2f} ms"
+    console.print(f"a layer's move on the busiest receiver: {cost['bytes'] / 2**20:.1f} MiB over {cost['link']}, "
+                  f"{cost['copy_s'] * 1e3:.2f} ms{stall}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({**result, **cost}, indent=2))
+    return 0
+
+
 def add_commands(subparsers) -> None:
     sim = subparsers.add_parser("simulate", help="predict TPS, TPOT, TTFT and memory on a GPU cluster")
     _common(sim)
@@ -212,6 +251,23 @@ def add_commands(subparsers) -> None:
                            "prompts is almost all prefill)")
     plan.add_argument("--json", help="write the ranked results here")
     plan.set_defaults(func=cmd_plan)
+
+    eplb = subparsers.add_parser("simulate-eplb", help="imbalance with and without online expert load "
+                                 "balancing under a moving skew, and the cost of moving weights")
+    eplb.add_argument("--preset", default="paper", help="model preset (default: paper)")
+    eplb.add_argument("--model", help="a Hugging Face config.json or checkpoint directory")
+    eplb.add_argument("--gpu", default="h100", help="h100, h200, a100, b200 or a calibrated profile JSON")
+    eplb.add_argument("--deployment", default="ep16", help="one EP group, epN (default ep16)")
+    eplb.add_argument("--routing", default="zipf:1.2", help="uniform, or zipf[:skew] (default zipf:1.2)")
+    eplb.add_argument("--shift", type=int, default=2000, help="steps between moves of the hot experts "
+                                                              "(0: never; default 2000)")
+    eplb.add_argument("--redundant-experts", type=int, default=1, help="spare slots per rank (default 1)")
+    eplb.add_argument("--eplb-interval", type=int, default=INTERVAL, help=f"default {INTERVAL}")
+    eplb.add_argument("--eplb-window", type=int, default=None, help="default: half the interval")
+    eplb.add_argument("--steps", type=int, default=20000, help="engine steps simulated (default 20000)")
+    eplb.add_argument("--step-time", help="a decode step's time, e.g. 30ms: what a move must hide behind")
+    eplb.add_argument("--json", help="write the figures here")
+    eplb.set_defaults(func=cmd_simulate_eplb)
 
     cal = subparsers.add_parser("calibrate", help="measure this machine into a hardware profile")
     cal.add_argument("--out", default="profile.json")
