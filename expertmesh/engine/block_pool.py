@@ -59,6 +59,7 @@ class BlockPool:
         self.block_of: dict[bytes, int] = {}
         self.added: set[int] = set()
         self.evicted: set[int] = set()
+        self.evictions = 0  # cached blocks evicted, ever
 
     @property
     def num_free(self) -> int:
@@ -137,6 +138,7 @@ class BlockPool:
 
     def _forget(self, b: int) -> None:
         h = self.hash_of.pop(b)
+        self.evictions += 1
         del self.block_of[h]
         self._note(short(h), self.evicted, self.added)
 

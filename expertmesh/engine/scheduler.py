@@ -135,6 +135,7 @@ class Scheduler:
         included; queued_tokens: tokens still to compute (prompts and max_tokens) of those here."""
         free = self.pool.num_free
         return {"blocks_free": free, "blocks_used": self.num_blocks - free, "blocks_cached": self.pool.num_cached,
+                "blocks_evicted": self.pool.evictions,
                 "waiting": len(self.waiting), "running": len(self.running), "preemptions": self.preemptions,
                 "decode_tokens": self.decode_tokens(), "prompt_tokens": self.prompt_tokens,
                 "cached_tokens": self.cached_tokens, "prompt_computed": self.prompt_computed,
