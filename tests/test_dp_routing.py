@@ -11,9 +11,8 @@ KEY = b"k" * 16
 BS = 4
 
 
-def stats(free, queued=0, tokens=0, added=(), evicted=()):
-    return {"blocks_free": free, "waiting": queued, "running": 0, "queued_tokens": tokens,
-            "cache_added": list(added), "cache_evicted": list(evicted)}
+def stats(free, queued=0, tokens=0):
+    return {"blocks_free": free, "waiting": queued, "running": 0, "queued_tokens": tokens}
 
 
 def req(rid, prompt, max_tokens=1):
@@ -50,7 +49,7 @@ def test_without_a_cached_prefix_the_most_free_blocks_then_the_shortest_queue_wi
 def test_a_request_goes_where_its_prefix_is_cached_unless_that_delays_it_past_a_step():
     prefix = list(range(100, 132))  # 8 blocks: 32 tokens saved where cached
     router = DpRouter(2, BS, KEY, "cache", slack=8)
-    router.learn(1, stats(0, added=hashes(prefix)))
+    router.learn(1, hashes(prefix), [])
     assert router.assign([req(0, prefix + [1, 2])], [stats(50, tokens=10), stats(20, tokens=30)]) == [1]
     # work: 10 + 34 on rank 0 against 41 + 2 on rank 1, then 51 + 2, over the slack
     assert router.assign([req(1, prefix + [1, 2])], [stats(50, tokens=10), stats(20, tokens=41)]) == [1]
@@ -59,7 +58,7 @@ def test_a_request_goes_where_its_prefix_is_cached_unless_that_delays_it_past_a_
     assert router.assign([req(2, prefix + [1, 2])], [stats(50, tokens=10), stats(0, tokens=0)]) == [0]
     # load-only routing ignores the cache
     load = DpRouter(2, BS, KEY, "load")
-    load.learn(1, stats(0, added=hashes(prefix)))
+    load.learn(1, hashes(prefix), [])
     assert load.assign([req(3, prefix + [1, 2])], [stats(50, tokens=10), stats(20, tokens=30)]) == [0]
 
 
@@ -68,7 +67,7 @@ def test_requests_sharing_a_new_prefix_in_one_step_land_together_and_evictions_a
     router = DpRouter(2, BS, KEY, "cache", slack=8)
     burst = [req(i, prefix + [i]) for i in range(4)] + [req(9, list(range(5)))]
     assert router.assign(burst, [stats(100), stats(100)]) == [0, 0, 0, 0, 1]
-    router.learn(0, stats(0, evicted=hashes(prefix)))
+    router.learn(0, [], hashes(prefix))
     assert router.assign([req(5, prefix + [5])], [stats(100, tokens=20), stats(100, tokens=0)]) == [1]
 
 

@@ -45,10 +45,10 @@ class DpRouter:
         self.block_size, self.key, self.rule, self.slack = block_size, key, rule, slack
         self.views: list[set[int]] = [set() for _ in range(dp)]
 
-    def learn(self, dp: int, stats: dict) -> None:
+    def learn(self, dp: int, added: list[int], evicted: list[int]) -> None:
         """A rank's step report: the block hashes its pool registered and evicted."""
-        self.views[dp] -= set(stats.get("cache_evicted", ()))
-        self.views[dp] |= set(stats.get("cache_added", ()))
+        self.views[dp] -= set(evicted)
+        self.views[dp] |= set(added)
 
     def assign(self, requests: list[Request], stats: list[dict]) -> list[int]:
         """The data-parallel rank of each request, in order (`stats`: each rank's last report)."""

@@ -178,8 +178,8 @@ class Engine:
             return []
         result = []
         for dp, outputs, stats in (p for p in everyone if p is not None):
+            self.router.learn(dp, stats.pop("cache_added"), stats.pop("cache_evicted"))
             self.dp_stats[dp] = stats
-            self.router.learn(dp, stats)
             for out in outputs:
                 if out.request_id in self.live:
                     result.append(out)

@@ -59,7 +59,7 @@ class EngineConfig:
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv-cache-gb {self.kv_cache_gb} must be > 0")
         if self.dp_routing not in ("cache", "load"):
-            raise ValueError(f"dp-routing {self.dp_routing!r}: use cache or load")
+            raise ValueError(f"unknown --dp-routing {self.dp_routing!r}; use cache or load")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
 

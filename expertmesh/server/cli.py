@@ -45,7 +45,8 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
                           max_batched_tokens=args.max_batched_tokens,
-                          max_seqs=args.max_seqs)
+                          max_seqs=args.max_seqs, prefix_caching=args.prefix_caching,
+                          dp_routing=args.dp_routing)
     pool_blocks(spec.cfg, deployment, engine)
     return spec, engine
 
@@ -173,6 +174,11 @@ def add_commands(sub) -> None:
     add_memory_args(serve)
     serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
     serve.add_argument("--max-seqs", type=int, default=64, help="running sequences per data-parallel rank")
+    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
+    serve.add_argument("--dp-routing", default="cache",
+                       help="how rank 0 places requests on data-parallel ranks: cache (where the "
+                       "prefix is cached, balanced against queued tokens) or load (default cache)")
     serve.add_argument("--micro-batches", type=int, default=None,
                        help="pipeline micro-batches per engine step (default: pp)")
     serve.add_argument("--max-waiting", type=int, default=256,
