@@ -130,7 +130,8 @@ def cmd_bench_serve(args) -> int:
                       input_len=parse_range(args.input_len, "--input-len"),
                       output_len=parse_range(args.output_len, "--output-len"), seed=args.seed,
                       model=args.model, endpoint=args.endpoint, tokenizer=args.tokenizer, vocab=args.vocab,
-                      ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=args.timeout)
+                      ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=args.timeout,
+                      dataset=args.dataset, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes)
     console = Console()
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"{cfg.num_prompts} requests at {cfg.rate} req/s", total=cfg.num_prompts)
@@ -147,7 +148,8 @@ def cmd_bench_serve(args) -> int:
     console.print(f"completed {result['completed']} / {cfg.num_prompts} in {result['duration_s']:.2f} s: "
                   f"{result['request_throughput']:.2f} req/s, {result['output_token_throughput']:.1f} "
                   f"output tok/s, {result['total_token_throughput']:.1f} total tok/s" +
-                  (f", goodput {result['goodput']:.2f} req/s" if result["goodput"] is not None else ""))
+                  (f", goodput {result['goodput']:.2f} req/s" if result["goodput"] is not None else "") +
+                  f"; prefix cache hit rate {result['prefix_hit_rate']:.1%} of prompt tokens")
     for error in result["errors"]:
         console.print(f"[red]failed request: {error}[/red]")
     if args.json:
@@ -218,6 +220,11 @@ def add_commands(sub) -> None:
     load.add_argument("--tokenizer", default=None,
                       help="a tokenizer directory: send the text of the random ids instead of ids")
     load.add_argument("--vocab", type=int, default=100, help="prompt ids are drawn from 1 .. vocab-1")
+    load.add_argument("--dataset", default="random",
+                      help="random, or shared-prefix: one of --num-prefixes prefixes of --prefix-len "
+                      "tokens, then --input-len tokens of its own")
+    load.add_argument("--prefix-len", type=int, default=0, help="shared-prefix: tokens per prefix")
+    load.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: how many prefixes")
     load.add_argument("--ttft-slo", type=float, default=None, help="seconds, for goodput")
     load.add_argument("--tpot-slo", type=float, default=None, help="seconds, for goodput")
     load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
