@@ -284,6 +284,7 @@ def prefix_section(quick: bool) -> dict:
                      "blocks_per_rank": engine.num_blocks, "ttft": percentiles(ttft),
                      "prompt_tokens": counts["total"], "prompt_tokens_computed": counts["computed"],
                      "hit_rate": counts["cached"] / counts["total"], "elapsed_s": t.elapsed})
+        print(json.dumps(rows[-1]), flush=True)  # a row at a time: the whole section takes minutes
     by = {(r["deployment"], r["prefix_caching"], r["dp_routing"]): r for r in rows}
     ratios = {}
     for name, on, off in (("single", ("single", True, None), ("single", False, None)),
@@ -303,7 +304,7 @@ def no_shared_prefix_throughput(cfg, quick: bool) -> dict:
     tokens per second with caching on and off, interleaved (after one run not counted, and in
     turns first), the median of each."""
     rng = random.Random(1)
-    n, reps = (16, 2) if quick else (64, 5)
+    n, reps = (16, 2) if quick else (32, 3)
     arrivals = [(0, Request(i, tuple(rng.randrange(cfg.vocab_size) for _ in range(rng.randint(16, 256))), 16))
                 for i in range(n)]
     tokens = sum(len(r.prompt) + r.max_tokens for _, r in arrivals)
