@@ -19,7 +19,9 @@ every rank's pool adds the hashes it registered and evicted since the last step
 (`BlockPool.take_changes`, 8-byte ints: a 1,024-token prefix at 16 tokens a block is 64 of them,
 once), never a collective per request. Rank 0 also counts a request's prompt blocks as cached on
 the rank it sends it to, at once (its prefill comes a step or more later, and the next request
-with that prefix should follow it there); a rank's report of an eviction removes them.
+with that prefix should follow it there); a rank's report of an eviction removes them. A
+request aborted before its prefill leaves its hashes behind, never reported evicted: a stale hint
+that can only misplace a later request, never change its tokens.
 
 Each choice takes the request's blocks and tokens from its rank before the next is made.
 """
