@@ -16,6 +16,14 @@
    by single, ep2, tp2, pp2: TTFT and TPOT percentiles, generated and total tokens per second.
 5. soak: thousands of steps of requests coming, going and aborted (one process): resident
    memory must stay flat and every KV block be free at the end.
+6. prefix: prefix caching and cache-aware routing (`engine/block_pool.py`, `engine/dp_routing.py`)
+   on `bench serve`'s shared-prefix workload (128 requests, each one of 16 prefixes of 1,024
+   tokens drawn at random, then 16-64 tokens of its own, 4 greedy tokens; Poisson arrivals),
+   with the same total KV memory on every row (ep2: half the blocks per rank, enough for half the
+   prefixes): caching off and on, on single and ep2, and ep2 with load-only routing: TTFT p50,
+   prompt tokens computed, hit rate. Goals: TTFT p50 >= 4x lower and prompt tokens >= 5x fewer
+   with caching; hit rate >= 1.5x load-only's with cache-aware routing. Then throughput of random
+   prompts (no shared prefix, one arrival) with caching on and off, interleaved: within 3%.
 
 Repetitions are interleaved (every variant once per round) and medians reported.
 """
@@ -23,6 +31,7 @@ Repetitions are interleaved (every variant once per round) and medians reported.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -42,6 +51,7 @@ from expertmesh.deployment import Deployment  # noqa: E402
 from expertmesh.engine.block_tables import BlockTables  # noqa: E402
 from expertmesh.engine.engine import Engine  # noqa: E402
 from expertmesh.engine.generate import generate  # noqa: E402
+from expertmesh.engine.result import prompt_tokens  # noqa: E402
 from expertmesh.engine.request import Request  # noqa: E402
 from expertmesh.engine.scheduler import EngineConfig, Sequence  # noqa: E402
 from expertmesh.engine.serve import serve  # noqa: E402
@@ -54,6 +64,7 @@ from expertmesh.model.attn_backends.torch_paged import TorchBackend  # noqa: E40
 from expertmesh.model.paged import KVPool, PagedBatch, PagedView  # noqa: E402
 from expertmesh.model.synthetic import materialize  # noqa: E402
 from expertmesh.model.transformer import build_model  # noqa: E402
+from expertmesh.server.bench import BenchConfig, workload  # noqa: E402
 
 
 def decode_rank(spec: RunSpec, reps: int, device: torch.device) -> list[dict] | None:
@@ -243,15 +254,83 @@ def soak_section(quick: bool) -> dict:
             "blocks_free_at_end": t.rank_stats[0]["blocks_free"], "blocks": engine.num_blocks}
 
 
+def serve_once(spec: RunSpec, engine: EngineConfig, arrivals: list, clock: str):
+    """`arrivals` served on `spec`'s deployment (local ranks, one thread each) -> the transcript."""
+    fn = functools.partial(serve_rank, spec, engine, arrivals, (), clock=clock)
+    if spec.deployment.world_size == 1:
+        torch.set_num_threads(1)
+        return fn(torch.device("cpu"))
+    return launch(fn, spec.deployment.world_size, timeout=1800)
+
+
+def prefix_section(quick: bool) -> dict:
+    cfg = dataclasses.replace(preset("tiny"), max_seq_len=2048)
+    # arrivals spread (2 requests/s): caching on keeps up on 2 busy cores, off does not
+    n, prefixes, rate = (32, 8, 2.0) if quick else (128, 16, 2.0)
+    bench = BenchConfig(url="-", num_prompts=n, rate=rate, input_len=(16, 64), output_len=(4, 4),
+                        vocab=cfg.vocab_size, dataset="shared-prefix", prefix_len=1024, num_prefixes=prefixes)
+    arrivals = [(at, Request(i, tuple(p), m)) for i, (at, p, m) in enumerate(workload(bench))]
+    total_blocks = prefixes * 1024 // 16 + 32 * 80 // 16 * 2  # every prefix, and room to run
+    rows = []
+    for name, caching, routing in (("single", False, "cache"), ("single", True, "cache"), ("ep2", False, "load"),
+                                   ("ep2", True, "load"), ("ep2", True, "cache")):
+        dep = Deployment.parse(name)
+        engine = EngineConfig(block_size=16, num_blocks=total_blocks // dep.dp, max_batched_tokens=512,
+                              max_seqs=32, prefix_caching=caching, dp_routing=routing)
+        t = serve_once(RunSpec(cfg, dep, Workload(), seed=0), engine, arrivals, "time")
+        counts = prompt_tokens(t.rank_stats, dep)
+        ttft = [t.token_times[i][0] - t.submitted[i] for i in t.submitted]
+        rows.append({"deployment": name, "prefix_caching": caching, "dp_routing": routing if dep.dp > 1 else None,
+                     "blocks_per_rank": engine.num_blocks, "ttft": percentiles(ttft),
+                     "prompt_tokens": counts["total"], "prompt_tokens_computed": counts["computed"],
+                     "hit_rate": counts["cached"] / counts["total"], "elapsed_s": t.elapsed})
+        print(json.dumps(rows[-1]), flush=True)  # a row at a time: the whole section takes minutes
+    by = {(r["deployment"], r["prefix_caching"], r["dp_routing"]): r for r in rows}
+    ratios = {}
+    for name, on, off in (("single", ("single", True, None), ("single", False, None)),
+                          ("ep2", ("ep2", True, "cache"), ("ep2", False, "load"))):
+        ratios[f"{name}_ttft_p50_off_over_on"] = by[off]["ttft"]["p50_ms"] / by[on]["ttft"]["p50_ms"]
+        ratios[f"{name}_prompt_computed_off_over_on"] = (by[off]["prompt_tokens_computed"]
+                                                         / by[on]["prompt_tokens_computed"])
+    ratios["ep2_hit_rate_cache_over_load_routing"] = (by[("ep2", True, "cache")]["hit_rate"]
+                                                      / by[("ep2", True, "load")]["hit_rate"])
+    return {"preset": f"{cfg.name} (max_seq_len 2048)", "requests": n, "prefixes": prefixes, "prefix_len": 1024,
+            "rate_per_s": rate, "rows": rows, "ratios": ratios,
+            "no_shared_prefix": no_shared_prefix_throughput(cfg, quick)}
+
+
+def no_shared_prefix_throughput(cfg, quick: bool) -> dict:
+    """Random prompts of 16-256 tokens, 16 tokens each, one arrival, on one process: total
+    tokens per second with caching on and off, interleaved (after one run not counted, and in
+    turns first), the median of each."""
+    rng = random.Random(1)
+    n, reps = (16, 2) if quick else (32, 3)
+    arrivals = [(0, Request(i, tuple(rng.randrange(cfg.vocab_size) for _ in range(rng.randint(16, 256))), 16))
+                for i in range(n)]
+    tokens = sum(len(r.prompt) + r.max_tokens for _, r in arrivals)
+    spec = RunSpec(cfg, Deployment(), Workload(), seed=0)
+    tps = {True: [], False: []}
+    for rep in range(reps + 1):
+        for caching in (True, False) if rep % 2 else (False, True):
+            engine = EngineConfig(block_size=16, num_blocks=2048, max_batched_tokens=512, max_seqs=64,
+                                  prefix_caching=caching)
+            elapsed = serve_once(spec, engine, arrivals, "step").elapsed
+            if rep:
+                tps[caching].append(tokens / elapsed)
+    on, off = statistics.median(tps[True]), statistics.median(tps[False])
+    return {"requests": n, "reps": reps, "total_tps_on": on, "total_tps_off": off, "on_over_off": on / off,
+            "goal": "on_over_off >= 0.97"}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="smaller sizes, fewer repetitions")
-    p.add_argument("--only", default="decode,attention,metadata,poisson,soak", help="sections to run")
+    p.add_argument("--only", default="decode,attention,metadata,poisson,soak,prefix", help="sections to run")
     p.add_argument("--json", default=None, help="write the figures here")
     args = p.parse_args(argv)
     sections = {"decode": decode_section, "attention": attention_section, "metadata": metadata_section,
                 "poisson": poisson_section,
-                "soak": soak_section}
+                "soak": soak_section, "prefix": prefix_section}
     results = {}
     for name in args.only.split(","):
         results[name] = sections[name](args.quick)

@@ -55,6 +55,7 @@ def test_run_prints_metrics_and_writes_them_with_the_greedy_tokens(tmp_path, cap
     assert (metrics["batch_size"], metrics["prompt_len"], metrics["gen_len"]) == (2, 8, 4)
     assert metrics["ttft_s"] > 0 and metrics["tpot_s"] > 0 and metrics["overall_tps"] > 0
     assert data["preset"]["name"] == "tiny" and data["workload"]["gen_len"] == 4
+    assert data["result"]["prompt_tokens"] == {"total": 16, "cached": 0, "computed": 16}
 
     cfg = preset("tiny")
     prompts = Workload(batch_size=2, prompt_len=8, gen_len=4, seed=0).prompts(cfg)
@@ -66,7 +67,9 @@ def test_run_takes_prompts_of_different_lengths_and_gives_each_its_greedy_tokens
     path = tmp_path / "run.json"
     assert main(["run", "--preset", "tiny", "--prompt-ids", "1,2,3;4,5", "--gen-len", "3",
                  "--deployment", "ep2", "--json", str(path)]) == 0
-    tokens = json.loads(path.read_text())["result"]["tokens"]
+    result = json.loads(path.read_text())["result"]
+    tokens = result["tokens"]
+    assert result["prompt_tokens"] == {"total": 5, "cached": 0, "computed": 5}  # each DP rank once
     model = reference_model(preset("tiny"), seed=0)
     assert tokens == [naive_greedy(model, torch.tensor([p]), 3)[0].tolist() for p in ([1, 2, 3], [4, 5])]
 

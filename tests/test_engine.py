@@ -91,18 +91,6 @@ def test_an_aborted_request_frees_its_blocks_at_once(model):
     assert engine.stats()[0]["blocks_used"] == 0 and not engine.has_work
 
 
-def test_new_requests_go_to_the_rank_with_most_free_blocks_then_the_shortest_queue():
-    from expertmesh.engine.engine import assign_ranks
-
-    def stats(free, queued):
-        return {"blocks_free": free, "waiting": queued, "running": 0}
-
-    assert assign_ranks([3], [stats(5, 0), stats(9, 4), stats(9, 1)]) == [2]
-    # equal ranks fill round-robin; a big prompt uses up its rank's lead
-    assert assign_ranks([1, 1, 1, 1], [stats(8, 0), stats(8, 0)]) == [0, 1, 0, 1]
-    assert assign_ranks([6, 1, 1], [stats(10, 0), stats(8, 0)]) == [0, 1, 1]
-
-
 def test_the_pool_is_sized_from_the_memory_budget_on_the_rank_with_most_kv_per_block():
     from expertmesh.config import preset
     from expertmesh.engine.engine import pool_blocks

@@ -24,7 +24,7 @@ def step(s: Scheduler, token: int = 7):
 
 
 def test_prompts_are_chunked_to_the_token_budget_and_decodes_go_first():
-    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=10), num_blocks=100)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=10), num_blocks=100)
     s.add(Request("a", (1,) * 3, max_tokens=5))
     s.add(Request("b", (1,) * 25, max_tokens=5))
     assert step(s) == [("a", 3), ("b", 7)]
@@ -34,7 +34,7 @@ def test_prompts_are_chunked_to_the_token_budget_and_decodes_go_first():
 
 
 def test_without_chunking_a_prompt_waits_for_a_step_with_room_for_all_of_it():
-    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=10, chunked_prefill=False), num_blocks=100)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=10, chunked_prefill=False), num_blocks=100)
     s.add(Request("a", (1,) * 6, max_tokens=5))
     s.add(Request("b", (1,) * 6, max_tokens=5))
     assert step(s) == [("a", 6)]
@@ -42,7 +42,7 @@ def test_without_chunking_a_prompt_waits_for_a_step_with_room_for_all_of_it():
 
 
 def test_admission_is_fcfs_by_free_blocks_and_capped_by_max_seqs():
-    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=100, max_seqs=2), num_blocks=4)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=100, max_seqs=2), num_blocks=4)
     s.add(Request("big", (1,) * 12, max_tokens=2))   # 3 blocks
     s.add(Request("mid", (1,) * 8, max_tokens=2))    # 2 blocks: does not fit beside big
     s.add(Request("tiny", (1,), max_tokens=2))       # would fit, but may not overtake mid
@@ -55,7 +55,7 @@ def test_admission_is_fcfs_by_free_blocks_and_capped_by_max_seqs():
 
 
 def test_the_newest_running_sequence_is_preempted_and_recomputed_later():
-    s = Scheduler(EngineConfig(block_size=2, max_batched_tokens=100), num_blocks=4)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=2, max_batched_tokens=100), num_blocks=4)
     s.add(Request("old", (1, 2, 3), max_tokens=4))
     s.add(Request("new", (4, 5, 6), max_tokens=4))
     assert step(s) == [("old", 3), ("new", 3)]      # 2 blocks each, pool full
@@ -99,7 +99,7 @@ def test_a_decode_bound_is_exactly_what_the_next_step_schedules(block_size, bloc
 
 
 def test_a_decode_bound_is_given_only_when_the_next_step_can_only_decode():
-    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=8, chunked_prefill=False), num_blocks=3)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=8, chunked_prefill=False), num_blocks=3)
     assert s.decode_tokens() == 0     # idle
     s.add(Request("a", (1,) * 3, max_tokens=6))
     s.add(Request("b", (1,) * 3, max_tokens=6))
@@ -114,7 +114,7 @@ def test_a_decode_bound_is_given_only_when_the_next_step_can_only_decode():
 
 def test_a_preempted_sequence_goes_back_ahead_of_every_newer_waiting_one():
     """The README: preempted sequences are requeued in arrival order."""
-    s = Scheduler(EngineConfig(block_size=2, max_batched_tokens=100, max_seqs=2), num_blocks=4)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=2, max_batched_tokens=100, max_seqs=2), num_blocks=4)
     s.add(Request("old", (1, 2, 3), max_tokens=4))
     s.add(Request("new", (4, 5, 6), max_tokens=4))
     s.add(Request("late", (1,), max_tokens=1))      # waits: two running already
@@ -152,7 +152,7 @@ def test_every_step_keeps_arrival_order_and_every_block_and_bounds_every_decode_
     sequences included), free plus held blocks are the pool, each block once; and before every
     step that can only decode, `decode_tokens` gives a bound."""
     rng = random.Random(seed)
-    s = Scheduler(EngineConfig(block_size=block_size, max_batched_tokens=budget, max_seqs=max_seqs,
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=block_size, max_batched_tokens=budget, max_seqs=max_seqs,
                                chunked_prefill=chunked), num_blocks=blocks)
     decode_only = 0
     for i in range(40):
@@ -180,11 +180,11 @@ def test_every_step_keeps_arrival_order_and_every_block_and_bounds_every_decode_
         assert waiting == sorted(waiting)
         # and all of them arrived after every running one: a preempted sequence goes to the front
         assert not waiting or not s.running or max(seq.request.id for seq in s.running) < waiting[0]
-        assert sorted(s.free_blocks + blocks_held(s)) == list(range(blocks))
+        assert sorted(s.pool.free_ids() + blocks_held(s)) == list(range(blocks))
         assert all(not seq.blocks for seq in s.waiting)  # preempted sequences hold nothing
     while s.has_work:
         step(s)
-    assert sorted(s.free_blocks) == list(range(blocks))
+    assert sorted(s.pool.free_ids()) == list(range(blocks))
 
 
 @pytest.mark.parametrize("field, value", [("block_size", 0), ("max_batched_tokens", -1), ("max_seqs", 1.5),
@@ -197,7 +197,7 @@ def test_engine_config_refuses_a_size_below_one_naming_the_flag(field, value):
 
 def test_check_refuses_only_requests_that_can_never_fit():
     """A request's KV holds prompt + max_tokens - 1 tokens at most (the last token is never fed)."""
-    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=8), num_blocks=3)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=8), num_blocks=3)
     whole_pool = Request("whole pool", (1,) * 9, max_tokens=4)  # 12 tokens: 3 blocks, over the budget
     s.check(whole_pool)  # chunked: a prompt longer than the budget is prefilled in pieces
     with pytest.raises(ValueError, match="needs 4 KV blocks but the pool has 3"):
@@ -209,15 +209,15 @@ def test_check_refuses_only_requests_that_can_never_fit():
         outputs += s.finish(chosen, {seq.request.id: 7 for seq, n in chosen})
     assert [(o.token, o.index, o.finished) for o in outputs] == [(7, 0, None), (7, 1, None), (7, 2, None),
                                                                   (7, 3, "length")]
-    assert sorted(s.free_blocks) == [0, 1, 2]
-    whole = Scheduler(EngineConfig(block_size=4, max_batched_tokens=8, chunked_prefill=False), num_blocks=3)
+    assert sorted(s.pool.free_ids()) == [0, 1, 2]
+    whole = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=8, chunked_prefill=False), num_blocks=3)
     whole.check(Request("one prefill", (1,) * 8, max_tokens=1))
     with pytest.raises(ValueError, match="max-batched-tokens 8"):
         whole.check(Request("two prefills", (1,) * 8, max_tokens=2))
 
 
 def test_finish_reports_every_sampled_token_and_why_a_sequence_stops():
-    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=4), num_blocks=8, eos=(2,))
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=4), num_blocks=8, eos=(2,))
     s.add(Request("eos", (1, 1), max_tokens=5))
     s.add(Request("stop", (1,) * 5, max_tokens=5, stop=(9,)))  # 5 prompt tokens: 2 chunks
     s.add(Request("length", (1,), max_tokens=1))
@@ -234,11 +234,11 @@ def test_finish_reports_every_sampled_token_and_why_a_sequence_stops():
 
 
 def test_abort_drops_exactly_that_request_and_frees_its_blocks():
-    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=100, max_seqs=1), num_blocks=8)
+    s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=100, max_seqs=1), num_blocks=8)
     for i in "abc":
         s.add(Request(i, (1,) * 5, max_tokens=3))
     assert step(s) == [("a", 5)]  # a holds 2 blocks; b and c wait (one running at most)
     assert s.abort("b") and [seq.request.id for seq in s.waiting] == ["c"]
-    assert s.abort("a") and not s.running and len(s.free_blocks) == 8
+    assert s.abort("a") and not s.running and s.pool.num_free == 8
     assert not s.abort("a") and not s.abort("missing")
     assert step(s) == [("c", 5)]

@@ -336,6 +336,24 @@ def test_models_health_and_metrics(server):
     assert server.metric("expertmesh_exchanged_bytes_total") > 0
 
 
+def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(server, hf_model):
+    """The block size is 8: the second request finds the first 24 of its 27 prompt tokens (three
+    full blocks; the last token is always computed) on the DP rank that cached them."""
+    prompt = [(7 * i + 3) % 120 + 1 for i in range(27)]
+    hits = [server.metric("expertmesh_prefix_cache_hits_total", dp_rank=d) for d in (0, 1)]
+    first = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=3, temperature=0)
+    again = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=3, temperature=0)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 24
+    assert again.choices[0].token_ids == first.choices[0].token_ids == expected(hf_model, prompt, 3)
+    deadline = time.monotonic() + 30  # metrics follow the engine's steps
+    while sum(server.metric("expertmesh_prefix_cache_hits_total", dp_rank=d) for d in (0, 1)) - sum(hits) < 24:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert server.metric("expertmesh_prefix_cache_queries_total", dp_rank=0) + \
+        server.metric("expertmesh_prefix_cache_queries_total", dp_rank=1) >= 54
+
+
 def wait_for_abort(server, aborted: float) -> None:
     """Until one more request was aborted than `aborted` and every KV block is free."""
     deadline = time.monotonic() + 30
@@ -476,6 +494,7 @@ def test_killed_rank_ends_requests_with_an_error_and_the_server_exits_nonzero(sm
     (["--header-timeout", "0"], "--header-timeout"),
     (["--body-timeout", "-1"], "--body-timeout"),
     (["--keep-alive-timeout", "inf"], "--keep-alive-timeout"),
+    (["--dp-routing", "random"], "--dp-routing"),
 ])
 def test_bad_serve_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
     assert message in cli_error(["serve", "--port", "0", *argv])

@@ -107,6 +107,18 @@ def test_serving_latency_grows_with_load_and_goodput_never_exceeds_the_rate():
         serve(dataclasses.replace(sc, hardware=H100.with_(hbm_bytes=72e9)), 1.0, 8000, 100, requests=3)
 
 
+def test_a_prefix_hit_rate_prefills_only_the_uncached_part_of_each_prompt():
+    """At a light load (no queue) TTFT is the prefill of what is not cached; under a heavy one
+    the saved prefill also shortens the queue. The same requests are drawn either way."""
+    sc = _single(preset("paper"), 1, 1000)
+    for rate in (0.5, 50.0):
+        none, most = serve(sc, rate, 2000, 20, requests=40), serve(sc, rate, 2000, 20, requests=40, prefix_hit_rate=0.9)
+        assert most.percentile("ttft_s", 50) < none.percentile("ttft_s", 50) / 2
+        assert most.output_tokens == none.output_tokens
+    with pytest.raises(ValueError, match="--prefix-hit-rate"):
+        serve(sc, 1.0, 10, 10, prefix_hit_rate=1.0)
+
+
 def test_a_replica_that_holds_no_sequence_is_refused():
     sc = dataclasses.replace(_single(preset("paper"), 1, 1000), hardware=H100.with_(hbm_bytes=40e9))
     with pytest.raises(ValueError, match="less than one"):

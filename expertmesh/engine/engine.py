@@ -12,9 +12,10 @@ the others follow (`follow`). One engine step on every rank:
      (TP and pipeline peers) records the same tokens, and rank 0 streams them out.
 
 Data-parallel ranks: under `epN` each EP index is one (its own scheduler and KV pool, replicated
-on its pipeline peers); otherwise there is one. A new request goes to the data-parallel rank
-with the most free KV blocks, then the fewest queued sequences, then the lowest index, as of the
-last step, less what this step's earlier requests will take. A request stays on its rank.
+on its pipeline peers); otherwise there is one. Rank 0 places a new request by
+`engine/dp_routing.py`'s rule (by default, where its prefix is cached, balanced against queued
+tokens), as of the last step's stats, whose all-gather also carries each pool's newly cached and
+evicted block hashes. A request stays on its rank.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ import torch.distributed as dist
 from expertmesh import faults
 from expertmesh.config import ModelConfig
 from expertmesh.deployment import Deployment
+from expertmesh.engine.block_pool import cache_key
+from expertmesh.engine.dp_routing import DpRouter
 from expertmesh.engine.kv_budget import activation_reserve, kv_blocks_from_memory
 from expertmesh.engine.messages import Messages
 from expertmesh.engine.request import Request, TokenOutput
@@ -64,21 +67,6 @@ def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine: EngineConfig,
     return blocks
 
 
-def assign_ranks(prompt_blocks: list[int], stats: list[dict]) -> list[int]:
-    """The data-parallel rank of each new request, in order: the most free KV blocks, then the
-    fewest queued (waiting + running) sequences, then the lowest index; each choice takes the
-    request's prompt blocks and one queue place from its rank before the next is made."""
-    free = [s["blocks_free"] for s in stats]
-    queued = [s["waiting"] + s["running"] for s in stats]
-    out = []
-    for blocks in prompt_blocks:
-        dp = min(range(len(free)), key=lambda i: (-free[i], queued[i], i))
-        free[dp] -= blocks
-        queued[dp] += 1
-        out.append(dp)
-    return out
-
-
 class Engine:
     """`graphs`: the decode graph mode (`engine/graphs.py`): "auto" (CUDA graphs on CUDA), "padded",
     "graphs" or "off"."""
@@ -93,7 +81,10 @@ class Engine:
         if self.distributed and dist.get_backend() != "gloo":
             self.group = new_group(backend="gloo")  # the control path stays on the CPU
         self.num_blocks = self._agreed_blocks(model, engine)
-        self.scheduler = Scheduler(engine, self.num_blocks, eos)
+        key = cache_key(cfg, deployment.tp)  # what a block's KV depends on besides its tokens
+        self.scheduler = Scheduler(engine, self.num_blocks, eos, key)
+        self.router = DpRouter(deployment.dp, engine.block_size, key,
+                               engine.dp_routing if engine.prefix_caching else "load", engine.max_batched_tokens)
         self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro,
                              overlap, engine.max_seqs, graphs)
         inner = deployment.coords(rank)[1]
@@ -184,7 +175,7 @@ class Engine:
             outputs = self.scheduler.finish(chosen, tokens)
             if self.runner.record_logits:
                 outputs = [replace(o, logits=sampled[o.request_id][1]) for o in outputs]
-            mine = (self.dp, outputs, self.scheduler.stats())
+            mine = (self.dp, outputs, self._report())
         everyone = self._gather((mine, self.eplb.payload() if self.eplb else None))
         if self.eplb:
             self.eplb.end_step([extra for _, extra in everyone])
@@ -192,10 +183,12 @@ class Engine:
         if not self.reports:
             column = next(p for p in everyone if p is not None and p[0] == self.dp)
             self.scheduler.finish(chosen, {o.request_id: o.token for o in column[1]})
+            self.scheduler.pool.take_changes()  # the same as the reporting replica's
         if self.rank != 0:
             return []
         result = []
         for dp, outputs, stats in (p for p in everyone if p is not None):
+            self.router.learn(dp, stats.pop("cache_added"), stats.pop("cache_evicted"))
             self.dp_stats[dp] = stats
             for out in outputs:
                 if out.request_id in self.live:
@@ -203,6 +196,12 @@ class Engine:
                     if out.finished:
                         self.live.discard(out.request_id)
         return result
+
+    def _report(self) -> dict:
+        """The scheduler's stats, with the block hashes its pool cached and evicted since the last."""
+        stats = self.scheduler.stats()
+        stats["cache_added"], stats["cache_evicted"] = self.scheduler.pool.take_changes()
+        return stats
 
     def _control(self, stop: bool = False) -> dict:
         message = None
@@ -222,8 +221,7 @@ class Engine:
         return None if new or None in bounds else max(bounds)
 
     def _assign(self) -> list[tuple[int, Request]]:
-        blocks = [self.scheduler.blocks_for(len(r.prompt)) for r in self.new]
-        return list(zip(assign_ranks(blocks, self.dp_stats), self.new))
+        return list(zip(self.router.assign(self.new, self.dp_stats), self.new))
 
     def _gather(self, mine):
         if not self.distributed:

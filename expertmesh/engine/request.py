@@ -65,3 +65,4 @@ class TokenOutput:
     index: int
     finished: str | None = None
     logits: torch.Tensor | None = field(default=None, compare=False, repr=False)
+    cached: int | None = field(default=None, compare=False)

@@ -48,13 +48,14 @@ class RunResult:
     spans: dict[int, list] | None = None
     checkpoint_bytes: list[int] | None = None
     eplb: dict | None = None
+    prompt_tokens: dict | None = None
 
     def to_dict(self) -> dict:
         return {
             "deployment": self.deployment, "world_size": self.world_size,
             "metrics": self.metrics.to_dict(), "param_bytes_per_rank": self.param_bytes,
             "kv_cache_bytes_per_rank": self.kv_cache_bytes, "exchange": self.exchange,
-            "load": self.load, "overflow": self.overflow,
+            "load": self.load, "overflow": self.overflow, "prompt_tokens": self.prompt_tokens,
             "tokens": self.tokens.tolist(),
             **({"eplb": self.eplb} if self.eplb is not None else {}),
         }
@@ -92,4 +93,14 @@ def assemble(spec: RunSpec, transcript: Transcript, reports: list[RankReport]) -
         spans={r.rank: r.spans for r in reports} if spec.trace else None,
         checkpoint_bytes=[r.checkpoint_bytes for r in reports] if spec.checkpoint else None,
         eplb=run_summary([r.eplb for r in reports]) if spec.eplb is not None else None,
+        prompt_tokens=prompt_tokens(transcript.rank_stats, dep),
     )
+
+
+def prompt_tokens(rank_stats: list[dict], dep) -> dict:
+    """Prompt tokens over the data-parallel ranks (each counted once, by its reporting rank):
+    all of them, those found in the prefix cache, and those computed (recomputation after a
+    preemption included)."""
+    mine = [s for rank, s in enumerate(rank_stats) if dep.reports(rank)]
+    return {"total": sum(s["prompt_tokens"] for s in mine), "cached": sum(s["cached_tokens"] for s in mine),
+            "computed": sum(s["prompt_computed"] for s in mine)}

@@ -9,10 +9,14 @@ picks, under a token budget (`max_batched_tokens`) and a cap on running sequence
      or one decode token; when the pool has no block for one, the newest running sequence is
      preempted (its blocks freed, its tokens kept, requeued in arrival order to be recomputed);
   2. then waiting sequences in arrival order (FCFS), admitted while their first chunk's blocks
-     are free; the first that does not fit stops admission, so none is overtaken.
+     are free; the first that does not fit stops admission, so none is overtaken. An admitted
+     sequence first takes the longest chain of its full blocks that the pool caches
+     (`engine/block_pool.py`) and computes from there; at most all but its last token are found,
+     so that the step computes at least one token and samples.
 
 After the forward, `finish` appends the token sampled for each sequence whose chunk reached its
-last token, and ends those that stop, freeing their blocks. Nothing here reads tensors, so every
+last token, registers the blocks that became full with the pool's prefix cache, and ends those
+that stop, freeing their blocks. Nothing here reads tensors, so every
 rank that replicates a scheduler (tensor-parallel and pipeline peers) makes the same decisions.
 """
 
@@ -21,6 +25,7 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from expertmesh.engine.block_pool import BlockPool, chain_hashes
 from expertmesh.engine.request import Request, TokenOutput
 
 
@@ -30,7 +35,9 @@ class EngineConfig:
     `kv_cache_gb` holds on the rank with the most KV per block; neither given: on a GPU what
     `gpu_memory_utilization` of it leaves (`kv_budget.py`), on the CPU 1 GiB). max_batched_tokens: tokens per
     forward. max_seqs: running sequences per data-parallel rank. chunked_prefill: a prompt may be
-    prefilled over several steps (else it must fit `max_batched_tokens` whole)."""
+    prefilled over several steps (else it must fit `max_batched_tokens` whole). prefix_caching:
+    full blocks are kept and reused by hash (`engine/block_pool.py`). dp_routing: how rank 0
+    places requests on data-parallel ranks, "cache" or "load" (`engine/dp_routing.py`)."""
 
     block_size: int = 16
     num_blocks: int | None = None
@@ -39,6 +46,8 @@ class EngineConfig:
     max_batched_tokens: int = 512
     max_seqs: int = 64
     chunked_prefill: bool = True
+    prefix_caching: bool = True
+    dp_routing: str = "cache"
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_batched_tokens", "max_seqs"):
@@ -49,6 +58,8 @@ class EngineConfig:
             raise ValueError(f"num-blocks {self.num_blocks!r} must be a positive integer")
         if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
             raise ValueError(f"kv-cache-gb {self.kv_cache_gb} must be > 0")
+        if self.dp_routing not in ("cache", "load"):
+            raise ValueError(f"unknown --dp-routing {self.dp_routing!r}; use cache or load")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu-memory-utilization {self.gpu_memory_utilization} must be in (0, 1]")
 
@@ -60,6 +71,9 @@ class Sequence:
     tokens: list[int]
     computed: int = 0
     blocks: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of the full blocks of `tokens`
+    registered: int = 0  # leading blocks offered to the prefix cache (found there or registered)
+    cached: int | None = None  # prompt tokens found cached at its first admission
 
     @property
     def generated(self) -> int:
@@ -72,9 +86,12 @@ class Sequence:
 
 
 class Scheduler:
-    def __init__(self, cfg: EngineConfig, num_blocks: int, eos: tuple[int, ...] = ()):
-        self.cfg, self.num_blocks, self.eos = cfg, num_blocks, frozenset(eos)
-        self.free_blocks: list[int] = list(range(num_blocks - 1, -1, -1))
+    """`key`: what changes the KV besides the tokens (`block_pool.cache_key`)."""
+
+    def __init__(self, cfg: EngineConfig, num_blocks: int, eos: tuple[int, ...] = (), key: bytes = b""):
+        self.cfg, self.num_blocks, self.eos, self.key = cfg, num_blocks, frozenset(eos), key
+        self.pool = BlockPool(num_blocks, cfg.prefix_caching)
+        self.prompt_tokens = self.cached_tokens = self.prompt_computed = 0
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.arrivals = 0
@@ -113,9 +130,17 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def stats(self) -> dict:
-        return {"blocks_free": len(self.free_blocks), "blocks_used": self.num_blocks - len(self.free_blocks),
+        """prompt_tokens / cached_tokens: of requests at their first admission, all / found in the
+        prefix cache; prompt_computed: prompt tokens prefilled, recomputation after preemption
+        included; queued_tokens: tokens still to compute (prompts and max_tokens) of those here."""
+        free = self.pool.num_free
+        return {"blocks_free": free, "blocks_used": self.num_blocks - free, "blocks_cached": self.pool.num_cached,
+                "blocks_evicted": self.pool.evictions,
                 "waiting": len(self.waiting), "running": len(self.running), "preemptions": self.preemptions,
-                "decode_tokens": self.decode_tokens()}
+                "decode_tokens": self.decode_tokens(), "prompt_tokens": self.prompt_tokens,
+                "cached_tokens": self.cached_tokens, "prompt_computed": self.prompt_computed,
+                "queued_tokens": sum(len(s.request.prompt) + s.request.max_tokens - s.computed
+                                     for q in (self.waiting, self.running) for s in q)}
 
     def decode_tokens(self) -> int | None:
         """The tokens of the next `schedule()` when no request arrives before it and that step can
@@ -125,7 +150,7 @@ class Scheduler:
         if self.waiting or any(seq.pending != 1 for seq in self.running):
             return None
         new_blocks = sum(self.blocks_for(seq.computed + 1) > len(seq.blocks) for seq in self.running)
-        if new_blocks > len(self.free_blocks):
+        if new_blocks > self.pool.num_free:
             return None
         return len(self.running)  # every running sequence is chosen: running <= the budget
 
@@ -150,9 +175,18 @@ class Scheduler:
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_seqs:
             seq = self.waiting[0]
-            n = min(seq.pending, budget)
-            if (n < seq.pending and not self.cfg.chunked_prefill) or not self._reserve(seq, n):
+            hit = self.pool.match(self._hashes(seq, len(seq.tokens) - 1))
+            start = len(hit) * self.cfg.block_size
+            n = min(len(seq.tokens) - start, budget)
+            new = self.blocks_for(start + n) - len(hit)
+            if (n < len(seq.tokens) - start and not self.cfg.chunked_prefill) or not self.pool.can_take(hit, new):
                 break
+            self.pool.take(hit)
+            seq.blocks, seq.computed, seq.registered = hit + self.pool.allocate(new), start, len(hit)
+            if seq.cached is None:
+                seq.cached = start
+                self.prompt_tokens += len(seq.request.prompt)
+                self.cached_tokens += start
             self.running.append(self.waiting.popleft())
             chosen.append((seq, n))
             budget -= n
@@ -163,7 +197,9 @@ class Scheduler:
         chunk reached its last token. Returns the outputs, and ends the sequences that stop."""
         outputs = []
         for seq, n in chosen:
+            self.prompt_computed += max(0, min(seq.computed + n, len(seq.request.prompt)) - seq.computed)
             seq.computed += n
+            self._register(seq)
             if seq.pending:
                 continue  # a prefill chunk short of the end: nothing sampled
             token = tokens[seq.request.id]
@@ -171,7 +207,8 @@ class Scheduler:
             req = seq.request
             finished = ("stop" if token in self.eos or token in req.stop else
                         "length" if seq.generated >= req.max_tokens else None)
-            outputs.append(TokenOutput(req.id, token, seq.generated - 1, finished))
+            outputs.append(TokenOutput(req.id, token, seq.generated - 1, finished,
+                                       cached=seq.cached if seq.generated == 1 else None))
             if finished:
                 self.running.remove(seq)
                 self._release(seq)
@@ -183,11 +220,23 @@ class Scheduler:
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         need = self.blocks_for(seq.computed + n) - len(seq.blocks)
-        if need > len(self.free_blocks):
+        if need > self.pool.num_free:
             return False
-        for _ in range(need):
-            seq.blocks.append(self.free_blocks.pop())
+        seq.blocks.extend(self.pool.allocate(need))
         return True
+
+    def _hashes(self, seq: Sequence, n_tokens: int) -> list[bytes]:
+        """The chain hashes of the full blocks among `seq`'s first `n_tokens` tokens."""
+        if not self.cfg.prefix_caching:
+            return []
+        return chain_hashes(seq.tokens, self.cfg.block_size, self.key, seq.hashes)[:n_tokens // self.cfg.block_size]
+
+    def _register(self, seq: Sequence) -> None:
+        """Offer the prefix cache each block of `seq` that its KV now fills."""
+        full = self._hashes(seq, seq.computed)
+        for i in range(seq.registered, len(full)):
+            self.pool.register(seq.blocks[i], full[i])
+        seq.registered = max(seq.registered, len(full))
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
@@ -200,5 +249,5 @@ class Scheduler:
         self.waiting.insert(i, seq)
 
     def _release(self, seq: Sequence) -> None:
-        self.free_blocks.extend(reversed(seq.blocks))
-        seq.blocks = []
+        self.pool.release(seq.blocks[::-1])
+        seq.blocks, seq.registered = [], 0

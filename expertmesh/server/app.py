@@ -136,6 +136,7 @@ class Generation:
         self.accepted = time.perf_counter()
         self.times: list[float] = []
         self.reason: str | None = None
+        self.cached = 0  # prompt tokens found in the prefix cache (told with the first token)
         self.queue: asyncio.Queue = asyncio.Queue()
         api.waiting += 1
         api.engine.submit(request, self.queue)
@@ -151,6 +152,7 @@ class Generation:
                 raise ApiError(400, str(item).split(": ", 1)[-1])
             if not self.times:
                 self.api.waiting -= 1
+                self.cached = item.cached or 0
             self.times.append(time.perf_counter())
             delta = self.text.add(item.token, item.finished is not None)
             self.reason = "stop" if self.text.stopped else item.finished
@@ -168,7 +170,7 @@ class Generation:
         self.api.metrics.finished(outcome, self.accepted, self.times)
 
     def usage(self) -> dict:
-        return usage(len(self.request.prompt), len(self.text.ids))
+        return usage(len(self.request.prompt), len(self.text.ids), self.cached)
 
 
 class BodyLimit:

@@ -12,6 +12,11 @@ asking for exactly `output_len` tokens (greedy), sent at Poisson arrivals of `ra
 - throughput: completed requests and output (and prompt + output) tokens per second of the run;
 - goodput: completed requests per second whose TTFT <= `ttft_slo` and TPOT <= `tpot_slo`.
 
+`dataset` "shared-prefix": each prompt is one of `num_prefixes` random prefixes of `prefix_len`
+tokens (drawn uniformly per request) followed by a suffix of its own of `input_len` tokens,
+like chat requests sharing a system prompt; the server's `usage.prompt_tokens_details
+.cached_tokens` (when it sends them) give the prefix cache's hit rate over the prompt tokens.
+
 Prompts are token ids, or, given a tokenizer directory, the text of random ids decoded (a server
 with its own tokenizer re-encodes it; its `usage` reports the prompt length it saw).
 """
@@ -28,12 +33,14 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PERCENTILES = (50, 90, 99)
+DATASETS = ("random", "shared-prefix")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """input_len / output_len: (low, high) token counts, drawn uniformly per request (low == high:
-    fixed). vocab: prompt ids are drawn from [1, vocab). endpoint: completions or chat."""
+    fixed). vocab: prompt ids are drawn from [1, vocab). endpoint: completions or chat. dataset:
+    random or shared-prefix (then `input_len` is each suffix's)."""
 
     url: str
     num_prompts: int
@@ -48,6 +55,9 @@ class BenchConfig:
     ttft_slo: float | None = None
     tpot_slo: float | None = None
     timeout: float = 600.0
+    dataset: str = "random"
+    prefix_len: int = 0
+    num_prefixes: int = 1
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -62,6 +72,11 @@ class BenchConfig:
             raise ValueError(f"--endpoint {self.endpoint!r}: use completions or chat")
         if self.vocab < 2:
             raise ValueError(f"--vocab {self.vocab} must be at least 2")
+        if self.dataset not in DATASETS:
+            raise ValueError(f"--dataset {self.dataset!r}: use {' or '.join(DATASETS)}")
+        if self.dataset == "shared-prefix" and not (self.prefix_len >= 1 and self.num_prefixes >= 1):
+            raise ValueError(f"--dataset shared-prefix needs --prefix-len >= 1 and --num-prefixes >= 1 "
+                             f"(got {self.prefix_len} and {self.num_prefixes})")
 
 
 def parse_range(text: str, flag: str) -> tuple[int, int]:
@@ -82,6 +97,7 @@ class Outcome:
     times: list[float] = field(default_factory=list)  # when each chunk with tokens arrived
     tokens: int = 0
     error: str | None = None
+    cached: int = 0  # prompt tokens the server found in its prefix cache (its usage says)
 
     @property
     def ok(self) -> bool:
@@ -99,9 +115,11 @@ class Outcome:
 def workload(cfg: BenchConfig) -> list[tuple[float, list[int], int]]:
     """(send time, prompt ids, max tokens) per request, from the seed alone."""
     rng = random.Random(cfg.seed)
+    prefixes = [[rng.randrange(1, cfg.vocab) for _ in range(cfg.prefix_len)] for _ in range(cfg.num_prefixes)]
     at, out = 0.0, []
     for _ in range(cfg.num_prompts):
-        prompt = [rng.randrange(1, cfg.vocab) for _ in range(rng.randint(*cfg.input_len))]
+        prefix = rng.choice(prefixes) if cfg.dataset == "shared-prefix" else []
+        prompt = prefix + [rng.randrange(1, cfg.vocab) for _ in range(rng.randint(*cfg.input_len))]
         out.append((at, prompt, rng.randint(*cfg.output_len)))
         if math.isfinite(cfg.rate):
             at += rng.expovariate(cfg.rate)
@@ -123,6 +141,8 @@ async def _one(client, cfg: BenchConfig, model: str, prompt, max_tokens: int, st
             now = time.perf_counter() - start
             if chunk.usage is not None:
                 counted = chunk.usage.completion_tokens
+                details = getattr(chunk.usage, "prompt_tokens_details", None)
+                outcome.cached = getattr(details, "cached_tokens", None) or 0
             if not chunk.choices:
                 continue
             c = chunk.choices[0]
@@ -188,6 +208,7 @@ def summarize(cfg: BenchConfig, outcomes: list[Outcome], duration: float) -> dic
         "request_throughput": len(done) / duration,
         "output_token_throughput": output / duration,
         "total_token_throughput": (output + sum(o.prompt_tokens for o in done)) / duration,
+        "prefix_hit_rate": sum(o.cached for o in done) / max(1, sum(o.prompt_tokens for o in done)),
         "goodput": len(good) / duration if cfg.ttft_slo or cfg.tpot_slo else None,
         "ttft_s": _percentiles([o.ttft for o in done]),
         "tpot_s": _percentiles([o.tpot for o in done if o.tpot is not None]),

@@ -48,7 +48,8 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
                           max_batched_tokens=args.max_batched_tokens,
-                          max_seqs=args.max_seqs)
+                          max_seqs=args.max_seqs, prefix_caching=args.prefix_caching,
+                          dp_routing=args.dp_routing)
     pool_blocks(spec.cfg, deployment, engine)
     return spec, engine
 
@@ -152,7 +153,8 @@ def cmd_bench_serve(args) -> int:
                       input_len=parse_range(args.input_len, "--input-len"),
                       output_len=parse_range(args.output_len, "--output-len"), seed=args.seed,
                       model=args.model, endpoint=args.endpoint, tokenizer=args.tokenizer, vocab=args.vocab,
-                      ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=args.timeout)
+                      ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=args.timeout,
+                      dataset=args.dataset, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes)
     console = Console()
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"{cfg.num_prompts} requests at {cfg.rate} req/s", total=cfg.num_prompts)
@@ -169,7 +171,8 @@ def cmd_bench_serve(args) -> int:
     console.print(f"completed {result['completed']} / {cfg.num_prompts} in {result['duration_s']:.2f} s: "
                   f"{result['request_throughput']:.2f} req/s, {result['output_token_throughput']:.1f} "
                   f"output tok/s, {result['total_token_throughput']:.1f} total tok/s" +
-                  (f", goodput {result['goodput']:.2f} req/s" if result["goodput"] is not None else ""))
+                  (f", goodput {result['goodput']:.2f} req/s" if result["goodput"] is not None else "") +
+                  f"; prefix cache hit rate {result['prefix_hit_rate']:.1%} of prompt tokens")
     for error in result["errors"]:
         console.print(f"[red]failed request: {error}[/red]")
     if args.json:
@@ -196,6 +199,11 @@ def add_commands(sub) -> None:
     add_memory_args(serve)
     serve.add_argument("--max-batched-tokens", type=int, default=512, help="tokens per engine step")
     serve.add_argument("--max-seqs", type=int, default=64, help="running sequences per data-parallel rank")
+    serve.add_argument("--no-prefix-caching", dest="prefix_caching", action="store_false",
+                       help="recompute every prompt (default: reuse cached KV blocks of shared prefixes)")
+    serve.add_argument("--dp-routing", default="cache",
+                       help="how rank 0 places requests on data-parallel ranks: cache (where the "
+                       "prefix is cached, balanced against queued tokens) or load (default cache)")
     serve.add_argument("--micro-batches", type=int, default=None,
                        help="pipeline micro-batches per engine step (default: pp)")
     serve.add_argument("--max-waiting", type=int, default=256,
@@ -244,6 +252,11 @@ def add_commands(sub) -> None:
     load.add_argument("--tokenizer", default=None,
                       help="a tokenizer directory: send the text of the random ids instead of ids")
     load.add_argument("--vocab", type=int, default=100, help="prompt ids are drawn from 1 .. vocab-1")
+    load.add_argument("--dataset", default="random",
+                      help="random, or shared-prefix: one of --num-prefixes prefixes of --prefix-len "
+                      "tokens, then --input-len tokens of its own")
+    load.add_argument("--prefix-len", type=int, default=0, help="shared-prefix: tokens per prefix")
+    load.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: how many prefixes")
     load.add_argument("--ttft-slo", type=float, default=None, help="seconds, for goodput")
     load.add_argument("--tpot-slo", type=float, default=None, help="seconds, for goodput")
     load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")

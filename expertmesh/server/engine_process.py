@@ -319,7 +319,7 @@ class EngineServer:
             for out in outputs:
                 owner = self.owners.get(out.request_id)
                 if owner is not None:
-                    tokens[owner].append(Token(out.request_id, out.token, out.finished))
+                    tokens[owner].append(Token(out.request_id, out.token, out.finished, out.cached))
                     if out.finished:
                         del self.owners[out.request_id]
             stats = self.engine.stats()

@@ -39,11 +39,13 @@ class ToEngine(msgspec.Struct):
 
 
 class Token(msgspec.Struct, array_like=True, frozen=True):
-    """One generated token of a request; `finished` is "stop", "length" or None."""
+    """One generated token of a request; `finished` is "stop", "length" or None; `cached`, on
+    its first token, the prompt tokens found in the prefix cache."""
 
     request_id: str
     token: int
     finished: str | None = None
+    cached: int | None = None
 
 
 class CounterTotals(msgspec.Struct, frozen=True):

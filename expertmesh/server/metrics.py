@@ -66,6 +66,11 @@ class ServerMetrics:
         self.eplb_stall = Histogram("expertmesh_eplb_step_stall_seconds", "Online EPLB: seconds a step "
                                     "spent planning, waiting for moved weights, switching and posting "
                                     "moves, per rank and step that did any", buckets=LATENCY_BUCKETS, **r)
+        self.prefix_queries = Counter("expertmesh_prefix_cache_queries", "Prompt tokens looked up in "
+                                      "the prefix cache, per data-parallel rank", ["dp_rank"], **r)
+        self.prefix_hits = Counter("expertmesh_prefix_cache_hits", "Prompt tokens found in the prefix "
+                                   "cache, per data-parallel rank", ["dp_rank"], **r)
+        self.seen: dict[int, tuple[int, int]] = {}  # dp rank -> its (queries, hits) so far
 
     def finished(self, outcome: str, accepted: float, times: list[float]) -> None:
         """A request ended (`times`: when each of its tokens reached the handler)."""
@@ -85,6 +90,10 @@ class ServerMetrics:
         for dp, s in enumerate(stats):
             self.kv_used.labels(str(dp)).set(s["blocks_used"])
             self.kv_free.labels(str(dp)).set(s["blocks_free"])
+            queries, hits = self.seen.get(dp, (0, 0))
+            self.prefix_queries.labels(str(dp)).inc(s["prompt_tokens"] - queries)
+            self.prefix_hits.labels(str(dp)).inc(s["cached_tokens"] - hits)
+            self.seen[dp] = (s["prompt_tokens"], s["cached_tokens"])
         if counters is None:
             return
         self.exchanged.inc(counters.exchanged_bytes)

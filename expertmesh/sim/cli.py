@@ -76,6 +76,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--fp8", action="store_true", help="FP8 weights, KV cache, dispatch and GEMMs")
     p.add_argument("--rate", type=float, help="serve Poisson arrivals at this many requests/s (prompt and "
                                               "output lengths around --prompt-len, --gen-len)")
+    p.add_argument("--prefix-hit-rate", type=float, default=0.0,
+                   help="with --rate: the fraction of each prompt found in the prefix cache (default 0)")
     p.add_argument("--ttft-slo", help="largest acceptable TTFT for goodput, e.g. 2s")
     p.add_argument("--tpot-slo", help="largest acceptable TPOT, e.g. 50ms")
 
@@ -90,6 +92,8 @@ def _hardware(args):
 
 
 def _base(args, deployment: Deployment, gpus: int | None) -> Scenario:
+    if not 0 <= args.prefix_hit_rate < 1:
+        raise ValueError(f"--prefix-hit-rate {args.prefix_hit_rate} must be in [0, 1)")
     return Scenario(load_model(args.preset, args.model), deployment,
                     Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len),
                     _hardware(args), gpus=gpus, gpus_per_node=args.gpus_per_node,
@@ -125,7 +129,8 @@ def cmd_simulate(args) -> int:
                for d in deployments]
     console.print(results_table(results, f"simulated on {base.hardware.name}"))
     if args.rate:
-        console.print(serving_table([(r, serve_deployment(r.scenario, args.rate)) for r in results if r.fits],
+        console.print(serving_table([(r, serve_deployment(r.scenario, args.rate, prefix_hit_rate=args.prefix_hit_rate))
+                                     for r in results if r.fits],
                                     args.rate, _slo(args.ttft_slo), _slo(args.tpot_slo)))
     print_assumptions(console, [r.scenario for r in results])
     if args.trace:
@@ -152,7 +157,7 @@ def cmd_plan(args) -> int:
     base = _base(args, Deployment(), None)
     if args.rate:  # goodput under load: the SLOs judge each request, not the static batch
         verdicts = evaluate(base, args.gpus, attn_dp=args.attn_dp)
-        ranked_g = rank_by_goodput(verdicts, args.rate, ttft_slo, tpot_slo)
+        ranked_g = rank_by_goodput(verdicts, args.rate, ttft_slo, tpot_slo, prefix_hit_rate=args.prefix_hit_rate)
         console.print(serving_table([(g.result, g.served) for g in ranked_g], args.rate, ttft_slo, tpot_slo,
                                     f"deployments on {args.gpus} x {base.hardware.name} at {args.rate:g} "
                                     f"requests/s, best goodput first"))

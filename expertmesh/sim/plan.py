@@ -91,14 +91,16 @@ class Goodput:
     goodput: float  # requests/s meeting both SLOs, all replicas
 
 
-def serve_deployment(sc: Scenario, rate: float, requests: int = 100) -> Served:
+def serve_deployment(sc: Scenario, rate: float, requests: int = 100, prefix_hit_rate: float = 0.0) -> Served:
     """The scenario's deployment serving `rate` requests/s split evenly over its replicas, with
-    prompt and output lengths around the workload's."""
-    return serve(sc, rate / sc.replicas, sc.workload.prompt_len, sc.workload.gen_len, requests=requests)
+    prompt and output lengths around the workload's, `prefix_hit_rate` of each prompt cached."""
+    return serve(sc, rate / sc.replicas, sc.workload.prompt_len, sc.workload.gen_len, requests=requests,
+                 prefix_hit_rate=prefix_hit_rate)
 
 
 def rank_by_goodput(verdicts: list[Verdict], rate: float, ttft_slo_s: float | None,
-                    tpot_slo_s: float | None, requests: int = 100) -> list[Goodput]:
+                    tpot_slo_s: float | None, requests: int = 100,
+                    prefix_hit_rate: float = 0.0) -> list[Goodput]:
     """Serve `rate` requests/s (split evenly over each candidate's replicas) of the base
     workload's prompt and output lengths; candidates that fit, best goodput first."""
     out = []
@@ -106,7 +108,7 @@ def rank_by_goodput(verdicts: list[Verdict], rate: float, ttft_slo_s: float | No
         sc = v.result.scenario
         if not v.fits or not holds_request(sc, sc.workload.prompt_len, sc.workload.gen_len):
             continue
-        served = serve_deployment(sc, rate, requests)
+        served = serve_deployment(sc, rate, requests, prefix_hit_rate)
         out.append(Goodput(v.result, served, served.goodput(ttft_slo_s, tpot_slo_s) * sc.replicas))
     # ties (every candidate keeps up) go to the lower TPOT, then TTFT, at the 90th percentile
     return sorted(out, key=lambda g: (-round(g.goodput, 6), g.served.percentile("tpot_s", 90),

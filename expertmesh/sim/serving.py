@@ -13,6 +13,10 @@ N sequences decode and, per iteration, N x prompt / output prompt tokens are pre
 bounded by the batch cap, the token budget and the KV cache left after weights, activations and
 reserve. `serve`: requests arrive as a Poisson process with their own prompt and output lengths;
 a discrete-event loop admits them first come, first served while KV room and the budget allow.
+With a prefix cache (`prefix_hit_rate` h), each request finds the first h of its prompt cached and
+prefills only the rest (at least one token); the cached part still counts against the KV room in
+full (as if no two running requests shared it: conservative), and the new tokens' attention over
+the cached part is not costed (small beside the MoE layers at the prompt lengths served).
 """
 
 from __future__ import annotations
@@ -111,12 +115,15 @@ class Served:
 
 
 def serve(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests: int = 200,
-          token_budget: int = 8192, max_batch: int = 2048, seed: int = 0) -> Served:
+          token_budget: int = 8192, max_batch: int = 2048, seed: int = 0,
+          prefix_hit_rate: float = 0.0) -> Served:
     """Poisson arrivals at `rate` requests/s per replica; prompt and output lengths drawn
     uniformly in [L/2, 3L/2]; chunked prefill within `token_budget`; first come, first served
     while KV room allows (a request reserves its whole context on admission)."""
     if rate <= 0:
         raise ValueError(f"arrival rate {rate} must be > 0 requests/s")
+    if not 0 <= prefix_hit_rate < 1:
+        raise ValueError(f"--prefix-hit-rate {prefix_hit_rate} must be in [0, 1)")
     if not holds_request(sc, prompt_len, output_len):
         raise ValueError(f"{sc.deployment.name} cannot hold the KV cache of one {longest(prompt_len, output_len)}"
                          f"-token request; use more GPUs or shorter requests")
@@ -138,7 +145,8 @@ def serve(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests:
             if used + need > kv_room:
                 break
             used += need
-            running[i] = [0, 0, 0.0]
+            prompt = arrivals[i][1]
+            running[i] = [min(prompt - 1, int(prefix_hit_rate * prompt)), 0, 0.0]  # cached: not computed
             waiting.pop(0)
         if not running:
             now = arrivals[waiting[0]][0]
