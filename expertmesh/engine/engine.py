@@ -34,6 +34,7 @@ from expertmesh.engine.runner import Runner
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
 from expertmesh.engine.stages import StageLinks
 from expertmesh.model.transformer import MoETransformer, parameter_bytes
+from expertmesh.parallel.expert import ExchangeChoice
 from expertmesh.parallel.mesh import new_group
 
 
@@ -150,7 +151,24 @@ class Engine:
         self._control(stop=True)
         self.runner.close()
 
+    def requeue(self, requests: list[Request]) -> None:
+        """Rank 0, after `resume`: requests in flight again at the next step, ahead of new ones;
+        each carries the tokens already streamed (`Request.generated`)."""
+        self.new[:0] = requests
+
     # ---- every rank ----
+    def resume(self, rank: int, deployment: Deployment) -> None:
+        """After elastic recovery (`elastic/recovery.py`): this rank is `rank` of `deployment`
+        over the new default group; every scheduler starts empty, the KV pool kept."""
+        self.rank, self.deployment = rank, deployment
+        self.dp = deployment.coords(rank)[1] if deployment.ep > 1 else 0
+        self.reports = deployment.reports(rank)
+        self.messages = Messages(self.group)
+        self.scheduler = Scheduler(self.scheduler.cfg, self.num_blocks, tuple(self.scheduler.eos))
+        self.runner.exchange = ExchangeChoice(self.runner.model, self.runner.exchange.overlap)
+        self.dp_stats = [self.scheduler.stats() for _ in range(deployment.dp)]
+        self.aborts = []
+
     def follow(self) -> None:
         """Ranks other than 0: run steps until rank 0 says stop."""
         while not self.stopped:

@@ -22,6 +22,7 @@ import torch
 from expertmesh.checkpoint import has_tokenizer
 from expertmesh.checkpoint.hf_config import eos_ids
 from expertmesh.deployment import Deployment
+from expertmesh.elastic import elastic_spec
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.spec import RunSpec
@@ -38,15 +39,19 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
     """The validated spec and engine budget of `serve`'s flags; raises ValueError (one line) on a
     bad one."""
     deployment = Deployment.parse(args.deployment)
-    run_args = argparse.Namespace(**vars(args), prompt=None, prompt_ids=None, batch=1, prompt_len=1,
-                                  gen_len=1, temperature=0.0, top_p=1.0,
-                                  record_routing=None, trace=None, redundant_experts=0, routing=None)
+    run_args = argparse.Namespace(**{**vars(args), **dict(
+        prompt=None, prompt_ids=None, batch=1, prompt_len=1, gen_len=1, temperature=0.0, top_p=1.0,
+        record_routing=None, trace=None, redundant_experts=0, routing=None)})
     spec = spec_from_flags(run_args, deployment)
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
                           max_batched_tokens=args.max_batched_tokens,
                           max_seqs=args.max_seqs)
     pool_blocks(spec.cfg, deployment, engine)
+    if args.redundant_experts and not args.elastic:
+        raise ValueError("serve's --redundant-experts places spare replicas for --elastic; add --elastic")
+    if args.elastic:
+        spec = elastic_spec(spec, args.redundant_experts, args.backend)
     return spec, engine
 
 
@@ -65,6 +70,7 @@ def cmd_serve(args) -> int:
                            max_waiting=args.max_waiting, grace_s=args.grace, timeout_s=args.timeout,
                            api_servers=args.api_server_count,
                            limits=Limits(int(args.max_body_mb * 2**20), args.max_stops, args.max_stop_chars),
+                           elastic=args.elastic,
                            api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     if not under_torchrun() or os.environ.get("RANK") == "0":
         _check_address(args.host, args.port)
@@ -83,7 +89,8 @@ def cmd_serve(args) -> int:
             return 0
         previous = {s: signal.signal(s, _forward_to_ranks) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
+            launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S,
+                   elastic=args.elastic)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -192,6 +199,11 @@ def add_commands(sub) -> None:
     serve.add_argument("--max-stop-chars", type=int, default=4096,
                        help="most characters of all the stop strings of one request")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
+    serve.add_argument("--elastic", action="store_true", help="survive the loss of an EP rank other "
+                       "than 0 (plain epN, local CPU ranks): its experts and requests move to the others")
+    serve.add_argument("--redundant-experts", type=int, default=0, help="with --elastic: spare "
+                       "replicas, one rank's spares copying the next rank's experts, served at once "
+                       "when that rank is lost")
     add_exchange_args(serve)
     add_eager_arg(serve)
     serve.set_defaults(func=cmd_serve)

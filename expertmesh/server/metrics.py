@@ -59,6 +59,15 @@ class ServerMetrics:
                                 "by what happened to them", ["action"], **r)
         for action in ("dropped", "rerouted"):
             self.overflow.labels(action)
+        self.rank_losses = Counter("expertmesh_rank_losses", "Ranks lost and survived (--elastic)", **r)
+        self.recovery = Counter("expertmesh_recovery_seconds", "Seconds spent recovering from lost "
+                                "ranks (--elastic): failed step to new groups with experts in place", **r)
+
+    def recovered(self, lost: int, seconds: float) -> None:
+        """An elastic engine survived `lost` ranks in `seconds` (0, 0: nothing new)."""
+        if self.engine_metrics:
+            self.rank_losses.inc(lost)
+            self.recovery.inc(seconds)
 
     def finished(self, outcome: str, accepted: float, times: list[float]) -> None:
         """A request ended (`times`: when each of its tokens reached the handler)."""
