@@ -1,14 +1,15 @@
 """Elastic expert parallelism (`expertmesh serve --elastic`), as a client sees it: real servers
-(ep4, four local CPU ranks over gloo, the tiny preset), ranks SIGKILLed from outside while
-streams run. Every request completes with the tokens of an independent reference (the
-single-device model, greedy, no cache, each request alone: `serving.naive_tokens`), so no token
-is lost, repeated or changed across the failure; later requests are served; `/health` names the
+(ep4, four local CPU ranks over gloo), ranks SIGKILLed from outside while streams run. Every
+request completes with the tokens of an independent reference, greedy, each request alone (the
+tiny preset: the single-device model without a cache, `serving.naive_tokens`; a checkpoint:
+transformers), so no token is lost, repeated or changed across the failure; later requests are served; `/health` names the
 dead rank and says `degraded`; `/metrics` counts the loss; the log says which experts moved; and
 nothing is left running. Rank 0's death still ends the server with exit 1.
 
 Two servers, each reused by the tests of one scenario, in order: plain ep4 (rank 2 killed
-mid-stream, then rank 3), and ep4 with one spare replica per rank (rank 2 killed during the
-prefills, its first expert then served by rank 1's replica; then rank 0 killed).
+mid-stream, then rank 3: its experts rebuilt from the seed), and ep4 on a tiny OLMoE checkpoint
+(8 experts) with one spare replica per rank (rank 2 killed during the prefills: its first expert
+then served by rank 1's replica, the other read from the safetensors; then rank 0 killed).
 """
 
 import os
@@ -18,7 +19,9 @@ import threading
 import time
 
 import pytest
+import torch
 
+from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint
 from expertmesh.config import preset
 from expertmesh.elastic.experts import spare_placement, survivor_placement
 from expertmesh.elastic.ledger import Ledger
@@ -28,17 +31,19 @@ from serving import naive_tokens
 
 openai = pytest.importorskip("openai", reason="the server is driven by the openai client (pip install -e '.[test,serve]')")
 pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
+transformers = pytest.importorskip("transformers", reason="the checkpoint's reference is transformers")
 from test_server import Server  # noqa: E402
 
 STREAM_S = 300  # a stream's whole life on a loaded 2-core machine
 COMMON = ("--deployment", "ep4", "--elastic", "--timeout", "60", "--num-blocks", "64",
-          "--block-size", "8")
+          "--block-size", "8", "--served-model-name", "tiny")
 
 
 @pytest.fixture(scope="module")
 def reference():
-    """The tiny preset's single-device model (seed 0, the servers' weights)."""
-    return reference_model(preset("tiny"))
+    """The tiny preset's greedy tokens: its single-device model (seed 0, the server's weights)."""
+    model = reference_model(preset("tiny"))
+    return lambda prompt, n: naive_tokens(model, tuple(prompt), n)
 
 
 class Streams:
@@ -76,12 +81,12 @@ class Streams:
             time.sleep(0.01)
 
     def check(self, reference) -> None:
-        """Every stream ended by length with the reference's tokens."""
+        """Every stream ended by length with the tokens `reference(prompt, n)`."""
         for t in self.threads:
             t.join(STREAM_S)
         assert not self.errors, self.errors
         for prompt, tokens, reason in zip(self.prompts, self.tokens, self.reasons):
-            assert tokens == naive_tokens(reference, tuple(prompt), self.max_tokens)
+            assert tokens == reference(prompt, self.max_tokens)
             assert reason == "length"
 
 
@@ -94,7 +99,8 @@ def pid_of(server: Server, rank: int) -> int:
 
 
 def prompts(n: int, length: int, salt: int) -> list[list[int]]:
-    return [[(salt + 7 * i + 3 * j) % 200 + 1 for j in range(length)] for i in range(n)]
+    """Token ids within both models' vocabularies (128 and 1024)."""
+    return [[(salt + 7 * i + 3 * j) % 120 + 1 for j in range(length)] for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -149,26 +155,38 @@ def test_sigterm_after_losses_stops_the_survivors_with_exit_0_and_leaves_nothing
 
 
 @pytest.fixture(scope="module")
-def spares(tmp_path_factory):
+def olmoe(tmp_path_factory):
+    return save_tiny_checkpoint("olmoe", tmp_path_factory.mktemp("ckpt") / "olmoe")
+
+
+@pytest.fixture(scope="module")
+def hf_reference(olmoe):
+    """transformers' greedy tokens of the checkpoint."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(olmoe, dtype=torch.float32).eval()
+    return lambda prompt, n: reference_greedy(model, torch.tensor([prompt]), n)[0][0].tolist()
+
+
+@pytest.fixture(scope="module")
+def spares(olmoe, tmp_path_factory):
     """One spare replica per rank; a small token budget, so that prompts take several steps."""
-    s = Server(tmp_path_factory.mktemp("logs"), *COMMON, "--redundant-experts", "4",
-               "--max-batched-tokens", "16")
+    s = Server(tmp_path_factory.mktemp("logs"), *COMMON, "--model", str(olmoe),
+               "--redundant-experts", "4", "--max-batched-tokens", "16")
     yield s
     s.stop()
 
 
-def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_the_replica(spares, reference):
+def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_the_replica(spares, hf_reference):
     victim = pid_of(spares, 2)
     streams = Streams(spares, prompts(4, 200, 7), max_tokens=10)
     time.sleep(0.3)  # sent; each prompt takes 13 steps of its rank before its first token
     os.kill(victim, signal.SIGKILL)
     assert not any(streams.tokens)  # the kill came before any first token: prefills were cut
-    streams.check(reference)
+    streams.check(hf_reference)
     assert [r["state"] for r in health(spares)["ranks"]] == ["ok", "ok", "dead", "ok"]
     line = re.search(r"elastic: lost rank 2 .*", spares.output()).group(0)
     moved = {int(e) for e in re.findall(r"expert (\d+) ->", line)}
-    assert moved == {9, 10, 11}, line  # expert 8 has a replica on rank 1 (`spare_placement`)
-    Streams(spares, prompts(2, 20, 33), max_tokens=5).check(reference)
+    assert moved == {5}, line  # rank 2 held 4 and 5; 4 has a replica on rank 1 (`spare_placement`)
+    Streams(spares, prompts(2, 20, 33), max_tokens=5).check(hf_reference)
 
 
 def test_killing_rank_0_still_ends_the_server_with_exit_1(spares):
@@ -215,3 +233,24 @@ def test_the_ledger_requeues_what_is_in_flight_with_the_tokens_streamed():
 ])
 def test_unsupported_elastic_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
     assert message in cli_error(["serve", "--port", "0", *argv])
+
+
+def test_a_request_resumed_with_its_streamed_tokens_goes_on_from_the_next_one(small_config):
+    """What a re-queued request does: the engine recomputes prompt + `generated` and outputs
+    only the rest, at their indices in the output, within the same `max_tokens`."""
+    from expertmesh.deployment import Deployment
+    from expertmesh.engine.engine import Engine
+    from expertmesh.engine.scheduler import EngineConfig
+
+    cfg = small_config()
+    model = reference_model(cfg)
+    prompt = (5, 9, 14, 2, 7)
+    full = naive_tokens(model, prompt, 8)
+    engine = Engine(model, cfg, Deployment(), EngineConfig(num_blocks=16, block_size=4))
+    engine.add_request(Request("r", prompt, 8, generated=tuple(full[:3])))
+    outputs = []
+    while engine.has_work:
+        outputs += engine.step()
+    assert [o.token for o in outputs] == full[3:]
+    assert [o.index for o in outputs] == list(range(3, 8))
+    assert outputs[-1].finished == "length"
