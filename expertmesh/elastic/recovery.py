@@ -126,6 +126,7 @@ class Elastic:
         group = stage_group(deployment, rank)
         moves = reshard(model, group, rank, gone, self.checkpoint, self.seed, self.dtype)
         engine.resume(rank, deployment)
+        dist.barrier()  # every survivor's experts in place: the recovery's time is the slowest's
         lost = {r: how for r, how in dead.items() if r not in self.lost}
         self.lost.update(lost)
         self.members = survivors
