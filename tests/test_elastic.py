@@ -215,14 +215,20 @@ def test_spare_replicas_copy_the_next_ranks_first_experts():
         spare_placement(4, 2, 5)
 
 
-def test_the_ledger_requeues_what_is_in_flight_with_the_tokens_streamed():
+def test_the_ledger_reconciles_what_the_survivors_hold_with_what_was_streamed():
     ledger = Ledger()
-    for i in range(3):
+    for i in range(4):
         ledger.add(Request(i, (1, 2), max_tokens=4))
-    ledger.record([TokenOutput(0, 9, 0), TokenOutput(1, 8, 0), TokenOutput(1, 7, 1, "stop")])
-    ledger.drop(2)  # aborted
-    assert ledger.in_flight(set()) == [Request(0, (1, 2), max_tokens=4, generated=(9,))]
-    assert ledger.in_flight({0}) == []
+    ledger.record([TokenOutput(0, 9, 0), TokenOutput(1, 8, 0), TokenOutput(1, 7, 1, "stop"),
+                   TokenOutput(3, 5, 0)])
+    ledger.drop(2)  # aborted by its client
+    # 0 was on the dead rank; a survivor holds 3 one token past the stream (the step that made
+    # it failed before rank 0 had it) and 2 (the step carrying its abort failed)
+    outputs, requeue, drop = ledger.reconcile({3: [5, 6], 2: [4]}, queued=set())
+    assert outputs == [TokenOutput(3, 6, 1)]
+    assert requeue == [Request(0, (1, 2), max_tokens=4, generated=(9,))]
+    assert drop == [2]
+    assert ledger.reconcile({}, queued={0})[1] == [Request(3, (1, 2), max_tokens=4, generated=(5, 6))]
 
 
 @pytest.mark.parametrize("argv, message", [

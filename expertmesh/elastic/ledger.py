@@ -1,7 +1,7 @@
-"""Rank 0's record of the requests in flight and of the tokens streamed for each, from which a
-recovery re-queues them: a dead rank's KV cache is gone (and every survivor's scheduler starts
-empty), so each request is recomputed from its prompt plus what the client already has, and
-goes on from the next token: no gap, no token twice."""
+"""Rank 0's record of the requests in flight and of the tokens streamed for each, against which
+a recovery reconciles what the survivors' schedulers hold (`Ledger.reconcile`): a request the
+dead rank held lost its KV cache, so it is recomputed from its prompt plus what the client
+already has, and goes on from the next token: no gap, no token twice."""
 
 from __future__ import annotations
 
@@ -31,9 +31,18 @@ class Ledger:
                 if out.finished:
                     self.drop(out.request_id)
 
-    def in_flight(self, queued: set) -> list[Request]:
-        """Every request not yet finished nor aborted, but not those of `queued` (ids the engine
-        holds for its next step anyway), each with `generated` set to the tokens streamed, in
-        the order they came."""
-        return [replace(r, generated=tuple(self.streamed[i]))
-                for i, r in self.requests.items() if i not in queued]
+    def reconcile(self, held: dict, queued: set) -> tuple[list[TokenOutput], list[Request], list]:
+        """`held`: what the survivors' schedulers hold, {request id: tokens generated so far};
+        `queued`: ids the engine holds for its next step anyway. Returns (the outputs of tokens a
+        survivor generated that were never streamed, recorded here as streamed; the requests to
+        re-queue: in flight, neither held nor queued, each with `generated` set to the tokens
+        streamed, in the order they came; the held ids no longer in flight, to abort)."""
+        outputs = []
+        for i, tokens in held.items():
+            sent = self.streamed.get(i)
+            if sent is not None:
+                outputs += [TokenOutput(i, t, n) for n, t in enumerate(tokens) if n >= len(sent)]
+        self.record(outputs)
+        requeue = [replace(r, generated=tuple(self.streamed[i]))
+                   for i, r in self.requests.items() if i not in queued and i not in held]
+        return outputs, requeue, [i for i in held if i not in self.requests]

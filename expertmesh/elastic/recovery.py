@@ -16,13 +16,18 @@ Regrouping (`Elastic.recover`, every survivor, each on its own after its step fa
      group, renumbered in their old order, of the survivors' size;
   3. the EP layers move to the survivors' placement (`experts.py`): a replica keeps serving, an
      expert without one is loaded onto the least-loaded survivor;
-  4. the engine resumes as rank `new rank` of `ep<survivors>` with empty schedulers
-     (`Engine.resume`); rank 0 then re-queues every request in flight with the tokens it already
-     streamed (`ledger.py`), which are recomputed, not sent again.
+  4. the engine resumes as rank `new rank` of `ep<survivors>`, each survivor's scheduler and KV
+     cache kept (`Engine.resume`); one all-gather tells every rank what each scheduler holds
+     (request id -> tokens generated so far) and its stats. Rank 0 then (`ledger.py`) streams
+     the tokens a survivor generated that the failed step never sent, re-queues every request
+     no survivor holds (the dead rank's, and any whose step message was lost) with the tokens
+     already streamed, which are recomputed, not sent again, and aborts what a survivor holds
+     that is no longer in flight.
 Rank 0 dying is not survived: the launcher ends the run (exit 1).
 
 What crosses the network: at start-up one all-gather of every rank's pid; in a recovery, the
-barrier's counter on the file store and the new groups' rendezvous; no weights.
+barrier's counter on the file store, the new groups' rendezvous and one all-gather of the
+schedulers' holdings (a request id and its generated token ids per sequence); no weights.
 """
 
 from __future__ import annotations
@@ -50,12 +55,14 @@ MEET_POLL_S = 0.005  # how often a survivor reads the barrier's count
 class Recovery:
     """One recovery, as rank 0 reports it: the ranks lost (original numbers) and how each ended,
     the EP size after, {layer: {expert: new holder (original rank)}} of the experts loaded
-    elsewhere, and the seconds from the failed step to the new groups with the experts in place."""
+    elsewhere, the seconds from the failed step to the new groups with every survivor's experts
+    in place, and what the survivors' schedulers hold: {request id: tokens generated so far}."""
 
     lost: dict[int, str]
     ep: int
     moves: dict[int, dict[int, int]]
     seconds: float
+    held: dict
 
     def describe(self) -> str:
         lost = ", ".join(f"rank {r} ({how})" for r, how in sorted(self.lost.items()))
@@ -125,14 +132,17 @@ class Elastic:
         deployment = Deployment(ep=len(survivors))
         group = stage_group(deployment, rank)
         moves = reshard(model, group, rank, gone, self.checkpoint, self.seed, self.dtype)
-        engine.resume(rank, deployment)
-        dist.barrier()  # every survivor's experts in place: the recovery's time is the slowest's
+        mine = {seq.request.id: seq.tokens[len(seq.request.prompt):]
+                for seq in (*engine.scheduler.running, *engine.scheduler.waiting)}
+        everyone: list = [None] * len(survivors)  # also a barrier: the time is the slowest's
+        dist.all_gather_object(everyone, (mine, engine.scheduler.stats()))
+        engine.resume(rank, deployment, [stats for _, stats in everyone])
         lost = {r: how for r, how in dead.items() if r not in self.lost}
         self.lost.update(lost)
         self.members = survivors
         report = Recovery(lost, len(survivors),
                           {layer: {e: survivors[i] for e, i in m.items()} for layer, m in moves.items()},
-                          time.monotonic() - started)
+                          time.monotonic() - started, {k: v for held, _ in everyone for k, v in held.items()})
         self.recoveries.append(report)
         return report
 

@@ -151,22 +151,25 @@ class Engine:
         self._control(stop=True)
         self.runner.close()
 
-    def requeue(self, requests: list[Request]) -> None:
-        """Rank 0, after `resume`: requests in flight again at the next step, ahead of new ones;
-        each carries the tokens already streamed (`Request.generated`)."""
+    def requeue(self, requests: list[Request], drop: list = ()) -> None:
+        """Rank 0, after `resume`: `requests` in flight again at the next step, ahead of new
+        ones, each with the tokens already streamed (`Request.generated`); the ids `drop`, which
+        some scheduler still holds but which are no longer in flight, are aborted then."""
         self.new[:0] = requests
+        self.aborts.extend(drop)
 
     # ---- every rank ----
-    def resume(self, rank: int, deployment: Deployment) -> None:
+    def resume(self, rank: int, deployment: Deployment, stats: list[dict]) -> None:
         """After elastic recovery (`elastic/recovery.py`): this rank is `rank` of `deployment`
-        over the new default group; every scheduler starts empty, the KV pool kept."""
+        over the new default group, its scheduler and KV pool kept (a step cut short left them
+        consistent: `Scheduler.finish` alone advances a sequence); `stats`: every data-parallel
+        rank's scheduler stats, in the new order."""
         self.rank, self.deployment = rank, deployment
         self.dp = deployment.coords(rank)[1] if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)
         self.messages = Messages(self.group)
-        self.scheduler = Scheduler(self.scheduler.cfg, self.num_blocks, tuple(self.scheduler.eos))
         self.runner.exchange = ExchangeChoice(self.runner.model, self.runner.exchange.overlap)
-        self.dp_stats = [self.scheduler.stats() for _ in range(deployment.dp)]
+        self.dp_stats = list(stats)
         self.aborts = []
 
     def follow(self) -> None:

@@ -352,16 +352,17 @@ class EngineServer:
                                        self.spec.deployment.tp)
 
     def _recover(self, error: RuntimeError) -> list:
-        """Survive a lost rank (raises `error` if none was lost): regroup, re-queue the requests
-        in flight, log it, tell the front ends; the step's outputs are none."""
+        """Survive a lost rank (raises `error` if none was lost): regroup, reconcile the requests
+        in flight with what the survivors hold, log it, tell the front ends; returns the tokens
+        survivors generated that were never streamed."""
         report = self.elastic.recover(self.engine, self.model, error)
         self.steps = 0
-        queued = {r.id for r in self.engine.new}
-        self.engine.requeue(self.ledger.in_flight(queued))
+        outputs, requeue, drop = self.ledger.reconcile(report.held, {r.id for r in self.engine.new})
+        self.engine.requeue(requeue, drop)
         print(report.describe(), file=sys.stderr, flush=True)
         self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
         self.recovered = (len(report.lost), report.seconds)
-        return []
+        return outputs
 
     def _take(self, index: int, message, rejected: dict[str, str]) -> None:
         for request_id in message.aborts:
