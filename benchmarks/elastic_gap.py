@@ -1,7 +1,7 @@
 """The longest gap a streaming client sees across a rank's loss (`expertmesh serve --elastic`).
 
     python benchmarks/elastic_gap.py [--modes seed,replicas,checkpoint] [--requests 8]
-                                     [--tokens 60] [--json FILE]
+                                     [--tokens 60] [--json FILE] [--logs DIR]
 
 Per mode, a real ep4 server (four local CPU ranks over gloo) runs `--requests` greedy streams of
 `--tokens` tokens; once every stream has `KILL_AFTER` tokens, rank 2 is SIGKILLed. Reported per
@@ -39,7 +39,6 @@ import httpx
 import openai
 
 from expertmesh.checkpoint.tiny import save_tiny_checkpoint
-from expertmesh.launch import free_port
 
 KILL_AFTER = 5  # tokens every stream has before the kill
 START_S = 300
@@ -64,10 +63,9 @@ def mode_args(mode: str, folder: Path) -> list[str]:
 
 
 def run_mode(mode: str, folder: Path, requests: int, tokens: int) -> dict:
-    port = free_port()
     log_path = folder / f"{mode}.log"
     with open(log_path, "w+") as log:
-        server = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", str(port),
+        server = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", "0",
                                    *COMMON, *mode_args(mode, folder)], stdout=log, stderr=subprocess.STDOUT,
                                   env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
@@ -76,26 +74,32 @@ def run_mode(mode: str, folder: Path, requests: int, tokens: int) -> dict:
                 if server.poll() is not None or time.monotonic() > deadline:
                     raise RuntimeError(f"the {mode} server did not start: {log_path.read_text()}")
                 time.sleep(0.2)
-            url = f"http://127.0.0.1:{port}"
+            url = re.search(r"ready at (http://\S+)/v1", log_path.read_text()).group(1)
             client = openai.OpenAI(base_url=url + "/v1", api_key="none", max_retries=0, timeout=300)
             times = [[] for _ in range(requests)]
+            errors = []
 
             def stream(i: int) -> None:
                 prompt = [(11 * i + 3 * j) % 1000 + 1 for j in range(16)]
-                for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=tokens,
-                                                       temperature=0, stream=True):
-                    times[i] += [time.monotonic()] * len(chunk.choices[0].token_ids or [])
+                try:
+                    for chunk in client.completions.create(model="m", prompt=prompt, max_tokens=tokens,
+                                                           temperature=0, stream=True):
+                        times[i] += [time.monotonic()] * len(chunk.choices[0].token_ids or [])
+                except openai.APIError as exc:
+                    errors.append(exc)
 
             threads = [threading.Thread(target=stream, args=(i,)) for i in range(requests)]
             for t in threads:
                 t.start()
-            while min(len(t) for t in times) < KILL_AFTER:
+            while min(len(t) for t in times) < KILL_AFTER and not errors:
                 time.sleep(0.005)
             victim = httpx.get(url + "/health").json()["ranks"][2]["pid"]
             killed = time.monotonic()
             os.kill(victim, signal.SIGKILL)
             for t in threads:
                 t.join()
+            if errors:
+                raise RuntimeError(f"{len(errors)} streams failed ({errors[0]}); see {log_path}")
             after = [b - a for ts in times for a, b in zip(ts, ts[1:]) if b > killed]
             before = [b - a for ts in times for a, b in zip(ts, ts[1:]) if b <= killed]
             recovered = re.search(r"recovered in ([\d.]+) s", log_path.read_text())
@@ -118,11 +122,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--requests", type=int, default=8)
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--json", default=None)
+    p.add_argument("--logs", default=None, help="keep each server's log (and the checkpoint) here")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="elastic-gap-") as tmp:
+        folder = Path(args.logs or tmp)
+        folder.mkdir(parents=True, exist_ok=True)
         for mode in args.modes.split(","):
-            rows.append(run_mode(mode, Path(tmp), args.requests, args.tokens))
+            rows.append(run_mode(mode, folder, args.requests, args.tokens))
             r = rows[-1]
             print(f"{mode:10s} longest gap after the kill {r['longest_gap_s']:.3f} s; before it: longest "
                   f"{r['longest_gap_before_s']:.3f} s, median {r['median_gap_before_s']:.3f} s; "

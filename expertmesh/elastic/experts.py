@@ -67,16 +67,19 @@ def survivor_placement(placement: Placement, dead: set[int]) -> tuple[Placement,
 
 
 def reshard(model: MoETransformer, group, rank: int, dead: set[int], checkpoint: str | None,
-            seed: int, dtype: torch.dtype) -> dict[int, dict[int, int]]:
+            seed: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """Move every EP layer held here to `survivor_placement` of its old placement without the
     old group's ranks `dead`; this rank is `rank` of the new `group`. Returns, per layer,
-    {moved expert: its new holder (new group index)}."""
+    ({expert loaded anew: its new holder}, {expert of a dead rank served by a replica: the
+    first surviving holder}), holders as new group indices."""
     cfg = model.cfg
-    moves = {}
+    moves, served = {}, {}
     for index, old in dispatchers(model).items():
         layer = model.layers[str(index)]
         placement, moved = survivor_placement(old.placement, dead)
         moves[index] = moved
+        served[index] = {e: next(i for i, held in enumerate(placement) if e in held)
+                         for r in sorted(dead) for e in old.placement[r] if e not in moved}
         mine = placement[rank]
         kept = layer.moe.experts
         added = mine[len(kept.w_up):]
@@ -90,7 +93,7 @@ def reshard(model: MoETransformer, group, rank: int, dead: set[int], checkpoint:
             layer.moe.experts = experts.eval()
         options = dict(old.options, peer_nodes=None)  # one node: the ranks are local
         layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, rank, **options)
-    return moves
+    return moves, served
 
 
 def _experts(model: MoETransformer, layer: int, experts: list[int], checkpoint: str | None,

@@ -55,27 +55,31 @@ MEET_POLL_S = 0.005  # how often a survivor reads the barrier's count
 class Recovery:
     """One recovery, as rank 0 reports it: the ranks lost (original numbers) and how each ended,
     the EP size after, {layer: {expert: new holder (original rank)}} of the experts loaded
-    elsewhere, the seconds from the failed step to the new groups with every survivor's experts
+    elsewhere and of those a replica serves, the seconds from the failed step to the new groups with every survivor's experts
     in place, and what the survivors' schedulers hold: {request id: tokens generated so far}."""
 
     lost: dict[int, str]
     ep: int
     moves: dict[int, dict[int, int]]
+    served: dict[int, dict[int, int]]
     seconds: float
     held: dict
 
     def describe(self) -> str:
         lost = ", ".join(f"rank {r} ({how})" for r, how in sorted(self.lost.items()))
-        moved = {}
-        for layer, experts in self.moves.items():
-            for expert, rank in experts.items():
-                moved.setdefault((expert, rank), []).append(layer)
-        layers = len(self.moves)
-        parts = [f"expert {e} -> rank {r}" + ("" if len(ls) == layers else f" (layers {ls})")
-                 for (e, r), ls in sorted(moved.items())]
-        moves = "; ".join(parts) if parts else "none (replicas serve them)"
-        return (f"elastic: lost {lost}; now ep{self.ep}; experts loaded anew: {moves}; "
-                f"recovered in {self.seconds:.2f} s")
+        return (f"elastic: lost {lost}; now ep{self.ep}; experts loaded anew: {_moves(self.moves)}; "
+                f"served by replicas: {_moves(self.served)}; recovered in {self.seconds:.2f} s")
+
+
+def _moves(per_layer: dict[int, dict[int, int]]) -> str:
+    """"expert 8 -> rank 0; ..." with the layers named where it is not every layer."""
+    moved = {}
+    for layer, experts in per_layer.items():
+        for expert, rank in experts.items():
+            moved.setdefault((expert, rank), []).append(layer)
+    parts = [f"expert {e} -> rank {r}" + ("" if len(ls) == len(per_layer) else f" (layers {ls})")
+             for (e, r), ls in sorted(moved.items())]
+    return "; ".join(parts) or "none"
 
 
 class Elastic:
@@ -131,7 +135,7 @@ class Elastic:
         rank = survivors.index(self.original)
         deployment = Deployment(ep=len(survivors))
         group = stage_group(deployment, rank)
-        moves = reshard(model, group, rank, gone, self.checkpoint, self.seed, self.dtype)
+        moves, served = reshard(model, group, rank, gone, self.checkpoint, self.seed, self.dtype)
         mine = {seq.request.id: seq.tokens[len(seq.request.prompt):]
                 for seq in (*engine.scheduler.running, *engine.scheduler.waiting)}
         everyone: list = [None] * len(survivors)  # also a barrier: the time is the slowest's
@@ -142,6 +146,7 @@ class Elastic:
         self.members = survivors
         report = Recovery(lost, len(survivors),
                           {layer: {e: survivors[i] for e, i in m.items()} for layer, m in moves.items()},
+                          {layer: {e: survivors[i] for e, i in m.items()} for layer, m in served.items()},
                           time.monotonic() - started, {k: v for held, _ in everyone for k, v in held.items()})
         self.recoveries.append(report)
         return report
