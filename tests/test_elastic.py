@@ -190,7 +190,7 @@ def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_
     assert [r["state"] for r in health(spares)["ranks"]] == ["ok", "ok", "dead", "ok"]
     line = re.search(r"elastic: lost rank 2 .*", spares.output()).group(0)
     # rank 2 held experts 4 and 5; rank 1 a replica of 4 (`spare_placement`)
-    assert re.search(r"experts loaded anew: expert 5 -> rank \d; served by replicas: expert 4 -> rank 1;", line), line
+    assert re.search(r"experts loaded anew: expert 5 -> rank \d; still served by surviving copies: expert 4 -> rank 1;", line), line
     Streams(spares, prompts(2, 20, 33), max_tokens=5).check(hf_reference)
 
 

@@ -70,8 +70,8 @@ def reshard(model: MoETransformer, group, rank: int, dead: set[int], checkpoint:
             seed: int, dtype: torch.dtype) -> tuple[dict, dict]:
     """Move every EP layer held here to `survivor_placement` of its old placement without the
     old group's ranks `dead`; this rank is `rank` of the new `group`. Returns, per layer,
-    ({expert loaded anew: its new holder}, {expert of a dead rank served by a replica: the
-    first surviving holder}), holders as new group indices."""
+    ({expert loaded anew: its new holder}, {every other expert a dead rank held: the first
+    survivor still holding it (a replica, or the original)}), holders as new group indices."""
     cfg = model.cfg
     moves, served = {}, {}
     for index, old in dispatchers(model).items():

@@ -55,7 +55,7 @@ MEET_POLL_S = 0.005  # how often a survivor reads the barrier's count
 class Recovery:
     """One recovery, as rank 0 reports it: the ranks lost (original numbers) and how each ended,
     the EP size after, {layer: {expert: new holder (original rank)}} of the experts loaded
-    elsewhere and of those a replica serves, the seconds from the failed step to the new groups with every survivor's experts
+    elsewhere and of the dead ranks' other experts (still held by a survivor), the seconds from the failed step to the new groups with every survivor's experts
     in place, and what the survivors' schedulers hold: {request id: tokens generated so far}."""
 
     lost: dict[int, str]
@@ -68,7 +68,7 @@ class Recovery:
     def describe(self) -> str:
         lost = ", ".join(f"rank {r} ({how})" for r, how in sorted(self.lost.items()))
         return (f"elastic: lost {lost}; now ep{self.ep}; experts loaded anew: {_moves(self.moves)}; "
-                f"served by replicas: {_moves(self.served)}; recovered in {self.seconds:.2f} s")
+                f"still served by surviving copies: {_moves(self.served)}; recovered in {self.seconds:.2f} s")
 
 
 def _moves(per_layer: dict[int, dict[int, int]]) -> str:
