@@ -52,7 +52,7 @@ class Streams:
     """Streamed greedy completions, one thread each: their token ids and arrival times."""
 
     def __init__(self, server: Server, prompts: list[list[int]], max_tokens: int):
-        self.prompts, self.max_tokens = prompts, max_tokens
+        self.server, self.prompts, self.max_tokens = server, prompts, max_tokens
         self.tokens = [[] for _ in prompts]
         self.times = [[] for _ in prompts]
         self.reasons = [None] * len(prompts)
@@ -86,10 +86,11 @@ class Streams:
         """Every stream ended by length with the tokens `reference(prompt, n)`."""
         for t in self.threads:
             t.join(STREAM_S)
-        assert not self.errors, self.errors
+        log = self.server.output()[-4000:]
+        assert not self.errors, (self.errors, log)
         for prompt, tokens, reason in zip(self.prompts, self.tokens, self.reasons):
-            assert tokens == reference(prompt, self.max_tokens)
-            assert reason == "length"
+            assert tokens == reference(prompt, self.max_tokens), log
+            assert reason == "length", log
 
 
 def health(server: Server) -> dict:
@@ -170,22 +171,24 @@ def hf_reference(olmoe):
 
 @pytest.fixture(scope="module")
 def spares(olmoe, tmp_path_factory):
-    """One spare replica per rank; a small token budget, so that prompts take several steps."""
+    """One spare replica per rank; a small token budget, so that prompts take many steps."""
     s = Server(tmp_path_factory.mktemp("logs"), *COMMON, "--model", str(olmoe),
-               "--redundant-experts", "4", "--max-batched-tokens", "16")
+               "--redundant-experts", "4", "--max-batched-tokens", "8")
     yield s
     s.stop()
 
 
 def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_the_replica(spares, hf_reference):
     victim = pid_of(spares, 2)
-    streams = Streams(spares, prompts(4, 200, 7), max_tokens=10)
+    # a short prompt, whose first token comes a step after it is admitted, and three that take
+    # 30 steps of prefill each: when the first stream has a token the others are prefilling
+    streams = Streams(spares, prompts(1, 8, 3) + prompts(3, 240, 7), max_tokens=10)
     deadline = time.monotonic() + STREAM_S
-    while spares.metric("expertmesh_requests_running") < 4:  # admitted: prefilling, 13 steps each
-        assert time.monotonic() < deadline and not any(streams.tokens)
-        time.sleep(0.01)
+    while not streams.tokens[0]:
+        assert time.monotonic() < deadline and not streams.errors
+        time.sleep(0.002)
     os.kill(victim, signal.SIGKILL)
-    assert not any(streams.tokens)  # the kill came before any first token: prefills were cut
+    assert not any(streams.tokens[1:])  # the kill came before their first tokens: prefills were cut
     streams.check(hf_reference)
     assert [r["state"] for r in health(spares)["ranks"]] == ["ok", "ok", "dead", "ok"]
     line = re.search(r"elastic: lost rank 2 .*", spares.output()).group(0)
