@@ -2,9 +2,10 @@
 (ep4, four local CPU ranks over gloo), ranks SIGKILLed from outside while streams run. Every
 request completes with the tokens of an independent reference, greedy, each request alone (the
 tiny preset: the single-device model without a cache, `serving.naive_tokens`; a checkpoint:
-transformers), so no token is lost, repeated or changed across the failure; later requests are served; `/health` names the
-dead rank and says `degraded`; `/metrics` counts the loss; the log says which experts moved; and
-nothing is left running. Rank 0's death still ends the server with exit 1.
+transformers), so no token is lost, repeated or changed across the failure; later requests are
+served; `/health` names the dead rank and says `degraded`; `/metrics` counts the loss; the log
+says which experts moved; and nothing is left running. Rank 0's death still ends the server with
+exit 1.
 
 Two servers, each reused by the tests of one scenario, in order: plain ep4 (rank 2 killed
 mid-stream, then rank 3: its experts rebuilt from the seed), and ep4 on a tiny OLMoE checkpoint
@@ -193,7 +194,8 @@ def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_
     assert [r["state"] for r in health(spares)["ranks"]] == ["ok", "ok", "dead", "ok"]
     line = re.search(r"elastic: lost rank 2 .*", spares.output()).group(0)
     # rank 2 held experts 4 and 5; rank 1 a replica of 4 (`spare_placement`)
-    assert re.search(r"experts loaded anew: expert 5 -> rank \d; still served by surviving copies: expert 4 -> rank 1;", line), line
+    assert re.search(r"experts loaded anew: expert 5 -> rank \d; still served by surviving copies: "
+                     r"expert 4 -> rank 1;", line), line
     Streams(spares, prompts(2, 20, 33), max_tokens=5).check(hf_reference)
 
 

@@ -10,9 +10,10 @@ expert with no surviving holder (no replica) goes to the survivor holding the fe
 (lowest index on ties), appended after its slots. Every rank computes it alike.
 
 `reshard` applies the new placements to a model: per EP layer, a survivor keeps its weights
-`[El_old, ...]` and appends those of the experts it newly holds `[El_new - El_old, ...]`, read from the checkpoint's safetensors (only those experts' rows: `checkpoint/loader.py`
-reads a shard's slices) or generated from the preset's seed (`model/synthetic.py`, the same
-values the single-device reference has); nothing crosses the network. The layer then gets a new
+`[El_old, ...]` and appends those of the experts it newly holds `[El_new - El_old, ...]`, read
+from the checkpoint's safetensors (only those experts' rows: `checkpoint/loader.py` reads a
+shard's slices) or generated from the preset's seed (`model/synthetic.py`, the same values the
+single-device reference has); nothing crosses the network. The layer then gets a new
 `AllToAllDispatcher` over the new EP group.
 """
 

@@ -33,7 +33,6 @@ schedulers' holdings (a request id and its generated token ids per sequence); no
 from __future__ import annotations
 
 import os
-import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -55,8 +54,9 @@ MEET_POLL_S = 0.005  # how often a survivor reads the barrier's count
 class Recovery:
     """One recovery, as rank 0 reports it: the ranks lost (original numbers) and how each ended,
     the EP size after, {layer: {expert: new holder (original rank)}} of the experts loaded
-    elsewhere and of the dead ranks' other experts (still held by a survivor), the seconds from the failed step to the new groups with every survivor's experts
-    in place, and what the survivors' schedulers hold: {request id: tokens generated so far}."""
+    elsewhere and of the dead ranks' other experts (still held by a survivor), the seconds from
+    the failed step to the new groups with every survivor's experts in place, and what the
+    survivors' schedulers hold: {request id: tokens generated so far}."""
 
     lost: dict[int, str]
     ep: int
@@ -178,7 +178,3 @@ class Elastic:
             init_group("gloo", store, survivors.index(self.original), len(survivors),
                        self.timeout, self.device)
             return survivors, dead
-
-
-def log(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
