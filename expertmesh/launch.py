@@ -63,6 +63,8 @@ TEARDOWN_S = 30.0  # what destroy_process_group gets (NCCL's can hang after a pe
 _HEADER = struct.Struct("!Q")  # a rank's report: its length, then the pickled (status, payload)
 _TORCHRUN_LAUNCHES = itertools.count()  # every rank makes the same calls: equal counts
 _GROUP_TIMEOUT: list[timedelta] = []  # the timeout of the process group this process joined
+_STORE_PATH: list[str] = []  # a local rank's file store (elastic recovery meets beside it)
+DEAD_PREFIX = "dead-"  # an elastic run's launcher marks a dead rank r with a file dead-<r> there
 # What gloo and NCCL say on a rank whose peer failed first.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
               "NCCL communicator was aborted")
@@ -121,8 +123,13 @@ def check_launch(world_size: int, backend: str | None, timeout: float) -> None:
 
 
 def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None = None,
-           timeout: float = 600.0) -> T | None:
-    """Run `fn(device)` on every rank of a `world_size` group; returns rank 0's value (None elsewhere)."""
+           timeout: float = 600.0, elastic: bool = False) -> T | None:
+    """Run `fn(device)` on every rank of a `world_size` group; returns rank 0's value (None elsewhere).
+
+    `elastic` (local runs only): a rank other than 0 that dies or fails does not end the run; the
+    launcher says so on stderr and marks it dead beside the store (`dead_ranks`), where the
+    survivors' `elastic/recovery.py` looks, and waits for the others. Rank 0 failing still ends
+    the run."""
     check_launch(world_size, backend, timeout)
     if under_torchrun():
         return _join_torchrun(fn, backend, timeout)
@@ -130,7 +137,32 @@ def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None
     if kind == "cuda" and torch.cuda.is_initialized():
         raise RuntimeError("this process initialized CUDA before forking its ranks, which then "
                            "cannot use it; start multi-GPU runs from a fresh process or torchrun")
-    return _run_local(fn, world_size, kind, backend, timeout)
+    return _run_local(fn, world_size, kind, backend, timeout, elastic)
+
+
+def local_store_path() -> str | None:
+    """This local rank's file store (None under torchrun or in the launcher)."""
+    return _STORE_PATH[0] if _STORE_PATH else None
+
+
+def dead_ranks(store_path: str) -> dict[int, str]:
+    """The ranks an elastic launcher marked dead beside `store_path`: rank -> how it ended."""
+    folder = os.path.dirname(store_path)
+    out = {}
+    for name in os.listdir(folder):
+        if name.startswith(DEAD_PREFIX) and name[len(DEAD_PREFIX):].isdigit():
+            with open(os.path.join(folder, name)) as f:
+                out[int(name[len(DEAD_PREFIX):])] = f.read()
+    return out
+
+
+def _mark_dead(store_path: str, rank: int, message: str) -> None:
+    """Written whole, then renamed: a reader sees the marker complete or not at all."""
+    folder = os.path.dirname(store_path)
+    partial = os.path.join(folder, f".{DEAD_PREFIX}{rank}")
+    with open(partial, "w") as f:
+        f.write(message)
+    os.replace(partial, os.path.join(folder, f"{DEAD_PREFIX}{rank}"))
 
 
 def init_group(backend: str, store, rank: int, world_size: int, timeout: float,
@@ -243,6 +275,7 @@ def _child(rank, world_size, store_path, fn, report_fd, kind, backend, timeout):
     device = torch.device(kind, rank) if kind == "cuda" else torch.device("cpu")
     ok = False
     try:
+        _STORE_PATH[:] = [store_path]
         store = dist.FileStore(store_path, world_size)
         init_group(backend, store, rank, world_size, timeout, device)
         result = fn(device)
@@ -276,7 +309,7 @@ class _Report:
         return pickle.loads(memoryview(self.data)[_HEADER.size:])
 
 
-def _run_local(fn, world_size, kind, backend, timeout):
+def _run_local(fn, world_size, kind, backend, timeout, elastic=False):
     ctx = mp.get_context("fork")
     private = tempfile.mkdtemp(prefix="expertmesh-")  # mode 0700: the store is this user's alone
     procs, reports = [], []
@@ -288,7 +321,8 @@ def _run_local(fn, world_size, kind, backend, timeout):
                 r, world_size, os.path.join(private, "store"), fn, write_fd, kind, backend, timeout)))
             procs[-1].start()
             os.close(write_fd)  # the rank holds the only write end
-        return _wait(procs, reports, timeout)
+        store = os.path.join(private, "store")
+        return _wait(procs, reports, timeout, store if elastic else None)
     finally:
         for p in procs:
             if p.is_alive():
@@ -300,14 +334,22 @@ def _run_local(fn, world_size, kind, backend, timeout):
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _wait(procs, reports, timeout):
-    """Rank 0's result once every rank reported; `RankFailure` on a failure or at the deadline."""
+def _wait(procs, reports, timeout, elastic_store=None):
+    """Rank 0's result once every rank reported; `RankFailure` on a failure or at the deadline.
+    With `elastic_store`, a failed rank other than 0 is marked dead there instead (`launch`)."""
     world_size = len(procs)
     deadline = time.monotonic() + timeout
     done: dict[int, object] = {}
     failures: dict[int, str] = {}
     while len(done) < world_size:
         _poll(procs, reports, done, failures)
+        if elastic_store is not None and 0 not in failures:
+            for rank in [r for r, message in failures.items() if r not in done]:
+                print(f"rank {rank} failed: {failures[rank]}; the other ranks carry on without it "
+                      f"(--elastic)", file=sys.stderr, flush=True)
+                _mark_dead(elastic_store, rank, failures[rank])
+                done[rank] = None
+            failures.clear()
         if failures:
             # One rank's fault makes its peers fail too ("connection closed by peer"): wait a
             # moment for the whole picture, then blame the root cause, not a bystander.

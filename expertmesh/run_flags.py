@@ -143,7 +143,9 @@ def add_balance_args(p: argparse.ArgumentParser) -> None:
     """Redundant experts and online rebalancing (`run`, `compare`, `serve`)."""
     p.add_argument("--redundant-experts", type=int, default=0,
                    help="extra replicas of hot experts, planned from --routing statistics; with "
-                        "--eplb-interval: spare expert slots per rank that rebalancing refills")
+                        "--eplb-interval: spare expert slots per rank that rebalancing refills; with "
+                        "serve --elastic: spares copying the next rank's experts, served at once "
+                        "when that rank is lost")
     p.add_argument("--routing", default=None, help="routing statistics from `run --record-routing`")
     p.add_argument("--eplb-interval", type=int, nargs="?", const=INTERVAL, default=None,
                    help=f"online expert load balancing: re-place hot experts every K steps (off "

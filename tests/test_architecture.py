@@ -21,6 +21,7 @@ METHOD = re.compile(r"`([A-Z]\w*\.\w+)`")
 LAYERS = [
     {"cli", "place_cli", "profile", "sim", "__main__"},
     {"server"},
+    {"elastic"},
     {"run_flags"},
     {"engine", "faults", "op_count", "pretend_device"},
     {"parallel"},

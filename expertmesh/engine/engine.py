@@ -37,6 +37,7 @@ from expertmesh.engine.runner import Runner
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
 from expertmesh.engine.stages import StageLinks
 from expertmesh.model.transformer import MoETransformer, parameter_bytes
+from expertmesh.parallel.expert import ExchangeChoice
 from expertmesh.parallel.mesh import new_group
 
 
@@ -144,7 +145,29 @@ class Engine:
         if self.eplb:
             self.eplb.close()
 
+    def requeue(self, requests: list[Request], drop: list = ()) -> None:
+        """Rank 0, after `resume`: `requests` in flight again at the next step, ahead of new
+        ones, each with the tokens already streamed (`Request.generated`); the ids `drop`, which
+        some scheduler still holds but which are no longer in flight, are aborted then."""
+        self.new[:0] = requests
+        self.aborts.extend(drop)
+
     # ---- every rank ----
+    def resume(self, rank: int, deployment: Deployment, stats: list[dict], kept: list[int]) -> None:
+        """After elastic recovery (`elastic/recovery.py`): this rank is `rank` of `deployment`
+        over the new default group, its scheduler and KV pool kept (a step cut short left them
+        consistent: `Scheduler.finish` alone advances a sequence); `stats`: every data-parallel
+        rank's scheduler stats, in the new order; `kept`: the old data-parallel index of each new
+        one (rank 0's view of their prefix caches follows them)."""
+        self.router.views = [self.router.views[i] for i in kept]
+        self.rank, self.deployment = rank, deployment
+        self.dp = deployment.coords(rank)[1] if deployment.ep > 1 else 0
+        self.reports = deployment.reports(rank)
+        self.messages = Messages(self.group)
+        self.runner.exchange = ExchangeChoice(self.runner.model, self.runner.exchange.overlap)
+        self.dp_stats = list(stats)
+        self.aborts = []
+
     def follow(self) -> None:
         """Ranks other than 0: run steps until rank 0 says stop."""
         while not self.stopped:

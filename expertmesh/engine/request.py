@@ -17,7 +17,9 @@ class Request:
     """`prompt`: token ids (1 .. max length); generation stops after `max_tokens` tokens, or at a
     token in `stop` or in the engine's EOS ids (that token is returned, then the request ends).
     temperature 0 is greedy; otherwise temperature / top-k / top-p sampling seeded by `seed`
-    (any integer; `engine/sampling.py`); top_k 0 keeps every token."""
+    (any integer; `engine/sampling.py`); top_k 0 keeps every token. `generated`: tokens of its
+    output already produced and streamed (a request re-queued by elastic recovery): they are
+    recomputed with the prompt, not output again, and count towards `max_tokens`."""
 
     id: int | str
     prompt: tuple[int, ...]
@@ -27,10 +29,12 @@ class Request:
     top_p: float = 1.0
     seed: int = 0
     top_k: int = 0
+    generated: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
         object.__setattr__(self, "stop", tuple(int(t) for t in self.stop))
+        object.__setattr__(self, "generated", tuple(int(t) for t in self.generated))
         name = f"request {self.id!r}"
         if not self.prompt:
             raise ValueError(f"{name}: the prompt is empty; give at least one token id")

@@ -112,7 +112,7 @@ class Scheduler:
                              f"chunked prefill")
 
     def add(self, request: Request) -> None:
-        self.waiting.append(Sequence(request, self.arrivals, list(request.prompt)))
+        self.waiting.append(Sequence(request, self.arrivals, list(request.prompt + request.generated)))
         self.arrivals += 1
 
     def abort(self, request_id) -> bool:

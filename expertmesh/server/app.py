@@ -245,7 +245,11 @@ def create_app(api: Api) -> FastAPI:
     @app.get("/health")
     async def health():
         problem = api.healthy()
-        return JSONResponse({"status": problem or "ok"}, status_code=503 if problem else 200)
+        body = {"status": problem or "ok"}
+        if api.engine.ranks is not None:  # elastic: every rank's state, degraded once one is lost
+            body["ranks"] = [{"rank": r.rank, "pid": r.pid, "state": r.state} for r in api.engine.ranks]
+            body["degraded"] = any(r.state != "ok" for r in api.engine.ranks)
+        return JSONResponse(body, status_code=503 if problem else 200)
 
     @app.get("/metrics")
     async def metrics():

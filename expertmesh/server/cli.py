@@ -23,6 +23,7 @@ import torch
 from expertmesh.checkpoint import has_tokenizer
 from expertmesh.checkpoint.hf_config import eos_ids
 from expertmesh.deployment import Deployment
+from expertmesh.elastic import elastic_spec
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.spec import RunSpec
@@ -41,9 +42,17 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
     """The validated spec and engine budget of `serve`'s flags; raises ValueError (one line) on a
     bad one."""
     deployment = Deployment.parse(args.deployment)
-    run_args = argparse.Namespace(**vars(args), prompt=None, prompt_ids=None, batch=1, prompt_len=1,
-                                  gen_len=1, temperature=0.0, top_p=1.0,
-                                  record_routing=None, trace=None)
+    if args.redundant_experts and not (args.elastic or args.routing or args.eplb_interval is not None):
+        raise ValueError("--redundant-experts needs --routing FILE, --eplb-interval K or --elastic "
+                         "to say what the spare slots hold")
+    if args.elastic and (args.eplb_interval is not None or args.routing):
+        raise ValueError("--elastic places its own spare replicas (--redundant-experts R); "
+                         "drop --eplb-interval and --routing")
+    # --elastic lays out --redundant-experts itself (elastic_spec), after the run flags' checks
+    spares = dict(redundant_experts=0, routing=None) if args.elastic else {}
+    run_args = argparse.Namespace(**{**vars(args), **dict(
+        prompt=None, prompt_ids=None, batch=1, prompt_len=1, gen_len=1, temperature=0.0, top_p=1.0,
+        record_routing=None, trace=None), **spares})
     spec = spec_from_flags(run_args, deployment)
     engine = EngineConfig(block_size=args.block_size, num_blocks=args.num_blocks,
                           kv_cache_gb=args.kv_cache_gb, gpu_memory_utilization=args.gpu_memory_utilization,
@@ -51,6 +60,8 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
                           max_seqs=args.max_seqs, prefix_caching=args.prefix_caching,
                           dp_routing=args.dp_routing)
     pool_blocks(spec.cfg, deployment, engine)
+    if args.elastic:
+        spec = elastic_spec(spec, args.redundant_experts, args.backend)
     return spec, engine
 
 
@@ -72,6 +83,7 @@ def cmd_serve(args) -> int:
                            limits=Limits(int(args.max_body_mb * 2**20), args.max_stops, args.max_stop_chars),
                            connections=ConnectionLimits(args.max_connections, args.header_timeout,
                                                         args.body_timeout, args.keep_alive_timeout),
+                           elastic=args.elastic,
                            api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
     if not under_torchrun() or os.environ.get("RANK") == "0":
         # Bound and listening before any rank loads: a second server on this port fails here.
@@ -98,7 +110,8 @@ def cmd_serve(args) -> int:
                 os.kill(child.pid, signal.SIGTERM)
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S)
+            launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S,
+                   elastic=args.elastic)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -231,6 +244,8 @@ def add_commands(sub) -> None:
     serve.add_argument("--keep-alive-timeout", type=float, default=5.0,
                        help="seconds an idle connection is kept open between requests")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
+    serve.add_argument("--elastic", action="store_true", help="survive the loss of an EP rank other "
+                       "than 0 (plain epN, local CPU ranks): its experts and requests move to the others")
     add_exchange_args(serve)
     add_eager_arg(serve)
     add_balance_args(serve)

@@ -18,6 +18,9 @@ Ending:
 - A step outlasts `timeout_s`: a watchdog thread says so and ends rank 0 (exit 1).
 - A front end dies: rank 0 stops the others and every rank, and raises.
 - Rank 0 dies: its front ends see their parent gone, answer 503 and exit.
+- `--elastic` (`options.elastic`): a step that fails because another rank died is survived
+  instead (`elastic/recovery.py`): every survivor regroups, rank 0 re-queues the requests in
+  flight (`elastic/ledger.py`), logs the recovery and sends the front ends every rank's state.
 
 Every `STATS_EVERY` steps, every rank sends rank 0 its expert-parallel counters since the last
 time (`gather_object` over the engine's control group), which rank 0 sums (`CounterTotals`) for
@@ -40,6 +43,8 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
+from expertmesh.elastic.ledger import Ledger
+from expertmesh.elastic.recovery import Elastic
 from expertmesh.engine import counters
 from expertmesh.engine.counters import RankCounters
 from expertmesh.engine.engine import Engine
@@ -53,7 +58,8 @@ from expertmesh.model.transformer import MoETransformer
 from expertmesh.server.app import Limits
 from expertmesh.server.connections import ConnectionLimits
 from expertmesh.server.frontend import FRONTEND_ENV, FrontendOptions
-from expertmesh.server.ipc import CounterTotals, EngineChannel, FromEngine, Token
+from expertmesh.launch import local_store_path
+from expertmesh.server.ipc import CounterTotals, EngineChannel, FromEngine, RankState, Token
 
 STATS_EVERY = 16  # steps between two collections of the ranks' counters
 IDLE_S = 0.5  # the longest rank 0 waits, idle, before an empty step
@@ -72,7 +78,8 @@ class ServeOptions:
     api_servers: front-end processes. api_key: required of every /v1 request when set.
     limits: what one request may hold. connections: bounds on the HTTP connections (all API
     servers together). fd: the socket listening on host:port, bound by the CLI before any rank
-    started; every rank inherits it, rank 0 hands it to the API servers and closes its own."""
+    started; every rank inherits it, rank 0 hands it to the API servers and closes its own.
+    elastic: survive the loss of a rank other than 0."""
 
     host: str
     port: int
@@ -87,6 +94,7 @@ class ServeOptions:
     limits: Limits = Limits()
     connections: ConnectionLimits = ConnectionLimits()
     fd: int | None = None
+    elastic: bool = False
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -116,22 +124,33 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
     engine = Engine(model, spec.cfg, spec.deployment, engine_cfg, rank, links, options.eos,
                     n_micro=spec.micro_batches, overlap=spec.overlap, graphs=spec.graphs,
                     eplb=eplb_controller(spec, model, rank))
+    elastic = None
+    if options.elastic:
+        elastic = Elastic(local_store_path(), device, options.timeout_s, spec.checkpoint, spec.seed,
+                          spec.cfg.torch_dtype)
     if rank != 0:
-        follow(engine, model)
+        follow(engine, model, elastic)
         return
-    EngineServer(engine, model, spec, options).run()
+    EngineServer(engine, model, spec, options, elastic).run()
 
 
-def follow(engine: Engine, model: MoETransformer) -> None:
-    """A rank other than 0: step with rank 0 until it says stop."""
+def follow(engine: Engine, model: MoETransformer, elastic: Elastic | None = None) -> None:
+    """A rank other than 0: step with rank 0 until it says stop (surviving a lost peer when
+    `elastic`)."""
     steps = 0
     while True:
-        engine.step()
-        if engine.stopped:
-            return
-        steps += 1
-        if steps % STATS_EVERY == 0:
-            share_counters(engine, model)
+        try:
+            engine.step()
+            if engine.stopped:
+                return
+            steps += 1
+            if steps % STATS_EVERY == 0:
+                share_counters(engine, model)
+        except RuntimeError as exc:  # what gloo raises when a peer is gone
+            if elastic is None:
+                raise
+            elastic.recover(engine, model, exc)
+            steps = 0
 
 
 def share_counters(engine: Engine, model: MoETransformer) -> list[RankCounters] | None:
@@ -179,8 +198,15 @@ class FrontendDied(RuntimeError):
 class EngineServer:
     """Rank 0 (see the module's docstring)."""
 
-    def __init__(self, engine: Engine, model: MoETransformer, spec: RunSpec, options: ServeOptions):
+    def __init__(self, engine: Engine, model: MoETransformer, spec: RunSpec, options: ServeOptions,
+                 elastic: Elastic | None = None):
         self.engine, self.model, self.spec, self.options = engine, model, spec, options
+        self.elastic = elastic
+        self.ledger = Ledger() if elastic is not None else None
+        # elastic: every rank's state, sent with every step (a front end may connect late), and
+        # (ranks lost, seconds) of a recovery for front end 0 to count once
+        self.rank_states = [RankState(**r) for r in elastic.ranks()] if elastic is not None else None
+        self.recovered = (0, 0.0)
         self.step_started: float | None = None  # monotonic time of the step in progress
         self.steps = 0  # warm-up included: the other ranks count those too (`follow`)
         self.signalled = False
@@ -302,19 +328,18 @@ class EngineServer:
                 self._stop_all()
                 return
             try:
-                outputs = self._step()
+                outputs, totals = self._step_and_count()
             except BaseException as exc:
                 self.step_started = None
-                for i in range(n):
-                    channel.send(i, FromEngine(failure=f"the engine failed ({type(exc).__name__})"))
-                self._await_frontends()
-                raise
-            totals = None
-            if self.steps % STATS_EVERY == 0:
-                cfg = self.spec.cfg
-                ranks = share_counters(self.engine, self.model)
-                totals = counter_totals(ranks, cfg.n_experts, cfg.d_model * cfg.torch_dtype.itemsize,
-                                        self.spec.deployment.tp)
+                try:
+                    if self.elastic is None or not isinstance(exc, RuntimeError):
+                        raise
+                    outputs, totals = self._recover(exc), None
+                except BaseException:
+                    for i in range(n):
+                        channel.send(i, FromEngine(failure=f"the engine failed ({type(exc).__name__})"))
+                    self._await_frontends()
+                    raise
             tokens: list[list[Token]] = [[] for _ in range(n)]
             for out in outputs:
                 owner = self.owners.get(out.request_id)
@@ -324,17 +349,50 @@ class EngineServer:
                         del self.owners[out.request_id]
             stats = self.engine.stats()
             for i in range(n):
-                channel.send(i, FromEngine(tokens[i], rejected[i], stats, totals if i == 0 else None))
+                lost, seconds = self.recovered if i == 0 else (0, 0.0)
+                channel.send(i, FromEngine(tokens[i], rejected[i], stats, totals if i == 0 else None,
+                                           ranks=self.rank_states, lost=lost, recovery_s=seconds))
+            self.recovered = (0, 0.0)
+
+    def _step_and_count(self):
+        """A step's outputs, and every `STATS_EVERY` steps the ranks' counters (else None)."""
+        outputs = self._step()
+        if self.ledger is not None:
+            self.ledger.record(outputs)
+        if self.steps % STATS_EVERY:
+            return outputs, None
+        cfg = self.spec.cfg
+        ranks = share_counters(self.engine, self.model)
+        return outputs, counter_totals(ranks, cfg.n_experts, cfg.d_model * cfg.torch_dtype.itemsize,
+                                       self.spec.deployment.tp)
+
+    def _recover(self, error: RuntimeError) -> list:
+        """Survive a lost rank (raises `error` if none was lost): regroup, reconcile the requests
+        in flight with what the survivors hold, log it, tell the front ends; returns the tokens
+        survivors generated that were never streamed."""
+        report = self.elastic.recover(self.engine, self.model, error)
+        self.steps = 0
+        outputs, requeue, drop = self.ledger.reconcile(report.held, {r.id for r in self.engine.new})
+        self.engine.requeue(requeue, drop)
+        print(report.describe(), file=sys.stderr, flush=True)
+        self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
+        self.recovered = (len(report.lost), report.seconds)
+        return outputs
 
     def _take(self, index: int, message, rejected: dict[str, str]) -> None:
         for request_id in message.aborts:
             if self.owners.pop(request_id, None) is not None:
                 self.engine.abort(request_id)
+                if self.ledger is not None:
+                    self.ledger.drop(request_id)
         for r in message.new:
             try:
-                self.engine.add_request(Request(r.id, tuple(r.prompt), r.max_tokens, tuple(r.stop),
-                                                r.temperature, r.top_p, r.seed))
+                request = Request(r.id, tuple(r.prompt), r.max_tokens, tuple(r.stop), r.temperature,
+                                  r.top_p, r.seed)
+                self.engine.add_request(request)
                 self.owners[r.id] = index
+                if self.ledger is not None:
+                    self.ledger.add(request)
             except ValueError as exc:  # the front end checked what it could; the pool is ours
                 rejected[r.id] = str(exc)
 

@@ -72,6 +72,7 @@ class EngineClient:
         self.queues: dict[str, asyncio.Queue] = {}
         self.failure: str | None = None
         self.last_heard = time.monotonic()
+        self.ranks = None  # an elastic engine's `ipc.RankState`s, the latest it sent
 
     def submit(self, request, queue: asyncio.Queue) -> None:
         """Send `request` (an `engine.request.Request`, checked) with the next flush; its tokens
@@ -134,6 +135,10 @@ class EngineClient:
                     queue.put_nowait(ValueError(error))
             if message.stats:
                 self.metrics.step(message.stats, message.counters)
+            if message.ranks is not None:
+                self.ranks = message.ranks
+            if message.lost:
+                self.metrics.recovered(message.lost, message.recovery_s)
             if message.failure is not None:
                 self.fail(message.failure)
 

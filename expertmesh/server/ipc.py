@@ -67,14 +67,26 @@ class CounterTotals(msgspec.Struct, frozen=True):
     eplb_stalls: list[float] = []
 
 
+class RankState(msgspec.Struct, frozen=True):
+    """One rank of an elastic server (`--elastic`): its original number, pid, "ok" or "dead"."""
+    rank: int
+    pid: int
+    state: str
+
+
 class FromEngine(msgspec.Struct):
-    """`stats`: per data-parallel rank, the scheduler's `stats()` after the step."""
+    """`stats`: per data-parallel rank, the scheduler's `stats()` after the step. Elastic
+    servers: every rank's state (`ranks`), and in the message after a recovery, to front end 0,
+    the ranks `lost` and the `recovery_s` seconds it took."""
 
     tokens: list[Token] = []
     rejected: dict[str, str] = {}
     stats: list[dict[str, int | None]] = []
     counters: CounterTotals | None = None
     failure: str | None = None
+    ranks: list[RankState] | None = None
+    lost: int = 0
+    recovery_s: float = 0.0
 
 
 def identity(index: int) -> bytes:

@@ -71,6 +71,15 @@ class ServerMetrics:
         self.prefix_hits = Counter("expertmesh_prefix_cache_hits", "Prompt tokens found in the prefix "
                                    "cache, per data-parallel rank", ["dp_rank"], **r)
         self.seen: dict[int, tuple[int, int]] = {}  # dp rank -> its (queries, hits) so far
+        self.rank_losses = Counter("expertmesh_rank_losses", "Ranks lost and survived (--elastic)", **r)
+        self.recovery = Counter("expertmesh_recovery_seconds", "Seconds spent recovering from lost "
+                                "ranks (--elastic): failed step to new groups with experts in place", **r)
+
+    def recovered(self, lost: int, seconds: float) -> None:
+        """An elastic engine survived `lost` ranks in `seconds` (0, 0: nothing new)."""
+        if self.engine_metrics:
+            self.rank_losses.inc(lost)
+            self.recovery.inc(seconds)
 
     def finished(self, outcome: str, accepted: float, times: list[float]) -> None:
         """A request ended (`times`: when each of its tokens reached the handler)."""

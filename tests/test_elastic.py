@@ -1,0 +1,295 @@
+"""Elastic expert parallelism (`expertmesh serve --elastic`), as a client sees it: real servers
+(ep4, four local CPU ranks over gloo), ranks SIGKILLed from outside while streams run. Every
+request completes with the tokens of an independent reference, greedy, each request alone (the
+tiny preset: the single-device model without a cache, `serving.naive_tokens`; a checkpoint:
+transformers), so no token is lost, repeated or changed across the failure; later requests are
+served; `/health` names the dead rank and says `degraded`; `/metrics` counts the loss; the log
+says which experts moved; and nothing is left running. Rank 0's death still ends the server with
+exit 1.
+
+Two servers, each reused by the tests of one scenario, in order: plain ep4 (rank 2 killed
+mid-stream, then rank 3: its experts rebuilt from the seed), and ep4 on a tiny OLMoE checkpoint
+(8 experts) with one spare replica per rank (rank 2 killed during the prefills: its first expert
+then served by rank 1's replica, the other read from the safetensors; then rank 0 killed).
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import torch
+
+from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint
+from expertmesh.config import preset
+from expertmesh.elastic.experts import spare_placement, survivor_placement
+from expertmesh.elastic.ledger import Ledger
+from expertmesh.engine.request import Request, TokenOutput
+from expertmesh.model.transformer import reference_model
+from serving import naive_tokens
+
+openai = pytest.importorskip("openai", reason="the server is driven by the openai client (pip install -e '.[test,serve]')")
+pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
+transformers = pytest.importorskip("transformers", reason="the checkpoint's reference is transformers")
+from test_server import Server  # noqa: E402
+
+STREAM_S = 300  # a stream's whole life on a loaded 2-core machine
+COMMON = ("--deployment", "ep4", "--elastic", "--timeout", "60", "--num-blocks", "64",
+          "--block-size", "8", "--served-model-name", "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference():
+    """The tiny preset's greedy tokens: its single-device model (seed 0, the server's weights)."""
+    model = reference_model(preset("tiny"))
+    return lambda prompt, n: naive_tokens(model, tuple(prompt), n)
+
+
+class Streams:
+    """Streamed greedy completions, one thread each: their token ids and arrival times."""
+
+    def __init__(self, server: Server, prompts: list[list[int]], max_tokens: int):
+        self.server, self.prompts, self.max_tokens = server, prompts, max_tokens
+        self.tokens = [[] for _ in prompts]
+        self.times = [[] for _ in prompts]
+        self.reasons = [None] * len(prompts)
+        self.errors = []
+        self.threads = [threading.Thread(target=self._run, args=(server, i)) for i in range(len(prompts))]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, server: Server, i: int) -> None:
+        try:
+            stream = server.client.completions.create(model="tiny", prompt=self.prompts[i],
+                                                      max_tokens=self.max_tokens, temperature=0,
+                                                      stream=True)
+            for chunk in stream:
+                choice = chunk.choices[0]
+                self.tokens[i] += choice.token_ids or []
+                self.times[i] += [time.monotonic()] * len(choice.token_ids or [])
+                self.reasons[i] = choice.finish_reason or self.reasons[i]
+        except Exception as exc:  # the test reads it
+            self.errors.append(exc)
+
+    def wait_for(self, tokens: int) -> None:
+        """Until every stream has at least `tokens` tokens."""
+        deadline = time.monotonic() + STREAM_S
+        while min(len(t) for t in self.tokens) < tokens:
+            assert not self.errors, self.errors
+            assert time.monotonic() < deadline, [len(t) for t in self.tokens]
+            time.sleep(0.01)
+
+    def check(self, reference) -> None:
+        """Every stream ended by length with the tokens `reference(prompt, n)`."""
+        for t in self.threads:
+            t.join(STREAM_S)
+        log = self.server.output()[-4000:]
+        assert not self.errors, (self.errors, log)
+        for prompt, tokens, reason in zip(self.prompts, self.tokens, self.reasons):
+            assert tokens == reference(prompt, self.max_tokens), log
+            assert reason == "length", log
+
+
+def health(server: Server) -> dict:
+    return server.get("/health").json()
+
+
+def pid_of(server: Server, rank: int) -> int:
+    return health(server)["ranks"][rank]["pid"]
+
+
+def prompts(n: int, length: int, salt: int) -> list[list[int]]:
+    """Token ids within both models' vocabularies (128 and 1024)."""
+    return [[(salt + 7 * i + 3 * j) % 120 + 1 for j in range(length)] for i in range(n)]
+
+
+@pytest.fixture(scope="module")
+def plain(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("logs"), *COMMON)
+    yield s
+    s.stop()
+
+
+def test_health_lists_every_rank_ok_and_not_degraded_before_a_loss(plain):
+    body = health(plain)
+    assert body["degraded"] is False
+    assert [r["rank"] for r in body["ranks"]] == [0, 1, 2, 3]
+    assert {r["state"] for r in body["ranks"]} == {"ok"}
+    assert sorted(r["pid"] for r in body["ranks"]) == plain.ranks()
+
+
+def test_rank_2_killed_mid_stream_loses_no_token_and_later_requests_are_served(plain, reference):
+    streams = Streams(plain, prompts(6, 12, 1), max_tokens=40)
+    streams.wait_for(3)
+    victim = pid_of(plain, 2)
+    os.kill(victim, signal.SIGKILL)
+    streams.check(reference)
+    body = health(plain)
+    assert body["degraded"] is True
+    assert [r["state"] for r in body["ranks"]] == ["ok", "ok", "dead", "ok"]
+    assert body["ranks"][2]["pid"] == victim
+    assert plain.metric("expertmesh_rank_losses_total") == 1
+    assert 0 < plain.metric("expertmesh_recovery_seconds_total") < 30
+    log = plain.output()
+    assert "rank 2 failed: process died from signal SIGKILL" in log
+    assert re.search(r"elastic: lost rank 2 \(.*SIGKILL\); now ep3; experts loaded anew: expert 8 -> "
+                     r"rank \d.*recovered in [\d.]+ s", log)
+    Streams(plain, prompts(3, 5, 50), max_tokens=8).check(reference)  # served by ep3
+
+
+def test_a_second_loss_rank_3_is_survived_too(plain, reference):
+    streams = Streams(plain, prompts(4, 9, 90), max_tokens=30)
+    streams.wait_for(2)
+    os.kill(pid_of(plain, 3), signal.SIGKILL)
+    streams.check(reference)
+    assert [r["state"] for r in health(plain)["ranks"]] == ["ok", "ok", "dead", "dead"]
+    assert plain.metric("expertmesh_rank_losses_total") == 2
+    assert "now ep2" in plain.output()
+    Streams(plain, prompts(2, 4, 120), max_tokens=6).check(reference)
+
+
+def test_sigterm_after_losses_stops_the_survivors_with_exit_0_and_leaves_nothing(plain):
+    plain.proc.send_signal(signal.SIGTERM)
+    assert plain.proc.wait(60) == 0
+    assert plain.leftovers.alive() == []
+
+
+@pytest.fixture(scope="module")
+def olmoe(tmp_path_factory):
+    return save_tiny_checkpoint("olmoe", tmp_path_factory.mktemp("ckpt") / "olmoe")
+
+
+@pytest.fixture(scope="module")
+def hf_reference(olmoe):
+    """transformers' greedy tokens of the checkpoint."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(olmoe, dtype=torch.float32).eval()
+    return lambda prompt, n: reference_greedy(model, torch.tensor([prompt]), n)[0][0].tolist()
+
+
+@pytest.fixture(scope="module")
+def spares(olmoe, tmp_path_factory):
+    """One spare replica per rank; a small token budget, so that prompts take many steps."""
+    s = Server(tmp_path_factory.mktemp("logs"), *COMMON, "--model", str(olmoe),
+               "--redundant-experts", "4", "--max-batched-tokens", "8")
+    yield s
+    s.stop()
+
+
+def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_the_replica(spares, hf_reference):
+    victim = pid_of(spares, 2)
+    # a short prompt, whose first token comes a step after it is admitted, and three that take
+    # 30 steps of prefill each: when the first stream has a token the others are prefilling
+    streams = Streams(spares, prompts(1, 8, 3) + prompts(3, 240, 7), max_tokens=10)
+    deadline = time.monotonic() + STREAM_S
+    while not streams.tokens[0]:
+        assert time.monotonic() < deadline and not streams.errors
+        time.sleep(0.002)
+    os.kill(victim, signal.SIGKILL)
+    assert not any(streams.tokens[1:])  # the kill came before their first tokens: prefills were cut
+    streams.check(hf_reference)
+    assert [r["state"] for r in health(spares)["ranks"]] == ["ok", "ok", "dead", "ok"]
+    line = re.search(r"elastic: lost rank 2 .*", spares.output()).group(0)
+    # rank 2 held experts 4 and 5; rank 1 a replica of 4 (`spare_placement`)
+    assert re.search(r"experts loaded anew: expert 5 -> rank \d; still served by surviving copies: "
+                     r"expert 4 -> rank 1;", line), line
+    Streams(spares, prompts(2, 20, 33), max_tokens=5).check(hf_reference)
+
+
+def test_killing_rank_0_still_ends_the_server_with_exit_1(spares):
+    os.kill(pid_of(spares, 0), signal.SIGKILL)
+    assert spares.proc.wait(60) == 1
+    assert "rank 0 failed: process died from signal SIGKILL" in spares.output()
+    assert spares.leftovers.alive() == []
+
+
+# ---- the parts, against plain rules ----
+
+def test_breaking_connections_ends_a_blocked_receive_and_spares_listening_sockets():
+    """In a process of its own: it shuts down every connected TCP socket of its process."""
+    code = """
+import socket, threading
+from expertmesh.elastic.sockets import break_connections
+listener = socket.create_server(("127.0.0.1", 0))
+client = socket.create_connection(listener.getsockname())
+server, _ = listener.accept()
+got = []
+reader = threading.Thread(target=lambda: got.append(server.recv(1)))
+reader.start()
+assert break_connections() == 2
+reader.join(10)
+assert got == [b""], got
+late = socket.create_connection(listener.getsockname())  # the listener still accepts
+listener.accept()
+print("ok")
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.stdout.strip() == "ok", out.stderr
+
+def test_a_survivor_keeps_its_experts_and_orphans_go_to_the_least_loaded_survivor():
+    placement = [[0, 1, 7], [2, 3], [4, 5, 0], [6, 7]]
+    after, moved = survivor_placement(placement, {2})
+    assert after == [[0, 1, 7], [2, 3, 4], [6, 7, 5]]
+    assert moved == {4: 1, 5: 2}  # 0 lives on rank 0; ranks of two slots first, lowest first
+    after, moved = survivor_placement(after, {1})
+    assert after == [[0, 1, 7, 2, 4], [6, 7, 5, 3]]
+    assert moved == {2: 0, 3: 1, 4: 0}
+
+
+def test_spare_replicas_copy_the_next_ranks_first_experts():
+    assert spare_placement(8, 4, 4) == [[0, 1, 2], [2, 3, 4], [4, 5, 6], [6, 7, 0]]
+    assert spare_placement(8, 2, 3) == [[0, 1, 2, 3, 4, 5], [4, 5, 6, 7, 0]]
+    with pytest.raises(ValueError, match="--redundant-experts 5"):
+        spare_placement(4, 2, 5)
+
+
+def test_the_ledger_reconciles_what_the_survivors_hold_with_what_was_streamed():
+    ledger = Ledger()
+    for i in range(4):
+        ledger.add(Request(i, (1, 2), max_tokens=4))
+    ledger.record([TokenOutput(0, 9, 0), TokenOutput(1, 8, 0), TokenOutput(1, 7, 1, "stop"),
+                   TokenOutput(3, 5, 0)])
+    ledger.drop(2)  # aborted by its client
+    # 0 was on the dead rank; a survivor holds 3 one token past the stream (the step that made
+    # it failed before rank 0 had it) and 2 (the step carrying its abort failed)
+    outputs, requeue, drop = ledger.reconcile({3: [5, 6], 2: [4]}, queued=set())
+    assert outputs == [TokenOutput(3, 6, 1)]
+    assert requeue == [Request(0, (1, 2), max_tokens=4, generated=(9,))]
+    assert drop == [2]
+    assert ledger.reconcile({}, queued={0})[1] == [Request(3, (1, 2), max_tokens=4, generated=(5, 6))]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--deployment", "tp2", "--elastic"], "--elastic serves plain expert parallelism"),
+    (["--deployment", "ep2pp2", "--elastic"], "pipeline stages are not supported"),
+    (["--deployment", "ep2", "--redundant-experts", "2"], "--eplb-interval K or --elastic"),
+    (["--deployment", "ep2", "--elastic", "--redundant-experts", "2", "--eplb-interval", "8"],
+     "drop --eplb-interval and --routing"),
+    (["--deployment", "ep2", "--elastic", "--redundant-experts", "99"], "--redundant-experts 99"),
+])
+def test_unsupported_elastic_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
+    assert message in cli_error(["serve", "--port", "0", *argv])
+
+
+def test_a_request_resumed_with_its_streamed_tokens_goes_on_from_the_next_one(small_config):
+    """What a re-queued request does: the engine recomputes prompt + `generated` and outputs
+    only the rest, at their indices in the output, within the same `max_tokens`."""
+    from expertmesh.deployment import Deployment
+    from expertmesh.engine.engine import Engine
+    from expertmesh.engine.scheduler import EngineConfig
+
+    cfg = small_config()
+    model = reference_model(cfg)
+    prompt = (5, 9, 14, 2, 7)
+    full = naive_tokens(model, prompt, 8)
+    engine = Engine(model, cfg, Deployment(), EngineConfig(num_blocks=16, block_size=4))
+    engine.add_request(Request("r", prompt, 8, generated=tuple(full[:3])))
+    outputs = []
+    while engine.has_work:
+        outputs += engine.step()
+    assert [o.token for o in outputs] == full[3:]
+    assert [o.index for o in outputs] == list(range(3, 8))
+    assert outputs[-1].finished == "length"
