@@ -126,7 +126,7 @@ def workload(model):
         Request(4, _prompt(4, 13), NEW, ignore_eos=True),
         Request(5, _prompt(5, 14), NEW, temperature=0.8, seed=9),  # no option: the draws of before
         Request(6, _prompt(6, 15), NEW, logprobs=0, repetition_penalty=0.6, min_tokens=2),
-        Request(7, _prompt(7, 16), NEW, temperature=1.3, top_p=0.9, seed=-3, frequency_penalty=-1.0,
+        Request(7, _prompt(7, 16), NEW, temperature=1.3, top_p=0.9, seed=-3, frequency_penalty=-1.0, repetition_penalty=0.3,
                 logit_bias=((5, 1.0),), logprobs=20),
     ]
     want = {r.id: reference(model, r, {eos}) for r in requests}
