@@ -83,10 +83,11 @@ class Request:
 
     def check_for(self, vocab_size: int, max_len: int) -> None:
         name = f"request {self.id!r}"
-        bad = [t for t in self.prompt + self.stop + tuple(t for t, _ in self.logit_bias) if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size}); "
-                             f"use ids below {vocab_size}")
+        for where, ids in (("", self.prompt + self.stop), ("logit_bias ", tuple(t for t, _ in self.logit_bias))):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name}: {where}token id {bad[0]} is outside the vocabulary [0, {vocab_size}); "
+                                 f"use ids below {vocab_size}")
         if len(self.prompt) + self.max_tokens > max_len:
             raise ValueError(f"{name}: prompt length {len(self.prompt)} + max_tokens {self.max_tokens} "
                              f"exceeds the maximum length {max_len}; shorten the prompt or lower max_tokens")

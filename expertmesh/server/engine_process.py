@@ -305,7 +305,7 @@ class EngineServer:
             for out in outputs:
                 owner = self.owners.get(out.request_id)
                 if owner is not None:
-                    tokens[owner].append(Token(out.request_id, out.token, out.finished))
+                    tokens[owner].append(Token(out.request_id, out.token, out.finished, out.logprobs))
                     if out.finished:
                         del self.owners[out.request_id]
             stats = self.engine.stats()
@@ -319,7 +319,7 @@ class EngineServer:
         for r in message.new:
             try:
                 self.engine.add_request(Request(r.id, tuple(r.prompt), r.max_tokens, tuple(r.stop),
-                                                r.temperature, r.top_p, r.seed))
+                                                r.temperature, r.top_p, r.seed, **r.options))
                 self.owners[r.id] = index
             except ValueError as exc:  # the front end checked what it could; the pool is ours
                 rejected[r.id] = str(exc)
