@@ -196,7 +196,7 @@ COMPLETION_400 = [
     ({"model": "tinyqwen", "prompt": [1, 2], "temperature": -0.5}, "temperature"),
     ({"model": "tinyqwen", "prompt": [1, 2], "top_p": 0}, "top_p"),
     ({"model": "tinyqwen", "prompt": [1, 2], "top_p": 1.5}, "top_p"),
-    ({"model": "tinyqwen", "prompt": [1, 2], "n": 2}, "n"),
+    ({"model": "tinyqwen", "prompt": [1, 2], "n": 0}, "n"),
     ({"model": "tinyqwen", "prompt": [1, 500]}, "prompt"),
     ({"model": "tinyqwen", "prompt": ["w1", "w2"]}, "prompt"),
     ({"model": "tinyqwen", "prompt": [[1], [2]]}, "prompt"),
