@@ -10,6 +10,7 @@ test; the last stops it.
 """
 
 import json
+import signal
 
 import pytest
 import torch
@@ -25,6 +26,8 @@ def server(checkpoint, tmp_path_factory):  # noqa: F811
     s = Server(tmp_path_factory.mktemp("logs"), "--model", str(checkpoint), "--deployment", "ep2",
                "--num-blocks", "96", "--block-size", "8", "--max-seqs", "16", "--timeout", "120")
     yield s
+    s.proc.send_signal(signal.SIGTERM)  # a clean stop: every rank and API server exits before `stop` counts
+    assert s.proc.wait(120) == 0, s.output()
     s.stop()
 
 
