@@ -131,7 +131,7 @@ class FakeDevice(TorchDispatchMode):
     def _note(self, what: str, func) -> None:
         """Keep where the code under test did it (its innermost frame outside torch and this file)."""
         frame = next((f for f in reversed(traceback.extract_stack())
-                      if "/torch/" not in f.filename and not f.filename.endswith("fake_device.py")), None)
+                      if "/torch/" not in f.filename and not f.filename.endswith(("fake_device.py", "pretend_device.py"))), None)
         where = f"{'/'.join(frame.filename.split('/')[-2:])}:{frame.lineno} {frame.line}" if frame else "?"
         self.events.append(f"{what}: {func} at {where}")
 

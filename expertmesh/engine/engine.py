@@ -87,7 +87,7 @@ class Engine:
         self.router = DpRouter(deployment.dp, engine.block_size, key,
                                engine.dp_routing if engine.prefix_caching else "load", engine.max_batched_tokens)
         self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro,
-                             overlap, engine.max_seqs, graphs)
+                             overlap, engine.max_seqs, graphs, eos)
         inner = deployment.coords(rank)[1]
         self.dp = inner if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)
@@ -194,10 +194,11 @@ class Engine:
         sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen), message["decode_tokens"])
         mine = None
         if self.reports:
-            tokens = {rid: t for rid, (t, _) in sampled.items()}
+            tokens = {rid: t for rid, (t, _, _) in sampled.items()}
             outputs = self.scheduler.finish(chosen, tokens)
-            if self.runner.record_logits:
-                outputs = [replace(o, logits=sampled[o.request_id][1]) for o in outputs]
+            extra = {rid: (row, lp) for rid, (_, row, lp) in sampled.items() if row is not None or lp is not None}
+            outputs = [replace(o, logits=extra[o.request_id][0], logprobs=extra[o.request_id][1])
+                       if o.request_id in extra else o for o in outputs]
             mine = (self.dp, outputs, self._report())
         everyone = self._gather((mine, self.eplb.payload() if self.eplb else None))
         if self.eplb:

@@ -11,15 +11,32 @@ from dataclasses import dataclass, field
 
 import torch
 
+MAX_PENALTY = 2.0  # presence / frequency penalties: the OpenAI API's range
+MAX_BIAS = 100.0  # a logit_bias value, as OpenAI's
+MAX_LOGIT_BIAS = 300  # entries of logit_bias (vLLM's default bound)
+MAX_LOGPROBS = 20  # most likely tokens returned with each token (OpenAI's bound)
+
 
 @dataclass(frozen=True)
 class Request:
     """`prompt`: token ids (1 .. max length); generation stops after `max_tokens` tokens, or at a
     token in `stop` or in the engine's EOS ids (that token is returned, then the request ends).
     temperature 0 is greedy; otherwise temperature / top-k / top-p sampling seeded by `seed`
-    (any integer; `engine/sampling.py`); top_k 0 keeps every token. `generated`: tokens of its
-    output already produced and streamed (a request re-queued by elastic recovery): they are
-    recomputed with the prompt, not output again, and count towards `max_tokens`."""
+    (any integer; `engine/sampling.py`); top_k 0 keeps every token.
+
+    The logits are processed first (`engine/logits_processing.py`, vLLM's semantics):
+    `logit_bias` ((token id, bias) pairs, bias in [-100, 100]) is added; before `min_tokens`
+    tokens are generated, the stop ids and (unless `ignore_eos`) the EOS ids cannot be drawn;
+    `repetition_penalty` (> 0, 1 is none) divides a positive logit and multiplies a negative one
+    of every token in the prompt or the output; `frequency_penalty` times a token's count in the
+    output and `presence_penalty` once if it is there are subtracted (each in [-2, 2]).
+    `ignore_eos`: an EOS id does not end the request. `logprobs`: None, or the number (0 .. 20)
+    of most likely tokens whose log-probabilities come back with each token, beside the drawn
+    token's own (`engine/logprobs.py`).
+
+    `generated`: tokens of its output already produced and streamed (a request re-queued by
+    elastic recovery): they are recomputed with the prompt, not output again, and count towards
+    `max_tokens`."""
 
     id: int | str
     prompt: tuple[int, ...]
@@ -30,6 +47,13 @@ class Request:
     seed: int = 0
     top_k: int = 0
     generated: tuple[int, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    logprobs: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
@@ -46,13 +70,30 @@ class Request:
             raise ValueError(f"{name}: top_k={self.top_k!r} must be an integer >= 0 (0 keeps every token)")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"{name}: top_p={self.top_p} must be in (0, 1]")
+        object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
+        for field_ in ("presence_penalty", "frequency_penalty"):
+            if not -MAX_PENALTY <= getattr(self, field_) <= MAX_PENALTY:
+                raise ValueError(f"{name}: {field_}={getattr(self, field_)} must be in [-2, 2]")
+        if not 0 < self.repetition_penalty < float("inf"):
+            raise ValueError(f"{name}: repetition_penalty={self.repetition_penalty} must be finite and > 0 "
+                             f"(1 is none)")
+        if len(self.logit_bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"{name}: logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+        if any(not -MAX_BIAS <= b <= MAX_BIAS for _, b in self.logit_bias):
+            raise ValueError(f"{name}: a logit_bias value must be in [-100, 100]")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"{name}: min_tokens={self.min_tokens!r} must be an integer in [0, max_tokens "
+                             f"{self.max_tokens}]")
+        if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"{name}: logprobs={self.logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]")
 
     def check_for(self, vocab_size: int, max_len: int) -> None:
         name = f"request {self.id!r}"
-        bad = [t for t in self.prompt + self.stop if not 0 <= t < vocab_size]
-        if bad:
-            raise ValueError(f"{name}: token id {bad[0]} is outside the vocabulary [0, {vocab_size}); "
-                             f"use ids below {vocab_size}")
+        for where, ids in (("", self.prompt + self.stop), ("logit_bias ", tuple(t for t, _ in self.logit_bias))):
+            bad = [t for t in ids if not 0 <= t < vocab_size]
+            if bad:
+                raise ValueError(f"{name}: {where}token id {bad[0]} is outside the vocabulary [0, {vocab_size}); "
+                                 f"use ids below {vocab_size}")
         if len(self.prompt) + self.max_tokens > max_len:
             raise ValueError(f"{name}: prompt length {len(self.prompt)} + max_tokens {self.max_tokens} "
                              f"exceeds the maximum length {max_len}; shorten the prompt or lower max_tokens")
@@ -62,7 +103,9 @@ class Request:
 class TokenOutput:
     """One generated token of a request: its `index` in the request's output, and `finished`
     ("stop": a stop or EOS token, "length": max_tokens reached; None while it goes on), and the
-    logits `[V]` it was drawn from when the engine records them."""
+    logits `[V]` it was drawn from when the engine records them. `logprobs`, when the request
+    asked: (the token's log-probability, ((token id, log-probability), ...) of the most likely
+    tokens, most likely first), from the raw logits (`engine/logprobs.py`)."""
 
     request_id: int | str
     token: int
@@ -70,3 +113,4 @@ class TokenOutput:
     finished: str | None = None
     logits: torch.Tensor | None = field(default=None, compare=False, repr=False)
     cached: int | None = field(default=None, compare=False)
+    logprobs: tuple | None = None

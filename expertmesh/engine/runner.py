@@ -29,6 +29,8 @@ import torch
 from expertmesh.engine.block_tables import BlockTables
 from expertmesh.engine.finite import FiniteCheck
 from expertmesh.engine.graphs import MODES, DecodeGraphs
+from expertmesh.engine.logits_processing import process
+from expertmesh.engine.logprobs import Logprobs
 from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
 from expertmesh.engine.scheduler import Sequence
@@ -46,8 +48,9 @@ from expertmesh.trace import span
 class Runner:
     def __init__(self, model: MoETransformer, num_blocks: int, block_size: int,
                  links: StageLinks | None = None, record_logits: bool = False, n_micro: int = 1,
-                 overlap: str = "auto", max_seqs: int = 64, graphs: str = "auto"):
+                 overlap: str = "auto", max_seqs: int = 64, graphs: str = "auto", eos: tuple[int, ...] = ()):
         self.model, self.block_size, self.n_micro = model, block_size, n_micro
+        self.eos = frozenset(eos)  # masked before a request's min_tokens
         self.links = links or SingleStage()
         ref = next(model.parameters())
         self.device, self.dtype = ref.device, ref.dtype
@@ -88,7 +91,8 @@ class Runner:
     def forward(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
                 decode_tokens: int | None = None) -> dict | None:
         """Run the step's sequences through the layers held here. On the last stage returns
-        {request id: (token, logits [V] or None)} for the sequences in `sampled`; else None.
+        {request id: (token, logits [V] or None, logprobs or None)} for the sequences in
+        `sampled` (logprobs: `Logprobs.read`'s, when the request asks); else None.
         `decode_tokens`: when the step only decodes, the most sequences any rank of the EP group
         runs in it, the same on all of them (then the forwards' plans need no all-reduce).
 
@@ -104,18 +108,20 @@ class Runner:
                 logits = self._micro(m, chosen[part], bound)
                 if self.links.is_last:
                     draws.append(self._start_sampling(chosen[part], sampled[part], logits))
-            host = self._read([d for _, d, _ in draws])
+            host = self._read([d for _, d, _, _ in draws])
         self.steps += 1
         if not self.links.is_last:
             return None
         result = {}
-        for (reqs, _, kept), read in zip(draws, host):
-            result.update({r.id: (t, row) for r, t, row in zip(reqs, read.tolist(), kept)})
+        for (reqs, _, kept, logprobs), read in zip(draws, host):
+            lps = logprobs.read(read[len(reqs):]) if logprobs else [None] * len(reqs)
+            result.update({r.id: (t, row, lp) for r, t, row, lp in zip(reqs, read[:len(reqs)].tolist(), kept, lps)})
         return result
 
     def _read(self, parts: list[torch.Tensor]) -> list[torch.Tensor]:
         """One copy to the host: the step's finite flags (checked here, raising on a non-finite
-        value) and each micro-batch's token ids `[S_m]` int64 -> the token ids, on the host."""
+        value) and each micro-batch's token ids `[S_m]` int64 (with its logprobs' `flat` when a row
+        asks) -> those parts, on the host."""
         flags = self.finite.take(self.device)
         host = torch.cat(parts + [flags.long()]).cpu()
         *mine, flags = host.split([p.numel() for p in parts] + [flags.numel()])
@@ -163,20 +169,25 @@ class Runner:
                           self.backend, tables)
 
     def _start_sampling(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
-                        logits: torch.Tensor) -> tuple[list, torch.Tensor, list]:
+                        logits: torch.Tensor) -> tuple[list, torch.Tensor, list, Logprobs | None]:
         """A micro-batch's logits `[N_m, V]` -> (its sampled requests, their token ids `[S_m]` on the
-        device, their logits on the host when recorded, else None each)."""
+        device (then their logprobs' `flat` when a row asks), their raw logits on the host when
+        recorded, else None each, their `Logprobs` or None). Rows that ask for it have their
+        logits processed (`engine/logits_processing.py`) before the draw."""
         rows = [i for i, s in enumerate(sampled) if s]
         if len(rows) < logits.shape[0]:  # a prefill chunk mid-prompt samples nothing
             logits = logits[upload([torch.tensor(rows, dtype=torch.long)], logits.device)[0]]
         self.finite.add(FiniteCheck.LOGITS, logits)
-        reqs = [chosen[i][0].request for i in rows]
+        seqs = [chosen[i][0] for i in rows]
+        reqs = [seq.request for seq in seqs]
         with span("sample"):
-            tokens = sample_requests(logits, [r.temperature for r in reqs], [r.top_p for r in reqs],
+            tokens = sample_requests(process(logits, seqs, self.eos), [r.temperature for r in reqs], [r.top_p for r in reqs],
                                      [r.top_k for r in reqs], [r.seed for r in reqs],
-                                     [chosen[i][0].generated for i in rows])
+                                     [seq.generated for seq in seqs])
+            logprobs = Logprobs.start(logits, tokens, [r.logprobs for r in reqs])
         kept = logits.float().cpu() if self.record_logits else [None] * len(rows)
-        return reqs, tokens, kept
+        part = tokens if logprobs is None else torch.cat([tokens, logprobs.flat])
+        return reqs, part, kept, logprobs
 
     def close(self) -> None:
         self.links.finish()

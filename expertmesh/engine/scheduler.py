@@ -205,7 +205,7 @@ class Scheduler:
             token = tokens[seq.request.id]
             seq.tokens.append(token)
             req = seq.request
-            finished = ("stop" if token in self.eos or token in req.stop else
+            finished = ("stop" if (token in self.eos and not req.ignore_eos) or token in req.stop else
                         "length" if seq.generated >= req.max_tokens else None)
             outputs.append(TokenOutput(req.id, token, seq.generated - 1, finished,
                                        cached=seq.cached if seq.generated == 1 else None))

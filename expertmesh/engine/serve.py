@@ -18,12 +18,14 @@ from expertmesh.engine.request import Request
 
 @dataclass
 class Transcript:
-    """What rank 0 saw. tokens / logits / token_times per request id, in output order;
+    """What rank 0 saw. tokens / logits / logprobs / token_times per request id, in output order
+    (logprobs: `TokenOutput.logprobs`, for requests that ask);
     finished[id] = "stop" | "length" (absent: aborted or unfinished); rejected[id] = the error;
     rank_stats: every rank's scheduler stats after the last step."""
 
     tokens: dict = field(default_factory=dict)
     logits: dict = field(default_factory=dict)
+    logprobs: dict = field(default_factory=dict)
     finished: dict = field(default_factory=dict)
     rejected: dict = field(default_factory=dict)
     submitted: dict = field(default_factory=dict)
@@ -60,6 +62,7 @@ def serve(engine: Engine, arrivals: list[tuple[float, Request]], aborts: list[tu
                 continue
             out.submitted[item.id] = time.perf_counter() - start
             out.tokens[item.id], out.token_times[item.id], out.logits[item.id] = [], [], []
+            out.logprobs[item.id] = []
         if not engine.has_work:
             if not events:
                 break
@@ -73,6 +76,8 @@ def serve(engine: Engine, arrivals: list[tuple[float, Request]], aborts: list[tu
             out.token_times[o.request_id].append(t)
             if o.logits is not None:
                 out.logits[o.request_id].append(o.logits)
+            if o.logprobs is not None:
+                out.logprobs[o.request_id].append(o.logprobs)
             if o.finished:
                 out.finished[o.request_id] = o.finished
         out.steps += 1

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import random
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -32,9 +31,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import Scheduler
+from expertmesh.server.choices import Choices, requests
 from expertmesh.server.metrics import ServerMetrics, render
 from expertmesh.server.protocol import (ApiError, ChatRequest, CompletionRequest, chat_body,
-                                        completion_body, new_id, usage, validation_error)
+                                        completion_body, new_id, validation_error)
 
 
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first; nobody reads it
@@ -142,8 +142,8 @@ class Generation:
         api.engine.submit(request, self.queue)
 
     async def pieces(self):
-        """(text delta, new token ids, finish reason or None) as tokens arrive; raises ApiError
-        when the engine ends first."""
+        """(text delta, new token ids, finish reason or None, the token's logprobs or None) as
+        tokens arrive; raises ApiError when the engine ends first."""
         while self.reason is None:
             item = await self.queue.get()
             if isinstance(item, EngineStopped):
@@ -158,7 +158,7 @@ class Generation:
             self.reason = "stop" if self.text.stopped else item.finished
             if self.text.stopped and item.finished is None:
                 self.api.engine.abort(self.request.id)  # a stop string: the engine need not go on
-            yield delta, [item.token], self.reason
+            yield delta, [item.token], self.reason, item.logprobs
 
     def close(self, error: bool = False) -> None:
         """Count the outcome; abort the request if it is still running (its client left)."""
@@ -168,9 +168,6 @@ class Generation:
             self.api.engine.abort(self.request.id)
         outcome = "error" if error else (self.reason or "abort")
         self.api.metrics.finished(outcome, self.accepted, self.times)
-
-    def usage(self) -> dict:
-        return usage(len(self.request.prompt), len(self.text.ids), self.cached)
 
 
 class BodyLimit:
@@ -265,33 +262,27 @@ def create_app(api: Api) -> FastAPI:
         ids = await _prompt_ids(api, body.prompt)
         gen = _start(api, body, ids, default_max=16, prefix="cmpl")
 
-        def piece(delta, new, reason, final):
-            return completion_body(gen.request.id, api.name, delta, new, reason,
-                                   gen.usage() if final else None, chunk=True)
+        def piece(choices, final):
+            return completion_body(gen.id, api.name, choices, gen.usage() if final else None, chunk=True)
         if body.stream:
             return _stream(api, _events(gen, piece, body.include_usage, first=None))
-        whole = await _collect(gen, http)
-        if whole is None:
+        if not await _collect(gen, http):
             return Response(status_code=CLIENT_GONE)
-        text, reason = whole
-        return completion_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
+        return completion_body(gen.id, api.name, gen.whole_choices(), gen.usage(), chunk=False)
 
     @app.post("/v1/chat/completions", dependencies=[Depends(authorized)])
     async def chat(body: ChatRequest, http: HttpRequest):
         ids = await _chat_ids(api, body)
         gen = _start(api, body, ids, default_max=api.max_len - len(ids), prefix="chatcmpl")
 
-        def piece(delta, new, reason, final):
-            return chat_body(gen.request.id, api.name, delta, new, reason,
-                             gen.usage() if final else None, chunk=True)
+        def piece(choices, final):
+            return chat_body(gen.id, api.name, choices, gen.usage() if final else None, chunk=True)
         if body.stream:
-            first = chat_body(gen.request.id, api.name, "", [], None, None, chunk=True, first=True)
+            first = chat_body(gen.id, api.name, gen.first_choices(), None, chunk=True)
             return _stream(api, _events(gen, piece, body.include_usage, first=first))
-        whole = await _collect(gen, http)
-        if whole is None:
+        if not await _collect(gen, http):
             return Response(status_code=CLIENT_GONE)
-        text, reason = whole
-        return chat_body(gen.request.id, api.name, text, gen.text.ids, reason, gen.usage(), chunk=False)
+        return chat_body(gen.id, api.name, gen.whole_choices(), gen.usage(), chunk=False)
 
     return app
 
@@ -334,8 +325,8 @@ async def _chat_ids(api: Api, body: ChatRequest) -> list[int]:
         raise ApiError(400, "the messages cannot be encoded as UTF-8 text", param="messages") from None
 
 
-def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Generation:
-    """Check the request against the model and the pool, and submit it (or raise ApiError)."""
+def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Choices:
+    """Check the request against the model and the pool, and submit its choices (or raise ApiError)."""
     if body.model != api.name:
         raise ApiError(400, f"model {body.model!r} is not served here; use {api.name!r} "
                             f"(GET /v1/models)", param="model")
@@ -358,31 +349,34 @@ def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Gen
     if outside:
         raise ApiError(400, f"stop token id {outside[0]} is outside the vocabulary [0, {api.vocab_size})",
                        param="stop_token_ids")
-    seed = body.seed if body.seed is not None else random.getrandbits(31)
     max_tokens = body.limit if body.limit is not None else max(1, default_max)
+    rid = new_id(prefix)
     try:
-        request = Request(new_id(prefix), tuple(ids), max_tokens, stop=tuple(body.stop_token_ids),
-                          temperature=body.temperature, top_p=body.top_p, seed=seed)
-        request.check_for(api.vocab_size, api.max_len)
-        api.scheduler.check(request)
+        choices = requests(rid, ids, max_tokens, body.n, body.seed, stop=tuple(body.stop_token_ids),
+                           temperature=body.temperature, top_p=body.top_p, **body.options())
+        choices[0].check_for(api.vocab_size, api.max_len)
+        api.scheduler.check(choices[0])
     except ValueError as exc:
         message = str(exc).split(": ", 1)[-1]  # the engine names the request by its id
-        raise ApiError(400, message, param="max_tokens" if "max_tokens=" in message else "prompt") from None
+        field = next((f for f in ("max_tokens", "min_tokens", "logit_bias") if f + "=" in message
+                      or message.startswith(f)), "prompt")
+        raise ApiError(400, message, param=field) from None
     if api.engine.failure is not None or (api.server is not None and api.server.should_exit):
         raise ApiError(503, f"the server is not taking requests: {api.healthy()}", kind="server_error")
     if api.waiting >= api.max_waiting:
         raise ApiError(429, f"{api.waiting} requests are already waiting (--max-waiting "
                             f"{api.max_waiting}); retry later", kind="rate_limit_exceeded")
-    return Generation(api, request, body.stop_strings)
+    return Choices(rid, [Generation(api, r, body.stop_strings) for r in choices], api.tokenizer,
+                   isinstance(body, ChatRequest))
 
 
-async def _whole(gen: Generation) -> tuple[str, str]:
-    """A whole answer."""
-    text, error = [], False
+async def _whole(gen: Choices) -> bool:
+    """A whole answer (kept by `gen`)."""
+    error = False
     try:
-        async for delta, _, reason in gen.pieces():
-            text.append(delta)
-        return "".join(text), reason
+        async for _ in gen.pieces():
+            pass
+        return True
     except ApiError:
         error = True
         raise
@@ -396,8 +390,8 @@ async def _client_left(http: HttpRequest) -> None:
         pass
 
 
-async def _collect(gen: Generation, http: HttpRequest) -> tuple[str, str] | None:
-    """A whole answer; None if the client left first (the request is aborted)."""
+async def _collect(gen: Choices, http: HttpRequest) -> bool:
+    """A whole answer (kept by `gen`); False if the client left first (the request is aborted)."""
     work = asyncio.create_task(_whole(gen))
     watch = asyncio.create_task(_client_left(http))
     try:
@@ -407,7 +401,7 @@ async def _collect(gen: Generation, http: HttpRequest) -> tuple[str, str] | None
         if not work.done():
             work.cancel()
     if work.cancelled():
-        return None
+        return False
     return work.result()
 
 
@@ -418,18 +412,16 @@ def _stream(api: Api, events) -> EventSourceResponse:
     return EventSourceResponse(events, shutdown_grace_period=api.grace_s + SHUTDOWN_MARGIN_S)
 
 
-async def _events(gen: Generation, piece, include_usage: bool, first: dict | None):
+async def _events(gen: Choices, piece, include_usage: bool, first: dict | None):
     """The server-sent events of a streamed answer, ending with `[DONE]` (or an error event)."""
     error = False
     try:
         if first is not None:
             yield {"data": json.dumps(first)}
-        async for delta, new, reason in gen.pieces():
-            yield {"data": json.dumps(piece(delta, new, reason, False))}
+        async for index, delta, new, reason, lps in gen.pieces():
+            yield {"data": json.dumps(piece([gen.chunk_choice(index, delta, new, reason, lps)], False))}
         if include_usage:
-            last = piece("", [], None, True)
-            last["choices"] = []
-            yield {"data": json.dumps(last)}
+            yield {"data": json.dumps(piece([], True))}
         yield {"data": "[DONE]"}
     except ApiError as exc:
         error = True

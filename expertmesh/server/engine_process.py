@@ -344,7 +344,8 @@ class EngineServer:
             for out in outputs:
                 owner = self.owners.get(out.request_id)
                 if owner is not None:
-                    tokens[owner].append(Token(out.request_id, out.token, out.finished, out.cached))
+                    tokens[owner].append(Token(out.request_id, out.token, out.finished, out.cached,
+                                               out.logprobs))
                     if out.finished:
                         del self.owners[out.request_id]
             stats = self.engine.stats()
@@ -388,7 +389,7 @@ class EngineServer:
         for r in message.new:
             try:
                 request = Request(r.id, tuple(r.prompt), r.max_tokens, tuple(r.stop), r.temperature,
-                                  r.top_p, r.seed)
+                                  r.top_p, r.seed, **r.options)
                 self.engine.add_request(request)
                 self.owners[r.id] = index
                 if self.ledger is not None:

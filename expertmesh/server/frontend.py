@@ -30,7 +30,7 @@ import uvicorn
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
 from expertmesh.server.app import SHUTDOWN_MARGIN_S, Api, EngineStopped, Limits, create_app
 from expertmesh.server.connections import ConnectionLimits, quiet_accept_errors, uvicorn_options
-from expertmesh.server.ipc import FrontendChannel, NewRequest, ToEngine
+from expertmesh.server.ipc import FrontendChannel, NewRequest, ToEngine, options
 from expertmesh.server.metrics import ServerMetrics
 
 FRONTEND_ENV = "EXPERTMESH_FRONTEND"
@@ -83,7 +83,7 @@ class EngineClient:
         self.queues[request.id] = queue
         self.pending.new.append(NewRequest(request.id, list(request.prompt), request.max_tokens,
                                            list(request.stop), request.temperature, request.top_p,
-                                           request.seed))
+                                           request.seed, options(request)))
         self._schedule()
 
     def abort(self, request_id: str) -> None:

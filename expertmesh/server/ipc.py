@@ -15,13 +15,18 @@ sends without blocking, a front end sends and receives on its asyncio loop.
 
 from __future__ import annotations
 
+from dataclasses import fields
+
 import msgspec
 import zmq
 import zmq.asyncio
 
+from expertmesh.engine.request import Request
+
 
 class NewRequest(msgspec.Struct, frozen=True):
-    """A request checked by the front end (`engine/request.py`'s fields): token ids in."""
+    """A request checked by the front end (`engine/request.py`'s fields): token ids in; the
+    sampling options (`options`: `Request`'s fields from presence_penalty on) only where given."""
 
     id: str
     prompt: list[int]
@@ -30,6 +35,7 @@ class NewRequest(msgspec.Struct, frozen=True):
     temperature: float
     top_p: float
     seed: int
+    options: dict[str, float | int | bool | list[list[float]] | None] = {}
 
 
 class ToEngine(msgspec.Struct):
@@ -40,12 +46,14 @@ class ToEngine(msgspec.Struct):
 
 class Token(msgspec.Struct, array_like=True, frozen=True):
     """One generated token of a request; `finished` is "stop", "length" or None; `cached`, on
-    its first token, the prompt tokens found in the prefix cache."""
+    its first token, the prompt tokens found in the prefix cache; `logprobs`:
+    `engine/request.py: TokenOutput.logprobs` when the request asked (8 + 16 k bytes)."""
 
     request_id: str
     token: int
     finished: str | None = None
     cached: int | None = None
+    logprobs: tuple[float, list[tuple[int, float]]] | None = None
 
 
 class CounterTotals(msgspec.Struct, frozen=True):
@@ -87,6 +95,16 @@ class FromEngine(msgspec.Struct):
     ranks: list[RankState] | None = None
     lost: int = 0
     recovery_s: float = 0.0
+
+
+OPTIONS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
+           "ignore_eos", "logprobs")
+
+
+def options(request: Request) -> dict:
+    """`NewRequest.options` of `request`: its sampling options away from their defaults."""
+    defaults = {f.name: f.default for f in fields(Request)}
+    return {name: getattr(request, name) for name in OPTIONS if getattr(request, name) != defaults[name]}
 
 
 def identity(index: int) -> bytes:

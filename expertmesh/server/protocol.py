@@ -3,9 +3,10 @@
 Types are strict (`max_tokens: "4"`, `4.0` or `true` is a 400, and so is a prompt of booleans).
 OpenAI parameters the server does not implement (`UNSUPPORTED`) are a 400 unless they hold
 their neutral value; other unknown fields are ignored, as the OpenAI API does for fields a model
-does not use. Extensions (vLLM's names): `stop_token_ids` (generation also stops at these ids)
-and, in every choice, `token_ids` (the generated ids, so that models without a tokenizer are
-usable).
+does not use. Extensions (vLLM's names): `stop_token_ids` (generation also stops at these ids),
+`repetition_penalty`, `min_tokens`, `ignore_eos`, and, in every choice, `token_ids` (the
+generated ids, so that models without a tokenizer are usable). The sampling options' meaning is
+`engine/request.py`'s; `n` choices and logprobs in the bodies are `server/choices.py`'s.
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ from typing import Literal
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from expertmesh.engine.request import MAX_BIAS, MAX_LOGIT_BIAS, MAX_LOGPROBS, MAX_PENALTY
+
 MAX_TEMPERATURE = 2.0  # the OpenAI API's range
 INT64 = 2**63  # a seed is a signed 64-bit integer
+MAX_N = 128  # choices per request (vLLM's bound)
 # Parameters not implemented, and the values that ask for nothing (those are accepted).
 UNSUPPORTED = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False),
-    "presence_penalty": (None, 0), "frequency_penalty": (None, 0), "repetition_penalty": (None, 1),
-    "logit_bias": (None, {}), "response_format": (None, {"type": "text"}), "tools": (None, []),
+    "echo": (None, False), "response_format": (None, {"type": "text"}), "tools": (None, []),
     "tool_choice": (None, "none"), "functions": (None, []), "best_of": (None, 1), "suffix": (None, ""),
-    "min_tokens": (None, 0), "ignore_eos": (None, False),
 }
 
 
@@ -47,14 +48,40 @@ class _Generation(BaseModel):
     stop_token_ids: list[int] = []
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: int = 1
+    n: int = Field(1, ge=1, le=MAX_N)
+    presence_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: float | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    repetition_penalty: float | None = Field(None, gt=0, lt=float("inf"))
+    logit_bias: dict[str, float] | None = None
+    min_tokens: int = Field(0, ge=0)
+    ignore_eos: bool = False
 
-    @field_validator("n")
+    @field_validator("logit_bias")
     @classmethod
-    def _one_choice(cls, n: int) -> int:
-        if n != 1:
-            raise ValueError("only n=1 is supported; send n requests instead")
-        return n
+    def _bias(cls, bias: dict[str, float] | None) -> dict[str, float] | None:
+        if bias is None:
+            return None
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise ValueError(f"{len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+        for key, value in bias.items():
+            if not key.isdigit():
+                raise ValueError(f"key {key[:20]!r} is not a token id")
+            if not -MAX_BIAS <= value <= MAX_BIAS:
+                raise ValueError(f"bias {value} of token {key} is outside [-100, 100]")
+        return bias
+
+    def options(self) -> dict:
+        """The sampling options as `engine/request.py: Request`'s fields."""
+        return {"presence_penalty": self.presence_penalty or 0.0,
+                "frequency_penalty": self.frequency_penalty or 0.0,
+                "repetition_penalty": self.repetition_penalty if self.repetition_penalty is not None else 1.0,
+                "logit_bias": tuple((int(k), v) for k, v in (self.logit_bias or {}).items()),
+                "min_tokens": self.min_tokens, "ignore_eos": self.ignore_eos, "logprobs": self.top_k_logprobs}
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        """How many most likely tokens come back with each token (None: no logprobs)."""
+        return None
 
     @property
     def stop_strings(self) -> list[str]:
@@ -83,6 +110,11 @@ class CompletionRequest(_Generation):
     """`prompt`: text, token ids, or a list holding one of those."""
 
     prompt: str | list[int] | list[str] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        return self.logprobs
 
     @field_validator("prompt")
     @classmethod
@@ -127,6 +159,14 @@ class ChatRequest(_Generation):
 
     messages: list[Message] = Field(min_length=1)
     max_completion_tokens: int | None = Field(None, ge=1)
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+    @property
+    def top_k_logprobs(self) -> int | None:
+        if self.top_logprobs and not self.logprobs:
+            raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def limit(self) -> int | None:
@@ -171,30 +211,33 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) ->
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def completion_body(rid: str, model: str, text: str, ids: list[int], reason: str | None,
-                    usage_: dict | None, chunk: bool) -> dict:
+def completion_choice(index: int, text: str, ids: list[int], reason: str | None, logprobs: dict | None) -> dict:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": reason, "token_ids": ids}
+
+
+def chat_choice(index: int, text: str | None, ids: list[int], reason: str | None, logprobs: dict | None,
+                chunk: bool, first: bool = False) -> dict:
+    """A choice of a `chat.completion`, or of a chunk (its delta carries `text`; the role on the first)."""
+    if not chunk:
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": reason, "token_ids": ids}
+    delta = {"role": "assistant", "content": text or ""} if first else {"content": text or ""}
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": reason, "token_ids": ids}
+
+
+def completion_body(rid: str, model: str, choices: list[dict], usage_: dict | None, chunk: bool) -> dict:
     """A `text_completion` (or one streamed chunk of it: `usage_` only on the last)."""
     body = {"id": rid, "object": "text_completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": reason,
-                         "token_ids": ids}]}
+            "choices": choices}
     if usage_ is not None or not chunk:
         body["usage"] = usage_
     return body
 
 
-def chat_body(rid: str, model: str, text: str | None, ids: list[int], reason: str | None,
-              usage_: dict | None, chunk: bool, first: bool = False) -> dict:
-    """A `chat.completion`, or a `chat.completion.chunk` whose delta carries `text`."""
-    if chunk:
-        delta = {"role": "assistant", "content": text or ""} if first else {"content": text or ""}
-        choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason, "token_ids": ids}
-        body = {"id": rid, "object": "chat.completion.chunk", "created": int(time.time()),
-                "model": model, "choices": [choice]}
-        if usage_ is not None:
-            body["usage"] = usage_
-        return body
-    message = {"role": "assistant", "content": text}
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
-            "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": reason,
-                         "token_ids": ids}],
-            "usage": usage_}
+def chat_body(rid: str, model: str, choices: list[dict], usage_: dict | None, chunk: bool) -> dict:
+    """A `chat.completion`, or a `chat.completion.chunk`."""
+    body = {"id": rid, "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": int(time.time()), "model": model, "choices": choices}
+    if usage_ is not None or not chunk:
+        body["usage"] = usage_
+    return body
