@@ -1,4 +1,4 @@
-"""`TextStream` (server/app.py): generated ids -> streamed text deltas, cut at the first stop string.
+"""`TextStream` (server/generation.py): generated ids -> streamed text deltas, cut at the first stop string.
 
 Specified against plain string operations on the whole text, with a byte-level tokenizer (one
 token per UTF-8 byte) so that multi-byte characters arrive split over several tokens:
@@ -16,7 +16,7 @@ hypothesis = pytest.importorskip("hypothesis", reason="property tests need hypot
 from hypothesis import given, settings, strategies as st  # noqa: E402
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 
-from expertmesh.server.app import TextStream  # noqa: E402
+from expertmesh.server.generation import TextStream  # noqa: E402
 
 
 def byte_tokenizer() -> Tokenizer:

@@ -45,7 +45,7 @@ def requests(rid: str, ids: list[int], max_tokens: int, n: int, seed: int | None
 
 
 class Choices:
-    """The choices of request `id` in flight: `gens` are `server/app.py: Generation`s (one per
+    """The choices of request `id` in flight: `gens` are `server/generation.py: Generation`s (one per
     choice, in index order); `tokenizer` names tokens in logprobs; `chat`: which body format."""
 
     def __init__(self, id: str, gens: list, tokenizer, chat: bool):

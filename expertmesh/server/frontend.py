@@ -28,8 +28,9 @@ from dataclasses import dataclass
 import uvicorn
 
 from expertmesh.engine.scheduler import EngineConfig, Scheduler
-from expertmesh.server.app import SHUTDOWN_MARGIN_S, Api, EngineStopped, Limits, create_app
+from expertmesh.server.app import SHUTDOWN_MARGIN_S, Api, Limits, create_app
 from expertmesh.server.connections import ConnectionLimits, quiet_accept_errors, uvicorn_options
+from expertmesh.server.generation import EngineStopped
 from expertmesh.server.ipc import FrontendChannel, NewRequest, ToEngine, options
 from expertmesh.server.metrics import ServerMetrics
 
