@@ -49,7 +49,7 @@ from expertmesh.deployment import Deployment  # noqa: E402
 from expertmesh.engine.request import Request  # noqa: E402
 from expertmesh.engine.scheduler import EngineConfig  # noqa: E402
 from expertmesh.engine.spec import RunSpec  # noqa: E402
-from expertmesh.engine.worker import serve_rank  # noqa: E402
+from expertmesh.engine.worker import replay_rank  # noqa: E402
 from expertmesh.launch import free_port  # noqa: E402
 from expertmesh.server.bench import BenchConfig, run_bench, workload  # noqa: E402
 
@@ -157,7 +157,7 @@ def step_time(size: Size, workdir: Path, rounds: int = 2) -> dict:
     torch.set_num_threads(1)
 
     def alone() -> float:
-        t = serve_rank(spec, EngineConfig(**ENGINE), arrivals)
+        t = replay_rank(spec, EngineConfig(**ENGINE), arrivals)
         return statistics.median(b - a for times in t.token_times.values() for a, b in zip(times, times[1:]))
 
     port = free_port()

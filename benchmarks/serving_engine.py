@@ -57,7 +57,7 @@ from expertmesh.engine.scheduler import EngineConfig, Sequence  # noqa: E402
 from expertmesh.engine.serve import serve  # noqa: E402
 from expertmesh.engine.shard import load_rank  # noqa: E402
 from expertmesh.engine.spec import RunSpec  # noqa: E402
-from expertmesh.engine.worker import serve_rank, static_engine, static_requests  # noqa: E402
+from expertmesh.engine.worker import replay_rank, static_engine, static_requests  # noqa: E402
 from expertmesh.launch import launch  # noqa: E402
 from expertmesh.model.attention import Attention, Contiguous, KVCache  # noqa: E402
 from expertmesh.model.attn_backends.torch_paged import TorchBackend  # noqa: E402
@@ -200,7 +200,7 @@ def poisson_section(quick: bool) -> dict:
     for name in ("single", "ep2", "tp2", "pp2"):
         dep = Deployment.parse(name)
         spec = RunSpec(cfg, dep, Workload(), seed=0)
-        fn = functools.partial(serve_rank, spec, engine, arrivals, (), clock="time")
+        fn = functools.partial(replay_rank, spec, engine, arrivals, (), clock="time")
         if dep.world_size == 1:
             # one thread, like each rank of the others: two threads on two busy cores measured 6x
             # slower (their barriers wait on cores other processes hold)
@@ -256,7 +256,7 @@ def soak_section(quick: bool) -> dict:
 
 def serve_once(spec: RunSpec, engine: EngineConfig, arrivals: list, clock: str):
     """`arrivals` served on `spec`'s deployment (local ranks, one thread each) -> the transcript."""
-    fn = functools.partial(serve_rank, spec, engine, arrivals, (), clock=clock)
+    fn = functools.partial(replay_rank, spec, engine, arrivals, (), clock=clock)
     if spec.deployment.world_size == 1:
         torch.set_num_threads(1)
         return fn(torch.device("cpu"))

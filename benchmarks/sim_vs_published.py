@@ -26,7 +26,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.sim import cost
 from expertmesh.sim.hardware import get_profile
 from expertmesh.sim.scenario import Scenario
-from expertmesh.sim.serving import iteration_seconds, offline, serve
+from expertmesh.sim.serving import iteration_seconds, offline, simulate_serving
 from expertmesh.topology import Topology
 
 KB, MB, GB = 1024, 1024 ** 2, 1024 ** 3
@@ -189,7 +189,7 @@ def rows() -> list[dict]:
                 offline(sc, p, g).output_tps, "tok/s", "held-out")
     sc = Scenario(LLAMA, Deployment(), Workload(batch_size=1, prompt_len=467, gen_len=256), H100,
                   cuda_graphs=True)
-    served = serve(sc, 2.0, 467, 256, requests=300)
+    served = simulate_serving(sc, 2.0, 467, 256, requests=300)
     add("end-to-end", "Llama-3.1-8B 2 req/s ITL p50", 8.0, served.percentile("tpot_s", 50) * 1e3, "ms", "held-out")
     add("end-to-end", "Llama-3.1-8B 2 req/s TTFT p50", 23.0, served.percentile("ttft_s", 50) * 1e3, "ms", "held-out")
     for p, published in SGLANG_PREFILL.items():

@@ -20,7 +20,7 @@ from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.serve import serve
 from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
-from expertmesh.engine.worker import serve_rank
+from expertmesh.engine.worker import replay_rank
 from expertmesh.launch import launch
 from expertmesh.model.transformer import reference_model
 from expertmesh.parallel.expert import dispatchers
@@ -52,7 +52,7 @@ def serve_on(deployment: str, work: Mixed, engine: EngineConfig, n_micro: int | 
     dep = Deployment.parse(deployment)
     spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED, n_micro=n_micro, overlap=overlap, **exchange)
     spec.validate(dep.world_size)
-    fn = functools.partial(serve_rank, spec, engine, work.arrivals, work.aborts, eos=(work.eos,))
+    fn = functools.partial(replay_rank, spec, engine, work.arrivals, work.aborts, eos=(work.eos,))
     if dep.world_size == 1:
         return fn(torch.device("cpu"))
     return launch(fn, dep.world_size, timeout=300)

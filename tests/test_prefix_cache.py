@@ -15,7 +15,7 @@ from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.serve import serve
 from expertmesh.engine.spec import RunSpec
-from expertmesh.engine.worker import serve_rank
+from expertmesh.engine.worker import replay_rank
 from expertmesh.launch import launch
 from expertmesh.model.transformer import reference_model
 from serving import naive_tokens
@@ -44,7 +44,7 @@ def serve_with(deployment: str, engine: EngineConfig, arrivals, aborts):
     dep = Deployment.parse(deployment)
     spec = RunSpec(preset("tiny"), dep, Workload(), seed=SEED)
     spec.validate(dep.world_size)
-    fn = functools.partial(serve_rank, spec, engine, arrivals, aborts, eos=())
+    fn = functools.partial(replay_rank, spec, engine, arrivals, aborts, eos=())
     if dep.world_size == 1:
         return fn(torch.device("cpu"))
     return launch(fn, dep.world_size, timeout=300)

@@ -12,7 +12,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.sim.hardware import get_profile
 from expertmesh.sim.models import load_model
 from expertmesh.sim.scenario import Scenario
-from expertmesh.sim.serving import iteration_seconds, kv_capacity_tokens, offline, serve
+from expertmesh.sim.serving import iteration_seconds, kv_capacity_tokens, offline, simulate_serving
 from expertmesh.sim.simulator import simulate
 
 H100 = get_profile("h100")
@@ -95,16 +95,16 @@ def test_offline_concurrency_is_capped_by_the_tightest_limit():
 
 def test_serving_latency_grows_with_load_and_goodput_never_exceeds_the_rate():
     sc = _single(preset("paper"), 1, 1000)
-    light, heavy = serve(sc, 0.5, 500, 50, requests=60), serve(sc, 50.0, 500, 50, requests=60)
+    light, heavy = simulate_serving(sc, 0.5, 500, 50, requests=60), simulate_serving(sc, 50.0, 500, 50, requests=60)
     assert heavy.percentile("ttft_s", 90) > light.percentile("ttft_s", 90)
     assert light.goodput(None, None) <= 0.5 * 2  # within the arrivals' own randomness
     assert light.goodput(1e-9, None) == 0.0
     # the same seed draws the same requests at any rate: every one delivers all its tokens
     assert heavy.output_tokens == light.output_tokens > 60
     with pytest.raises(ValueError, match="rate"):
-        serve(sc, 0.0, 10, 10)
+        simulate_serving(sc, 0.0, 10, 10)
     with pytest.raises(ValueError, match="cannot hold the KV cache of one"):  # never admitted: no hang
-        serve(dataclasses.replace(sc, hardware=H100.with_(hbm_bytes=72e9)), 1.0, 8000, 100, requests=3)
+        simulate_serving(dataclasses.replace(sc, hardware=H100.with_(hbm_bytes=72e9)), 1.0, 8000, 100, requests=3)
 
 
 def test_a_prefix_hit_rate_prefills_only_the_uncached_part_of_each_prompt():
@@ -112,11 +112,11 @@ def test_a_prefix_hit_rate_prefills_only_the_uncached_part_of_each_prompt():
     the saved prefill also shortens the queue. The same requests are drawn either way."""
     sc = _single(preset("paper"), 1, 1000)
     for rate in (0.5, 50.0):
-        none, most = serve(sc, rate, 2000, 20, requests=40), serve(sc, rate, 2000, 20, requests=40, prefix_hit_rate=0.9)
+        none, most = simulate_serving(sc, rate, 2000, 20, requests=40), simulate_serving(sc, rate, 2000, 20, requests=40, prefix_hit_rate=0.9)
         assert most.percentile("ttft_s", 50) < none.percentile("ttft_s", 50) / 2
         assert most.output_tokens == none.output_tokens
     with pytest.raises(ValueError, match="--prefix-hit-rate"):
-        serve(sc, 1.0, 10, 10, prefix_hit_rate=1.0)
+        simulate_serving(sc, 1.0, 10, 10, prefix_hit_rate=1.0)
 
 
 def test_a_replica_that_holds_no_sequence_is_refused():
@@ -137,7 +137,7 @@ def test_plan_under_a_rate_ranks_by_goodput_and_says_why_the_top_choice_wins(tmp
 
 def test_goodput_counts_only_requests_within_both_slos():
     sc = _single(preset("paper"), 1, 1000)
-    s = serve(sc, 2.0, 200, 20, requests=40)
+    s = simulate_serving(sc, 2.0, 200, 20, requests=40)
     assert s.goodput(None, None) == pytest.approx(40 / s.arrival_span_s)
     tight = sorted(s.tpot_s)[len(s.tpot_s) // 2]  # half the requests at most
     assert s.goodput(None, tight) < s.goodput(None, None)

@@ -14,7 +14,7 @@ from expertmesh.deployment import Deployment
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.spec import RunSpec
-from expertmesh.engine.worker import serve_rank
+from expertmesh.engine.worker import replay_rank
 from expertmesh.launch import launch
 
 ENGINE = EngineConfig(num_blocks=24, block_size=8, max_batched_tokens=48, max_seqs=4)
@@ -33,7 +33,7 @@ def main(deployment: str, out: str) -> None:
     dep = Deployment.parse(deployment)
     spec = RunSpec(cfg, dep, Workload(), seed=0)
     spec.validate(dep.world_size)
-    fn = functools.partial(serve_rank, spec, ENGINE, arrivals(cfg.vocab_size), [(2, ABORTED)])
+    fn = functools.partial(replay_rank, spec, ENGINE, arrivals(cfg.vocab_size), [(2, ABORTED)])
     transcript = launch(fn, dep.world_size, timeout=120)
     if transcript is not None:
         with open(out, "w") as f:

@@ -35,7 +35,7 @@ from expertmesh.trace import start_tracing, take_spans
 WARMUP_PROMPT, WARMUP_GEN = 8, 2
 
 
-def serve_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list = (),
+def replay_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list = (),
                device: torch.device = torch.device("cpu"), eos: tuple[int, ...] | None = None,
                clock: str = "step", record_logits: bool = False) -> Transcript | None:
     """Serve `arrivals` / `aborts` (see `engine/serve.py`) with `spec`'s model and deployment, as

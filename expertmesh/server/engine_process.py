@@ -23,8 +23,7 @@ Ending:
   flight (`elastic/ledger.py`), logs the recovery and sends the front ends every rank's state.
 
 Every `STATS_EVERY` steps, every rank sends rank 0 its expert-parallel counters since the last
-time (`gather_object` over the engine's control group), which rank 0 sums (`CounterTotals`) for
-front end 0's `/metrics`.
+time, which rank 0 sums for front end 0's `/metrics` (`server/rank_counters.py`).
 """
 
 from __future__ import annotations
@@ -45,10 +44,7 @@ import torch.distributed as dist
 
 from expertmesh.elastic.ledger import Ledger
 from expertmesh.elastic.recovery import Elastic
-from expertmesh.engine import counters
-from expertmesh.engine.counters import RankCounters
 from expertmesh.engine.engine import Engine
-from expertmesh.engine.load import load_summary
 from expertmesh.engine.request import Request
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.shard import load_rank
@@ -59,9 +55,9 @@ from expertmesh.server.app import Limits
 from expertmesh.server.connections import ConnectionLimits
 from expertmesh.server.frontend import FRONTEND_ENV, FrontendOptions
 from expertmesh.launch import local_store_path
-from expertmesh.server.ipc import CounterTotals, EngineChannel, FromEngine, RankState, Token
+from expertmesh.server.ipc import EngineChannel, FromEngine, RankState, Token
+from expertmesh.server.rank_counters import STATS_EVERY, counter_totals, share_counters
 
-STATS_EVERY = 16  # steps between two collections of the ranks' counters
 IDLE_S = 0.5  # the longest rank 0 waits, idle, before an empty step
 WATCH_S = 1.0  # how often the watchdog looks at the step in progress
 FRONTEND_EXIT_S = 10.0  # what a front end gets to exit once the engine failed or stopped
@@ -129,12 +125,12 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
         elastic = Elastic(local_store_path(), device, options.timeout_s, spec.checkpoint, spec.seed,
                           spec.cfg.torch_dtype)
     if rank != 0:
-        follow(engine, model, elastic)
+        serve_follower(engine, model, elastic)
         return
     EngineServer(engine, model, spec, options, elastic).run()
 
 
-def follow(engine: Engine, model: MoETransformer, elastic: Elastic | None = None) -> None:
+def serve_follower(engine: Engine, model: MoETransformer, elastic: Elastic | None = None) -> None:
     """A rank other than 0: step with rank 0 until it says stop (surviving a lost peer when
     `elastic`)."""
     steps = 0
@@ -151,44 +147,6 @@ def follow(engine: Engine, model: MoETransformer, elastic: Elastic | None = None
                 raise
             elastic.recover(engine, model, exc)
             steps = 0
-
-
-def share_counters(engine: Engine, model: MoETransformer) -> list[RankCounters] | None:
-    """Collective: every rank's counters since the last call, which resets them; rank 0 gets the
-    list, the others None."""
-    mine = counters.take(model, engine.rank)
-    mine.eplb = engine.eplb.take() if engine.eplb else None
-    if not dist.is_initialized():
-        return [mine]
-    everyone = [None] * dist.get_world_size() if engine.rank == 0 else None
-    dist.gather_object(mine, everyone, dst=0, group=engine.group)
-    return everyone
-
-
-def counter_totals(ranks: list[RankCounters], n_experts: int, row_bytes: int, tp: int) -> CounterTotals:
-    """The ranks' counters summed: TP peers see the same tokens, so their overflow counts once."""
-    per_layer: dict[int, dict[int, list]] = {}
-    placements: dict[int, list] = {}
-    exchanged = cross = dropped = rerouted = 0
-    for i, r in enumerate(ranks):
-        for layer, stats in r.exchange.items():
-            per_layer.setdefault(layer, {})[len(per_layer.get(layer, {}))] = stats.loads
-            placements[layer] = r.placement[layer]
-            exchanged += stats.rows_sent * row_bytes
-            cross += stats.cross_node_bytes
-        if tp > 1 and i % tp:
-            continue
-        for c in r.overflow.values():
-            dropped, rerouted = dropped + c.dropped, rerouted + c.rerouted
-    imbalance, experts = None, {}
-    if per_layer:
-        summary = load_summary(per_layer, placements, n_experts)
-        imbalance, experts = summary["imbalance_mean"], summary["tokens_per_expert"]
-    taken = [r.eplb for r in ranks if r.eplb is not None]
-    return CounterTotals(exchanged, cross, dropped, rerouted, imbalance, experts,
-                         eplb_imbalance={layer: x for t in taken for layer, x in t["imbalance"].items()},
-                         eplb_rebalances=max((t["rebalances"] for t in taken), default=0),
-                         eplb_stalls=[s for t in taken for s in t["stalls"]])
 
 
 class FrontendDied(RuntimeError):

@@ -7,7 +7,7 @@ Request latencies are measured by the HTTP handlers as a client sees them, from 
 request is accepted: TTFT to its first token, TPOT the mean gap between its later tokens (the
 definitions of `engine/metrics.py`, per request), end-to-end to its last. Queue and KV gauges
 follow every engine step and the expert-parallel counters arrive every
-`engine_process.STATS_EVERY` steps; front end 0 alone records those (`engine_metrics`), so that
+`rank_counters.STATS_EVERY` steps; front end 0 alone records those (`engine_metrics`), so that
 they count once.
 """
 

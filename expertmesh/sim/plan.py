@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from expertmesh.config import ModelConfig
 from expertmesh.deployment import Deployment
 from expertmesh.sim.scenario import Scenario
-from expertmesh.sim.serving import Served, holds_request, serve
+from expertmesh.sim.serving import Served, holds_request, simulate_serving
 from expertmesh.sim.simulator import SimResult, simulate
 
 OBJECTIVES = ("decode", "overall", "prefill")
@@ -94,7 +94,7 @@ class Goodput:
 def serve_deployment(sc: Scenario, rate: float, requests: int = 100, prefix_hit_rate: float = 0.0) -> Served:
     """The scenario's deployment serving `rate` requests/s split evenly over its replicas, with
     prompt and output lengths around the workload's, `prefix_hit_rate` of each prompt cached."""
-    return serve(sc, rate / sc.replicas, sc.workload.prompt_len, sc.workload.gen_len, requests=requests,
+    return simulate_serving(sc, rate / sc.replicas, sc.workload.prompt_len, sc.workload.gen_len, requests=requests,
                  prefix_hit_rate=prefix_hit_rate)
 
 

@@ -11,8 +11,9 @@ micro-batches keep the stages busy, so an iteration takes micro-batches x the sl
 `offline`: every request waits from the start (trtllm-bench's throughput mode); in steady state
 N sequences decode and, per iteration, N x prompt / output prompt tokens are prefilled, N
 bounded by the batch cap, the token budget and the KV cache left after weights, activations and
-reserve. `serve`: requests arrive as a Poisson process with their own prompt and output lengths;
-a discrete-event loop admits them first come, first served while KV room and the budget allow.
+reserve. `simulate_serving`: requests arrive as a Poisson process with their own prompt and
+output lengths; a discrete-event loop admits them first come, first served while KV room and the
+budget allow.
 With a prefix cache (`prefix_hit_rate` h), each request finds the first h of its prompt cached and
 prefills only the rest (at least one token); the cached part still counts against the KV room in
 full (as if no two running requests shared it: conservative), and the new tokens' attention over
@@ -114,7 +115,7 @@ class Served:
         return ok / max(self.arrival_span_s, 1e-12)
 
 
-def serve(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests: int = 200,
+def simulate_serving(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests: int = 200,
           token_budget: int = 8192, max_batch: int = 2048, seed: int = 0,
           prefix_hit_rate: float = 0.0) -> Served:
     """Poisson arrivals at `rate` requests/s per replica; prompt and output lengths drawn
@@ -181,12 +182,12 @@ def serve(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests:
 
 
 def longest(prompt_len: int, output_len: int) -> int:
-    """Tokens of the longest request `serve` draws (both lengths at 3/2 of their mean)."""
+    """Tokens of the longest request `simulate_serving` draws (both lengths at 3/2 of their mean)."""
     return prompt_len * 3 // 2 + max(2, output_len * 3 // 2)
 
 
 def holds_request(sc: Scenario, prompt_len: int, output_len: int) -> bool:
-    """Whether one replica's KV cache holds the longest request `serve` may draw."""
+    """Whether one replica's KV cache holds the longest request `simulate_serving` may draw."""
     return kv_capacity_tokens(sc) >= longest(prompt_len, output_len)
 
 
