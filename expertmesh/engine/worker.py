@@ -36,8 +36,8 @@ WARMUP_PROMPT, WARMUP_GEN = 8, 2
 
 
 def replay_rank(spec: RunSpec, engine: EngineConfig, arrivals: list, aborts: list = (),
-               device: torch.device = torch.device("cpu"), eos: tuple[int, ...] | None = None,
-               clock: str = "step", record_logits: bool = False) -> Transcript | None:
+                device: torch.device = torch.device("cpu"), eos: tuple[int, ...] | None = None,
+                clock: str = "step", record_logits: bool = False) -> Transcript | None:
     """Serve `arrivals` / `aborts` (see `engine/serve.py`) with `spec`'s model and deployment, as
     this rank of the default process group; rank 0 returns the transcript. `eos`: the
     checkpoint's EOS ids when None."""
