@@ -17,6 +17,15 @@ MAX_LOGIT_BIAS = 300  # entries of logit_bias (vLLM's default bound)
 MAX_LOGPROBS = 20  # most likely tokens returned with each token (OpenAI's bound)
 
 
+class RequestError(ValueError):
+    """A request the engine cannot take. `field`: the `Request` field at fault (an HTTP error's
+    `param`); `reason`: what is wrong and the fix; the message names the request too."""
+
+    def __init__(self, request_id, field: str, reason: str):
+        super().__init__(f"request {request_id!r}: {reason}")
+        self.field, self.reason = field, reason
+
+
 @dataclass(frozen=True)
 class Request:
     """`prompt`: token ids (1 .. max length); generation stops after `max_tokens` tokens, or at a
@@ -59,44 +68,46 @@ class Request:
         object.__setattr__(self, "prompt", tuple(int(t) for t in self.prompt))
         object.__setattr__(self, "stop", tuple(int(t) for t in self.stop))
         object.__setattr__(self, "generated", tuple(int(t) for t in self.generated))
-        name = f"request {self.id!r}"
         if not self.prompt:
-            raise ValueError(f"{name}: the prompt is empty; give at least one token id")
+            raise RequestError(self.id, "prompt", "the prompt is empty; give at least one token id")
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
-            raise ValueError(f"{name}: max_tokens={self.max_tokens!r} must be a positive integer")
+            raise RequestError(self.id, "max_tokens", f"max_tokens={self.max_tokens!r} must be a positive integer")
         if not 0 <= self.temperature < float("inf"):
-            raise ValueError(f"{name}: temperature={self.temperature} must be finite and >= 0 (0 is greedy)")
+            raise RequestError(self.id, "temperature",
+                               f"temperature={self.temperature} must be finite and >= 0 (0 is greedy)")
         if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise ValueError(f"{name}: top_k={self.top_k!r} must be an integer >= 0 (0 keeps every token)")
+            raise RequestError(self.id, "top_k", f"top_k={self.top_k!r} must be an integer >= 0 (0 keeps every token)")
         if not 0 < self.top_p <= 1:
-            raise ValueError(f"{name}: top_p={self.top_p} must be in (0, 1]")
+            raise RequestError(self.id, "top_p", f"top_p={self.top_p} must be in (0, 1]")
         object.__setattr__(self, "logit_bias", tuple((int(t), float(b)) for t, b in self.logit_bias))
         for field_ in ("presence_penalty", "frequency_penalty"):
             if not -MAX_PENALTY <= getattr(self, field_) <= MAX_PENALTY:
-                raise ValueError(f"{name}: {field_}={getattr(self, field_)} must be in [-2, 2]")
+                raise RequestError(self.id, field_, f"{field_}={getattr(self, field_)} must be in [-2, 2]")
         if not 0 < self.repetition_penalty < float("inf"):
-            raise ValueError(f"{name}: repetition_penalty={self.repetition_penalty} must be finite and > 0 "
-                             f"(1 is none)")
+            raise RequestError(self.id, "repetition_penalty", f"repetition_penalty={self.repetition_penalty} "
+                               f"must be finite and > 0 (1 is none)")
         if len(self.logit_bias) > MAX_LOGIT_BIAS:
-            raise ValueError(f"{name}: logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
+            raise RequestError(self.id, "logit_bias",
+                               f"logit_bias has {len(self.logit_bias)} entries; at most {MAX_LOGIT_BIAS}")
         if any(not -MAX_BIAS <= b <= MAX_BIAS for _, b in self.logit_bias):
-            raise ValueError(f"{name}: a logit_bias value must be in [-100, 100]")
+            raise RequestError(self.id, "logit_bias", "a logit_bias value must be in [-100, 100]")
         if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
-            raise ValueError(f"{name}: min_tokens={self.min_tokens!r} must be an integer in [0, max_tokens "
-                             f"{self.max_tokens}]")
+            raise RequestError(self.id, "min_tokens", f"min_tokens={self.min_tokens!r} must be an integer in "
+                               f"[0, max_tokens {self.max_tokens}]")
         if self.logprobs is not None and not (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise ValueError(f"{name}: logprobs={self.logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]")
+            raise RequestError(self.id, "logprobs", f"logprobs={self.logprobs!r} must be an integer in [0, {MAX_LOGPROBS}]")
 
     def check_for(self, vocab_size: int, max_len: int) -> None:
-        name = f"request {self.id!r}"
-        for where, ids in (("", self.prompt + self.stop), ("logit_bias ", tuple(t for t, _ in self.logit_bias))):
+        for field_, where, ids in (("prompt", "", self.prompt), ("stop", "", self.stop),
+                                   ("logit_bias", "logit_bias ", tuple(t for t, _ in self.logit_bias))):
             bad = [t for t in ids if not 0 <= t < vocab_size]
             if bad:
-                raise ValueError(f"{name}: {where}token id {bad[0]} is outside the vocabulary [0, {vocab_size}); "
-                                 f"use ids below {vocab_size}")
+                raise RequestError(self.id, field_, f"{where}token id {bad[0]} is outside the vocabulary "
+                                                    f"[0, {vocab_size}); use ids below {vocab_size}")
         if len(self.prompt) + self.max_tokens > max_len:
-            raise ValueError(f"{name}: prompt length {len(self.prompt)} + max_tokens {self.max_tokens} "
-                             f"exceeds the maximum length {max_len}; shorten the prompt or lower max_tokens")
+            raise RequestError(self.id, "prompt", f"prompt length {len(self.prompt)} + max_tokens {self.max_tokens} "
+                                                  f"exceeds the maximum length {max_len}; shorten the prompt or "
+                                                  f"lower max_tokens")
 
 
 @dataclass(frozen=True)

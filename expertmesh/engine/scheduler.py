@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from expertmesh.engine.block_pool import BlockPool, chain_hashes
-from expertmesh.engine.request import Request, TokenOutput
+from expertmesh.engine.request import Request, RequestError, TokenOutput
 
 
 @dataclass(frozen=True)
@@ -104,12 +104,12 @@ class Scheduler:
         """Requests this scheduler could never finish, whatever else runs."""
         longest = len(request.prompt) + request.max_tokens - 1  # tokens whose KV is ever cached
         if self.blocks_for(longest) > self.num_blocks:
-            raise ValueError(f"request {request.id!r} needs {self.blocks_for(longest)} KV blocks but the "
-                             f"pool has {self.num_blocks}; raise --kv-cache-gb or shorten the request")
+            raise RequestError(request.id, "prompt", f"it needs {self.blocks_for(longest)} KV blocks but the "
+                               f"pool has {self.num_blocks}; raise --kv-cache-gb or shorten the request")
         if not self.cfg.chunked_prefill and longest > self.cfg.max_batched_tokens:
-            raise ValueError(f"request {request.id!r}: {longest} tokens may need one prefill, over "
-                             f"--max-batched-tokens {self.cfg.max_batched_tokens}; raise it or enable "
-                             f"chunked prefill")
+            raise RequestError(request.id, "prompt", f"{longest} tokens may need one prefill, over "
+                               f"--max-batched-tokens {self.cfg.max_batched_tokens}; raise it or enable "
+                               f"chunked prefill")
 
     def add(self, request: Request) -> None:
         self.waiting.append(Sequence(request, self.arrivals, list(request.prompt + request.generated)))

@@ -29,6 +29,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from expertmesh.engine.request import RequestError
 from expertmesh.engine.scheduler import Scheduler
 from expertmesh.server.choices import Choices, requests
 from expertmesh.server.generation import Generation
@@ -39,6 +40,7 @@ from expertmesh.server.protocol import (ApiError, ChatRequest, CompletionRequest
 
 CLIENT_GONE = 499  # nginx's status for a client that closed the connection first; nobody reads it
 SHUTDOWN_MARGIN_S = 5.0  # after `--grace`, what ended requests get to send their error
+HTTP_NAMES = {"stop": "stop_token_ids"}  # engine Request fields named otherwise in the OpenAI body
 CHARS_PER_TOKEN = 16  # the most characters of text counted per token of the context (`_fits`)
 
 
@@ -285,11 +287,8 @@ def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Cho
                            temperature=body.temperature, top_p=body.top_p, **body.options())
         choices[0].check_for(api.vocab_size, api.max_len)
         api.scheduler.check(choices[0])
-    except ValueError as exc:
-        message = str(exc).split(": ", 1)[-1]  # the engine names the request by its id
-        field = next((f for f in ("max_tokens", "min_tokens", "logit_bias") if f + "=" in message
-                      or message.startswith(f)), "prompt")
-        raise ApiError(400, message, param=field) from None
+    except RequestError as exc:  # the engine names the field at fault; the HTTP body may call it otherwise
+        raise ApiError(400, exc.reason, param=HTTP_NAMES.get(exc.field, exc.field)) from None
     if api.engine.failure is not None or (api.server is not None and api.server.should_exit):
         raise ApiError(503, f"the server is not taking requests: {api.healthy()}", kind="server_error")
     if api.waiting >= api.max_waiting:
