@@ -51,8 +51,9 @@ COVERING = {
     "model/paged.py": ["tests/test_paged.py"],
     "model/attn_backends/torch_paged.py": ["tests/test_paged.py", "tests/test_graphs.py"],
     # the unit tests against the naive reference (the deployment runs take minutes per mutant)
-    "model/capacity.py": ["tests/test_load_balance.py", "-k", "accounts or never_exceeds"],
-    "server/protocol.py": ["tests/test_server.py"],
+    "model/capacity.py": ["tests/test_capacity_counts.py", "tests/test_load_balance.py",
+                          "-k", "capacity_counts or accounts or never_exceeds"],
+    "server/protocol.py": ["tests/test_protocol.py", "tests/test_server.py"],
 }
 FLIPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
          ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
