@@ -57,6 +57,10 @@ def test_an_empty_prompt_or_several_prompts_are_a_400_on_prompt(prompt):
 
 def test_a_chat_without_messages_is_a_400_on_messages():
     assert rejected(chat, messages=[]) == "messages"
+
+
+def test_max_completion_tokens_starts_at_one():
+    assert chat(max_completion_tokens=1).limit == 1
     assert rejected(chat, max_completion_tokens=0) == "max_completion_tokens"
 
 
@@ -122,6 +126,7 @@ def test_a_400_names_the_first_complaint_and_its_top_level_field():
 
 def test_an_error_is_openais_error_body_with_its_status():
     error = ApiError(429, "busy", kind="rate_limit_error", code="full")
+    assert str(error) == "busy"  # what a log line of the exception shows
     assert error.body() == {"error": {"message": "busy", "type": "rate_limit_error", "param": None, "code": "full"}}
     response = error.response()
     assert response.status_code == 429 and response.body == b'{"error":{"message":"busy","type":' \
@@ -149,8 +154,10 @@ def test_chat_chunks_give_the_role_first_then_content_deltas():
     assert first["object"] == "chat.completion.chunk" and "usage" not in first
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     later = chat_body("id", "m", "b", [2], "stop", usage(1, 1), chunk=True)
-    assert later["choices"][0]["delta"] == {"content": "b"} and later["usage"] == usage(1, 1)
-    assert later["choices"][0]["finish_reason"] == "stop" and later["choices"][0]["token_ids"] == [2]
+    assert later["choices"] == [{"index": 0, "delta": {"content": "b"}, "logprobs": None, "finish_reason": "stop",
+                                 "token_ids": [2]}]
+    assert later["usage"] == usage(1, 1)
     whole = chat_body("id", "m", "ab", [1, 2], "length", usage(1, 2), chunk=False)
     assert whole["object"] == "chat.completion" and whole["usage"] == usage(1, 2)
-    assert whole["choices"][0]["message"] == {"role": "assistant", "content": "ab"}
+    assert whole["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "ab"}, "logprobs": None,
+                                 "finish_reason": "length", "token_ids": [1, 2]}]

@@ -16,7 +16,7 @@ PYTHONPATH (forked and spawned ranks import it too). A mutant that runs past the
 timeout (default: 3x the unmutated run plus 20 s) is killed and counted apart, as timed out (a
 hang is a failure, but a slow machine can cause one too). `--max N` tries a sample of N, the same
 N for the same `--seed`. The summary is a table per module (tried, killed, survived, timed out)
-and the survivors as file:line, the mutation and the line's source. Exit status: 1 with
+and the survivors as file:line:column, the mutation and the line's source. Exit status: 1 with
 survivors, 0 without. Not in CI: a module takes minutes on 2 cores. Run it before closing an issue
 that touches one of these modules, and list its survivors in the closing note.
 """
@@ -47,7 +47,7 @@ COVERING = {
     # and the pretend device of test_host_syncs: the only place where a host table left behind shows
     "parallel/low_latency.py": ["tests/test_dispatch.py", "tests/test_host_syncs.py", "-k", "latency"],
     "engine/scheduler.py": ["tests/test_scheduler.py"],
-    "engine/sampling.py": ["tests/test_sampling.py"],
+    "engine/sampling.py": ["tests/test_sampling_edges.py", "tests/test_sampling.py"],
     "model/paged.py": ["tests/test_paged.py"],
     "model/attn_backends/torch_paged.py": ["tests/test_paged.py", "tests/test_graphs.py"],
     # the unit tests against the naive reference (the deployment runs take minutes per mutant)
@@ -63,10 +63,12 @@ SYMBOL = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", 
 
 @dataclass(frozen=True)
 class Mutant:
-    """The `index`-th node of `ast.walk` over the module, changed as `what` says, at `line`."""
+    """The `index`-th node of `ast.walk` over the module, changed as `what` says, at `line`:`col`
+    (col counted from 1, as editors do)."""
 
     index: int
     line: int
+    col: int
     what: str
     change: str  # "flip:<op position>", "boolop", "plus", "minus", "drop"
 
@@ -83,18 +85,20 @@ def mutants(source: str) -> list[Mutant]:
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     out = []
     for index, node in enumerate(ast.walk(tree)):
-        line = getattr(node, "lineno", 0)
+        line, col = getattr(node, "lineno", 0), getattr(node, "col_offset", -1) + 1
         if isinstance(node, ast.Compare):
             for j, op in enumerate(node.ops):
                 if type(op) in FLIPS:
-                    out.append(Mutant(index, line, f"{SYMBOL[type(op)]} -> {SYMBOL[FLIPS[type(op)]]}", f"flip:{j}"))
+                    which = f" (comparison {j + 1} of {len(node.ops)})" if len(node.ops) > 1 else ""
+                    out.append(Mutant(index, line, col, f"{SYMBOL[type(op)]} -> {SYMBOL[FLIPS[type(op)]]}{which}",
+                                      f"flip:{j}"))
         elif isinstance(node, ast.BoolOp):
-            out.append(Mutant(index, line, "and -> or" if isinstance(node.op, ast.And) else "or -> and", "boolop"))
+            out.append(Mutant(index, line, col, "and -> or" if isinstance(node.op, ast.And) else "or -> and", "boolop"))
         elif isinstance(node, ast.Constant) and type(node.value) is int and not _setting(node, parents):
-            out.append(Mutant(index, line, f"{node.value} -> {node.value + 1}", "plus"))
-            out.append(Mutant(index, line, f"{node.value} -> {node.value - 1}", "minus"))
+            out.append(Mutant(index, line, col, f"{node.value} -> {node.value + 1}", "plus"))
+            out.append(Mutant(index, line, col, f"{node.value} -> {node.value - 1}", "minus"))
         elif _droppable(node) and not _docstring(node, parents):
-            out.append(Mutant(index, line, f"drop `{ast.unparse(node).splitlines()[0][:60]}`", "drop"))
+            out.append(Mutant(index, line, col, f"drop `{ast.unparse(node).splitlines()[0][:60]}`", "drop"))
     return out
 
 
@@ -217,7 +221,7 @@ def mutate_module(module: str, tests: list[str], found: list[Mutant],
             result = run_tests(copy_root, tests, limit)
             results.append((mutant, result))
             mark = "SURVIVED" if result == "passed" else result
-            print(f"  {module}:{mutant.line}: {mutant.what}: {mark}", flush=True)
+            print(f"  {module}:{mutant.line}:{mutant.col}: {mutant.what}: {mark}", flush=True)
     return results
 
 
@@ -259,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         for module in modules:
             for m in found[module]:
-                print(f"{PACKAGE}/{module}:{m.line}: {m.what}")
+                print(f"{PACKAGE}/{module}:{m.line}:{m.col}: {m.what}")
         return 0
     results = {m: mutate_module(m, args.tests or COVERING[m], found[m], args.timeout) for m in modules}
     print(f"\n{'module':<40} {'tried':>6} {'killed':>7} {'survived':>9} {'timed out':>10}")
@@ -271,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n{len(survivors)} survivors" + (":" if survivors else ""))
     for module, m in survivors:
         text = sources[module].splitlines()[m.line - 1].strip()
-        print(f"  {PACKAGE}/{module}:{m.line}: {m.what}    | {text}")
+        print(f"  {PACKAGE}/{module}:{m.line}:{m.col}: {m.what}    | {text}")
     return 1 if survivors else 0
 
 
