@@ -34,7 +34,8 @@ def test_overflow_counts_each_kind_across_calls_until_reset():
     assert (again.assignments, again.rerouted, again.dropped) == (9, 3, 3)
     counts.count(torch.tensor([[DROPPED]]))
     assert (counts.snapshot().assignments, counts.snapshot().dropped) == (10, 4)
-    counts.reset()
+    counts.count(torch.tensor([[REROUTED, DROPPED]]))  # counted on the device, not read yet
+    counts.reset()  # drops those too
     empty = counts.snapshot()
     assert (empty.assignments, empty.rerouted, empty.dropped) == (0, 0, 0)
     counts.count(torch.tensor([[REROUTED]]))
@@ -56,13 +57,14 @@ def test_groups_must_cover_the_call_exactly():
     apply_capacity(probs, ids, w, Capacity(1.0, "drop"), [1, 3])
 
 
-def test_a_group_exactly_at_its_limit_keeps_everything():
+def test_a_group_exactly_at_its_limit_keeps_everything_untouched():
     # 4 tokens, k 1, E 2, factor 0.5: the limit is 1 per expert, below the group's 4: over
-    # factor 2: the limit is 4, equal to the group's size: nothing can be over, all kept
+    # factor 2: the limit is 4, equal to the group's size: nothing can be over, all kept, and the
+    # ids and weights are returned as they came, neither read nor copied (every decode step)
     probs = torch.tensor([[0.9, 0.1]] * 4)
     w, ids = probs.topk(1, dim=-1)
-    _, _, status = apply_capacity(probs, ids, w, Capacity(2.0, "drop"))
-    assert (status == KEPT).all()
+    got_ids, got_w, status = apply_capacity(probs, ids, w, Capacity(2.0, "drop"))
+    assert (status == KEPT).all() and got_ids is ids and got_w is w
     got, _, status = apply_capacity(probs, ids, w, Capacity(0.5, "reroute"))
     assert status.flatten().tolist() == [KEPT, REROUTED, DROPPED, DROPPED]
     assert got.flatten().tolist() == [0, 1, -1, -1]
