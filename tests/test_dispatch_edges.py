@@ -39,10 +39,7 @@ def _edges(device) -> list[float]:
     x, ids, weights = torch.randn(T, D, generator=gen), _ids(rank), torch.rand(T, K, generator=gen)
     placement = contiguous_placement(E, EP)
     full = materialize(GroupedExperts(E, D, H, "mlp"), seed=7, dtype=torch.float32)
-    local = GroupedExperts(E // EP, D, H, "mlp")
-    for name, p in local.named_parameters():
-        mark_shard(local, name, (E, *p.shape[1:]), (placement[rank], slice(None), slice(None)))
-    materialize(local, seed=7, dtype=torch.float32)
+    local = _local_experts(placement[rank])
 
     expected = torch.zeros(T, D)  # naive: each kept assignment of each token, one by one
     for t in range(T):
@@ -58,12 +55,19 @@ def _edges(device) -> list[float]:
     routed_here = [kept.count(e) for e in placement[rank]]  # rows this rank's experts compute
 
     worst = []
-    for kw, bound in [(dict(chunks=1), None), (dict(chunks=3), None), (dict(), None),
-                      (dict(peer_nodes=NODES, hierarchical=True), None),
-                      (dict(peer_nodes=NODES, hierarchical=True, chunks=2), None),
-                      (dict(peer_nodes=NODES), max(TOKENS_PER_RANK))]:
+    bound = max(TOKENS_PER_RANK)
+    for kw, low_latency in [(dict(chunks=1), None), (dict(chunks=3), None), (dict(), None),
+                            (dict(peer_nodes=NODES, hierarchical=True), None),
+                            (dict(peer_nodes=NODES, hierarchical=True, chunks=2), None),
+                            (dict(peer_nodes=NODES), bound)]:
         d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, overlap=False, **kw)
-        out = d(x, ids, weights, local, low_latency_tokens=bound)
+        out = d(x, ids, weights, local, low_latency_tokens=low_latency)
+        worst.append((out - expected).abs().max().item() if T else 0.0)
+    # a replica of expert 2r + 2 on every rank r, each copy chosen per call by balanced routing
+    replicated = [[*experts, (experts[-1] + 1) % E] for experts in placement]
+    for low_latency in (None, bound):
+        d = AllToAllDispatcher(dist.group.WORLD, replicated, E, rank, replica_routing="balanced")
+        out = d(x, ids, weights, _local_experts(replicated[rank]), low_latency_tokens=low_latency)
         worst.append((out - expected).abs().max().item() if T else 0.0)
 
     # two calls: every token, then each rank's first token alone
@@ -84,9 +88,17 @@ def _edges(device) -> list[float]:
     return result.tolist()
 
 
+def _local_experts(experts: list[int]) -> GroupedExperts:
+    """This rank's slots of the experts of seed 7 (an expert held twice is the same weights)."""
+    local = GroupedExperts(len(experts), D, H, "mlp")
+    for name, p in local.named_parameters():
+        mark_shard(local, name, (E, *p.shape[1:]), (experts, slice(None), slice(None)))
+    return materialize(local, seed=7, dtype=torch.float32)
+
+
 def test_dropped_assignments_routing_record_loads_and_rows_sent_match_hand_counts():
     """Dropped assignments contribute nothing on the flat, chunked, automatic, hierarchical and
-    low-latency paths (outputs within float rounding of the naive sum of the kept ones); the
+    low-latency paths, and with balanced replica routing (outputs within float rounding of the naive sum of the kept ones); the
     routing record counts each token's kept experts as a sorted tuple (a token with none as ());
     each call's load is the rows every rank routed to this rank's experts; rows sent count one
     row out per kept assignment and one back per computed row."""
