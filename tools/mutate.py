@@ -43,13 +43,13 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "expertmesh"
 # module (under expertmesh/) -> the pytest arguments of the tests that cover it
 COVERING = {
-    "parallel/dispatch.py": ["tests/test_dispatch.py"],
+    "parallel/dispatch.py": ["tests/test_dispatch.py", "tests/test_dispatch_edges.py"],
     # and the pretend device of test_host_syncs: the only place where a host table left behind shows
     "parallel/low_latency.py": ["tests/test_dispatch.py", "tests/test_host_syncs.py", "-k", "latency"],
     "engine/scheduler.py": ["tests/test_scheduler.py"],
     "engine/sampling.py": ["tests/test_sampling_edges.py", "tests/test_sampling.py"],
-    "model/paged.py": ["tests/test_paged.py"],
-    "model/attn_backends/torch_paged.py": ["tests/test_paged.py", "tests/test_graphs.py"],
+    "model/paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py"],
+    "model/attn_backends/torch_paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py", "tests/test_graphs.py"],
     # the unit tests against the naive reference (the deployment runs take minutes per mutant)
     "model/capacity.py": ["tests/test_capacity_counts.py", "tests/test_load_balance.py",
                           "-k", "capacity_counts or accounts or never_exceeds"],
