@@ -5,9 +5,11 @@ piece of unequal lengths carries a mask that is -inf exactly past each length, o
 lengths none. `test_paged.py` checks the logits these plans give; this checks the plans."""
 
 import torch
+import torch.nn.functional as F
 
+from expertmesh.model import paged
 from expertmesh.model.attn_backends.torch_paged import TorchBackend
-from expertmesh.model.paged import KVPool, PagedBatch
+from expertmesh.model.paged import KVPool, PagedBatch, PagedView
 
 BLOCK = 4
 CPU = torch.device("cpu")
@@ -55,17 +57,48 @@ def test_a_piece_is_masked_exactly_past_each_length_and_only_when_lengths_differ
     assert torch.equal(unequal.mask.view(2, 7), want)
 
 
-def test_the_plan_is_made_once_a_step_before_the_first_layer(monkeypatch):
-    made = []
-    device_plan = TorchBackend._device_plan
+def test_the_plan_and_the_rotary_tables_are_made_once_a_step_before_the_first_layer(monkeypatch):
+    made, tables = [], []
+    device_plan, rope_tables = TorchBackend._device_plan, paged.rope_tables
     monkeypatch.setattr(TorchBackend, "_device_plan", lambda self, batch: (made.append(batch), device_plan(self, batch)))
+    monkeypatch.setattr(paged, "rope_tables", lambda *args: (tables.append(args[1:]), rope_tables(*args))[1])
     backend = TorchBackend()
     batch = decode_batch([3, 6], backend)
-    assert made == []  # building the batch plans nothing on the device
-    batch.plan(None, None)
-    assert made == [batch]
+    assert made == [] and tables == []  # building the batch plans nothing on the device
+    batch.plan(8, 10000.0)
+    assert made == [batch] and tables == [(8, 10000.0)]
     pool = KVPool(4, BLOCK, 1, 8, torch.float32, CPU)
+    view = PagedView(pool, batch)
     for _layer in range(3):
+        cos, sin = view.rope(2, 8, 10000.0, CPU)
+        assert cos.shape == sin.shape == (2, 8)
         out = backend.attend(torch.randn(2, 2, 8), pool, batch)
         assert out.shape == (2, 2, 8)
-    assert made == [batch]
+    assert made == [batch] and tables == [(8, 10000.0)]
+
+
+def test_a_layer_stores_its_keys_and_values_at_the_slots_and_attends_in_any_float_dtype():
+    """q `[1, N, h, d]`, k, v `[1, N, g, d]` -> `[1, N, h, d]`, within float rounding (bf16's
+    too, with a masked piece) of a plain SDPA over each sequence's positions."""
+    lengths, h, g, d = [3, 7, 1], 4, 2, 8
+    gen = torch.Generator().manual_seed(0)
+    keys, values = (torch.randn(sum(lengths), g, d, generator=gen) for _ in range(2))
+    q = torch.randn(1, len(lengths), h, d, generator=gen)
+    for dtype in (torch.float32, torch.bfloat16):
+        batch = decode_batch(lengths, TorchBackend(8))  # pieces [3] and [7, 1]: the second masked
+        batch.plan(None, None)
+        pool = KVPool(8, BLOCK, g, d, dtype, CPU)
+        flat_k, flat_v = pool.k.view(-1, g, d), pool.v.view(-1, g, d)
+        ends = torch.tensor(lengths).cumsum(0).tolist()
+        for i, n in enumerate(lengths):  # the earlier positions, already in the cache
+            slots = torch.tensor([batch.tables_host[i, t // BLOCK] * BLOCK + t % BLOCK
+                                  for t in range(n - 1)], dtype=torch.long)
+            flat_k[slots], flat_v[slots] = keys[ends[i] - n:ends[i] - 1].to(dtype), values[ends[i] - n:ends[i] - 1].to(dtype)
+        new = [e - 1 for e in ends]
+        out = PagedView(pool, batch).attend(q.to(dtype), keys[new][None].to(dtype), values[new][None].to(dtype))
+        assert out.shape == (1, len(lengths), h, d) and out.dtype == dtype
+        assert torch.equal(flat_k[batch.slots], keys[new].to(dtype))
+        for i, n in enumerate(lengths):
+            k_i, v_i = (t[ends[i] - n:ends[i]].repeat_interleave(h // g, dim=1).transpose(0, 1) for t in (keys, values))
+            want = F.scaled_dot_product_attention(q[0, i][:, None], k_i, v_i)[:, 0]
+            assert torch.allclose(out[0, i].float(), want, atol=3e-2 if dtype == torch.bfloat16 else 1e-5), (dtype, i)
