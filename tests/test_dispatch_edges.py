@@ -105,3 +105,34 @@ def test_dropped_assignments_routing_record_loads_and_rows_sent_match_hand_count
     err, wrong = launch(_edges, EP)
     assert err < 1e-5
     assert wrong == 0
+
+
+def _exchanges_per_call(tokens_on_rank_0: int, device) -> int:
+    """all_to_all_single calls of one automatic-chunk call in which rank 0 has `tokens_on_rank_0`
+    tokens and the others none (every rank must issue the same ones)."""
+    rank = dist.get_rank()
+    T = tokens_on_rank_0 if rank == 0 else 0
+    gen = torch.Generator().manual_seed(rank)
+    x, weights = torch.randn(T, D, generator=gen), torch.rand(T, K, generator=gen)
+    ids = torch.rand(T, E, generator=gen).argsort(dim=1)[:, :K]
+    placement = contiguous_placement(E, EP)
+    d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank)
+    calls, real = [], dist.all_to_all_single
+    dist.all_to_all_single = lambda *args, **kw: (calls.append(1), real(*args, **kw))[1]
+    try:
+        d(x, ids, weights, _local_experts(placement[rank]))
+    finally:
+        dist.all_to_all_single = real
+    counts = torch.tensor([len(calls), -len(calls)])
+    dist.all_reduce(counts, op=dist.ReduceOp.MAX)
+    assert counts[0] == -counts[1], "ranks issued different exchanges"
+    return int(counts[0])
+
+
+def test_automatic_chunks_split_by_the_largest_rank_while_chunks_keep_1024_assignments_up_to_8():
+    """One count exchange, then one out and one back per chunk. 2100 tokens x 2 on rank 0 alone:
+    4200 assignments split in 4 chunks of 1050 (8 would be 525 each); 8200 x 2 = 16400: 8 chunks
+    (the most, the number of fine slices, though 16 would keep 1025 each); 500 x 2: one chunk."""
+    assert launch(functools.partial(_exchanges_per_call, 2100), EP) == 1 + 2 * 4
+    assert launch(functools.partial(_exchanges_per_call, 8200), EP) == 1 + 2 * 8
+    assert launch(functools.partial(_exchanges_per_call, 500), EP) == 1 + 2 * 1
