@@ -129,7 +129,7 @@ def _exchanges_per_call(tokens_on_rank_0: int, device) -> int:
     return int(counts[0])
 
 
-def test_automatic_chunks_split_by_the_largest_rank_while_chunks_keep_1024_assignments_up_to_8():
+def test_automatic_chunks_follow_the_largest_rank_keep_1024_assignments_and_stop_at_8():
     """One count exchange, then one out and one back per chunk. 2100 tokens x 2 on rank 0 alone:
     4200 assignments split in 4 chunks of 1050 (8 would be 525 each); 8200 x 2 = 16400: 8 chunks
     (the most, the number of fine slices, though 16 would keep 1025 each); 500 x 2: one chunk."""

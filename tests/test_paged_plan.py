@@ -60,7 +60,8 @@ def test_a_piece_is_masked_exactly_past_each_length_and_only_when_lengths_differ
 def test_the_plan_and_the_rotary_tables_are_made_once_a_step_before_the_first_layer(monkeypatch):
     made, tables = [], []
     device_plan, rope_tables = TorchBackend._device_plan, paged.rope_tables
-    monkeypatch.setattr(TorchBackend, "_device_plan", lambda self, batch: (made.append(batch), device_plan(self, batch)))
+    monkeypatch.setattr(TorchBackend, "_device_plan",
+                        lambda self, batch: (made.append(batch), device_plan(self, batch)))
     monkeypatch.setattr(paged, "rope_tables", lambda *args: (tables.append(args[1:]), rope_tables(*args))[1])
     backend = TorchBackend()
     batch = decode_batch([3, 6], backend)
@@ -93,7 +94,8 @@ def test_a_layer_stores_its_keys_and_values_at_the_slots_and_attends_in_any_floa
         for i, n in enumerate(lengths):  # the earlier positions, already in the cache
             slots = torch.tensor([batch.tables_host[i, t // BLOCK] * BLOCK + t % BLOCK
                                   for t in range(n - 1)], dtype=torch.long)
-            flat_k[slots], flat_v[slots] = keys[ends[i] - n:ends[i] - 1].to(dtype), values[ends[i] - n:ends[i] - 1].to(dtype)
+            earlier = slice(ends[i] - n, ends[i] - 1)
+            flat_k[slots], flat_v[slots] = keys[earlier].to(dtype), values[earlier].to(dtype)
         new = [e - 1 for e in ends]
         out = PagedView(pool, batch).attend(q.to(dtype), keys[new][None].to(dtype), values[new][None].to(dtype))
         assert out.shape == (1, len(lengths), h, d) and out.dtype == dtype
