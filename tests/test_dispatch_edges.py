@@ -59,6 +59,7 @@ def _edges(device) -> list[float]:
     for kw, low_latency in [(dict(chunks=1), None), (dict(chunks=3), None), (dict(), None),
                             (dict(peer_nodes=NODES, hierarchical=True), None),
                             (dict(peer_nodes=NODES, hierarchical=True, chunks=2), None),
+                            (dict(hierarchical=True), None),  # one node: nothing to relay, the flat path
                             (dict(peer_nodes=NODES), bound)]:
         d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, overlap=False, **kw)
         out = d(x, ids, weights, local, low_latency_tokens=low_latency)
@@ -82,7 +83,12 @@ def _edges(device) -> list[float]:
     # each kept assignment goes out as one row and each computed row comes back as one
     rows_sent = sum(int((call >= 0).sum()) for call in rows) + sum(map(sum, loads))
     s = d.stats.snapshot()
-    wrong = [d.routing != routing, s.loads != loads, s.rows_sent != rows_sent]
+    # overlap off: every exchange has finished when it is handed back; on: it is still to be waited for
+    flights = [AllToAllDispatcher(dist.group.WORLD, placement, E, rank, overlap=overlap)._start(
+        x[:0], [0] * EP, [0] * EP, "empty") for overlap in (False, True)]
+    finished = [flight.work is None for flight in flights]
+    flights[1].finish()
+    wrong = [d.routing != routing, s.loads != loads, s.rows_sent != rows_sent, finished != [True, False]]
     result = torch.tensor([max(worst), float(sum(wrong))])
     dist.all_reduce(result, op=dist.ReduceOp.MAX)
     return result.tolist()
@@ -101,7 +107,8 @@ def test_dropped_assignments_routing_record_loads_and_rows_sent_match_hand_count
     low-latency paths, and with balanced replica routing (outputs within float rounding of the naive sum of the kept ones); the
     routing record counts each token's kept experts as a sorted tuple (a token with none as ());
     each call's load is the rows every rank routed to this rank's experts; rows sent count one
-    row out per kept assignment and one back per computed row."""
+    row out per kept assignment and one back per computed row; without overlap every exchange
+    is waited for as soon as it is issued."""
     err, wrong = launch(_edges, EP)
     assert err < 1e-5
     assert wrong == 0
