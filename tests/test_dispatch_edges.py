@@ -104,8 +104,9 @@ def _local_experts(experts: list[int]) -> GroupedExperts:
 
 def test_dropped_assignments_routing_record_loads_and_rows_sent_match_hand_counts():
     """Dropped assignments contribute nothing on the flat, chunked, automatic, hierarchical and
-    low-latency paths, and with balanced replica routing (outputs within float rounding of the naive sum of the kept ones); the
-    routing record counts each token's kept experts as a sorted tuple (a token with none as ());
+    low-latency paths, and with balanced replica routing (outputs within float rounding of the
+    naive sum of the kept ones); the routing record counts each token's kept experts as a sorted
+    tuple (a token with none as ());
     each call's load is the rows every rank routed to this rank's experts; rows sent count one
     row out per kept assignment and one back per computed row; without overlap every exchange
     is waited for as soon as it is issued."""
@@ -139,7 +140,9 @@ def _exchanges_per_call(tokens_on_rank_0: int, device) -> int:
 def test_automatic_chunks_follow_the_largest_rank_keep_1024_assignments_and_stop_at_8():
     """One count exchange, then one out and one back per chunk. 2100 tokens x 2 on rank 0 alone:
     4200 assignments split in 4 chunks of 1050 (8 would be 525 each); 8200 x 2 = 16400: 8 chunks
-    (the most, the number of fine slices, though 16 would keep 1025 each); 500 x 2: one chunk."""
+    (the most, the number of fine slices, though 16 would keep 1025 each); 500 x 2: one chunk;
+    1024 x 2: two chunks of 1024 exactly."""
     assert launch(functools.partial(_exchanges_per_call, 2100), EP) == 1 + 2 * 4
     assert launch(functools.partial(_exchanges_per_call, 8200), EP) == 1 + 2 * 8
     assert launch(functools.partial(_exchanges_per_call, 500), EP) == 1 + 2 * 1
+    assert launch(functools.partial(_exchanges_per_call, 1024), EP) == 1 + 2 * 2  # 1024 each, exactly
