@@ -38,13 +38,27 @@ def naive_pieces(lengths: list[int], budget: int) -> list[tuple[int, int]]:
 
 
 def test_decode_pieces_are_the_longest_runs_within_the_budget():
-    lengths = [3, 5, 2, 4, 4, 6, 1, 9, 2, 2, 2, 2, 2, 2]  # 3 x 4 = 12 and 6 x 2 = 12: exactly at it
+    # 3 x 4 = 12 and 6 x 2 = 12: exactly at the budget; two of 1: over a budget of 1
+    lengths = [3, 5, 2, 4, 4, 6, 1, 1, 9, 2, 2, 2, 2, 2, 2]
     for budget in (12, 13, 1, 100):
         batch = decode_batch(lengths, TorchBackend(budget))
         batch.plan(None, None)
         got = [(piece.tokens.numel(), piece.width) for piece in batch.meta["pieces"]]
         assert got == naive_pieces(lengths, budget), budget
         assert torch.cat([piece.tokens for piece in batch.meta["pieces"]]).tolist() == list(range(len(lengths)))
+
+
+def test_prefill_chunks_are_padded_to_the_longest_chunk_and_gather_the_longest_prefill_context():
+    """Chunks of 3 and 2 new tokens at contexts 3 and 10, and a decode at 12: queries `[P, Lmax]` =
+    2 x 3, keys over Cmax = 10 positions (the decode's 12 are its own piece's), causal by position."""
+    batch = PagedBatch([(0, 3, [0]), (8, 2, [1, 2, 3]), (11, 1, [4, 5, 6])], BLOCK, CPU, TorchBackend())
+    batch.plan(None, None)
+    pre = batch.meta["prefill"]
+    assert pre.shape == (2, 3, 10)
+    assert pre.tokens.tolist() == [0, 1, 2, 3, 4]
+    assert [(piece.tokens.tolist(), piece.width) for piece in batch.meta["pieces"]] == [([5], 12)]
+    visible = pre.mask[:, 0].sum(-1).tolist()  # positions each padded query row sees
+    assert visible == [[1, 2, 3], [9, 10, 10]]
 
 
 def test_a_piece_is_masked_exactly_past_each_length_and_only_when_lengths_differ():
