@@ -195,6 +195,14 @@ def test_engine_config_refuses_a_size_below_one_naming_the_flag(field, value):
     EngineConfig(**{field: 1})  # the smallest that is allowed
 
 
+def test_engine_config_takes_a_memory_fraction_in_zero_one_inclusive():
+    for value in (1e-9, 0.5, 1, 1.0):
+        assert EngineConfig(gpu_memory_utilization=value).gpu_memory_utilization == value
+    for value in (0, 0.0, -0.5, 1.0000001, 2):
+        with pytest.raises(ValueError, match="gpu-memory-utilization .* must be in"):
+            EngineConfig(gpu_memory_utilization=value)
+
+
 def test_check_refuses_only_requests_that_can_never_fit():
     """A request's KV holds prompt + max_tokens - 1 tokens at most (the last token is never fed)."""
     s = Scheduler(EngineConfig(prefix_caching=False, block_size=4, max_batched_tokens=8), num_blocks=3)

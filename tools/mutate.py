@@ -2,17 +2,23 @@
 a copy of the package and run only the tests that cover that module; a mutant the tests pass is a
 survivor, to be killed by a new test or explained (an equivalent mutant).
 
-    python tools/mutate.py engine/scheduler.py parallel/low_latency.py [--max 40] [--timeout 120]
-    python tools/mutate.py --all
+    python tools/mutate.py engine/scheduler.py --list             # the mutants, nothing run
+    python tools/mutate.py engine/scheduler.py parallel/low_latency.py --max 40
+    python tools/mutate.py engine/sampling.py --lines 40-60,85 --tests 'tests/test_sampling.py -k seed'
+    python tools/mutate.py --all --max 30
 
 Mutants, each alone: a comparison flipped (`<` <-> `<=`, `>` <-> `>=`, `==` <-> `!=`, `in` <->
 `not in`, `is` <-> `is not`), `and` <-> `or`, an integer constant off by one (n + 1 and n - 1; not
 defaults, module constants or numbers in error messages: settings, not logic), and a statement
 dropped (a call, an augmented assignment, an assignment to an attribute or item:
 replaced by `pass`). Each runs `pytest -x` on the module's tests with the mutated copy first on
-PYTHONPATH (forked and spawned ranks import it too); a mutant that runs past `--timeout` counts as
-killed (a hang is a failure). Not in CI: a module takes minutes on 2 cores. Run it before closing
-an issue that touches one of these modules, and list its survivors in the closing note.
+PYTHONPATH (forked and spawned ranks import it too). A mutant that runs past the per-mutant
+timeout (default: 3x the unmutated run plus 20 s) is killed and counted apart, as timed out (a
+hang is a failure, but a slow machine can cause one too). `--max N` tries a sample of N, the same
+N for the same `--seed`. The summary is a table per module (tried, killed, survived, timed out)
+and the survivors as file:line:column, the mutation and the line's source. Exit status: 1 with
+survivors, 0 without. Not in CI: a module takes minutes on 2 cores. Run it before closing an issue
+that touches one of these modules, and list its survivors in the closing note.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ from __future__ import annotations
 import argparse
 import ast
 import os
+import random
+import shlex
 import shutil
 import signal
 import sys
@@ -35,14 +43,17 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = "expertmesh"
 # module (under expertmesh/) -> the pytest arguments of the tests that cover it
 COVERING = {
-    "parallel/dispatch.py": ["tests/test_dispatch.py"],
+    "parallel/dispatch.py": ["tests/test_dispatch.py", "tests/test_dispatch_edges.py"],
     # and the pretend device of test_host_syncs: the only place where a host table left behind shows
     "parallel/low_latency.py": ["tests/test_dispatch.py", "tests/test_host_syncs.py", "-k", "latency"],
     "engine/scheduler.py": ["tests/test_scheduler.py"],
-    "engine/sampling.py": ["tests/test_sampling.py"],
-    "model/paged.py": ["tests/test_paged.py"],
-    "model/capacity.py": ["tests/test_load_balance.py"],
-    "server/protocol.py": ["tests/test_server.py"],
+    "engine/sampling.py": ["tests/test_sampling_edges.py", "tests/test_sampling.py"],
+    "model/paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py"],
+    "model/attn_backends/torch_paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py", "tests/test_graphs.py"],
+    # the unit tests against the naive reference (the deployment runs take minutes per mutant)
+    "model/capacity.py": ["tests/test_capacity_counts.py", "tests/test_load_balance.py",
+                          "-k", "capacity_counts or accounts or never_exceeds"],
+    "server/protocol.py": ["tests/test_protocol.py", "tests/test_server.py"],
 }
 FLIPS = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
          ast.NotEq: ast.Eq, ast.In: ast.NotIn, ast.NotIn: ast.In, ast.Is: ast.IsNot, ast.IsNot: ast.Is}
@@ -52,10 +63,12 @@ SYMBOL = {ast.Lt: "<", ast.LtE: "<=", ast.Gt: ">", ast.GtE: ">=", ast.Eq: "==", 
 
 @dataclass(frozen=True)
 class Mutant:
-    """The `index`-th node of `ast.walk` over the module, changed as `what` says, at `line`."""
+    """The `index`-th node of `ast.walk` over the module, changed as `what` says, at `line`:`col`
+    (col counted from 1, as editors do)."""
 
     index: int
     line: int
+    col: int
     what: str
     change: str  # "flip:<op position>", "boolop", "plus", "minus", "drop"
 
@@ -72,18 +85,20 @@ def mutants(source: str) -> list[Mutant]:
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
     out = []
     for index, node in enumerate(ast.walk(tree)):
-        line = getattr(node, "lineno", 0)
+        line, col = getattr(node, "lineno", 0), getattr(node, "col_offset", -1) + 1
         if isinstance(node, ast.Compare):
             for j, op in enumerate(node.ops):
                 if type(op) in FLIPS:
-                    out.append(Mutant(index, line, f"{SYMBOL[type(op)]} -> {SYMBOL[FLIPS[type(op)]]}", f"flip:{j}"))
+                    which = f" (comparison {j + 1} of {len(node.ops)})" if len(node.ops) > 1 else ""
+                    out.append(Mutant(index, line, col, f"{SYMBOL[type(op)]} -> {SYMBOL[FLIPS[type(op)]]}{which}",
+                                      f"flip:{j}"))
         elif isinstance(node, ast.BoolOp):
-            out.append(Mutant(index, line, "and -> or" if isinstance(node.op, ast.And) else "or -> and", "boolop"))
+            out.append(Mutant(index, line, col, "and -> or" if isinstance(node.op, ast.And) else "or -> and", "boolop"))
         elif isinstance(node, ast.Constant) and type(node.value) is int and not _setting(node, parents):
-            out.append(Mutant(index, line, f"{node.value} -> {node.value + 1}", "plus"))
-            out.append(Mutant(index, line, f"{node.value} -> {node.value - 1}", "minus"))
+            out.append(Mutant(index, line, col, f"{node.value} -> {node.value + 1}", "plus"))
+            out.append(Mutant(index, line, col, f"{node.value} -> {node.value - 1}", "minus"))
         elif _droppable(node) and not _docstring(node, parents):
-            out.append(Mutant(index, line, f"drop `{ast.unparse(node).splitlines()[0][:60]}`", "drop"))
+            out.append(Mutant(index, line, col, f"drop `{ast.unparse(node).splitlines()[0][:60]}`", "drop"))
     return out
 
 
@@ -172,12 +187,20 @@ def run_tests(copy_root: Path, args: list[str], timeout: float) -> str:
         time.sleep(0.05)
 
 
-def mutate_module(module: str, limit: int | None, timeout: float,
-                  lines: set[int] | None = None) -> list[tuple[Mutant, str]]:
-    """Every mutant of `module` (or those on `lines`; the first `limit`) -> its result; prints as
-    it goes."""
-    path = ROOT / PACKAGE / module
-    source = path.read_text()
+def chosen(source: str, lines: set[int] | None, limit: int | None, seed: int) -> list[Mutant]:
+    """The mutants of `source` on `lines` (all lines when None); a sample of `limit` of them,
+    drawn with `seed` and kept in source order, when there are more."""
+    found = [m for m in mutants(source) if lines is None or m.line in lines]
+    if limit is not None and limit < len(found):
+        found = sorted(random.Random(seed).sample(found, limit), key=lambda m: m.index)
+    return sorted(found, key=lambda m: (m.line, m.index))
+
+
+def mutate_module(module: str, tests: list[str], found: list[Mutant],
+                  timeout: float | None) -> list[tuple[Mutant, str]]:
+    """Each of `found`, planted alone in a copy of the package -> 'passed' (a survivor), 'failed'
+    or 'timeout' for `tests`; prints as it goes."""
+    source = (ROOT / PACKAGE / module).read_text()
     with tempfile.TemporaryDirectory(prefix="mutate-") as tmp:
         copy_root = Path(tmp)
         shutil.copytree(ROOT / PACKAGE, copy_root / PACKAGE, ignore=shutil.ignore_patterns("__pycache__"))
@@ -185,18 +208,30 @@ def mutate_module(module: str, limit: int | None, timeout: float,
         if PACKAGE in sys.modules:
             raise SystemExit(f"{PACKAGE} is imported here already: the forked tests would not import the copy")
         t0 = time.perf_counter()
-        baseline = run_tests(copy_root, COVERING[module], timeout)
+        baseline = run_tests(copy_root, tests, 3600)
+        took = time.perf_counter() - t0
         if baseline != "passed":
             raise SystemExit(f"{module}: its tests do not pass unmutated ({baseline}); fix that first")
-        print(f"{module}: tests pass unmutated in {time.perf_counter() - t0:.0f} s", flush=True)
+        limit = timeout if timeout is not None else 3 * took + 20
+        print(f"{module}: tests pass unmutated in {took:.0f} s; {len(found)} mutants, "
+              f"{limit:.0f} s each at most", flush=True)
         results = []
-        for mutant in [m for m in mutants(source) if lines is None or m.line in lines][:limit]:
+        for mutant in found:
             target.write_text(mutated(source, mutant))
-            result = run_tests(copy_root, COVERING[module], timeout)
+            result = run_tests(copy_root, tests, limit)
             results.append((mutant, result))
             mark = "SURVIVED" if result == "passed" else result
-            print(f"  {module}:{mutant.line}: {mutant.what}: {mark}", flush=True)
+            print(f"  {module}:{mutant.line}:{mutant.col}: {mutant.what}: {mark}", flush=True)
     return results
+
+
+def _lines(text: str) -> set[int]:
+    """'40-60,85' -> {40, ..., 60, 85}."""
+    out = set()
+    for part in text.split(","):
+        first, _, last = part.partition("-")
+        out.update(range(int(first), int(last or first) + 1))
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -205,24 +240,42 @@ def main(argv: list[str] | None = None) -> int:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("modules", nargs="*", help=f"paths under {PACKAGE}/: {', '.join(COVERING)}")
     parser.add_argument("--all", action="store_true", help="every module above")
-    parser.add_argument("--max", type=int, default=None, help="mutants per module (the first N)")
-    parser.add_argument("--lines", type=lambda text: {int(n) for n in text.split(",")}, default=None,
-                        help="only the mutants on these lines, e.g. 85,132 (to check a new test kills survivors)")
-    parser.add_argument("--timeout", type=float, default=300, help="seconds per test run (default %(default)s)")
+    parser.add_argument("--max", type=int, default=None, metavar="N",
+                        help="a sample of N mutants per module (default: all)")
+    parser.add_argument("--seed", type=int, default=0, help="which sample --max draws (default %(default)s)")
+    parser.add_argument("--lines", type=_lines, default=None, metavar="A-B,C",
+                        help="only the mutants on these lines (to check that a new test kills survivors)")
+    parser.add_argument("--tests", type=shlex.split, default=None, metavar="ARGS",
+                        help="pytest arguments instead of the module's covering tests, in one "
+                             "string: --tests 'tests/test_sampling.py -k seed'")
+    parser.add_argument("--list", action="store_true", help="print the mutants and run nothing")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds per mutant (default: 3x the unmutated run plus 20)")
     args = parser.parse_args(argv)
     modules = list(COVERING) if args.all else args.modules
     unknown = [m for m in modules if m not in COVERING]
     if unknown or not modules:
         parser.error(f"modules: some of {', '.join(COVERING)} (got {unknown or 'none'})")
-    survivors = []
-    for module in modules:
-        results = mutate_module(module, args.max, args.timeout, args.lines)
-        killed = sum(r != "passed" for _, r in results)
-        print(f"{module}: {killed} of {len(results)} mutants killed", flush=True)
-        survivors += [(module, m) for m, r in results if r == "passed"]
+    if args.max is not None and args.max < 1:
+        parser.error("--max: at least 1")
+    sources = {m: (ROOT / PACKAGE / m).read_text() for m in modules}
+    found = {m: chosen(sources[m], args.lines, args.max, args.seed) for m in modules}
+    if args.list:
+        for module in modules:
+            for m in found[module]:
+                print(f"{PACKAGE}/{module}:{m.line}:{m.col}: {m.what}")
+        return 0
+    results = {m: mutate_module(m, args.tests or COVERING[m], found[m], args.timeout) for m in modules}
+    print(f"\n{'module':<40} {'tried':>6} {'killed':>7} {'survived':>9} {'timed out':>10}")
+    for module, rows in results.items():
+        outcomes = [r for _, r in rows]
+        print(f"{module:<40} {len(rows):>6} {outcomes.count('failed'):>7} "
+              f"{outcomes.count('passed'):>9} {outcomes.count('timeout'):>10}")
+    survivors = [(module, m) for module, rows in results.items() for m, r in rows if r == "passed"]
     print(f"\n{len(survivors)} survivors" + (":" if survivors else ""))
     for module, m in survivors:
-        print(f"  {module}:{m.line}: {m.what}")
+        text = sources[module].splitlines()[m.line - 1].strip()
+        print(f"  {PACKAGE}/{module}:{m.line}:{m.col}: {m.what}    | {text}")
     return 1 if survivors else 0
 
 

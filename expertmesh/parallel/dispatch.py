@@ -338,8 +338,7 @@ class AllToAllDispatcher:
             meta.append(torch.cat([torch.where(mask[rows], slots[rows], -1).float(),
                                    torch.where(mask[rows], weights[rows].float(), 0.0)], dim=1))
             splits[relay_of[n]] = rows.numel()
-        token_idx = torch.cat(token_idx) if token_idx else slots.new_zeros(0)
-        meta = torch.cat(meta) if meta else x.new_zeros(0, 2 * k, dtype=torch.float32)
+        token_idx, meta = torch.cat(token_idx), torch.cat(meta)  # one part per remote node, at least one
 
         recv_splits = self._exchange_splits(splits, x.device)
         self.stats.add(splits, self.peer_nodes, my_node, x.shape[1] * x.element_size() + 8 * k)

@@ -150,7 +150,7 @@ class BalancedReplicas:
                 if e >= 0:
                     counts[e] += 1
             slots = self._walk(experts, self._plan(counts))
-            return upload([torch.tensor(slots).view_as(ids)], ids.device)[0]
+            return upload([torch.tensor(slots, dtype=torch.long).view_as(ids)], ids.device)[0]
         key = torch.where(flat >= 0, flat, E)  # dropped assignments count under E, unrouted
         order, counts = sort_assignments(key, E + 1)
         plan = self._plan(counts[:E].tolist())  # the call's one host read
