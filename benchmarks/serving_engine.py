@@ -251,7 +251,7 @@ def soak_section(quick: bool) -> dict:
     return {"steps": t.steps, "requests": len(arrivals), "aborted": len(aborts),
             "preemptions": engine.scheduler.preemptions, "rss_settled_mib": rss[settle] / 2**20,
             "rss_end_mib": rss[steps] / 2**20, "growth_mib": (rss[steps] - rss[settle]) / 2**20,
-            "blocks_free_at_end": t.rank_stats[0]["blocks_free"], "blocks": engine.num_blocks}
+            "blocks_free_at_end": t.rank_stats[0].blocks_free, "blocks": engine.num_blocks}
 
 
 def serve_once(spec: RunSpec, engine: EngineConfig, arrivals: list, clock: str):

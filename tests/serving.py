@@ -68,5 +68,5 @@ class Mixed:
             reason = "stop" if want[-1] in {self.eos, *request.stop} else "length"
             assert transcript.finished[request.id] == reason
         for stats in transcript.rank_stats:
-            assert stats["blocks_free"] == num_blocks_free and stats["blocks_used"] == 0
-            assert stats["running"] == stats["waiting"] == 0
+            assert stats.blocks_free == num_blocks_free and stats.blocks_used == 0
+            assert stats.running == stats.waiting == 0

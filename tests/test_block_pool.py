@@ -110,8 +110,8 @@ def test_a_repeated_prompt_computes_only_past_its_cached_full_blocks_and_at_leas
     # b: 2 full blocks found; c: 8 tokens, all cached, but the last is computed again (block 2 of c is
     # its own copy); d: shares 8 tokens with a, then differs in block 2
     assert computed == [[(0, 10)], [(8, 2)], [(4, 4)], [(8, 2)]]
-    assert s.stats()["prompt_tokens"] == 38 and s.stats()["cached_tokens"] == 8 + 4 + 8
-    assert s.stats()["prompt_computed"] == 10 + 2 + 4 + 2
+    assert s.stats().prompt_tokens == 38 and s.stats().cached_tokens == 8 + 4 + 8
+    assert s.stats().prompt_computed == 10 + 2 + 4 + 2
 
 
 def test_free_cached_blocks_are_evicted_plain_ones_first_then_least_recently_freed():

@@ -6,13 +6,14 @@ import pytest
 from expertmesh.engine.block_pool import chain_hashes, short
 from expertmesh.engine.dp_routing import DpRouter
 from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import SchedulerStats
 
 KEY = b"k" * 16
 BS = 4
 
 
 def stats(free, queued=0, tokens=0):
-    return {"blocks_free": free, "waiting": queued, "running": 0, "queued_tokens": tokens}
+    return SchedulerStats(blocks_free=free, waiting=queued, queued_tokens=tokens)
 
 
 def req(rid, prompt, max_tokens=1):

@@ -85,10 +85,10 @@ def test_an_aborted_request_frees_its_blocks_at_once(model):
     engine = make_engine(model, num_blocks=16, block_size=4)
     engine.add_request(Request("a", tuple(range(1, 30)), max_tokens=10))
     engine.step()
-    assert engine.stats()[0]["blocks_used"] == 8
+    assert engine.stats()[0].blocks_used == 8
     engine.abort("a")
     assert engine.step() == []
-    assert engine.stats()[0]["blocks_used"] == 0 and not engine.has_work
+    assert engine.stats()[0].blocks_used == 0 and not engine.has_work
 
 
 def test_the_pool_is_sized_from_the_memory_budget_on_the_rank_with_most_kv_per_block():

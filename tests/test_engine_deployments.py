@@ -69,7 +69,7 @@ def test_deployment_serves_each_request_its_reference_tokens(deployment, engine,
     out = serve_on(deployment, mixed, engine)
     mixed.check(out, engine.num_blocks)
     if engine is PREEMPTING:
-        assert sum(s["preemptions"] for s in out.rank_stats) > 0
+        assert sum(s.preemptions for s in out.rank_stats) > 0
 
 
 @pytest.mark.parametrize("deployment", ["ep16", "tp8pp2"])

@@ -137,7 +137,7 @@ def test_online_rebalancing_changes_no_token_and_switches_every_rank_at_one_step
     without, _ = _run(deployment, mixed, None)
     with_eplb, ranks = _run(deployment, mixed, EPLB)
     assert with_eplb.tokens == without.tokens and with_eplb.finished == without.finished
-    assert sum(s["preemptions"] for s in without.rank_stats) > 0  # the workload preempts
+    assert sum(s.preemptions for s in without.rank_stats) > 0  # the workload preempts
     assert set(mixed.aborted) & set(without.tokens)
     dep = Deployment.parse(deployment)
     for stage in range(dep.pp):

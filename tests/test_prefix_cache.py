@@ -55,7 +55,7 @@ def stream():
     torch.set_num_threads(1)
     arrivals, aborts = shared_prefix_stream(preset("tiny").vocab_size)
     off = serve_with("single", EngineConfig(**{**ENGINE.__dict__, "prefix_caching": False}), arrivals, aborts)
-    assert not any(s["cached_tokens"] for s in off.rank_stats)
+    assert not any(s.cached_tokens for s in off.rank_stats)
     return arrivals, aborts, off
 
 
@@ -74,13 +74,13 @@ def test_caching_changes_no_token_greedy_or_sampled_on_any_deployment(deployment
             assert on.tokens[r.id] == off.tokens[r.id], f"request {r.id}"
             assert on.finished[r.id] == off.finished[r.id]
     for s in on.rank_stats:
-        assert s["blocks_free"] == blocks and s["running"] == s["waiting"] == 0
+        assert s.blocks_free == blocks and s.running == s.waiting == 0
     # the cache was used, the pool was small enough to preempt and evict, and the prompt tokens
     # computed are those not found cached
-    assert sum(s["cached_tokens"] for s in on.rank_stats) > 200
-    assert sum(s["preemptions"] for s in on.rank_stats) > 0 and sum(s["blocks_evicted"] for s in on.rank_stats) > 0
-    off_computed = off.rank_stats[0]["prompt_computed"]
-    assert max(s["prompt_computed"] for s in on.rank_stats) < off_computed
+    assert sum(s.cached_tokens for s in on.rank_stats) > 200
+    assert sum(s.preemptions for s in on.rank_stats) > 0 and sum(s.blocks_evicted for s in on.rank_stats) > 0
+    off_computed = off.rank_stats[0].prompt_computed
+    assert max(s.prompt_computed for s in on.rank_stats) < off_computed
 
 
 def test_a_request_whose_prefix_was_evicted_meanwhile_gets_the_reference_tokens():
@@ -99,7 +99,7 @@ def test_a_request_whose_prefix_was_evicted_meanwhile_gets_the_reference_tokens(
                     EngineConfig(num_blocks=12, block_size=8, max_batched_tokens=128, max_seqs=1))
     out = serve(engine, [(0, a), (3, b), (4, c)])
     stats = engine.scheduler.stats()
-    assert stats["blocks_evicted"] > 0 and 0 < engine.scheduler.cached_tokens < 48  # c: part of its prefix
+    assert stats.blocks_evicted > 0 and 0 < engine.scheduler.cached_tokens < 48  # c: part of its prefix
     assert out.tokens["c"] == naive_tokens(model, c.prompt, 4)
     assert out.tokens["a"] == naive_tokens(model, a.prompt, 2) and out.tokens["b"] == naive_tokens(model, b.prompt, 3)
-    assert stats["blocks_free"] == 12
+    assert stats.blocks_free == 12

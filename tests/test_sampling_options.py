@@ -170,7 +170,7 @@ def _check(transcript, requests, want) -> None:
             assert [t for t, _ in top] == [t for t, _ in want_top]
             assert [v for _, v in top] == pytest.approx([v for _, v in want_top], abs=1e-4)
     for stats in transcript.rank_stats:
-        assert stats["blocks_used"] == 0 and stats["running"] == stats["waiting"] == 0
+        assert stats.blocks_used == 0 and stats.running == stats.waiting == 0
 
 
 ROOMY = EngineConfig(block_size=4, num_blocks=96, max_batched_tokens=256, max_seqs=8)
@@ -189,7 +189,7 @@ def test_under_preemption_a_recomputed_request_penalises_and_draws_as_before(wor
     requests, eos, want, _ = workload
     tight = EngineConfig(block_size=4, num_blocks=12, max_batched_tokens=64, max_seqs=8)
     transcript = _run("single", [(0, r) for r in requests], eos, tight)
-    assert transcript.rank_stats[0]["preemptions"] > 0
+    assert transcript.rank_stats[0].preemptions > 0
     _check(transcript, requests, want)
 
 

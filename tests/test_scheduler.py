@@ -47,7 +47,7 @@ def test_admission_is_fcfs_by_free_blocks_and_capped_by_max_seqs():
     s.add(Request("mid", (1,) * 8, max_tokens=2))    # 2 blocks: does not fit beside big
     s.add(Request("tiny", (1,), max_tokens=2))       # would fit, but may not overtake mid
     assert step(s) == [("big", 12)]
-    assert s.stats()["waiting"] == 2 and s.stats()["blocks_free"] == 1
+    assert s.stats().waiting == 2 and s.stats().blocks_free == 1
     assert step(s) == [("big", 1)]                   # big finishes: its blocks come back
     assert step(s) == [("mid", 8), ("tiny", 1)]
     s.add(Request("late", (1,), max_tokens=1))
@@ -65,7 +65,7 @@ def test_the_newest_running_sequence_is_preempted_and_recomputed_later():
     assert s.waiting[0].tokens == [4, 5, 6, 7, 7] and s.waiting[0].computed == 0
     while s.has_work:
         step(s)
-    assert s.stats()["blocks_free"] == 4
+    assert s.stats().blocks_free == 4
 
 
 

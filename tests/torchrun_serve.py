@@ -4,6 +4,7 @@ abort) on the deployment given, write rank 0's transcript as JSON.
     torchrun ... tests/torchrun_serve.py DEPLOYMENT OUT.json
 """
 
+import dataclasses
 import functools
 import json
 import random
@@ -38,7 +39,7 @@ def main(deployment: str, out: str) -> None:
     if transcript is not None:
         with open(out, "w") as f:
             json.dump({"tokens": transcript.tokens, "finished": transcript.finished,
-                       "rank_stats": transcript.rank_stats}, f)
+                       "rank_stats": [dataclasses.asdict(s) for s in transcript.rank_stats]}, f)
 
 
 if __name__ == "__main__":

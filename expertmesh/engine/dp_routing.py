@@ -56,9 +56,9 @@ class DpRouter:
         """The data-parallel rank of each request, in order (`stats`: each rank's last report)."""
         if len(self.views) == 1:
             return [0] * len(requests)
-        free = [s["blocks_free"] for s in stats]
-        queued = [s["waiting"] + s["running"] for s in stats]
-        tokens = [s.get("queued_tokens", 0) for s in stats]
+        free = [s.blocks_free for s in stats]
+        queued = [s.waiting + s.running for s in stats]
+        tokens = [s.queued_tokens for s in stats]
         out = []
         for r in requests:
             n = len(r.prompt)

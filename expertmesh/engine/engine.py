@@ -34,7 +34,7 @@ from expertmesh.engine.kv_budget import activation_reserve, kv_blocks_from_memor
 from expertmesh.engine.messages import Messages
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.engine.runner import Runner
-from expertmesh.engine.scheduler import EngineConfig, Scheduler
+from expertmesh.engine.scheduler import EngineConfig, Scheduler, SchedulerStats
 from expertmesh.engine.stages import StageLinks
 from expertmesh.model.transformer import MoETransformer, parameter_bytes
 from expertmesh.parallel.expert import ExchangeChoice
@@ -132,9 +132,9 @@ class Engine:
     @property
     def has_work(self) -> bool:
         """Rank 0: something is queued or running on some data-parallel rank."""
-        return bool(self.new) or any(s["waiting"] or s["running"] for s in self.dp_stats)
+        return bool(self.new) or any(s.waiting or s.running for s in self.dp_stats)
 
-    def stats(self) -> list[dict]:
+    def stats(self) -> list[SchedulerStats]:
         """Rank 0: per data-parallel rank, KV blocks used / free, waiting and running sequences."""
         return self.dp_stats
 
@@ -153,7 +153,7 @@ class Engine:
         self.aborts.extend(drop)
 
     # ---- every rank ----
-    def resume(self, rank: int, deployment: Deployment, stats: list[dict], kept: list[int]) -> None:
+    def resume(self, rank: int, deployment: Deployment, stats: list[SchedulerStats], kept: list[int]) -> None:
         """After elastic recovery (`elastic/recovery.py`): this rank is `rank` of `deployment`
         over the new default group, its scheduler and KV pool kept (a step cut short left them
         consistent: `Scheduler.finish` alone advances a sequence); `stats`: every data-parallel
@@ -199,7 +199,8 @@ class Engine:
             extra = {rid: (row, lp) for rid, (_, row, lp) in sampled.items() if row is not None or lp is not None}
             outputs = [replace(o, logits=extra[o.request_id][0], logprobs=extra[o.request_id][1])
                        if o.request_id in extra else o for o in outputs]
-            mine = (self.dp, outputs, self._report())
+            # the stats, and the block hashes the pool cached and evicted since the last report
+            mine = (self.dp, outputs, self.scheduler.stats(), self.scheduler.pool.take_changes())
         everyone = self._gather((mine, self.eplb.payload() if self.eplb else None))
         if self.eplb:
             self.eplb.end_step([extra for _, extra in everyone])
@@ -211,8 +212,8 @@ class Engine:
         if self.rank != 0:
             return []
         result = []
-        for dp, outputs, stats in (p for p in everyone if p is not None):
-            self.router.learn(dp, stats.pop("cache_added"), stats.pop("cache_evicted"))
+        for dp, outputs, stats, (added, evicted) in (p for p in everyone if p is not None):
+            self.router.learn(dp, added, evicted)
             self.dp_stats[dp] = stats
             for out in outputs:
                 if out.request_id in self.live:
@@ -220,12 +221,6 @@ class Engine:
                     if out.finished:
                         self.live.discard(out.request_id)
         return result
-
-    def _report(self) -> dict:
-        """The scheduler's stats, with the block hashes its pool cached and evicted since the last."""
-        stats = self.scheduler.stats()
-        stats["cache_added"], stats["cache_evicted"] = self.scheduler.pool.take_changes()
-        return stats
 
     def _control(self, stop: bool = False) -> dict:
         message = None
@@ -241,7 +236,7 @@ class Engine:
         """The most tokens any data-parallel rank computes this step, when every one of them only
         decodes (as of its last report, `Scheduler.decode_tokens`) and none gets a new request;
         else None. Rank 0 sends it with the step, so the ranks need not agree on it themselves."""
-        bounds = [s["decode_tokens"] for s in self.dp_stats]
+        bounds = [s.decode_tokens for s in self.dp_stats]
         return None if new or None in bounds else max(bounds)
 
     def _assign(self) -> list[tuple[int, Request]]:

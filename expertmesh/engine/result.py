@@ -12,6 +12,7 @@ import torch
 from expertmesh.engine import counters
 from expertmesh.engine.counters import RankCounters
 from expertmesh.engine.metrics import Metrics
+from expertmesh.engine.scheduler import SchedulerStats
 from expertmesh.engine.serve import Transcript
 from expertmesh.engine.spec import RunSpec
 from expertmesh.parallel.eplb import run_summary
@@ -97,10 +98,10 @@ def assemble(spec: RunSpec, transcript: Transcript, reports: list[RankReport]) -
     )
 
 
-def prompt_tokens(rank_stats: list[dict], dep) -> dict:
+def prompt_tokens(rank_stats: list[SchedulerStats], dep) -> dict:
     """Prompt tokens over the data-parallel ranks (each counted once, by its reporting rank):
     all of them, those found in the prefix cache, and those computed (recomputation after a
     preemption included)."""
     mine = [s for rank, s in enumerate(rank_stats) if dep.reports(rank)]
-    return {"total": sum(s["prompt_tokens"] for s in mine), "cached": sum(s["cached_tokens"] for s in mine),
-            "computed": sum(s["prompt_computed"] for s in mine)}
+    return {"total": sum(s.prompt_tokens for s in mine), "cached": sum(s.cached_tokens for s in mine),
+            "computed": sum(s.prompt_computed for s in mine)}

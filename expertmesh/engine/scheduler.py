@@ -30,6 +30,32 @@ from expertmesh.engine.request import Request, RequestError, TokenOutput
 
 
 @dataclass(frozen=True)
+class SchedulerStats:
+    """One data-parallel rank's scheduler after a step: what rank 0 places requests by
+    (`engine/dp_routing.py`) and bounds decode steps by, `/metrics` shows and a run's JSON sums.
+    Crosses the network in the step's all-gather and goes to the API servers over IPC.
+
+    blocks_*: of the KV pool (cached: free but holding a prefix; evicted: cached blocks reused,
+    ever); waiting / running: sequences; preemptions: ever; decode_tokens: `decode_tokens()`;
+    prompt_tokens / cached_tokens: of requests at their first admission, all / found in the prefix
+    cache; prompt_computed: prompt tokens prefilled, recomputation after preemption included;
+    queued_tokens: tokens still to compute (prompts and max_tokens) of the requests here."""
+
+    blocks_free: int = 0
+    blocks_used: int = 0
+    blocks_cached: int = 0
+    blocks_evicted: int = 0
+    waiting: int = 0
+    running: int = 0
+    preemptions: int = 0
+    decode_tokens: int | None = None
+    prompt_tokens: int = 0
+    cached_tokens: int = 0
+    prompt_computed: int = 0
+    queued_tokens: int = 0
+
+
+@dataclass(frozen=True)
 class EngineConfig:
     """block_size: tokens per KV block. num_blocks: blocks per pool (None: as many as
     `kv_cache_gb` holds on the rank with the most KV per block; neither given: on a GPU what
@@ -129,18 +155,15 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.running or self.waiting)
 
-    def stats(self) -> dict:
-        """prompt_tokens / cached_tokens: of requests at their first admission, all / found in the
-        prefix cache; prompt_computed: prompt tokens prefilled, recomputation after preemption
-        included; queued_tokens: tokens still to compute (prompts and max_tokens) of those here."""
+    def stats(self) -> SchedulerStats:
         free = self.pool.num_free
-        return {"blocks_free": free, "blocks_used": self.num_blocks - free, "blocks_cached": self.pool.num_cached,
-                "blocks_evicted": self.pool.evictions,
-                "waiting": len(self.waiting), "running": len(self.running), "preemptions": self.preemptions,
-                "decode_tokens": self.decode_tokens(), "prompt_tokens": self.prompt_tokens,
-                "cached_tokens": self.cached_tokens, "prompt_computed": self.prompt_computed,
-                "queued_tokens": sum(len(s.request.prompt) + s.request.max_tokens - s.computed
-                                     for q in (self.waiting, self.running) for s in q)}
+        return SchedulerStats(
+            blocks_free=free, blocks_used=self.num_blocks - free, blocks_cached=self.pool.num_cached,
+            blocks_evicted=self.pool.evictions, waiting=len(self.waiting), running=len(self.running),
+            preemptions=self.preemptions, decode_tokens=self.decode_tokens(), prompt_tokens=self.prompt_tokens,
+            cached_tokens=self.cached_tokens, prompt_computed=self.prompt_computed,
+            queued_tokens=sum(len(s.request.prompt) + s.request.max_tokens - s.computed
+                              for q in (self.waiting, self.running) for s in q))
 
     def decode_tokens(self) -> int | None:
         """The tokens of the next `schedule()` when no request arrives before it and that step can

@@ -14,6 +14,7 @@ import torch.distributed as dist
 
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import SchedulerStats
 
 
 @dataclass
@@ -89,7 +90,7 @@ def serve(engine: Engine, arrivals: list[tuple[float, Request]], aborts: list[tu
     return out
 
 
-def _rank_stats(engine: Engine) -> list[dict]:
+def _rank_stats(engine: Engine) -> list[SchedulerStats]:
     mine = engine.scheduler.stats()
     if not dist.is_initialized():
         return [mine]

@@ -22,6 +22,7 @@ import zmq
 import zmq.asyncio
 
 from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import SchedulerStats
 
 
 class NewRequest(msgspec.Struct, frozen=True):
@@ -89,7 +90,7 @@ class FromEngine(msgspec.Struct):
 
     tokens: list[Token] = []
     rejected: dict[str, str] = {}
-    stats: list[dict[str, int | None]] = []
+    stats: list[SchedulerStats] = []
     counters: CounterTotals | None = None
     failure: str | None = None
     ranks: list[RankState] | None = None

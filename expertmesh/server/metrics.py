@@ -16,6 +16,7 @@ from __future__ import annotations
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from expertmesh.engine.scheduler import SchedulerStats
 from expertmesh.server.ipc import CounterTotals
 
 # Seconds; CPU ranks are slow, GPU ones fast: the buckets span both.
@@ -90,19 +91,19 @@ class ServerMetrics:
         if len(times) > 1:
             self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
 
-    def step(self, stats: list[dict], counters: CounterTotals | None) -> None:
+    def step(self, stats: list[SchedulerStats], counters: CounterTotals | None) -> None:
         """An engine step's pool stats (per data-parallel rank) and, every few steps, counters."""
         if not self.engine_metrics:
             return
-        self.waiting.set(sum(s["waiting"] for s in stats))
-        self.running.set(sum(s["running"] for s in stats))
+        self.waiting.set(sum(s.waiting for s in stats))
+        self.running.set(sum(s.running for s in stats))
         for dp, s in enumerate(stats):
-            self.kv_used.labels(str(dp)).set(s["blocks_used"])
-            self.kv_free.labels(str(dp)).set(s["blocks_free"])
+            self.kv_used.labels(str(dp)).set(s.blocks_used)
+            self.kv_free.labels(str(dp)).set(s.blocks_free)
             queries, hits = self.seen.get(dp, (0, 0))
-            self.prefix_queries.labels(str(dp)).inc(s["prompt_tokens"] - queries)
-            self.prefix_hits.labels(str(dp)).inc(s["cached_tokens"] - hits)
-            self.seen[dp] = (s["prompt_tokens"], s["cached_tokens"])
+            self.prefix_queries.labels(str(dp)).inc(s.prompt_tokens - queries)
+            self.prefix_hits.labels(str(dp)).inc(s.cached_tokens - hits)
+            self.seen[dp] = (s.prompt_tokens, s.cached_tokens)
         if counters is None:
             return
         self.exchanged.inc(counters.exchanged_bytes)
