@@ -7,7 +7,8 @@ import pydantic
 import pytest
 
 from expertmesh.server.protocol import (UNSUPPORTED, ApiError, ChatRequest, CompletionRequest, Message,
-                                        chat_body, completion_body, usage, validation_error)
+                                        chat_body, chat_choice, completion_body, completion_choice, usage,
+                                        validation_error)
 
 INT64_MIN, INT64_MAX = -2**63, 2**63 - 1
 
@@ -34,7 +35,7 @@ def rejected(make, **fields) -> str:
     ("temperature", [0, 0.0, 1e-9, 2, 2.0], [-1e-9, 2.0001]),
     ("top_p", [1e-9, 0.5, 1], [0, 1.0001, -1]),
     ("seed", [INT64_MIN, 0, INT64_MAX], [INT64_MIN - 1, INT64_MAX + 1]),
-    ("n", [1], [0, 2]),
+    ("n", [1, 128], [0, 129]),
 ])
 def test_each_range_is_accepted_up_to_its_edge_and_a_400_just_past_it(make, name, good, bad):
     for value in good:
@@ -91,10 +92,10 @@ def test_an_unimplemented_parameter_is_named_unless_it_asks_for_nothing(name):
 def test_json_equality_decides_what_is_neutral():
     # `true` is not 1 nor `false` 0 (a bool asks for something other than the number), but 0.0 is 0
     assert completion(best_of=True).unsupported() == "best_of"
-    assert completion(logprobs=0).unsupported() == "logprobs"
-    assert completion(echo=False, top_logprobs=0.0, min_tokens=0).unsupported() is None
+    assert completion(echo=0).unsupported() == "echo"
+    assert completion(echo=False, best_of=1.0, suffix="").unsupported() is None
     # the first one, in UNSUPPORTED's order, is named; unknown fields are ignored
-    assert completion(tools=[{"type": "function"}], logprobs=True).unsupported() == "logprobs"
+    assert completion(tools=[{"type": "function"}], echo=True).unsupported() == "echo"
     assert completion(some_field=3).unsupported() is None
 
 
@@ -135,29 +136,34 @@ def test_an_error_is_openais_error_body_with_its_status():
                                                             "param": "n", "code": None}
 
 
-def test_usage_totals_prompt_and_completion():
-    assert usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+def test_usage_totals_prompt_and_completion_and_says_what_the_prefix_cache_held():
+    assert usage(3, 4) == {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7,
+                           "prompt_tokens_details": {"cached_tokens": 0}}
+    assert usage(3, 4, 2)["prompt_tokens_details"] == {"cached_tokens": 2}
 
 
 def test_completion_bodies_carry_usage_whole_or_on_the_last_chunk_only():
-    whole = completion_body("id", "m", "ab", [1, 2], "stop", usage(1, 2), chunk=False)
+    ab = completion_choice(0, "ab", [1, 2], "stop", None)
+    whole = completion_body("id", "m", [ab], usage(1, 2), chunk=False)
     assert whole["object"] == "text_completion" and whole["usage"] == usage(1, 2)
     assert whole["choices"] == [{"index": 0, "text": "ab", "logprobs": None, "finish_reason": "stop",
                                  "token_ids": [1, 2]}]
-    assert "usage" in completion_body("id", "m", "", [], "length", None, chunk=False)
-    assert "usage" not in completion_body("id", "m", "a", [1], None, None, chunk=True)
-    assert completion_body("id", "m", "", [], "stop", usage(1, 1), chunk=True)["usage"] == usage(1, 1)
+    assert "usage" in completion_body("id", "m", [completion_choice(0, "", [], "length", None)], None, chunk=False)
+    assert "usage" not in completion_body("id", "m", [completion_choice(0, "a", [1], None, None)], None, chunk=True)
+    last = completion_body("id", "m", [completion_choice(1, "", [], "stop", None)], usage(1, 1), chunk=True)
+    assert last["usage"] == usage(1, 1) and last["choices"][0]["index"] == 1
 
 
 def test_chat_chunks_give_the_role_first_then_content_deltas():
-    first = chat_body("id", "m", None, [], None, None, chunk=True, first=True)
+    first = chat_body("id", "m", [chat_choice(0, None, [], None, None, chunk=True, first=True)], None, chunk=True)
     assert first["object"] == "chat.completion.chunk" and "usage" not in first
     assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    later = chat_body("id", "m", "b", [2], "stop", usage(1, 1), chunk=True)
+    later = chat_body("id", "m", [chat_choice(0, "b", [2], "stop", None, chunk=True)], usage(1, 1), chunk=True)
     assert later["choices"] == [{"index": 0, "delta": {"content": "b"}, "logprobs": None, "finish_reason": "stop",
                                  "token_ids": [2]}]
     assert later["usage"] == usage(1, 1)
-    whole = chat_body("id", "m", "ab", [1, 2], "length", usage(1, 2), chunk=False)
+    whole = chat_body("id", "m", [chat_choice(0, "ab", [1, 2], "length", None, chunk=False)], usage(1, 2),
+                      chunk=False)
     assert whole["object"] == "chat.completion" and whole["usage"] == usage(1, 2)
     assert whole["choices"] == [{"index": 0, "message": {"role": "assistant", "content": "ab"}, "logprobs": None,
                                  "finish_reason": "length", "token_ids": [1, 2]}]
