@@ -44,23 +44,23 @@ from expertmesh.parallel.mesh import new_group
 CPU_KV_CACHE_GB = 1.0  # a CPU rank's pool when no size is given: a host has no "free device memory"
 
 
-def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine: EngineConfig,
+def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine_cfg: EngineConfig,
                 device: torch.device = torch.device("cpu"), weights: int = 0) -> int:
-    """Blocks per pool: `engine.num_blocks`, else as many as `kv_cache_gb` holds on the rank with
+    """Blocks per pool: `engine_cfg.num_blocks`, else as many as `kv_cache_gb` holds on the rank with
     the most KV bytes per block (most layers, KV heads / tp), else on a GPU what
     `gpu_memory_utilization` leaves of it with `weights` bytes loaded (`kv_budget.py`; the
     caller takes the minimum over the ranks), else `CPU_KV_CACHE_GB`."""
-    if engine.num_blocks is not None:
-        return engine.num_blocks
+    if engine_cfg.num_blocks is not None:
+        return engine_cfg.num_blocks
     layers = max(len(r) for r in deployment.stage_layers(cfg.n_layers))
     heads, dim = cfg.kv_per_token(deployment.tp)
-    per_block = 2 * engine.block_size * heads * dim * cfg.torch_dtype.itemsize * layers
-    if engine.kv_cache_gb is None and device.type == "cuda":
+    per_block = 2 * engine_cfg.block_size * heads * dim * cfg.torch_dtype.itemsize * layers
+    if engine_cfg.kv_cache_gb is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
-        reserve = activation_reserve(cfg, deployment, engine.max_batched_tokens, engine.max_seqs)
+        reserve = activation_reserve(cfg, deployment, engine_cfg.max_batched_tokens, engine_cfg.max_seqs)
         return kv_blocks_from_memory(free, total, weights, reserve, per_block,
-                                     engine.gpu_memory_utilization)
-    gb = CPU_KV_CACHE_GB if engine.kv_cache_gb is None else engine.kv_cache_gb
+                                     engine_cfg.gpu_memory_utilization)
+    gb = CPU_KV_CACHE_GB if engine_cfg.kv_cache_gb is None else engine_cfg.kv_cache_gb
     blocks = int(gb * 2**30) // per_block
     if blocks < 1:
         raise ValueError(f"--kv-cache-gb {gb} holds no KV block of {per_block} bytes; "
@@ -73,7 +73,7 @@ class Engine:
     "graphs" or "off"."""
 
     def __init__(self, model: MoETransformer, cfg: ModelConfig, deployment: Deployment,
-                 engine: EngineConfig, rank: int = 0, links: StageLinks | None = None,
+                 engine_cfg: EngineConfig, rank: int = 0, links: StageLinks | None = None,
                  eos: tuple[int, ...] = (), record_logits: bool = False, n_micro: int = 1,
                  overlap: str = "auto", graphs: str = "auto", eplb=None):
         self.cfg, self.deployment, self.rank = cfg, deployment, rank
@@ -81,15 +81,17 @@ class Engine:
         self.group = None
         if self.distributed and dist.get_backend() != "gloo":
             self.group = new_group(backend="gloo")  # the control path stays on the CPU
-        self.num_blocks = self._agreed_blocks(model, engine)
+        self.num_blocks = self._agreed_blocks(model, engine_cfg)
         key = cache_key(cfg, deployment.tp)  # what a block's KV depends on besides its tokens
-        self.scheduler = Scheduler(engine, self.num_blocks, eos, key)
-        self.router = DpRouter(deployment.dp, engine.block_size, key,
-                               engine.dp_routing if engine.prefix_caching else "load", engine.max_batched_tokens)
-        self.runner = Runner(model, self.num_blocks, engine.block_size, links, record_logits, n_micro,
-                             overlap, engine.max_seqs, graphs, eos)
+        self.scheduler = Scheduler(engine_cfg, self.num_blocks, eos, key)
+        rule = engine_cfg.dp_routing if engine_cfg.prefix_caching else "load"
+        self.router = DpRouter(deployment.dp, engine_cfg.block_size, key, rule, engine_cfg.max_batched_tokens)
+        self.runner = Runner(model, self.num_blocks, engine_cfg.block_size, links, record_logits, n_micro,
+                             overlap, engine_cfg.max_seqs, graphs, eos)
         inner = deployment.coords(rank)[1]
         self.dp = inner if deployment.ep > 1 else 0
+        # this rank samples for its data-parallel rank and sends the step's outputs and stats in
+        # the all-gather (the last stage's first TP rank); its peers record what it sent
         self.reports = deployment.reports(rank)
         self.messages = Messages(self.group) if self.distributed else None
         # rank 0's view of the front
@@ -100,13 +102,14 @@ class Engine:
         self.stopped = False
         self.eplb = eplb  # online expert load balancing (`parallel/eplb.py`), or None
 
-    def _agreed_blocks(self, model: MoETransformer, engine: EngineConfig) -> int:
+    def _agreed_blocks(self, model: MoETransformer, engine_cfg: EngineConfig) -> int:
         """`pool_blocks` on this rank; sized from device memory, the smallest over the ranks
         (one all-reduce over the gloo group), so that every replica of a scheduler agrees."""
         device = next(model.parameters()).device
         weights = parameter_bytes(model, self.cfg.torch_dtype)
-        blocks = pool_blocks(self.cfg, self.deployment, engine, device, weights)
-        if self.distributed and engine.num_blocks is None and engine.kv_cache_gb is None and device.type == "cuda":
+        blocks = pool_blocks(self.cfg, self.deployment, engine_cfg, device, weights)
+        sized_by_memory = engine_cfg.num_blocks is None and engine_cfg.kv_cache_gb is None
+        if self.distributed and sized_by_memory and device.type == "cuda":
             agreed = torch.tensor([blocks])
             dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=self.group)
             blocks = int(agreed)
