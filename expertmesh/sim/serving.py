@@ -115,6 +115,16 @@ class Served:
         return ok / max(self.arrival_span_s, 1e-12)
 
 
+@dataclass
+class InFlight:
+    """A request `simulate_serving` admitted: prompt tokens prefilled (or found cached), tokens
+    generated, and when its first token came."""
+
+    prefilled: int = 0
+    generated: int = 0
+    first_token_s: float = 0.0
+
+
 def simulate_serving(sc: Scenario, rate: float, prompt_len: int, output_len: int, requests: int = 200,
           token_budget: int = 8192, max_batch: int = 2048, seed: int = 0,
           prefix_hit_rate: float = 0.0) -> Served:
@@ -136,7 +146,7 @@ def simulate_serving(sc: Scenario, rate: float, prompt_len: int, output_len: int
                          rng.randint(max(2, output_len // 2), max(2, output_len * 3 // 2))))
     kv_room = kv_capacity_tokens(sc)
     waiting = list(range(requests))
-    running: dict[int, list] = {}  # id -> [prefilled, generated, first token time]
+    running: dict[int, InFlight] = {}
     ttft, tpot = [0.0] * requests, [0.0] * requests
     now, used, delivered = 0.0, 0.0, 0
     while waiting or running:
@@ -147,36 +157,37 @@ def simulate_serving(sc: Scenario, rate: float, prompt_len: int, output_len: int
                 break
             used += need
             prompt = arrivals[i][1]
-            running[i] = [min(prompt - 1, int(prefix_hit_rate * prompt)), 0, 0.0]  # cached: not computed
+            running[i] = InFlight(prefilled=min(prompt - 1, int(prefix_hit_rate * prompt)))  # cached: not computed
             waiting.pop(0)
         if not running:
             now = arrivals[waiting[0]][0]
             continue
-        decoding = [i for i, r in running.items() if r[0] == arrivals[i][1]]
+        decoding = [i for i, r in running.items() if r.prefilled == arrivals[i][1]]
         budget = token_budget - len(decoding)
         chunks = []
         for i, r in running.items():
-            if r[0] < arrivals[i][1] and budget > 0:
-                take = min(arrivals[i][1] - r[0], budget)
+            if r.prefilled < arrivals[i][1] and budget > 0:
+                take = min(arrivals[i][1] - r.prefilled, budget)
                 chunks.append((i, take))
                 budget -= take
-        context = (sum(running[i][0] + running[i][1] for i in decoding) / len(decoding)) if decoding else 0.0
+        held = [running[i].prefilled + running[i].generated for i in decoding]  # each one's context
+        context = sum(held) / len(held) if held else 0.0
         prefill_tokens = sum(c for _, c in chunks)
         chunk_len = max((c for _, c in chunks), default=0)
         now += iteration_seconds(sc, float(len(decoding)), float(_bucket(context)),
                                  prefill_tokens / chunk_len if chunk_len else 0.0, _bucket(chunk_len))
         for i in decoding:
-            running[i][1] += 1
+            running[i].generated += 1
             delivered += 1
         for i, c in chunks:
-            running[i][0] += c
-            if running[i][0] == arrivals[i][1]:  # the prompt's last chunk yields the first token
-                running[i][1], running[i][2] = 1, now
+            running[i].prefilled += c
+            if running[i].prefilled == arrivals[i][1]:  # the prompt's last chunk yields the first token
+                running[i].generated, running[i].first_token_s = 1, now
                 ttft[i] = now - arrivals[i][0]
                 delivered += 1
-        for i in [i for i, r in running.items() if r[1] >= arrivals[i][2]]:
+        for i in [i for i, r in running.items() if r.generated >= arrivals[i][2]]:
             r = running.pop(i)
-            tpot[i] = (now - r[2]) / max(arrivals[i][2] - 1, 1)
+            tpot[i] = (now - r.first_token_s) / max(arrivals[i][2] - 1, 1)
             used -= arrivals[i][1] + arrivals[i][2]
     return Served(tuple(ttft), tuple(tpot), now - arrivals[0][0], arrivals[-1][0] - arrivals[0][0], delivered)
 
