@@ -24,9 +24,10 @@ def test_expertmesh_sections_write_results_and_plots(tmp_path):
     assert set(saved["sections"]) == {"efficiency", "deployments", "overlap", "cross-node"}
     efficiency = results["sections"]["efficiency"]
     assert efficiency["status"] == "ok"
-    # a share of the same FLOPs as plain matmuls (measured 0.17 here at load 3): over 1.5 the
-    # FLOP count or the timing is wrong
-    assert 0.02 < efficiency["rows"][0]["ratio"] < 1.5
+    # a share of the same FLOPs as plain matmuls (measured 0.17 here at load 3, and 0.006 once in
+    # a full suite run with other tests on the 2 cores): over 1.5, or under 0.001 (a FLOP count
+    # off by a dimension), the FLOP count or the timing is wrong
+    assert 0.001 < efficiency["rows"][0]["ratio"] < 1.5
     deployments = results["sections"]["deployments"]
     assert {r["deployment"] for r in deployments["rows"]} == {"single", "ep2", "tp2", "pp2"}
     for r in deployments["rows"]:
