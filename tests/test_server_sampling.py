@@ -150,6 +150,21 @@ def test_n_choices_are_indexed_seeded_per_choice_and_count_the_prompt_once(serve
     assert [c.index for c in chat.choices] == [0, 1, 2] and chat.usage.completion_tokens == 9
 
 
+def test_the_other_choices_take_choice_0s_prompt_from_the_prefix_cache(server):
+    """n > 1 shares the prompt's KV: choices 1.. start once choice 0's prompt blocks are cached,
+    so each finds 3 full blocks (24 tokens) there instead of computing them (submitted together,
+    they found none: every choice prefilled in the same step)."""
+    prompt = [(7 * i + 3) % 120 for i in range(25)]  # 3 full blocks of 8, and a token more
+
+    def hits() -> float:
+        return sum(server.metric("expertmesh_prefix_cache_hits_total", dp_rank=str(r)) for r in range(2))
+    before = hits()
+    r = server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=3, temperature=1.0,
+                                         seed=5, n=4)
+    assert [len(c.token_ids) for c in r.choices] == [3] * 4 and r.usage.prompt_tokens == 25
+    assert hits() - before >= 3 * 24
+
+
 BAD = [
     ("/completions", {"logprobs": 21}, "logprobs"),
     ("/completions", {"presence_penalty": 2.5}, "presence_penalty"),

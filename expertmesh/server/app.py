@@ -294,7 +294,12 @@ def _start(api: Api, body, ids: list[int], default_max: int, prefix: str) -> Cho
     if api.waiting >= api.max_waiting:
         raise ApiError(429, f"{api.waiting} requests are already waiting (--max-waiting "
                             f"{api.max_waiting}); retry later", kind="rate_limit_exceeded")
-    return Choices(rid, [Generation(api, r, body.stop_strings) for r in choices], api.tokenizer,
+    # With several choices and a prompt of full KV blocks, choices 1.. go to the engine once
+    # choice 0 has its first token: its prompt's blocks are then in the prefix cache, which they
+    # take instead of computing the prompt again (vLLM's V0 forked after the prefill the same way).
+    later = len(choices) > 1 and api.scheduler.cfg.prefix_caching and len(ids) > api.scheduler.cfg.block_size
+    gens = [Generation(api, r, body.stop_strings, submit=i == 0 or not later) for i, r in enumerate(choices)]
+    return Choices(rid, gens, api.tokenizer,
                    isinstance(body, ChatRequest))
 
 

@@ -6,6 +6,9 @@ the same request with n = 1 draws), choice i > 0 takes 63 bits of a BLAKE2b hash
 Without a seed, every choice gets a random one. Their tokens arrive interleaved; `Choices.pieces`
 yields them with their choice's index, and keeps each choice's text, finish reason and logprobs
 for the whole (non-streamed) body. Usage counts the prompt once and every choice's tokens.
+With prefix caching and a prompt of at least one full KV block, choices 1.. are sent to the
+engine when choice 0's first token arrives (`server/app.py: _start`): the prompt's blocks are
+cached then, and they take them instead of computing the prompt again.
 
 Logprobs (`engine/logprobs.py`: raw, before any processing), per token, as OpenAI writes them:
 completions `{"tokens", "token_logprobs", "top_logprobs": [{token: logprob}] (the drawn token
@@ -73,6 +76,10 @@ class Choices:
             left = len(tasks)
             while left:
                 index, piece = await queue.get()
+                if index == 0:  # choice 0's prompt is in the prefix cache now: the others may go
+                    for gen in self.gens[1:]:
+                        if not gen.submitted:
+                            gen.submit()
                 if piece is None:
                     left -= 1
                     continue

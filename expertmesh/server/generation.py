@@ -43,8 +43,9 @@ class TextStream:
 class Generation:
     """One request in flight, as its handler sees it."""
 
-    def __init__(self, api, request: Request, stops: list[str]):
-        """`api`: the API server's `server/app.py: Api` (tokenizer, engine client, metrics)."""
+    def __init__(self, api, request: Request, stops: list[str], submit: bool = True):
+        """`api`: the API server's `server/app.py: Api` (tokenizer, engine client, metrics).
+        `submit`: send it to the engine now, else at `submit()`."""
         self.api, self.request = api, request
         self.text = TextStream(api.tokenizer, stops)
         self.accepted = time.perf_counter()
@@ -52,8 +53,14 @@ class Generation:
         self.reason: str | None = None
         self.cached = 0  # prompt tokens found in the prefix cache (told with the first token)
         self.queue: asyncio.Queue = asyncio.Queue()
-        api.waiting += 1
-        api.engine.submit(request, self.queue)
+        self.submitted = False
+        if submit:
+            self.submit()
+
+    def submit(self) -> None:
+        self.submitted = True
+        self.api.waiting += 1
+        self.api.engine.submit(self.request, self.queue)
 
     async def pieces(self):
         """(text delta, new token ids, finish reason or None, the token's logprobs or None) as
@@ -76,9 +83,9 @@ class Generation:
 
     def close(self, error: bool = False) -> None:
         """Count the outcome; abort the request if it is still running (its client left)."""
-        if not self.times:
+        if self.submitted and not self.times:
             self.api.waiting -= 1
-        if self.reason is None:
+        if self.submitted and self.reason is None:
             self.api.engine.abort(self.request.id)
         outcome = "error" if error else (self.reason or "abort")
         self.api.metrics.finished(outcome, self.accepted, self.times)
