@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from expertmesh.launch import launch
+from expertmesh.model.forward_context import forward_context
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard, materialize
 from expertmesh.parallel.dispatch import AllToAllDispatcher
@@ -61,14 +62,16 @@ def _edges(device) -> list[float]:
                             (dict(peer_nodes=NODES, hierarchical=True, chunks=2), None),
                             (dict(hierarchical=True), None),  # one node: nothing to relay, the flat path
                             (dict(peer_nodes=NODES), bound)]:
-        d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, overlap=False, **kw)
-        out = d(x, ids, weights, local, low_latency_tokens=low_latency)
+        d = AllToAllDispatcher(dist.group.WORLD, placement, E, rank, overlap_chunks=False, **kw)
+        with forward_context(low_latency):
+            out = d(x, ids, weights, local)
         worst.append((out - expected).abs().max().item() if T else 0.0)
     # a replica of expert 2r + 2 on every rank r, each copy chosen per call by balanced routing
     replicated = [[*experts, (experts[-1] + 1) % E] for experts in placement]
     for low_latency in (None, bound):
         d = AllToAllDispatcher(dist.group.WORLD, replicated, E, rank, replica_routing="balanced")
-        out = d(x, ids, weights, _local_experts(replicated[rank]), low_latency_tokens=low_latency)
+        with forward_context(low_latency):
+            out = d(x, ids, weights, _local_experts(replicated[rank]))
         worst.append((out - expected).abs().max().item() if T else 0.0)
 
     # two calls: every token, then each rank's first token alone
@@ -84,7 +87,7 @@ def _edges(device) -> list[float]:
     rows_sent = sum(int((call >= 0).sum()) for call in rows) + sum(map(sum, loads))
     s = d.stats.snapshot()
     # overlap off: every exchange has finished when it is handed back; on: it is still to be waited for
-    flights = [AllToAllDispatcher(dist.group.WORLD, placement, E, rank, overlap=overlap)._start(
+    flights = [AllToAllDispatcher(dist.group.WORLD, placement, E, rank, overlap_chunks=overlap)._start(
         x[:0], [0] * EP, [0] * EP, "empty") for overlap in (False, True)]
     finished = [flight.work is None for flight in flights]
     flights[1].finish()
