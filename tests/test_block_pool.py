@@ -128,6 +128,7 @@ def test_free_cached_blocks_are_evicted_plain_ones_first_then_least_recently_fre
     assert pool.take_changes() == ([short(b"A" * 16)], [])  # B registered, then evicted: net nothing
     pool.take([a])  # held: never evicted
     assert not pool.can_take([], 1)
+    assert pool.evictions == 1  # b alone: plain blocks reused are not evictions (blocks_evicted in stats)
 
 
 def test_without_caching_nothing_is_found():

@@ -75,3 +75,43 @@ def test_requests_sharing_a_new_prefix_in_one_step_land_together_and_evictions_a
 def test_an_unknown_rule_is_refused_naming_the_flag():
     with pytest.raises(ValueError, match="--dp-routing"):
         DpRouter(2, BS, KEY, "random")
+
+
+def test_one_data_parallel_rank_takes_every_request_whatever_its_room():
+    assert DpRouter(1, BS, KEY).assign([req(i, [i, 1]) for i in range(3)], [stats(0)]) == [0, 0, 0]
+
+
+def test_each_choice_takes_its_blocks_and_queue_place_from_its_rank_before_the_next():
+    # load rule, 4-block prompts: rank 0 leads by 4 blocks, then is level (the shorter queue wins)
+    # or behind by one block
+    load = DpRouter(2, BS, KEY, "load")
+    two = [req(0, range(16)), req(1, range(16, 32))]
+    assert load.assign(two, [stats(10), stats(6)]) == [0, 1]
+    assert load.assign(two, [stats(10), stats(5)]) == [0, 0]
+    # one block each: level free blocks after the first choice, so the queues decide
+    one = [req(0, [1]), req(1, [2])]
+    assert DpRouter(2, BS, KEY, "load").assign(one, [stats(9), stats(8)]) == [0, 1]
+    assert DpRouter(2, BS, KEY, "load").assign(one, [stats(9, 0), stats(8, 1)]) == [0, 0]
+    # cache rule, no prefix: the first request's tokens count on its rank, so the second, past
+    # a step's budget (slack 8) there, goes to the other
+    cache = DpRouter(2, BS, KEY, "cache", slack=8)
+    assert cache.assign([req(0, range(20)), req(1, range(20, 40))], [stats(100), stats(50)]) == [0, 1]
+
+
+def test_the_load_rule_goes_by_free_blocks_whatever_the_queued_tokens():
+    assert DpRouter(2, BS, KEY, "load").assign([req(0, [1, 2])], [stats(10, tokens=1000), stats(5)]) == [0]
+
+
+def test_room_and_the_step_budget_are_inclusive():
+    prefix = list(range(100, 132))  # 8 blocks cached on rank 1; the request needs 1 more there
+    router = DpRouter(2, BS, KEY, "cache", slack=8)
+    router.learn(1, hashes(prefix), [])
+    assert router.assign([req(0, prefix + [1, 2])], [stats(50, tokens=10), stats(1, tokens=0)]) == [1]
+    # work: 10 + 34 on rank 0, 50 + 2 on rank 1: exactly a step's budget over the least
+    assert router.assign([req(1, prefix + [1, 2])], [stats(50, tokens=10), stats(20, tokens=50)]) == [1]
+
+
+def test_a_prefix_counts_only_its_leading_cached_blocks():
+    assert DpRouter._hits(set(), [1, 2, 3]) == 0
+    assert DpRouter._hits({1, 2}, [1, 2, 3]) == 2
+    assert DpRouter._hits({2, 3}, [1, 2, 3]) == 0

@@ -47,7 +47,7 @@ COVERING = {
     # and the pretend device of test_host_syncs: the only place where a host table left behind shows
     "parallel/low_latency.py": ["tests/test_dispatch.py", "tests/test_host_syncs.py", "-k", "latency"],
     "engine/scheduler.py": ["tests/test_scheduler.py"],
-    "engine/block_pool.py": ["tests/test_block_pool.py", "tests/test_scheduler.py"],
+    "engine/block_pool.py": ["tests/test_block_pool.py", "tests/test_dp_routing.py", "tests/test_scheduler.py"],
     "engine/dp_routing.py": ["tests/test_dp_routing.py"],
     "engine/sampling.py": ["tests/test_sampling_edges.py", "tests/test_sampling.py"],
     "model/paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py"],

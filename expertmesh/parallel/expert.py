@@ -23,6 +23,7 @@ from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import mark_shard
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.parallel.dispatch import AllToAllDispatcher
+from expertmesh.parallel.expert_moves import copy_plan
 from expertmesh.parallel.mesh import host_group
 from expertmesh.trace import span
 
@@ -139,34 +140,25 @@ def rebalance(model: MoETransformer, placements: list[list[list[int]]]) -> int:
         layer = model.layers[str(layer_index)]
         new = placements[layer_index]
         me, group = old.rank, old.group
-        owner = {}
-        for r, experts in enumerate(old.placement):
-            for e in experts:
-                owner.setdefault(e, r)
+        _, recvs, sends = copy_plan(old.placement, new, me)
         old_local = {e: i for i, e in enumerate(old.placement[me])}
         names = [n for n, _ in layer.moe.experts.named_parameters()]
         current = dict(layer.moe.experts.named_parameters())
         fresh = {n: torch.empty(len(new[me]), *p.shape[1:], dtype=p.dtype, device=p.device)
                  for n, p in current.items()}
         ops = []
-        for r, experts in enumerate(new):
-            for slot, e in enumerate(experts):
-                if e in old.placement[r]:
-                    continue  # r keeps it
-                if r == me:
-                    for n in names:
-                        ops.append(dist.P2POp(dist.irecv, fresh[n][slot],
-                                              dist.get_global_rank(group, owner[e]), group))
-                elif owner[e] == me:
-                    for n in names:
-                        ops.append(dist.P2POp(dist.isend, current[n][old_local[e]].contiguous(),
-                                              dist.get_global_rank(group, r), group))
+        for slot, peer in recvs:
+            for n in names:
+                ops.append(dist.P2POp(dist.irecv, fresh[n][slot], dist.get_global_rank(group, peer), group))
+            received += sum(fresh[n][slot].nbytes for n in names)
+        for peer, old_slot in sends:
+            for n in names:
+                ops.append(dist.P2POp(dist.isend, current[n][old_slot].contiguous(),
+                                      dist.get_global_rank(group, peer), group))
         for slot, e in enumerate(new[me]):
-            if e in old_local:
+            if e in old_local:  # kept, or moved between this rank's slots
                 for n in names:
                     fresh[n][slot] = current[n][old_local[e]]
-            else:
-                received += sum(fresh[n][slot].nbytes for n in names)
         if ops:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()

@@ -30,6 +30,27 @@ from expertmesh.model.moe import MoEBlock
 from expertmesh.trace import span
 
 
+def copy_plan(old: list[list[int]], new: list[list[int]], me: int) -> tuple[list, list, list]:
+    """What rank `me` copies to take one layer from placement `old` to `new` (rank r's experts, by
+    slot): (local: (my slot, my old slot of its expert), recvs: (my slot, the peer it comes from),
+    sends: (peer, my old slot of the expert it receives)), for every slot whose expert changes.
+    An expert comes from its receiver when that rank already holds it, else from its lowest old
+    holder. Ranks may hold other slot counts in `new` than in `old`."""
+    local, recvs, sends = [], [], []
+    for r, experts in enumerate(new):
+        for s, e in enumerate(experts):
+            if s < len(old[r]) and old[r][s] == e:
+                continue
+            source = r if e in old[r] else min(p for p in range(len(old)) if e in old[p])
+            if r == me and source == r:
+                local.append((s, old[r].index(e)))
+            elif r == me:
+                recvs.append((s, source))
+            elif source == me:
+                sends.append((r, old[me].index(e)))
+    return local, recvs, sends
+
+
 class LayerMove:
     """One layer's move on this rank. block: the layer's MoE block (its `experts` and all-to-all
     `dispatcher`); new[r]: rank r's experts after the move; group: the EP group's move group."""
@@ -39,20 +60,7 @@ class LayerMove:
         old = block.dispatcher.placement
         self.me = block.dispatcher.rank
         self.changes = [(s, e) for s, (was, e) in enumerate(zip(old[self.me], new[self.me])) if was != e]
-        self.sends: list[tuple[int, int]] = []  # (peer, my old slot of the expert it receives)
-        self.recvs: list[tuple[int, int]] = []  # (my slot, peer it comes from), a peer != me
-        self.local: list[tuple[int, int]] = []  # (my slot, my old slot of the same expert)
-        for r in range(len(new)):
-            for s, e in enumerate(new[r]):
-                if old[r][s] == e:
-                    continue
-                source = r if e in old[r] else min(p for p in range(len(old)) if e in old[p])
-                if r == self.me and source == r:
-                    self.local.append((s, old[r].index(e)))
-                elif r == self.me:
-                    self.recvs.append((s, source))
-                elif source == self.me:
-                    self.sends.append((r, old[self.me].index(e)))
+        self.local, self.recvs, self.sends = copy_plan(old, new, self.me)
         self.staged: dict[int, dict[str, torch.Tensor]] = {}
         self.works: list = []
         self.bytes_received = 0
