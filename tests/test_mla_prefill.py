@@ -74,3 +74,17 @@ def test_a_prompt_forward_expands_and_decode_steps_absorb(model, checkpoint):
     assert expansions.calls == 1
     want, _ = reference_greedy(checkpoint, prompts, 6)
     assert [out.tokens[i] for i in range(2)] == want.tolist()
+
+
+def test_requests_that_find_a_cached_latent_prefix_get_transformers_tokens(model, checkpoint):
+    """Prefix caching over DeepSeek-V3's latent pool: requests repeating a 17-token prefix arrive
+    after it was computed, take its 4 full blocks from the cache (the latent, not K and V), attend
+    absorbed over them, and get transformers' greedy tokens of their whole prompt."""
+    prefix = tuple(range(3, 20))
+    requests = [Request(i, prefix + (40 + i, 50 + i), 4) for i in range(3)]
+    engine = Engine(model, model.cfg, Deployment(), EngineConfig(num_blocks=64, block_size=4), eos=())
+    out = serve(engine, [(2 * i, r) for i, r in enumerate(requests)])
+    assert engine.scheduler.cached_tokens >= 2 * 16  # the 2 later requests each found 4 blocks
+    for r in requests:
+        want, _ = reference_greedy(checkpoint, torch.tensor([r.prompt]), r.max_tokens)
+        assert out.tokens[r.id] == want[0].tolist()
