@@ -17,8 +17,16 @@ tokens (drawn uniformly per request) followed by a suffix of its own of `input_l
 like chat requests sharing a system prompt; the server's `usage.prompt_tokens_details
 .cached_tokens` (when it sends them) give the prefix cache's hit rate over the prompt tokens.
 
-Prompts are token ids, or, given a tokenizer directory, the text of random ids decoded (a server
-with its own tokenizer re-encodes it; its `usage` reports the prompt length it saw).
+`dataset` "alternating": traffic whose hot experts move, for online expert load balancing with a
+real checkpoint. Requests come in phases of `switch_every` requests (counted in send order, so the
+phases follow from the config alone, whatever the server's speed): A, then B, then A, ... A phase
+draws its prompts from its own distribution: ids drawn uniformly from its own range of token ids
+(`tokens_a`, `tokens_b`; by default the two halves of [1, vocab)), or the lines of its own file
+of prompts (`prompts_a`, `prompts_b`: text, one prompt per line, drawn uniformly per request).
+
+Prompts are token ids, or, given a tokenizer directory, the text of random ids decoded, or the
+lines of prompt files (a server with its own tokenizer encodes text; a request's prompt tokens are
+the count the server's `usage` reports, where it sends one).
 """
 
 from __future__ import annotations
@@ -33,14 +41,17 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 PERCENTILES = (50, 90, 99)
-DATASETS = ("random", "shared-prefix")
+DATASETS = ("random", "shared-prefix", "alternating")
+ALTERNATING_FLAGS = ("switch_every", "tokens_a", "tokens_b", "prompts_a", "prompts_b")
 
 
 @dataclass(frozen=True)
 class BenchConfig:
     """input_len / output_len: (low, high) token counts, drawn uniformly per request (low == high:
     fixed). vocab: prompt ids are drawn from [1, vocab). endpoint: completions or chat. dataset:
-    random or shared-prefix (then `input_len` is each suffix's)."""
+    random, shared-prefix (then `input_len` is each suffix's) or alternating (then `tokens_a` /
+    `tokens_b`: inclusive (low, high) ranges of the two phases' ids, or `prompts_a` / `prompts_b`:
+    their prompt files)."""
 
     url: str
     num_prompts: int
@@ -58,6 +69,11 @@ class BenchConfig:
     dataset: str = "random"
     prefix_len: int = 0
     num_prefixes: int = 1
+    switch_every: int = 0
+    tokens_a: tuple[int, int] | None = None
+    tokens_b: tuple[int, int] | None = None
+    prompts_a: str | None = None
+    prompts_b: str | None = None
 
     def __post_init__(self) -> None:
         if self.num_prompts < 1:
@@ -77,15 +93,74 @@ class BenchConfig:
         if self.dataset == "shared-prefix" and not (self.prefix_len >= 1 and self.num_prefixes >= 1):
             raise ValueError(f"--dataset shared-prefix needs --prefix-len >= 1 and --num-prefixes >= 1 "
                              f"(got {self.prefix_len} and {self.num_prefixes})")
+        if self.dataset == "alternating":
+            self._check_alternating()
+        else:
+            for name in ALTERNATING_FLAGS:
+                if getattr(self, name):
+                    raise ValueError(f"{_flag(name)} applies to --dataset alternating only")
+
+    def _check_alternating(self) -> None:
+        if self.switch_every < 1:
+            raise ValueError(f"--dataset alternating needs --switch-every >= 1 requests per phase "
+                             f"(got {self.switch_every})")
+        if (self.prompts_a is None) != (self.prompts_b is None):
+            raise ValueError("--prompts-a and --prompts-b go together: one file of prompts per phase")
+        if self.prompts_a is not None:
+            if self.tokens_a or self.tokens_b:
+                raise ValueError("--tokens-a / --tokens-b do not apply with --prompts-a / --prompts-b, "
+                                 "whose files give the prompts")
+            read_prompts(self.prompts_a, "--prompts-a")
+            read_prompts(self.prompts_b, "--prompts-b")
+            return
+        if not (self.tokens_a and self.tokens_b) and self.vocab < 4:
+            raise ValueError(f"--dataset alternating splits --vocab {self.vocab} in two halves, which "
+                             f"needs --vocab >= 4 (or give --tokens-a and --tokens-b)")
+        a, b = token_ranges(self)
+        for name, (low, high) in (("tokens_a", a), ("tokens_b", b)):
+            if not 0 <= low <= high:
+                raise ValueError(f"{_flag(name)} {low}:{high} must be 0 <= low <= high (token ids)")
+        if a[0] <= b[1] and b[0] <= a[1]:
+            raise ValueError(f"--tokens-a {a[0]}:{a[1]} and --tokens-b {b[0]}:{b[1]} overlap; the two "
+                             f"phases need disjoint token ids")
 
 
-def parse_range(text: str, flag: str) -> tuple[int, int]:
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def token_ranges(cfg: BenchConfig) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The alternating dataset's inclusive ranges of prompt ids, phase A's then B's: as given, else
+    [1, vocab/2) and [vocab/2, vocab)."""
+    half = cfg.vocab // 2
+    return cfg.tokens_a or (1, half - 1), cfg.tokens_b or (half, cfg.vocab - 1)
+
+
+def phase(cfg: BenchConfig, i: int) -> int:
+    """The alternating dataset's phase of the i-th request sent: 0 (A) or 1 (B)."""
+    return i // cfg.switch_every % 2
+
+
+def read_prompts(path: str, flag: str) -> list[str]:
+    """A prompt file's prompts: its lines that are not blank."""
+    try:
+        prompts = [line for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot read it ({exc.strerror or exc})") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"{flag} {path} is not UTF-8 text") from None
+    if not prompts:
+        raise ValueError(f"{flag} {path} has no prompt (give one per line)")
+    return prompts
+
+
+def parse_range(text: str, flag: str, what: str = "token counts") -> tuple[int, int]:
     """"128" -> (128, 128); "64:256" -> (64, 256)."""
     try:
         low, _, high = text.partition(":")
         return int(low), int(high or low)
     except ValueError:
-        raise ValueError(f"{flag} {text!r}: give N or LOW:HIGH (token counts)") from None
+        raise ValueError(f"{flag} {text!r}: give N or LOW:HIGH ({what})") from None
 
 
 @dataclass
@@ -93,7 +168,7 @@ class Outcome:
     """One request as the client saw it; times in seconds since the run started."""
 
     sent: float
-    prompt_tokens: int
+    prompt_tokens: int  # as sent (0 for a prompt file's text), then as the server's usage counts them
     times: list[float] = field(default_factory=list)  # when each chunk with tokens arrived
     tokens: int = 0
     error: str | None = None
@@ -112,14 +187,22 @@ class Outcome:
         return (self.times[-1] - self.times[0]) / (self.tokens - 1) if self.tokens > 1 else None
 
 
-def workload(cfg: BenchConfig) -> list[tuple[float, list[int], int]]:
-    """(send time, prompt ids, max tokens) per request, from the seed alone."""
+def workload(cfg: BenchConfig) -> list[tuple[float, list[int] | str, int]]:
+    """(send time, prompt ids or text, max tokens) per request, from the config and seed alone."""
     rng = random.Random(cfg.seed)
     prefixes = [[rng.randrange(1, cfg.vocab) for _ in range(cfg.prefix_len)] for _ in range(cfg.num_prefixes)]
+    texts = (read_prompts(cfg.prompts_a, "--prompts-a"), read_prompts(cfg.prompts_b, "--prompts-b")) \
+        if cfg.prompts_a else None
     at, out = 0.0, []
-    for _ in range(cfg.num_prompts):
-        prefix = rng.choice(prefixes) if cfg.dataset == "shared-prefix" else []
-        prompt = prefix + [rng.randrange(1, cfg.vocab) for _ in range(rng.randint(*cfg.input_len))]
+    for i in range(cfg.num_prompts):
+        if cfg.dataset != "alternating":
+            prefix = rng.choice(prefixes) if cfg.dataset == "shared-prefix" else []
+            prompt = prefix + [rng.randrange(1, cfg.vocab) for _ in range(rng.randint(*cfg.input_len))]
+        elif texts:
+            prompt = rng.choice(texts[phase(cfg, i)])
+        else:
+            low, high = token_ranges(cfg)[phase(cfg, i)]
+            prompt = [rng.randint(low, high) for _ in range(rng.randint(*cfg.input_len))]
         out.append((at, prompt, rng.randint(*cfg.output_len)))
         if math.isfinite(cfg.rate):
             at += rng.expovariate(cfg.rate)
@@ -141,6 +224,7 @@ async def _one(client, cfg: BenchConfig, model: str, prompt, max_tokens: int, st
             now = time.perf_counter() - start
             if chunk.usage is not None:
                 counted = chunk.usage.completion_tokens
+                outcome.prompt_tokens = chunk.usage.prompt_tokens
                 details = getattr(chunk.usage, "prompt_tokens_details", None)
                 outcome.cached = getattr(details, "cached_tokens", None) or 0
             if not chunk.choices:
@@ -176,8 +260,9 @@ async def _run(cfg: BenchConfig, on_done) -> tuple[list[Outcome], float, str]:
         delay = at - (time.perf_counter() - start)
         if delay > 0:
             await asyncio.sleep(delay)
-        prompt = tokenizer.decode(ids) if tokenizer is not None else ids
-        outcome = Outcome(time.perf_counter() - start, len(ids))
+        text = isinstance(ids, str)
+        prompt = tokenizer.decode(ids) if tokenizer is not None and not text else ids
+        outcome = Outcome(time.perf_counter() - start, 0 if text else len(ids))
         outcomes.append(outcome)
         tasks.append(asyncio.create_task(_one(client, cfg, model, prompt, max_tokens, start, outcome, on_done)))
     await asyncio.gather(*tasks)

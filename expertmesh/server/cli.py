@@ -162,12 +162,17 @@ def cmd_bench_serve(args) -> int:
 
     from expertmesh.server.bench import BenchConfig, parse_range, plot, run_bench, write_json
 
+    def ids(text: str | None, flag: str) -> tuple[int, int] | None:
+        return None if text is None else parse_range(text, flag, "token ids")
+
     cfg = BenchConfig(url=args.url, num_prompts=args.num_prompts, rate=args.rate,
                       input_len=parse_range(args.input_len, "--input-len"),
                       output_len=parse_range(args.output_len, "--output-len"), seed=args.seed,
                       model=args.model, endpoint=args.endpoint, tokenizer=args.tokenizer, vocab=args.vocab,
                       ttft_slo=args.ttft_slo, tpot_slo=args.tpot_slo, timeout=args.timeout,
-                      dataset=args.dataset, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes)
+                      dataset=args.dataset, prefix_len=args.prefix_len, num_prefixes=args.num_prefixes,
+                      switch_every=args.switch_every, prompts_a=args.prompts_a, prompts_b=args.prompts_b,
+                      tokens_a=ids(args.tokens_a, "--tokens-a"), tokens_b=ids(args.tokens_b, "--tokens-b"))
     console = Console()
     with Progress(console=Console(stderr=True), transient=True) as progress:
         task = progress.add_task(f"{cfg.num_prompts} requests at {cfg.rate} req/s", total=cfg.num_prompts)
@@ -268,10 +273,20 @@ def add_commands(sub) -> None:
                       help="a tokenizer directory: send the text of the random ids instead of ids")
     load.add_argument("--vocab", type=int, default=100, help="prompt ids are drawn from 1 .. vocab-1")
     load.add_argument("--dataset", default="random",
-                      help="random, or shared-prefix: one of --num-prefixes prefixes of --prefix-len "
-                      "tokens, then --input-len tokens of its own")
+                      help="random; shared-prefix: one of --num-prefixes prefixes of --prefix-len "
+                      "tokens, then --input-len tokens of its own; alternating: prompts from two "
+                      "distributions, A and B, switching every --switch-every requests")
     load.add_argument("--prefix-len", type=int, default=0, help="shared-prefix: tokens per prefix")
     load.add_argument("--num-prefixes", type=int, default=1, help="shared-prefix: how many prefixes")
+    load.add_argument("--switch-every", type=int, default=0,
+                      help="alternating: requests per phase (A, then B, then A, ... in send order)")
+    load.add_argument("--tokens-a", default=None, help="alternating: phase A's prompt ids, LOW:HIGH "
+                      "inclusive (default 1 .. vocab/2 - 1)")
+    load.add_argument("--tokens-b", default=None, help="alternating: phase B's prompt ids, LOW:HIGH "
+                      "inclusive (default vocab/2 .. vocab - 1); disjoint from A's")
+    load.add_argument("--prompts-a", default=None, help="alternating: a text file of phase A's "
+                      "prompts, one per line (with --prompts-b; instead of token ids)")
+    load.add_argument("--prompts-b", default=None, help="alternating: a text file of phase B's prompts")
     load.add_argument("--ttft-slo", type=float, default=None, help="seconds, for goodput")
     load.add_argument("--tpot-slo", type=float, default=None, help="seconds, for goodput")
     load.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
