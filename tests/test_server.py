@@ -33,6 +33,8 @@ transformers = pytest.importorskip("transformers", reason="the tiny checkpoint a
 
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint  # noqa: E402
 from expertmesh.launch import free_port  # noqa: E402
+from expertmesh.server.bench import BenchConfig, workload  # noqa: E402
+from expertmesh.server.rank_counters import STATS_EVERY  # noqa: E402
 from test_reliability import Leftovers  # noqa: E402
 
 START_S = 240  # a server's start-up on a loaded 2-core machine: imports, two ranks, warm-up
@@ -334,6 +336,52 @@ def test_models_health_and_metrics(server):
         time.sleep(0.5)
     assert server.metric("expertmesh_load_imbalance") >= 1.0
     assert server.metric("expertmesh_exchanged_bytes_total") > 0
+
+
+def router_counts(hf_model, prompts: list[list[int]]) -> torch.Tensor:
+    """transformers' layer-0 router: how many of the prompts' tokens pick each expert (top-2)."""
+    counts = torch.zeros(4)
+    with torch.no_grad():
+        for prompt in prompts:
+            logits = hf_model(torch.tensor([prompt]), output_router_logits=True).router_logits[0]
+            counts += torch.bincount(logits.topk(2, dim=-1).indices.flatten(), minlength=4)
+    return counts
+
+
+def test_the_alternating_bench_phases_load_the_experts_differently(server, hf_model):
+    """`bench serve --dataset alternating` with ids 1..16 in phase A and 64..79 in phase B: each
+    phase's routed tokens per expert of layer 0 on /metrics are transformers' router's over the
+    phase's prompts, give or take the requests that push the counters out between phases, and one
+    expert's share of them moves by more than 0.1 between the phases."""
+    cfg = BenchConfig(url=server.url + "/v1", num_prompts=24, rate=float("inf"), input_len=(32, 64),
+                      output_len=(1, 1), dataset="alternating", switch_every=12, tokens_a=(1, 16),
+                      tokens_b=(64, 79))
+    jobs = workload(cfg)
+
+    def flush() -> None:  # STATS_EVERY + 1 steps: the counters of every step before reach /metrics
+        server.client.completions.create(model="tinyqwen", prompt=[100], max_tokens=STATS_EVERY + 1,
+                                         temperature=0)
+
+    def counts() -> torch.Tensor:
+        return torch.tensor([server.metric("expertmesh_expert_tokens_total", layer=0, expert=e) for e in range(4)])
+
+    def prefill(prompt) -> None:
+        server.client.completions.create(model="tinyqwen", prompt=prompt, max_tokens=1, temperature=0)
+
+    flush()
+    measured, want = [], []
+    for phase in (jobs[:12], jobs[12:]):
+        before = counts()
+        with ThreadPoolExecutor(12) as pool:
+            list(pool.map(prefill, [prompt for _, prompt, _ in phase]))
+        flush()
+        measured.append(counts() - before)
+        want.append(router_counts(hf_model, [prompt for _, prompt, _ in phase]))
+    flushes = 2 * (STATS_EVERY + 1) * 2  # the two flushes' tokens either side of a phase, top-2 each
+    for got, expected in zip(measured, want):
+        assert (got - expected).abs().sum() <= flushes + 4, (got, expected)  # 4: near ties
+    shares = [m / m.sum() for m in measured]
+    assert (shares[0] - shares[1]).abs().max() > 0.1, shares
 
 
 def test_a_repeated_prompt_reports_its_cached_tokens_in_usage_and_metrics(server, hf_model):
