@@ -147,6 +147,36 @@ def test_planner_never_raises_the_busiest_rank(loads, ep, redundant):
     assert sum(len(x) for x in plan) <= E + redundant
 
 
+def test_the_plan_is_the_packed_candidate_when_the_contiguous_ranks_are_lopsided():
+    """Loads 10, 9, 1, 1 on ep2, no spare slot. Packed heaviest first, each onto the less loaded
+    rank: 10 -> rank 0, 9 -> rank 1, then a 1 to rank 1 (9 < 10) and the last 1 to rank 0, the only
+    one with room: [[0, 2], [1, 3]], busiest rank 11. Contiguous: [[0, 1], [2, 3]], busiest 19."""
+    loads = [10, 9, 1, 1]
+    assert plan_redundant(loads, 2, 0) == [[0, 2], [1, 3]]
+
+
+def test_the_plan_is_the_contiguous_candidate_when_its_replica_helps_more():
+    """Loads 10, 9, 1, 1 on ep2, one spare slot (ranks hold 3 and 2 slots). Packed: expert 0 gets
+    the replica, its halves of 5 on ranks 0 and 1; 9 -> rank 0 (a tie on load, and rank 0 has more
+    room), 1 -> rank 1, the last 1 -> rank 0, the only one with room: [[0, 1, 2], [0, 3]], busiest
+    5 + 9 + 1 = 15. Contiguous plus the best replica: expert 0 on rank 1 leaves rank 0 with
+    5 + 9 = 14 and rank 1 with 1 + 1 + 5 = 7: [[0, 1], [2, 3, 0]], busiest 14."""
+    loads = [10, 9, 1, 1]
+    assert plan_redundant(loads, 2, 1) == [[0, 1], [2, 3, 0]]
+
+
+def test_the_contiguous_candidate_adds_no_replica_that_does_not_help_and_wins_a_tie():
+    """Loads 0, 1, 0, 1 on ep2, one spare slot: the contiguous ranks carry 1 each; a replica of
+    expert 1 or 3 leaves the rank holding the other at 1.5 and one of the idle experts 0 and 2
+    lowers nothing, so none is added. Packing replicates expert 1 and ends at 1.5 (rank 0: 0.5 of
+    expert 1 and all of 3). Loads 1, 1, 1, 1, no spare slot: packing gives [[1, 3], [0, 2]] (an
+    equal load goes to the rank with more room, then to the lower rank), busiest 2 like the
+    contiguous placement's, which the plan keeps; with loads 0, 0, 0, 0 the packing is the same,
+    the rank with more room taking each next expert."""
+    assert plan_redundant([0, 1, 0, 1], 2, 1) == [[0, 1], [2, 3]]
+    assert plan_redundant([1, 1, 1, 1], 2, 0) == [[0, 1], [2, 3]]
+
+
 def test_planner_lowers_the_busiest_rank_on_zipf_loads():
     loads = [100 / (e + 1) ** 1.2 for e in range(16)]
     default = max(planned_rank_loads(contiguous_placement(16, 16), loads))
