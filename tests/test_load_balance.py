@@ -15,7 +15,8 @@ from expertmesh.engine.worker import run
 from expertmesh.launch import launch
 from expertmesh.model.capacity import DROPPED, KEPT, REROUTED, apply_capacity
 from expertmesh.parallel.placement import contiguous_placement, slot_table
-from expertmesh.parallel.placement import plan_redundant, planned_rank_loads
+from expertmesh.parallel.placement import (contiguous_plus_replicas, plan_redundant, planned_rank_loads,
+                                           replicate_then_pack)
 
 
 def naive_capacity(probs, k, factor, policy):
@@ -152,6 +153,8 @@ def test_the_plan_is_the_packed_candidate_when_the_contiguous_ranks_are_lopsided
     rank: 10 -> rank 0, 9 -> rank 1, then a 1 to rank 1 (9 < 10) and the last 1 to rank 0, the only
     one with room: [[0, 2], [1, 3]], busiest rank 11. Contiguous: [[0, 1], [2, 3]], busiest 19."""
     loads = [10, 9, 1, 1]
+    assert replicate_then_pack(loads, 2, 0) == [[0, 2], [1, 3]]
+    assert contiguous_plus_replicas(loads, 2, 0) == [[0, 1], [2, 3]]
     assert plan_redundant(loads, 2, 0) == [[0, 2], [1, 3]]
 
 
@@ -162,6 +165,8 @@ def test_the_plan_is_the_contiguous_candidate_when_its_replica_helps_more():
     5 + 9 + 1 = 15. Contiguous plus the best replica: expert 0 on rank 1 leaves rank 0 with
     5 + 9 = 14 and rank 1 with 1 + 1 + 5 = 7: [[0, 1], [2, 3, 0]], busiest 14."""
     loads = [10, 9, 1, 1]
+    assert replicate_then_pack(loads, 2, 1) == [[0, 1, 2], [0, 3]]
+    assert contiguous_plus_replicas(loads, 2, 1) == [[0, 1], [2, 3, 0]]
     assert plan_redundant(loads, 2, 1) == [[0, 1], [2, 3, 0]]
 
 
@@ -173,8 +178,12 @@ def test_the_contiguous_candidate_adds_no_replica_that_does_not_help_and_wins_a_
     equal load goes to the rank with more room, then to the lower rank), busiest 2 like the
     contiguous placement's, which the plan keeps; with loads 0, 0, 0, 0 the packing is the same,
     the rank with more room taking each next expert."""
+    assert contiguous_plus_replicas([0, 1, 0, 1], 2, 1) == [[0, 1], [2, 3]]
+    assert replicate_then_pack([0, 1, 0, 1], 2, 1) == [[0, 1, 3], [1, 2]]
     assert plan_redundant([0, 1, 0, 1], 2, 1) == [[0, 1], [2, 3]]
+    assert replicate_then_pack([1, 1, 1, 1], 2, 0) == [[1, 3], [0, 2]]
     assert plan_redundant([1, 1, 1, 1], 2, 0) == [[0, 1], [2, 3]]
+    assert replicate_then_pack([0, 0, 0, 0], 2, 0) == [[1, 3], [0, 2]]
 
 
 def test_planner_lowers_the_busiest_rank_on_zipf_loads():

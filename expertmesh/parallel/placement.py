@@ -121,14 +121,20 @@ def planned_rank_loads(placement: Placement, loads: list[float]) -> list[float]:
 
 
 def plan_redundant(loads: list[float], ep: int, redundant: int) -> Placement:
-    """At most `redundant` extra expert slots, chosen to lower the busiest rank's planned load.
+    """At most `redundant` extra expert slots, chosen to lower the busiest rank's planned load:
+    the better of `contiguous_plus_replicas` and `replicate_then_pack` (the first on a tie, and
+    the only one when packing fails). The first never raises the busiest rank's load, so neither
+    does the plan."""
+    candidates = [contiguous_plus_replicas(loads, ep, redundant), replicate_then_pack(loads, ep, redundant)]
+    return min((p for p in candidates if p is not None), key=lambda p: max(planned_rank_loads(p, loads)))
 
-    Two candidates, the better one wins: (a) replicate the hottest experts (by load per
-    replica), then pack all slots onto ranks heaviest first, each to the least loaded rank with
-    room that does not hold that expert yet (EPLB-style); (b) the contiguous placement, plus
-    replicas of the hottest expert on the least loaded rank, each kept only if it lowers the
-    busiest rank's load. (b) never raises it, so neither does the plan.
-    """
+
+def replicate_then_pack(loads: list[float], ep: int, redundant: int) -> Placement | None:
+    """EPLB-style: give the hottest expert (by load per replica) one more replica, `redundant`
+    times, then pack every replica onto a rank, those of experts with more replicas first (they
+    need distinct ranks), then heaviest first, each to the least loaded rank with room that does
+    not hold that expert yet; ranks hold E + redundant slots as evenly as they can. None when
+    packing paints itself into a corner (no such rank)."""
     E = len(loads)
     redundant = min(redundant, E * (ep - 1))  # an expert has at most one replica per rank
     replicas = [1] * E
@@ -137,29 +143,33 @@ def plan_redundant(loads: list[float], ep: int, redundant: int) -> Placement:
         replicas[hottest] += 1
     n_slots = E + redundant
     room = [n_slots // ep + (1 if r < n_slots % ep else 0) for r in range(ep)]
-    packed: Placement | None = [[] for _ in range(ep)]
+    packed: Placement = [[] for _ in range(ep)]
     rank_load = [0.0] * ep
-    # experts with more replicas first (they need distinct ranks), then heaviest first
     for _, load, e in sorted(((replicas[e], loads[e] / replicas[e], e) for e in range(E)
                               for _ in range(replicas[e])), reverse=True):
         free = [r for r in range(ep) if room[r] and e not in packed[r]]
-        if not free:  # packing painted itself into a corner: keep candidate (b) only
-            packed = None
-            break
+        if not free:
+            return None
         r = min(free, key=lambda r: (rank_load[r], -room[r]))
         packed[r].append(e)
         room[r] -= 1
         rank_load[r] += load
+    return [sorted(x) for x in packed]
 
-    greedy = contiguous_placement(E, ep)
+
+def contiguous_plus_replicas(loads: list[float], ep: int, redundant: int) -> Placement:
+    """The contiguous placement, then up to `redundant` times the one replica (of the hottest
+    expert that has one that helps, on the rank where it helps most) that lowers the busiest
+    rank's planned load; it stops when none does, so it never raises that load."""
+    placement = contiguous_placement(len(loads), ep)
     for _ in range(redundant):
-        current = max(planned_rank_loads(greedy, loads))
+        current = max(planned_rank_loads(placement, loads))
         best = None
-        for e in sorted(range(E), key=lambda e: -loads[e]):
+        for e in sorted(range(len(loads)), key=lambda e: -loads[e]):
             for r in range(ep):
-                if e in greedy[r]:
+                if e in placement[r]:
                     continue
-                trial = [list(x) for x in greedy]
+                trial = [list(x) for x in placement]
                 trial[r].append(e)
                 peak = max(planned_rank_loads(trial, loads))
                 if peak < current and (best is None or peak < best[0]):
@@ -168,9 +178,8 @@ def plan_redundant(loads: list[float], ep: int, redundant: int) -> Placement:
                 break
         if best is None:
             break
-        greedy = best[1]
-    candidates = [greedy] + ([[sorted(x) for x in packed]] if packed else [])
-    return min(candidates, key=lambda p: max(planned_rank_loads(p, loads)))
+        placement = best[1]
+    return placement
 
 
 def expert_loads(routing_layer: dict[int, Counter], n_experts: int) -> list[int]:
