@@ -212,11 +212,17 @@ class ModelConfig:
         return layer in self.dense_layers
 
     def kv_per_token(self, tp: int = 1) -> tuple[int, int]:
-        """(KV heads, head dim) a rank caches per token and layer, as K and as V: the latent and the
-        RoPE key as one head (every TP rank holds all of it) under latent attention."""
+        """(KV heads, head dim) of what a rank caches per token and layer: the latent and the RoPE
+        key as one head (every TP rank holds all of it) under latent attention."""
         if self.kv_lora_rank:
             return 1, self.kv_lora_rank + self.qk_rope_head_dim
         return self.n_kv_heads // tp, self.head_dim
+
+    def kv_elements_per_token(self, tp: int = 1) -> int:
+        """Elements a rank caches per token and layer: K and V, `2 g d / tp`; under latent attention
+        the latent `r + p` once (its keys are its values: a keys-only pool, `model/paged.py`)."""
+        heads, dim = self.kv_per_token(tp)
+        return heads * dim * (1 if self.kv_lora_rank else 2)
 
     @property
     def matrices_per_expert(self) -> int:

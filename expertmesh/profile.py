@@ -200,7 +200,7 @@ def profile_rank(spec: RunSpec, batch: int, context: int, steps: int, device: to
 def _resident(eng: Engine) -> int:
     """Bytes of KV the running sequences hold in the pools of this rank's layers."""
     positions = sum(seq.computed for seq in eng.scheduler.running)
-    per_position = sum(p.k[0, 0].nbytes + p.v[0, 0].nbytes for p in eng.runner.pools.values())
+    per_position = sum(p.nbytes // (p.k.shape[0] * p.k.shape[1]) for p in eng.runner.pools.values())
     return positions * per_position
 
 

@@ -48,18 +48,23 @@ def test_the_correction_bias_changes_which_experts_transformers_chooses(checkpoi
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_the_kv_cache_holds_the_latent_per_token(checkpoint, tp):
-    """Per token and layer: the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim = 40),
-    stored as K and V, on every TP rank; full keys and values would be 4 heads x (24 + 24)."""
+    """Per token and layer: the latent and the RoPE key (kv_lora_rank + qk_rope_head_dim = 40)
+    once, its values its keys, on every TP rank, in the engine's pools and the static loop's
+    caches; full keys and values would be 4 heads x (24 + 24). A budget of one block's bytes (4
+    tokens x 3 layers x 40 fp32) gets one block, twice that two."""
     cfg = config_from_hf(checkpoint)
     model = build_model(cfg)
     if tp > 1:
         model = apply_tensor_parallel(model, None, tp, 0)
     pools = model.make_pools(num_blocks=2, block_size=4)
-    per_token = {name: (p.k[0, 0].numel() + p.v[0, 0].numel()) for name, p in pools.items()}
-    assert set(per_token.values()) == {2 * (32 + 8)}
-    assert 2 * (32 + 8) < 4 * (24 + 24)
-    engine = EngineConfig(block_size=4, kv_cache_gb=2 * 40 * 4 * 4 * 3 / 2**30)
-    assert pool_blocks(cfg, Deployment(tp=tp), engine) == 1  # exactly one block of 4 tokens x 3 layers
+    caches = model.make_caches(batch=3, max_len=5)
+    assert all(p.v is p.k and p.nbytes == 2 * 4 * (32 + 8) * 4 for p in pools.values())
+    assert all(c.v is c.k and c.nbytes == 3 * 5 * (32 + 8) * 4 for c in caches.values())
+    assert 32 + 8 < 4 * (24 + 24)
+    block = 4 * 3 * (32 + 8) * 4
+    for blocks in (1, 2):
+        engine = EngineConfig(block_size=4, kv_cache_gb=blocks * block / 2**30)
+        assert pool_blocks(cfg, Deployment(tp=tp), engine) == blocks
 
 
 def test_run_command_on_a_deepseek_v3_checkpoint(checkpoint, capsys):
@@ -94,7 +99,8 @@ def test_simulator_kv_bytes_are_the_engines_latent_pools(checkpoint):
 
     cfg = config_from_hf(checkpoint)
     pools = build_model(cfg).make_pools(num_blocks=1, block_size=1)
-    per_token = sum(p.k.nbytes + p.v.nbytes for p in pools.values())
+    per_token = sum(p.nbytes for p in pools.values())
+    assert per_token == 3 * (32 + 8) * 4  # 3 layers of the latent once, fp32
     workload = Workload(batch_size=3, prompt_len=10, gen_len=6)
     assert kv_cache_bytes(cfg, Deployment(tp=2), workload, 0) == per_token * 3 * 16
 
@@ -111,6 +117,25 @@ DEEPSEEK_V3_SHAPES = {
     "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
                      "original_max_position_embeddings": 4096, "type": "yarn"},
     "scoring_func": "sigmoid", "topk_method": "noaux_tc", "torch_dtype": "bfloat16"}
+
+
+def test_deepseek_v3_caches_1152_bytes_per_token_and_layer_and_gets_blocks_by_them(tmp_path):
+    """DeepSeek-V3 in bf16: the latent 512 + 64 values, 1,152 B per token and layer, against
+    128 heads x (192 + 128) values, 81,920 B, for full keys and values (71x). 10 GiB hold
+    10 x 2^30 // (16 tokens x 1,152 B x 61 layers) blocks of 16 on every rank of single, ep32 and
+    tp8 (the latent is whole on each TP rank), and the same over 31 layers under pp2."""
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps(DEEPSEEK_V3_SHAPES))
+    cfg = config_from_hf(tmp_path)
+    assert cfg.dtype == "bf16"
+    pools = build_model(cfg).to(cfg.torch_dtype).make_pools(num_blocks=1, block_size=1)  # on meta
+    assert {p.nbytes for p in pools.values()} == {(512 + 64) * 2} == {1152}
+    assert 128 * (192 + 128) * 2 == 81920
+    budget = EngineConfig(block_size=16, kv_cache_gb=10)
+    for deployment in ("single", "ep32", "tp8"):
+        assert pool_blocks(cfg, Deployment.parse(deployment), budget) == 10 * 2**30 // (16 * 1152 * 61) == 9549
+    assert pool_blocks(cfg, Deployment(pp=2), budget) == 10 * 2**30 // (16 * 1152 * 31)
 
 
 def test_simulate_command_takes_deepseek_v3_shapes(tmp_path, capsys):

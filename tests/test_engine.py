@@ -95,8 +95,12 @@ def test_the_pool_is_sized_from_the_memory_budget_on_the_rank_with_most_kv_per_b
     from expertmesh.config import preset
     from expertmesh.engine.engine import pool_blocks
 
+    from expertmesh.model.transformer import build_model
+
     cfg = preset("tiny")  # 4 layers, 8 KV heads x 32, fp32
     per_layer_block = 2 * 16 * 8 * 32 * 4  # k and v of 16 tokens
+    pools = build_model(cfg).make_pools(num_blocks=3, block_size=16)  # on the meta device
+    assert all(p.v is not p.k and p.nbytes == 3 * per_layer_block for p in pools.values())
     budget = EngineConfig(block_size=16, kv_cache_gb=1.0)
     assert pool_blocks(cfg, Deployment(), budget) == 2**30 // (4 * per_layer_block)
     assert pool_blocks(cfg, Deployment(ep=4), budget) == 2**30 // (4 * per_layer_block)

@@ -21,13 +21,23 @@ def test_update_writes_its_rows_and_positions_and_returns_the_cached_prefix():
     assert not cache.k[[0, 3]].any() and not cache.v[[0, 3]].any() and not cache.k[:, 4:].any()
 
 
+def test_a_keys_only_cache_holds_and_writes_its_keys_once_as_its_values():
+    """Latent attention's cache: one tensor `[batch, max_len, g, d]`, returned as keys and values."""
+    cache = KVCache(batch=2, max_len=5, n_kv_heads=1, head_dim=3, dtype=torch.float32,
+                    device=torch.device("cpu"), keys_only=True)
+    assert cache.v is cache.k and cache.nbytes == 2 * 5 * 1 * 3 * 4
+    latent = torch.arange(2 * 4 * 3, dtype=torch.float32).view(2, 4, 1, 3)
+    k, v = cache.update(slice(None), 0, latent, latent)
+    assert torch.equal(k, latent) and torch.equal(v, latent) and not cache.k[:, 4:].any()
+
+
 def test_make_caches_gives_each_layer_a_cache_of_its_kv_heads(small_model):
     model = small_model(n_kv_heads=2)
     caches = model.make_caches(batch=3, max_len=10)
     cfg = model.cfg
     assert sorted(caches) == [str(i) for i in range(cfg.n_layers)]
     for cache in caches.values():
-        assert cache.k.shape == cache.v.shape == (3, 10, 2, cfg.head_dim)
+        assert cache.k.shape == cache.v.shape == (3, 10, 2, cfg.head_dim) and cache.v is not cache.k
         assert cache.k.dtype == torch.float32
         assert cache.nbytes == 2 * 3 * 10 * 2 * cfg.head_dim * 4
 

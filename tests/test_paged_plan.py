@@ -4,6 +4,7 @@ pieces are the longest consecutive runs whose count x longest length stays withi
 piece of unequal lengths carries a mask that is -inf exactly past each length, one of equal
 lengths none. `test_paged.py` checks the logits these plans give; this checks the plans."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -92,17 +93,21 @@ def test_the_plan_and_the_rotary_tables_are_made_once_a_step_before_the_first_la
     assert made == [batch] and tables == [(8, 10000.0)]
 
 
-def test_a_layer_stores_its_keys_and_values_at_the_slots_and_attends_in_any_float_dtype():
+@pytest.mark.parametrize("keys_only", [False, True])
+def test_a_layer_stores_its_keys_and_values_at_the_slots_and_attends_in_any_float_dtype(keys_only):
     """q `[1, N, h, d]`, k, v `[1, N, g, d]` -> `[1, N, h, d]`, within float rounding (bf16's
-    too, with a masked piece) of a plain SDPA over each sequence's positions."""
+    too, with a masked piece) of a plain SDPA over each sequence's positions. A keys-only pool
+    (latent attention's) is one tensor, its values its keys."""
     lengths, h, g, d = [3, 7, 1], 4, 2, 8
     gen = torch.Generator().manual_seed(0)
     keys, values = (torch.randn(sum(lengths), g, d, generator=gen) for _ in range(2))
+    values = keys if keys_only else values
     q = torch.randn(1, len(lengths), h, d, generator=gen)
     for dtype in (torch.float32, torch.bfloat16):
         batch = decode_batch(lengths, TorchBackend(8))  # pieces [3] and [7, 1]: the second masked
         batch.plan(None, None)
-        pool = KVPool(8, BLOCK, g, d, dtype, CPU)
+        pool = KVPool(8, BLOCK, g, d, dtype, CPU, keys_only)
+        assert (pool.v is pool.k) == keys_only and pool.nbytes == (1 if keys_only else 2) * pool.k.nbytes
         flat_k, flat_v = pool.k.view(-1, g, d), pool.v.view(-1, g, d)
         ends = torch.tensor(lengths).cumsum(0).tolist()
         for i, n in enumerate(lengths):  # the earlier positions, already in the cache

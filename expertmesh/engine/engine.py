@@ -47,14 +47,15 @@ CPU_KV_CACHE_GB = 1.0  # a CPU rank's pool when no size is given: a host has no 
 def pool_blocks(cfg: ModelConfig, deployment: Deployment, engine_cfg: EngineConfig,
                 device: torch.device = torch.device("cpu"), weights: int = 0) -> int:
     """Blocks per pool: `engine_cfg.num_blocks`, else as many as `kv_cache_gb` holds on the rank with
-    the most KV bytes per block (most layers, KV heads / tp), else on a GPU what
-    `gpu_memory_utilization` leaves of it with `weights` bytes loaded (`kv_budget.py`; the
-    caller takes the minimum over the ranks), else `CPU_KV_CACHE_GB`."""
+    the most KV bytes per block (most layers; per token and layer `kv_elements_per_token`: K and V
+    of the KV heads / tp, or the latent once), else on a GPU what `gpu_memory_utilization` leaves
+    of it with `weights` bytes loaded (`kv_budget.py`; the caller takes the minimum over the
+    ranks), else `CPU_KV_CACHE_GB`."""
     if engine_cfg.num_blocks is not None:
         return engine_cfg.num_blocks
     layers = max(len(r) for r in deployment.stage_layers(cfg.n_layers))
-    heads, dim = cfg.kv_per_token(deployment.tp)
-    per_block = 2 * engine_cfg.block_size * heads * dim * cfg.torch_dtype.itemsize * layers
+    per_token = cfg.kv_elements_per_token(deployment.tp) * cfg.torch_dtype.itemsize
+    per_block = engine_cfg.block_size * per_token * layers
     if engine_cfg.kv_cache_gb is None and device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         reserve = activation_reserve(cfg, deployment, engine_cfg.max_batched_tokens, engine_cfg.max_seqs)

@@ -45,27 +45,42 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     return torch.addcmul(xf * cos[:, None], xf.roll(x.shape[-1] // 2, -1), sin[:, None]).to(x.dtype)
 
 
-class KVCache:
+class KeysValues:
+    """One layer's cached keys and values `k, v: [..., g, d]`, zeroed, allocated once.
+
+    `keys_only`: the values are the keys, one tensor held and written once (`v is k`): latent
+    attention caches its latent `[..., 1, r + p]` as its keys and as its values (`model/mla.py`).
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device,
+                 keys_only: bool = False):
+        self.keys_only = keys_only
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = self.k if keys_only else torch.zeros_like(self.k)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes if self.keys_only else self.k.nbytes + self.v.nbytes
+
+
+class KVCache(KeysValues):
     """Keys and values of one layer for a rank's sequences: `k, v: [batch, max_len, g, d]`.
 
     Allocated once for the whole run (batch x prompt + generation), written in place.
     """
 
     def __init__(self, batch: int, max_len: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.k = torch.zeros(batch, max_len, n_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
+                 dtype: torch.dtype, device: torch.device, keys_only: bool = False):
+        super().__init__((batch, max_len, n_kv_heads, head_dim), dtype, device, keys_only)
 
     def update(self, rows: slice, start: int, k: torch.Tensor, v: torch.Tensor):
-        """Store `k, v: [b, L, g, d]` at `rows`, positions start..; return all cached `[b, S, g, d]`."""
+        """Store `k, v: [b, L, g, d]` at `rows`, positions start.. (keys only: k, which v must
+        equal); return all cached `[b, S, g, d]`."""
         end = start + k.shape[1]
         self.k[rows, start:end] = k
-        self.v[rows, start:end] = v
+        if not self.keys_only:
+            self.v[rows, start:end] = v
         return self.k[rows, :end], self.v[rows, :end]
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
 
 class Contiguous:
@@ -123,6 +138,8 @@ class Attention(nn.Module):
     query and key head, before RoPE (Qwen3-MoE); its weight `[d]` is shared by all heads, so
     tensor parallelism leaves it whole.
     """
+
+    keys_only = False  # its caches and pools hold keys and values apart (`KeysValues`)
 
     def __init__(self, d_model: int, n_heads: int, n_kv_heads: int, head_dim: int, theta: float,
                  qkv_bias: bool = False, qk_norm_eps: float | None = None,

@@ -11,8 +11,8 @@ Head h's key is W_uk c | k_pe and its value W_uv c, so q_nope . (W_uk c) = (q_no
 and softmax(.) (W_uv c) = W_uv (softmax(.) c): attention runs on the latent itself, as one KV
 head shared by all h query heads (multi-query), with the query absorbed
 q_lat = q_nope W_uk | q_pe `[b, L, h, r + p]`, and W_uv applied to its output. Only c | k_pe,
-`r + p` per token, is cached (the KV view's contract stores it as K and as V: 2 (r + p) per token
-and layer, against h (n + p + v) for full keys and values).
+`r + p` per token and layer, against h (n + p + v) for full keys and values: the KV view's
+contract takes it as K and as V, and the cache, keys-only (`KeysValues`), holds and writes it once.
 
 Prefill does not absorb. When no sequence of the forward has cached positions (the view's
 `fresh`), the latent of its L new tokens is expanded to per-head keys W_uk c | k_pe and values
@@ -47,8 +47,11 @@ from expertmesh.model.layers import Linear, RMSNorm
 
 
 class LatentAttention(nn.Module):
-    """x `[b, L, D]` and a KV view (`model/attention.py`) -> `[b, L, D]`. `n_kv_heads`, `head_dim`:
-    the one cached head `r + p` wide, as the engine allocates caches and pools."""
+    """x `[b, L, D]` and a KV view (`model/attention.py`) -> `[b, L, D]`. `n_kv_heads`, `head_dim`,
+    `keys_only`: the one cached head `r + p` wide, whose values are its keys, as the engine
+    allocates caches and pools."""
+
+    keys_only = True
 
     def __init__(self, d_model: int, n_heads: int, nope: int, rope: int, v_dim: int, kv_rank: int,
                  q_rank: int, theta: float, eps: float, interleave: bool, yarn: Yarn | None = None):

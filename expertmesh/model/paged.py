@@ -17,21 +17,17 @@ from __future__ import annotations
 
 import torch
 
-from expertmesh.model.attention import rope_tables
+from expertmesh.model.attention import KeysValues, rope_tables
 from expertmesh.model.attn_backends.torch_paged import TorchBackend
 
 
-class KVPool:
-    """Blocks of one layer: `k, v: [num_blocks, block_size, g, d]`, allocated once."""
+class KVPool(KeysValues):
+    """Blocks of one layer: `k, v: [num_blocks, block_size, g, d]`, allocated once; `keys_only`:
+    `v is k` (latent attention's pool holds its latent once)."""
 
     def __init__(self, num_blocks: int, block_size: int, n_kv_heads: int, head_dim: int,
-                 dtype: torch.dtype, device: torch.device):
-        self.k = torch.zeros(num_blocks, block_size, n_kv_heads, head_dim, dtype=dtype, device=device)
-        self.v = torch.zeros_like(self.k)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
+                 dtype: torch.dtype, device: torch.device, keys_only: bool = False):
+        super().__init__((num_blocks, block_size, n_kv_heads, head_dim), dtype, device, keys_only)
 
 
 def tables_from_lists(chunks: list[tuple[int, int, list[int]]], block_size: int) -> torch.Tensor:
@@ -151,11 +147,13 @@ class PagedView:
         return not self.batch.static and not any(self.batch.starts)
 
     def store(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v `[1, N, g, d]` -> the pool, at the batch's slots."""
+        """k, v `[1, N, g, d]` -> the pool, at the batch's slots (a keys-only pool: k alone, which
+        v must equal)."""
         pool, slots = self.pool, self.batch.slots
         nb, s, g, d = pool.k.shape
         pool.k.view(nb * s, g, d).index_copy_(0, slots, k[0])
-        pool.v.view(nb * s, g, d).index_copy_(0, slots, v[0])
+        if not pool.keys_only:
+            pool.v.view(nb * s, g, d).index_copy_(0, slots, v[0])
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q `[1, N, h, d]`, k, v `[1, N, g, d]`: store k, v at the batch's slots, then the

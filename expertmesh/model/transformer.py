@@ -103,7 +103,8 @@ class MoETransformer(nn.Module):
         for name, layer in self.layers.items():
             attn = layer.attn
             ref = layer.attn_norm.weight
-            caches[name] = KVCache(batch, max_len, attn.n_kv_heads, attn.head_dim, ref.dtype, ref.device)
+            caches[name] = KVCache(batch, max_len, attn.n_kv_heads, attn.head_dim, ref.dtype, ref.device,
+                                   attn.keys_only)
         return caches
 
     def forward(self, x: torch.Tensor, caches: dict[str, KVCache] | None = None,
@@ -125,12 +126,13 @@ class MoETransformer(nn.Module):
         return self.lm_head(h)
 
     def make_pools(self, num_blocks: int, block_size: int) -> dict[str, KVPool]:
-        """One KV block pool `[num_blocks, block_size, g, d]` per layer held here."""
+        """One KV block pool `[num_blocks, block_size, g, d]` per layer held here (keys-only under
+        latent attention: `[num_blocks, block_size, 1, r + p]` once)."""
         pools = {}
         for name, layer in self.layers.items():
             attn, ref = layer.attn, layer.attn_norm.weight
             pools[name] = KVPool(num_blocks, block_size, attn.n_kv_heads, attn.head_dim, ref.dtype,
-                                 ref.device)
+                                 ref.device, attn.keys_only)
         return pools
 
     def forward_paged(self, x: torch.Tensor, pools: dict[str, KVPool], batch: PagedBatch) -> torch.Tensor:

@@ -5,8 +5,8 @@ simulator's schedule), for one replica over its `world_size` GPUs, each at the d
 no efficiency loss, no latency, perfect overlap. Minimal HBM traffic per forward pass: each
 weight copy that computes is read once (attention, dense layers' MLP and the head are replicated
 on EP ranks, the head on TP ranks), each expert that some token chose is read once (expected number under the
-routing), the cached K and V are read once; under EP with attention TP, one attention copy per
-group. A run cannot be faster than the slowest resource.
+routing), the cached K and V (latent attention: the latent) are read once; under EP with attention
+TP, one attention copy per group. A run cannot be faster than the slowest resource.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
     """FLOPs and bytes of one forward pass of the replica's batch, L new positions after `start`."""
     cfg, dep, w, topo, isz = sc.cfg, sc.deployment, sc.replica_workload, sc.topology, sc.itemsize
     B, D, d, k, inner = w.batch_size, cfg.d_model, cfg.head_dim, cfg.top_k, dep.inner
-    h, g, H, E, V = cfg.n_heads, cfg.n_kv_heads, cfg.expert_hidden, cfg.n_experts, cfg.vocab_size
+    h, H, E, V = cfg.n_heads, cfg.expert_hidden, cfg.n_experts, cfg.vocab_size
     t = B * L
     proj = attention_params(cfg, 1)
-    g, d = cfg.kv_per_token()  # latent attention: the latent, one head
+    d = cfg.kv_per_token()[1]  # latent attention: the latent's width, one head
     expert = cfg.matrices_per_expert * D * H
     shares = sc.routing.shares(E, k)
     used = sum(1 - (1 - min(1.0, k * s)) ** t for s in shares)
@@ -39,7 +39,7 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
     a = sc.attn_tp if dep.ep > 1 else 1  # attention TP inside EP: one copy per attention group
     weights = cfg.n_layers * proj * min(dep.ep // a, B) + n_moe * (E * D * min(dep.ep, B) + used * expert)
     weights += n_dense * dense * min(dep.ep, B) + V * D * dep.tp + V * D
-    kv = cfg.n_layers * 2 * B * (start + L) * g * d
+    kv = cfg.n_layers * B * (start + L) * cfg.kv_elements_per_token()
     out = {"compute": flops, "hbm": weights * sc.weight_itemsize + kv * sc.kv_itemsize,
            "nvlink": 0.0, "network": 0.0}
 

@@ -66,8 +66,8 @@ def kv_cache_bytes(cfg: ModelConfig, dep: Deployment, workload: Workload, rank: 
                    attn_tp: int | None = None) -> int:
     """K and V `[b, total_len, g / tp, d]` for each layer of the rank's stage, b its sequences;
     under EP with attention TP (`attn_tp` > 1), b is its attention group's sequences and the KV
-    heads are split over the group. Latent attention: the latent `[b, total_len, 1, r + p]` as K
-    and as V, whole on every rank."""
+    heads are split over the group. Latent attention: the latent `[b, total_len, 1, r + p]` once
+    (the engine's keys-only pool), whole on every rank."""
     stage, i = dep.coords(rank)
     layers = len(dep.stage_layers(cfg.n_layers)[stage])
     a = attn_tp or dep.tp
@@ -76,8 +76,7 @@ def kv_cache_bytes(cfg: ModelConfig, dep: Deployment, workload: Workload, rank: 
         b = sum(len(dep.rows_of(r, workload.batch_size)) for r in range(first, first + a))
     else:
         b = len(dep.rows_of(rank, workload.batch_size))
-    heads, dim = cfg.kv_per_token(a)
-    per_layer = 2 * b * workload.total_len * heads * dim
+    per_layer = b * workload.total_len * cfg.kv_elements_per_token(a)
     return layers * per_layer * ITEMSIZE[cfg.dtype]
 
 

@@ -117,7 +117,8 @@ def _latent_attention(sc: Scenario, segments: tuple[Segment, ...]) -> Cost:
     h, t = cfg.n_heads // sc.attn_tp, _tokens(segments)
     query = ([cost.gemm(hw, dt, isz, t, ql, D), cost.gemm(hw, dt, isz, t, h * d, ql)] if ql
              else [cost.gemm(hw, dt, isz, t, h * d, D)])
-    moved = (5 * t * D + 2 * t * h * (d + r + p)) * isz + 2 * t * (r + p) * sc.kv_itemsize
+    # the latent is written to the cache once (a keys-only pool)
+    moved = (5 * t * D + 2 * t * h * (d + r + p)) * isz + t * (r + p) * sc.kv_itemsize
     attn_dt = "bf16" if dt == "fp8" else dt
     if all(start == 0 for b, _, start in segments if b):
         # keys d wide, values v: the cost model's one head width is their mean (exact FLOPs)

@@ -18,6 +18,8 @@ Prefill chunks: all of a step's in one padded SDPA call: queries `[P, h, Lmax, d
 padded by repeating their last token), keys gathered `[P, g, Cmax, d]`, a causal mask by position
 `[P, 1, Lmax, Cmax]`; the padded rows' outputs are dropped.
 
+A keys-only pool (latent attention's, `model/mla.py`) is gathered once: its keys are the values.
+
 Everything per step (gather indices, masks) is built once, before the first layer; per layer
 `attend` runs the gathers and the SDPA calls only.
 """
@@ -161,9 +163,8 @@ class TorchBackend:
         meta = batch.meta
         if meta["pieces"] is None:
             self._device_plan(batch)
-        nb, s, g, d = pool.k.shape
+        g, d = pool.k.shape[2:]
         h = q.shape[1]
-        flat_k, flat_v = pool.k.view(nb * s, g, d), pool.v.view(nb * s, g, d)
         pieces = meta["pieces"]
         # a decode-only step in one piece takes every row of q in order: no gather of the queries
         # nor scatter of the output, two ops a layer
@@ -171,8 +172,8 @@ class TorchBackend:
         out = None if whole else torch.empty_like(q)
         for i, piece in enumerate(pieces):
             Sp, C = piece.tokens.shape[0], piece.width
-            keys, values = (self._gather(name, flat, piece.slots).view(Sp, C, g, d).transpose(1, 2)
-                            for name, flat in (("k", flat_k), ("v", flat_v)))  # [Sp, g, C, d]
+            keys, values = _keys_values(pool, lambda name, flat: self._gather(name, flat, piece.slots)
+                                        .view(Sp, C, g, d).transpose(1, 2))  # [Sp, g, C, d]
             mask = piece.mask
             if mask is not None and mask.dtype != q.dtype:
                 mask = meta["masks"].get((i, q.dtype))
@@ -187,8 +188,8 @@ class TorchBackend:
         if pre is not None:
             P, L, C = pre.shape
             query = q.index_select(0, pre.queries).view(P, L, h, d).transpose(1, 2)
-            keys, values = (flat.index_select(0, pre.slots).view(P, C, g, d).transpose(1, 2)
-                            for flat in (flat_k, flat_v))
+            keys, values = _keys_values(pool, lambda _, flat: flat.index_select(0, pre.slots)
+                                        .view(P, C, g, d).transpose(1, 2))
             o = _sdpa(query, keys, values, attn_mask=pre.mask, enable_gqa=h != g)
             out.index_copy_(0, pre.tokens, o.transpose(1, 2).reshape(P * L, h, d).index_select(0, pre.keep))
         return out
@@ -201,6 +202,14 @@ class TorchBackend:
         if buf is None or buf.numel() < n or buf.dtype != flat.dtype or buf.device != flat.device:
             buf = self.buffers[name] = torch.empty(n, dtype=flat.dtype, device=flat.device)
         return torch.index_select(flat, 0, slots, out=buf[:n].view(slots.shape[0], *flat.shape[1:]))
+
+
+def _keys_values(pool, read) -> tuple[torch.Tensor, torch.Tensor]:
+    """`read(name, flat)` of the pool's keys and of its values, each flat `[B * s, g, d]`; a
+    keys-only pool's values are its keys, read once."""
+    nb, s, g, d = pool.k.shape
+    keys = read("k", pool.k.view(nb * s, g, d))
+    return keys, keys if pool.keys_only else read("v", pool.v.view(nb * s, g, d))
 
 
 def _slots(tables: torch.Tensor, width: int, block_size: int) -> torch.Tensor:
