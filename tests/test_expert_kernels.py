@@ -5,6 +5,7 @@ takes rank 0's plan, and no kernel adds a host read to a forward on a device."""
 
 import functools
 import json
+import os
 
 import pytest
 import torch
@@ -139,8 +140,6 @@ def test_a_named_kernel_and_a_pretend_device_are_never_timed(tmp_path, monkeypat
 def _rank_plan(cache: str, device: torch.device) -> list:
     """Each rank times with a fake timer of its own (rank 1's says the opposite of rank 0's);
     returns every rank's installed choices."""
-    import os
-
     os.environ["EXPERTMESH_CACHE"] = f"{cache}/rank{dist.get_rank()}"
     opposite = {(k, rows): 10.0 - s for (k, rows), s in LOOP_SMALL.items()}
     timer = fake_timer(LOOP_SMALL if dist.get_rank() == 0 else opposite)
@@ -181,3 +180,23 @@ def test_the_loop_adds_no_host_read_on_a_device(monkeypatch, grouped_applies):
     assert device_only_syncs == (0 if grouped_applies else 1)
     for got in (with_ints, device_only):
         torch.testing.assert_close(to_host(got), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("command", ["run", "compare", "serve"])
+@pytest.mark.parametrize("setting", ek.SETTINGS)
+def test_each_command_hands_its_flag_to_the_ranks_shards(command, setting):
+    """`--expert-kernel` reaches the spec of `run`, `compare` and `serve`, and `load_rank` gives
+    every MoE layer of the shard that plan (`auto`: the one timed and cached for its shapes)."""
+    from expertmesh.cli import build_parser
+    from expertmesh.deployment import Deployment
+    from expertmesh.engine.shard import load_rank
+    from expertmesh.run_flags import spec_from_flags
+    from expertmesh.server.cli import serve_plan
+
+    args = build_parser().parse_args([command, "--expert-kernel", setting] + (["--port", "0"] if command == "serve" else []))
+    spec = serve_plan(args)[0] if command == "serve" else spec_from_flags(args, Deployment.parse("single"))
+    assert spec.expert_kernel == setting
+    model, _, _ = load_rank(spec, torch.device("cpu"))
+    plans = {m.kernels for m in model.modules() if isinstance(m, GroupedExperts)}
+    want = ek.resolve(setting, spec.cfg.d_model, spec.cfg.expert_hidden, spec.cfg.torch_dtype, torch.device("cpu"))
+    assert plans == {want}
