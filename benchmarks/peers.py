@@ -25,28 +25,35 @@ A section is a dict: title, against (what its `ratio` column compares expertmesh
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import functools
 import importlib
 import io
+import json
 import logging
 import os
 import statistics
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from rich.console import Console
 from torch import nn
 
 try:  # imported as part of the `benchmarks` package, or beside it
+    from . import report
     from .plain_ep import PlainEPLayer
 except ImportError:
+    import report
     from plain_ep import PlainEPLayer
 from expertmesh.config import DTYPES, preset
 from expertmesh.launch import launch
+from expertmesh.model.expert_kernels import fixed, install
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import build_model
@@ -163,8 +170,10 @@ def _check_ours(device: torch.device, dims: Dims, token_counts: tuple[int, ...],
     return diff.item()
 
 
-def _ep_layers(dims: Dims, seed: int) -> tuple[nn.Module, nn.Module]:
-    """(ours, DeepSpeed's) expert-parallel MoE layer for this rank, fp32, the same weights."""
+def _ep_layers(dims: Dims, seed: int, with_deepspeed: bool) -> tuple[nn.Module, nn.Module | None]:
+    """(ours, DeepSpeed's or None) expert-parallel MoE layer for this rank, fp32, the same weights."""
+    if not with_deepspeed:
+        return _our_layer(dims, seed), None
     deepspeed = import_deepspeed()
     from deepspeed.moe.layer import MoE
 
@@ -213,39 +222,61 @@ def _ceiling(ours: nn.Module, x: torch.Tensor) -> Callable[[], object]:
                     for e, xe in enumerate(inputs)]
 
 
-def _ep_rank(device: torch.device, dims: Dims, tokens: int, reps: int, seed: int, dtype: torch.dtype) -> dict:
-    """On each rank: check agreement in fp32, then time the three layers and the load-aware
-    ceiling in `dtype` on `tokens` tokens. Times are the slowest rank's medians (a layer waits for
-    it); diff: the larger of the two peers' disagreement with expertmesh."""
-    ours, peer = _ep_layers(dims, seed)
+def _with_plan(layer: MoEBlock, plan, x: torch.Tensor) -> torch.Tensor:
+    """`layer(x)` with its experts' kernel plan `plan` for this call."""
+    before, layer.experts.kernels = layer.experts.kernels, plan
+    try:
+        return layer(x)
+    finally:
+        layer.experts.kernels = before
+
+
+def _ep_rank(device: torch.device, dims: Dims, tokens: int, reps: int, seed: int, dtype: torch.dtype,
+             with_deepspeed: bool = True) -> dict:
+    """On each rank: check agreement in fp32, then time the layers and the load-aware ceiling in
+    `dtype` on `tokens` tokens: expertmesh with its default `--expert-kernel auto` and with the
+    grouped kernel alone (the default before `auto`), DeepSpeed-MoE (`with_deepspeed`) and the
+    plain layer. Times are the slowest rank's medians (a layer waits for it); diff: the largest
+    disagreement of a peer with expertmesh."""
+    ours, peer = _ep_layers(dims, seed, with_deepspeed)
     plain = PlainEPLayer(ours.router.weight, ours.experts.w_up, ours.experts.w_down, dims.top_k)
     _, x = _rank_tokens(dims, tokens, seed)
     with torch.inference_mode():
         reference = ours(x)
-        diff = torch.tensor([max(relative_diff(reference, peer(x)[0]), relative_diff(reference, plain(x)))])
+        diffs = [relative_diff(reference, plain(x))] + ([relative_diff(reference, peer(x)[0])] if peer else [])
+        diff = torch.tensor([max(diffs)])
         dist.all_reduce(diff, op=dist.ReduceOp.MAX)
         if diff.item() > FP32_RTOL:
             return {"diff": diff.item()}
         ours.to(dtype)
-        peer.to(dtype)
         plain.to(dtype)
+        install(ours, "auto", device)  # for `dtype` (collective: rank 0 decides)
         xb = x.to(dtype)
-        peer(xb)  # sets exp_counts: this rank's assignments per expert
+        layers = {"expertmesh": lambda: ours(xb),
+                  "expertmesh_grouped": functools.partial(_with_plan, ours, fixed("grouped"), xb),
+                  "plain": lambda: plain(xb)}
+        capacity = torch.zeros(1, dtype=torch.long)
+        if peer:
+            peer.to(dtype)
+            peer(xb)  # sets exp_counts: this rank's assignments per expert
+            capacity = peer.deepspeed_moe.exp_counts.max().view(1)
+            dist.all_reduce(capacity, op=dist.ReduceOp.MAX)  # DeepSpeed's capacity for the call
+            layers["deepspeed"] = lambda: peer(xb)
         ours(xb)  # records the rows each local expert computes
-        capacity = peer.deepspeed_moe.exp_counts.max().view(1)
-        dist.all_reduce(capacity, op=dist.ReduceOp.MAX)  # DeepSpeed's capacity for the call
-        layers = {"expertmesh": lambda: ours(xb), "deepspeed": lambda: peer(xb), "plain": lambda: plain(xb),
-                  "ceiling": _ceiling(ours, xb)}
+        layers["ceiling"] = _ceiling(ours, xb)
         times = _timed_pair(layers, reps, dist.barrier)
         medians = torch.tensor([statistics.median(times[k]) for k in layers])
         dist.all_reduce(medians, op=dist.ReduceOp.MAX)
-    return {"diff": diff.item(), "capacity": int(capacity), **dict(zip(layers, medians.tolist()))}
+    return {"diff": diff.item(), "capacity": int(capacity), "plan": ours.experts.kernels.to_json(),
+            **dict(zip(layers, medians.tolist()))}
 
 
 def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: int = 0,
                   progress: Callable[[], None] | None = None, timeout: float = 900,
-                  dtype: str = "fp32") -> dict:
+                  dtype: str = "fp32", skip_without_deepspeed: bool = True) -> dict:
     """expertmesh EP=2 against DeepSpeed-MoE EP=2 (2 local gloo ranks, one thread each).
+    Where DeepSpeed cannot be imported the section is skipped, or (`skip_without_deepspeed`
+    False) runs without it: expertmesh against the plain layer and the ceiling only.
 
     fp32 by default: on this CPU a bf16 GEMM runs about 6x slower than an fp32 one, and DeepSpeed's
     dispatch and combine are dense einsums over [experts x capacity, tokens], so in bf16 the
@@ -253,17 +284,22 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
     DeepSpeed / expertmesh time 2.15 in bf16, 0.94 in fp32)."""
     title = "Expert-parallel MoE layer, EP=2: expertmesh vs DeepSpeed-MoE and a plain layer"
     try:
-        deepspeed = import_deepspeed()
+        deepspeed, missing = import_deepspeed(), None
     except Exception as exc:  # not installed, or its import fails on this machine
-        return skipped(title, "peers", f"deepspeed cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}")
+        deepspeed, missing = None, f"deepspeed cannot be imported ({_first_line(exc)}); {PEERS_EXTRA}"
+        if skip_without_deepspeed:
+            return skipped(title, "peers", missing)
     out = section(title, "peers", setup={**asdict(dims), "kind": "mlp (GELU)", "dtype": dtype,
                                 "ranks": 2, "threads_per_rank": 1, "reps": reps,
-                                "deepspeed": deepspeed.__version__})
+                                "deepspeed": deepspeed.__version__ if deepspeed else None})
     out["columns"] = [col("tokens_per_rank", "tokens / rank"), col("expertmesh_tps", "expertmesh tok/s"),
                       col("deepspeed_tps", "DeepSpeed tok/s"), col("ratio", "expertmesh / DS", "x{:.2f}"),
                       col("expertmesh_of_ceiling", "expertmesh / ceiling", "{:.2f}"),
+                      col("grouped_of_ceiling", "grouped only / ceiling", "{:.2f}"),
                       col("deepspeed_of_ceiling", "DS / ceiling", "{:.2f}"),
+                      col("plain_of_ceiling", "plain / ceiling", "{:.2f}"),
                       col("plain_ratio", "expertmesh / plain", "x{:.2f}"),
+                      col("plan", "auto's kernels", "{}"),
                       col("deepspeed_rows_per_assignment", "DS rows computed / assignment", "{:.2f}"),
                       col("fp32_rel_diff", "fp32 rel. diff", "{:.1e}")]
     out["plot"] = {"kind": "line", "x": "tokens_per_rank",
@@ -283,7 +319,10 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
         "times: medians of interleaved calls, each from a barrier to a barrier, the slowest rank's.",
         "agreement: max |expertmesh - peer| / max |expertmesh| in fp32 over both peers, same tokens, "
         "before timing.",
-    ]
+        "expertmesh runs with its default `--expert-kernel auto` (the kernels it chose per rows-per-expert "
+        "bucket in 'auto's kernels'); 'grouped only' is the same layer with torch._grouped_mm at every "
+        "size, the default before auto.",
+    ] + ([f"DeepSpeed-MoE skipped: {missing}"] if missing else [])
     # ours first, alone: a failure of expertmesh's own layer is ours, never a skipped peer's
     try:
         ours_diff = launch(functools.partial(_check_ours, dims=dims, token_counts=token_counts, seed=seed,
@@ -296,23 +335,29 @@ def deepspeed_moe(token_counts: tuple[int, ...], reps: int, dims: Dims, seed: in
     for tokens in token_counts:
         try:
             r = launch(functools.partial(_ep_rank, dims=dims, tokens=tokens, reps=reps, seed=seed,
-                                         dtype=DTYPES[dtype]), 2, timeout=timeout)
+                                         dtype=DTYPES[dtype], with_deepspeed=deepspeed is not None),
+                       2, timeout=timeout)
         except Exception as exc:  # ours ran above at this size: a peer that cannot run here is a skip
+            if deepspeed is None:
+                return {**out, "status": "failed", "reason": f"expertmesh's EP layer failed to run: {_first_line(exc)}"}
             return {**out, "status": "skipped", "reason": f"DeepSpeed-MoE failed to run: {_first_line(exc)}"}
         if progress:
             progress()
         if "expertmesh" not in r:
             return {**out, "status": "failed",
                     "reason": f"outputs differ in fp32 at {tokens} tokens/rank: rel. diff {r['diff']:.1e}"}
-        ours, peer, plain, ceiling = r["expertmesh"], r["deepspeed"], r["plain"], r["ceiling"]
-        out["rows"].append({"tokens_per_rank": tokens, "expertmesh_tps": 2 * tokens / ours,
-                            "deepspeed_tps": 2 * tokens / peer, "plain_tps": 2 * tokens / plain,
-                            "ceiling_tps": 2 * tokens / ceiling, "plain_ratio": plain / ours, "plain_s": plain,
-                            "ratio": peer / ours, "expertmesh_of_ceiling": ceiling / ours,
-                            "deepspeed_of_ceiling": ceiling / peer,
-                            "fp32_rel_diff": r["diff"], "expertmesh_s": ours, "deepspeed_s": peer,
-                            "ceiling_s": ceiling, "deepspeed_capacity": r["capacity"],
-                            "deepspeed_rows_per_assignment": dims.experts * r["capacity"] / (tokens * dims.top_k)})
+        ours, plain, ceiling, peer = r["expertmesh"], r["plain"], r["ceiling"], r.get("deepspeed")
+        row = {"tokens_per_rank": tokens, "expertmesh_tps": 2 * tokens / ours, "plain_tps": 2 * tokens / plain,
+               "ceiling_tps": 2 * tokens / ceiling, "plain_ratio": plain / ours, "plain_s": plain,
+               "expertmesh_of_ceiling": ceiling / ours, "grouped_of_ceiling": ceiling / r["expertmesh_grouped"],
+               "plain_of_ceiling": ceiling / plain, "plan": " ".join(f"{k}:{v}" for k, v in r["plan"].items()),
+               "fp32_rel_diff": r["diff"], "expertmesh_s": ours, "grouped_s": r["expertmesh_grouped"],
+               "ceiling_s": ceiling}
+        if peer is not None:
+            row.update({"deepspeed_tps": 2 * tokens / peer, "ratio": peer / ours, "deepspeed_of_ceiling": ceiling / peer,
+                        "deepspeed_s": peer, "deepspeed_capacity": r["capacity"],
+                        "deepspeed_rows_per_assignment": dims.experts * r["capacity"] / (tokens * dims.top_k)})
+        out["rows"].append(row)
     return out
 
 
@@ -447,3 +492,34 @@ def transformers_blocks(token_counts: tuple[int, ...], reps: int, base: Dims, th
     finally:
         torch.set_num_threads(before)
     return out
+
+
+# -- the EP=2 section alone --------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    """`python benchmarks/peers.py`: the EP=2 layer section at the sizes and dtypes asked for,
+    with DeepSpeed-MoE where it imports (else expertmesh against the plain layer and the ceiling),
+    each section's load average before and after it in its notes."""
+    parser = argparse.ArgumentParser(prog="python benchmarks/peers.py", description=main.__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default="64,512,4096", help="tokens per rank, comma-separated (default %(default)s)")
+    parser.add_argument("--dtype", default="fp32,bf16", help="comma-separated: fp32, bf16 (default %(default)s)")
+    parser.add_argument("--reps", type=int, default=3, help="timed calls per layer and size (default %(default)s)")
+    parser.add_argument("--json", default=None, help="write the sections to this file")
+    args = parser.parse_args(argv)
+    dims = Dims(d_model=1024, experts=8, top_k=2, hidden=2816)  # the `small` preset's MoE layer
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    console, sections = Console(width=200), []
+    for dtype in args.dtype.split(","):
+        before = os.getloadavg()
+        sec = deepspeed_moe(tokens, args.reps, dims, dtype=dtype, skip_without_deepspeed=False)
+        sec["notes"].append(f"load average (1, 5, 15 min) before {before}, after {os.getloadavg()}")
+        report.render(sec, console)
+        sections.append(sec)
+    if args.json:
+        Path(args.json).write_text(json.dumps(sections, indent=1, default=str))
+    return sections
+
+
+if __name__ == "__main__":
+    main()

@@ -15,6 +15,7 @@ from expertmesh.checkpoint import config_from_hf, encode
 from expertmesh.config import DTYPES, Workload, preset
 from expertmesh.deployment import Deployment
 from expertmesh.engine.spec import RunSpec, refuse_off_ep
+from expertmesh.model.expert_kernels import SETTINGS
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, REPLICA_ROUTINGS
 from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
 from expertmesh.parallel.eplb import INTERVAL, EplbConfig
@@ -108,7 +109,8 @@ def spec_from_flags(args, deployment: Deployment, record_logits: bool = False, e
                    gpus_per_node=args.gpus_per_node if deployment.world_size > 1 else 1,
                    placement=placement, replica_routing=args.replica_routing if ep_flags else "local",
                    record_routing=bool(getattr(args, "record_routing", None)), trace=bool(args.trace),
-                   enforce_eager=bool(getattr(args, "enforce_eager", False)), eplb=eplb)
+                   enforce_eager=bool(getattr(args, "enforce_eager", False)), eplb=eplb,
+                   expert_kernel=args.expert_kernel)
     spec.validate(deployment.world_size)
     return spec
 
@@ -209,6 +211,11 @@ def add_exchange_args(p: argparse.ArgumentParser) -> None:
                         "node; default) or balanced (per layer call, split each replicated expert's "
                         "tokens over its holders so the ranks compute about as many rows: one small "
                         "all-gather per layer)")
+    p.add_argument("--expert-kernel", default="auto",
+                   help=f"the experts' matmuls ({', '.join(SETTINGS)}): grouped (torch._grouped_mm "
+                        "where it applies), loop (one matmul per expert), auto (the faster of the two "
+                        "as timed once on this machine for the model's shapes and dtype, cached in "
+                        "$EXPERTMESH_CACHE or ~/.cache/expertmesh; default)")
     p.add_argument("--router-skew", default=None, help="bias expert popularity, e.g. zipf:1.2 (experiments)")
     p.add_argument("--capacity-factor", type=float, default=None,
                    help="cap tokens per expert per call at C x fair share (default: no cap, dropless)")

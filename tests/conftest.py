@@ -36,6 +36,13 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@pytest.fixture(autouse=True, scope="session")
+def kernel_cache(tmp_path_factory):
+    """`--expert-kernel auto` caches its timings here, not in the user's ~/.cache (the ranks a
+    test launches inherit the variable)."""
+    os.environ["EXPERTMESH_CACHE"] = str(tmp_path_factory.mktemp("expertmesh-cache"))
+
+
 @pytest.fixture
 def cli_error(capfd):
     """`cli_error(argv)`: run `expertmesh argv` in this process; it must exit 2 (a ValueError,

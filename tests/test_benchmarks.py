@@ -193,3 +193,18 @@ def test_a_failed_sync_check_names_the_line_of_expertmesh_that_raised():
     where = code_line(caught.value)
     assert where.startswith("parallel/low_latency.py:") and "raise ValueError" in where
     assert code_line(ValueError("no traceback")) == "outside expertmesh"
+
+
+def test_without_deepspeed_the_ep_section_can_still_time_ours_against_the_plain_layer(monkeypatch):
+    """`python benchmarks/peers.py` runs the section without DeepSpeed: expertmesh (auto and
+    grouped only), the plain layer and the ceiling, with auto's plan and the reason DS is absent."""
+    def missing():
+        raise ModuleNotFoundError("No module named 'deepspeed'")
+
+    monkeypatch.setattr(peers, "import_deepspeed", missing)
+    out = peers.deepspeed_moe((4,), 1, bench.TINY, timeout=120, skip_without_deepspeed=False)
+    assert out["status"] == "ok", out["reason"]
+    (row,) = out["rows"]
+    assert row["expertmesh_of_ceiling"] > 0 and row["grouped_of_ceiling"] > 0 and row["plain_of_ceiling"] > 0
+    assert row.get("deepspeed_tps") is None and all(k in row["plan"] for k in ("4:", "32:", "256:"))
+    assert any("DeepSpeed-MoE skipped" in note and "[peers]" in note for note in out["notes"])

@@ -1,6 +1,7 @@
 """One rank's shard of the model: built on the meta device, the deployment's parallelism applied
 (pipeline stage, tensor shards, expert placement and token exchange), then only this rank's
-weights materialized, synthetic or read from a checkpoint.
+weights materialized, synthetic or read from a checkpoint, and the experts' kernel chosen
+(`model/expert_kernels.py`).
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch.distributed as dist
 
 from expertmesh.checkpoint.loader import load_checkpoint
 from expertmesh.engine.spec import RunSpec
+from expertmesh.model.expert_kernels import install
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model
 from expertmesh.parallel.expert import Overlap, apply_expert_parallel
@@ -51,6 +53,7 @@ def load_rank(spec: RunSpec, device: torch.device) -> tuple[MoETransformer, Pipe
         checkpoint_bytes = load_checkpoint(model, spec.checkpoint, spec.cfg.torch_dtype, device)
     else:
         model, checkpoint_bytes = materialize(model, spec.seed, spec.cfg.torch_dtype, device), 0
+    install(model, spec.expert_kernel, device)
     links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
     return model, links, checkpoint_bytes
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from expertmesh.checkpoint.loader import check_checkpoint
 from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
+from expertmesh.model.expert_kernels import SETTINGS
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS, REPLICA_ROUTINGS
 from expertmesh.parallel.eplb import EplbConfig
 from expertmesh.parallel.expert import OVERLAPS, Overlap
@@ -34,6 +35,8 @@ class RunSpec:
     enforce_eager: no decode graphs (`engine/graphs.py`; they are captured on CUDA only).
     eplb: online expert load balancing (`parallel/eplb.py`; None: off); needs a placement of
     E / ep primary experts then as many spare slots on every rank (`eplb_plan.start_placement`).
+    expert_kernel: the experts' matmul kernel, one of `expert_kernels.SETTINGS` (auto: the
+    faster measured on this machine for the model's shapes and dtype; `model/expert_kernels.py`).
     """
 
     cfg: ModelConfig
@@ -55,6 +58,7 @@ class RunSpec:
     checkpoint: str | None = None
     enforce_eager: bool = False
     eplb: EplbConfig | None = None
+    expert_kernel: str = "auto"
 
     @property
     def graphs(self) -> str:
@@ -69,6 +73,9 @@ class RunSpec:
             raise ValueError(f"micro-batches {self.n_micro} must be at least 1")
         if self.overlap not in OVERLAPS:
             raise ValueError(f"unknown overlap {self.overlap!r}; use one of {', '.join(OVERLAPS)}")
+        if self.expert_kernel not in SETTINGS:
+            raise ValueError(f"--expert-kernel {self.expert_kernel!r} is not a kernel; use one of "
+                             f"{', '.join(SETTINGS)}")
         if self.a2a not in ("flat", "hierarchical"):
             raise ValueError(f"unknown exchange {self.a2a!r}; use flat or hierarchical")
         if self.low_latency_tokens < 0:

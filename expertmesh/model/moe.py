@@ -17,7 +17,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from expertmesh.model import expert_kernels
 from expertmesh.model.capacity import Capacity, Overflow, apply_capacity
+from expertmesh.model.expert_kernels import grouped_mm_applies as _grouped_mm_applies
 from expertmesh.model.layers import Linear, meta_weight
 from expertmesh.model.steps import Steps, run_steps
 from expertmesh.trace import span
@@ -83,15 +85,18 @@ class GroupedExperts(nn.Module):
 
     Weights: `w_up [E, H, D]`, `w_down [E, D, H]` and, for SwiGLU, `w_gate [E, H, D]` (the
     `[out, in]` layout of `nn.Linear`, stacked). Forward: x `[N, D]` sorted by expert,
-    counts `[E]` -> `[N, D]`, one grouped matmul per weight (`torch._grouped_mm`), or one matmul
-    per expert over its tokens where the grouped kernel does not apply. Rows past sum(counts)
-    are padding (fixed-size buffers): their outputs are undefined.
+    counts `[E]` -> `[N, D]`, each weight's matmul by the kernel `kernels` picks for the call's
+    rows per expert (`expert_kernels.py`: one grouped matmul, or one matmul per expert over its
+    tokens; the grouped one where the per-expert loop would need a host read the caller has not
+    made, the loop where the grouped kernel does not apply). Rows past sum(counts) are padding
+    (fixed-size buffers): their outputs are undefined.
     """
 
     def __init__(self, n_experts: int, d_model: int, hidden: int, kind: str):
         super().__init__()
         self.kind = kind
         self.n_experts = n_experts
+        self.kernels = expert_kernels.DEFAULT
         self.w_up = meta_weight(n_experts, hidden, d_model)
         self.w_down = meta_weight(n_experts, d_model, hidden)
         if kind == "swiglu":
@@ -104,18 +109,17 @@ class GroupedExperts(nn.Module):
         instead of `counts` (spares the grouped kernel a cumsum)."""
         if x.shape[0] == 0:
             return x.new_zeros(0, self.w_down.shape[1])
-        if _grouped_mm_applies(x, self.w_up.shape[1]):
+        if self._kernel(x, splits) == "grouped":
             offs = ends if ends is not None else counts.cumsum(0, dtype=torch.int32)
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                return torch._grouped_mm(a, w.transpose(-2, -1), offs=offs)
+                return expert_kernels.grouped(a, w, offs)
         else:
-            if splits is None:  # the loop needs ints: a host read
+            if splits is None:  # the loop needs ints: a host read (on a CPU device, no wait)
                 splits = counts.cpu().tolist() if counts is not None else _differences(ends.cpu().tolist())
 
             def mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-                parts = a[:sum(splits)].split(splits)
-                return torch.cat([F.linear(p, w[e]) for e, p in enumerate(parts)])  # faster than p @ w.T on CPU
+                return expert_kernels.loop(a, w, splits)
 
         if self.kind == "swiglu":
             h = F.silu(mm(x, self.w_gate)) * mm(x, self.w_up)
@@ -126,19 +130,19 @@ class GroupedExperts(nn.Module):
             out = torch.cat([out, out.new_zeros(x.shape[0] - out.shape[0], out.shape[1])])
         return out
 
+    def _kernel(self, x: torch.Tensor, splits: list[int] | None) -> str:
+        """The plan's kernel for x `[N, D]`, where it applies: the grouped one needs
+        `_grouped_mm_applies`; the loop, off the CPU, needs `splits` or the grouped kernel's
+        absence (it never adds a host read to a forward the grouped kernel could run)."""
+        grouped_ok = _grouped_mm_applies(x, self.w_up.shape[1])
+        kernel = self.kernels.pick(x.shape[0], self.n_experts)
+        if kernel == "loop" and splits is None and x.device.type != "cpu" and grouped_ok:
+            return "grouped"
+        return kernel if kernel == "loop" or grouped_ok else "loop"
+
 
 def _differences(ends: list[int]) -> list[int]:
     return [b - a for a, b in zip([0, *ends], ends)]
-
-
-def _grouped_mm_applies(x: torch.Tensor, hidden: int) -> bool:
-    # The CUDA kernel takes bf16 only (and needs Hopper or newer); the CPU one takes any float.
-    # Both reject operands whose row stride (d_model or hidden elements) is not a multiple of
-    # 16 bytes ("strides should be multiple of 16 bytes").
-    aligned = all(n * x.element_size() % 16 == 0 for n in (x.shape[-1], hidden))
-    cuda_ok = (x.device.type == "cuda" and x.dtype == torch.bfloat16
-               and torch.cuda.get_device_capability(x.device) >= (9, 0))
-    return hasattr(torch, "_grouped_mm") and aligned and (x.device.type == "cpu" or cuda_ok)
 
 
 def sort_assignments(slots: torch.Tensor, n_slots: int) -> tuple[torch.Tensor, torch.Tensor]:
