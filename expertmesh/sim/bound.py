@@ -61,12 +61,12 @@ def pass_volumes(sc: Scenario, L: int, start: float) -> dict[str, float]:
                 for i, r in enumerate(group):
                     move(r, group[(i + 1) % a], layers * 2 * (a - 1) / a * t_g * D * isz)
         if dep.ep > 1:  # dispatch and combine of every assignment whose expert is on another rank
-            per = E // dep.ep
+            rank_share = sc.rank_shares()
             for i, r in enumerate(ranks):
                 tokens = len(dep.rows_of(r, B)) * L
                 for j, q in enumerate(ranks):
                     if i != j:
-                        move(r, q, moe_layers * tokens * k * sum(shares[j * per:(j + 1) * per]) * D
+                        move(r, q, moe_layers * tokens * k * rank_share[j] * D
                              * (sc.dispatch_itemsize + isz))
         if s < dep.pp - 1:
             move(s * inner, (s + 1) * inner, t * D * isz)

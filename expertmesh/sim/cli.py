@@ -11,6 +11,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from rich.table import Table
+
 from expertmesh.config import Workload
 from expertmesh.deployment import Deployment
 from expertmesh.sim.hardware import get_profile
@@ -234,6 +236,92 @@ def cmd_simulate_eplb(args) -> int:
     return 0
 
 
+def cmd_simulate_failure(args) -> int:
+    """What one rank's loss costs a `serve --elastic` deployment: the gap and the throughput after."""
+    from expertmesh.sim.failure import FailureModel, expert_bytes, simulate_failure
+
+    for flag, value in (("--batch", args.batch), ("--prompt-len", args.prompt_len)):
+        if value < 1:
+            raise ValueError(f"{flag} {value} must be at least 1")
+    if args.redundant_experts < 0:
+        raise ValueError(f"--redundant-experts {args.redundant_experts} must be >= 0")
+    sc = Scenario(load_model(args.preset, args.model), Deployment.parse(args.deployment),
+                  Workload(batch_size=args.batch, prompt_len=args.prompt_len, gen_len=args.gen_len),
+                  get_profile(args.gpu), gpus_per_node=args.gpus_per_node, routing=Routing.parse(args.routing))
+    model = FailureModel(parse_seconds(args.detect), parse_seconds(args.regroup_per_rank),
+                         args.reload_bandwidth * 1e9, args.generated)
+    before, losses = simulate_failure(sc, args.redundant_experts, model,
+                                      [args.lost_rank] if args.lost_rank is not None else None)
+    console = report_console()
+    dep, hw = sc.deployment, sc.hardware
+    h2d = f"{hw.h2d_bw / 1e9:g} GB/s to the device" if hw.h2d_bw else "no copy (the device is the host)"
+    console.print(f"{sc.cfg.name} {dep.name} on {hw.name}, {sc.gpus_per_node} per node, "
+                  f"{args.redundant_experts} spare replica(s); batch {args.batch}, prompt {args.prompt_len}, "
+                  f"generate {args.gen_len}; detect {model.detect_s * 1e3:g} ms, regroup "
+                  f"{model.regroup_s_per_rank * 1e3:g} ms per survivor; an expert {expert_bytes(sc) / 2**20:,.0f} MiB "
+                  f"a layer, read at {args.reload_bandwidth:g} GB/s per survivor, {h2d}")
+    if not before.fits:
+        console.print(f"{dep.name} does not fit before any loss ({before.memory.total_bytes / 1e9:.1f} GB per "
+                      f"GPU): use more GPUs, a shorter context or a smaller batch")
+        return 1
+    console.print(_failure_table(losses, dep.ep))
+    ends = [l for l in losses if not l.fits]
+    if ends:
+        console.print(f"ep{dep.ep - 1} needs more than a GPU's memory: the survivors cannot hold the experts, "
+                      f"so a loss ends the server")
+    else:
+        gap = sum(l.gap_s for l in losses) / len(losses)
+        loss = sum(l.throughput_loss for l in losses) / len(losses)
+        console.print(f"mean over the ranks lost: gap {gap:.2f} s, decode throughput {-loss:+.1%} "
+                      f"({losses[0].tps_before:,.0f} tokens/s before); rank 0's loss ends the server")
+    if args.json:
+        Path(args.json).write_text(json.dumps({
+            "deployment": dep.name, "hardware": hw.name, "redundant_experts": args.redundant_experts,
+            "expert_bytes": expert_bytes(sc), "reload_bandwidth": model.reload_bw, "h2d_bandwidth": hw.h2d_bw,
+            "memory_before_bytes": before.memory.total_bytes,
+            "losses": [l.to_dict() for l in losses]}, indent=2))
+    return 0
+
+
+def _failure_table(losses, ep: int) -> Table:
+    """One row per outcome, the ranks whose loss gives it named together."""
+    table = Table(title=f"one rank lost: ep{ep} -> ep{ep - 1}")
+    for col in ("lost rank", "its experts loaded / still held", "GB read (most)", "detect s", "regroup s",
+                "reload s", "recompute s", "gap s", "decode tokens/s after", "change"):
+        table.add_column(col, justify="left" if col == "lost rank" else "right")
+    rows: dict = {}
+    for l in losses:
+        key = (l.loaded, l.covered, l.slowest_bytes, round(l.reload_s, 4), round(l.recompute_s, 4), l.fits,
+               round(l.tps_after or 0))
+        rows.setdefault(key, []).append(l)
+    for same in rows.values():
+        l = same[0]
+        table.add_row(_ranks([x.lost for x in same]), f"{l.loaded} / {l.covered}", f"{l.slowest_bytes / 1e9:.2f}",
+                      f"{l.detect_s:.2f}", f"{l.regroup_s:.2f}", f"{l.reload_s:.2f}", f"{l.recompute_s:.2f}",
+                      f"{l.gap_s:.2f}" if l.fits else "-",
+                      f"{l.tps_after:,.0f}" if l.fits else "ends", f"{-l.throughput_loss:+.1%}" if l.fits else "-")
+    return table
+
+
+def _ranks(ranks: list[int]) -> str:
+    """[1, 2, 3, 5] -> "1-3, 5"."""
+    runs: list[list[int]] = []
+    for r in ranks:
+        if runs and r == runs[-1][-1] + 1:
+            runs[-1].append(r)
+        else:
+            runs.append([r])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
+
+
+def _one_ep_group(p: argparse.ArgumentParser) -> None:
+    """The model, the hardware and one EP group, for the commands that model one (eplb, failure)."""
+    p.add_argument("--preset", default="paper", help="model preset (default: paper)")
+    p.add_argument("--model", help="a Hugging Face config.json or checkpoint directory")
+    p.add_argument("--gpu", default="h100", help="h100, h200, a100, b200 or a calibrated profile JSON")
+    p.add_argument("--deployment", default="ep16", help="one EP group, epN (default ep16)")
+
+
 def add_commands(subparsers) -> None:
     sim = subparsers.add_parser("simulate", help="predict TPS, TPOT, TTFT and memory on a GPU cluster")
     _common(sim)
@@ -259,10 +347,7 @@ def add_commands(subparsers) -> None:
 
     eplb = subparsers.add_parser("simulate-eplb", help="imbalance with and without online expert load "
                                  "balancing under a moving skew, and the cost of moving weights")
-    eplb.add_argument("--preset", default="paper", help="model preset (default: paper)")
-    eplb.add_argument("--model", help="a Hugging Face config.json or checkpoint directory")
-    eplb.add_argument("--gpu", default="h100", help="h100, h200, a100, b200 or a calibrated profile JSON")
-    eplb.add_argument("--deployment", default="ep16", help="one EP group, epN (default ep16)")
+    _one_ep_group(eplb)
     eplb.add_argument("--routing", default="zipf:1.2", help="uniform, or zipf[:skew] (default zipf:1.2)")
     eplb.add_argument("--shift", type=int, default=2000, help="steps between moves of the hot experts "
                                                               "(0: never; default 2000)")
@@ -273,6 +358,29 @@ def add_commands(subparsers) -> None:
     eplb.add_argument("--step-time", help="a decode step's time, e.g. 30ms: what a move must hide behind")
     eplb.add_argument("--json", help="write the figures here")
     eplb.set_defaults(func=cmd_simulate_eplb)
+
+    fail = subparsers.add_parser("simulate-failure", help="what one EP rank's loss costs a serve --elastic "
+                                 "deployment: the longest gap a client sees and the throughput after")
+    _one_ep_group(fail)
+    fail.add_argument("--gpus-per-node", type=int, help="default: the hardware's (8 for the GPUs)")
+    fail.add_argument("--batch", type=int, default=128, help="sequences in flight")
+    fail.add_argument("--prompt-len", type=int, default=10000, help="prompt tokens per sequence")
+    fail.add_argument("--gen-len", type=int, default=128, help="generated tokens per sequence")
+    fail.add_argument("--routing", default="uniform", help="uniform, or zipf[:skew]")
+    fail.add_argument("--redundant-experts", type=int, default=0,
+                      help="spare replicas, laid out as serve --elastic does: rank r's spares hold the "
+                           "first experts of rank r+1 (default 0)")
+    fail.add_argument("--lost-rank", type=int, help="the rank lost (default: each of 1 .. N-1 in turn)")
+    fail.add_argument("--generated", type=int, help="tokens each request has at the loss, recomputed "
+                                                    "with its prompt (default: half of --gen-len)")
+    fail.add_argument("--detect", default="70ms", help="loss to the survivors leaving their groups "
+                                                       "(default 70ms: the engine's polls; a hang: the step timeout)")
+    fail.add_argument("--regroup-per-rank", default="63ms",
+                      help="forming the new groups, per survivor (default 63ms, measured on CPU gloo)")
+    fail.add_argument("--reload-bandwidth", type=float, default=5.0,
+                      help="GB/s each survivor reads the checkpoint at (default 5: an NVMe SSD)")
+    fail.add_argument("--json", help="write the figures here")
+    fail.set_defaults(func=cmd_simulate_failure)
 
     cal = subparsers.add_parser("calibrate", help="measure this machine into a hardware profile")
     cal.add_argument("--out", default="profile.json")

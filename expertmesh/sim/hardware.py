@@ -37,7 +37,9 @@ class HardwareProfile:
     GPUs of a node that use the network at once share them.
     `step_host_s`: host time of one engine step outside the forward (scheduling, Python, the
     control messages' serialisation; their latency is costed per message): fitted for a CPU
-    profile (benchmarks/sim_vs_real.py), 0 for the GPU catalogue, where it is unmeasured."""
+    profile (benchmarks/sim_vs_real.py), 0 for the GPU catalogue, where it is unmeasured.
+    `h2d_bw`: host-to-device copy bandwidth, one direction, bytes/s (weights read from storage
+    reach the GPU through it; None: the device is the host's memory, nothing is copied)."""
 
     name: str
     bf16_flops: float            # dense BF16 matmul peak, FLOP/s
@@ -64,6 +66,7 @@ class HardwareProfile:
     low_latency_a2a: tuple | None = None
     nics_per_node: int | None = None
     step_host_s: float = 0.0
+    h2d_bw: float | None = None
 
     def __post_init__(self) -> None:
         for name in ("bf16_flops", "hbm_bytes", "hbm_bw", "nvlink_bw", "net_bw", "gemm_half_tokens"):
@@ -76,6 +79,8 @@ class HardwareProfile:
                      "nvlink_efficiency", "net_efficiency"):
             if not 0 < getattr(self, name) <= 1:
                 raise ValueError(f"HardwareProfile.{name}={getattr(self, name)!r} must be in (0, 1]")
+        if self.h2d_bw is not None and not self.h2d_bw > 0:
+            raise ValueError(f"HardwareProfile.h2d_bw={self.h2d_bw!r} must be > 0 or None")
         if self.gpus_per_node < 1:
             raise ValueError(f"HardwareProfile.gpus_per_node={self.gpus_per_node} must be >= 1")
         if self.nics_per_node is not None and self.nics_per_node < 1:
@@ -165,32 +170,38 @@ CATALOGUE: dict[str, HardwareProfile] = {
     # FP32 67 TFLOPS, 80 GB HBM3 at 3.35 TB/s, NVLink 900 GB/s (both directions).
     # NVIDIA DGX H100 datasheet: 8 GPUs per node, one ConnectX-7 400 Gb/s NDR InfiniBand per GPU.
     # FP8 3,958 TFLOPS sparse (1,979 dense). HBM triad 2.97 TB/s = 89% of 3.35 (Azure guide).
+    # PCIe Gen5 128 GB/s (both directions): 64 GB/s host to device, assumed reached.
     "h100": HardwareProfile(
         name="H100 SXM", bf16_flops=989e12, fp32_flops=67e12, hbm_bytes=80 * GB, hbm_bw=3.35 * TB,
-        nvlink_bw=450 * GB, net_bw=50 * GB, gpus_per_node=8, fp8_flops=1979e12,
+        nvlink_bw=450 * GB, net_bw=50 * GB, gpus_per_node=8, fp8_flops=1979e12, h2d_bw=64 * GB,
         hbm_efficiency=2.97 / 3.35, **_GPU_ASSUMPTIONS),
     # NVIDIA H200 Tensor Core GPU datasheet (SXM): BF16 1,979 TFLOPS sparse (989 dense), FP32
     # 67 TFLOPS, 141 GB HBM3e at 4.8 TB/s, NVLink 900 GB/s. NVIDIA DGX H200 datasheet: 8 GPUs,
     # ConnectX-7 400 Gb/s NDR per GPU.
-    # FP8 1,979 dense. HBM triad 4.15 TB/s = 86% of 4.8 (Azure guide).
+    # FP8 1,979 dense. HBM triad 4.15 TB/s = 86% of 4.8 (Azure guide). PCIe Gen5 128 GB/s (both
+    # directions): 64 GB/s host to device, assumed reached.
     "h200": HardwareProfile(
         name="H200 SXM", bf16_flops=989e12, fp32_flops=67e12, hbm_bytes=141 * GB, hbm_bw=4.8 * TB,
-        nvlink_bw=450 * GB, net_bw=50 * GB, gpus_per_node=8, fp8_flops=1979e12,
+        nvlink_bw=450 * GB, net_bw=50 * GB, gpus_per_node=8, fp8_flops=1979e12, h2d_bw=64 * GB,
         hbm_efficiency=4.15 / 4.8, **_GPU_ASSUMPTIONS),
     # NVIDIA A100 Tensor Core GPU datasheet (80GB SXM): BF16 312 TFLOPS dense, FP32 19.5 TFLOPS,
     # 80 GB HBM2e at 2,039 GB/s, NVLink 600 GB/s. NVIDIA DGX A100 datasheet: 8 GPUs, ConnectX-6
-    # 200 Gb/s HDR InfiniBand per GPU.
+    # 200 Gb/s HDR InfiniBand per GPU. PCIe Gen4 64 GB/s (both directions): 32 GB/s host to
+    # device, assumed reached.
     "a100": HardwareProfile(
         name="A100 80GB SXM", bf16_flops=312e12, fp32_flops=19.5e12, hbm_bytes=80 * GB,
         hbm_bw=2.039 * TB, nvlink_bw=300 * GB, net_bw=25 * GB, gpus_per_node=8, hbm_efficiency=0.89,
+        h2d_bw=32 * GB,
         # no NVLink SHARP (NVLS) on A100's NVSwitch: the H100 curves without it, bandwidths scaled
         **{**_GPU_ASSUMPTIONS, "nvlink_all_reduce": _scaled(_H100_ALL_REDUCE[:3], 300 / 450)}),
     # NVIDIA DGX B200 datasheet: 8 B200 GPUs, 1,440 GB HBM3e in total (180 GB each) at 64 TB/s in
     # total (8 TB/s each), 72 PFLOPS FP8 training (9 sparse, so 2.25 dense BF16 per GPU), NVLink 5
-    # 1.8 TB/s per GPU (both directions), ConnectX-7 400 Gb/s per GPU. FP32 is not on it.
+    # 1.8 TB/s per GPU (both directions), ConnectX-7 400 Gb/s per GPU. FP32 is not on it. Host
+    # to device: PCIe Gen5 x16's 64 GB/s, assumed (not on the datasheet).
     "b200": HardwareProfile(
         name="B200", bf16_flops=2.25e15, fp32_flops=None, hbm_bytes=180 * GB, hbm_bw=8 * TB,
         nvlink_bw=900 * GB, net_bw=50 * GB, gpus_per_node=8, fp8_flops=4.5e15, hbm_efficiency=0.89,
+        h2d_bw=64 * GB,
         **{**_GPU_ASSUMPTIONS, "nvlink_all_reduce": _scaled(_H100_ALL_REDUCE, 900 / 450)}),
 }
 

@@ -39,22 +39,24 @@ def attention_params(cfg: ModelConfig, tp: int) -> int:
 
 
 def layer_params(cfg: ModelConfig, dep: Deployment, attn_tp: int | None = None,
-                 dense: bool = False) -> int:
+                 dense: bool = False, slots: int | None = None) -> int:
     """Parameters of one decoder layer on one rank; attention split over `attn_tp` ranks
-    (default: the TP size); `dense`: a dense layer's (its MLP instead of router and experts)."""
+    (default: the TP size); `dense`: a dense layer's (its MLP instead of router and experts);
+    `slots`: the experts the rank holds (default E / ep)."""
     D = cfg.d_model
     attention = attention_params(cfg, attn_tp or dep.tp)
     if dense:
         return attention + 3 * (cfg.dense_hidden // dep.tp) * D + 2 * D
-    experts = (cfg.n_experts // dep.ep) * cfg.matrices_per_expert * (cfg.expert_hidden // dep.tp) * D
+    experts = (slots or cfg.n_experts // dep.ep) * cfg.matrices_per_expert * (cfg.expert_hidden // dep.tp) * D
     norms_router = 2 * D + cfg.n_experts * (D + (cfg.router_kind == "sigmoid_grouped"))  # + bias
     shared = 3 * (cfg.shared_expert_hidden // dep.tp) * D + (D if cfg.shared_expert_gate else 0)
     return attention + experts + norms_router + (shared if cfg.shared_expert_hidden else 0)
 
 
-def rank_params(cfg: ModelConfig, dep: Deployment, rank: int, attn_tp: int | None = None) -> int:
+def rank_params(cfg: ModelConfig, dep: Deployment, rank: int, attn_tp: int | None = None,
+                slots: int | None = None) -> int:
     stage = dep.coords(rank)[0]
-    n = sum(layer_params(cfg, dep, attn_tp, cfg.is_dense(i)) for i in dep.stage_layers(cfg.n_layers)[stage])
+    n = sum(layer_params(cfg, dep, attn_tp, cfg.is_dense(i), slots) for i in dep.stage_layers(cfg.n_layers)[stage])
     if stage == 0:
         n += cfg.vocab_size * cfg.d_model
     if stage == dep.pp - 1:
@@ -105,12 +107,14 @@ class MemoryReport:
 
 def memory_report(cfg: ModelConfig, dep: Deployment, workload: Workload,
                   capacity_bytes: float, weight_itemsize: int | None = None,
-                  kv_itemsize: int | None = None, attn_tp: int | None = None) -> MemoryReport:
+                  kv_itemsize: int | None = None, attn_tp: int | None = None,
+                  slots: list[int] | None = None) -> MemoryReport:
     """Weights and KV cache only; `workload` is what one replica serves; the report is for its
-    fullest rank. Item sizes default to the model dtype's."""
+    fullest rank. Item sizes default to the model dtype's. `slots`: experts each rank holds
+    (plain EP; default E / ep each)."""
     w_isz = weight_itemsize or ITEMSIZE[cfg.dtype]
     kv_scale = (kv_itemsize or ITEMSIZE[cfg.dtype]) / ITEMSIZE[cfg.dtype]
-    per_rank = [(rank_params(cfg, dep, r, attn_tp) * w_isz,
+    per_rank = [(rank_params(cfg, dep, r, attn_tp, slots[r] if slots else None) * w_isz,
                  int(kv_cache_bytes(cfg, dep, workload, r, attn_tp) * kv_scale))
                 for r in range(dep.world_size)]
     weights, kv = max(per_rank, key=sum)
@@ -127,9 +131,7 @@ def peak_activations(sc) -> tuple[float, float]:
     attention = (a if dep.ep > 1 else 1) * t * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) * d / a
     rows = t * k / (sc.a2a_chunks if dep.ep > 1 else 1)
     if dep.ep > 1:  # a rank receives its experts' share of every rank's rows
-        shares = sc.routing.shares(cfg.n_experts, k)
-        per = cfg.n_experts // dep.ep
-        rows = rows * dep.ep * max(sum(shares[j * per:(j + 1) * per]) for j in range(dep.ep))
+        rows = rows * dep.ep * max(sc.rank_shares())
     moe = rows * (2 * D + (cfg.matrices_per_expert - 1) * cfg.expert_hidden / dep.tp)
     activations = (2 * t * D + max(attention, moe)) * isz
     buffers = (2 * rows * D * sc.dispatch_itemsize if dep.ep > 1 else 0.0) + (t * D * isz if dep.pp > 1 else 0.0)
@@ -140,7 +142,7 @@ def scenario_memory(sc) -> MemoryReport:
     """Everything one rank of the scenario holds at its peak."""
     hw = sc.hardware
     base = memory_report(sc.cfg, sc.deployment, sc.replica_workload, hw.hbm_bytes,
-                         sc.weight_itemsize, sc.kv_itemsize, sc.attn_tp)
+                         sc.weight_itemsize, sc.kv_itemsize, sc.attn_tp, sc.slots)
     activations, buffers = peak_activations(sc)
     reserve = RESERVE_FRACTION * hw.hbm_bytes if hw.launch_overlaps else 0.0
     return dataclasses.replace(base, activation_bytes=activations, buffer_bytes=buffers,

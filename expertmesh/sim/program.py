@@ -37,6 +37,7 @@ position); a serving iteration mixes decode segments with a chunk of prefill.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 
 from expertmesh.sim import cost
@@ -200,28 +201,28 @@ def _group_phase(sc: Scenario, groups: list[list[int]], name: str, nbytes: list[
 def _ep_exchange(sc: Scenario, ranks: list[int], tokens: list[float]) -> list:
     """The EP exchange of one layer for `tokens[i]` tokens on the stage's i-th rank: the count
     exchange (standard path only) and the Exchange."""
-    cfg, dep, hw, topo = sc.cfg, sc.deployment, sc.hw, sc.topology
-    D, k, per = cfg.d_model, cfg.top_k, cfg.n_experts // dep.ep
+    cfg, hw, topo = sc.cfg, sc.hw, sc.topology
+    D, k, placement = cfg.d_model, cfg.top_k, sc.expert_placement
     shares = sc.routing.shares(cfg.n_experts, k)
+    copies = Counter(e for experts in placement for e in experts)  # a replica takes its share
     low = sc.low_latency(max(tokens))
     C = 1 if low or sc.overlap in ("tbo", "auto") else sc.a2a_chunks
-    rank_share = [sum(shares[j * per:(j + 1) * per]) for j in range(dep.ep)]
+    rank_share = sc.rank_shares()
     out_isz, back_isz = sc.dispatch_itemsize, sc.itemsize
-    send = [[t * k * rank_share[j] * D * out_isz / C for j in range(dep.ep)] for t in tokens]
+    send = [[t * k * share * D * out_isz / C for share in rank_share] for t in tokens]
     phases: list = []
     if low and sc.a2a_kernel == "low-latency":
         a2a = cost.low_latency_all_to_all  # the kernel sends only the real rows
     elif low:  # the engine's: fixed-size buffers, padding included, counts in front
-        cap = max(tokens) * min(k, per)
-        send = [[cap * D * out_isz + per * 4] * dep.ep for _ in tokens]
+        send = [[max(tokens) * min(k, len(x)) * D * out_isz + len(x) * 4 for x in placement] for _ in tokens]
         a2a = cost.all_to_all
     else:
         a2a = cost.hierarchical_all_to_all if sc.hierarchical_a2a else cost.all_to_all
-        counts = [[per * 8.0] * dep.ep for _ in ranks]
+        counts = [[len(x) * 8.0 for x in placement] for _ in ranks]
         phases.append(Phase("a2a counts", tuple(c + cost.launched(hw, 1) for c in a2a(hw, topo, ranks, counts)),
                             True, host_sync=True))
     back = [[v * back_isz / out_isz for v in col] for col in zip(*send)]
-    loads = [[sum(tokens) * k * shares[j * per + e] / C for e in range(per)] for j in range(dep.ep)]
+    loads = [[sum(tokens) * k * shares[e] / copies[e] / C for e in experts] for experts in placement]
     routed = sum(tokens) / C
     phases.append(Exchange(tuple(a2a(hw, topo, ranks, send)), tuple(_experts(sc, l, routed) for l in loads),
                            tuple(a2a(hw, topo, ranks, back)), C, overlapped=sc.overlap != "none"))

@@ -15,6 +15,7 @@ from expertmesh.config import ModelConfig, Workload
 from expertmesh.deployment import Deployment
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.parallel.expert import OVERLAPS, TWO_BATCH_TOKENS
+from expertmesh.parallel.placement import contiguous_placement, planned_rank_loads, validate_placement
 from expertmesh.sim.hardware import HardwareProfile
 from expertmesh.sim.routing import Routing
 from expertmesh.topology import Topology
@@ -56,7 +57,10 @@ class Scenario:
     of the next step as soon as its tokens are back (a what-if for pipelined engines). `cuda_graphs`: decode steps replay captured graphs, one launch per stretch between
     host syncs instead of one per op. `fp8`: FP8 weights, KV cache and EP dispatch, FP8 GEMMs
     (as TensorRT-LLM's FP8 mode); activations and the combine stay 16-bit. `attention_backend`:
-    how decode attention reads the KV cache (`ATTENTION_BACKENDS`)."""
+    how decode attention reads the KV cache (`ATTENTION_BACKENDS`). `placement` (plain EP only;
+    None: contiguous, E / ep experts each): the experts each rank holds in every MoE layer, as
+    many as it likes, an expert held by several ranks splitting its tokens evenly over them
+    (`planned_rank_loads`), e.g. spare replicas or the uneven layout left after a rank's loss."""
 
     cfg: ModelConfig
     deployment: Deployment
@@ -77,9 +81,15 @@ class Scenario:
     attn_dp: int | None = None
     step_barrier: bool = True
     attention_backend: str = "flashinfer"
+    placement: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
-        self.deployment.validate(self.cfg)
+        if self.placement is None:
+            self.deployment.validate(self.cfg)
+        elif self.deployment.world_size != self.deployment.ep:
+            raise ValueError(f"a placement is simulated on plain EP only, not {self.deployment.name}")
+        else:
+            validate_placement([self.placement], 1, self.cfg.n_experts, self.deployment.ep)
         self.workload.validate_for(self.cfg)
         ws = self.deployment.world_size
         if self.gpus is None:
@@ -141,6 +151,23 @@ class Scenario:
         if attn_dp is None or self.deployment.ep == 1:
             return self
         return dataclasses.replace(self, attn_dp=min(attn_dp, self.deployment.ep))
+
+    @property
+    def expert_placement(self) -> list[list[int]]:
+        """The experts each EP rank holds (`placement`, or the contiguous one)."""
+        if self.placement is not None:
+            return [list(experts) for experts in self.placement]
+        return contiguous_placement(self.cfg.n_experts, max(self.deployment.ep, 1))
+
+    @property
+    def slots(self) -> list[int] | None:
+        """Experts each rank holds where `placement` sets it (None: E / ep each)."""
+        return [len(experts) for experts in self.placement] if self.placement is not None else None
+
+    def rank_shares(self) -> list[float]:
+        """Each EP rank's expected share of the token-expert assignments (they sum to 1)."""
+        shares = self.routing.shares(self.cfg.n_experts, self.cfg.top_k)
+        return planned_rank_loads(self.expert_placement, shares)
 
     @property
     def attn_tp(self) -> int:

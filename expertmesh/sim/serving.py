@@ -64,7 +64,7 @@ def kv_capacity_tokens(sc: Scenario, kv_fraction: float = 1.0 - RESERVE_FRACTION
     cfg, dep = sc.cfg, sc.deployment
     one = dataclasses.replace(sc.replica_workload, batch_size=max(dep.ep, 1), prompt_len=1, gen_len=1)
     mem = memory_report(cfg, dep, one, sc.hardware.hbm_bytes, sc.weight_itemsize, sc.kv_itemsize,
-                        sc.attn_tp)
+                        sc.attn_tp, sc.slots)
     per_token = mem.kv_bytes / 2  # the fullest rank's bytes per token of each of its sequences
     free = kv_fraction * (sc.hardware.hbm_bytes - mem.weights_bytes)
     return max(free, 0.0) / per_token * max(dep.ep, 1)
