@@ -344,7 +344,7 @@ def stage_seconds(sc: Scenario, stage: int, work: list[tuple[Segment, ...]], tas
     `--overlap` takes two-batch overlap for it (EP)."""
     if sc.two_batch(max(sum(n * L for n, L, _ in segments) for segments in work)):
         a, b = halves(work)
-        return task.run_tbo(stage_program(sc, stage, a), stage_program(sc, stage, b))
+        return task.run_tbo(stage_program(sc, stage, a), stage_program(sc, stage, b, plan_work=a))
     return task.run(stage_program(sc, stage, work))
 
 
