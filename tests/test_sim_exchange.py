@@ -7,6 +7,7 @@ as ep16 on two 8-GPU H100 nodes: one expert per rank, 7 NVLink peers, 8 network 
 
 import argparse
 import dataclasses
+from collections import defaultdict
 
 import pytest
 
@@ -239,3 +240,16 @@ def test_simulate_takes_the_engine_flags_and_says_what_each_deployment_assumes(c
     assert "4 network ports" in out
     with pytest.raises(ValueError, match="none of tp8pp2 has an EP axis"):
         _cli("simulate", "--deployments", "tp8pp2", "--attn-dp", "4")
+
+
+def test_both_halves_of_a_two_batch_forward_take_the_larger_halfs_exchange():
+    """Rank 0 prefills 1,000 tokens, rank 1 decodes 4: the second half alone (2 decode tokens a
+    rank) would take the low-latency exchange, but the engine plans both halves from the larger
+    (`ExchangeChoice`): the standard exchange, its count exchange included."""
+    sc = Scenario(PAPER, Deployment(ep=2), Workload(batch_size=2, prompt_len=100, gen_len=2), H100, overlap="tbo")
+    work = [((1, 1000, 0.0),), ((4, 1, 100.0),)]
+    a, b = simulator.halves(work)
+    names = _names(stage_program(sc, 0, b, plan_work=a).layer)
+    assert "a2a counts" in names and names == _names(stage_program(sc, 0, a).layer)
+    task = simulator.StageTask(2, 1.0, [defaultdict(float) for _ in range(2)], None, 0.0, False)
+    assert simulator.stage_seconds(sc, 0, work, task) > 0  # was an AttributeError: the halves' layers differed

@@ -79,7 +79,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rate", type=float, help="serve Poisson arrivals at this many requests/s (prompt and "
                                               "output lengths around --prompt-len, --gen-len)")
     p.add_argument("--prefix-hit-rate", type=float, default=0.0,
-                   help="with --rate: the fraction of each prompt found in the prefix cache (default 0)")
+                   help="with --rate: the share of each prompt that repeats a prefix the requests share; "
+                        "what the engine's prefix cache finds of it is simulated (default 0)")
     p.add_argument("--ttft-slo", help="largest acceptable TTFT for goodput, e.g. 2s")
     p.add_argument("--tpot-slo", help="largest acceptable TPOT, e.g. 50ms")
 

@@ -93,7 +93,8 @@ class Goodput:
 
 def serve_deployment(sc: Scenario, rate: float, requests: int = 100, prefix_hit_rate: float = 0.0) -> Served:
     """The scenario's deployment serving `rate` requests/s split evenly over its replicas, with
-    prompt and output lengths around the workload's, `prefix_hit_rate` of each prompt cached."""
+    prompt and output lengths around the workload's, each prompt repeating `prefix_hit_rate` of
+    its tokens from a prefix the requests share (`stream.py`)."""
     return simulate_serving(sc, rate / sc.replicas, sc.workload.prompt_len, sc.workload.gen_len, requests=requests,
                  prefix_hit_rate=prefix_hit_rate)
 

@@ -198,14 +198,14 @@ def _group_phase(sc: Scenario, groups: list[list[int]], name: str, nbytes: list[
     return Phase(name, tuple(costs), sync=True)
 
 
-def _ep_exchange(sc: Scenario, ranks: list[int], tokens: list[float]) -> list:
-    """The EP exchange of one layer for `tokens[i]` tokens on the stage's i-th rank: the count
-    exchange (standard path only) and the Exchange."""
+def _ep_exchange(sc: Scenario, ranks: list[int], tokens: list[float], most: float) -> list:
+    """The EP exchange of one layer for `tokens[i]` tokens on the stage's i-th rank, planned for
+    `most` tokens on the busiest rank: the count exchange (standard path only) and the Exchange."""
     cfg, hw, topo = sc.cfg, sc.hw, sc.topology
     D, k, placement = cfg.d_model, cfg.top_k, sc.expert_placement
     shares = sc.routing.shares(cfg.n_experts, k)
     copies = Counter(e for experts in placement for e in experts)  # a replica takes its share
-    low = sc.low_latency(max(tokens))
+    low = sc.low_latency(most)
     C = 1 if low or sc.overlap in ("tbo", "auto") else sc.a2a_chunks
     rank_share = sc.rank_shares()
     out_isz, back_isz = sc.dispatch_itemsize, sc.itemsize
@@ -214,7 +214,7 @@ def _ep_exchange(sc: Scenario, ranks: list[int], tokens: list[float]) -> list:
     if low and sc.a2a_kernel == "low-latency":
         a2a = cost.low_latency_all_to_all  # the kernel sends only the real rows
     elif low:  # the engine's: fixed-size buffers, padding included, counts in front
-        send = [[max(tokens) * min(k, len(x)) * D * out_isz + len(x) * 4 for x in placement] for _ in tokens]
+        send = [[most * min(k, len(x)) * D * out_isz + len(x) * 4 for x in placement] for _ in tokens]
         a2a = cost.all_to_all
     else:
         a2a = cost.hierarchical_all_to_all if sc.hierarchical_a2a else cost.all_to_all
@@ -237,10 +237,27 @@ def exchange_choice(sc: Scenario, ranks: list[int]) -> Phase:
     return Phase("exchange choice", (c,) * len(ranks), sync=True)
 
 
-def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> StageProgram:
+def _groups(sc: Scenario, work: list[tuple[Segment, ...]]) -> list[tuple[Segment, ...]]:
+    """Under EP with attention TP (a = ep / attn_dp ranks a group), each rank's group's segments
+    (every rank of a group runs attention over all of them); else each rank's own."""
+    a = sc.attn_tp if sc.deployment.ep > 1 else 1
+    return [sum(work[g:g + a], ()) for g in range(0, len(work), a) for _ in range(a)]
+
+
+def _dispatched(sc: Scenario, work: list[tuple[Segment, ...]]) -> list[float]:
+    """Tokens each rank routes through the MoE: its own, or an equal share of its group's."""
+    a = sc.attn_tp if sc.deployment.ep > 1 else 1
+    return [_tokens(w) / a for w in _groups(sc, work)]
+
+
+def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]],
+                  plan_work: list[tuple[Segment, ...]] | None = None) -> StageProgram:
     """`work[i]`: the segments the stage's i-th rank holds in this micro-batch (or iteration);
     under EP with attention TP, a group's ranks each run attention over all the group's
-    sequences (a share of the heads) and dispatch an equal share of its tokens."""
+    sequences (a share of the heads) and dispatch an equal share of its tokens. `plan_work`
+    (default `work`): the micro-batch whose busiest rank the EP exchange is planned from
+    (low-latency or not, its buffer size): the engine plans both halves of a two-batch forward
+    from the larger one (`parallel/expert.py: ExchangeChoice`)."""
     cfg, dep, hw, isz = sc.cfg, sc.deployment, sc.hw, sc.itemsize
     ranks = list(range(stage * dep.inner, (stage + 1) * dep.inner))
     tokens = [_tokens(w) for w in work]
@@ -251,11 +268,11 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
     a = sc.attn_tp if dep.ep > 1 else 1
     if a > 1:
         groups = [ranks[g:g + a] for g in range(0, len(ranks), a)]
-        group_work = [sum((work[i - ranks[0]] for i in g), ()) for g in groups for _ in g]
+        group_work = _groups(sc, work)
         group_bytes = [_tokens(w) * D * isz for w in group_work]
         prefix.append(Phase("attention", tuple(_attention(sc, w) for w in group_work)))
         prefix.append(_group_phase(sc, groups, "attention reduce-scatter", group_bytes))
-        tokens = [_tokens(w) / a for w in group_work]
+        tokens = _dispatched(sc, work)
     else:
         prefix.append(Phase("attention", tuple(_attention(sc, w) for w in work)))
     if dep.tp > 1:
@@ -269,7 +286,7 @@ def stage_program(sc: Scenario, stage: int, work: list[tuple[Segment, ...]]) -> 
     layer = list(prefix)
     layer.append(Phase("router", tuple(_moe_pre(sc, t) for t in tokens)))
     if dep.ep > 1:
-        layer += _ep_exchange(sc, ranks, tokens)
+        layer += _ep_exchange(sc, ranks, tokens, max(_dispatched(sc, plan_work or work)))
     else:
         shares = sc.routing.shares(cfg.n_experts, cfg.top_k)
         loads = [[t * cfg.top_k * s for s in shares] for t in tokens]

@@ -146,11 +146,12 @@ def plot_sweep(curves: dict[str, list[SimResult]], out_dir: str | Path) -> list[
 
 def serving_table(rows, rate: float, ttft_slo: float | None, tpot_slo: float | None,
                   title: str | None = None) -> Table:
-    """`rows`: (SimResult, Served) pairs; latency percentiles, throughput and goodput."""
+    """`rows`: (SimResult, Served) pairs; latency percentiles, throughput, the share of prompt
+    tokens the prefix cache held, preemptions (per replica) and goodput."""
     table = Table(title=title or f"serving {rate:g} requests/s (Poisson), continuous batching")
     slo = f"TTFT <= {ms(ttft_slo) if ttft_slo else '-'} ms, TPOT <= {ms(tpot_slo) if tpot_slo else '-'} ms"
     for col in ("method", "TTFT p50 ms", "TTFT p90 ms", "TPOT p50 ms", "TPOT p90 ms", "requests/s",
-                "output tok/s", f"goodput req/s ({slo})"):
+                "output tok/s", "prompt cached", "preemptions", f"goodput req/s ({slo})"):
         table.add_column(col, justify="left" if col == "method" else "right")
     for r, s in rows:
         sc = r.scenario
@@ -160,5 +161,6 @@ def serving_table(rows, rate: float, ttft_slo: float | None, tpot_slo: float | N
                       ms(s.percentile("tpot_s", 50)), ms(s.percentile("tpot_s", 90)),
                       f"{n / s.duration_s * sc.replicas:,.2f}",
                       f"{s.output_tokens / s.duration_s * sc.replicas:,.0f}",
+                      f"{s.cached_fraction:.0%}", str(s.preemptions),
                       f"{s.goodput(ttft_slo, tpot_slo) * sc.replicas:,.2f}")
     return table

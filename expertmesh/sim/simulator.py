@@ -20,7 +20,7 @@ replay from captured graphs: one launch per stretch between host syncs.
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from expertmesh.engine.metrics import Metrics
 from expertmesh.sim import cost
@@ -228,76 +228,106 @@ class StageTask:
         return dev, host
 
 
+@dataclass
+class Clocks:
+    """When each part of a replica's pipeline is next ready (seconds from the run's start):
+    `free[s]`, stage s; for each micro-batch m of the current step shape, `hidden_at[m]`, its hidden
+    states at the next stage, and `tokens_at[m]`, its sampled tokens back at stage 0;
+    `step_ends[k]`, when step k ended on the last stage (the engine's event times)."""
+
+    free: list[float]
+    hidden_at: list[float] = field(default_factory=list)
+    tokens_at: list[float] = field(default_factory=list)
+    step_ends: list[float] = field(default_factory=list)
+
+    def begin(self, sc: Scenario, step: int, M: int, control: float) -> None:
+        """Step `step` of `M` micro-batches starts once the last one ended and its control
+        messages went round (on every stage under the step barrier); a new micro-batch shape
+        starts its clocks afresh."""
+        begin = (self.step_ends[-1] if self.step_ends else 0.0) + control
+        if sc.step_barrier or step == 0:
+            self.free = [max(f, begin) for f in self.free]
+        if step == 0 or M != len(self.hidden_at):
+            self.hidden_at, self.tokens_at = [0.0] * M, [begin] * M
+
+    def ready(self, s: int, m: int, step: int, pp: int, has_rows: bool) -> float:
+        """When stage `s` may start micro-batch `m`: once free and, holding rows, once its input
+        (the previous stage's hidden states, or at stage 0 of a decode step the sampled tokens) is there."""
+        ready = self.free[s]
+        if has_rows and s > 0:
+            ready = max(ready, self.hidden_at[m])
+        if has_rows and s == 0 and step > 0 and pp > 1:
+            ready = max(ready, self.tokens_at[m])
+        return ready
+
+
+@dataclass
+class Record:
+    """What a run leaves besides its times: `busy[rank][resource]` (seconds) and the traced
+    step's events."""
+
+    busy: list[dict[str, float]]
+    events: list[Event] = field(default_factory=list)
+
+
 def simulate(sc: Scenario, trace_step: int | None = None) -> SimResult:
     """Predict a run. `trace_step`: the step whose events are traced (default: the first decode
     step, or the prefill when only one token is generated)."""
     dep, w, hw = sc.deployment, sc.replica_workload, sc.hw
-    P, G, inner = w.prompt_len, w.gen_len, dep.inner
-    trace_step = (1 if G > 1 else 0) if trace_step is None else trace_step
-    topo = sc.topology
-
-    def split(M: int) -> list[list[int]]:  # [stage rank][micro]: pipeline peers hold the same rows
-        return [[part.stop - part.start for part in split_evenly(len(dep.rows_of(i, w.batch_size)), M)]
-                for i in range(inner)]
-
-    slow = host_sharing(sc)
-    busy = [defaultdict(float) for _ in range(dep.world_size)]
-    stage_link = [cost.link_for(hw, topo, [s * inner, (s + 1) * inner]) for s in range(dep.pp - 1)]
-    token_link = cost.link_for(hw, topo, [0, dep.world_size - 1])
-    events: list[tuple[int, str, float, float]] = []
-
-    control = control_seconds(sc)
-    free = [0.0] * dep.pp
-    step_times: list[float] = []
-    hidden_at: list[float] = []
-    for step in range(G):
-        prefill = step == 0
-        M = sc.micro_batches(prefill)
-        rows = split(M)
-        # an engine step starts once the last one ended and its control messages went round
-        begin = (step_times[-1] if step_times else 0.0) + control
-        if sc.step_barrier or step == 0:
-            free = [max(f, begin) for f in free]
-        if step == 0 or M != len(hidden_at):
-            hidden_at = [0.0] * M
-            tokens_at = [begin] * M
-        L, start = (P, 0) if prefill else (1, P + step - 1)
-        graphs = sc.cuda_graphs and not prefill and hw.launch_overlaps
-        step_end = 0.0
-        for m in range(M):
-            b = [rows[i][m] for i in range(inner)]
-            has_rows = sum(b) > 0
-            for s in range(dep.pp):
-                ready = free[s]
-                if has_rows and s > 0:
-                    ready = max(ready, hidden_at[m])
-                if has_rows and s == 0 and step > 0 and dep.pp > 1:
-                    ready = max(ready, tokens_at[m])
-                log = [] if step == trace_step else None
-                task = StageTask(inner, slow, busy[s * inner:(s + 1) * inner], log, hw.launch_s, graphs)
-                end = ready + stage_seconds(sc, s, [((n, L, start),) for n in b], task)
-                if log is not None:
-                    events += [(s * inner + r, name, ready + t0, d) for r, name, t0, d in log]
-                free[s] = end
-                if s < dep.pp - 1 and has_rows:
-                    nbytes = max(b) * L * sc.cfg.d_model * sc.itemsize
-                    hidden_at[m] = end + cost.send_recv(stage_link[s], nbytes).seconds
-                if s == dep.pp - 1:
-                    step_end = max(step_end, end)
-                    if dep.pp > 1:
-                        tokens_at[m] = end + cost.send_recv(token_link, max(b) * 8).seconds + control
-        step_times.append(step_end)
-
-    metrics = Metrics.from_events(0.0, step_times, sc.workload.batch_size, P)
+    trace_step = (1 if w.gen_len > 1 else 0) if trace_step is None else trace_step
+    clocks = Clocks([0.0] * dep.pp)
+    record = Record([defaultdict(float) for _ in range(dep.world_size)])
+    for step in range(w.gen_len):
+        _play_step(sc, step, clocks, record, step == trace_step)
+    step_times = clocks.step_ends
+    metrics = Metrics.from_events(0.0, step_times, sc.workload.batch_size, w.prompt_len)
     # on a GPU the host's launch time is not a device resource: when it shows, it shows as idle
     resources = [r for r in cost.RESOURCES if r != "launch" or not hw.launch_overlaps]
-    resource, seconds = max(((res, max(b[res] for b in busy)) for res in resources), key=lambda x: x[1])
+    resource, seconds = max(((res, max(b[res] for b in record.busy)) for res in resources), key=lambda x: x[1])
     # under a pipeline a step's first micro-batch starts before the previous step's last ends
+    events = record.events
     origin = min((t for _, _, t, _ in events), default=0.0)
     traced = step_times[trace_step] - (step_times[trace_step - 1] if trace_step else 0.0)
     return SimResult(sc, metrics, scenario_memory(sc), roofline(sc), resource,
                      seconds / metrics.total_s, chrome_trace(sc, events, origin),
                      phase_seconds(events, dep.world_size, traced), traced)
+
+
+def _play_step(sc: Scenario, step: int, clocks: Clocks, record: Record, traced: bool) -> None:
+    """Step `step` (0: the prefill of the prompt, then one decode position per step): each
+    micro-batch through each stage, as soon as both are ready; appends its end to `clocks`."""
+    dep, w, hw = sc.deployment, sc.replica_workload, sc.hw
+    inner, prefill = dep.inner, step == 0
+    M = sc.micro_batches(prefill)
+    control = control_seconds(sc)
+    clocks.begin(sc, step, M, control)
+    rows = [[part.stop - part.start for part in split_evenly(len(dep.rows_of(i, w.batch_size)), M)]
+            for i in range(inner)]  # [stage rank][micro]: pipeline peers hold the same rows
+    L, start = (w.prompt_len, 0) if prefill else (1, w.prompt_len + step - 1)
+    graphs = sc.cuda_graphs and not prefill and hw.launch_overlaps
+    slow = host_sharing(sc)
+    step_end = 0.0
+    for m in range(M):
+        b = [rows[i][m] for i in range(inner)]
+        has_rows = sum(b) > 0
+        for s in range(dep.pp):
+            ready = clocks.ready(s, m, step, dep.pp, has_rows)
+            log = [] if traced else None
+            task = StageTask(inner, slow, record.busy[s * inner:(s + 1) * inner], log, hw.launch_s, graphs)
+            end = ready + stage_seconds(sc, s, [((n, L, start),) for n in b], task)
+            if log is not None:
+                record.events += [(s * inner + r, name, ready + t0, d) for r, name, t0, d in log]
+            clocks.free[s] = end
+            if s < dep.pp - 1 and has_rows:
+                link = cost.link_for(hw, sc.topology, [s * inner, (s + 1) * inner])
+                nbytes = max(b) * L * sc.cfg.d_model * sc.itemsize
+                clocks.hidden_at[m] = end + cost.send_recv(link, nbytes).seconds
+            if s == dep.pp - 1:
+                step_end = max(step_end, end)
+                if dep.pp > 1:
+                    link = cost.link_for(hw, sc.topology, [0, dep.world_size - 1])
+                    clocks.tokens_at[m] = end + cost.send_recv(link, max(b) * 8).seconds + control
+    clocks.step_ends.append(step_end)
 
 
 def host_sharing(sc: Scenario) -> float:
@@ -344,7 +374,7 @@ def stage_seconds(sc: Scenario, stage: int, work: list[tuple[Segment, ...]], tas
     `--overlap` takes two-batch overlap for it (EP)."""
     if sc.two_batch(max(sum(n * L for n, L, _ in segments) for segments in work)):
         a, b = halves(work)
-        return task.run_tbo(stage_program(sc, stage, a), stage_program(sc, stage, b))
+        return task.run_tbo(stage_program(sc, stage, a), stage_program(sc, stage, b, plan_work=a))
     return task.run(stage_program(sc, stage, work))
 
 
