@@ -63,6 +63,24 @@ def test_a_request_goes_where_its_prefix_is_cached_unless_that_delays_it_past_a_
     assert load.assign([req(3, prefix + [1, 2])], [stats(50, tokens=10), stats(20, tokens=30)]) == [0]
 
 
+def test_a_request_leaves_its_prefix_for_a_rank_running_more_than_seq_slack_fewer_sequences():
+    prefix = list(range(100, 132))  # 8 blocks cached on rank 1
+    router = DpRouter(2, BS, KEY, "cache", slack=1000, seq_slack=3)
+    router.learn(1, hashes(prefix), [])
+    # rank 1 runs 3 more sequences than rank 0 (inclusive bound): it keeps the request
+    assert router.assign([req(0, prefix + [1])], [stats(50, 0), stats(50, 3)]) == [1]
+    # 4 more: past the bound, so the load rule places it on rank 0 although rank 1 caches its prefix
+    assert router.assign([req(1, prefix + [1])], [stats(50, 0), stats(50, 4)]) == [0]
+    # a burst sharing the prefix fills rank 1 up to the bound, then spills
+    burst = [req(10 + i, prefix + [i]) for i in range(6)]
+    assert DpRouter(2, BS, KEY, "cache", slack=1000, seq_slack=3).assign(burst, [stats(50), stats(50)]) \
+        == [0, 0, 0, 0, 1, 1]
+    # no rank passes both bounds (the fewest sequences on the rank with the most work): by load
+    router = DpRouter(2, BS, KEY, "cache", slack=8, seq_slack=1)
+    router.learn(1, hashes(prefix), [])
+    assert router.assign([req(2, prefix + [1])], [stats(50, 0, tokens=100), stats(40, 5, tokens=0)]) == [0]
+
+
 def test_requests_sharing_a_new_prefix_in_one_step_land_together_and_evictions_are_learnt():
     prefix = list(range(200, 264))  # 16 blocks
     router = DpRouter(2, BS, KEY, "cache", slack=8)

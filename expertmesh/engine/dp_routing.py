@@ -7,12 +7,20 @@ Two rules (`--dp-routing`):
 - "cache" (the default): among the ranks with room for the request (free blocks for the part of
   its prompt they do not cache), those whose work in tokens once it is added,
   `queued_tokens[i] + prompt tokens rank i would compute`, is within one step's budget
-  (`slack`, the engine's max_batched_tokens) of the least; of those, the one that computes the
-  fewest prompt tokens (the longest cached prefix); ties, and no rank with room, by the load
-  rule. So a cached prefix counts as work saved, and more: a request follows its prefix unless
-  that delays its prefill by more than a step over the rank that would start it soonest.
-  Requests sharing a prefix so land together unless that rank's queue is longer, in tokens,
-  than the prefix plus a step's budget.
+  (`slack`, the engine's max_batched_tokens) of the least, and whose queued sequences are
+  within `seq_slack` (8) of the fewest; of those, the one that computes the fewest prompt
+  tokens (the longest cached prefix); ties, no rank with room, and no rank passing both bounds,
+  by the load rule. So a cached prefix counts as work saved, and more: a request follows its
+  prefix unless that delays its prefill by more than a step over the rank that would start it
+  soonest, or that rank already runs `seq_slack` more sequences than another. Requests sharing
+  a prefix so land together unless that rank's queue is longer, in tokens, than the prefix plus
+  a step's budget, or longer in sequences by `seq_slack`.
+
+  The sequence bound is there because tokens undercount decodes: a decoding sequence queues
+  only its remaining output tokens, yet it costs every step its attention over its whole
+  context, and every EP rank waits for the slowest data-parallel rank. Without it, requests that
+  all share one prefix would all decode on one rank while the others idle (the simulator's
+  serving mode found it: ep16, 10k-token prompts half shared, 4 requests/s).
 
 Rank 0 knows what each rank caches from each step's all-gather of stats (`engine/engine.py`):
 every rank's pool adds the hashes it registered and evicted since the last step
@@ -41,10 +49,12 @@ def by_load(free: list[int], queued: list[int], candidates) -> int:
 class DpRouter:
     """Rank 0's view of `dp` ranks' prefix caches, and the rule that places requests."""
 
-    def __init__(self, dp: int, block_size: int, key: bytes, rule: str = "cache", slack: int = 512):
+    def __init__(self, dp: int, block_size: int, key: bytes, rule: str = "cache", slack: int = 512,
+                 seq_slack: int = 8):
         if rule not in RULES:
             raise ValueError(f"unknown --dp-routing {rule!r}; use one of {', '.join(RULES)}")
         self.block_size, self.key, self.rule, self.slack = block_size, key, rule, slack
+        self.seq_slack = seq_slack
         self.views: list[set[int]] = [set() for _ in range(dp)]
 
     def learn(self, dp: int, added: list[int], evicted: list[int]) -> None:
@@ -69,9 +79,11 @@ class DpRouter:
             roomy = [i for i in range(len(free)) if free[i] >= need[i]]
             if self.rule == "cache" and roomy:
                 work = [tokens[i] + n - hits[i] * self.block_size for i in range(len(free))]
-                soon = [i for i in roomy if work[i] <= min(work[j] for j in roomy) + self.slack]
-                most = max(hits[i] for i in soon)
-                dp = by_load(free, queued, [i for i in soon if hits[i] == most])
+                least_work, fewest = min(work[i] for i in roomy), min(queued[i] for i in roomy)
+                soon = [i for i in roomy
+                        if work[i] <= least_work + self.slack and queued[i] <= fewest + self.seq_slack]
+                most = max((hits[i] for i in soon), default=0)
+                dp = by_load(free, queued, [i for i in soon if hits[i] == most] or roomy)
             else:
                 dp = by_load(free, queued, range(len(free)))
             free[dp] -= need[dp]
