@@ -81,6 +81,15 @@ def test_a_request_leaves_its_prefix_for_a_rank_running_more_than_seq_slack_fewe
     assert router.assign([req(2, prefix + [1])], [stats(50, 0, tokens=100), stats(40, 5, tokens=0)]) == [0]
 
 
+def test_a_whole_prompt_cached_still_needs_a_block_for_its_last_token():
+    prompt = list(range(300, 308))  # exactly 2 blocks, both cached on rank 1
+    # its last token is computed again, so only the first block counts: rank 1 needs one free block
+    for free_on_1, placed in ((0, 0), (1, 1)):
+        router = DpRouter(2, BS, KEY, "cache", slack=1000)
+        router.learn(1, hashes(prompt), [])
+        assert router.assign([req(0, prompt)], [stats(50, 3), stats(free_on_1, 0)]) == [placed]
+
+
 def test_requests_sharing_a_new_prefix_in_one_step_land_together_and_evictions_are_learnt():
     prefix = list(range(200, 264))  # 16 blocks
     router = DpRouter(2, BS, KEY, "cache", slack=8)

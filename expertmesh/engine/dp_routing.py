@@ -82,8 +82,8 @@ class DpRouter:
                 least_work, fewest = min(work[i] for i in roomy), min(queued[i] for i in roomy)
                 soon = [i for i in roomy
                         if work[i] <= least_work + self.slack and queued[i] <= fewest + self.seq_slack]
-                most = max((hits[i] for i in soon), default=0)
-                dp = by_load(free, queued, [i for i in soon if hits[i] == most] or roomy)
+                longest = [i for i in soon if hits[i] == max(hits[j] for j in soon)]
+                dp = by_load(free, queued, longest or roomy)
             else:
                 dp = by_load(free, queued, range(len(free)))
             free[dp] -= need[dp]
