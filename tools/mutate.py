@@ -50,7 +50,7 @@ COVERING = {
     "engine/block_pool.py": ["tests/test_block_pool.py", "tests/test_dp_routing.py", "tests/test_scheduler.py"],
     "engine/dp_routing.py": ["tests/test_dp_routing.py"],
     "engine/sampling.py": ["tests/test_sampling_edges.py", "tests/test_sampling.py"],
-    "model/paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py"],
+    "model/paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py", "tests/test_mla_prefill.py"],
     "model/attn_backends/torch_paged.py": ["tests/test_paged_plan.py", "tests/test_paged.py", "tests/test_graphs.py"],
     # the unit tests against the naive reference (the deployment runs take minutes per mutant)
     "model/capacity.py": ["tests/test_capacity_counts.py", "tests/test_load_balance.py",
