@@ -269,6 +269,7 @@ def test_the_ledger_reconciles_what_the_survivors_hold_with_what_was_streamed():
     (["--deployment", "ep2", "--elastic", "--redundant-experts", "2", "--eplb-interval", "8"],
      "drop --eplb-interval and --routing"),
     (["--deployment", "ep2", "--elastic", "--redundant-experts", "99"], "--redundant-experts 99"),
+    (["--deployment", "ep2", "--elastic", "--a2a", "hierarchical"], "drop --a2a hierarchical"),
 ])
 def test_unsupported_elastic_flags_are_one_line_errors_before_any_rank_starts(argv, message, cli_error):
     assert message in cli_error(["serve", "--port", "0", *argv])
@@ -293,3 +294,11 @@ def test_a_request_resumed_with_its_streamed_tokens_goes_on_from_the_next_one(sm
     assert [o.token for o in outputs] == full[3:]
     assert [o.index for o in outputs] == list(range(3, 8))
     assert outputs[-1].finished == "length"
+
+
+def test_elastic_under_torchrun_is_a_one_line_error(monkeypatch, cli_error):
+    """Each torchrun rank refuses alone (the recovery needs the local launcher's store and its
+    dead-rank marker); here one rank of two, as torchrun would start it."""
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert "under torchrun it is not supported" in cli_error(["serve", "--port", "0", "--deployment", "ep2", "--elastic"])
