@@ -82,3 +82,16 @@ def test_imports_run_one_way_down_the_layers():
                 targets = [a.name.split(".")[1] for a in node.names if a.name.startswith("expertmesh.")]
             upward += [f"{'/'.join(parts)} imports {t}" for t in targets if layer_of(t) < here]
     assert not upward, f"imports that run back up a layer: {upward}"
+
+
+def test_the_model_layer_never_imports_torch_distributed():
+    """docs/architecture.md: `model/` is the single-device reference; what crosses ranks lives in
+    `parallel/` and `engine/` (the expert kernels' plan is shared by `engine/shard.py`)."""
+    offenders = []
+    for path in (PACKAGE / "model").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            if any(name.startswith("torch.distributed") for name in names):
+                offenders.append(str(path.relative_to(PACKAGE)))
+    assert not offenders, f"model/ modules importing torch.distributed: {offenders}"

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from expertmesh.engine.shard import install_expert_kernels
 from expertmesh.launch import launch
 from expertmesh.model import expert_kernels as ek
 from expertmesh.model import moe
@@ -144,7 +145,7 @@ def _rank_plan(cache: str, device: torch.device) -> list:
     opposite = {(k, rows): 10.0 - s for (k, rows), s in LOOP_SMALL.items()}
     timer = fake_timer(LOOP_SMALL if dist.get_rank() == 0 else opposite)
     block = moe.MoEBlock(D, 4, 2, H, "mlp", renormalize=True)
-    ek.install(materialize(block, 0, torch.float32), "auto", torch.device("cpu"), timer)
+    install_expert_kernels(materialize(block, 0, torch.float32), "auto", torch.device("cpu"), timer)
     everyone = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, block.experts.kernels.choices)
     return everyone

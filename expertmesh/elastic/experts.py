@@ -87,7 +87,7 @@ def reshard(model: MoETransformer, group, rank: int, dead: set[int], checkpoint:
         if added:
             fresh = _experts(model, index, added, checkpoint, seed, dtype, kept.w_up.device)
             experts = GroupedExperts(len(mine), cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
-            experts.kernels = kept.kernels  # the run's plan (`expert_kernels.install`)
+            experts.kernels = kept.kernels  # the run's plan (`engine/shard.py: install_expert_kernels`)
             for name, param in kept.named_parameters():
                 joined = torch.cat([param.data, getattr(fresh, name).data])
                 setattr(experts, name, nn.Parameter(joined, requires_grad=False))

@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from expertmesh.checkpoint.loader import load_checkpoint
 from expertmesh.engine.spec import RunSpec
-from expertmesh.model.expert_kernels import install
+from expertmesh.model.expert_kernels import KernelPlan, Timer, resolve, time_call
+from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import MoETransformer, build_model
 from expertmesh.parallel.expert import Overlap, apply_expert_parallel
@@ -53,7 +54,31 @@ def load_rank(spec: RunSpec, device: torch.device) -> tuple[MoETransformer, Pipe
         checkpoint_bytes = load_checkpoint(model, spec.checkpoint, spec.cfg.torch_dtype, device)
     else:
         model, checkpoint_bytes = materialize(model, spec.seed, spec.cfg.torch_dtype, device), 0
-    install(model, spec.expert_kernel, device)
+    install_expert_kernels(model, spec.expert_kernel, device)
     links = PipelineLinks(dep, rank, device) if dep.pp > 1 else None
     return model, links, checkpoint_bytes
 
+
+def install_expert_kernels(model: MoETransformer, setting: str, device: torch.device,
+                           timer: Timer = time_call) -> dict[tuple, KernelPlan]:
+    """Give every `GroupedExperts` of `model` its plan under `setting` (`model/expert_kernels.py`);
+    returns the plans by (d_model, hidden, dtype). Collective when torch.distributed is
+    initialized: every rank of the default group calls it; the ranks' expert shapes are
+    all-gathered (pickled tuples) and rank 0 resolves a plan for each and broadcasts them, so
+    timing noise never makes two ranks choose differently."""
+    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
+    shapes = {(m.w_up.shape[2], m.w_up.shape[1], m.w_up.dtype) for m in experts}
+    if dist.is_initialized():
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, sorted(shapes, key=str))
+        shapes = {shape for rank_shapes in everyone for shape in rank_shapes}
+        box = [None]
+        if dist.get_rank() == 0:
+            box = [{shape: resolve(setting, *shape, device, timer) for shape in shapes}]
+        dist.broadcast_object_list(box, src=0)
+        plans = box[0]
+    else:
+        plans = {shape: resolve(setting, *shape, device, timer) for shape in shapes}
+    for m in experts:
+        m.kernels = plans[(m.w_up.shape[2], m.w_up.shape[1], m.w_up.dtype)]
+    return plans

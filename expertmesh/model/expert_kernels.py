@@ -15,8 +15,8 @@ speed from 32 rows per expert on in fp32 and bf16 (it computes every expert at t
 expert's count), and its fp32 sums differ in the last bits from the other two, which agree
 bitwise on CPU.
 
-Rank 0 decides and every rank takes its plan (`install`), so timing noise never makes ranks
-differ.
+Rank 0 decides and every rank takes its plan (`engine/shard.py: install_expert_kernels`), so
+timing noise never makes ranks differ.
 """
 
 from __future__ import annotations
@@ -31,9 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch import nn
 
 KERNELS = ("grouped", "loop")
 SETTINGS = ("auto", *KERNELS)
@@ -197,28 +195,3 @@ def resolve(setting: str, d_model: int, hidden: int, dtype: torch.dtype, device:
     except OSError:  # a read-only home: this start's choice still holds
         pass
     return plan
-
-
-def install(model: nn.Module, setting: str, device: torch.device,
-            timer: Timer = time_call) -> dict[tuple, KernelPlan]:
-    """Give every `GroupedExperts` of `model` its plan under `setting`; returns the plans by
-    (d_model, hidden, dtype). Collective when torch.distributed is initialized: every rank of
-    the default group calls it, rank 0 resolves the plan of every rank's shapes and sends them."""
-    from expertmesh.model.moe import GroupedExperts
-
-    experts = [m for m in model.modules() if isinstance(m, GroupedExperts)]
-    shapes = {(m.w_up.shape[2], m.w_up.shape[1], m.w_up.dtype) for m in experts}
-    if dist.is_initialized():
-        everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, sorted(shapes, key=str))
-        shapes = {shape for rank_shapes in everyone for shape in rank_shapes}
-        box = [None]
-        if dist.get_rank() == 0:
-            box = [{shape: resolve(setting, *shape, device, timer) for shape in shapes}]
-        dist.broadcast_object_list(box, src=0)
-        plans = box[0]
-    else:
-        plans = {shape: resolve(setting, *shape, device, timer) for shape in shapes}
-    for m in experts:
-        m.kernels = plans[(m.w_up.shape[2], m.w_up.shape[1], m.w_up.dtype)]
-    return plans

@@ -163,7 +163,7 @@ def rebalance(model: MoETransformer, placements: list[list[list[int]]]) -> int:
             for work in dist.batch_isend_irecv(ops):
                 work.wait()
         experts = GroupedExperts(len(new[me]), model.cfg.d_model, model.cfg.expert_hidden, model.cfg.expert_kind)
-        experts.kernels = layer.moe.experts.kernels  # the run's plan (`expert_kernels.install`)
+        experts.kernels = layer.moe.experts.kernels  # the run's plan (`engine/shard.py: install_expert_kernels`)
         for n in names:
             setattr(experts, n, nn.Parameter(fresh[n], requires_grad=False))
             mark_shard(experts, n, (model.cfg.n_experts, *fresh[n].shape[1:]), (new[me], slice(None), slice(None)))
