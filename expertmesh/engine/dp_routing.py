@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from expertmesh.engine.block_pool import chain_hashes, short
 from expertmesh.engine.request import Request
+from expertmesh.engine.scheduler import EngineConfig
 
 RULES = ("cache", "load")
 
@@ -56,6 +57,14 @@ class DpRouter:
         self.block_size, self.key, self.rule, self.slack = block_size, key, rule, slack
         self.seq_slack = seq_slack
         self.views: list[set[int]] = [set() for _ in range(dp)]
+
+    @classmethod
+    def for_engine(cls, dp: int, engine_cfg: EngineConfig, key: bytes) -> DpRouter:
+        """The router an engine (or the simulator's replica of one) uses: `engine_cfg.dp_routing`
+        with prefix caching, else the load rule (no pool caches anything to follow), one step's
+        `max_batched_tokens` as the slack."""
+        rule = engine_cfg.dp_routing if engine_cfg.prefix_caching else "load"
+        return cls(dp, engine_cfg.block_size, key, rule, engine_cfg.max_batched_tokens)
 
     def learn(self, dp: int, added: list[int], evicted: list[int]) -> None:
         """A rank's step report: the block hashes its pool registered and evicted."""

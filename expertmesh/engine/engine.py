@@ -85,8 +85,7 @@ class Engine:
         self.num_blocks = self._agreed_blocks(model, engine_cfg)
         key = cache_key(cfg, deployment.tp)  # what a block's KV depends on besides its tokens
         self.scheduler = Scheduler(engine_cfg, self.num_blocks, eos, key)
-        rule = engine_cfg.dp_routing if engine_cfg.prefix_caching else "load"
-        self.router = DpRouter(deployment.dp, engine_cfg.block_size, key, rule, engine_cfg.max_batched_tokens)
+        self.router = DpRouter.for_engine(deployment.dp, engine_cfg, key)
         self.runner = Runner(model, self.num_blocks, engine_cfg.block_size, links, record_logits, n_micro,
                              overlap, engine_cfg.max_seqs, graphs, eos)
         inner = deployment.coords(rank)[1]

@@ -28,8 +28,7 @@ class Replica:
         if engine.num_blocks is None:
             raise ValueError("a simulated replica needs EngineConfig.num_blocks (blocks per rank)")
         self.schedulers = [Scheduler(engine, engine.num_blocks) for _ in range(dp)]
-        rule = engine.dp_routing if engine.prefix_caching else "load"  # as `Engine.__init__`
-        self.router = DpRouter(dp, engine.block_size, b"", rule, engine.max_batched_tokens)
+        self.router = DpRouter.for_engine(dp, engine, b"")
         self.stats = [s.stats() for s in self.schedulers]
 
     @property
