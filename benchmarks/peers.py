@@ -52,8 +52,9 @@ except ImportError:
     import report
     from plain_ep import PlainEPLayer
 from expertmesh.config import DTYPES, preset
+from expertmesh.engine.shard import install_expert_kernels
 from expertmesh.launch import launch
-from expertmesh.model.expert_kernels import fixed, install
+from expertmesh.model.expert_kernels import fixed
 from expertmesh.model.moe import MoEBlock
 from expertmesh.model.synthetic import materialize
 from expertmesh.model.transformer import build_model
@@ -250,7 +251,7 @@ def _ep_rank(device: torch.device, dims: Dims, tokens: int, reps: int, seed: int
             return {"diff": diff.item()}
         ours.to(dtype)
         plain.to(dtype)
-        install(ours, "auto", device)  # for `dtype` (collective: rank 0 decides)
+        install_expert_kernels(ours, "auto", device)  # for `dtype` (collective: rank 0 decides)
         xb = x.to(dtype)
         layers = {"expertmesh": lambda: ours(xb),
                   "expertmesh_grouped": functools.partial(_with_plan, ours, fixed("grouped"), xb),
