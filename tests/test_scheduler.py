@@ -250,3 +250,25 @@ def test_abort_drops_exactly_that_request_and_frees_its_blocks():
     assert s.abort("a") and not s.running and s.pool.num_free == 8
     assert not s.abort("a") and not s.abort("missing")
     assert step(s) == [("c", 5)]
+
+
+def test_a_decode_step_hashes_blocks_only_when_one_fills(monkeypatch):
+    """The chain of block hashes grows with the context: a decode step that fills no block must not
+    touch it (before, every step rebuilt a slice of it per sequence, host time linear in context)."""
+    from expertmesh.engine import scheduler as module
+
+    calls = []
+    real = module.chain_hashes
+    monkeypatch.setattr(module, "chain_hashes", lambda *a: calls.append(1) or real(*a))
+    s = Scheduler(EngineConfig(block_size=4, max_batched_tokens=64), num_blocks=100)
+    s.add(Request("a", (1, 2, 3, 4, 5, 6), max_tokens=20))
+    step(s)  # prefill: 6 tokens computed, one block full
+    filled = []
+    for _ in range(12):
+        calls.clear()
+        before = s.running[0].registered
+        step(s)
+        filled.append(s.running[0].registered > before)
+        assert bool(calls) == filled[-1]
+    assert filled.count(True) == 3  # a block of 4 fills every 4 decode steps
+    assert s.running[0].registered == s.running[0].computed // 4

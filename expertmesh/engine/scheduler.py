@@ -182,18 +182,21 @@ class Scheduler:
         budget = self.cfg.max_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
         self.running.sort(key=lambda s: s.arrival)
+        preempted = self.preemptions
         for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted for an older sequence in this loop
+            # preempted for an older sequence in this loop (a membership test only after a
+            # preemption: one per sequence would cost the host O(S^2) every step)
+            if self.preemptions != preempted and seq not in self.running:
+                continue
             n = min(seq.pending, budget)
             if n == 0 or (n < seq.pending and not self.cfg.chunked_prefill):
                 continue
-            while not self._reserve(seq, n):
+            kept = True
+            while kept and not self._reserve(seq, n):
                 victim = self.running[-1]  # the newest
                 self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
+                kept = victim is not seq
+            if kept:
                 chosen.append((seq, n))
                 budget -= n
         while self.waiting and budget > 0 and len(self.running) < self.cfg.max_seqs:
@@ -255,11 +258,16 @@ class Scheduler:
         return chain_hashes(seq.tokens, self.cfg.block_size, self.key, seq.hashes)[:n_tokens // self.cfg.block_size]
 
     def _register(self, seq: Sequence) -> None:
-        """Offer the prefix cache each block of `seq` that its KV now fills."""
-        full = self._hashes(seq, seq.computed)
-        for i in range(seq.registered, len(full)):
-            self.pool.register(seq.blocks[i], full[i])
-        seq.registered = max(seq.registered, len(full))
+        """Offer the prefix cache each block of `seq` that its KV now fills. A decode step fills
+        a block once every block_size steps: the other steps return before touching the chain of
+        hashes, whose length grows with the context."""
+        full = seq.computed // self.cfg.block_size
+        if not self.cfg.prefix_caching or full <= seq.registered:
+            return
+        hashes = chain_hashes(seq.tokens, self.cfg.block_size, self.key, seq.hashes)
+        for i in range(seq.registered, full):
+            self.pool.register(seq.blocks[i], hashes[i])
+        seq.registered = full
 
     def _preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
