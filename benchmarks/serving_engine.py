@@ -154,7 +154,7 @@ def metadata_ms(n_seqs: int, context: int, persistent: bool, steps: int = 20) ->
         chunks = [(s.computed, 1, s.blocks) for s in seqs]
         if persistent:
             needed = [-(-(s.computed + 1) // block) for s in seqs]
-            PagedBatch(chunks, block, cpu, backend, tables.step(seqs, needed))
+            PagedBatch(chunks, block, cpu, backend, tables.plan(seqs, needed))
         else:
             PagedBatch(chunks, block, cpu, backend)
         times.append(time.perf_counter() - t0)

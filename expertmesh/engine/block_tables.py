@@ -1,13 +1,19 @@
-"""The block tables of a rank's sequences in flight, kept from step to step.
+"""The block tables of a rank's sequences in flight, kept from step to step, on the host and on
+the device.
 
 A step's plan (`model/paged.py`'s `PagedBatch`) needs its sequences' block tables as one
-`[S, W]` tensor. Rebuilding it from each sequence's Python list every step costs the host
-milliseconds at long context (128 sequences x 10k positions are 80k block ids); here each
-sequence keeps a row of one persistent host table `[rows, width]` (int32, grown by doubling),
-written only where its block list grew (a decoding sequence gains one block every block_size
-steps), and a step's tables are one gather of its sequences' rows. A sequence whose list the
-scheduler replaced (`Scheduler._release` gives it a new one when it ends or is preempted) gives
-its row back; if it comes back, its row is written again from the start.
+`[S, W]` tensor on the device. Rebuilding it from each sequence's Python list every step costs the host
+milliseconds at long context (128 sequences x 10k positions are 80k block ids), and so does
+copying it up every step. Here each sequence keeps a row of one persistent table `[rows, width]`
+(int32, grown by doubling), written only where its block list grew (a decoding sequence gains one
+block every block_size steps). The table lives twice: on the host (`table`, what a backend that
+plans on the host reads, `StepTables.host`) and on the device (`device`), which follows the host's
+by the same writes: a step uploads only its rows `[S]` and the writes since the last step (a few
+ids; a whole row when a sequence comes in), with the rest of its plan, and gathers its `[S, W]`
+on the device. Nothing a step sends up grows with the context of a decoding sequence.
+
+A sequence whose list the scheduler replaced (`Scheduler._release` gives it a new one when it ends
+or is preempted) gives its row back; if it comes back, its row is written again from the start.
 """
 
 from __future__ import annotations
@@ -20,12 +26,19 @@ from expertmesh.engine.scheduler import Sequence
 class BlockTables:
     def __init__(self):
         self.table = torch.zeros(0, 0, dtype=torch.int32)
+        self.device: torch.Tensor | None = None  # the device's copy, grown and written in `gather`
         self.rows: dict[Sequence, tuple[int, list[int], int]] = {}  # seq -> (row, its list, ids written)
         self.free: list[int] = []
+        self.pending: list[tuple[int, int, list[int]]] = []  # (row, first column, ids) not yet on the device
 
     def step(self, seqs: list[Sequence], needed: list[int]) -> torch.Tensor:
-        """The tables of `seqs`, each cut to its `needed` blocks and padded with block ids that
-        are valid but never read: `[len(seqs), max(needed)]` int32."""
+        """The tables of `seqs` on the host, each cut to its `needed` blocks and padded with block
+        ids that are valid but never read: `[len(seqs), max(needed)]` int32."""
+        return self.plan(seqs, needed).host()
+
+    def plan(self, seqs: list[Sequence], needed: list[int]) -> StepTables:
+        """The tables of `seqs` (as `step`'s), as rows of the persistent tables: the host's written
+        where the lists grew, the device's to follow in `StepTables.on_device`."""
         for seq, (row, blocks, _) in list(self.rows.items()):
             if seq.blocks is not blocks:  # released: ended, or preempted (then recomputed)
                 del self.rows[seq]
@@ -35,11 +48,34 @@ class BlockTables:
             row, blocks, written = self.rows.get(seq) or (self._new_row(), seq.blocks, 0)
             if len(blocks) > written:
                 self._fit(0, len(blocks))
-                self.table[row, written:len(blocks)] = torch.tensor(blocks[written:], dtype=torch.int32)
+                new = blocks[written:]
+                self.table[row, written:len(blocks)] = torch.tensor(new, dtype=torch.int32)
+                self.pending.append((row, written, new))
             self.rows[seq] = (row, blocks, len(blocks))
             rows.append(row)
-        width = max(needed, default=0)
-        return self.table[torch.tensor(rows, dtype=torch.long), :width]
+        return StepTables(self, torch.tensor(rows, dtype=torch.long), max(needed, default=0))
+
+    def take_writes(self) -> torch.Tensor:
+        """The writes the device's table lacks, `[2, K]` int64 (flat index into the host's table
+        as it is now, block id), and forget them."""
+        width = self.table.shape[1]
+        index = [row * width + col + i for row, col, ids in self.pending for i in range(len(ids))]
+        ids = [b for _, _, new in self.pending for b in new]
+        self.pending = []
+        return torch.tensor([index, ids], dtype=torch.long).view(2, -1)
+
+    def on_device(self, writes: torch.Tensor, device: torch.device) -> torch.Tensor:
+        """The device's table, grown to the host's shape (a copy on the device, when the host's
+        doubled) and given `writes` (`take_writes`', uploaded)."""
+        if self.device is None or self.device.shape != self.table.shape:
+            grown = torch.zeros(self.table.shape, dtype=torch.int32, device=device)
+            if self.device is not None:
+                old_rows, old_width = self.device.shape
+                grown[:old_rows, :old_width] = self.device
+            self.device = grown
+        if writes.shape[1]:
+            self.device.view(-1).index_copy_(0, writes[0], writes[1].to(torch.int32))
+        return self.device
 
     def _new_row(self) -> int:
         if not self.free:
@@ -49,7 +85,8 @@ class BlockTables:
         return self.free.pop()
 
     def _fit(self, rows: int, width: int) -> None:
-        """Grow the table (doubling) to at least `rows` rows and `width` columns."""
+        """Grow the host's table (doubling) to at least `rows` rows and `width` columns; pending
+        writes keep (row, column), so they land where they belong in the grown table."""
         old_rows, old_width = self.table.shape
         if rows <= old_rows and width <= old_width:
             return
@@ -57,3 +94,22 @@ class BlockTables:
                             max(width, 2 * old_width if width > old_width else old_width), dtype=torch.int32)
         grown[:old_rows, :old_width] = self.table
         self.table = grown
+
+
+class StepTables:
+    """One step's block tables: `rows [S]` of the persistent tables, cut to `width` blocks."""
+
+    def __init__(self, tables: BlockTables, rows: torch.Tensor, width: int):
+        self.tables, self.rows, self.width = tables, rows, width
+
+    def host(self) -> torch.Tensor:
+        """`[S, width]` int32 on the host."""
+        return self.tables.table[self.rows, :self.width]
+
+    def host_arrays(self) -> dict[str, torch.Tensor]:
+        """What goes up with the step's plan: its rows and the device table's missing writes."""
+        return {"table_rows": self.rows, "table_writes": self.tables.take_writes()}
+
+    def on_device(self, up: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        """From `host_arrays`, uploaded: `[S, width]` int32, gathered on the device."""
+        return self.tables.on_device(up["table_writes"], device).index_select(0, up["table_rows"])[:, :self.width]

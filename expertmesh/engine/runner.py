@@ -164,7 +164,7 @@ class Runner:
 
     def _batch(self, chosen: list[tuple[Sequence, int]]) -> PagedBatch:
         needed = [-(-(seq.computed + n) // self.block_size) for seq, n in chosen]
-        tables = self.block_tables.step([seq for seq, _ in chosen], needed)
+        tables = self.block_tables.plan([seq for seq, _ in chosen], needed)
         return PagedBatch([(seq.computed, n, None) for seq, n in chosen], self.block_size, self.device,
                           self.backend, tables)
 

@@ -60,51 +60,70 @@ class StepShared:
 class PagedBatch(StepShared):
     """One forward's plan. `chunks[i] = (start, n, table)`: sequence i brings n new tokens at
     positions start .. start+n-1 and its blocks are `table` (enough for start + n positions).
-    `tables`: the block tables as `[S, W]` (`tables_from_lists(chunks)` when None; the engine
-    passes its persistent ones, `engine/block_tables.py`), then `chunks`' tables are not read.
+    `tables`: the block tables, then `chunks`' tables are not read: the engine passes its
+    persistent ones (`engine/block_tables.py`'s `StepTables`: rows of a table kept on the device,
+    so that only the rows `[S]` and the step's new block ids go up); a host tensor `[S, W]` goes up
+    whole; None: `tables_from_lists(chunks)`.
 
-    On the host: starts, seq_lens (n per sequence), kv_lens (start + n), tables `[S, W]`.
-    On the device, in one upload: positions `[N]`, slots `[N]` (where each new token's k, v go),
-    last `[S]` (each sequence's last new token in the flattened batch), tables `[S, W]`,
-    kv_lens `[S]`, and the backend's own arrays. `rope(d, theta)`: cos, sin `[N, d]`, once a step.
+    On the host: starts, seq_lens (n per sequence), kv_lens (start + n), and `tables_host` `[S, W]`
+    on demand (a backend that plans on the host). Uploaded in one copy: starts and seq_lens `[S]`,
+    the tables' rows and writes (or the tables), and the backend's own arrays; then on the device:
+    positions `[N]`, slots `[N]` (where each new token's k, v go), last `[S]` (each sequence's last
+    new token in the flattened batch), tables `[S, W]`, kv_lens `[S]`. The host's work is O(S + N),
+    whatever the context. `rope(d, theta)`: cos, sin `[N, d]`, once a step.
     """
 
     static = False  # `engine/graphs.py`'s padded decode plan is static: shapes by bucket only
 
     def __init__(self, chunks: list[tuple[int, int, list[int]]], block_size: int, device: torch.device,
-                 backend=None, tables: torch.Tensor | None = None):
+                 backend=None, tables=None):
         self.block_size, self.device = block_size, device
         self.backend = backend or TorchBackend()
         self.starts = [start for start, _, _ in chunks]
         self.seq_lens = [n for _, n, _ in chunks]
         self.kv_lens = [start + n for start, n in zip(self.starts, self.seq_lens)]
         self.n_tokens = sum(self.seq_lens)
-        self.tables_host = tables_from_lists(chunks, block_size) if tables is None else tables
-        host = token_layout(self.starts, self.seq_lens, self.tables_host, block_size)
+        self._tables = tables_from_lists(chunks, block_size) if tables is None else tables
+        persistent = not isinstance(self._tables, torch.Tensor)
+        host = {"starts": torch.tensor(self.starts, dtype=torch.long),
+                "seq_lens": torch.tensor(self.seq_lens, dtype=torch.long)}
+        host.update(self._tables.host_arrays() if persistent else {"tables": self._tables.long()})
         host.update(self.backend.host_arrays(self))
         names = list(host)
         up = dict(zip(names, upload([host[n] for n in names], device)))
+        self.tables = self._tables.on_device(up, device) if persistent else up["tables"]
+        up["tables"] = self.tables
+        up.update(token_layout(up["starts"], up["seq_lens"], self.tables, block_size, self.n_tokens,
+                               one_each=all(n == 1 for n in self.seq_lens)))
         self.positions, self.slots, self.last = up["positions"], up["slots"], up["last"]
-        self.tables, self.kv_lens_device = up["tables"], up["kv_lens"]
+        self.kv_lens_device = up["kv_lens"]
         self._rope: dict = {}
         self.meta = self.backend.prepare(self, up)
 
+    @property
+    def tables_host(self) -> torch.Tensor:
+        """The block tables `[S, W]` on the host (never read back from the device)."""
+        return self._tables if isinstance(self._tables, torch.Tensor) else self._tables.host()
 
-def token_layout(starts: list[int], seq_lens: list[int], tables: torch.Tensor,
-                 block_size: int) -> dict[str, torch.Tensor]:
-    """Where a step's new tokens go, on the host: sequence i brings seq_lens[i] tokens from
-    position starts[i], its blocks in `tables [S, W]` -> positions `[N]`, slots `[N]` (block *
-    block_size + offset, where each token's k, v go), last `[S]` (each sequence's last token in
-    the flattened batch), tables `[S, W]` int64, kv_lens `[S]`."""
-    S, N = len(seq_lens), sum(seq_lens)
-    start = torch.tensor(starts, dtype=torch.long)
-    lens = torch.tensor(seq_lens, dtype=torch.long)
+
+def token_layout(start: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, block_size: int,
+                 n_tokens: int, one_each: bool = False) -> dict[str, torch.Tensor]:
+    """Where a step's new tokens go, computed where `start`, `lens` `[S]` and `tables` `[S, W]`
+    are (on the device, no read): sequence i brings lens[i] tokens from position start[i] ->
+    positions `[N]`, slots `[N]` (block * block_size + offset, where each token's k, v go), last
+    `[S]` (each sequence's last token in the flattened batch), kv_lens `[S]`. `n_tokens` (N, known
+    on the host) sizes the repeat without reading `lens`; `one_each`: every lens[i] is 1 (a decode
+    step, known on the host), then token i is sequence i's and four ops fewer run."""
+    S, device = start.shape[0], start.device
     ends = lens.cumsum(0)
-    seq_of = torch.repeat_interleave(torch.arange(S), lens, output_size=N)  # [N]
-    positions = start[seq_of] + torch.arange(N) - (ends - lens)[seq_of]
+    if one_each:
+        positions = start
+        slots = tables.gather(1, (start // block_size)[:, None])[:, 0].long() * block_size + start % block_size
+        return {"positions": positions, "slots": slots, "last": ends - 1, "kv_lens": start + lens}
+    seq_of = torch.repeat_interleave(torch.arange(S, device=device), lens, output_size=n_tokens)  # [N]
+    positions = start[seq_of] + torch.arange(n_tokens, device=device) - (ends - lens)[seq_of]
     slots = tables[seq_of, positions // block_size].long() * block_size + positions % block_size
-    return {"positions": positions, "slots": slots, "last": ends - 1, "tables": tables.long(),
-            "kv_lens": start + lens}
+    return {"positions": positions, "slots": slots, "last": ends - 1, "kv_lens": start + lens}
 
 
 def plan_step(batch, head_dim: int | None, theta: float | None) -> None:
