@@ -100,3 +100,30 @@ def test_an_empty_batch_runs_and_returns_nothing(small_model):
         empty = PagedBatch([], BLOCK, torch.device("cpu"))
         out = model.forward_paged(torch.zeros(0, dtype=torch.long), pools, empty)
     assert out.shape == (0, model.cfg.vocab_size)
+
+
+def test_a_decode_step_costs_three_ops_per_extra_piece_and_the_pieces_agree():
+    """On the CPU a decode step's attention runs one piece per cache-sized run of sequences (its
+    ops per layer grow with batch x context for that reason alone): each piece gathers its keys
+    and values and runs SDPA on a view of its rows of q, nothing more; the outputs are joined once."""
+    from expertmesh.model.paged import KVPool
+    from expertmesh.op_count import OpCounter
+
+    g, d, h = 2, 8, 4
+    pool = KVPool(64, BLOCK, g, d, torch.float32, torch.device("cpu"))
+    pool.k.normal_(generator=torch.Generator().manual_seed(0))
+    pool.v.normal_(generator=torch.Generator().manual_seed(1))
+    tables = scattered_tables(8, 8, seed=3)
+    ops, outs = {}, {}
+    for S in (4, 8):
+        for name in ("one-piece", "per-sequence"):
+            batch = PagedBatch([(4 * i + 3, 1, tables[i]) for i in range(S)], BLOCK, torch.device("cpu"),
+                               PIECES[name]())
+            q = torch.randn(S, h, d, generator=torch.Generator().manual_seed(S))
+            batch.plan(None, None)
+            with OpCounter() as counter:
+                outs[S, name] = batch.backend.attend(q, pool, batch)
+            ops[S, name] = counter.ops
+        torch.testing.assert_close(outs[S, "per-sequence"], outs[S, "one-piece"])
+    assert ops[8, "per-sequence"] - ops[4, "per-sequence"] == 3 * 4
+    assert ops[8, "one-piece"] == ops[4, "one-piece"]

@@ -77,6 +77,9 @@ class TorchBackend:
 
     def host_arrays(self, batch) -> dict[str, torch.Tensor]:
         """The step's index arrays that only the host can make, to go up with the batch's."""
+        if batch.n_tokens == len(batch.seq_lens) and all(n == 1 for n in batch.seq_lens):
+            rows = torch.arange(batch.n_tokens)  # a decode step: sequence i is token i
+            return {"decode_rows": rows, "decode_tokens": rows}
         ends = torch.tensor(batch.seq_lens, dtype=torch.long).cumsum(0)
         decodes = [i for i, n in enumerate(batch.seq_lens) if n == 1]
         prefills = [i for i, n in enumerate(batch.seq_lens) if n > 1]
@@ -112,8 +115,9 @@ class TorchBackend:
         s, lens = batch.block_size, batch.kv_lens
         decodes = [i for i, n in enumerate(batch.seq_lens) if n == 1]
         pieces, first = [], 0
-        tables = up["tables"].index_select(0, up["decode_rows"]) if decodes else None
-        kv_lens = up["kv_lens"].index_select(0, up["decode_rows"]) if decodes else None
+        tables, kv_lens = up["tables"], up["kv_lens"]
+        if len(decodes) < len(batch.seq_lens):  # a decode step has them in order already
+            tables, kv_lens = tables.index_select(0, up["decode_rows"]), kv_lens.index_select(0, up["decode_rows"])
         for count, width in self._pieces([lens[i] for i in decodes]):
             part = slice(first, first + count)
             mask = None
@@ -166,10 +170,12 @@ class TorchBackend:
         g, d = pool.k.shape[2:]
         h = q.shape[1]
         pieces = meta["pieces"]
-        # a decode-only step in one piece takes every row of q in order: no gather of the queries
-        # nor scatter of the output, two ops a layer
-        whole = meta["prefill"] is None and len(pieces) == 1 and pieces[0].tokens.shape[0] == q.shape[0]
-        out = None if whole else torch.empty_like(q)
+        # a decode-only step's pieces are consecutive runs of q's rows, in order: each takes its
+        # rows as a view and the outputs are joined once (one op a layer, none for one piece),
+        # instead of a gather of the queries and a scatter of the output per piece
+        in_order = meta["prefill"] is None
+        out = None if in_order else torch.empty_like(q)
+        outs, first = [], 0
         for i, piece in enumerate(pieces):
             Sp, C = piece.tokens.shape[0], piece.width
             keys, values = _keys_values(pool, lambda name, flat: self._gather(name, flat, piece.slots)
@@ -179,11 +185,15 @@ class TorchBackend:
                 mask = meta["masks"].get((i, q.dtype))
                 if mask is None:
                     mask = meta["masks"][(i, q.dtype)] = piece.mask.to(q.dtype)
-            query = q.view(Sp, g, h // g, d) if whole else q.index_select(0, piece.tokens).view(Sp, g, h // g, d)
-            o = _sdpa(query, keys, values, attn_mask=mask)  # [Sp, g, r, d]
-            if whole:
-                return o.reshape(Sp, h, d)
-            out.index_copy_(0, piece.tokens, o.reshape(Sp, h, d))
+            rows = q[first:first + Sp] if in_order else q.index_select(0, piece.tokens)
+            o = _sdpa(rows.view(Sp, g, h // g, d), keys, values, attn_mask=mask).reshape(Sp, h, d)  # [Sp, g, r, d]
+            first += Sp
+            if in_order:
+                outs.append(o)
+            else:
+                out.index_copy_(0, piece.tokens, o)
+        if in_order:
+            return outs[0] if len(outs) == 1 else torch.cat(outs) if outs else q
         pre = meta["prefill"]
         if pre is not None:
             P, L, C = pre.shape
