@@ -138,3 +138,11 @@ def test_sampling_on_the_device_uploads_its_rows_values_once_and_reads_nothing()
         tokens.cpu()
         assert reads == (0, 2, 0) and mode.counts() == (1, 2, 0)
     assert to_host(tokens).shape == (n,)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_rows_take_the_first_of_tied_maxima_as_argmax_does(dtype):
+    """Greedy tokens are argmax's, also where a row's maximum is tied (common in bf16)."""
+    logits = torch.randint(0, 4, (64, 300), generator=torch.Generator().manual_seed(0)).to(dtype)
+    got = sample_requests(logits, [0.0] * 64, [1.0] * 64, [0] * 64, list(range(64)), [0] * 64)
+    assert torch.equal(got, logits.argmax(dim=-1))
