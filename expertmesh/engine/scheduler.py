@@ -231,10 +231,11 @@ class Scheduler:
             token = tokens[seq.request.id]
             seq.tokens.append(token)
             req = seq.request
+            generated = seq.generated
             finished = ("stop" if (token in self.eos and not req.ignore_eos) or token in req.stop else
-                        "length" if seq.generated >= req.max_tokens else None)
-            outputs.append(TokenOutput(req.id, token, seq.generated - 1, finished,
-                                       cached=seq.cached if seq.generated == 1 else None))
+                        "length" if generated >= req.max_tokens else None)
+            outputs.append(TokenOutput(req.id, token, generated - 1, finished,
+                                       cached=seq.cached if generated == 1 else None))
             if finished:
                 self.running.remove(seq)
                 self._release(seq)
