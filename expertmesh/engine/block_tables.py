@@ -13,7 +13,8 @@ ids; a whole row when a sequence comes in), with the rest of its plan, and gathe
 on the device. Nothing a step sends up grows with the context of a decoding sequence.
 
 A sequence whose list the scheduler replaced (`Scheduler._release` gives it a new one when it ends
-or is preempted) gives its row back; if it comes back, its row is written again from the start.
+or is preempted) gives its row back when a row is next needed; if it comes back, it gets a row
+written again from the start.
 """
 
 from __future__ import annotations
@@ -39,13 +40,14 @@ class BlockTables:
     def plan(self, seqs: list[Sequence], needed: list[int]) -> StepTables:
         """The tables of `seqs` (as `step`'s), as rows of the persistent tables: the host's written
         where the lists grew, the device's to follow in `StepTables.on_device`."""
-        for seq, (row, blocks, _) in list(self.rows.items()):
-            if seq.blocks is not blocks:  # released: ended, or preempted (then recomputed)
-                del self.rows[seq]
-                self.free.append(row)
         rows = []
         for seq in seqs:
-            row, blocks, written = self.rows.get(seq) or (self._new_row(), seq.blocks, 0)
+            entry = self.rows.get(seq)
+            if entry is not None and entry[1] is not seq.blocks:  # preempted and back: a new list
+                del self.rows[seq]
+                self.free.append(entry[0])
+                entry = None
+            row, blocks, written = entry or (self._new_row(), seq.blocks, 0)
             if len(blocks) > written:
                 self._fit(0, len(blocks))
                 new = blocks[written:]
@@ -78,6 +80,13 @@ class BlockTables:
         return self.device
 
     def _new_row(self) -> int:
+        """A free row; when none is, first the rows of sequences released since the last look
+        (their list replaced: ended, or preempted), so that a step's work is O(its sequences)."""
+        if not self.free:
+            for seq, (row, blocks, _) in list(self.rows.items()):
+                if seq.blocks is not blocks:
+                    del self.rows[seq]
+                    self.free.append(row)
         if not self.free:
             self._fit(len(self.rows) + 1, 0)
             used = {row for row, _, _ in self.rows.values()}

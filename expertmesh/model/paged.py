@@ -94,7 +94,7 @@ class PagedBatch(StepShared):
         self.tables = self._tables.on_device(up, device) if persistent else up["tables"]
         up["tables"] = self.tables
         up.update(token_layout(up["starts"], up["seq_lens"], self.tables, block_size, self.n_tokens,
-                               one_each=all(n == 1 for n in self.seq_lens)))
+                               one_each=self.seq_lens.count(1) == len(self.seq_lens)))
         self.positions, self.slots, self.last = up["positions"], up["slots"], up["last"]
         self.kv_lens_device = up["kv_lens"]
         self._rope: dict = {}

@@ -77,7 +77,7 @@ class TorchBackend:
 
     def host_arrays(self, batch) -> dict[str, torch.Tensor]:
         """The step's index arrays that only the host can make, to go up with the batch's."""
-        if batch.n_tokens == len(batch.seq_lens) and all(n == 1 for n in batch.seq_lens):
+        if batch.seq_lens.count(1) == len(batch.seq_lens):
             rows = torch.arange(batch.n_tokens)  # a decode step: sequence i is token i
             return {"decode_rows": rows, "decode_tokens": rows}
         ends = torch.tensor(batch.seq_lens, dtype=torch.long).cumsum(0)
