@@ -139,7 +139,7 @@ class EngineClient:
             if message.ranks is not None:
                 self.ranks = message.ranks
             if message.lost:
-                self.metrics.recovered(message.lost, message.recovery_s)
+                self.metrics.recovered(message.lost, message.recovery_s, message.hung)
             if message.failure is not None:
                 self.fail(message.failure)
 

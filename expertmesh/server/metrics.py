@@ -75,11 +75,15 @@ class ServerMetrics:
         self.rank_losses = Counter("expertmesh_rank_losses", "Ranks lost and survived (--elastic)", **r)
         self.recovery = Counter("expertmesh_recovery_seconds", "Seconds spent recovering from lost "
                                 "ranks (--elastic): failed step to new groups with experts in place", **r)
+        self.rank_hangs = Counter("expertmesh_rank_hangs", "Ranks lost because they hung (--elastic "
+                                  "--hang-timeout: killed, then survived); also in rank_losses", **r)
 
-    def recovered(self, lost: int, seconds: float) -> None:
-        """An elastic engine survived `lost` ranks in `seconds` (0, 0: nothing new)."""
+    def recovered(self, lost: int, seconds: float, hung: int = 0) -> None:
+        """An elastic engine survived `lost` ranks, `hung` of them hung, in `seconds` (0, 0:
+        nothing new)."""
         if self.engine_metrics:
             self.rank_losses.inc(lost)
+            self.rank_hangs.inc(hung)
             self.recovery.inc(seconds)
 
     def finished(self, outcome: str, accepted: float, times: list[float]) -> None:
