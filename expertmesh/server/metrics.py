@@ -95,13 +95,17 @@ class ServerMetrics:
         if len(times) > 1:
             self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
 
-    def step(self, stats: list[SchedulerStats], counters: CounterTotals | None) -> None:
-        """An engine step's pool stats (per data-parallel rank) and, every few steps, counters."""
+    def step(self, stats: list[SchedulerStats], counters: CounterTotals | None,
+             origin: list[int] | None = None) -> None:
+        """An engine step's pool stats (per data-parallel rank) and, every few steps, counters.
+        `origin`: each data-parallel rank's original number (an elastic server renumbers the
+        survivors), by which it is labelled and its running totals are kept."""
         if not self.engine_metrics:
             return
         self.waiting.set(sum(s.waiting for s in stats))
         self.running.set(sum(s.running for s in stats))
-        for dp, s in enumerate(stats):
+        for index, s in enumerate(stats):
+            dp = origin[index] if origin is not None else index
             self.kv_used.labels(str(dp)).set(s.blocks_used)
             self.kv_free.labels(str(dp)).set(s.blocks_free)
             queries, hits = self.seen.get(dp, (0, 0))
