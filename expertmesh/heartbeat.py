@@ -9,8 +9,8 @@ before the ranks fork):
 
     beat:     when its heartbeat thread last ran (every `BEAT_S`): the process is scheduled, not
               stopped, and the GIL is free;
-    progress: when its step loop last made progress (`Heartbeat.arm` as a step ends,
-              `Heartbeat.mark` as a layer's forward ends); 0 while the rank is not watched;
+    progress: when its step loop last made progress (`Heartbeat.arm` as a step or a recovery
+              ends, `Heartbeat.mark` as a layer's forward ends); 0 while the rank is not watched;
     busy:     CPU seconds the rank's main thread spent since that progress (its thread CPU
               clock, read by the heartbeat thread).
 
@@ -21,11 +21,12 @@ The launcher polls every row and asks `verdict`. A watched rank is hung when
 How a slow rank is told from a hung one: progress is counted per layer, so the bound is one
 layer's forward of one step (at most `--max-batched-tokens` tokens), not a whole step, prefill or
 request; time spent waiting on peers does not count (a rank in a gloo collective sleeps in a
-condition variable: its main thread uses no CPU, and the heartbeat thread still beats), so the
+condition variable: a rank that waited 3 s in an all-to-all used 1 ms of main-thread CPU, and
+its heartbeat thread still beats), so the
 peers of a hung rank, all waiting for it, are never blamed. A rank is watched from the end of
-its first step, and again from the end of its first step after a recovery: start-up (weight
-loading, kernel timing, graph capture), the first step (where first calls set themselves up) and
-a recovery (which may read experts from a checkpoint) are bounded by `--timeout` as before. What this does not catch: a rank blocked outside any collective without computing (a
+its first step, and again from the end of a recovery: start-up (weight loading, kernel timing,
+graph capture), the first step (where first calls set themselves up) and a recovery (which may
+read experts from a checkpoint) are bounded by `--timeout` as before. What this does not catch: a rank blocked outside any collective without computing (a
 lock never released, a sleep) looks like one waiting on its peers; the step ends at `--timeout`.
 """
 
@@ -38,7 +39,7 @@ import time
 
 BEAT_S = 0.1  # how often a rank's heartbeat thread beats
 BUSY_SHARE = 0.05  # a rank whose main thread computed this share of a stale stretch is busy
-DEFAULT_HANG_S = 5.0  # `--hang-timeout`'s default
+DEFAULT_HANG_S = 4.0  # `--hang-timeout`'s default: a client's gap is this plus the recovery (under 5 s)
 FIELDS = 3  # beat, progress, busy
 
 
@@ -91,7 +92,7 @@ class Heartbeat:
         threading.Thread(target=self._beat, name="heartbeat", daemon=True).start()
 
     def arm(self) -> None:
-        """A step ended: watched from now on (until `pause`)."""
+        """A step (or a recovery) ended: watched from now on (until `pause`)."""
         self.armed = True
         self.mark()
 

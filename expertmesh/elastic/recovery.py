@@ -126,7 +126,7 @@ class Elastic:
     def recover(self, engine, model, error: BaseException) -> Recovery:
         """After this rank's step failed with `error`: regroup without the dead ranks, move
         their experts, resume `engine`; raises `error` when no rank was marked dead in time. Not
-        watched for hangs meanwhile (reading experts may take long): `--timeout` bounds it."""
+        watched for hangs until regrouped (reading experts may take long): `--timeout` bounds it."""
         if (beat := heartbeat.mine()) is not None:
             beat.pause()
         started = time.monotonic()
@@ -152,6 +152,8 @@ class Elastic:
         dist.all_gather_object(everyone, (mine, engine.scheduler.stats()))
         engine.resume(rank, deployment, [stats for _, stats in everyone],
                       [i for i in range(len(self.members)) if i not in gone])
+        if beat is not None:  # regrouped, experts in place: the next step is watched
+            beat.arm()
         lost = {r: how for r, how in dead.items() if r not in self.lost}
         self.lost.update(lost)
         self.members = survivors
