@@ -20,13 +20,13 @@ The launcher polls every row and asks `verdict`. A watched rank is hung when
     of that time (a loop that never ends).
 How a slow rank is told from a hung one: progress is counted per layer, so the bound is one
 layer's forward of one step (at most `--max-batched-tokens` tokens), not a whole step, prefill or
-request; time spent waiting on peers does not count (a rank in a gloo collective sleeps in a
-condition variable: a rank that waited 3 s in an all-to-all used 1 ms of main-thread CPU, and
-its heartbeat thread still beats), so the
-peers of a hung rank, all waiting for it, are never blamed. A rank is watched from the end of
-its first step, and again from the end of a recovery: start-up (weight loading, kernel timing,
-graph capture), the first step (where first calls set themselves up) and a recovery (which may
-read experts from a checkpoint) are bounded by `--timeout` as before. What this does not catch: a rank blocked outside any collective without computing (a
+request. Time spent waiting on peers does not count: a rank in a gloo collective sleeps in a
+condition variable (one that waited 3 s in an all-to-all used 1 ms of main-thread CPU) while its
+heartbeat thread beats, so the peers of a hung rank, all waiting for it, are never blamed. A
+rank is watched from the end of its first step, and again from the end of a recovery: start-up
+(weight loading, kernel timing, graph capture), the first step (where first calls set themselves
+up) and a recovery (which may read experts from a checkpoint) are bounded by `--timeout` as
+before. What this does not catch: a rank blocked outside any collective without computing (a
 lock never released, a sleep) looks like one waiting on its peers; the step ends at `--timeout`.
 """
 

@@ -4,7 +4,9 @@ outside while streams run. The launcher sees its heartbeat stop, kills it and na
 survivors recover as from a death: every request completes with the undisturbed greedy tokens
 (the tiny preset's single-device model), later requests are served, `/health` shows the rank
 dead and `degraded`, `/metrics` counts the hang, and SIGTERM leaves no process behind. A stopped
-process is continued and killed at teardown, so that nothing leaks when a test fails.
+process is continued and killed at teardown, so that nothing leaks when a test fails. A rank
+stuck in a loop (the test-only fault `spin`) is killed the same way, its waiting peers never;
+rank 0 stopped is killed and ends the server with exit 1, as its death does.
 
 Then the detector's decision on plain numbers (`heartbeat.verdict`), and on a real heartbeat
 thread: a main thread that computes without progress is hung, one that waits (as a rank waits in
@@ -20,13 +22,17 @@ import time
 
 import pytest
 
-from expertmesh import heartbeat
+from pathlib import Path
+
+from expertmesh import faults, heartbeat
 from expertmesh.heartbeat import BUSY_SHARE, Beats, Heartbeat, verdict
 
-from test_elastic import COMMON, Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
+from test_elastic import COMMON, STREAM_S, Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
 from test_server import Server
 
-HANG_S = 3.0  # below the default (5 s): the test waits it out once
+HANG_S = 3.0  # below the default (5 s): the tests wait it out
+FAULTY_CLI = str(Path(__file__).with_name("faulty_cli.py"))  # the CLI with faults enabled
+SPIN_STEP = 12  # an idle step a few seconds after the warm-up (rank 0 steps every IDLE_S idle)
 
 
 @pytest.fixture(scope="module")
@@ -77,6 +83,46 @@ def test_sigterm_after_a_hang_stops_the_survivors_with_exit_0_and_leaves_nothing
     server.proc.send_signal(signal.SIGTERM)
     assert server.proc.wait(60) == 0
     assert server.leftovers.alive() == []
+
+
+def test_rank_3_spinning_in_a_loop_is_killed_as_hung_and_the_others_serve_on(tmp_path, reference):
+    """A rank that keeps computing and never finishes a layer (test-only fault `spin`, in an idle
+    step after the warm-up): its heartbeat thread still beats, its progress does not. Rank 3, so
+    that no survivor takes its number (the fault names a rank by its current number)."""
+    s = Server(tmp_path, *COMMON, "--hang-timeout", str(HANG_S), cli=(FAULTY_CLI,),
+               env={faults.ENV: f"3:{SPIN_STEP}:spin"})
+    try:
+        deadline = time.monotonic() + STREAM_S
+        while "now ep3" not in s.output():
+            assert time.monotonic() < deadline and s.proc.poll() is None, s.output()[-4000:]
+            time.sleep(0.1)
+        log = s.output()
+        assert re.search(r"rank 3 hung for [\d.]+ s \(computing without progress: [\d.]+ s of CPU\); "
+                         r"killed", log), log[-4000:]
+        assert not re.search(r"rank [012] hung", log), log[-4000:]  # its peers waited: not blamed
+        assert [r["state"] for r in health(s)["ranks"]] == ["ok", "ok", "ok", "dead"]
+        Streams(s, prompts(3, 5, 50), max_tokens=8).check(reference)
+        assert s.metric("expertmesh_rank_hangs_total") == 1
+    finally:
+        s.stop()
+
+
+def test_rank_0_stopped_is_killed_as_hung_and_ends_the_server_with_exit_1(tmp_path):
+    s = Server(tmp_path, "--deployment", "ep2", "--elastic", "--hang-timeout", str(HANG_S),
+               "--num-blocks", "16", "--block-size", "8")
+    rank0 = pid_of(s, 0)
+    try:
+        os.kill(rank0, signal.SIGSTOP)
+        assert s.proc.wait(60) == 1
+        log = s.output()
+        assert re.search(r"rank 0 hung for [\d.]+ s \(no heartbeat.*; killed", log), log[-4000:]
+        assert "error: rank 0 failed: hung for" in log, log[-4000:]
+        assert s.leftovers.alive(wait_s=30) == []
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(rank0, signal.SIGCONT)
+            os.kill(rank0, signal.SIGKILL)
+        s.stop()
 
 
 # ---- the detector's decision ----
