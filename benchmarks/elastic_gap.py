@@ -2,6 +2,7 @@
 
     python benchmarks/elastic_gap.py [--modes seed,replicas,checkpoint] [--requests 8]
                                      [--tokens 60] [--json FILE] [--logs DIR]
+                                     [--hang [--hang-timeout S]]
 
 Per mode, a real ep4 server (four local CPU ranks over gloo) runs `--requests` greedy streams of
 `--tokens` tokens; once every stream has `KILL_AFTER` tokens, rank 2 is SIGKILLed. Reported per
@@ -11,6 +12,10 @@ so the stall can reach it a few tokens late), the longest and the median gap bef
 noise of the machine), the recovery the server logged
 (failed step to new groups with the experts in place), and whether every stream completed.
 The streams' tokens are checked in tests/test_elastic.py; here only their count.
+
+`--hang`: rank 2 is SIGSTOPped instead (it hangs without dying), and the server kills it once its
+heartbeat is `--hang-timeout` seconds old (the server's default unless given): the gap then
+holds that wait too. The stopped rank is continued and killed at the end whatever happens.
 
 Modes: `seed`: the tiny preset, the dead rank's experts rebuilt from the seed on the survivors;
 `replicas`: the tiny preset with `--redundant-experts 16` (each rank also holds the next rank's
@@ -23,6 +28,7 @@ all modes, so the gap includes that prefill.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -62,12 +68,15 @@ def mode_args(mode: str, folder: Path) -> list[str]:
     raise ValueError(f"unknown mode {mode!r}; use seed, replicas or checkpoint")
 
 
-def run_mode(mode: str, folder: Path, requests: int, tokens: int) -> dict:
+def run_mode(mode: str, folder: Path, requests: int, tokens: int, hang: bool = False,
+             hang_timeout: float | None = None) -> dict:
     log_path = folder / f"{mode}.log"
+    victim = None
+    extra = ["--hang-timeout", str(hang_timeout)] if hang_timeout is not None else []
     with open(log_path, "w+") as log:
         server = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port", "0",
-                                   *COMMON, *mode_args(mode, folder)], stdout=log, stderr=subprocess.STDOUT,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"})
+                                   *COMMON, *mode_args(mode, folder), *extra], stdout=log,
+                                  stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
         try:
             deadline = time.monotonic() + START_S
             while "ready at" not in log_path.read_text():
@@ -95,7 +104,7 @@ def run_mode(mode: str, folder: Path, requests: int, tokens: int) -> dict:
                 time.sleep(0.005)
             victim = httpx.get(url + "/health").json()["ranks"][2]["pid"]
             killed = time.monotonic()
-            os.kill(victim, signal.SIGKILL)
+            os.kill(victim, signal.SIGSTOP if hang else signal.SIGKILL)
             for t in threads:
                 t.join()
             if errors:
@@ -103,11 +112,17 @@ def run_mode(mode: str, folder: Path, requests: int, tokens: int) -> dict:
             after = [b - a for ts in times for a, b in zip(ts, ts[1:]) if b > killed]
             before = [b - a for ts in times for a, b in zip(ts, ts[1:]) if b <= killed]
             recovered = re.search(r"recovered in ([\d.]+) s", log_path.read_text())
-            return {"mode": mode, "longest_gap_s": max(after),
+            hung = re.search(r"rank 2 hung for ([\d.]+) s", log_path.read_text())
+            return {"mode": mode, "failure": "hang" if hang else "kill", "longest_gap_s": max(after),
+                    "hung_s": float(hung.group(1)) if hung else None,
                     "longest_gap_before_s": max(before), "median_gap_before_s": statistics.median(before),
                     "recovery_s": float(recovered.group(1)) if recovered else None,
                     "completed": sum(len(ts) == tokens for ts in times), "requests": requests}
         finally:
+            if hang and victim is not None:  # killed by the server, else by us
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(victim, signal.SIGCONT)
+                    os.kill(victim, signal.SIGKILL)
             server.send_signal(signal.SIGTERM)
             try:
                 server.wait(60)
@@ -123,15 +138,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--tokens", type=int, default=60)
     p.add_argument("--json", default=None)
     p.add_argument("--logs", default=None, help="keep each server's log (and the checkpoint) here")
+    p.add_argument("--hang", action="store_true", help="SIGSTOP rank 2 (a hang) instead of SIGKILL")
+    p.add_argument("--hang-timeout", type=float, default=None, help="with --hang: the server's "
+                   "--hang-timeout (default: the server's)")
     args = p.parse_args(argv)
     rows = []
     with tempfile.TemporaryDirectory(prefix="elastic-gap-") as tmp:
         folder = Path(args.logs or tmp)
         folder.mkdir(parents=True, exist_ok=True)
         for mode in args.modes.split(","):
-            rows.append(run_mode(mode, folder, args.requests, args.tokens))
+            rows.append(run_mode(mode, folder, args.requests, args.tokens, args.hang, args.hang_timeout))
             r = rows[-1]
-            print(f"{mode:10s} longest gap after the kill {r['longest_gap_s']:.3f} s; before it: longest "
+            hung = f" (killed as hung after {r['hung_s']:.1f} s)" if r["hung_s"] is not None else ""
+            print(f"{mode:10s} longest gap after the {'stop' if args.hang else 'kill'}{hung} "
+                  f"{r['longest_gap_s']:.3f} s; before it: longest "
                   f"{r['longest_gap_before_s']:.3f} s, median {r['median_gap_before_s']:.3f} s; "
                   f"recovery {r['recovery_s']:.3f} s, "
                   f"{r['completed']}/{r['requests']} streams complete", flush=True)

@@ -11,12 +11,12 @@ So a stray variable in a production environment (or one an attacker can set) doe
 
 The reliability tests use it to check that the run ends within its timeout, names the rank and
 leaves no process behind. KIND is `raise` (a RuntimeError), `kill` (SIGKILL to itself), `stall`
-(sleep for an hour) or `nan` (the output of LAYER, default the first layer the rank holds, becomes
+(sleep for an hour), `spin` (a Python loop for an hour: a hung rank that keeps the CPU busy) or `nan` (the output of LAYER, default the first layer the rank holds, becomes
 NaN for that step, which the decode loop's finite check must report). The static loop (`engine/generate.py`) calls `at_step`
 once per step of every `generate` call, the 2-step warm-up included, so a fault at step >= 2 hits the measured run
 (and the warm-up passes through it first, at steps 0 and 1); the serving engine
 (`engine/engine.py`) calls it once per engine step, counted by its runner. Disabled, `at_step` does nothing.
-A stall prints one line to stderr when it starts, so that a test knows the run reached it.
+A stall or a spin prints one line to stderr when it starts, so that a test knows the run reached it.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ import torch
 import torch.distributed as dist
 
 ENV = "EXPERTMESH_FAULT"
-KINDS = ("raise", "kill", "stall", "nan")
+KINDS = ("raise", "kill", "stall", "spin", "nan")
 STALL_S = 3600.0
 ENABLED = False  # set only by the tests (see above)
 _poisoned: list = []  # (model, check) of an active nan fault
@@ -81,6 +81,11 @@ def at_step(step: int, model: torch.nn.Module) -> None:
     if fault.kind == "stall":
         print(f"injected fault ({ENV}): rank {rank} stalls at step {step}", file=sys.stderr, flush=True)
         time.sleep(STALL_S)
+    if fault.kind == "spin":
+        print(f"injected fault ({ENV}): rank {rank} spins at step {step}", file=sys.stderr, flush=True)
+        end = time.monotonic() + STALL_S
+        while time.monotonic() < end:
+            pass
     if fault.kind == "nan":
         _poison(model, fault.layer)
 

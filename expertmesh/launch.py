@@ -53,6 +53,7 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
+from expertmesh import heartbeat
 from expertmesh.rank_env import prepare_local_rank, prepare_torchrun_rank
 
 T = TypeVar("T")
@@ -123,21 +124,25 @@ def check_launch(world_size: int, backend: str | None, timeout: float) -> None:
 
 
 def launch(fn: Callable[[torch.device], T], world_size: int, backend: str | None = None,
-           timeout: float = 600.0, elastic: bool = False) -> T | None:
+           timeout: float = 600.0, elastic: bool = False, hang_s: float | None = None) -> T | None:
     """Run `fn(device)` on every rank of a `world_size` group; returns rank 0's value (None elsewhere).
 
     `elastic` (local runs only): a rank other than 0 that dies or fails does not end the run; the
     launcher says so on stderr and marks it dead beside the store (`dead_ranks`), where the
     survivors' `elastic/recovery.py` looks, and waits for the others. Rank 0 failing still ends
-    the run."""
+    the run. `hang_s` (with `elastic`): every rank keeps a heartbeat (`heartbeat.py`), and the
+    launcher SIGKILLs a rank hung for `hang_s` seconds and says so; it is then a dead rank (rank
+    0 too, which ends the run)."""
     check_launch(world_size, backend, timeout)
+    if hang_s is not None:
+        heartbeat.check_hang_timeout(hang_s, timeout)
     if under_torchrun():
         return _join_torchrun(fn, backend, timeout)
     kind, backend = local_plan(world_size, backend, cuda_devices())
     if kind == "cuda" and torch.cuda.is_initialized():
         raise RuntimeError("this process initialized CUDA before forking its ranks, which then "
                            "cannot use it; start multi-GPU runs from a fresh process or torchrun")
-    return _run_local(fn, world_size, kind, backend, timeout, elastic)
+    return _run_local(fn, world_size, kind, backend, timeout, elastic, hang_s if elastic else None)
 
 
 def local_store_path() -> str | None:
@@ -264,8 +269,10 @@ def _die_with_agent() -> None:
         os._exit(1)
 
 
-def _child(rank, world_size, store_path, fn, report_fd, kind, backend, timeout):
+def _child(rank, world_size, store_path, fn, report_fd, kind, backend, timeout, beats=None):
     _die_with_parent()
+    if beats is not None:
+        heartbeat.start(beats, rank)
     # Ctrl-C reaches every process of the terminal's group: the launcher alone handles it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     # The launcher's request at a timeout; to fd 2, which exists even when sys.stderr is replaced.
@@ -309,20 +316,22 @@ class _Report:
         return pickle.loads(memoryview(self.data)[_HEADER.size:])
 
 
-def _run_local(fn, world_size, kind, backend, timeout, elastic=False):
+def _run_local(fn, world_size, kind, backend, timeout, elastic=False, hang_s=None):
     ctx = mp.get_context("fork")
     private = tempfile.mkdtemp(prefix="expertmesh-")  # mode 0700: the store is this user's alone
     procs, reports = [], []
+    beats = heartbeat.Beats(world_size) if hang_s is not None else None
     try:
         for r in range(world_size):
             read_fd, write_fd = os.pipe()
             reports.append(_Report(read_fd))
             procs.append(ctx.Process(target=_child, daemon=True, args=(
-                r, world_size, os.path.join(private, "store"), fn, write_fd, kind, backend, timeout)))
+                r, world_size, os.path.join(private, "store"), fn, write_fd, kind, backend, timeout, beats)))
             procs[-1].start()
             os.close(write_fd)  # the rank holds the only write end
         store = os.path.join(private, "store")
-        return _wait(procs, reports, timeout, store if elastic else None)
+        hangs = (beats, hang_s) if beats is not None else None
+        return _wait(procs, reports, timeout, store if elastic else None, hangs)
     finally:
         for p in procs:
             if p.is_alive():
@@ -334,15 +343,20 @@ def _run_local(fn, world_size, kind, backend, timeout, elastic=False):
         shutil.rmtree(private, ignore_errors=True)
 
 
-def _wait(procs, reports, timeout, elastic_store=None):
+def _wait(procs, reports, timeout, elastic_store=None, hangs=None):
     """Rank 0's result once every rank reported; `RankFailure` on a failure or at the deadline.
-    With `elastic_store`, a failed rank other than 0 is marked dead there instead (`launch`)."""
+    With `elastic_store`, a failed rank other than 0 is marked dead there instead (`launch`).
+    With `hangs` (`heartbeat.Beats`, seconds), a rank hung that long is killed, and fails as hung."""
     world_size = len(procs)
     deadline = time.monotonic() + timeout
     done: dict[int, object] = {}
     failures: dict[int, str] = {}
+    hung: dict[int, str] = {}  # rank -> why it was killed
     while len(done) < world_size:
+        if hangs is not None:
+            _kill_hung(procs, hangs, hung, set(done) | set(failures))
         _poll(procs, reports, done, failures)
+        failures.update({r: f"{why}; killed" for r, why in hung.items() if r in failures})
         if elastic_store is not None and 0 not in failures:
             for rank in [r for r, message in failures.items() if r not in done]:
                 print(f"rank {rank} failed: {failures[rank]}; the other ranks carry on without it "
@@ -370,6 +384,18 @@ def _wait(procs, reports, timeout, elastic_store=None):
                                     f"stacks are on stderr)")
         time.sleep(POLL_S)
     return done[0]
+
+
+def _kill_hung(procs, hangs, hung: dict[int, str], ended: set[int]) -> None:
+    """SIGKILL every rank the heartbeats say is hung (once), saying why on stderr."""
+    beats, hang_s = hangs
+    for rank, p in enumerate(procs):
+        if rank in ended or rank in hung or (why := beats.verdict(rank, hang_s)) is None:
+            continue
+        print(f"rank {rank} {why}; killed (--hang-timeout {hang_s:g})", file=sys.stderr, flush=True)
+        hung[rank] = why
+        with contextlib.suppress(ProcessLookupError):  # it may have just exited
+            os.kill(p.pid, signal.SIGKILL)
 
 
 def _poll(procs, reports, done: dict, failures: dict) -> None:

@@ -26,7 +26,7 @@ LAYERS = [
     {"engine", "faults", "op_count", "pretend_device"},
     {"parallel"},
     {"checkpoint", "model"},
-    {"config", "deployment", "topology", "split", "trace", "launch", "rank_env"},
+    {"config", "deployment", "topology", "split", "trace", "launch", "rank_env", "heartbeat"},
 ]
 
 

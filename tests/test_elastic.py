@@ -302,3 +302,20 @@ def test_elastic_under_torchrun_is_a_one_line_error(monkeypatch, cli_error):
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
     assert "under torchrun it is not supported" in cli_error(["serve", "--port", "0", "--deployment", "ep2", "--elastic"])
+
+
+def test_prefix_cache_counters_follow_each_survivor_by_its_original_rank():
+    """After a loss the survivors are renumbered: the API server's running totals must stay with
+    each one (by its original rank), or a survivor with fewer prompt tokens than the dead rank
+    had under its new number makes a counter go down, which prometheus refuses: the API server's
+    receiving task died on it, and every open stream ended with "the channel to the engine
+    broke" (seen once in three runs of tests/test_elastic_hang.py)."""
+    from expertmesh.engine.scheduler import SchedulerStats
+    from expertmesh.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(engine_metrics=True)
+    metrics.step([SchedulerStats(prompt_tokens=n) for n in (10, 30, 20, 5)], None)
+    metrics.step([SchedulerStats(prompt_tokens=n) for n in (10, 30, 9)], None, origin=[0, 1, 3])
+    assert metrics.seen == {0: (10, 0), 1: (30, 0), 2: (20, 0), 3: (9, 0)}
+    with pytest.raises(ValueError):  # what numbering by position did
+        metrics.step([SchedulerStats(prompt_tokens=n) for n in (10, 30, 9)], None)

@@ -44,12 +44,14 @@ MAX_LEN = 256  # the checkpoint's max_position_embeddings
 class Server:
     """`expertmesh serve ...` in a subprocess whose descendants carry a tag."""
 
-    def __init__(self, tmp, *args, preexec_fn=None):
+    def __init__(self, tmp, *args, preexec_fn=None, cli=("-m", "expertmesh.cli"), env=None):
+        """`cli`: how python starts the CLI (tests/faulty_cli.py for fault injection); `env`:
+        more environment variables (EXPERTMESH_FAULT)."""
         self.leftovers = Leftovers()
-        self.env = self.leftovers.env()
+        self.env = self.leftovers.env(**(env or {}))
         self.port = free_port()
         self.log = open(tmp / f"server_{self.port}.log", "w+")
-        self.proc = subprocess.Popen([sys.executable, "-m", "expertmesh.cli", "serve", "--port",
+        self.proc = subprocess.Popen([sys.executable, *cli, "serve", "--port",
                                       str(self.port), *args], env=self.env, stdout=self.log,
                                      preexec_fn=preexec_fn,
                                      stderr=subprocess.STDOUT, text=True)

@@ -1,7 +1,8 @@
 """Elastic expert parallelism on one rank: notice a dead rank, regroup without it, carry on.
 
 Detection. The launcher (`launch.py`, `elastic=True`) marks a rank that died `dead-<rank>` beside
-the file store. A survivor notices in one of two ways, whichever comes first:
+the file store; a rank that hangs it kills first, from the ranks' heartbeats (`heartbeat.py`,
+`--hang-timeout`), so that it dies. A survivor notices in one of two ways, whichever comes first:
   - its collective fails (gloo: "Connection closed by peer" from the dead rank's socket);
   - its watch thread sees a new marker (polled every `WATCH_S`) and breaks this process's gloo
     connections (`sockets.py`), so that a survivor blocked on another survivor (itself blocked
@@ -40,6 +41,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from expertmesh import heartbeat
 from expertmesh.deployment import Deployment
 from expertmesh.elastic.experts import reshard
 from expertmesh.elastic.sockets import break_connections
@@ -64,6 +66,11 @@ class Recovery:
     served: dict[int, dict[int, int]]
     seconds: float
     held: dict
+
+    @property
+    def hung(self) -> int:
+        """How many of the ranks lost hung, and were killed for it (`heartbeat.py`)."""
+        return sum(heartbeat.was_hung(how) for how in self.lost.values())
 
     def describe(self) -> str:
         lost = ", ".join(f"rank {r} ({how})" for r, how in sorted(self.lost.items()))
@@ -118,7 +125,10 @@ class Elastic:
 
     def recover(self, engine, model, error: BaseException) -> Recovery:
         """After this rank's step failed with `error`: regroup without the dead ranks, move
-        their experts, resume `engine`; raises `error` when no rank was marked dead in time."""
+        their experts, resume `engine`; raises `error` when no rank was marked dead in time. Not
+        watched for hangs until regrouped (reading experts may take long): `--timeout` bounds it."""
+        if (beat := heartbeat.mine()) is not None:
+            beat.pause()
         started = time.monotonic()
         deadline = started + self.timeout
         while True:
@@ -142,6 +152,8 @@ class Elastic:
         dist.all_gather_object(everyone, (mine, engine.scheduler.stats()))
         engine.resume(rank, deployment, [stats for _, stats in everyone],
                       [i for i in range(len(self.members)) if i not in gone])
+        if beat is not None:  # regrouped, experts in place: the next step is watched
+            beat.arm()
         lost = {r: how for r, how in dead.items() if r not in self.lost}
         self.lost.update(lost)
         self.members = survivors

@@ -27,6 +27,7 @@ from expertmesh.elastic import elastic_spec
 from expertmesh.engine.engine import pool_blocks
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.engine.spec import RunSpec
+from expertmesh.heartbeat import DEFAULT_HANG_S, check_hang_timeout
 from expertmesh.launch import launch, local_device, under_torchrun
 from expertmesh.run_flags import (add_balance_args, add_eager_arg, add_exchange_args, add_memory_args,
                                   spec_from_flags)
@@ -85,6 +86,7 @@ def cmd_serve(args) -> int:
                                                         args.body_timeout, args.keep_alive_timeout),
                            elastic=args.elastic,
                            api_key=args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV))
+    hang_s = hang_timeout(args)
     if not under_torchrun() or os.environ.get("RANK") == "0":
         # Bound and listening before any rank loads: a second server on this port fails here.
         options = dataclasses.replace(options, fd=_listen(args.host, args.port))
@@ -111,7 +113,7 @@ def cmd_serve(args) -> int:
         previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             launch(fn, deployment.world_size, backend=args.backend, timeout=SERVE_LIFETIME_S,
-                   elastic=args.elastic)
+                   elastic=args.elastic, hang_s=hang_s)
         finally:
             for s, handler in previous.items():
                 signal.signal(s, handler)
@@ -120,6 +122,19 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def hang_timeout(args) -> float | None:
+    """`--hang-timeout`, checked: None without --elastic (a hung rank then ends the server at
+    --timeout); by default `DEFAULT_HANG_S`, or half of a shorter --timeout."""
+    if not args.elastic:
+        if args.hang_timeout is not None:
+            raise ValueError("--hang-timeout needs --elastic (a hung rank is killed and survived); "
+                             "without it a hung step ends the server at --timeout")
+        return None
+    hang_s = args.hang_timeout if args.hang_timeout is not None else min(DEFAULT_HANG_S, args.timeout / 2)
+    check_hang_timeout(hang_s, args.timeout)
+    return hang_s
 
 
 def _loopback(host: str) -> bool:
@@ -251,6 +266,10 @@ def add_commands(sub) -> None:
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     serve.add_argument("--elastic", action="store_true", help="survive the loss of an EP rank other "
                        "than 0 (plain epN, local CPU ranks): its experts and requests move to the others")
+    serve.add_argument("--hang-timeout", type=float, default=None, help="--elastic: seconds a rank "
+                       f"may go without a heartbeat, or compute without finishing a layer, before it "
+                       f"is killed as hung and survived (default {DEFAULT_HANG_S:g}; waiting on "
+                       f"other ranks, start-up and recovery do not count)")
     add_exchange_args(serve)
     add_eager_arg(serve)
     add_balance_args(serve)

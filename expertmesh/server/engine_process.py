@@ -21,6 +21,8 @@ Ending:
 - `--elastic` (`options.elastic`): a step that fails because another rank died is survived
   instead (`elastic/recovery.py`): every survivor regroups, rank 0 re-queues the requests in
   flight (`elastic/ledger.py`), logs the recovery and sends the front ends every rank's state.
+  A rank that hangs is killed by the launcher (`heartbeat.py`: every rank's step loop marks its
+  progress, `--hang-timeout`), and survived the same way; rank 0 hung and killed ends the server.
 
 Every `STATS_EVERY` steps, every rank sends rank 0 its expert-parallel counters since the last
 time, which rank 0 sums for front end 0's `/metrics` (`server/rank_counters.py`).
@@ -42,6 +44,7 @@ from dataclasses import asdict, dataclass, replace
 import torch
 import torch.distributed as dist
 
+from expertmesh import heartbeat
 from expertmesh.elastic.ledger import Ledger
 from expertmesh.elastic.recovery import Elastic
 from expertmesh.engine.engine import Engine
@@ -124,6 +127,8 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
     if options.elastic:
         elastic = Elastic(local_store_path(), device, options.timeout_s, spec.checkpoint, spec.seed,
                           spec.cfg.torch_dtype)
+    if (beat := heartbeat.mine()) is not None:  # watched for hangs: a layer's end is progress
+        model.after_layer.append(beat.mark)
     if rank != 0:
         serve_follower(engine, model, elastic)
         return
@@ -134,11 +139,14 @@ def serve_follower(engine: Engine, model: MoETransformer, elastic: Elastic | Non
     """A rank other than 0: step with rank 0 until it says stop (surviving a lost peer when
     `elastic`)."""
     steps = 0
+    beat = heartbeat.mine()
     while True:
         try:
             engine.step()
             if engine.stopped:
                 return
+            if beat is not None:
+                beat.arm()
             steps += 1
             if steps % STATS_EVERY == 0:
                 share_counters(engine, model)
@@ -162,10 +170,11 @@ class EngineServer:
         self.elastic = elastic
         self.ledger = Ledger() if elastic is not None else None
         # elastic: every rank's state, sent with every step (a front end may connect late), and
-        # (ranks lost, seconds) of a recovery for front end 0 to count once
+        # (ranks lost, seconds, of them hung) of a recovery for front end 0 to count once
         self.rank_states = [RankState(**r) for r in elastic.ranks()] if elastic is not None else None
-        self.recovered = (0, 0.0)
+        self.recovered = (0, 0.0, 0)
         self.step_started: float | None = None  # monotonic time of the step in progress
+        self.beat = heartbeat.mine()  # watched for hangs by the launcher (--hang-timeout)
         self.steps = 0  # warm-up included: the other ranks count those too (`follow`)
         self.signalled = False
         self.owners: dict[str, int] = {}  # request id -> the front end that sent it
@@ -216,6 +225,8 @@ class EngineServer:
         self.step_started = time.monotonic()
         outputs = self.engine.step()
         self.step_started = None
+        if self.beat is not None:
+            self.beat.arm()
         self.steps += 1
         return outputs
 
@@ -308,10 +319,11 @@ class EngineServer:
                         del self.owners[out.request_id]
             stats = self.engine.stats()
             for i in range(n):
-                lost, seconds = self.recovered if i == 0 else (0, 0.0)
+                lost, seconds, hung = self.recovered if i == 0 else (0, 0.0, 0)
                 channel.send(i, FromEngine(tokens[i], rejected[i], stats, totals if i == 0 else None,
-                                           ranks=self.rank_states, lost=lost, recovery_s=seconds))
-            self.recovered = (0, 0.0)
+                                           ranks=self.rank_states, lost=lost, recovery_s=seconds,
+                                           hung=hung))
+            self.recovered = (0, 0.0, 0)
 
     def _step_and_count(self):
         """A step's outputs, and every `STATS_EVERY` steps the ranks' counters (else None)."""
@@ -335,7 +347,7 @@ class EngineServer:
         self.engine.requeue(requeue, drop)
         print(report.describe(), file=sys.stderr, flush=True)
         self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
-        self.recovered = (len(report.lost), report.seconds)
+        self.recovered = (len(report.lost), report.seconds, report.hung)
         return outputs
 
     def _take(self, index: int, message, rejected: dict[str, str]) -> None:

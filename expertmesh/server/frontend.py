@@ -134,12 +134,13 @@ class EngineClient:
                 queue = self.queues.pop(request_id, None)
                 if queue is not None:
                     queue.put_nowait(ValueError(error))
-            if message.stats:
-                self.metrics.step(message.stats, message.counters)
-            if message.ranks is not None:
+            if message.ranks is not None:  # first: a recovery's stats count the survivors only
                 self.ranks = message.ranks
+            if message.stats:
+                origin = None if self.ranks is None else [r.rank for r in self.ranks if r.state == "ok"]
+                self.metrics.step(message.stats, message.counters, origin)
             if message.lost:
-                self.metrics.recovered(message.lost, message.recovery_s)
+                self.metrics.recovered(message.lost, message.recovery_s, message.hung)
             if message.failure is not None:
                 self.fail(message.failure)
 

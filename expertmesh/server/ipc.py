@@ -86,7 +86,7 @@ class RankState(msgspec.Struct, frozen=True):
 class FromEngine(msgspec.Struct):
     """`stats`: per data-parallel rank, the scheduler's `stats()` after the step. Elastic
     servers: every rank's state (`ranks`), and in the message after a recovery, to front end 0,
-    the ranks `lost` and the `recovery_s` seconds it took."""
+    the ranks `lost`, the `recovery_s` seconds it took and how many of them had `hung`."""
 
     tokens: list[Token] = []
     rejected: dict[str, str] = {}
@@ -96,6 +96,7 @@ class FromEngine(msgspec.Struct):
     ranks: list[RankState] | None = None
     lost: int = 0
     recovery_s: float = 0.0
+    hung: int = 0
 
 
 OPTIONS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",

@@ -75,11 +75,15 @@ class ServerMetrics:
         self.rank_losses = Counter("expertmesh_rank_losses", "Ranks lost and survived (--elastic)", **r)
         self.recovery = Counter("expertmesh_recovery_seconds", "Seconds spent recovering from lost "
                                 "ranks (--elastic): failed step to new groups with experts in place", **r)
+        self.rank_hangs = Counter("expertmesh_rank_hangs", "Ranks lost because they hung (--elastic "
+                                  "--hang-timeout: killed, then survived); also in rank_losses", **r)
 
-    def recovered(self, lost: int, seconds: float) -> None:
-        """An elastic engine survived `lost` ranks in `seconds` (0, 0: nothing new)."""
+    def recovered(self, lost: int, seconds: float, hung: int = 0) -> None:
+        """An elastic engine survived `lost` ranks, `hung` of them hung, in `seconds` (0, 0:
+        nothing new)."""
         if self.engine_metrics:
             self.rank_losses.inc(lost)
+            self.rank_hangs.inc(hung)
             self.recovery.inc(seconds)
 
     def finished(self, outcome: str, accepted: float, times: list[float]) -> None:
@@ -91,13 +95,17 @@ class ServerMetrics:
         if len(times) > 1:
             self.tpot.observe((times[-1] - times[0]) / (len(times) - 1))
 
-    def step(self, stats: list[SchedulerStats], counters: CounterTotals | None) -> None:
-        """An engine step's pool stats (per data-parallel rank) and, every few steps, counters."""
+    def step(self, stats: list[SchedulerStats], counters: CounterTotals | None,
+             origin: list[int] | None = None) -> None:
+        """An engine step's pool stats (per data-parallel rank) and, every few steps, counters.
+        `origin`: each data-parallel rank's original number (an elastic server renumbers the
+        survivors), by which it is labelled and its running totals are kept."""
         if not self.engine_metrics:
             return
         self.waiting.set(sum(s.waiting for s in stats))
         self.running.set(sum(s.running for s in stats))
-        for dp, s in enumerate(stats):
+        for index, s in enumerate(stats):
+            dp = origin[index] if origin is not None else index
             self.kv_used.labels(str(dp)).set(s.blocks_used)
             self.kv_free.labels(str(dp)).set(s.blocks_free)
             queries, hits = self.seen.get(dp, (0, 0))

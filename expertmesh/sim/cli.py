@@ -375,7 +375,8 @@ def add_commands(subparsers) -> None:
     fail.add_argument("--generated", type=int, help="tokens each request has at the loss, recomputed "
                                                     "with its prompt (default: half of --gen-len)")
     fail.add_argument("--detect", default="70ms", help="loss to the survivors leaving their groups "
-                                                       "(default 70ms: the engine's polls; a hang: the step timeout)")
+                                                       "(default 70ms: the engine's polls; a hang: "
+                                                       "serve's --hang-timeout more)")
     fail.add_argument("--regroup-per-rank", default="63ms",
                       help="forming the new groups, per survivor (default 63ms, measured on CPU gloo)")
     fail.add_argument("--reload-bandwidth", type=float, default=5.0,

@@ -5,7 +5,8 @@ The engine's recovery (`expertmesh/elastic/`), one term each, every rank stalled
   detect     the launcher sees the dead process (it polls every `launch.POLL_S`) and marks it
              dead; a survivor sees the mark (every `recovery.WATCH_S`) or its collective fails
              first: at most POLL_S + WATCH_S = 0.07 s (`detect_s`). A rank that hangs without
-             dying is only found at the step timeout: give that instead.
+             dying is killed once its heartbeat is `--hang-timeout` old (`heartbeat.py`,
+             default 4 s), then found as a dead one: give that plus 0.07 s instead.
   regroup    the survivors leave the old groups and meet in a fresh store: `regroup_s_per_rank`
              per survivor (every survivor connects to every other).
   reload     each MoE layer's placement without the dead rank, as the engine computes it
