@@ -26,7 +26,7 @@ import torch
 
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint
 from expertmesh.config import preset
-from expertmesh.elastic.experts import spare_placement, survivor_placement
+from expertmesh.elastic.experts import join_placement, spare_placement, survivor_placement
 from expertmesh.elastic.ledger import Ledger
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.model.transformer import reference_model
@@ -302,3 +302,25 @@ def test_elastic_under_torchrun_is_a_one_line_error(monkeypatch, cli_error):
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
     assert "under torchrun it is not supported" in cli_error(["serve", "--port", "0", "--deployment", "ep2", "--elastic"])
+
+
+def test_a_joining_rank_takes_slots_from_the_fullest_ranks_until_the_counts_are_even():
+    after, moved = join_placement([[0, 1, 2, 3, 8, 11], [4, 5, 6, 7, 9], [12, 13, 14, 15, 10]])
+    assert after == [[0, 1, 2, 3], [4, 5, 6, 7], [12, 13, 14, 15], [11, 8, 9, 10]]
+    assert moved == {11: 0, 8: 0, 9: 1, 10: 2}
+    # uneven, with replicas: never two copies on the new rank; a replica may move
+    before = [[0, 1, 2, 5], [2, 3, 4], [6, 7, 0, 4, 5, 1]]
+    after, moved = join_placement(before)
+    assert [len(r) for r in after] == [3, 3, 4, 3]
+    assert all(len(set(r)) == len(r) for r in after)
+    assert sorted(e for r in after for e in r) == sorted(e for r in before for e in r)  # nothing lost or copied
+    assert moved == {1: 2, 5: 2, 2: 0}  # rank 0's last, 5, is there already: its 2 instead
+    for e, donor in moved.items():  # each moved once, from a rank that held it, to the new rank only
+        assert e in before[donor] and e not in after[donor] and e in after[-1]
+    # already even: nothing moves; every expert held once (no replica) stays so
+    for ep, n in ((2, 8), (3, 16), (5, 16)):
+        start = [list(range(r * n // ep, (r + 1) * n // ep)) for r in range(ep)]
+        after, moved = join_placement(start)
+        counts = [len(r) for r in after]
+        assert max(counts) - min(counts) <= 1 and sorted(e for r in after for e in r) == list(range(n))
+        assert sorted(moved) == sorted(after[-1]) and all(e not in after[d] for e, d in moved.items())
