@@ -7,10 +7,12 @@ served; `/health` names the dead rank and says `degraded`; `/metrics` counts the
 says which experts moved; and nothing is left running. Rank 0's death still ends the server with
 exit 1.
 
-Two servers, each reused by the tests of one scenario, in order: plain ep4 (rank 2 killed
-mid-stream, then rank 3: its experts rebuilt from the seed), and ep4 on a tiny OLMoE checkpoint
+Three servers, each reused by the tests of one scenario, in order: plain ep4 (rank 2 killed
+mid-stream, then rank 3: its experts rebuilt from the seed), ep4 on a tiny OLMoE checkpoint
 (8 experts) with one spare replica per rank (rank 2 killed during the prefills: its first expert
-then served by rank 1's replica, the other read from the safetensors; then rank 0 killed).
+then served by rank 1's replica, the other read from the safetensors; then rank 0 killed), and
+plain ep4 that a new process joins after rank 2's loss (`serve --join`, streams running across
+the join), back to four ranks.
 """
 
 import os
@@ -302,6 +304,102 @@ def test_elastic_under_torchrun_is_a_one_line_error(monkeypatch, cli_error):
     for name, value in (("RANK", "0"), ("WORLD_SIZE", "2"), ("LOCAL_RANK", "0"), ("LOCAL_WORLD_SIZE", "2")):
         monkeypatch.setenv(name, value)
     assert "under torchrun it is not supported" in cli_error(["serve", "--port", "0", "--deployment", "ep2", "--elastic"])
+
+
+# ---- the way back: a new process joins a degraded server (`serve --join`) ----
+
+@pytest.fixture(scope="module")
+def rejoin(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("logs"), *COMMON)
+    yield s
+    s.stop()
+
+
+def join_command(server: Server, url: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "expertmesh.cli", "serve", "--join", url or server.url + "/v1"]
+
+
+def wait_health(server: Server, degraded: bool) -> dict:
+    deadline = time.monotonic() + STREAM_S
+    while (body := health(server)).get("degraded") is not degraded:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    return body
+
+
+def test_joining_a_server_with_all_its_ranks_is_a_one_line_error(rejoin):
+    out = subprocess.run(join_command(rejoin), env=rejoin.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: the server at {rejoin.url}/v1 is not degraded: its 4 ranks are all up; --join only "
+        f"replaces a lost rank"]
+
+
+def test_a_process_joins_after_a_loss_takes_its_experts_and_serves_new_requests(rejoin, reference, tmp_path):
+    os.kill(pid_of(rejoin, 2), signal.SIGKILL)
+    wait_health(rejoin, degraded=True)
+    # long streams: the joining process takes seconds to start (importing torch) before it asks
+    streams = Streams(rejoin, prompts(6, 12, 5), max_tokens=200)
+    streams.wait_for(3)
+    log = open(tmp_path / "join.log", "w+")
+    joined = subprocess.Popen(join_command(rejoin), env=rejoin.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        body = wait_health(rejoin, degraded=False)
+        after = time.monotonic()  # the join happened before this
+        streams.check(reference)  # the streams running across the join: nothing lost or changed
+        assert all(times[-1] > after for times in streams.times), "the streams ended before the join"
+        assert [(r["rank"], r["state"]) for r in body["ranks"]] == [(0, "ok"), (1, "ok"), (2, "dead"),
+                                                                     (3, "ok"), (4, "ok")]
+        assert body["ranks"][4]["pid"] == joined.pid
+        line = re.search(r"elastic: rank 4 \(pid \d+\) joined.*", rejoin.output()).group(0)
+        # ep3 after the loss held 0-3 + 8, 11 / 4-7 + 9 / 12-15 + 10; the orphans go back
+        assert re.search(r"now ep4; experts it took: expert 8 from rank 0; expert 9 from rank 1; "
+                         r"expert 10 from rank 3; expert 11 from rank 0; joined in [\d.]+ s", line), line
+        gaps = [b - a for times in streams.times for a, b in zip(times, times[1:])]
+        print(f"{line}; longest gap between two streamed tokens across it: {max(gaps):.2f} s; "
+              f"streams ended {min(t[-1] for t in streams.times) - after:.2f} s after it was seen")
+        before = rejoin.metric("expertmesh_prefix_cache_queries_total", dp_rank="3")
+        Streams(rejoin, prompts(8, 10, 70), max_tokens=8).check(reference)  # served by ep4 again
+        # the new rank is data-parallel rank 3: some of the new prompts ran there
+        assert rejoin.metric("expertmesh_prefix_cache_queries_total", dp_rank="3") > before
+        assert joined.poll() is None
+    finally:
+        if joined.poll() is None and rejoin.proc.poll() is not None:
+            joined.kill()
+    rejoin.joined = joined
+
+
+def test_sigterm_after_a_join_stops_every_rank_the_joined_one_too(rejoin):
+    rejoin.proc.send_signal(signal.SIGTERM)
+    assert rejoin.proc.wait(60) == 0
+    assert rejoin.joined.wait(30) == 0
+    assert rejoin.leftovers.alive() == []
+
+
+def test_join_is_a_one_line_error_without_a_server_or_without_elastic(cli_error):
+    import http.server
+    from expertmesh.launch import free_port
+
+    port = free_port()
+    assert "no expertmesh server answers at" in cli_error(["serve", "--join", f"http://127.0.0.1:{port}"])
+
+    class Plain(http.server.BaseHTTPRequestHandler):  # what /health of a server without --elastic says
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *_):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert "is not elastic (start it with --elastic)" in cli_error(["serve", "--join", url])
+    finally:
+        httpd.shutdown()
 
 
 def test_a_joining_rank_takes_slots_from_the_fullest_ranks_until_the_counts_are_even():

@@ -66,6 +66,8 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
 
 
 def cmd_serve(args) -> int:
+    if args.join is not None:
+        return cmd_join(args)
     spec, engine = serve_plan(args)
     deployment = spec.deployment
     try:
@@ -120,6 +122,26 @@ def cmd_serve(args) -> int:
         print(f"error: {exc}", file=sys.stderr, flush=True)
         return 1
     return 0
+
+
+def cmd_join(args) -> int:
+    """`serve --join URL`: this process becomes a rank of the degraded elastic server at URL
+    (`elastic/join.py`), on this machine, and serves until the server stops it."""
+    try:
+        from expertmesh.elastic.join import join
+        from expertmesh.server.engine_process import serve_follower
+    except ImportError as exc:
+        raise ValueError(f"expertmesh serve needs the serve extra ({exc.name} is missing): "
+                         f"pip install -e '.[serve]'") from None
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    try:
+        engine, model, elastic = join(args.join, api_key)
+        serve_follower(engine, model, elastic)
+    except RuntimeError as exc:  # the server went away, or failed, while this rank ran
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    print("expertmesh serve --join: stopped with the server", file=sys.stderr, flush=True)
+    os._exit(0)  # as the launcher's ranks: skip a teardown that could wait on peers gone
 
 
 def _loopback(host: str) -> bool:
@@ -251,6 +273,11 @@ def add_commands(sub) -> None:
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     serve.add_argument("--elastic", action="store_true", help="survive the loss of an EP rank other "
                        "than 0 (plain epN, local CPU ranks): its experts and requests move to the others")
+    serve.add_argument("--join", default=None, metavar="URL", help="join the degraded --elastic "
+                       "server at URL (e.g. http://127.0.0.1:8000) as a new rank, in place of a lost "
+                       "one: on the server's machine, as its user; it takes experts and a "
+                       "data-parallel rank and serves until the server stops (the model and the "
+                       "deployment are the server's; --api-key is sent if it has one)")
     add_exchange_args(serve)
     add_eager_arg(serve)
     add_balance_args(serve)

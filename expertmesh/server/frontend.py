@@ -74,6 +74,8 @@ class EngineClient:
         self.failure: str | None = None
         self.last_heard = time.monotonic()
         self.ranks = None  # an elastic engine's `ipc.RankState`s, the latest it sent
+        self.degraded = False  # ... whether it runs fewer ranks than it started with
+        self.join = None  # ... and the ticket a joining process reads (`elastic/join.py`)
 
     def submit(self, request, queue: asyncio.Queue) -> None:
         """Send `request` (an `engine.request.Request`, checked) with the next flush; its tokens
@@ -137,7 +139,7 @@ class EngineClient:
             if message.stats:
                 self.metrics.step(message.stats, message.counters)
             if message.ranks is not None:
-                self.ranks = message.ranks
+                self.ranks, self.degraded, self.join = message.ranks, message.degraded, message.join
             if message.lost:
                 self.metrics.recovered(message.lost, message.recovery_s)
             if message.failure is not None:
