@@ -201,6 +201,30 @@ def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_
     Streams(spares, prompts(2, 20, 33), max_tokens=5).check(hf_reference)
 
 
+def test_a_joined_rank_reads_its_experts_from_the_checkpoint_and_its_own_loss_is_survived(spares, hf_reference, tmp_path):
+    """After rank 2's loss (ep3: [0 1 2 5] [2 3 4] [6 7 0]) a process joins: it takes 5 and 2
+    from rank 0 (counts 2 3 3 2; 2 keeps its copy on rank 1) and reads them from the
+    safetensors; streams compare with transformers; then it is SIGKILLed mid-stream, and the
+    launcher, which watches its pid, lets the others survive it (5 is loaded anew again)."""
+    log = open(tmp_path / "join.log", "w+")
+    joined = subprocess.Popen(join_command(spares), env=spares.env, stdout=log, stderr=subprocess.STDOUT)
+    wait_health(spares, degraded=False)
+    line = re.search(r"elastic: rank 4 \(pid \d+\) joined.*", spares.output()).group(0)
+    assert "experts it took: expert 2 from rank 0; expert 5 from rank 0; joined" in line, line
+    Streams(spares, prompts(6, 20, 11), max_tokens=6).check(hf_reference)
+    assert spares.metric("expertmesh_prefix_cache_queries_total", dp_rank="3") > 0
+    streams = Streams(spares, prompts(4, 9, 21), max_tokens=40)
+    streams.wait_for(2)
+    joined.kill()
+    assert joined.wait(30) == -signal.SIGKILL
+    streams.check(hf_reference)
+    body = wait_health(spares, degraded=True)
+    assert [r["state"] for r in body["ranks"]] == ["ok", "ok", "dead", "ok", "dead"]
+    assert re.search(r"rank 4 \(joined, pid \d+\) ended.*\n(.*\n)*elastic: lost rank 4 .*now ep3; "
+                     r"experts loaded anew: expert 5 -> rank \d; still served by surviving copies: "
+                     r"expert 2 -> rank 1;", spares.output())
+
+
 def test_killing_rank_0_still_ends_the_server_with_exit_1(spares):
     os.kill(pid_of(spares, 0), signal.SIGKILL)
     assert spares.proc.wait(60) == 1
