@@ -393,10 +393,32 @@ def test_a_process_joins_after_a_loss_takes_its_experts_and_serves_new_requests(
     rejoin.joined = joined
 
 
-def test_sigterm_after_a_join_stops_every_rank_the_joined_one_too(rejoin):
+def test_after_another_loss_two_processes_race_to_join_one_is_admitted_the_other_refused(rejoin, reference, tmp_path):
+    """Rank 1 lost too; two processes ask at once: one becomes rank 5, the other ends with one
+    line, exit 2 (refused by rank 0, or told by /health that the server is not degraded)."""
+    os.kill(pid_of(rejoin, 1), signal.SIGKILL)
+    wait_health(rejoin, degraded=True)
+    racers = [subprocess.Popen(join_command(rejoin), env=rejoin.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    body = wait_health(rejoin, degraded=False)
+    assert [r["state"] for r in body["ranks"]] == ["ok", "dead", "dead", "ok", "ok", "ok"]
+    winner = next(p for p in racers if p.pid == body["ranks"][5]["pid"])
+    loser = next(p for p in racers if p is not winner)
+    out, _ = loser.communicate(timeout=120)
+    assert loser.returncode == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"error: (the server refused: the deployment already has its "
+                                            r"4 ranks; none is missing|the server at .* is not degraded: .*)",
+                                            lines[0]), out
+    Streams(rejoin, prompts(6, 10, 40), max_tokens=8).check(reference)
+    rejoin.joined = [rejoin.joined, winner]
+
+
+def test_sigterm_after_a_join_stops_every_rank_the_joined_ones_too(rejoin):
     rejoin.proc.send_signal(signal.SIGTERM)
     assert rejoin.proc.wait(60) == 0
-    assert rejoin.joined.wait(30) == 0
+    for joined in rejoin.joined:
+        assert joined.wait(30) == 0
     assert rejoin.leftovers.alive() == []
 
 

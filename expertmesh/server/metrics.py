@@ -101,6 +101,10 @@ class ServerMetrics:
             self.kv_used.labels(str(dp)).set(s.blocks_used)
             self.kv_free.labels(str(dp)).set(s.blocks_free)
             queries, hits = self.seen.get(dp, (0, 0))
+            if s.prompt_tokens < queries or s.cached_tokens < hits:
+                # another rank's scheduler behind this index (an elastic loss renumbered the
+                # ranks, or a joined one took it): counted from now on; a counter never goes down
+                queries, hits = s.prompt_tokens, s.cached_tokens
             self.prefix_queries.labels(str(dp)).inc(s.prompt_tokens - queries)
             self.prefix_hits.labels(str(dp)).inc(s.cached_tokens - hits)
             self.seen[dp] = (s.prompt_tokens, s.cached_tokens)
