@@ -59,6 +59,7 @@ from expertmesh.rank_env import prepare_local_rank, prepare_torchrun_rank
 T = TypeVar("T")
 POLL_S = 0.05
 FAILURE_GRACE_S = 1.0
+JOINED_EXIT_S = 5.0  # what a joined rank gets to exit after the others (it is not a child)
 STACK_DUMP_S = 0.2  # what a timed-out rank gets to print its stacks
 TEARDOWN_S = 30.0  # what destroy_process_group gets (NCCL's can hang after a peer died)
 _HEADER = struct.Struct("!Q")  # a rank's report: its length, then the pickled (status, payload)
@@ -66,6 +67,7 @@ _TORCHRUN_LAUNCHES = itertools.count()  # every rank makes the same calls: equal
 _GROUP_TIMEOUT: list[timedelta] = []  # the timeout of the process group this process joined
 _STORE_PATH: list[str] = []  # a local rank's file store (elastic recovery meets beside it)
 DEAD_PREFIX = "dead-"  # an elastic run's launcher marks a dead rank r with a file dead-<r> there
+JOINED_PREFIX = "joined-"  # rank 0 of an elastic run writes joined-<r> there: a joined rank's pid
 # What gloo and NCCL say on a rank whose peer failed first.
 _PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "remote worker",
               "NCCL communicator was aborted")
@@ -161,13 +163,37 @@ def dead_ranks(store_path: str) -> dict[int, str]:
     return out
 
 
-def _mark_dead(store_path: str, rank: int, message: str) -> None:
+def write_marker(path: str, data: bytes) -> None:
     """Written whole, then renamed: a reader sees the marker complete or not at all."""
+    partial = os.path.join(os.path.dirname(path), "." + os.path.basename(path))
+    with open(partial, "wb") as f:
+        f.write(data)
+    os.replace(partial, path)
+
+
+def _mark_dead(store_path: str, rank: int, message: str) -> None:
+    write_marker(os.path.join(os.path.dirname(store_path), f"{DEAD_PREFIX}{rank}"), message.encode())
+
+
+def joined_ranks(store_path: str) -> dict[int, int]:
+    """The ranks that joined an elastic run (`serve --join`), marked beside `store_path`: rank -> pid.
+    They are not this launcher's children: it watches them by pid (`_watch_joined`)."""
     folder = os.path.dirname(store_path)
-    partial = os.path.join(folder, f".{DEAD_PREFIX}{rank}")
-    with open(partial, "w") as f:
-        f.write(message)
-    os.replace(partial, os.path.join(folder, f"{DEAD_PREFIX}{rank}"))
+    out = {}
+    for name in os.listdir(folder):
+        if name.startswith(JOINED_PREFIX) and name[len(JOINED_PREFIX):].isdigit():
+            with open(os.path.join(folder, name)) as f:
+                out[int(name[len(JOINED_PREFIX):])] = int(f.read())
+    return out
+
+
+def process_running(pid: int) -> bool:
+    """`pid` exists and is not a zombie (its parent, not this process, reaps it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
 
 
 def init_group(backend: str, store, rank: int, world_size: int, timeout: float,
@@ -336,6 +362,14 @@ def _run_local(fn, world_size, kind, backend, timeout, elastic=False, hang_s=Non
         for p in procs:
             if p.is_alive():
                 p.kill()
+        if elastic:  # a joined rank goes with the run too: it stops on its own after a clean end
+            joined = joined_ranks(os.path.join(private, "store")).values()
+            grace = time.monotonic() + JOINED_EXIT_S
+            while any(map(process_running, joined)) and time.monotonic() < grace:
+                time.sleep(POLL_S)
+            for pid in filter(process_running, joined):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         for p in procs:
             p.join(timeout=5)
         for report in reports:
@@ -364,6 +398,7 @@ def _wait(procs, reports, timeout, elastic_store=None, hangs=None):
                 _mark_dead(elastic_store, rank, failures[rank])
                 done[rank] = None
             failures.clear()
+            _watch_joined(elastic_store)
         if failures:
             # One rank's fault makes its peers fail too ("connection closed by peer"): wait a
             # moment for the whole picture, then blame the root cause, not a bystander.
@@ -396,6 +431,16 @@ def _kill_hung(procs, hangs, hung: dict[int, str], ended: set[int]) -> None:
         hung[rank] = why
         with contextlib.suppress(ProcessLookupError):  # it may have just exited
             os.kill(p.pid, signal.SIGKILL)
+
+
+def _watch_joined(store_path: str) -> None:
+    """Mark dead a joined rank whose process ended, as `_wait` does its own ranks."""
+    dead = dead_ranks(store_path)
+    for rank, pid in joined_ranks(store_path).items():
+        if rank not in dead and not process_running(pid):
+            print(f"rank {rank} (joined, pid {pid}) ended; the other ranks carry on without it "
+                  f"(--elastic)", file=sys.stderr, flush=True)
+            _mark_dead(store_path, rank, f"joined process {pid} ended")
 
 
 def _poll(procs, reports, done: dict, failures: dict) -> None:

@@ -7,10 +7,12 @@ served; `/health` names the dead rank and says `degraded`; `/metrics` counts the
 says which experts moved; and nothing is left running. Rank 0's death still ends the server with
 exit 1.
 
-Two servers, each reused by the tests of one scenario, in order: plain ep4 (rank 2 killed
-mid-stream, then rank 3: its experts rebuilt from the seed), and ep4 on a tiny OLMoE checkpoint
+Three servers, each reused by the tests of one scenario, in order: plain ep4 (rank 2 killed
+mid-stream, then rank 3: its experts rebuilt from the seed), ep4 on a tiny OLMoE checkpoint
 (8 experts) with one spare replica per rank (rank 2 killed during the prefills: its first expert
-then served by rank 1's replica, the other read from the safetensors; then rank 0 killed).
+then served by rank 1's replica, the other read from the safetensors; then rank 0 killed), and
+plain ep4 that a new process joins after rank 2's loss (`serve --join`, streams running across
+the join), back to four ranks.
 """
 
 import os
@@ -26,7 +28,7 @@ import torch
 
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint
 from expertmesh.config import preset
-from expertmesh.elastic.experts import spare_placement, survivor_placement
+from expertmesh.elastic.experts import join_placement, spare_placement, survivor_placement
 from expertmesh.elastic.ledger import Ledger
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.model.transformer import reference_model
@@ -199,6 +201,30 @@ def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_
     Streams(spares, prompts(2, 20, 33), max_tokens=5).check(hf_reference)
 
 
+def test_a_joined_rank_reads_its_experts_from_the_checkpoint_and_its_own_loss_is_survived(spares, hf_reference, tmp_path):
+    """After rank 2's loss (ep3: [0 1 2 5] [2 3 4] [6 7 0]) a process joins: it takes 5 and 2
+    from rank 0 (counts 2 3 3 2; 2 keeps its copy on rank 1) and reads them from the
+    safetensors; streams compare with transformers; then it is SIGKILLed mid-stream, and the
+    launcher, which watches its pid, lets the others survive it (5 is loaded anew again)."""
+    log = open(tmp_path / "join.log", "w+")
+    joined = subprocess.Popen(join_command(spares), env=spares.env, stdout=log, stderr=subprocess.STDOUT)
+    wait_health(spares, degraded=False)
+    line = re.search(r"elastic: rank 4 \(pid \d+\) joined.*", spares.output()).group(0)
+    assert "experts it took: expert 2 from rank 0; expert 5 from rank 0; joined" in line, line
+    Streams(spares, prompts(6, 20, 11), max_tokens=6).check(hf_reference)
+    assert spares.metric("expertmesh_prefix_cache_queries_total", dp_rank="3") > 0
+    streams = Streams(spares, prompts(4, 9, 21), max_tokens=40)
+    streams.wait_for(2)
+    joined.kill()
+    assert joined.wait(30) == -signal.SIGKILL
+    streams.check(hf_reference)
+    body = wait_health(spares, degraded=True)
+    assert [r["state"] for r in body["ranks"]] == ["ok", "ok", "dead", "ok", "dead"]
+    assert re.search(r"rank 4 \(joined, pid \d+\) ended.*\n(.*\n)*elastic: lost rank 4 .*now ep3; "
+                     r"experts loaded anew: expert 5 -> rank \d; still served by surviving copies: "
+                     r"expert 2 -> rank 1;", spares.output())
+
+
 def test_killing_rank_0_still_ends_the_server_with_exit_1(spares):
     os.kill(pid_of(spares, 0), signal.SIGKILL)
     assert spares.proc.wait(60) == 1
@@ -319,3 +345,143 @@ def test_prefix_cache_counters_follow_each_survivor_by_its_original_rank():
     assert metrics.seen == {0: (10, 0), 1: (30, 0), 2: (20, 0), 3: (9, 0)}
     with pytest.raises(ValueError):  # what numbering by position did
         metrics.step([SchedulerStats(prompt_tokens=n) for n in (10, 30, 9)], None)
+
+
+# ---- the way back: a new process joins a degraded server (`serve --join`) ----
+
+@pytest.fixture(scope="module")
+def rejoin(tmp_path_factory):
+    s = Server(tmp_path_factory.mktemp("logs"), *COMMON)
+    yield s
+    s.stop()
+
+
+def join_command(server: Server, url: str | None = None) -> list[str]:
+    return [sys.executable, "-m", "expertmesh.cli", "serve", "--join", url or server.url + "/v1"]
+
+
+def wait_health(server: Server, degraded: bool) -> dict:
+    deadline = time.monotonic() + STREAM_S
+    while (body := health(server)).get("degraded") is not degraded:
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    return body
+
+
+def test_joining_a_server_with_all_its_ranks_is_a_one_line_error(rejoin):
+    out = subprocess.run(join_command(rejoin), env=rejoin.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: the server at {rejoin.url}/v1 is not degraded: its 4 ranks are all up; --join only "
+        f"replaces a lost rank"]
+
+
+def test_a_process_joins_after_a_loss_takes_its_experts_and_serves_new_requests(rejoin, reference, tmp_path):
+    os.kill(pid_of(rejoin, 2), signal.SIGKILL)
+    wait_health(rejoin, degraded=True)
+    # long streams: the joining process takes seconds to start (importing torch) before it asks
+    streams = Streams(rejoin, prompts(6, 12, 5), max_tokens=200)
+    streams.wait_for(3)
+    log = open(tmp_path / "join.log", "w+")
+    joined = subprocess.Popen(join_command(rejoin), env=rejoin.env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        body = wait_health(rejoin, degraded=False)
+        after = time.monotonic()  # the join happened before this
+        streams.check(reference)  # the streams running across the join: nothing lost or changed
+        assert all(times[-1] > after for times in streams.times), "the streams ended before the join"
+        assert [(r["rank"], r["state"]) for r in body["ranks"]] == [(0, "ok"), (1, "ok"), (2, "dead"),
+                                                                     (3, "ok"), (4, "ok")]
+        assert body["ranks"][4]["pid"] == joined.pid
+        line = re.search(r"elastic: rank 4 \(pid \d+\) joined.*", rejoin.output()).group(0)
+        # ep3 after the loss held 0-3 + 8, 11 / 4-7 + 9 / 12-15 + 10; the orphans go back
+        assert re.search(r"now ep4; experts it took: expert 8 from rank 0; expert 9 from rank 1; "
+                         r"expert 10 from rank 3; expert 11 from rank 0; joined in [\d.]+ s", line), line
+        gaps = [b - a for times in streams.times for a, b in zip(times, times[1:])]
+        print(f"{line}; longest gap between two streamed tokens across it: {max(gaps):.2f} s; "
+              f"streams ended {min(t[-1] for t in streams.times) - after:.2f} s after it was seen")
+        before = rejoin.metric("expertmesh_prefix_cache_queries_total", dp_rank="3")
+        Streams(rejoin, prompts(8, 10, 70), max_tokens=8).check(reference)  # served by ep4 again
+        # the new rank is data-parallel rank 3: some of the new prompts ran there
+        assert rejoin.metric("expertmesh_prefix_cache_queries_total", dp_rank="3") > before
+        assert joined.poll() is None
+    finally:
+        if joined.poll() is None and rejoin.proc.poll() is not None:
+            joined.kill()
+    rejoin.joined = joined
+
+
+def test_after_another_loss_two_processes_race_to_join_one_is_admitted_the_other_refused(rejoin, reference, tmp_path):
+    """Rank 1 lost too; two processes ask at once: one becomes rank 5, the other ends with one
+    line, exit 2 (refused by rank 0, or told by /health that the server is not degraded)."""
+    os.kill(pid_of(rejoin, 1), signal.SIGKILL)
+    wait_health(rejoin, degraded=True)
+    racers = [subprocess.Popen(join_command(rejoin), env=rejoin.env, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+    body = wait_health(rejoin, degraded=False)
+    assert [r["state"] for r in body["ranks"]] == ["ok", "dead", "dead", "ok", "ok", "ok"]
+    winner = next(p for p in racers if p.pid == body["ranks"][5]["pid"])
+    loser = next(p for p in racers if p is not winner)
+    out, _ = loser.communicate(timeout=120)
+    assert loser.returncode == 2, out
+    lines = out.strip().splitlines()
+    assert len(lines) == 1 and re.fullmatch(r"error: (the server refused: the deployment already has its "
+                                            r"4 ranks; none is missing|the server at .* is not degraded: .*)",
+                                            lines[0]), out
+    Streams(rejoin, prompts(6, 10, 40), max_tokens=8).check(reference)
+    rejoin.joined = [rejoin.joined, winner]
+
+
+def test_sigterm_after_a_join_stops_every_rank_the_joined_ones_too(rejoin):
+    rejoin.proc.send_signal(signal.SIGTERM)
+    assert rejoin.proc.wait(60) == 0
+    for joined in rejoin.joined:
+        assert joined.wait(30) == 0
+    assert rejoin.leftovers.alive() == []
+
+
+def test_join_is_a_one_line_error_without_a_server_or_without_elastic(cli_error):
+    import http.server
+    from expertmesh.launch import free_port
+
+    port = free_port()
+    assert "no expertmesh server answers at" in cli_error(["serve", "--join", f"http://127.0.0.1:{port}"])
+
+    class Plain(http.server.BaseHTTPRequestHandler):  # what /health of a server without --elastic says
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *_):
+            pass
+
+    httpd = http.server.HTTPServer(("127.0.0.1", 0), Plain)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{httpd.server_address[1]}"
+        assert "is not elastic (start it with --elastic)" in cli_error(["serve", "--join", url])
+    finally:
+        httpd.shutdown()
+
+
+def test_a_joining_rank_takes_slots_from_the_fullest_ranks_until_the_counts_are_even():
+    after, moved = join_placement([[0, 1, 2, 3, 8, 11], [4, 5, 6, 7, 9], [12, 13, 14, 15, 10]])
+    assert after == [[0, 1, 2, 3], [4, 5, 6, 7], [12, 13, 14, 15], [11, 8, 9, 10]]
+    assert moved == {11: 0, 8: 0, 9: 1, 10: 2}
+    # uneven, with replicas: never two copies on the new rank; a replica may move
+    before = [[0, 1, 2, 5], [2, 3, 4], [6, 7, 0, 4, 5, 1]]
+    after, moved = join_placement(before)
+    assert [len(r) for r in after] == [3, 3, 4, 3]
+    assert all(len(set(r)) == len(r) for r in after)
+    assert sorted(e for r in after for e in r) == sorted(e for r in before for e in r)  # nothing lost or copied
+    assert moved == {1: 2, 5: 2, 2: 0}  # rank 0's last, 5, is there already: its 2 instead
+    for e, donor in moved.items():  # each moved once, from a rank that held it, to the new rank only
+        assert e in before[donor] and e not in after[donor] and e in after[-1]
+    # already even: nothing moves; every expert held once (no replica) stays so
+    for ep, n in ((2, 8), (3, 16), (5, 16)):
+        start = [list(range(r * n // ep, (r + 1) * n // ep)) for r in range(ep)]
+        after, moved = join_placement(start)
+        counts = [len(r) for r in after]
+        assert max(counts) - min(counts) <= 1 and sorted(e for r in after for e in r) == list(range(n))
+        assert sorted(moved) == sorted(after[-1]) and all(e not in after[d] for e, d in moved.items())

@@ -111,3 +111,53 @@ def _experts(model: MoETransformer, layer: int, experts: list[int], checkpoint: 
         load_checkpoint(out, checkpoint, dtype, device)
         return out
     return materialize(out, seed, dtype, device)
+
+
+def join_placement(placement: Placement) -> tuple[Placement, dict[int, int]]:
+    """(the placement with one more rank, last; {expert moved to it: the index of the rank that
+    gave it up}) of a layer whose group a new rank joins (`serve --join`). The new rank takes
+    slots from the rank holding the most (lowest index on ties), its last expert it has no copy
+    of yet (the last appended: an orphan a recovery placed there goes first), until no rank holds
+    more than one slot more than another. The others keep their experts in their slots, in
+    order; nothing else moves. Every rank computes it alike."""
+    ranks = [list(experts) for experts in placement] + [[]]
+    new = ranks[-1]
+    moved = {}
+    while True:
+        donor = max(range(len(ranks) - 1), key=lambda i: (len(ranks[i]), -i))
+        if len(ranks[donor]) - len(new) <= 1:
+            return ranks, moved
+        expert = next((e for e in reversed(ranks[donor]) if e not in new), None)
+        if expert is None:  # every expert it holds is already there (replicas only)
+            return ranks, moved
+        ranks[donor].remove(expert)
+        new.append(expert)
+        moved[expert] = donor
+
+
+def reshard_join(model: MoETransformer, group, rank: int) -> dict[int, dict[int, int]]:
+    """A rank of the old group, now `rank` of the joined `group` (one more rank, last): move
+    every EP layer to `join_placement` of its placement, dropping the weights of the experts
+    this rank gave up (nothing is sent: the new rank reads its own). Returns, per layer,
+    {expert moved: the old index of the rank that gave it up}."""
+    cfg = model.cfg
+    moves = {}
+    for index, old in dispatchers(model).items():
+        layer = model.layers[str(index)]
+        placement, moved = join_placement(old.placement)
+        moves[index] = moved
+        mine = placement[rank]
+        kept = layer.moe.experts
+        if len(mine) < len(kept.w_up):
+            rows = [old.placement[rank].index(e) for e in mine]
+            experts = GroupedExperts(len(mine), cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
+            experts.kernels = kept.kernels
+            for name, param in kept.named_parameters():
+                rest = param.data[rows].clone()
+                setattr(experts, name, nn.Parameter(rest, requires_grad=False))
+                mark_shard(experts, name, (cfg.n_experts, *rest.shape[1:]), (mine, slice(None), slice(None)))
+            layer.moe.experts = experts.eval()
+        options = dict(old.options, peer_nodes=None)
+        layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, rank, **options)
+    return moves
+

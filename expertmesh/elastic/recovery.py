@@ -34,6 +34,8 @@ schedulers' holdings (a request id and its generated token ids per sequence); no
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 import threading
 import time
 from dataclasses import dataclass
@@ -43,12 +45,14 @@ import torch.distributed as dist
 
 from expertmesh import heartbeat
 from expertmesh.deployment import Deployment
-from expertmesh.elastic.experts import reshard
+from expertmesh.elastic.experts import reshard, reshard_join
 from expertmesh.elastic.sockets import break_connections
-from expertmesh.launch import dead_ranks, init_group
+from expertmesh.launch import JOINED_PREFIX, dead_ranks, init_group, write_marker
 from expertmesh.parallel.mesh import stage_group
 
 WATCH_S = 0.02  # how often the watch thread looks for new markers
+JOIN_TICKET = "join-ticket"  # beside the store: what a joining process needs (`elastic/join.py`)
+JOIN_REQUEST, JOIN_ANSWER = "join-request-", "join-answer-"  # + the joining process's pid
 MEET_POLL_S = 0.005  # how often a survivor reads the barrier's count
 
 
@@ -78,47 +82,86 @@ class Recovery:
                 f"still served by surviving copies: {_moves(self.served)}; recovered in {self.seconds:.2f} s")
 
 
-def _moves(per_layer: dict[int, dict[int, int]]) -> str:
-    """"expert 8 -> rank 0; ..." with the layers named where it is not every layer."""
+@dataclass(frozen=True)
+class Admission:
+    """A rank that joined, as rank 0 reports it: its number (the next unused original rank) and
+    pid, the EP size after, {layer: {expert: the original rank that gave it up}}, the seconds from
+    the step boundary to the joined group with every expert in place."""
+
+    rank: int
+    pid: int
+    ep: int
+    moves: dict[int, dict[int, int]]
+    seconds: float
+
+    def describe(self) -> str:
+        moved = "; ".join(f"expert {e} from rank {r}" + ("" if len(ls) == len(self.moves) else f" (layers {ls})")
+                          for (e, r), ls in sorted(_by_expert(self.moves).items())) or "none"
+        return (f"elastic: rank {self.rank} (pid {self.pid}) joined; now ep{self.ep}; experts it "
+                f"took: {moved}; joined in {self.seconds:.2f} s")
+
+
+def _by_expert(per_layer: dict[int, dict[int, int]]) -> dict[tuple[int, int], list[int]]:
     moved = {}
     for layer, experts in per_layer.items():
         for expert, rank in experts.items():
             moved.setdefault((expert, rank), []).append(layer)
+    return moved
+
+
+def _moves(per_layer: dict[int, dict[int, int]]) -> str:
+    """"expert 8 -> rank 0; ..." with the layers named where it is not every layer."""
     parts = [f"expert {e} -> rank {r}" + ("" if len(ls) == len(per_layer) else f" (layers {ls})")
-             for (e, r), ls in sorted(moved.items())]
+             for (e, r), ls in sorted(_by_expert(per_layer).items())]
     return "; ".join(parts) or "none"
 
 
 class Elastic:
     """This rank's side of elastic recovery (see the module's docstring). Collective to build:
-    every rank gathers every rank's pid."""
+    every rank gathers every rank's pid; a rank that joined (`elastic/join.py`) is built from
+    `joined` instead, what rank 0 sent it (`admission_state`)."""
 
     def __init__(self, store_path: str, device: torch.device, timeout: float,
-                 checkpoint: str | None, seed: int, dtype: torch.dtype):
+                 checkpoint: str | None, seed: int, dtype: torch.dtype, joined: dict | None = None):
         self.store_path, self.device, self.timeout = store_path, device, timeout
         self.checkpoint, self.seed, self.dtype = checkpoint, seed, dtype
-        self.original = dist.get_rank()
-        self.members = list(range(dist.get_world_size()))  # original ranks, in group order
-        pids: list = [None] * dist.get_world_size()
-        dist.all_gather_object(pids, os.getpid())
-        self.pids: list[int] = pids
-        self.lost: dict[int, str] = {}  # original rank -> how it ended, once handled
-        self.handled: set[int] = set()  # dead ranks whose groups are being, or were, left
+        if joined is None:
+            pids: list = [None] * dist.get_world_size()
+            dist.all_gather_object(pids, os.getpid())
+            # original ranks, in group order; the deployment's size
+            joined = dict(members=list(range(dist.get_world_size())), pids=pids, lost={},
+                          configured=dist.get_world_size())
+        self.members: list[int] = joined["members"]
+        self.original = self.members[dist.get_rank()]
+        self.pids: list[int] = joined["pids"]  # by original rank, joined ranks included
+        self.lost: dict[int, str] = dict(joined["lost"])  # original rank -> how it ended, once handled
+        self.configured: int = joined["configured"]
+        self.handled: set[int] = set(self.lost)  # dead ranks whose groups are being, or were, left
         self.recoveries: list[Recovery] = []
         self.lock = threading.Lock()
         threading.Thread(target=self._watch, name="elastic watch", daemon=True).start()
 
     def ranks(self) -> list[dict]:
-        """Every original rank: {"rank", "pid", "state": "ok" or "dead"}."""
+        """Every original rank, joined ones last: {"rank", "pid", "state": "ok" or "dead"}."""
         return [{"rank": r, "pid": pid, "state": "dead" if r in self.lost else "ok"}
                 for r, pid in enumerate(self.pids)]
+
+    @property
+    def degraded(self) -> bool:
+        """Fewer ranks than the deployment was started with."""
+        return len(self.members) < self.configured
 
     def _watch(self) -> None:
         broken: set[int] = set()
         while True:
             time.sleep(WATCH_S)
             with self.lock:
-                new = set(dead_ranks(self.store_path)) - self.handled - broken
+                try:
+                    dead = dead_ranks(self.store_path)
+                except FileNotFoundError:  # the launcher ended and removed the store: so does this rank
+                    print("error: the server's launcher is gone; exiting", file=sys.stderr, flush=True)
+                    os._exit(1)
+                new = set(dead) - self.handled - broken
                 if new:
                     broken |= new
                     break_connections()
@@ -191,3 +234,75 @@ class Elastic:
             init_group("gloo", store, survivors.index(self.original), len(survivors),
                        self.timeout, self.device)
             return survivors, dead
+
+    # ---- a rank joins (`serve --join`, `elastic/join.py`) ----
+    def write_ticket(self, ticket: dict) -> str:
+        """Rank 0: leave `ticket` (what a joining process needs to build its rank) beside the
+        store, where the front ends point a joining process (`/admin/join`); returns its path."""
+        path = os.path.join(os.path.dirname(self.store_path), JOIN_TICKET)
+        write_marker(path, pickle.dumps(ticket))
+        return path
+
+    def join_request(self) -> tuple[int, int, str] | None:
+        """Rank 0, between steps: the first joining process that asked, admitted as (pid, its
+        original rank, the joined group's store), else None. Its answer file says the same (or
+        why not: the deployment is at its configured size); the launcher watches its pid from
+        then on (`launch.py`)."""
+        folder = os.path.dirname(self.store_path)
+        asking = sorted(int(n[len(JOIN_REQUEST):]) for n in os.listdir(folder)
+                        if n.startswith(JOIN_REQUEST) and n[len(JOIN_REQUEST):].isdigit())
+        for pid in asking:
+            os.remove(os.path.join(folder, f"{JOIN_REQUEST}{pid}"))
+            answer = os.path.join(folder, f"{JOIN_ANSWER}{pid}")
+            if not self.degraded:
+                write_marker(answer, pickle.dumps(("refused", f"the deployment already has its "
+                                                   f"{self.configured} ranks; none is missing")))
+                continue
+            rank = len(self.pids)
+            store = f"{self.store_path}.join-{rank}"
+            write_marker(os.path.join(folder, f"{JOINED_PREFIX}{rank}"), str(pid).encode())
+            write_marker(answer, pickle.dumps(("admitted", rank, store, len(self.members) + 1)))
+            return pid, rank, store
+        return None
+
+    def admission_state(self, model, pid: int, rank: int) -> dict:
+        """What a joining rank gets from rank 0: the group's members, pids and losses (as
+        `__init__` takes them), every EP layer's placement and dispatcher options before the
+        join, and the experts' kernel plan."""
+        from expertmesh.parallel.expert import dispatchers
+        layers = dispatchers(model)
+        first = model.layers[str(next(iter(layers)))].moe.experts
+        return dict(members=self.members + [rank], pids=self.pids + [pid], lost=self.lost,
+                    configured=self.configured, kernels=first.kernels,
+                    placements={i: (d.placement, d.options) for i, d in layers.items()})
+
+    def admit(self, engine, model, join: tuple[int, int, str]) -> Admission:
+        """Every rank of the group, at the step boundary rank 0 chose (`Engine.joined`): leave
+        the group, form the joined one with the new rank last, hand it the state it needs, give
+        it experts (`reshard_join`), resume `engine` as a rank of ep<N+1>. Not watched for hangs
+        meanwhile (the newcomer may take long to build its experts): `--timeout` bounds it."""
+        if (beat := heartbeat.mine()) is not None:
+            beat.pause()
+        started = time.monotonic()
+        pid, new, store_path = join
+        members = self.members + [new]
+        with self.lock:
+            dist.destroy_process_group()
+        rank = members.index(self.original)
+        store = dist.FileStore(store_path, len(members))
+        init_group("gloo", store, rank, len(members), self.timeout, self.device)
+        deployment = Deployment(ep=len(members))
+        group = stage_group(deployment, rank)
+        box = [self.admission_state(model, pid, new) if rank == 0 else None]
+        dist.broadcast_object_list(box, src=0)
+        moves = reshard_join(model, group, rank)
+        everyone: list = [None] * len(members)  # also a barrier: the time is the slowest's
+        dist.all_gather_object(everyone, engine.scheduler.stats())
+        engine.resume(rank, deployment, everyone, [*range(len(self.members)), None])
+        if beat is not None:
+            beat.arm()
+        donors = self.members
+        self.members, self.pids = members, box[0]["pids"]
+        return Admission(new, pid, len(members),
+                         {layer: {e: donors[i] for e, i in m.items()} for layer, m in moves.items()},
+                         time.monotonic() - started)

@@ -16,6 +16,11 @@ on its pipeline peers); otherwise there is one. Rank 0 places a new request by
 `engine/dp_routing.py`'s rule (by default, where its prefix is cached, balanced against queued
 tokens), as of the last step's stats, whose all-gather also carries each pool's newly cached and
 evicted block hashes. A request stays on its rank.
+
+Under `serve --elastic`, rank 0 may send a step as a bare boundary (`join` in the control
+message, no work: its new requests and aborts wait for the next step) at which every rank
+regroups with a process that joins (`elastic/recovery.py: Elastic.admit`); `resume` then makes
+this engine a rank of the larger group, the joined rank a new data-parallel rank.
 """
 
 from __future__ import annotations
@@ -100,6 +105,8 @@ class Engine:
         self.live: set = set()
         self.dp_stats = [self.scheduler.stats() for _ in range(deployment.dp)]
         self.stopped = False
+        self.join = None  # rank 0: a rank to admit at the next step (`elastic/recovery.py`)
+        self.joined = None  # every rank: the admission the last step carried instead of work
         self.eplb = eplb  # online expert load balancing (`parallel/eplb.py`), or None
 
     def _agreed_blocks(self, model: MoETransformer, engine_cfg: EngineConfig) -> int:
@@ -161,8 +168,8 @@ class Engine:
         over the new default group, its scheduler and KV pool kept (a step cut short left them
         consistent: `Scheduler.finish` alone advances a sequence); `stats`: every data-parallel
         rank's scheduler stats, in the new order; `kept`: the old data-parallel index of each new
-        one (rank 0's view of their prefix caches follows them)."""
-        self.router.views = [self.router.views[i] for i in kept]
+        one, None for a rank that joined (whose pool is empty)."""
+        self.router.views = [set() if i is None else self.router.views[i] for i in kept]
         self.rank, self.deployment = rank, deployment
         self.dp = deployment.coords(rank)[1] if deployment.ep > 1 else 0
         self.reports = deployment.reports(rank)
@@ -179,6 +186,9 @@ class Engine:
     def step(self) -> list[TokenOutput]:
         """One engine step on this rank (collective); rank 0 returns the step's tokens, in order."""
         message = self._control()
+        self.joined = message.get("join")
+        if self.joined is not None:  # a step boundary for the ranks to regroup at; no work
+            return []
         if message["stop"]:
             self.stopped = True
             self.runner.close()
@@ -227,7 +237,11 @@ class Engine:
 
     def _control(self, stop: bool = False) -> dict:
         message = None
-        if self.rank == 0:
+        if self.rank == 0 and self.join is not None and not stop:
+            # the new requests and aborts wait for the step after, on the joined group
+            message = {"new": [], "aborts": [], "stop": False, "decode_tokens": None, "join": self.join}
+            self.join = None
+        elif self.rank == 0:
             new = self._assign()
             message = {"new": new, "aborts": self.aborts, "stop": stop, "decode_tokens": self._decode_bound(new)}
             self.new, self.aborts = [], []

@@ -174,10 +174,20 @@ def create_app(api: Api) -> FastAPI:
     async def health():
         problem = api.healthy()
         body = {"status": problem or "ok"}
-        if api.engine.ranks is not None:  # elastic: every rank's state, degraded once one is lost
+        if api.engine.ranks is not None:  # elastic: every rank's state; degraded below its size
             body["ranks"] = [{"rank": r.rank, "pid": r.pid, "state": r.state} for r in api.engine.ranks]
-            body["degraded"] = any(r.state != "ok" for r in api.engine.ranks)
+            body["degraded"] = api.engine.degraded
         return JSONResponse(body, status_code=503 if problem else 200)
+
+    @app.get("/admin/join")
+    async def join(http: HttpRequest):
+        """Where `serve --join` finds what it needs: a file only this user can read, on this
+        machine (the joining process must run here)."""
+        await authorized(http)
+        if api.engine.join is None:
+            raise ApiError(404, "this server is not elastic (start it with --elastic): no rank can "
+                                "join it", code="not_elastic")
+        return JSONResponse({"ticket": api.engine.join})
 
     @app.get("/metrics")
     async def metrics():

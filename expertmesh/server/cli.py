@@ -67,6 +67,8 @@ def serve_plan(args) -> tuple[RunSpec, EngineConfig]:
 
 
 def cmd_serve(args) -> int:
+    if args.join is not None:
+        return cmd_join(args)
     spec, engine = serve_plan(args)
     deployment = spec.deployment
     try:
@@ -135,6 +137,26 @@ def hang_timeout(args) -> float | None:
     hang_s = args.hang_timeout if args.hang_timeout is not None else min(DEFAULT_HANG_S, args.timeout / 2)
     check_hang_timeout(hang_s, args.timeout)
     return hang_s
+
+
+def cmd_join(args) -> int:
+    """`serve --join URL`: this process becomes a rank of the degraded elastic server at URL
+    (`elastic/join.py`), on this machine, and serves until the server stops it."""
+    try:
+        from expertmesh.elastic.join import join
+        from expertmesh.server.engine_process import serve_follower
+    except ImportError as exc:
+        raise ValueError(f"expertmesh serve needs the serve extra ({exc.name} is missing): "
+                         f"pip install -e '.[serve]'") from None
+    api_key = args.api_key if args.api_key is not None else os.environ.get(API_KEY_ENV)
+    try:
+        engine, model, elastic = join(args.join, api_key)
+        serve_follower(engine, model, elastic)
+    except RuntimeError as exc:  # the server went away, or failed, while this rank ran
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        os._exit(1)
+    print("expertmesh serve --join: stopped with the server", file=sys.stderr, flush=True)
+    os._exit(0)  # as the launcher's ranks: skip a teardown that could wait on peers gone
 
 
 def _loopback(host: str) -> bool:
@@ -270,6 +292,11 @@ def add_commands(sub) -> None:
                        f"may go without a heartbeat, or compute without finishing a layer, before it "
                        f"is killed as hung and survived (default {DEFAULT_HANG_S:g}; waiting on "
                        f"other ranks, start-up and recovery do not count)")
+    serve.add_argument("--join", default=None, metavar="URL", help="join the degraded --elastic "
+                       "server at URL (e.g. http://127.0.0.1:8000) as a new rank, in place of a lost "
+                       "one: on the server's machine, as its user; it takes experts and a "
+                       "data-parallel rank and serves until the server stops (the model and the "
+                       "deployment are the server's; --api-key is sent if it has one)")
     add_exchange_args(serve)
     add_eager_arg(serve)
     add_balance_args(serve)

@@ -23,6 +23,8 @@ Ending:
   flight (`elastic/ledger.py`), logs the recovery and sends the front ends every rank's state.
   A rank that hangs is killed by the launcher (`heartbeat.py`: every rank's step loop marks its
   progress, `--hang-timeout`), and survived the same way; rank 0 hung and killed ends the server.
+  Between steps rank 0 looks for a process asking to join (`serve --join`, `elastic/join.py`);
+  it sends the next step as a bare step boundary at which every rank regroups with it.
 
 Every `STATS_EVERY` steps, every rank sends rank 0 its expert-parallel counters since the last
 time, which rank 0 sums for front end 0's `/metrics` (`server/rank_counters.py`).
@@ -132,7 +134,12 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
     if rank != 0:
         serve_follower(engine, model, elastic)
         return
-    EngineServer(engine, model, spec, options, elastic).run()
+    ticket = None
+    if elastic is not None:  # what `serve --join` needs (`elastic/join.py`); the launcher's pid
+        ticket = elastic.write_ticket(dict(spec=spec, engine_cfg=engine_cfg, eos=options.eos,
+                                           timeout_s=options.timeout_s, store=local_store_path(),
+                                           launcher=os.getppid()))
+    EngineServer(engine, model, spec, options, elastic, ticket).run()
 
 
 def serve_follower(engine: Engine, model: MoETransformer, elastic: Elastic | None = None) -> None:
@@ -147,6 +154,10 @@ def serve_follower(engine: Engine, model: MoETransformer, elastic: Elastic | Non
                 return
             if beat is not None:
                 beat.arm()
+            if engine.joined is not None:  # a rank joins (`serve --join`)
+                elastic.admit(engine, model, engine.joined)
+                steps = 0
+                continue
             steps += 1
             if steps % STATS_EVERY == 0:
                 share_counters(engine, model)
@@ -165,9 +176,9 @@ class EngineServer:
     """Rank 0 (see the module's docstring)."""
 
     def __init__(self, engine: Engine, model: MoETransformer, spec: RunSpec, options: ServeOptions,
-                 elastic: Elastic | None = None):
+                 elastic: Elastic | None = None, ticket: str | None = None):
         self.engine, self.model, self.spec, self.options = engine, model, spec, options
-        self.elastic = elastic
+        self.elastic, self.ticket = elastic, ticket
         self.ledger = Ledger() if elastic is not None else None
         # elastic: every rank's state, sent with every step (a front end may connect late), and
         # (ranks lost, seconds, of them hung) of a recovery for front end 0 to count once
@@ -296,6 +307,8 @@ class EngineServer:
             if stopping and len(exited) == n:
                 self._stop_all()
                 return
+            if self.elastic is not None and self.engine.join is None:
+                self.engine.join = self.elastic.join_request()  # admitted at the next step
             try:
                 outputs, totals = self._step_and_count()
             except BaseException as exc:
@@ -322,12 +335,17 @@ class EngineServer:
                 lost, seconds, hung = self.recovered if i == 0 else (0, 0.0, 0)
                 channel.send(i, FromEngine(tokens[i], rejected[i], stats, totals if i == 0 else None,
                                            ranks=self.rank_states, lost=lost, recovery_s=seconds,
-                                           hung=hung))
+                                           hung=hung,
+                                           degraded=self.elastic is not None and self.elastic.degraded,
+                                           join=self.ticket))
             self.recovered = (0, 0.0, 0)
 
     def _step_and_count(self):
         """A step's outputs, and every `STATS_EVERY` steps the ranks' counters (else None)."""
         outputs = self._step()
+        if self.engine.joined is not None:  # the step was the boundary a rank joins at
+            self._admit(self.engine.joined)
+            return outputs, None
         if self.ledger is not None:
             self.ledger.record(outputs)
         if self.steps % STATS_EVERY:
@@ -349,6 +367,14 @@ class EngineServer:
         self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
         self.recovered = (len(report.lost), report.seconds, report.hung)
         return outputs
+
+    def _admit(self, join: tuple[int, int, str]) -> None:
+        """A new rank joins: regroup with it, log it, tell the front ends (the requests in
+        flight stay where they run; new ones may go to it)."""
+        report = self.elastic.admit(self.engine, self.model, join)
+        self.steps = 0
+        print(report.describe(), file=sys.stderr, flush=True)
+        self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
 
     def _take(self, index: int, message, rejected: dict[str, str]) -> None:
         for request_id in message.aborts:

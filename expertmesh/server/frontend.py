@@ -74,6 +74,8 @@ class EngineClient:
         self.failure: str | None = None
         self.last_heard = time.monotonic()
         self.ranks = None  # an elastic engine's `ipc.RankState`s, the latest it sent
+        self.degraded = False  # ... whether it runs fewer ranks than it started with
+        self.join = None  # ... and the ticket a joining process reads (`elastic/join.py`)
 
     def submit(self, request, queue: asyncio.Queue) -> None:
         """Send `request` (an `engine.request.Request`, checked) with the next flush; its tokens
@@ -135,7 +137,7 @@ class EngineClient:
                 if queue is not None:
                     queue.put_nowait(ValueError(error))
             if message.ranks is not None:  # first: a recovery's stats count the survivors only
-                self.ranks = message.ranks
+                self.ranks, self.degraded, self.join = message.ranks, message.degraded, message.join
             if message.stats:
                 origin = None if self.ranks is None else [r.rank for r in self.ranks if r.state == "ok"]
                 self.metrics.step(message.stats, message.counters, origin)

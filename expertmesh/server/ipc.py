@@ -86,7 +86,9 @@ class RankState(msgspec.Struct, frozen=True):
 class FromEngine(msgspec.Struct):
     """`stats`: per data-parallel rank, the scheduler's `stats()` after the step. Elastic
     servers: every rank's state (`ranks`), and in the message after a recovery, to front end 0,
-    the ranks `lost`, the `recovery_s` seconds it took and how many of them had `hung`."""
+    the ranks `lost`, the `recovery_s` seconds it took and how many of them had `hung`, whether
+    fewer ranks than the deployment's run (`degraded`), and the file a joining process reads
+    (`join`, `elastic/join.py`)."""
 
     tokens: list[Token] = []
     rejected: dict[str, str] = {}
@@ -97,6 +99,8 @@ class FromEngine(msgspec.Struct):
     lost: int = 0
     recovery_s: float = 0.0
     hung: int = 0
+    degraded: bool = False
+    join: str | None = None
 
 
 OPTIONS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",
