@@ -86,16 +86,27 @@ def reshard(model: MoETransformer, group, rank: int, dead: set[int], checkpoint:
         added = mine[len(kept.w_up):]
         if added:
             fresh = _experts(model, index, added, checkpoint, seed, dtype, kept.w_up.device)
-            experts = GroupedExperts(len(mine), cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
-            experts.kernels = kept.kernels  # the run's plan (`engine/shard.py: install_expert_kernels`)
-            for name, param in kept.named_parameters():
-                joined = torch.cat([param.data, getattr(fresh, name).data])
-                setattr(experts, name, nn.Parameter(joined, requires_grad=False))
-                mark_shard(experts, name, (cfg.n_experts, *joined.shape[1:]), (mine, slice(None), slice(None)))
-            layer.moe.experts = experts.eval()
-        options = dict(old.options, peer_nodes=None)  # one node: the ranks are local
-        layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, rank, **options)
+            _hold(layer, cfg, mine, {name: torch.cat([param.data, getattr(fresh, name).data])
+                                     for name, param in kept.named_parameters()})
+        layer.moe.dispatcher = local_dispatcher(group, placement, cfg.n_experts, rank, old.options)
     return moves, served
+
+
+def _hold(layer, cfg, mine: list[int], weights: dict[str, torch.Tensor]) -> None:
+    """Give `layer` the experts `mine` with their `weights` (name -> `[len(mine), ...]`), keeping
+    the run's kernel plan (`engine/shard.py: install_expert_kernels`)."""
+    experts = GroupedExperts(len(mine), cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
+    experts.kernels = layer.moe.experts.kernels
+    for name, tensor in weights.items():
+        setattr(experts, name, nn.Parameter(tensor, requires_grad=False))
+        mark_shard(experts, name, (cfg.n_experts, *tensor.shape[1:]), (mine, slice(None), slice(None)))
+    layer.moe.experts = experts.eval()
+
+
+def local_dispatcher(group, placement: Placement, n_experts: int, rank: int, options: dict) -> AllToAllDispatcher:
+    """The EP exchange of a regrouped layer: the old dispatcher's `options`, over one node (an
+    elastic group's ranks are local)."""
+    return AllToAllDispatcher(group, placement, n_experts, rank, **dict(options, peer_nodes=None))
 
 
 def _experts(model: MoETransformer, layer: int, experts: list[int], checkpoint: str | None,
@@ -150,14 +161,6 @@ def reshard_join(model: MoETransformer, group, rank: int) -> dict[int, dict[int,
         kept = layer.moe.experts
         if len(mine) < len(kept.w_up):
             rows = [old.placement[rank].index(e) for e in mine]
-            experts = GroupedExperts(len(mine), cfg.d_model, cfg.expert_hidden, cfg.expert_kind)
-            experts.kernels = kept.kernels
-            for name, param in kept.named_parameters():
-                rest = param.data[rows].clone()
-                setattr(experts, name, nn.Parameter(rest, requires_grad=False))
-                mark_shard(experts, name, (cfg.n_experts, *rest.shape[1:]), (mine, slice(None), slice(None)))
-            layer.moe.experts = experts.eval()
-        options = dict(old.options, peer_nodes=None)
-        layer.moe.dispatcher = AllToAllDispatcher(group, placement, cfg.n_experts, rank, **options)
+            _hold(layer, cfg, mine, {name: param.data[rows].clone() for name, param in kept.named_parameters()})
+        layer.moe.dispatcher = local_dispatcher(group, placement, cfg.n_experts, rank, old.options)
     return moves
-

@@ -44,14 +44,13 @@ import torch.distributed as dist
 
 from expertmesh.checkpoint.loader import load_checkpoint
 from expertmesh.deployment import Deployment
-from expertmesh.elastic.experts import join_placement
+from expertmesh.elastic.experts import join_placement, local_dispatcher
 from expertmesh.elastic.recovery import JOIN_ANSWER, JOIN_REQUEST, Elastic
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.shard import shard_model
 from expertmesh.launch import process_running, init_group, write_marker
 from expertmesh.model.moe import GroupedExperts
 from expertmesh.model.synthetic import materialize
-from expertmesh.parallel.dispatch import AllToAllDispatcher
 from expertmesh.parallel.expert import dispatchers
 from expertmesh.parallel.mesh import stage_group
 from expertmesh.rank_env import prepare_local_rank
@@ -136,9 +135,8 @@ def build_rank(spec, state: dict, group, rank: int, device: torch.device):
         if isinstance(m, GroupedExperts):
             m.kernels = state["kernels"]
     for index in dispatchers(model):
-        options = dict(state["placements"][index][1], peer_nodes=None)
-        model.layers[str(index)].moe.dispatcher = AllToAllDispatcher(
-            group, placements[index], spec.cfg.n_experts, rank, **options)
+        model.layers[str(index)].moe.dispatcher = local_dispatcher(
+            group, placements[index], spec.cfg.n_experts, rank, state["placements"][index][1])
     return model
 
 
