@@ -95,24 +95,18 @@ class Admission:
     seconds: float
 
     def describe(self) -> str:
-        moved = "; ".join(f"expert {e} from rank {r}" + ("" if len(ls) == len(self.moves) else f" (layers {ls})")
-                          for (e, r), ls in sorted(_by_expert(self.moves).items())) or "none"
         return (f"elastic: rank {self.rank} (pid {self.pid}) joined; now ep{self.ep}; experts it "
-                f"took: {moved}; joined in {self.seconds:.2f} s")
+                f"took: {_moves(self.moves, 'from')}; joined in {self.seconds:.2f} s")
 
 
-def _by_expert(per_layer: dict[int, dict[int, int]]) -> dict[tuple[int, int], list[int]]:
-    moved = {}
+def _moves(per_layer: dict[int, dict[int, int]], way: str = "->") -> str:
+    """"expert 8 -> rank 0; ..." (or "from rank 0") with the layers named where it is not every layer."""
+    moved: dict[tuple[int, int], list[int]] = {}
     for layer, experts in per_layer.items():
         for expert, rank in experts.items():
             moved.setdefault((expert, rank), []).append(layer)
-    return moved
-
-
-def _moves(per_layer: dict[int, dict[int, int]]) -> str:
-    """"expert 8 -> rank 0; ..." with the layers named where it is not every layer."""
-    parts = [f"expert {e} -> rank {r}" + ("" if len(ls) == len(per_layer) else f" (layers {ls})")
-             for (e, r), ls in sorted(_by_expert(per_layer).items())]
+    parts = [f"expert {e} {way} rank {r}" + ("" if len(ls) == len(per_layer) else f" (layers {ls})")
+             for (e, r), ls in sorted(moved.items())]
     return "; ".join(parts) or "none"
 
 
@@ -138,6 +132,7 @@ class Elastic:
         self.configured: int = joined["configured"]
         self.handled: set[int] = set(self.lost)  # dead ranks whose groups are being, or were, left
         self.recoveries: list[Recovery] = []
+        self.asking = False  # rank 0: a join request waits beside the store (seen by `_watch`)
         self.lock = threading.Lock()
         threading.Thread(target=self._watch, name="elastic watch", daemon=True).start()
 
@@ -158,6 +153,9 @@ class Elastic:
             with self.lock:
                 try:
                     dead = dead_ranks(self.store_path)
+                    if self.original == 0:  # off the step loop: `join_request` looks only then
+                        folder = os.path.dirname(self.store_path)
+                        self.asking = any(n.startswith(JOIN_REQUEST) for n in os.listdir(folder))
                 except FileNotFoundError:  # the launcher ended and removed the store: so does this rank
                     print("error: the server's launcher is gone; exiting", file=sys.stderr, flush=True)
                     os._exit(1)
@@ -247,7 +245,10 @@ class Elastic:
         """Rank 0, between steps: the first joining process that asked, admitted as (pid, its
         original rank, the joined group's store), else None. Its answer file says the same (or
         why not: the deployment is at its configured size); the launcher watches its pid from
-        then on (`launch.py`)."""
+        then on (`launch.py`). Between steps it costs an attribute read unless the watch thread
+        saw a request."""
+        if not self.asking:
+            return None
         folder = os.path.dirname(self.store_path)
         asking = sorted(int(n[len(JOIN_REQUEST):]) for n in os.listdir(folder)
                         if n.startswith(JOIN_REQUEST) and n[len(JOIN_REQUEST):].isdigit())
