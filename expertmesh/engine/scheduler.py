@@ -267,7 +267,7 @@ class Scheduler:
         full = seq.computed // self.cfg.block_size
         if not self.cfg.prefix_caching or full <= seq.registered:
             return
-        hashes = chain_hashes(seq.tokens, self.cfg.block_size, self.key, seq.hashes)
+        hashes = self._hashes(seq, seq.computed)
         for i in range(seq.registered, full):
             self.pool.register(seq.blocks[i], hashes[i])
         seq.registered = full
