@@ -83,6 +83,7 @@ class PagedBatch(StepShared):
         self.seq_lens = [n for _, n, _ in chunks]
         self.kv_lens = [start + n for start, n in zip(self.starts, self.seq_lens)]
         self.n_tokens = sum(self.seq_lens)
+        self.decode_only = self.seq_lens.count(1) == len(self.seq_lens)  # then token i is sequence i's
         self._tables = tables_from_lists(chunks, block_size) if tables is None else tables
         persistent = not isinstance(self._tables, torch.Tensor)
         host = {"starts": torch.tensor(self.starts, dtype=torch.long),
@@ -94,7 +95,7 @@ class PagedBatch(StepShared):
         self.tables = self._tables.on_device(up, device) if persistent else up["tables"]
         up["tables"] = self.tables
         up.update(token_layout(up["starts"], up["seq_lens"], self.tables, block_size, self.n_tokens,
-                               one_each=self.seq_lens.count(1) == len(self.seq_lens)))
+                               one_each=self.decode_only))
         self.positions, self.slots, self.last = up["positions"], up["slots"], up["last"]
         self.kv_lens_device = up["kv_lens"]
         self._rope: dict = {}

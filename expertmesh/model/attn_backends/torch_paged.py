@@ -77,7 +77,7 @@ class TorchBackend:
 
     def host_arrays(self, batch) -> dict[str, torch.Tensor]:
         """The step's index arrays that only the host can make, to go up with the batch's."""
-        if batch.seq_lens.count(1) == len(batch.seq_lens):
+        if batch.decode_only:
             rows = torch.arange(batch.n_tokens)  # a decode step: sequence i is token i
             return {"decode_rows": rows, "decode_tokens": rows}
         ends = torch.tensor(batch.seq_lens, dtype=torch.long).cumsum(0)
@@ -116,7 +116,7 @@ class TorchBackend:
         decodes = [i for i, n in enumerate(batch.seq_lens) if n == 1]
         pieces, first = [], 0
         tables, kv_lens = up["tables"], up["kv_lens"]
-        if len(decodes) < len(batch.seq_lens):  # a decode step has them in order already
+        if not batch.decode_only:  # a decode step has them in order already
             tables, kv_lens = tables.index_select(0, up["decode_rows"]), kv_lens.index_select(0, up["decode_rows"])
         for count, width in self._pieces([lens[i] for i in decodes]):
             part = slice(first, first + count)
