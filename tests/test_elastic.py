@@ -347,6 +347,20 @@ def test_prefix_cache_counters_follow_each_survivor_by_its_original_rank():
         metrics.step([SchedulerStats(prompt_tokens=n) for n in (10, 30, 9)], None)
 
 
+def test_a_lost_ranks_kv_gauges_fall_to_zero():
+    """A dead data-parallel rank holds no KV blocks: its gauges must not keep the last values it
+    reported (prometheus' multiprocess mode cannot remove a label, so they read 0)."""
+    from expertmesh.engine.scheduler import SchedulerStats
+    from expertmesh.server.metrics import ServerMetrics
+
+    metrics = ServerMetrics(engine_metrics=True)
+    metrics.step([SchedulerStats(blocks_used=u, blocks_free=8 - u) for u in (1, 2, 3)], None)
+    metrics.step([SchedulerStats(blocks_used=u, blocks_free=8 - u) for u in (4, 5)], None, origin=[0, 2])
+    used = {dp: metrics.kv_used.labels(str(dp))._value.get() for dp in range(3)}
+    free = {dp: metrics.kv_free.labels(str(dp))._value.get() for dp in range(3)}
+    assert used == {0: 4, 1: 0, 2: 5} and free == {0: 4, 1: 0, 2: 3}
+
+
 # ---- the way back: a new process joins a degraded server (`serve --join`) ----
 
 @pytest.fixture(scope="module")

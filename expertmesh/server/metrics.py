@@ -104,6 +104,10 @@ class ServerMetrics:
             return
         self.waiting.set(sum(s.waiting for s in stats))
         self.running.set(sum(s.running for s in stats))
+        serving = {origin[i] if origin is not None else i for i in range(len(stats))}
+        for dp in self.seen.keys() - serving:  # lost (elastic): it holds no blocks any more;
+            self.kv_used.labels(str(dp)).set(0)  # multiprocess mode cannot remove a label
+            self.kv_free.labels(str(dp)).set(0)
         for index, s in enumerate(stats):
             dp = origin[index] if origin is not None else index
             self.kv_used.labels(str(dp)).set(s.blocks_used)
