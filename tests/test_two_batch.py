@@ -77,3 +77,19 @@ def test_the_low_latency_exchange_takes_turns_too():
     same, overlapped, overlapped_in_order = launch(functools.partial(_compare, 20), 2, timeout=120)
     assert same
     assert overlapped > 0 and overlapped_in_order == 0
+
+
+def test_the_cut_is_the_first_nearest_half_of_the_tokens():
+    """`runner._halves` (bisected) against the rule written out: among cuts 1 .. S-1, the first
+    whose tokens before it are nearest half the forward's."""
+    import random
+
+    from expertmesh.engine.runner import _halves
+
+    rng = random.Random(0)
+    assert _halves([]) == (0, 0) and _halves([(None, 5)]) == (0, 0)
+    for _ in range(2000):
+        lens = [rng.choice([1, 1, 1, 2, 3, 7, 40]) for _ in range(rng.randint(2, 12))]
+        before = [sum(lens[:i]) for i in range(1, len(lens))]
+        want = min(range(len(before)), key=lambda i: abs(2 * before[i] - sum(lens)))
+        assert _halves([(None, n) for n in lens]) == (want + 1, before[want]), lens

@@ -210,8 +210,9 @@ class Engine:
             tokens = {rid: t for rid, (t, _, _) in sampled.items()}
             outputs = self.scheduler.finish(chosen, tokens)
             extra = {rid: (row, lp) for rid, (_, row, lp) in sampled.items() if row is not None or lp is not None}
-            outputs = [replace(o, logits=extra[o.request_id][0], logprobs=extra[o.request_id][1])
-                       if o.request_id in extra else o for o in outputs]
+            if extra:
+                outputs = [replace(o, logits=extra[o.request_id][0], logprobs=extra[o.request_id][1])
+                           if o.request_id in extra else o for o in outputs]
             # the stats, and the block hashes the pool cached and evicted since the last report
             mine = (self.dp, outputs, self.scheduler.stats(), self.scheduler.pool.take_changes())
         everyone = self._gather((mine, self.eplb.payload() if self.eplb else None))

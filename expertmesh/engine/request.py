@@ -110,13 +110,16 @@ class Request:
                                                   f"lower max_tokens")
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class TokenOutput:
     """One generated token of a request: its `index` in the request's output, and `finished`
     ("stop": a stop or EOS token, "length": max_tokens reached; None while it goes on), and the
     logits `[V]` it was drawn from when the engine records them. `logprobs`, when the request
     asked: (the token's log-probability, ((token id, log-probability), ...) of the most likely
-    tokens, most likely first), from the raw logits (`engine/logprobs.py`)."""
+    tokens, most likely first), from the raw logits (`engine/logprobs.py`).
+
+    Made once per sequence per step (`Scheduler.finish`): slots, not frozen, whose `__init__`
+    sets each field through `object.__setattr__` (4x the cost: 1.1 against 0.25 us)."""
 
     request_id: int | str
     token: int

@@ -22,6 +22,7 @@ routing or expert compute runs, `model/steps.py`).
 
 from __future__ import annotations
 
+from bisect import bisect_left
 from itertools import accumulate
 
 import torch
@@ -197,9 +198,12 @@ class Runner:
 def _halves(chosen: list[tuple[Sequence, int]]) -> tuple[int, int]:
     """Where to cut the forward's sequences into two micro-batches of near-equal tokens, each
     with at least one sequence when there are two: (sequences before the cut, their tokens)."""
-    total = sum(n for _, n in chosen)
-    before = list(accumulate(n for _, n in chosen[:-1]))  # tokens before cuts 1 .. S - 1
+    before = list(accumulate(n for _, n in chosen))  # tokens before cuts 1 .. S, rising
+    total = before.pop() if before else 0
     if not before:
         return 0, 0
-    cut = min(range(len(before)), key=lambda i: abs(2 * before[i] - total))
+    # the cut nearest half the tokens, the first of two as near: one side of where half would go
+    cut = bisect_left(before, total / 2)
+    if cut == len(before) or (cut > 0 and total - 2 * before[cut - 1] <= 2 * before[cut] - total):
+        cut -= 1
     return cut + 1, before[cut]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from expertmesh.engine.block_pool import BlockPool, chain_hashes
 from expertmesh.engine.request import Request, RequestError, TokenOutput
@@ -111,6 +112,9 @@ class Sequence:
         return len(self.tokens) - self.computed
 
 
+_ARRIVAL = attrgetter("arrival")
+
+
 class Scheduler:
     """`key`: what changes the KV besides the tokens (`block_pool.cache_key`)."""
 
@@ -157,22 +161,28 @@ class Scheduler:
 
     def stats(self) -> SchedulerStats:
         free = self.pool.num_free
+        queued = 0
+        for q in (self.waiting, self.running):
+            for s in q:
+                queued += len(s.request.prompt) + s.request.max_tokens - s.computed
         return SchedulerStats(
             blocks_free=free, blocks_used=self.num_blocks - free, blocks_cached=self.pool.num_cached,
             blocks_evicted=self.pool.evictions, waiting=len(self.waiting), running=len(self.running),
             preemptions=self.preemptions, decode_tokens=self.decode_tokens(), prompt_tokens=self.prompt_tokens,
-            cached_tokens=self.cached_tokens, prompt_computed=self.prompt_computed,
-            queued_tokens=sum(len(s.request.prompt) + s.request.max_tokens - s.computed
-                              for q in (self.waiting, self.running) for s in q))
+            cached_tokens=self.cached_tokens, prompt_computed=self.prompt_computed, queued_tokens=queued)
 
     def decode_tokens(self) -> int | None:
         """The tokens of the next `schedule()` when no request arrives before it and that step can
         only decode: nothing waiting, one token to compute per running sequence, and a free block
         for each that needs a new one (so none is preempted). None when it may do anything else.
         An abort before that step only lowers it."""
-        if self.waiting or any(seq.pending != 1 for seq in self.running):
+        if self.waiting:
             return None
-        new_blocks = sum(self.blocks_for(seq.computed + 1) > len(seq.blocks) for seq in self.running)
+        s, new_blocks = self.cfg.block_size, 0
+        for seq in self.running:  # one pass: this runs every step
+            if len(seq.tokens) - seq.computed != 1:
+                return None
+            new_blocks += seq.computed // s >= len(seq.blocks)  # position `computed` needs a new block
         if new_blocks > self.pool.num_free:
             return None
         return len(self.running)  # every running sequence is chosen: running <= the budget
@@ -181,15 +191,16 @@ class Scheduler:
         """This step's work: (sequence, new tokens) in the order of the forward's batch."""
         budget = self.cfg.max_batched_tokens
         chosen: list[tuple[Sequence, int]] = []
-        self.running.sort(key=lambda s: s.arrival)
+        self.running.sort(key=_ARRIVAL)
         preempted = self.preemptions
         for seq in list(self.running):
             # preempted for an older sequence in this loop (a membership test only after a
             # preemption: one per sequence would cost the host O(S^2) every step)
             if self.preemptions != preempted and seq not in self.running:
                 continue
-            n = min(seq.pending, budget)
-            if n == 0 or (n < seq.pending and not self.cfg.chunked_prefill):
+            pending = len(seq.tokens) - seq.computed
+            n = pending if pending < budget else budget
+            if n == 0 or (n < pending and not self.cfg.chunked_prefill):
                 continue
             kept = True
             while kept and not self._reserve(seq, n):
@@ -222,16 +233,20 @@ class Scheduler:
         """Record the step: `tokens[request id]` is the token sampled for each sequence whose
         chunk reached its last token. Returns the outputs, and ends the sequences that stop."""
         outputs = []
-        for seq, n in chosen:
-            self.prompt_computed += max(0, min(seq.computed + n, len(seq.request.prompt)) - seq.computed)
-            seq.computed += n
-            self._register(seq)
-            if seq.pending:
+        caching, s = self.cfg.prefix_caching, self.cfg.block_size
+        for seq, n in chosen:  # Python per sequence kept short: 128 of them every decode step
+            req, computed = seq.request, seq.computed
+            prompt = len(req.prompt)
+            if computed < prompt:
+                self.prompt_computed += min(computed + n, prompt) - computed
+            seq.computed = computed = computed + n
+            if caching and computed // s > seq.registered:
+                self._register(seq)
+            if computed < len(seq.tokens):
                 continue  # a prefill chunk short of the end: nothing sampled
-            token = tokens[seq.request.id]
+            token = tokens[req.id]
             seq.tokens.append(token)
-            req = seq.request
-            generated = seq.generated
+            generated = computed + 1 - prompt
             finished = ("stop" if (token in self.eos and not req.ignore_eos) or token in req.stop else
                         "length" if generated >= req.max_tokens else None)
             outputs.append(TokenOutput(req.id, token, generated - 1, finished,
@@ -243,7 +258,7 @@ class Scheduler:
 
     def sampled(self, chosen: list[tuple[Sequence, int]]) -> list[bool]:
         """Which of `chosen` get a token this step (their chunk reaches their last token)."""
-        return [n == seq.pending for seq, n in chosen]
+        return [n == len(seq.tokens) - seq.computed for seq, n in chosen]
 
     def _reserve(self, seq: Sequence, n: int) -> bool:
         need = self.blocks_for(seq.computed + n) - len(seq.blocks)
