@@ -15,8 +15,8 @@ Per engine step and rank, reason by reason in `expected`:
 - the standard EP exchange reads its split sizes once per MoE layer (`all_to_all_single` takes
   Python ints); the low-latency exchange reads none; without the grouped kernel (any GPU but
   Hopper in bf16) the per-expert loop reads each layer's expert counts;
-- the first stage's token ids and the paged batch's layout go up in one copy each per
-  micro-batch, and sampling's per-row values (temperature, top-p, top-k, the draw's uniform) in
+- the paged batch's layout goes up in one copy per micro-batch, with the first stage's token ids
+  (apart from it under two-batch overlap, whose halves each plan their own), and sampling's per-row values (temperature, top-p, top-k, the draw's uniform) in
   one where a micro-batch has a random request; none waits (non-blocking, from pinned memory on CUDA, which this machine
   cannot check).
 Everything else stays on the host (the scheduler, the exchange choice's all-reduce over a gloo
@@ -95,8 +95,10 @@ def expected(deployment: str, exchange: str, kernel: str, stage: int, cfg=CFG) -
     blocking = {}  # each one would wait for the device on CUDA, as a read does: none needed
     uploads = {
         **blocking,
-        "token ids of the first stage, one non-blocking copy per micro-batch": micro if first else 0,
-        "paged batch layout, one copy per micro-batch (per half under two-batch overlap)": micro * halves,
+        "paged batch layout, one copy per micro-batch (per half under two-batch overlap), with the "
+        "first stage's token ids": micro * halves,
+        "token ids of the first stage under two-batch overlap (each half plans apart), one "
+        "non-blocking copy per micro-batch": micro if first and halves == 2 else 0,
         "sampling's per-row values (every micro-batch here has a random request)": micro if last else 0,
     }
     return Counts(sum(syncs.values()), sum(uploads.values()), sum(blocking.values()))

@@ -226,8 +226,8 @@ def test_options_and_logprobs_add_no_host_read_to_a_decode_step(workload, monkey
     _, cpu_tokens = decode_step(None)
     syncs, uploads, blocking = counts
     assert syncs == 1 and blocking == 0
-    # token ids, paged layout, sampling's rows, the options' values, the logprobs' row indices
-    assert uploads == 5
+    # paged layout with the token ids, sampling's rows, the options' values, the logprobs' row indices
+    assert uploads == 4
     assert tokens == cpu_tokens and sum(lp for _, _, lp in tokens) == 4
 
 

@@ -21,7 +21,7 @@ from expertmesh.model.paged import upload
 
 class Logprobs:
     """The logprobs of one micro-batch: `logits` `[S, V]` (raw), `tokens` `[S]` (drawn, on the
-    device), `asked[i]`: row i's k, or None."""
+    device), `asked[i]`: row i's k, or None (at least one row asks)."""
 
     def __init__(self, logits: torch.Tensor, tokens: torch.Tensor, asked: list[int | None]):
         self.asked = asked
@@ -35,11 +35,6 @@ class Logprobs:
         drawn = lp.gather(1, tokens.unsqueeze(1))
         values = torch.cat([drawn, top], dim=1).double()
         self.flat = torch.cat([ids.reshape(-1), values.reshape(-1).view(torch.int64)])
-
-    @staticmethod
-    def start(logits: torch.Tensor, tokens: torch.Tensor, asked: list[int | None]) -> Logprobs | None:
-        """None when no row asks."""
-        return Logprobs(logits, tokens, asked) if any(k is not None for k in asked) else None
 
     def read(self, host: torch.Tensor) -> list[tuple | None]:
         """`flat` on the host -> per row of the micro-batch: (drawn token's log-probability,

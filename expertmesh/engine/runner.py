@@ -34,6 +34,7 @@ from expertmesh.engine.logits_processing import process
 from expertmesh.engine.logprobs import Logprobs
 from expertmesh.engine.stages import SingleStage, StageLinks
 from expertmesh.engine.sampling import sample_requests
+from expertmesh.engine.sampling_rows import SamplingRows
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.forward_context import forward_context
 from expertmesh.model.moe import rotate_skew
@@ -66,6 +67,7 @@ class Runner:
             model, self.pools, self.finite, block_size, max_seqs, model.cfg.max_seq_len, num_blocks, mode,
             self.backend)
         self.block_tables = BlockTables()
+        self.sampling: dict[int, SamplingRows] = {}  # per micro-batch, kept while its sequences are
         self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
 
@@ -108,7 +110,7 @@ class Runner:
                 bound = bounds[m].stop - bounds[m].start if bounds else None  # a micro-batch's, on every rank
                 logits = self._micro(m, chosen[part], bound)
                 if self.links.is_last:
-                    draws.append(self._start_sampling(chosen[part], sampled[part], logits))
+                    draws.append(self._start_sampling(m, chosen[part], sampled[part], logits))
             host = self._read([d for _, d, _, _ in draws])
         self.steps += 1
         if not self.links.is_last:
@@ -133,15 +135,20 @@ class Runner:
         N, links, D = sum(n for _, n in chosen), self.links, self.model.cfg.d_model
         if self.graphs is not None and self.graphs.takes(chosen):
             return self._padded_decode(chosen)
+        ids = batch = None
         if links.is_first:
-            ids = [t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]]
-            x = upload([torch.tensor(ids, dtype=torch.long)], self.device)[0]  # waits for nothing
+            ids = _token_ids(chosen)
         elif N:
             x = links.recv_hidden(m, (N, D), self.dtype)
         else:
             x = torch.zeros(0, D, dtype=self.dtype, device=self.device)
         cut, first_half = _halves(chosen)
         plan = self.exchange(N, max(first_half, N - first_half), bound)  # the same on every EP rank
+        if ids is not None and not plan.two_batch:
+            batch = self._batch(chosen, ids)  # the ids go up in the plan's one copy
+            x = batch.ids
+        elif ids is not None:  # each half plans apart: the ids go up alone
+            x = upload([ids], self.device)[0]  # waits for nothing
         with forward_context(plan.low_latency_tokens):
             if plan.two_batch:
                 halves = take_turns([self.model.paged_steps(x[rows], self.pools, self._batch(part))
@@ -149,7 +156,7 @@ class Runner:
                                                         (slice(first_half, N), chosen[cut:]))])
                 out = torch.cat(halves)
             else:
-                out = self.model.forward_paged(x, self.pools, self._batch(chosen))
+                out = self.model.forward_paged(x, self.pools, batch or self._batch(chosen))
         if links.is_last:
             return out
         if N:
@@ -163,36 +170,41 @@ class Runner:
         return self.graphs.forward([seq.tokens[seq.computed] for seq, _ in chosen],
                                    [seq.computed for seq, _ in chosen], tables)
 
-    def _batch(self, chosen: list[tuple[Sequence, int]]) -> PagedBatch:
+    def _batch(self, chosen: list[tuple[Sequence, int]], ids: torch.Tensor | None = None) -> PagedBatch:
+        """The plan of a forward of `chosen`, with the token `ids` `[N]` in its upload when given."""
         needed = [-(-(seq.computed + n) // self.block_size) for seq, n in chosen]
         tables = self.block_tables.plan([seq for seq, _ in chosen], needed)
         return PagedBatch([(seq.computed, n, None) for seq, n in chosen], self.block_size, self.device,
-                          self.backend, tables)
+                          self.backend, tables, ids)
 
-    def _start_sampling(self, chosen: list[tuple[Sequence, int]], sampled: list[bool],
+    def _start_sampling(self, m: int, chosen: list[tuple[Sequence, int]], sampled: list[bool],
                         logits: torch.Tensor) -> tuple[list, torch.Tensor, list, Logprobs | None]:
-        """A micro-batch's logits `[N_m, V]` -> (its sampled requests, their token ids `[S_m]` on the
+        """Micro-batch `m`'s logits `[N_m, V]` -> (its sampled requests, their token ids `[S_m]` on the
         device (then their logprobs' `flat` when a row asks), their raw logits on the host when
         recorded, else None each, their `Logprobs` or None). Rows that ask for it have their
         logits processed (`engine/logits_processing.py`) before the draw."""
-        rows = [i for i, s in enumerate(sampled) if s]
-        if len(rows) < logits.shape[0]:  # a prefill chunk mid-prompt samples nothing
-            logits = logits[upload([torch.tensor(rows, dtype=torch.long)], logits.device)[0]]
+        rows = self.sampling[m] = SamplingRows.reuse(self.sampling.get(m), chosen, sampled)
+        if len(rows.rows) < logits.shape[0]:  # a prefill chunk mid-prompt samples nothing
+            logits = logits[upload([torch.tensor(rows.rows, dtype=torch.long)], logits.device)[0]]
         self.finite.add(FiniteCheck.LOGITS, logits)
-        seqs = [chosen[i][0] for i in rows]
-        reqs = [seq.request for seq in seqs]
         with span("sample"):
-            tokens = sample_requests(process(logits, seqs, self.eos), [r.temperature for r in reqs], [r.top_p for r in reqs],
-                                     [r.top_k for r in reqs], [r.seed for r in reqs],
-                                     [seq.generated for seq in seqs])
-            logprobs = Logprobs.start(logits, tokens, [r.logprobs for r in reqs])
-        kept = logits.float().cpu() if self.record_logits else [None] * len(rows)
+            processed = process(logits, rows.seqs, self.eos) if rows.processed else logits
+            tokens = sample_requests(processed, rows.temperature, rows.top_p, rows.top_k, rows.seeds, rows.index())
+            logprobs = Logprobs(logits, tokens, rows.logprobs) if rows.asks_logprobs else None
+        kept = logits.float().cpu() if self.record_logits else [None] * len(rows.rows)
         part = tokens if logprobs is None else torch.cat([tokens, logprobs.flat])
-        return reqs, part, kept, logprobs
+        return rows.reqs, part, kept, logprobs
 
     def close(self) -> None:
         self.links.finish()
         self.finite.__exit__()
+
+
+def _token_ids(chosen: list[tuple[Sequence, int]]) -> torch.Tensor:
+    """The forward's new token ids `[N]` int64 on the host, sequence after sequence."""
+    if all(n == 1 for _, n in chosen):  # a decode step: one list index per sequence, no slices
+        return torch.tensor([seq.tokens[seq.computed] for seq, _ in chosen], dtype=torch.long)
+    return torch.tensor([t for seq, n in chosen for t in seq.tokens[seq.computed:seq.computed + n]], dtype=torch.long)
 
 
 def _halves(chosen: list[tuple[Sequence, int]]) -> tuple[int, int]:

@@ -63,7 +63,8 @@ class PagedBatch(StepShared):
     `tables`: the block tables, then `chunks`' tables are not read: the engine passes its
     persistent ones (`engine/block_tables.py`'s `StepTables`: rows of a table kept on the device,
     so that only the rows `[S]` and the step's new block ids go up); a host tensor `[S, W]` goes up
-    whole; None: `tables_from_lists(chunks)`.
+    whole; None: `tables_from_lists(chunks)`. `ids`: the step's token ids `[N]` on the host, to go
+    up in the plan's copy (then `self.ids` on the device; else None).
 
     On the host: starts, seq_lens (n per sequence), kv_lens (start + n), and `tables_host` `[S, W]`
     on demand (a backend that plans on the host). Uploaded in one copy: starts and seq_lens `[S]`,
@@ -76,7 +77,7 @@ class PagedBatch(StepShared):
     static = False  # `engine/graphs.py`'s padded decode plan is static: shapes by bucket only
 
     def __init__(self, chunks: list[tuple[int, int, list[int]]], block_size: int, device: torch.device,
-                 backend=None, tables=None):
+                 backend=None, tables=None, ids: torch.Tensor | None = None):
         self.block_size, self.device = block_size, device
         self.backend = backend or TorchBackend()
         self.starts = [start for start, _, _ in chunks]
@@ -90,6 +91,8 @@ class PagedBatch(StepShared):
                 "seq_lens": torch.tensor(self.seq_lens, dtype=torch.long)}
         host.update(self._tables.host_arrays() if persistent else {"tables": self._tables.long()})
         host.update(self.backend.host_arrays(self))
+        if ids is not None:
+            host["ids"] = ids
         names = list(host)
         up = dict(zip(names, upload([host[n] for n in names], device)))
         self.tables = self._tables.on_device(up, device) if persistent else up["tables"]
@@ -97,6 +100,7 @@ class PagedBatch(StepShared):
         up.update(token_layout(up["starts"], up["seq_lens"], self.tables, block_size, self.n_tokens,
                                one_each=self.decode_only))
         self.positions, self.slots, self.last = up["positions"], up["slots"], up["last"]
+        self.ids = up.get("ids")
         self.kv_lens_device = up["kv_lens"]
         self._rope: dict = {}
         self.meta = self.backend.prepare(self, up)
