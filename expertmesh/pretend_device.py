@@ -19,7 +19,8 @@ does) is also a host sync on CUDA (the copy waits for the stream), and is counte
 (`x[list]`, `x[host_tensor]`: CUDA copies the indices up first, blocking). A non-blocking one
 waits for nothing on CUDA when its source is pinned, which this machine cannot check: code
 under test pins where the device is CUDA. `device_buffer.copy_(host_tensor, non_blocking=...)`,
-a copy up into a persistent buffer (what a CUDA graph's inputs need), is an upload too.
+a copy up into a persistent buffer (what a CUDA graph's inputs need), is an upload too. Each
+upload's host bytes add up in `upload_bytes` (what crosses the bus).
 
 With `record_shapes`, every op's output shapes are kept in `shapes` (op name, shapes), so that a
 test can check that a forward allocates by a bucket's size and not by its batch's.
@@ -102,7 +103,7 @@ class FakeDevice(TorchDispatchMode):
     - raises `MixedDevices` when an op mixes device tensors with host tensors of 1+ dimensions;
     - counts `syncs`: copies from the device to the host and reads of a device value;
     - counts `uploads`: copies from the host to the device, and `blocking_uploads`, those of
-      them that are not `non_blocking`."""
+      them that are not `non_blocking`; `upload_bytes` sums their host tensors' bytes."""
 
     def __init__(self, record_shapes: bool = False):
         super().__init__()
@@ -111,6 +112,7 @@ class FakeDevice(TorchDispatchMode):
         self.syncs = 0
         self.uploads = 0
         self.blocking_uploads = 0
+        self.upload_bytes = 0
         self.events: list[str] = []  # each counted copy or read, and where the code did it
         self._from_data = _FromData()
 
@@ -147,11 +149,13 @@ class FakeDevice(TorchDispatchMode):
                                f"(host shapes {[tuple(t.shape) for t in on_host]})")
         if upload_into:
             self.uploads += 1
+            self.upload_bytes += args[1].nbytes
             non_blocking = kwargs.get("non_blocking", args[2] if len(args) > 2 else False)
             self.blocking_uploads += not non_blocking
             self._note("upload" if non_blocking else "blocking upload", func)
         elif on_device and on_host:  # CUDA copies host indices to the device first, blocking
             self.uploads += len(on_host)
+            self.upload_bytes += sum(t.nbytes for t in on_host)
             self.blocking_uploads += len(on_host)
             self._note("blocking upload (host indices)", func)
         # the device an op asks for: a keyword, or positional (`aten.to.device` under inference mode)
@@ -165,6 +169,7 @@ class FakeDevice(TorchDispatchMode):
         to_device = wanted == DEVICE.type
         if to_device and copy and not isinstance(args[0], OnDevice):
             self.uploads += 1
+            self.upload_bytes += args[0].nbytes
             positional = args[3] if func is torch.ops.aten.to.device and len(args) > 3 else False
             non_blocking = kwargs.get("non_blocking", positional)
             self.blocking_uploads += not non_blocking

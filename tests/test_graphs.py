@@ -10,6 +10,7 @@ from expertmesh.engine import graphs
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.graphs import DecodeGraphs, buckets
 from expertmesh.engine.request import Request
+from expertmesh.engine.runner import Runner
 from expertmesh.engine.scheduler import EngineConfig
 from expertmesh.model import moe
 from fake_device import DEVICE, FakeDevice, move_to_device
@@ -88,6 +89,35 @@ def test_a_padded_decode_forward_reads_nothing_from_the_host_and_allocates_by_bu
     assert len(fours) == 2, [B for B, _, _ in seen]  # 4 sequences, then 3 after one ended
     assert all(counts == (0, 0, 0) for _, counts, _ in seen), seen
     assert fours[0][1] == fours[1][1] and len(fours[0][1]) > 100
+
+
+def test_a_padded_decode_step_uploads_its_rows_and_new_block_ids_not_its_tables(small_model, monkeypatch):
+    """Per padded decode step of S sequences, one copy up: ids, positions, slots and kv_lens of the
+    largest bucket `[4, 8]`, the rows of the persistent block tables `[S]` and the K block ids
+    written since the last step `[2, K]`, int64: 8 (32 + S + 2K) bytes, whatever the context (the
+    whole `[8, W]` table, 131 KB at 8k positions in blocks of 4, stays on the device)."""
+    steps = []
+    padded = Runner._padded_decode
+
+    def counted(self, chosen):
+        before, bytes_before = mode.uploads, mode.upload_bytes
+        held = self.block_tables.rows  # sequence -> (row, its list, ids written)
+        new_ids = sum(len(seq.blocks) - (held[seq][2] if seq in held and held[seq][1] is seq.blocks else 0)
+                      for seq, _ in chosen)
+        out = padded(self, chosen)
+        steps.append((len(chosen), new_ids, mode.uploads - before, mode.upload_bytes - bytes_before))
+        return out
+
+    monkeypatch.setattr(Runner, "_padded_decode", counted)
+    monkeypatch.setattr(moe, "_grouped_mm_applies", lambda x, hidden: True)
+    model = move_to_device(small_model(seed=4, max_seq_len=8192))  # W = 2048 blocks a row
+    with FakeDevice() as mode:
+        got = serve(Engine(model, model.cfg, Deployment(), ENGINE, graphs="padded"))
+    plain = small_model(seed=4, max_seq_len=8192)
+    assert got == serve(Engine(plain, plain.cfg, Deployment(), ENGINE, graphs="off"))
+    assert len(steps) >= 5 and any(k for _, k, _, _ in steps) and any(not k for _, k, _, _ in steps), steps
+    for S, K, uploads, sent in steps:
+        assert (uploads, sent) == (1, 8 * (32 + S + 2 * K)), steps
 
 
 @pytest.mark.parametrize("asked", ["off", "auto"])

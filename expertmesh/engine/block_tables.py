@@ -32,14 +32,10 @@ class BlockTables:
         self.free: list[int] = []
         self.pending: list[tuple[int, int, list[int]]] = []  # (row, first column, ids) not yet on the device
 
-    def step(self, seqs: list[Sequence], needed: list[int]) -> torch.Tensor:
-        """The tables of `seqs` on the host, each cut to its `needed` blocks and padded with block
-        ids that are valid but never read: `[len(seqs), max(needed)]` int32."""
-        return self.plan(seqs, needed).host()
-
     def plan(self, seqs: list[Sequence], needed: list[int]) -> StepTables:
-        """The tables of `seqs` (as `step`'s), as rows of the persistent tables: the host's written
-        where the lists grew, the device's to follow in `StepTables.on_device`."""
+        """The tables of `seqs`, each cut to its `needed` blocks and padded with block ids that are
+        valid but never read, as rows of the persistent tables: the host's written where the lists
+        grew, the device's to follow in `StepTables.on_device`."""
         rows = []
         for seq in seqs:
             entry = self.rows.get(seq)

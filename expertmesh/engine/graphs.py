@@ -4,11 +4,19 @@ A decode step (every sequence one new token) of a deployment with one pipeline s
 parallelism and no capacity limit runs on buffers allocated once, for the largest bucket Bmax:
 
   ids, positions, slots, kv_lens `[Bmax]`, tables `[Bmax, W]` (W: blocks of the longest sequence
-  the model allows), views of one flat int64 buffer filled by one non-blocking copy per step.
+  the model allows), views of one flat int64 buffer on the device.
+
+A step uploads, in one non-blocking copy, its ids, positions, slots and kv_lens `[4 Bmax]` and
+what the rank's persistent block tables (`engine/block_tables.py`) lack: the step's rows `[S]`
+and the block ids written since the last step (a few, or none); on the device the tables' writes
+are applied, its rows gathered into the tables buffer, the rest copied into the flat one. Nothing
+it sends grows with the context: at Bmax 8 and 4 sequences, 288 bytes, where the whole `[Bmax, W]`
+table would be 131 KB at 8k positions in blocks of 4.
 
 S sequences run as the smallest bucket B >= S of the ladder 1, 2, 4, ..., max_seqs. The B - S
-padded rows are token 0 at position 0 whose table is the pool's scratch block (one block past
-those the scheduler hands out): they write their k, v there and read only that, and their logits
+padded rows are token 0 at position 0 whose table starts with the pool's scratch block (one block
+past those the scheduler hands out): they write their k, v there and read only that (the rest of a
+table row is block ids masked past its length), and their logits
 are dropped. Through the MoE they route like any token: with local experts and no capacity limit
 a row's output depends on no other row, so padding changes no token of a real one. Expert
 parallelism stays eager here: its exchange would carry the padded rows and count them in the load
@@ -17,7 +25,7 @@ places of real ones.
 
 Attention inside is the torch backend's static decode (each row's whole table gathered, masked
 past its length), or FlashInfer's CUDA-graph decode wrapper of the bucket, planned on the host
-before each forward from the same buffers' host copy.
+before each forward from the host's block tables.
 
 On CUDA (mode "graphs") every bucket's forward is captured at start, largest first (the attention
 gather buffers are then allocated once, at their largest), with every row padded; a step fills
@@ -33,9 +41,11 @@ import sys
 
 import torch
 
+from expertmesh.engine.block_tables import StepTables
 from expertmesh.engine.finite import FiniteCheck
+from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.attn_backends.torch_paged import TorchBackend
-from expertmesh.model.paged import StepShared
+from expertmesh.model.paged import StepShared, upload
 
 MODES = ("auto", "graphs", "padded", "off")
 
@@ -83,10 +93,9 @@ class DecodeGraphs:
         self.sizes = buckets(max_seqs)
         self.rows, self.width = self.sizes[-1], -(-max_len // block_size)
         device = next(iter(pools.values())).k.device
-        self.host = torch.zeros(4 * self.rows + self.rows * self.width, dtype=torch.long)
-        if device.type == "cuda":
-            self.host = self.host.pin_memory()
-        self.flat = torch.zeros_like(self.host, device=device)
+        self.host = torch.zeros(4, self.rows, dtype=torch.long)  # ids, positions, slots, kv_lens
+        self.flat = torch.zeros(4 * self.rows + self.rows * self.width, dtype=torch.long, device=device)
+        self.table = self.flat[4 * self.rows:].view(self.rows, self.width)
         # the torch backend's static plan gathers into its own buffers; FlashInfer's plans each size
         self.backend = backend if backend.name == "flashinfer" else TorchBackend()
         for B in self.sizes if backend.name == "flashinfer" else ():
@@ -100,16 +109,21 @@ class DecodeGraphs:
         """Whether this forward runs here: every sequence decodes, and they fit the largest bucket."""
         return 0 < len(chosen) <= self.rows and all(n == 1 for _, n in chosen)
 
-    def forward(self, ids: list[int], starts: list[int], tables: torch.Tensor) -> torch.Tensor:
-        """The decode forward of S sequences: token `ids` at positions `starts`, block `tables`
-        `[S, w]` -> logits `[S, V]`."""
-        S = len(ids)
+    def forward(self, seqs: list[Sequence], tables: StepTables) -> torch.Tensor:
+        """The decode forward of S sequences, each bringing its token at position `computed`, whose
+        block `tables` (the rank's persistent ones, cut to the blocks they need) -> logits `[S, V]`."""
+        S = len(seqs)
         B = next(b for b in self.sizes if b >= S)
-        self._fill(S, ids, starts, tables)
-        # waits for nothing (pinned on CUDA); the host buffer is free again at the next step, which
-        # starts after this one read its sampled tokens, so after this copy
-        self.flat.copy_(self.host, non_blocking=True)
-        self._plan(B)
+        self._fill(S, seqs)
+        arrays = tables.host_arrays()
+        rows, writes = arrays["table_rows"], arrays["table_writes"]
+        up = upload([self.host, rows, writes], self.flat.device)  # one copy, waits for nothing
+        on_device = tables.on_device(dict(zip(("table_rows", "table_writes"), up[1:])), self.flat.device)
+        self.flat[:4 * self.rows].copy_(up[0].view(-1))
+        self.table[:S, :on_device.shape[1]] = on_device
+        self.table[S:, 0] = self.scratch
+        if self.backend.name == "flashinfer":
+            self._plan(B, torch.cat([tables.host().long(), torch.full((B - S, tables.width), self.scratch)]))
         if B in self.graphs:
             graph, logits, flags, layers = self.graphs[B]
             graph.replay()
@@ -118,29 +132,21 @@ class DecodeGraphs:
             return logits[:S]
         return self._forward(B)[:S]
 
-    def _fill(self, S: int, ids: list[int], starts: list[int], tables: torch.Tensor) -> None:
-        """The host buffer: real rows 0 .. S-1, the rest padding (token 0 at position 0 in the
-        scratch block)."""
-        R, s = self.rows, self.block_size
-        host = self.host
-        ids_, positions, slots, kv_lens = (host[i * R:(i + 1) * R] for i in range(4))
-        table = host[4 * R:].view(R, self.width)
-        start = torch.tensor(starts, dtype=torch.long)
-        ids_[:S] = torch.tensor(ids, dtype=torch.long)
-        positions[:S] = start
-        kv_lens[:S] = start + 1
-        table[:S, :tables.shape[1]] = tables
-        slots[:S] = table[:S].gather(1, (start // s)[:, None])[:, 0] * s + start % s
-        ids_[S:], positions[S:], kv_lens[S:], slots[S:] = 0, 0, 1, self.scratch * s
-        table[S:] = self.scratch
+    def _fill(self, S: int, seqs: list[Sequence]) -> None:
+        """The host's ids, positions, slots, kv_lens `[4, Bmax]`: real rows 0 .. S-1 from `seqs`
+        (slot: the block of position `computed` in the sequence's list), the rest padding (token 0
+        at position 0 in the scratch block)."""
+        s = self.block_size
+        self.host[:, :S] = torch.tensor(
+            [[seq.tokens[seq.computed] for seq in seqs], [seq.computed for seq in seqs],
+             [seq.blocks[seq.computed // s] * s + seq.computed % s for seq in seqs],
+             [seq.computed + 1 for seq in seqs]], dtype=torch.long).view(4, S)
+        self.host[:, S:] = torch.tensor([[0], [0], [self.scratch * s], [1]])
 
-    def _plan(self, B: int) -> None:
-        """FlashInfer's page table of the first B rows of the host buffer (the torch backend
-        plans on the device, inside the forward)."""
-        if self.backend.name == "flashinfer":
-            R = self.rows
-            self.backend.plan_graph(self.host[4 * R:].view(R, self.width)[:B], self.host[3 * R:3 * R + B],
-                                    self.block_size)
+    def _plan(self, B: int, tables: torch.Tensor) -> None:
+        """FlashInfer's page table of the first B rows: their host `tables` `[B, w]` (the torch
+        backend plans on the device, inside the forward)."""
+        self.backend.plan_graph(tables, self.host[3, :B], self.block_size)
 
     def _forward(self, B: int) -> torch.Tensor:
         plan = self.plans[B]
@@ -151,10 +157,13 @@ class DecodeGraphs:
         """Run the largest bucket once with every row padded (the gather buffers are allocated
         then, at their largest, never inside a forward or a graph), then capture every bucket's
         forward, largest first, when `capture`."""
-        self._fill(0, [], [], torch.zeros(0, 0, dtype=torch.long))
-        self.flat.copy_(self.host)
+        self._fill(0, [])
+        self.flat[:4 * self.rows].copy_(self.host.view(-1))
+        self.table.fill_(self.scratch)
         before = len(self.finite.flags)
-        self._plan(self.rows)
+        padding = torch.full((self.rows, 1), self.scratch)
+        if self.backend.name == "flashinfer":
+            self._plan(self.rows, padding)
         if capture:
             side = torch.cuda.Stream()  # warm up off the capture stream, as capture requires
             side.wait_stream(torch.cuda.current_stream())
@@ -169,7 +178,8 @@ class DecodeGraphs:
         memory = torch.cuda.graph_pool_handle()
         try:
             for B in reversed(self.sizes):
-                self._plan(B)
+                if self.backend.name == "flashinfer":
+                    self._plan(B, padding[:B])
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=memory):
                     logits = self._forward(B)

@@ -165,10 +165,9 @@ class Runner:
 
     def _padded_decode(self, chosen: list[tuple[Sequence, int]]) -> torch.Tensor:
         """A decode forward on the persistent buffers (`engine/graphs.py`) -> logits `[S, V]`."""
-        needed = [-(-(seq.computed + 1) // self.block_size) for seq, _ in chosen]
-        tables = self.block_tables.step([seq for seq, _ in chosen], needed)
-        return self.graphs.forward([seq.tokens[seq.computed] for seq, _ in chosen],
-                                   [seq.computed for seq, _ in chosen], tables)
+        seqs = [seq for seq, _ in chosen]
+        needed = [seq.computed // self.block_size + 1 for seq in seqs]  # blocks of positions 0 .. computed
+        return self.graphs.forward(seqs, self.block_tables.plan(seqs, needed))
 
     def _batch(self, chosen: list[tuple[Sequence, int]], ids: torch.Tensor | None = None) -> PagedBatch:
         """The plan of a forward of `chosen`, with the token `ids` `[N]` in its upload when given."""
