@@ -106,3 +106,31 @@ def test_a_decode_step_uploads_as_much_at_long_context_as_at_short(monkeypatch):
                 s.computed += 1
         per_context[context] = sent[-1]
     assert per_context[36] == per_context[4004]
+
+
+def test_a_step_whose_rows_width_and_blocks_are_the_last_ones_uploads_no_table():
+    """Decode steps within the sequences' last blocks: the second sends nothing of the tables and
+    its device tables are the first's; a new block, another width or other sequences send again,
+    and the tables are then the sequences' current blocks."""
+    tables, block, device = BlockTables(), 4, torch.device("cpu")
+    seqs = [Sequence(Request(i, (1,), 1), i, [1] * 9, computed=8, blocks=[3 * i, 3 * i + 1, 3 * i + 2])
+            for i in range(3)]
+
+    def step(chosen, needed):
+        plan = tables.plan(chosen, needed)
+        arrays = plan.host_arrays()
+        return arrays, plan.on_device(arrays, device)
+
+    first_arrays, first = step(seqs, [3, 3, 3])
+    assert set(first_arrays) == {"table_rows", "table_writes"}
+    arrays, again = step(seqs, [3, 3, 3])
+    assert arrays == {} and again is first
+    seqs[1].blocks.append(40)  # the scheduler gives sequence 1 a block
+    arrays, grown = step(seqs, [3, 4, 3])
+    assert arrays["table_writes"].tolist() == [[tables.rows[seqs[1]][0] * tables.table.shape[1] + 3], [40]]
+    assert grown[1].tolist() == [3, 4, 5, 40]
+    assert step(seqs, [3, 4, 3])[0] == {}
+    for chosen, needed in ((seqs[:2], [3, 4]), (seqs, [3, 3, 3])):  # other sequences, another width
+        arrays, got = step(chosen, needed)
+        assert list(arrays) == ["table_rows", "table_writes"] and arrays["table_writes"].numel() == 0
+        assert [row[:n] for row, n in zip(got.tolist(), needed)] == [s.blocks[:n] for s, n in zip(chosen, needed)]

@@ -95,7 +95,8 @@ def test_a_padded_decode_step_uploads_its_rows_and_new_block_ids_not_its_tables(
     """Per padded decode step of S sequences, one copy up: ids, positions, slots and kv_lens of the
     largest bucket `[4, 8]`, the rows of the persistent block tables `[S]` and the K block ids
     written since the last step `[2, K]`, int64: 8 (32 + S + 2K) bytes, whatever the context (the
-    whole `[8, W]` table, 131 KB at 8k positions in blocks of 4, stays on the device)."""
+    whole `[8, W]` table, 131 KB at 8k positions in blocks of 4, stays on the device); the rows
+    not even that when the last step's tables were these."""
     steps = []
     padded = Runner._padded_decode
 
@@ -116,7 +117,10 @@ def test_a_padded_decode_step_uploads_its_rows_and_new_block_ids_not_its_tables(
     plain = small_model(seed=4, max_seq_len=8192)
     assert got == serve(Engine(plain, plain.cfg, Deployment(), ENGINE, graphs="off"))
     assert len(steps) >= 5 and any(k for _, k, _, _ in steps) and any(not k for _, k, _, _ in steps), steps
-    for S, K, uploads, sent in steps:
+    # the first decode step's tables are the prefill's (the same rows and width, no new block): the
+    # device has them, none go up (`BlockTables.plan`)
+    assert steps[0][:2] == (5, 0) and steps[0][2:] == (1, 8 * 32), steps
+    for S, K, uploads, sent in steps[1:]:
         assert (uploads, sent) == (1, 8 * (32 + S + 2 * K)), steps
 
 

@@ -12,6 +12,10 @@ by the same writes: a step uploads only its rows `[S]` and the writes since the 
 ids; a whole row when a sequence comes in), with the rest of its plan, and gathers its `[S, W]`
 on the device. Nothing a step sends up grows with the context of a decoding sequence.
 
+A run of decode steps over the same sequences within their last blocks (15 steps in 16 with
+blocks of 16) changes nothing here: `plan` then hands back the last step's tables, already on the
+device, and nothing of the tables goes up.
+
 A sequence whose list the scheduler replaced (`Scheduler._release` gives it a new one when it ends
 or is preempted) gives its row back when a row is next needed; if it comes back, it gets a row
 written again from the start.
@@ -31,14 +35,19 @@ class BlockTables:
         self.rows: dict[Sequence, tuple[int, list[int], int]] = {}  # seq -> (row, its list, ids written)
         self.free: list[int] = []
         self.pending: list[tuple[int, int, list[int]]] = []  # (row, first column, ids) not yet on the device
+        self.last: tuple[list[int], StepTables] | None = None  # the last plan's rows, and the plan
 
     def plan(self, seqs: list[Sequence], needed: list[int]) -> StepTables:
         """The tables of `seqs`, each cut to its `needed` blocks and padded with block ids that are
         valid but never read, as rows of the persistent tables: the host's written where the lists
-        grew, the device's to follow in `StepTables.on_device`."""
+        grew, the device's to follow in `StepTables.on_device`. The last plan itself when its rows
+        and width are these and no block was written since."""
         rows = []
         for seq in seqs:
             entry = self.rows.get(seq)
+            if entry is not None and entry[1] is seq.blocks and entry[2] == len(seq.blocks):
+                rows.append(entry[0])  # nothing new (a decode within its last block)
+                continue
             if entry is not None and entry[1] is not seq.blocks:  # preempted and back: a new list
                 del self.rows[seq]
                 self.free.append(entry[0])
@@ -51,7 +60,12 @@ class BlockTables:
                 self.pending.append((row, written, new))
             self.rows[seq] = (row, blocks, len(blocks))
             rows.append(row)
-        return StepTables(self, torch.tensor(rows, dtype=torch.long), max(needed, default=0))
+        width = max(needed, default=0)
+        if not self.pending and self.last is not None and self.last[0] == rows and self.last[1].width == width:
+            return self.last[1]
+        plan = StepTables(self, torch.tensor(rows, dtype=torch.long), width)
+        self.last = rows, plan
+        return plan
 
     def take_writes(self) -> torch.Tensor:
         """The writes the device's table lacks, `[2, K]` int64 (flat index into the host's table
@@ -102,19 +116,28 @@ class BlockTables:
 
 
 class StepTables:
-    """One step's block tables: `rows [S]` of the persistent tables, cut to `width` blocks."""
+    """One step's block tables: `rows [S]` of the persistent tables, cut to `width` blocks; used
+    again by the next step when nothing of them changed (`BlockTables.plan`), then `gathered`, its
+    device tables, are already there."""
 
     def __init__(self, tables: BlockTables, rows: torch.Tensor, width: int):
         self.tables, self.rows, self.width = tables, rows, width
+        self.gathered: torch.Tensor | None = None
 
     def host(self) -> torch.Tensor:
         """`[S, width]` int32 on the host."""
         return self.tables.table[self.rows, :self.width]
 
     def host_arrays(self) -> dict[str, torch.Tensor]:
-        """What goes up with the step's plan: its rows and the device table's missing writes."""
+        """What goes up with the step's plan: its rows and the device table's missing writes;
+        nothing when its tables are on the device already."""
+        if self.gathered is not None:
+            return {}
         return {"table_rows": self.rows, "table_writes": self.tables.take_writes()}
 
     def on_device(self, up: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
-        """From `host_arrays`, uploaded: `[S, width]` int32, gathered on the device."""
-        return self.tables.on_device(up["table_writes"], device).index_select(0, up["table_rows"])[:, :self.width]
+        """From `host_arrays`, uploaded: `[S, width]` int32, gathered on the device (once)."""
+        if self.gathered is None:
+            self.gathered = self.tables.on_device(up["table_writes"], device).index_select(
+                0, up["table_rows"])[:, :self.width]
+        return self.gathered

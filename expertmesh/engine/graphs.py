@@ -115,10 +115,9 @@ class DecodeGraphs:
         S = len(seqs)
         B = next(b for b in self.sizes if b >= S)
         self._fill(S, seqs)
-        arrays = tables.host_arrays()
-        rows, writes = arrays["table_rows"], arrays["table_writes"]
-        up = upload([self.host, rows, writes], self.flat.device)  # one copy, waits for nothing
-        on_device = tables.on_device(dict(zip(("table_rows", "table_writes"), up[1:])), self.flat.device)
+        arrays = tables.host_arrays()  # none when the last step's tables are this one's
+        up = upload([self.host, *arrays.values()], self.flat.device)  # one copy, waits for nothing
+        on_device = tables.on_device(dict(zip(arrays, up[1:])), self.flat.device)
         self.flat[:4 * self.rows].copy_(up[0].view(-1))
         self.table[:S, :on_device.shape[1]] = on_device
         self.table[S:, 0] = self.scratch
