@@ -131,3 +131,32 @@ def test_an_aborted_id_can_be_reused_at_once(model):
     engine.add_request(Request("a", (4, 5), max_tokens=2))
     tokens = [o.token for o in engine.step() + engine.step()]
     assert tokens == naive_tokens(model, (4, 5), 2) and not engine.has_work
+
+
+def test_decode_steps_within_their_blocks_send_up_their_token_ids_alone(model, monkeypatch):
+    """Once every sequence decodes, a step that adds no block continues the last one
+    (`PagedBatch`'s `previous`): of its plan only the S token ids cross to the device, and the
+    tokens are still the model's own."""
+    from expertmesh.model import paged
+
+    sent = []
+    real = paged.upload
+    monkeypatch.setattr(paged, "upload", lambda host, device: sent.append(sum(t.numel() for t in host))
+                        or real(host, device))
+    prompts = [(3, 1, 4, 1, 5), (9, 2, 6, 5, 3, 5, 8, 9, 7), (3, 2)]
+    engine = Engine(model, model.cfg, Deployment(), EngineConfig(block_size=16, num_blocks=16, max_seqs=4),
+                    graphs="off")
+    for i, prompt in enumerate(prompts):
+        engine.add_request(Request(i, prompt, 6))
+    tokens, per_step = {i: [] for i in range(len(prompts))}, []
+    while engine.has_work:
+        sent.clear()
+        for out in engine.step():
+            tokens[out.request_id].append(out.token)
+        per_step.append(list(sent))
+    engine.shutdown()
+    for i, prompt in enumerate(prompts):
+        assert tokens[i] == naive_tokens(model, prompt, 6), i
+    # the prefill, the first decode (built in full: its layout follows a prefill), then four
+    # continuing decodes within the first block of each sequence
+    assert len(per_step) == 6 and per_step[2:] == [[3]] * 4, per_step

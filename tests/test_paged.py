@@ -127,3 +127,53 @@ def test_a_decode_step_costs_three_ops_per_extra_piece_and_the_pieces_agree():
         torch.testing.assert_close(outs[S, "per-sequence"], outs[S, "one-piece"])
     assert ops[8, "per-sequence"] - ops[4, "per-sequence"] == 3 * 4
     assert ops[8, "one-piece"] == ops[4, "one-piece"]
+
+
+def test_a_continuing_decode_step_advances_the_last_layout_and_equals_a_rebuild(monkeypatch):
+    """Decode steps through the engine's persistent tables, each given the last one's layout: a step
+    that continues it (the same sequences, one position further) sends up its ids alone, plus what
+    the tables lack when a sequence takes a new block; its positions, slots, kv_lens, last and
+    tables equal a batch built from scratch, across block boundaries and after the batch changes."""
+    from expertmesh.engine.block_tables import BlockTables
+    from expertmesh.engine.request import Request
+    from expertmesh.engine.scheduler import Sequence
+    from expertmesh.model import paged
+
+    sent = []
+    real = paged.upload
+    monkeypatch.setattr(paged, "upload", lambda host, device: sent.append(sum(t.numel() for t in host))
+                        or real(host, device))
+    rng = random.Random(0)
+    free = list(range(200))
+    rng.shuffle(free)
+    seqs = [Sequence(Request(i, (1,), 1), i, [1] * 99, computed=n, blocks=[free.pop() for _ in range(n // BLOCK + 1)])
+            for i, n in enumerate((3, 4, 9, 14, 30))]
+    tables, layout = BlockTables(), None
+    for step in range(12):
+        if step == 6:
+            seqs.pop(1)  # one ends: the next step rebuilds, the ones after continue again
+        new_blocks = 0
+        for seq in seqs:
+            if seq.computed // BLOCK == len(seq.blocks):  # position `computed` starts a block
+                seq.blocks.append(free.pop())
+                new_blocks += 1
+        ids = torch.tensor([7 * seq.computed % 50 for seq in seqs])
+        sent.clear()
+        batch = PagedBatch([(seq.computed, 1, None) for seq in seqs], BLOCK, torch.device("cpu"), TorchBackend(),
+                           tables.plan(seqs, [len(seq.blocks) for seq in seqs]), ids, layout)
+        mine = list(sent)  # the batch's own copies (not the rebuild's)
+        rebuilt = PagedBatch([(seq.computed, 1, seq.blocks) for seq in seqs], BLOCK, torch.device("cpu"))
+        S = len(seqs)
+        if step in (0, 6):  # the first step, and the one after the batch changed: built in full
+            assert mine[0] >= 5 * S, (step, mine)  # starts, seq_lens, rows, the backend's two, ids
+        else:
+            assert mine == [S + (S + 2 * new_blocks if new_blocks else 0)], (step, mine, new_blocks)
+        assert batch.ids.tolist() == ids.tolist()
+        for name in ("positions", "slots", "kv_lens_device", "last"):
+            assert getattr(batch, name).tolist() == getattr(rebuilt, name).tolist(), (step, name)
+        assert batch.tables.tolist() == rebuilt.tables.int().tolist(), step
+        assert batch.meta["up"]["decode_tokens"].tolist() == list(range(S))
+        layout = batch.layout
+        for seq in seqs:
+            seq.computed += 1
+    assert PagedBatch([(0, 2, [1])], BLOCK, torch.device("cpu")).layout is None  # only a decode step's is kept

@@ -38,7 +38,7 @@ from expertmesh.engine.sampling_rows import SamplingRows
 from expertmesh.engine.scheduler import Sequence
 from expertmesh.model.forward_context import forward_context
 from expertmesh.model.moe import rotate_skew
-from expertmesh.model.paged import PagedBatch, upload
+from expertmesh.model.paged import Layout, PagedBatch, upload
 from expertmesh.model.attn_backends import choose_backend
 from expertmesh.model.steps import take_turns
 from expertmesh.model.transformer import MoETransformer
@@ -68,6 +68,7 @@ class Runner:
             self.backend)
         self.block_tables = BlockTables()
         self.sampling: dict[int, SamplingRows] = {}  # per micro-batch, kept while its sequences are
+        self.layouts: dict[int, Layout] = {}  # per micro-batch, its last decode step's (`PagedBatch.layout`)
         self.exchange = ExchangeChoice(model, overlap)
         self.steps = 0
 
@@ -133,6 +134,7 @@ class Runner:
 
     def _micro(self, m: int, chosen: list[tuple[Sequence, int]], bound: int | None) -> torch.Tensor | None:
         N, links, D = sum(n for _, n in chosen), self.links, self.model.cfg.d_model
+        previous = self.layouts.pop(m, None)
         if self.graphs is not None and self.graphs.takes(chosen):
             return self._padded_decode(chosen)
         ids = batch = None
@@ -144,8 +146,10 @@ class Runner:
             x = torch.zeros(0, D, dtype=self.dtype, device=self.device)
         cut, first_half = _halves(chosen)
         plan = self.exchange(N, max(first_half, N - first_half), bound)  # the same on every EP rank
-        if ids is not None and not plan.two_batch:
-            batch = self._batch(chosen, ids)  # the ids go up in the plan's one copy
+        if not plan.two_batch:
+            batch = self._batch(chosen, ids, previous)  # the ids go up in its one copy
+            self.layouts[m] = batch.layout
+        if ids is not None and batch is not None:
             x = batch.ids
         elif ids is not None:  # each half plans apart: the ids go up alone
             x = upload([ids], self.device)[0]  # waits for nothing
@@ -156,7 +160,7 @@ class Runner:
                                                         (slice(first_half, N), chosen[cut:]))])
                 out = torch.cat(halves)
             else:
-                out = self.model.forward_paged(x, self.pools, batch or self._batch(chosen))
+                out = self.model.forward_paged(x, self.pools, batch)
         if links.is_last:
             return out
         if N:
@@ -169,12 +173,14 @@ class Runner:
         needed = [seq.computed // self.block_size + 1 for seq in seqs]  # blocks of positions 0 .. computed
         return self.graphs.forward(seqs, self.block_tables.plan(seqs, needed))
 
-    def _batch(self, chosen: list[tuple[Sequence, int]], ids: torch.Tensor | None = None) -> PagedBatch:
-        """The plan of a forward of `chosen`, with the token `ids` `[N]` in its upload when given."""
+    def _batch(self, chosen: list[tuple[Sequence, int]], ids: torch.Tensor | None = None,
+               previous: Layout | None = None) -> PagedBatch:
+        """The plan of a forward of `chosen`, with the token `ids` `[N]` in its upload when given,
+        advanced from the `previous` decode step's layout when it continues it."""
         needed = [-(-(seq.computed + n) // self.block_size) for seq, n in chosen]
         tables = self.block_tables.plan([seq for seq, _ in chosen], needed)
         return PagedBatch([(seq.computed, n, None) for seq, n in chosen], self.block_size, self.device,
-                          self.backend, tables, ids)
+                          self.backend, tables, ids, previous)
 
     def _start_sampling(self, m: int, chosen: list[tuple[Sequence, int]], sampled: list[bool],
                         logits: torch.Tensor) -> tuple[list, torch.Tensor, list, Logprobs | None]:

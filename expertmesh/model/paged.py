@@ -15,6 +15,8 @@ positions of its own sequence up to itself, nothing of another sequence. The poo
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from expertmesh.model.attention import KeysValues, rope_tables
@@ -38,6 +40,17 @@ def tables_from_lists(chunks: list[tuple[int, int, list[int]]], block_size: int)
     for row, (k, (_, _, table)) in enumerate(zip(need, chunks)):
         tables[row, :k] = torch.tensor(table[:k], dtype=torch.long)
     return tables
+
+
+@dataclass
+class Layout:
+    """A decode step's layout, for the next step to advance from (`PagedBatch.layout`): kv_lens
+    `[S]` on the host, and the step's named device arrays (starts, seq_lens, last, the backend's)."""
+
+    PER_STEP = ("ids", "tables", "table_rows", "table_writes", "positions", "slots", "kv_lens")  # not kept
+
+    kv_lens: list[int]
+    up: dict[str, torch.Tensor]
 
 
 class StepShared:
@@ -64,20 +77,25 @@ class PagedBatch(StepShared):
     persistent ones (`engine/block_tables.py`'s `StepTables`: rows of a table kept on the device,
     so that only the rows `[S]` and the step's new block ids go up); a host tensor `[S, W]` goes up
     whole; None: `tables_from_lists(chunks)`. `ids`: the step's token ids `[N]` on the host, to go
-    up in the plan's copy (then `self.ids` on the device; else None).
+    up in the plan's copy (then `self.ids` on the device; else None). `previous`: the last decode
+    step's `layout` (of the same micro-batch), which a decode step that continues it (every
+    sequence one position further: its starts are the last kv_lens) advances on the device.
 
     On the host: starts, seq_lens (n per sequence), kv_lens (start + n), and `tables_host` `[S, W]`
     on demand (a backend that plans on the host). Uploaded in one copy: starts and seq_lens `[S]`,
     the tables' rows and writes (or the tables), and the backend's own arrays; then on the device:
     positions `[N]`, slots `[N]` (where each new token's k, v go), last `[S]` (each sequence's last
     new token in the flattened batch), tables `[S, W]`, kv_lens `[S]`. The host's work is O(S + N),
-    whatever the context. `rope(d, theta)`: cos, sin `[N, d]`, once a step.
+    whatever the context. A continuing decode step uploads only its ids and what the tables lack
+    (often nothing), and takes positions and kv_lens as the last step's + 1, its slots from them,
+    seq_lens, last and the backend's arrays (which depend on seq_lens alone) as they were.
+    `rope(d, theta)`: cos, sin `[N, d]`, once a step.
     """
 
     static = False  # `engine/graphs.py`'s padded decode plan is static: shapes by bucket only
 
     def __init__(self, chunks: list[tuple[int, int, list[int]]], block_size: int, device: torch.device,
-                 backend=None, tables=None, ids: torch.Tensor | None = None):
+                 backend=None, tables=None, ids: torch.Tensor | None = None, previous: Layout | None = None):
         self.block_size, self.device = block_size, device
         self.backend = backend or TorchBackend()
         self.starts = [start for start, _, _ in chunks]
@@ -87,23 +105,42 @@ class PagedBatch(StepShared):
         self.decode_only = self.seq_lens.count(1) == len(self.seq_lens)  # then token i is sequence i's
         self._tables = tables_from_lists(chunks, block_size) if tables is None else tables
         persistent = not isinstance(self._tables, torch.Tensor)
-        host = {"starts": torch.tensor(self.starts, dtype=torch.long),
-                "seq_lens": torch.tensor(self.seq_lens, dtype=torch.long)}
+        continues = (previous is not None and self.decode_only and self.n_tokens > 0
+                     and self.starts == previous.kv_lens)
+        host = {}
+        if not continues:
+            host = {"starts": torch.tensor(self.starts, dtype=torch.long),
+                    "seq_lens": torch.tensor(self.seq_lens, dtype=torch.long)}
         host.update(self._tables.host_arrays() if persistent else {"tables": self._tables.long()})
-        host.update(self.backend.host_arrays(self))
+        if not continues:
+            host.update(self.backend.host_arrays(self))
         if ids is not None:
             host["ids"] = ids
         names = list(host)
-        up = dict(zip(names, upload([host[n] for n in names], device)))
+        up = dict(zip(names, upload([host[n] for n in names], device))) if names else {}
         self.tables = self._tables.on_device(up, device) if persistent else up["tables"]
+        if continues:  # the last step's arrays, then what moved: one position further
+            up = {**previous.up, **up}
+            up["starts"] = previous.up["starts"] + 1
+            up.update(positions=up["starts"], kv_lens=up["starts"] + 1,
+                      slots=slots_at(self.tables, up["starts"], block_size))
+        else:
+            up.update(token_layout(up["starts"], up["seq_lens"], self.tables, block_size, self.n_tokens,
+                                   one_each=self.decode_only))
         up["tables"] = self.tables
-        up.update(token_layout(up["starts"], up["seq_lens"], self.tables, block_size, self.n_tokens,
-                               one_each=self.decode_only))
+        self.up = up
         self.positions, self.slots, self.last = up["positions"], up["slots"], up["last"]
         self.ids = up.get("ids")
         self.kv_lens_device = up["kv_lens"]
         self._rope: dict = {}
         self.meta = self.backend.prepare(self, up)
+
+    @property
+    def layout(self) -> Layout | None:
+        """What the next decode step advances from (a decode-only step's), else None."""
+        if not self.decode_only:
+            return None
+        return Layout(self.kv_lens, {k: v for k, v in self.up.items() if k not in Layout.PER_STEP})
 
     @property
     def tables_host(self) -> torch.Tensor:
@@ -122,13 +159,19 @@ def token_layout(start: torch.Tensor, lens: torch.Tensor, tables: torch.Tensor, 
     S, device = start.shape[0], start.device
     ends = lens.cumsum(0)
     if one_each:
-        positions = start
-        slots = tables.gather(1, (start // block_size)[:, None])[:, 0].long() * block_size + start % block_size
-        return {"positions": positions, "slots": slots, "last": ends - 1, "kv_lens": start + lens}
+        return {"positions": start, "slots": slots_at(tables, start, block_size), "last": ends - 1,
+                "kv_lens": start + lens}
     seq_of = torch.repeat_interleave(torch.arange(S, device=device), lens, output_size=n_tokens)  # [N]
     positions = start[seq_of] + torch.arange(n_tokens, device=device) - (ends - lens)[seq_of]
     slots = tables[seq_of, positions // block_size].long() * block_size + positions % block_size
     return {"positions": positions, "slots": slots, "last": ends - 1, "kv_lens": start + lens}
+
+
+def slots_at(tables: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The slot of position `positions[i]` of sequence i (tables `[S, W]`, positions `[S]`) -> `[S]`
+    int64, on the device."""
+    blocks = tables.gather(1, (positions // block_size)[:, None])[:, 0].long()
+    return blocks * block_size + positions % block_size
 
 
 def plan_step(batch, head_dim: int | None, theta: float | None) -> None:
