@@ -220,8 +220,8 @@ def test_the_ledger_reconciles_what_the_survivors_hold_with_what_was_streamed():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--deployment", "tp2", "--elastic"], "--elastic serves plain expert parallelism"),
-    (["--deployment", "ep2pp2", "--elastic"], "pipeline stages are not supported"),
+    (["--deployment", "tp2", "--elastic"], "tensor parallelism is not supported"),
+    (["--deployment", "tp2pp2", "--elastic"], "tensor parallelism is not supported"),
     (["--deployment", "ep2", "--redundant-experts", "2"], "--eplb-interval K or --elastic"),
     (["--deployment", "ep2", "--elastic", "--redundant-experts", "2", "--eplb-interval", "8"],
      "drop --eplb-interval and --routing"),

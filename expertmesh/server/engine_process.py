@@ -127,7 +127,7 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
                     eplb=eplb_controller(spec, model, rank))
     elastic = None
     if options.elastic:
-        elastic = Elastic(local_store_path(), device, options.timeout_s, spec.checkpoint, spec.seed,
+        elastic = Elastic(spec.deployment, local_store_path(), device, options.timeout_s, spec.checkpoint, spec.seed,
                           spec.cfg.torch_dtype)
     if (beat := heartbeat.mine()) is not None:  # watched for hangs: a layer's end is progress
         model.after_layer.append(beat.mark)
@@ -341,7 +341,8 @@ class EngineServer:
                                            ranks=self.rank_states, lost=lost, recovery_s=seconds,
                                            hung=hung,
                                            degraded=self.elastic is not None and self.elastic.degraded,
-                                           join=self.ticket))
+                                           join=self.ticket,
+                                           dp_ranks=self.elastic.labels if self.elastic is not None else None))
             self.recovered = (0, 0.0, 0)
 
     def _step_and_record(self) -> list:
