@@ -27,11 +27,11 @@ import pytest
 import torch
 
 from expertmesh.checkpoint.tiny import reference_greedy, save_tiny_checkpoint
-from expertmesh.config import preset
 from expertmesh.elastic.experts import join_placement, spare_placement, survivor_placement
 from expertmesh.elastic.ledger import Ledger
 from expertmesh.engine.request import Request, TokenOutput
 from expertmesh.model.transformer import reference_model
+from elastic_streams import Streams, health, pid_of, prompts, reference, wait_health  # noqa: F401 (fixture)
 from serving import naive_tokens
 
 openai = pytest.importorskip("openai", reason="the server is driven by the openai client (pip install -e '.[test,serve]')")
@@ -39,74 +39,8 @@ pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (p
 transformers = pytest.importorskip("transformers", reason="the checkpoint's reference is transformers")
 from test_server import Server  # noqa: E402
 
-STREAM_S = 300  # a stream's whole life on a loaded 2-core machine
 COMMON = ("--deployment", "ep4", "--elastic", "--timeout", "60", "--num-blocks", "64",
           "--block-size", "8", "--served-model-name", "tiny")
-
-
-@pytest.fixture(scope="module")
-def reference():
-    """The tiny preset's greedy tokens: its single-device model (seed 0, the server's weights)."""
-    model = reference_model(preset("tiny"))
-    return lambda prompt, n: naive_tokens(model, tuple(prompt), n)
-
-
-class Streams:
-    """Streamed greedy completions, one thread each: their token ids and arrival times."""
-
-    def __init__(self, server: Server, prompts: list[list[int]], max_tokens: int):
-        self.server, self.prompts, self.max_tokens = server, prompts, max_tokens
-        self.tokens = [[] for _ in prompts]
-        self.times = [[] for _ in prompts]
-        self.reasons = [None] * len(prompts)
-        self.errors = []
-        self.threads = [threading.Thread(target=self._run, args=(server, i)) for i in range(len(prompts))]
-        for t in self.threads:
-            t.start()
-
-    def _run(self, server: Server, i: int) -> None:
-        try:
-            stream = server.client.completions.create(model="tiny", prompt=self.prompts[i],
-                                                      max_tokens=self.max_tokens, temperature=0,
-                                                      stream=True)
-            for chunk in stream:
-                choice = chunk.choices[0]
-                self.tokens[i] += choice.token_ids or []
-                self.times[i] += [time.monotonic()] * len(choice.token_ids or [])
-                self.reasons[i] = choice.finish_reason or self.reasons[i]
-        except Exception as exc:  # the test reads it
-            self.errors.append(exc)
-
-    def wait_for(self, tokens: int) -> None:
-        """Until every stream has at least `tokens` tokens."""
-        deadline = time.monotonic() + STREAM_S
-        while min(len(t) for t in self.tokens) < tokens:
-            assert not self.errors, self.errors
-            assert time.monotonic() < deadline, [len(t) for t in self.tokens]
-            time.sleep(0.01)
-
-    def check(self, reference) -> None:
-        """Every stream ended by length with the tokens `reference(prompt, n)`."""
-        for t in self.threads:
-            t.join(STREAM_S)
-        log = self.server.output()[-4000:]
-        assert not self.errors, (self.errors, log)
-        for prompt, tokens, reason in zip(self.prompts, self.tokens, self.reasons):
-            assert tokens == reference(prompt, self.max_tokens), log
-            assert reason == "length", log
-
-
-def health(server: Server) -> dict:
-    return server.get("/health").json()
-
-
-def pid_of(server: Server, rank: int) -> int:
-    return health(server)["ranks"][rank]["pid"]
-
-
-def prompts(n: int, length: int, salt: int) -> list[list[int]]:
-    """Token ids within both models' vocabularies (128 and 1024)."""
-    return [[(salt + 7 * i + 3 * j) % 120 + 1 for j in range(length)] for i in range(n)]
 
 
 @pytest.fixture(scope="module")
@@ -186,10 +120,7 @@ def test_rank_2_killed_during_prefills_with_spares_serves_its_first_expert_from_
     # a short prompt, whose first token comes a step after it is admitted, and three that take
     # 30 steps of prefill each: when the first stream has a token the others are prefilling
     streams = Streams(spares, prompts(1, 8, 3) + prompts(3, 240, 7), max_tokens=10)
-    deadline = time.monotonic() + STREAM_S
-    while not streams.tokens[0]:
-        assert time.monotonic() < deadline and not streams.errors
-        time.sleep(0.002)
+    streams.wait_for_first(0)
     os.kill(victim, signal.SIGKILL)
     assert not any(streams.tokens[1:])  # the kill came before their first tokens: prefills were cut
     streams.check(hf_reference)
@@ -289,8 +220,8 @@ def test_the_ledger_reconciles_what_the_survivors_hold_with_what_was_streamed():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--deployment", "tp2", "--elastic"], "--elastic serves plain expert parallelism"),
-    (["--deployment", "ep2pp2", "--elastic"], "pipeline stages are not supported"),
+    (["--deployment", "tp2", "--elastic"], "tensor parallelism is not supported"),
+    (["--deployment", "tp2pp2", "--elastic"], "tensor parallelism is not supported"),
     (["--deployment", "ep2", "--redundant-experts", "2"], "--eplb-interval K or --elastic"),
     (["--deployment", "ep2", "--elastic", "--redundant-experts", "2", "--eplb-interval", "8"],
      "drop --eplb-interval and --routing"),
@@ -372,14 +303,6 @@ def rejoin(tmp_path_factory):
 
 def join_command(server: Server, url: str | None = None) -> list[str]:
     return [sys.executable, "-m", "expertmesh.cli", "serve", "--join", url or server.url + "/v1"]
-
-
-def wait_health(server: Server, degraded: bool) -> dict:
-    deadline = time.monotonic() + STREAM_S
-    while (body := health(server)).get("degraded") is not degraded:
-        assert time.monotonic() < deadline, body
-        time.sleep(0.05)
-    return body
 
 
 def test_joining_a_server_with_all_its_ranks_is_a_one_line_error(rejoin):

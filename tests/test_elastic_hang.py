@@ -27,7 +27,8 @@ from pathlib import Path
 from expertmesh import faults, heartbeat
 from expertmesh.heartbeat import BUSY_SHARE, Beats, Heartbeat, verdict
 
-from test_elastic import COMMON, STREAM_S, Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
+from elastic_streams import STREAM_S, Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
+from test_elastic import COMMON
 from test_server import Server
 
 HANG_S = 3.0  # below the default (5 s): the tests wait it out

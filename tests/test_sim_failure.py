@@ -136,6 +136,8 @@ def test_json_has_every_figure(tmp_path, capsys):
 BAD_FLAGS = {
     "not ep": (["--deployment", "tp2"], "plain expert parallelism (ep2, ep4, ...), not tp2"),
     "ep1": (["--deployment", "ep1"], "plain expert parallelism"),
+    "stages": (["--deployment", "ep2pp2"], "not ep2pp2 (serve --elastic survives a loss with pipeline "
+                                           "stages; its cost, a broken pipeline's recompute included, is not modelled)"),
     "rank 0": (["--lost-rank", "0"], "--lost-rank 0: ranks 1 .. 15 can be lost"),
     "rank past the group": (["--lost-rank", "16"], "--lost-rank 16"),
     "bandwidth": (["--reload-bandwidth", "0"], "--reload-bandwidth 0 GB/s must be > 0"),

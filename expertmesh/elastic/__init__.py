@@ -1,7 +1,9 @@
 """Elastic expert parallelism (`expertmesh serve --elastic`): a rank other than 0 that dies is
-survived. `elastic_spec` checks the flags before any rank starts; on each rank `recovery.Elastic`
-notices the loss and regroups, `experts.py` moves the dead rank's experts, `sockets.py` breaks
-the old connections; rank 0's `ledger.Ledger` re-queues the requests in flight."""
+survived, with or without pipeline stages. `elastic_spec` checks the flags before any rank
+starts; on each rank `recovery.Elastic` notices the loss and regroups stage by stage
+(`layout.py`), `experts.py` moves the dead rank's experts, `slots.py` pairs the survivors into
+pipelines, `sockets.py` breaks the old connections; rank 0's `ledger.Ledger` re-queues the
+requests in flight."""
 
 from __future__ import annotations
 
@@ -16,9 +18,9 @@ def elastic_spec(spec: RunSpec, redundant: int, backend: str | None) -> RunSpec:
     """`spec` for `serve --elastic`, with `redundant` spare replicas (`spare_placement`); raises
     ValueError (one line) for what elastic serving does not support."""
     dep = spec.deployment
-    if dep.ep < 2 or dep.tp > 1 or dep.pp > 1:
-        raise ValueError(f"--elastic serves plain expert parallelism (ep2, ep4, ...), not "
-                         f"{dep.name}: tensor parallelism and pipeline stages are not supported")
+    if dep.ep < 2 or dep.tp > 1:
+        raise ValueError(f"--elastic serves expert parallelism (ep2, ep4, ep2pp2, ...), not "
+                         f"{dep.name}: tensor parallelism is not supported")
     if under_torchrun():
         raise ValueError("--elastic runs local ranks only; under torchrun it is not supported")
     if local_plan(dep.world_size, backend, cuda_devices())[1] != "gloo":

@@ -62,7 +62,9 @@ LAUNCHER_POLL_S = 0.5  # how often it checks that the server's launcher still ru
 
 def ticket(url: str, api_key: str | None) -> dict:
     """The server's ticket, once its health says a rank may join; ValueError (one line) when
-    there is no server, it is not elastic, not degraded, or the ticket cannot be read here."""
+    there is no server, it is not elastic, not degraded, runs pipeline stages (a joining rank
+    would have to take a stage's layers and a pipeline's place: not built), or the ticket cannot
+    be read here."""
     base = url.rstrip("/").removesuffix("/v1")
     health = _get(f"{base}/health", None, url)
     if "ranks" not in health:
@@ -74,10 +76,14 @@ def ticket(url: str, api_key: str | None) -> dict:
     path = _get(f"{base}/admin/join", api_key, url)["ticket"]
     try:
         with open(path, "rb") as f:
-            return pickle.load(f)
+            t = pickle.load(f)
     except OSError:
         raise ValueError(f"cannot read the server's join ticket ({path}): --join must run on the "
                          f"server's machine, as the user that started it") from None
+    if (dep := t["spec"].deployment).pp > 1:
+        raise ValueError(f"the server at {url} runs pipeline stages ({dep.name}); --join replaces a "
+                         f"lost rank of plain expert parallelism (ep2, ep4, ...) only")
+    return t
 
 
 def _get(address: str, api_key: str | None, url: str) -> dict:
@@ -163,7 +169,7 @@ def join(url: str, api_key: str | None) -> tuple[Engine, torch.nn.Module, Elasti
                     n_micro=spec.micro_batches, overlap=spec.overlap, graphs=spec.graphs)
     everyone: list = [None] * size
     dist.all_gather_object(everyone, engine.scheduler.stats())
-    elastic = Elastic(store, device, timeout, spec.checkpoint, spec.seed, spec.cfg.torch_dtype, joined=state)
+    elastic = Elastic(Deployment(ep=size), store, device, timeout, spec.checkpoint, spec.seed, spec.cfg.torch_dtype, joined=state)
     print(f"expertmesh serve --join: joined as rank {rank_number} (pid {os.getpid()}) of ep{size} "
           f"in {time.monotonic() - started:.2f} s", file=sys.stderr, flush=True)
     return engine, model, elastic

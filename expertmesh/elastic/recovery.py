@@ -14,21 +14,28 @@ Regrouping (`Elastic.recover`, every survivor, each on its own after its step fa
      (`store.without-2-3`), so that nothing of the broken groups is reused;
   2. the old groups are destroyed, the survivors meet (a counting barrier on the new store,
      which restarts under a new name when another rank dies meanwhile) and form the new default
-     group, renumbered in their old order, of the survivors' size;
-  3. the EP layers move to the survivors' placement (`experts.py`): a replica keeps serving, an
-     expert without one is loaded onto the least-loaded survivor;
-  4. the engine resumes as rank `new rank` of `ep<survivors>`, each survivor's scheduler and KV
-     cache kept (`Engine.resume`); one all-gather tells every rank what each scheduler holds
-     (request id -> tokens generated so far) and its stats. Rank 0 then (`ledger.py`) streams
-     the tokens a survivor generated that the failed step never sent, re-queues every request
-     no survivor holds (the dead rank's, and any whose step message was lost) with the tokens
-     already streamed, which are recomputed, not sent again, and aborts what a survivor holds
-     that is no longer in flight.
+     group, renumbered in their old order (stage by stage), of the survivors' size; a pipeline
+     stage with no survivor ends the run (`layout.py: StageLost`, raised on rank 0: exit 1);
+  3. each stage's survivors form its EP group (`mesh.groups_of`) and its EP layers move to the
+     survivors' placement (`experts.py`): a replica keeps serving, an expert without one is
+     loaded onto the least-loaded survivor of that stage;
+  4. one all-gather tells every rank what each scheduler holds (request id -> tokens generated
+     so far, with its data-parallel rank and stats) and the experts moved; every rank works
+     out the same data-parallel slots (`slots.py`: pipeline i is the i-th survivor of each
+     stage; it keeps its scheduler and KV cache where all its copies agree, else starts empty,
+     `Engine.restart`; a rank left over serves experts only), a second all-gather shares the
+     stats, and the engine resumes as rank `new rank` on its new pipeline links
+     (`Engine.resume`). Under one stage every survivor keeps its own scheduler. Rank 0 then
+     (`ledger.py`) streams the tokens a kept scheduler generated that the failed step never
+     sent, re-queues every request no kept scheduler holds (the dead rank's pipeline's, and any
+     whose step message was lost) with the tokens already streamed, which are recomputed, not
+     sent again, and aborts what a survivor holds that is no longer in flight.
 Rank 0 dying is not survived: the launcher ends the run (exit 1).
 
 What crosses the network: at start-up one all-gather of every rank's pid; in a recovery, the
-barrier's counter on the file store, the new groups' rendezvous and one all-gather of the
-schedulers' holdings (a request id and its generated token ids per sequence); no weights.
+barrier's counter on the file store, the new groups' rendezvous and two all-gathers (the
+schedulers' holdings: a request id and its generated token ids per sequence, and the experts
+moved; then the stats); no weights.
 """
 
 from __future__ import annotations
@@ -46,9 +53,11 @@ import torch.distributed as dist
 from expertmesh import heartbeat
 from expertmesh.deployment import Deployment
 from expertmesh.elastic.experts import reshard, reshard_join
+from expertmesh.elastic.layout import Layout, StageLost
+from expertmesh.elastic.slots import links_of, plan_slots, relabel, slot_of
 from expertmesh.elastic.sockets import break_connections
 from expertmesh.launch import JOINED_PREFIX, dead_ranks, init_group, write_marker
-from expertmesh.parallel.mesh import stage_group
+from expertmesh.parallel.mesh import groups_of
 
 WATCH_S = 0.02  # how often the watch thread looks for new markers
 JOIN_TICKET = "join-ticket"  # beside the store: what a joining process needs (`elastic/join.py`)
@@ -59,17 +68,20 @@ MEET_POLL_S = 0.005  # how often a survivor reads the barrier's count
 @dataclass(frozen=True)
 class Recovery:
     """One recovery, as rank 0 reports it: the ranks lost (original numbers) and how each ended,
-    the EP size after, {layer: {expert: new holder (original rank)}} of the experts loaded
-    elsewhere and of the dead ranks' other experts (still held by a survivor), the seconds from
-    the failed step to the new groups with every survivor's experts in place, and what the
-    survivors' schedulers hold: {request id: tokens generated so far}."""
+    the layout after (`Layout.describe`), {layer: {expert: new holder (original rank)}} of the
+    experts loaded elsewhere and of the dead ranks' other experts (still held by a survivor),
+    the seconds from the failed step to the new groups with every survivor's experts in place,
+    what the kept schedulers hold: {request id: tokens generated so far}, and under pipeline
+    stages how many data-parallel ranks kept their scheduler and how many started empty."""
 
     lost: dict[int, str]
-    ep: int
+    layout: str
     moves: dict[int, dict[int, int]]
     served: dict[int, dict[int, int]]
     seconds: float
     held: dict
+    kept: int = 0
+    empty: int = 0
 
     @property
     def hung(self) -> int:
@@ -78,8 +90,10 @@ class Recovery:
 
     def describe(self) -> str:
         lost = ", ".join(f"rank {r} ({how})" for r, how in sorted(self.lost.items()))
-        return (f"elastic: lost {lost}; now ep{self.ep}; experts loaded anew: {_moves(self.moves)}; "
-                f"still served by surviving copies: {_moves(self.served)}; recovered in {self.seconds:.2f} s")
+        pipelines = f" (schedulers kept: {self.kept}, started empty: {self.empty})" if "stages" in self.layout else ""
+        return (f"elastic: lost {lost}; now {self.layout}{pipelines}; experts loaded anew: "
+                f"{_moves(self.moves)}; still served by surviving copies: {_moves(self.served)}; "
+                f"recovered in {self.seconds:.2f} s")
 
 
 @dataclass(frozen=True)
@@ -111,30 +125,36 @@ def _moves(per_layer: dict[int, dict[int, int]], way: str = "->") -> str:
 
 
 class Elastic:
-    """This rank's side of elastic recovery (see the module's docstring). Collective to build:
-    every rank gathers every rank's pid; a rank that joined (`elastic/join.py`) is built from
-    `joined` instead, what rank 0 sent it (`admission_state`)."""
+    """This rank's side of elastic recovery (see the module's docstring) in a run of
+    `deployment`. Collective to build: every rank gathers every rank's pid; a rank that joined
+    (`elastic/join.py`) is built from `joined` instead, what rank 0 sent it (`admission_state`)."""
 
-    def __init__(self, store_path: str, device: torch.device, timeout: float,
+    def __init__(self, deployment: Deployment, store_path: str, device: torch.device, timeout: float,
                  checkpoint: str | None, seed: int, dtype: torch.dtype, joined: dict | None = None):
         self.store_path, self.device, self.timeout = store_path, device, timeout
         self.checkpoint, self.seed, self.dtype = checkpoint, seed, dtype
         if joined is None:
             pids: list = [None] * dist.get_world_size()
             dist.all_gather_object(pids, os.getpid())
-            # original ranks, in group order; the deployment's size
-            joined = dict(members=list(range(dist.get_world_size())), pids=pids, lost={},
-                          configured=dist.get_world_size())
-        self.members: list[int] = joined["members"]
-        self.original = self.members[dist.get_rank()]
+            joined = dict(layout=Layout.of(deployment), pids=pids, lost={}, configured=dist.get_world_size())
+        self.layout: Layout = joined["layout"]  # original ranks per stage, in group order
+        self.original = self.layout.members[dist.get_rank()]
         self.pids: list[int] = joined["pids"]  # by original rank, joined ranks included
         self.lost: dict[int, str] = dict(joined["lost"])  # original rank -> how it ended, once handled
         self.configured: int = joined["configured"]
         self.handled: set[int] = set(self.lost)  # dead ranks whose groups are being, or were, left
+        # rank 0: /metrics' dp_rank label of each data-parallel rank, and the next unused one
+        self.labels = list(range(len(self.layout.pipelines)))
+        self.fresh = len(self.labels)
         self.recoveries: list[Recovery] = []
         self.asking = False  # rank 0: a join request waits beside the store (seen by `_watch`)
         self.lock = threading.Lock()
         threading.Thread(target=self._watch, name="elastic watch", daemon=True).start()
+
+    @property
+    def members(self) -> list[int]:
+        """The original ranks, in the order of the default group's."""
+        return self.layout.members
 
     def ranks(self) -> list[dict]:
         """Every original rank, joined ones last: {"rank", "pid", "state": "ok" or "dead"}."""
@@ -166,8 +186,10 @@ class Elastic:
 
     def recover(self, engine, model, error: BaseException) -> Recovery:
         """After this rank's step failed with `error`: regroup without the dead ranks, move
-        their experts, resume `engine`; raises `error` when no rank was marked dead in time. Not
-        watched for hangs until regrouped (reading experts may take long): `--timeout` bounds it."""
+        their experts, resume `engine`; raises `error` when no rank was marked dead in time, and
+        `StageLost` when a pipeline stage has no rank left (on rank 0; another rank waits for
+        the launcher to end it, so that rank 0 alone says why). Not watched for hangs until
+        regrouped (reading experts may take long): `--timeout` bounds it."""
         if (beat := heartbeat.mine()) is not None:
             beat.pause()
         started = time.monotonic()
@@ -181,38 +203,79 @@ class Elastic:
             time.sleep(WATCH_S)
         if 0 in dead:
             raise RuntimeError("rank 0 died; it is not survived") from error
-        survivors, dead = self._meet(dead, deadline)
-        gone = {i for i, m in enumerate(self.members) if m not in survivors}
-        rank = survivors.index(self.original)
-        deployment = Deployment(ep=len(survivors))
-        group = stage_group(deployment, rank)
-        moves, served = reshard(model, group, rank, gone, self.checkpoint, self.seed, self.dtype)
-        mine = {seq.request.id: seq.tokens[len(seq.request.prompt):]
-                for seq in (*engine.scheduler.running, *engine.scheduler.waiting)}
-        everyone: list = [None] * len(survivors)  # also a barrier: the time is the slowest's
-        dist.all_gather_object(everyone, (mine, engine.scheduler.stats()))
-        engine.resume(rank, deployment, [stats for _, stats in everyone],
-                      [i for i in range(len(self.members)) if i not in gone])
+        try:
+            layout, dead = self._meet(dead, deadline)
+        except StageLost:
+            if self.original != 0:
+                time.sleep(self.timeout)
+            raise
+        moves, served = self._reshard(model, layout, dead)
+        slots, held = self._resume(engine, layout, moves, served)
         if beat is not None:  # regrouped, experts in place: the next step is watched
             beat.arm()
         lost = {r: how for r, how in dead.items() if r not in self.lost}
         self.lost.update(lost)
-        self.members = survivors
-        report = Recovery(lost, len(survivors),
-                          {layer: {e: survivors[i] for e, i in m.items()} for layer, m in moves.items()},
-                          {layer: {e: survivors[i] for e, i in m.items()} for layer, m in served.items()},
-                          time.monotonic() - started, {k: v for held, _ in everyone for k, v in held.items()})
+        self.layout = layout
+        kept = sum(s.kept is not None for s in slots)
+        report = Recovery(lost, layout.describe(), moves, served, time.monotonic() - started, held,
+                          kept, len(slots) - kept)
         self.recoveries.append(report)
         return report
 
-    def _meet(self, dead: dict[int, str], deadline: float) -> tuple[list[int], dict[int, str]]:
-        """Destroy the old groups and form the survivors' default group; (the survivors'
-        original ranks, the dead ranks it was formed without)."""
+    def _reshard(self, model, layout: Layout, dead: dict[int, str]) -> tuple[dict, dict]:
+        """Form every stage's EP group over `layout` (collective) and move this stage's dead
+        ranks' experts to its survivors (`experts.reshard`): (moves, served) as `Recovery`'s,
+        for this stage's layers."""
+        members = layout.members
+        group = groups_of([[members.index(r) for r in ranks] for ranks in layout.stages],
+                          members.index(self.original))
+        stage = layout.stage_of(self.original)
+        before, after = self.layout.stages[stage], layout.stages[stage]
+        gone = {i for i, r in enumerate(before) if r in dead}
+        moves, served = reshard(model, group, after.index(self.original), gone, self.checkpoint,
+                                self.seed, self.dtype)
+        return ({layer: {e: after[i] for e, i in m.items()} for layer, m in moves.items()},
+                {layer: {e: after[i] for e, i in m.items()} for layer, m in served.items()})
+
+    def _resume(self, engine, layout: Layout, moves: dict, served: dict):
+        """Agree on the data-parallel slots (`slots.py`: one all-gather of what each scheduler
+        holds, and of the moves for rank 0's log), restart this rank's scheduler where its
+        pipeline keeps none, share the stats (a second all-gather) and resume `engine` on its
+        new links. Fills `moves` and `served` with every stage's; returns (the slots, what the
+        kept schedulers hold: {request id: tokens generated so far})."""
+        members = layout.members
+        seqs = (*engine.scheduler.running, *engine.scheduler.waiting)
+        mine = (engine.dp, {s.request.id: s.tokens[len(s.request.prompt):] for s in seqs},
+                engine.scheduler.stats())
+        everyone: list = [None] * len(members)  # also a barrier: the time is the slowest's
+        dist.all_gather_object(everyone, (mine, moves, served))
+        for _, m, s in everyone:
+            moves.update(m)
+            served.update(s)
+        before = {r: e[0] for r, e in zip(members, everyone)}
+        slots = plan_slots(layout, before)
+        slot = slot_of(slots, self.original)
+        if slot is None or slots[slot].kept is None:
+            engine.restart()
+        stats: list = [None] * len(members)
+        dist.all_gather_object(stats, engine.scheduler.stats())
+        kept = [s.kept for s in slots]
+        engine.resume(members.index(self.original), slot, kept,
+                      [stats[members.index(s.pipeline[-1])] for s in slots],
+                      links_of(layout, slots, self.original, self.device))
+        self.labels, self.fresh = relabel(self.labels, kept, self.fresh)
+        held = {k: v for s in slots if s.kept is not None for k, v in before[s.pipeline[-1]][1].items()}
+        return slots, held
+
+    def _meet(self, dead: dict[int, str], deadline: float) -> tuple[Layout, dict[int, str]]:
+        """Destroy the old groups and form the survivors' default group; (the survivors' layout,
+        the dead ranks it was formed without). `StageLost` when a stage has no rank left."""
         with self.lock:  # the watch thread breaks no new group's sockets for these ranks
             self.handled |= set(dead)
             dist.destroy_process_group()
         while True:
-            survivors = [m for m in self.members if m not in dead]
+            layout = self.layout.without(dead)
+            survivors = layout.members
             name = "-".join(map(str, sorted(dead)))
             store = dist.FileStore(f"{self.store_path}.without-{name}", len(survivors))
             store.add("arrived", 1)
@@ -231,7 +294,7 @@ class Elastic:
                 continue
             init_group("gloo", store, survivors.index(self.original), len(survivors),
                        self.timeout, self.device)
-            return survivors, dead
+            return layout, dead
 
     # ---- a rank joins (`serve --join`, `elastic/join.py`) ----
     def write_ticket(self, ticket: dict) -> str:
@@ -255,6 +318,10 @@ class Elastic:
         for pid in asking:
             os.remove(os.path.join(folder, f"{JOIN_REQUEST}{pid}"))
             answer = os.path.join(folder, f"{JOIN_ANSWER}{pid}")
+            if len(self.layout.stages) > 1:  # `join.ticket` refuses first; a request written by hand
+                write_marker(answer, pickle.dumps(("refused", "the deployment has pipeline stages; "
+                                                   "a rank joins plain expert parallelism only")))
+                continue
             if not self.degraded:
                 write_marker(answer, pickle.dumps(("refused", f"the deployment already has its "
                                                    f"{self.configured} ranks; none is missing")))
@@ -267,13 +334,13 @@ class Elastic:
         return None
 
     def admission_state(self, model, pid: int, rank: int) -> dict:
-        """What a joining rank gets from rank 0: the group's members, pids and losses (as
+        """What a joining rank gets from rank 0: the group's layout, pids and losses (as
         `__init__` takes them), every EP layer's placement and dispatcher options before the
         join, and the experts' kernel plan."""
         from expertmesh.parallel.expert import dispatchers
         layers = dispatchers(model)
         first = model.layers[str(next(iter(layers)))].moe.experts
-        return dict(members=self.members + [rank], pids=self.pids + [pid], lost=self.lost,
+        return dict(layout=self.layout.with_rank(rank), pids=self.pids + [pid], lost=self.lost,
                     configured=self.configured, kernels=first.kernels,
                     placements={i: (d.placement, d.options) for i, d in layers.items()})
 
@@ -286,24 +353,26 @@ class Elastic:
             beat.pause()
         started = time.monotonic()
         pid, new, store_path = join
-        members = self.members + [new]
+        layout = self.layout.with_rank(new)
+        members = layout.members
         with self.lock:
             dist.destroy_process_group()
         rank = members.index(self.original)
         store = dist.FileStore(store_path, len(members))
         init_group("gloo", store, rank, len(members), self.timeout, self.device)
-        deployment = Deployment(ep=len(members))
-        group = stage_group(deployment, rank)
+        group = groups_of([list(range(len(members)))], rank)
         box = [self.admission_state(model, pid, new) if rank == 0 else None]
         dist.broadcast_object_list(box, src=0)
         moves = reshard_join(model, group, rank)
         everyone: list = [None] * len(members)  # also a barrier: the time is the slowest's
         dist.all_gather_object(everyone, engine.scheduler.stats())
-        engine.resume(rank, deployment, everyone, [*range(len(self.members)), None])
+        kept = [*range(len(self.members)), None]  # one stage: each rank its own scheduler
+        engine.resume(rank, rank, kept, everyone)
+        self.labels, self.fresh = relabel(self.labels, kept, self.fresh)
         if beat is not None:
             beat.arm()
         donors = self.members
-        self.members, self.pids = members, box[0]["pids"]
+        self.layout, self.pids = layout, box[0]["pids"]
         return Admission(new, pid, len(members),
                          {layer: {e: donors[i] for e, i in m.items()} for layer, m in moves.items()},
                          time.monotonic() - started)

@@ -17,8 +17,10 @@ on its pipeline peers); otherwise there is one. Rank 0 places a new request by
 tokens), as of the last step's stats, whose all-gather also carries each pool's newly cached and
 evicted block hashes. A request stays on its rank.
 
-Under `serve --elastic`, rank 0 may send a step as a bare boundary (`join` in the control
-message, no work: its new requests and aborts wait for the next step) at which every rank
+Under `serve --elastic` a recovery renumbers the ranks, may empty a scheduler (`restart`) and
+may leave a rank with no data-parallel rank (`self.dp` None: it serves experts only, with
+zero-token forwards); `resume` says so. Rank 0 may send a step as a bare boundary (`join` in the
+control message, no work: its new requests and aborts wait for the next step) at which every rank
 regroups with a process that joins (`elastic/recovery.py: Elastic.admit`); `resume` then makes
 this engine a rank of the larger group, the joined rank a new data-parallel rank.
 """
@@ -34,6 +36,7 @@ from expertmesh import faults
 from expertmesh.config import ModelConfig
 from expertmesh.deployment import Deployment
 from expertmesh.engine.block_pool import cache_key
+from expertmesh.engine.block_tables import BlockTables
 from expertmesh.engine.dp_routing import DpRouter
 from expertmesh.engine.kv_budget import activation_reserve, kv_blocks_from_memory
 from expertmesh.engine.messages import Messages
@@ -163,20 +166,31 @@ class Engine:
         self.aborts.extend(drop)
 
     # ---- every rank ----
-    def resume(self, rank: int, deployment: Deployment, stats: list[SchedulerStats], kept: list[int]) -> None:
-        """After elastic recovery (`elastic/recovery.py`): this rank is `rank` of `deployment`
-        over the new default group, its scheduler and KV pool kept (a step cut short left them
-        consistent: `Scheduler.finish` alone advances a sequence); `stats`: every data-parallel
-        rank's scheduler stats, in the new order; `kept`: the old data-parallel index of each new
-        one, None for a rank that joined (whose pool is empty)."""
+    def resume(self, rank: int, slot: int | None, kept: list[int | None], stats: list[SchedulerStats],
+               links: StageLinks | None = None) -> None:
+        """After elastic recovery or a join (`elastic/recovery.py`): this rank is `rank` of the
+        new default group and serves data-parallel rank `slot` (None: experts only, its forwards
+        carry no tokens); `kept`: per new data-parallel rank, the old index whose scheduler and
+        KV pool it keeps (a step cut short left a pipeline's copies consistent where they agree:
+        `Scheduler.finish` alone advances a sequence), None where it starts empty (`restart`
+        this rank first then); `stats`: every data-parallel rank's scheduler stats, in the new
+        order; `links`: its new pipeline neighbours (None: one stage, no neighbours)."""
         self.router.views = [set() if i is None else self.router.views[i] for i in kept]
-        self.rank, self.deployment = rank, deployment
-        self.dp = deployment.coords(rank)[1] if deployment.ep > 1 else 0
-        self.reports = deployment.reports(rank)
+        if links is not None:
+            self.runner.links = links
+        self.rank, self.dp = rank, slot
+        self.reports = slot is not None and self.runner.links.is_last
         self.messages = Messages(self.group)
         self.runner.exchange = ExchangeChoice(self.runner.model, self.runner.exchange.overlap)
         self.dp_stats = list(stats)
         self.aborts = []
+
+    def restart(self) -> None:
+        """An empty scheduler and KV pool (elastic: this rank's pipeline is new, or its copies
+        disagreed); rank 0 re-queues what the old one held (`elastic/ledger.py`)."""
+        old = self.scheduler
+        self.scheduler = Scheduler(old.cfg, old.num_blocks, tuple(old.eos), old.key)
+        self.runner.block_tables = BlockTables()
 
     def follow(self) -> None:
         """Ranks other than 0: run steps until rank 0 says stop."""
@@ -219,7 +233,7 @@ class Engine:
         if self.eplb:
             self.eplb.end_step([extra for _, extra in everyone])
         everyone = [report for report, _ in everyone]
-        if not self.reports:
+        if not self.reports and self.dp is not None:
             column = next(p for p in everyone if p is not None and p[0] == self.dp)
             self.scheduler.finish(chosen, {o.request_id: o.token for o in column[1]})
             self.scheduler.pool.take_changes()  # the same as the reporting replica's

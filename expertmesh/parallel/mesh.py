@@ -22,10 +22,16 @@ def stage_group(deployment: Deployment, rank: int) -> dist.ProcessGroup | None:
     """
     if deployment.inner == 1:
         return None
+    inner = deployment.inner
+    return groups_of([list(range(s * inner, (s + 1) * inner)) for s in range(deployment.pp)], rank)
+
+
+def groups_of(stages: list[list[int]], rank: int) -> dist.ProcessGroup | None:
+    """A group over each list of ranks of `stages` (every rank creates every one, in order; each
+    with a gloo twin under a device backend); the one holding `rank`, or None where none does."""
     mine = None
     twins = dist.get_backend() != "gloo"
-    for stage in range(deployment.pp):
-        ranks = list(range(stage * deployment.inner, (stage + 1) * deployment.inner))
+    for ranks in stages:
         group = new_group(ranks)
         twin = new_group(ranks, backend="gloo") if twins else group
         if rank in ranks:

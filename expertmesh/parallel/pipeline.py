@@ -38,11 +38,24 @@ class PipelineLinks:
     def __init__(self, deployment: Deployment, rank: int, device: torch.device):
         stage, _ = deployment.coords(rank)
         inner, pp = deployment.inner, deployment.pp
-        self.is_first, self.is_last = stage == 0, stage == pp - 1
-        self.next_rank = rank + inner if not self.is_last else None
-        self.prev_rank = rank - inner if not self.is_first else None
+        is_first, is_last = stage == 0, stage == pp - 1
         # the last stage sends tokens to the first stage's rank with the same place in its stage
-        self.token_peer = rank % inner + (0 if self.is_last else (pp - 1) * inner)
+        self._link(is_first, is_last, None if is_first else rank - inner, None if is_last else rank + inner,
+                   rank % inner + (0 if is_last else (pp - 1) * inner), device)
+
+    @classmethod
+    def of(cls, is_first: bool, is_last: bool, prev_rank: int | None, next_rank: int | None,
+           token_peer: int | None, device: torch.device) -> "PipelineLinks":
+        """Links to the neighbours named (ranks of the default group), not a deployment's: an
+        elastic recovery's pipelines (`elastic/slots.py`). A rank of a stage that serves experts
+        only has none: it runs zero-token forwards, which send and receive nothing."""
+        links = cls.__new__(cls)
+        links._link(is_first, is_last, prev_rank, next_rank, token_peer, device)
+        return links
+
+    def _link(self, is_first, is_last, prev_rank, next_rank, token_peer, device) -> None:
+        self.is_first, self.is_last = is_first, is_last
+        self.prev_rank, self.next_rank, self.token_peer = prev_rank, next_rank, token_peer
         self.device = device
         self.pending: list[dist.Work] = []
 

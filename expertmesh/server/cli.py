@@ -287,14 +287,14 @@ def add_commands(sub) -> None:
                        help="seconds an idle connection is kept open between requests")
     serve.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     serve.add_argument("--elastic", action="store_true", help="survive the loss of an EP rank other "
-                       "than 0 (plain epN, local CPU ranks): its experts and requests move to the others")
+                       "than 0 (epN or epNppM, local CPU ranks): its experts and requests move to the others")
     serve.add_argument("--hang-timeout", type=float, default=None, help="--elastic: seconds a rank "
                        f"may go without a heartbeat, or compute without finishing a layer, before it "
                        f"is killed as hung and survived (default {DEFAULT_HANG_S:g}; waiting on "
                        f"other ranks, start-up and recovery do not count)")
     serve.add_argument("--join", default=None, metavar="URL", help="join the degraded --elastic "
                        "server at URL (e.g. http://127.0.0.1:8000) as a new rank, in place of a lost "
-                       "one: on the server's machine, as its user; it takes experts and a "
+                       "one (plain epN only, no pipeline stages): on the server's machine, as its user; it takes experts and a "
                        "data-parallel rank and serves until the server stops (the model and the "
                        "deployment are the server's; --api-key is sent if it has one)")
     add_exchange_args(serve)

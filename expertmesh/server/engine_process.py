@@ -127,7 +127,7 @@ def serve_rank(spec: RunSpec, engine_cfg: EngineConfig, options: ServeOptions,
                     eplb=eplb_controller(spec, model, rank))
     elastic = None
     if options.elastic:
-        elastic = Elastic(local_store_path(), device, options.timeout_s, spec.checkpoint, spec.seed,
+        elastic = Elastic(spec.deployment, local_store_path(), device, options.timeout_s, spec.checkpoint, spec.seed,
                           spec.cfg.torch_dtype)
     if (beat := heartbeat.mine()) is not None:  # watched for hangs: a layer's end is progress
         model.after_layer.append(beat.mark)
@@ -309,14 +309,18 @@ class EngineServer:
                 return
             if self.elastic is not None and self.engine.join is None:
                 self.engine.join = self.elastic.join_request()  # admitted at the next step
+            outputs, totals = [], None
             try:
-                outputs, totals = self._step_and_count()
+                outputs = self._step_and_record()
+                totals = self._count()
             except BaseException as exc:
                 self.step_started = None
                 try:
                     if self.elastic is None or not isinstance(exc, RuntimeError):
                         raise
-                    outputs, totals = self._recover(exc), None
+                    # the step's tokens when the counters' collective failed after it: recorded
+                    # as streamed, so sent now (they were lost once, a token missing mid-stream)
+                    outputs = outputs + self._recover(exc)
                 except BaseException:
                     for i in range(n):
                         channel.send(i, FromEngine(failure=f"the engine failed ({type(exc).__name__})"))
@@ -337,23 +341,27 @@ class EngineServer:
                                            ranks=self.rank_states, lost=lost, recovery_s=seconds,
                                            hung=hung,
                                            degraded=self.elastic is not None and self.elastic.degraded,
-                                           join=self.ticket))
+                                           join=self.ticket,
+                                           dp_ranks=self.elastic.labels if self.elastic is not None else None))
             self.recovered = (0, 0.0, 0)
 
-    def _step_and_count(self):
-        """A step's outputs, and every `STATS_EVERY` steps the ranks' counters (else None)."""
+    def _step_and_record(self) -> list:
+        """A step's outputs, recorded in the ledger as streamed (elastic)."""
         outputs = self._step()
         if self.engine.joined is not None:  # the step was the boundary a rank joins at
             self._admit(self.engine.joined)
-            return outputs, None
-        if self.ledger is not None:
+        elif self.ledger is not None:
             self.ledger.record(outputs)
-        if self.steps % STATS_EVERY:
-            return outputs, None
+        return outputs
+
+    def _count(self):
+        """Every `STATS_EVERY` steps (not the step a rank joined at) the ranks' counters, else None."""
+        if self.steps % STATS_EVERY or self.steps == 0:
+            return None
         cfg = self.spec.cfg
         ranks = share_counters(self.engine, self.model)
-        return outputs, counter_totals(ranks, cfg.n_experts, cfg.d_model * cfg.torch_dtype.itemsize,
-                                       self.spec.deployment.tp)
+        return counter_totals(ranks, cfg.n_experts, cfg.d_model * cfg.torch_dtype.itemsize,
+                              self.spec.deployment.tp)
 
     def _recover(self, error: RuntimeError) -> list:
         """Survive a lost rank (raises `error` if none was lost): regroup, reconcile the requests

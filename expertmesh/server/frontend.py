@@ -136,11 +136,10 @@ class EngineClient:
                 queue = self.queues.pop(request_id, None)
                 if queue is not None:
                     queue.put_nowait(ValueError(error))
-            if message.ranks is not None:  # first: a recovery's stats count the survivors only
+            if message.ranks is not None:
                 self.ranks, self.degraded, self.join = message.ranks, message.degraded, message.join
             if message.stats:
-                origin = None if self.ranks is None else [r.rank for r in self.ranks if r.state == "ok"]
-                self.metrics.step(message.stats, message.counters, origin)
+                self.metrics.step(message.stats, message.counters, message.dp_ranks)
             if message.lost:
                 self.metrics.recovered(message.lost, message.recovery_s, message.hung)
             if message.failure is not None:

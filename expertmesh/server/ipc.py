@@ -87,8 +87,9 @@ class FromEngine(msgspec.Struct):
     """`stats`: per data-parallel rank, the scheduler's `stats()` after the step. Elastic
     servers: every rank's state (`ranks`), and in the message after a recovery, to front end 0,
     the ranks `lost`, the `recovery_s` seconds it took and how many of them had `hung`, whether
-    fewer ranks than the deployment's run (`degraded`), and the file a joining process reads
-    (`join`, `elastic/join.py`)."""
+    fewer ranks than the deployment's run (`degraded`), the file a joining process reads
+    (`join`, `elastic/join.py`), and each data-parallel rank's label in `/metrics` (`dp_ranks`:
+    a recovery renumbers them; `elastic/slots.py: relabel`)."""
 
     tokens: list[Token] = []
     rejected: dict[str, str] = {}
@@ -101,6 +102,7 @@ class FromEngine(msgspec.Struct):
     hung: int = 0
     degraded: bool = False
     join: str | None = None
+    dp_ranks: list[int] | None = None
 
 
 OPTIONS = ("presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens",

@@ -117,7 +117,10 @@ def start(sc: Scenario, redundant: int) -> Scenario:
     """`sc` (plain EP) on the placement `serve --elastic --redundant-experts redundant` starts from."""
     dep = sc.deployment
     if dep.ep < 2 or dep.world_size != dep.ep:
-        raise ValueError(f"--elastic serves plain expert parallelism (ep2, ep4, ...), not {dep.name}")
+        stages = (" (serve --elastic survives a loss with pipeline stages; its cost, a broken "
+                  "pipeline's recompute included, is not modelled)" if dep.pp > 1 and dep.tp == 1 else "")
+        raise ValueError(f"simulate-failure models plain expert parallelism (ep2, ep4, ...), not "
+                         f"{dep.name}{stages}")
     layer = spare_placement(sc.cfg.n_experts, dep.ep, redundant)
     return dataclasses.replace(sc, placement=tuple(map(tuple, layer)))
 

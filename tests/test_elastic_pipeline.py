@@ -1,0 +1,197 @@
+"""Elastic expert parallelism with pipeline stages (`expertmesh serve --elastic --deployment
+ep2pp2`: stage 0 is ranks 0 and 1, stage 1 ranks 2 and 3; pipeline i, data-parallel rank i, is
+ranks i and 2 + i), as a client sees it: ranks SIGKILLed from outside while streams run. Every
+request completes with the greedy tokens of the tiny preset's single-device model, later
+requests are served, `/health` names the dead ranks and says `degraded`, and nothing is left
+running. A stage left with no rank ends the server with exit 1 and one line naming it.
+
+Two servers, each taking three losses in order:
+  plain:  rank 1 mid-stream (pipeline 1 broken: its requests recomputed on pipeline 0; rank 3 left
+          over, serving experts only), then rank 2 mid-stream (ranks 0 and 3 now pair up, from
+          different schedulers: they start empty), then `--join` refused, SIGTERM (exit 0).
+  spares: one spare replica per stage (`--redundant-experts 1`: rank 0 copies expert 8 of rank 1,
+          rank 2 expert 8 of rank 3): rank 3 mid-stream (its expert 8 served by rank 2's copy),
+          rank 1 during the prefills (expert 8 by rank 0's), then rank 2: stage 1 is gone.
+Then the parts: `Layout`, the slots, the links and the labels, against plain rules.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from expertmesh.elastic.layout import Layout, StageLost
+from expertmesh.elastic.slots import Slot, links_of, plan_slots, relabel, slot_of
+from expertmesh.deployment import Deployment
+from elastic_streams import Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
+
+pytest.importorskip("openai", reason="the server is driven by the openai client (pip install -e '.[test,serve]')")
+pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
+from test_server import Server  # noqa: E402
+
+COMMON = ("--deployment", "ep2pp2", "--elastic", "--timeout", "60", "--num-blocks", "64",
+          "--block-size", "8", "--served-model-name", "tiny")
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    """The one factory of this file's servers: started on first use, each kept for its tests."""
+    started: dict[str, Server] = {}
+
+    def get(name: str, *extra: str) -> Server:
+        if name not in started:
+            started[name] = Server(tmp_path_factory.mktemp(name), *COMMON, *extra)
+        return started[name]
+
+    yield get
+    for s in started.values():
+        s.stop()
+
+
+@pytest.fixture
+def plain(servers):
+    return servers("plain")
+
+
+@pytest.fixture
+def spares(servers):
+    return servers("spares", "--redundant-experts", "1", "--max-batched-tokens", "8")
+
+
+def kill_mid_stream(server: Server, rank: int, reference, salt: int) -> None:
+    """SIGKILL `rank` while six streams run; each completes unchanged; three more are served."""
+    streams = Streams(server, prompts(6, 12, salt), max_tokens=30)
+    streams.wait_for(3)
+    os.kill(pid_of(server, rank), signal.SIGKILL)
+    streams.check(reference)
+    Streams(server, prompts(3, 5, salt + 50), max_tokens=8).check(reference)
+
+
+def lost_line(server: Server, rank: int) -> str:
+    return re.search(rf"elastic: lost rank {rank} .*", server.output()).group(0)
+
+
+def test_rank_1_killed_mid_stream_its_pipelines_requests_are_recomputed_on_pipeline_0(plain, reference):
+    kill_mid_stream(plain, 1, reference, salt=1)
+    body = health(plain)
+    assert body["degraded"] is True
+    assert [r["state"] for r in body["ranks"]] == ["ok", "dead", "ok", "ok"]
+    line = lost_line(plain, 1)
+    # stage 0 keeps rank 0 alone, which loads rank 1's experts; rank 3 serves stage 1's only
+    assert re.search(r"now ep1 \+ ep2 \(2 stages\), 1 pipeline .*experts loaded anew: expert 8 -> "
+                     r"rank 0 \(layers \[0, 1\]\);.* expert 15 -> rank 0 \(layers \[0, 1\]\);", line), line
+    assert plain.metric("expertmesh_rank_losses_total") == 1
+    assert plain.metric("expertmesh_kv_blocks_used", dp_rank="1") == 0  # its pool is gone
+
+
+def test_rank_2_killed_next_ranks_0_and_3_pair_up_from_empty_schedulers(plain, reference):
+    """Rank 0 served data-parallel rank 0, rank 3 none: their copies disagree, so the new
+    pipeline starts empty; its requests are recomputed, and it is labelled anew in /metrics."""
+    kill_mid_stream(plain, 2, reference, salt=7)
+    assert [r["state"] for r in health(plain)["ranks"]] == ["ok", "dead", "dead", "ok"]
+    line = lost_line(plain, 2)
+    assert "now ep1 + ep1 (2 stages), 1 pipeline (schedulers kept: 0, started empty: 1)" in line, line
+    assert "expert 0 -> rank 3 (layers [2, 3])" in line, line
+    labels = re.findall(r'expertmesh_prefix_cache_queries_total\{dp_rank="(\d+)"\}', plain.get("/metrics").text)
+    newest = max(labels, key=int)  # 2, or 3 had the first recovery restarted pipeline 0 too
+    assert int(newest) >= 2 and plain.metric("expertmesh_prefix_cache_queries_total", dp_rank=newest) > 0
+
+
+def test_joining_a_server_with_stages_is_a_one_line_error(plain):
+    out = subprocess.run([sys.executable, "-m", "expertmesh.cli", "serve", "--join", plain.url + "/v1"],
+                         env=plain.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert out.stderr.strip().splitlines() == [
+        f"error: the server at {plain.url}/v1 runs pipeline stages (ep2pp2); --join replaces a lost "
+        f"rank of plain expert parallelism (ep2, ep4, ...) only"]
+
+
+def test_sigterm_after_losses_in_both_stages_exits_0_and_leaves_nothing(plain):
+    plain.proc.send_signal(signal.SIGTERM)
+    assert plain.proc.wait(60) == 0
+    assert plain.leftovers.alive() == []
+
+
+def test_rank_3_killed_mid_stream_its_replicated_expert_is_served_by_rank_2s_copy(spares, reference):
+    kill_mid_stream(spares, 3, reference, salt=13)
+    line = lost_line(spares, 3)
+    assert re.search(r"now ep2 \+ ep1 .*experts loaded anew: expert 9 -> rank 2 \(layers \[2, 3\]\);.*"
+                     r"still served by surviving copies: expert 8 -> rank 2 \(layers \[2, 3\]\);", line), line
+
+
+def test_rank_1_killed_during_the_prefills_loses_nothing(spares, reference):
+    # a short prompt, whose first token comes a step after it is admitted, and two that take
+    # 30 steps of prefill each (8 tokens a step): when the first has a token the others prefill
+    streams = Streams(spares, prompts(1, 8, 3) + prompts(2, 240, 7), max_tokens=8)
+    streams.wait_for_first(0)
+    os.kill(pid_of(spares, 1), signal.SIGKILL)
+    assert not any(streams.tokens[1:])  # the kill came before their first tokens: prefills were cut
+    streams.check(reference)
+    assert "still served by surviving copies: expert 8 -> rank 0 (layers [0, 1])" in lost_line(spares, 1)
+    assert [r["state"] for r in health(spares)["ranks"]] == ["ok", "dead", "ok", "dead"]
+
+
+def test_a_stage_left_without_ranks_ends_the_server_with_exit_1_and_one_line(spares):
+    os.kill(pid_of(spares, 2), signal.SIGKILL)
+    assert spares.proc.wait(60) == 1
+    assert ("rank 0 failed: StageLost: rank 2 of pipeline stage 1 died and no rank of that stage "
+            "is left") in spares.output()
+    assert spares.leftovers.alive() == []
+
+
+# ---- the parts, against plain rules ----
+
+def test_a_layout_loses_ranks_stage_by_stage_and_pairs_the_ith_survivors():
+    layout = Layout.of(Deployment(ep=4, pp=2))
+    assert layout.stages == ((0, 1, 2, 3), (4, 5, 6, 7))
+    assert layout.pipelines == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    after = layout.without({1, 6, 9})  # 9: no rank of this layout, ignored
+    assert after.stages == ((0, 2, 3), (4, 5, 7))
+    assert after.pipelines == [(0, 4), (2, 5), (3, 7)]
+    assert after.members == [0, 2, 3, 4, 5, 7]
+    small = Layout.of(Deployment(ep=2, pp=2)).without({1})
+    assert small.pipelines == [(0, 2)] and small.stage_of(3) == 1  # 3 serves experts only
+    assert small.describe() == "ep1 + ep2 (2 stages), 1 pipeline"
+    assert Layout.of(Deployment(ep=4)).without({2}).describe() == "ep3"
+
+
+def test_a_stage_with_no_rank_left_is_stage_lost_naming_its_last_ranks():
+    with pytest.raises(StageLost, match=r"^rank 3 of pipeline stage 1 died and no rank of that stage is left$"):
+        Layout(((0, 1), (3,))).without({3})
+    with pytest.raises(StageLost, match=r"^ranks 2, 3 of pipeline stage 1 died"):
+        Layout.of(Deployment(ep=2, pp=2)).without({2, 3})
+
+
+def test_a_pipeline_keeps_a_scheduler_only_when_all_its_copies_hold_the_same_one():
+    layout = Layout(((0, 2, 3), (4, 5, 7)))
+    same, other = {"r": [5, 6]}, {"r": [5, 6, 7]}
+    before = {0: (0, same), 4: (0, same),      # pipeline 0 lost no rank: kept
+              2: (2, {}), 5: (1, {}),          # ranks of two pipelines: empty
+              3: (3, same), 7: (3, other)}     # one copy a token ahead (a step cut short): empty
+    slots = plan_slots(layout, before)
+    assert slots == [Slot((0, 4), 0), Slot((2, 5), None), Slot((3, 7), None)]
+    assert plan_slots(Layout(((0, 1, 3),)), {0: (0, {}), 1: (1, {}), 3: (None, {})}) == [
+        Slot((0,), 0), Slot((1,), 1), Slot((3,), None)]  # one stage: each its own; a joined one empty
+    assert [slot_of(slots, r) for r in (0, 5, 7)] == [0, 1, 2]
+    assert slot_of(plan_slots(Layout(((0,), (2, 3))), {0: (0, {}), 2: (0, {}), 3: (1, {})}), 3) is None
+
+
+def test_links_join_each_pipelines_neighbours_in_the_new_numbering():
+    layout = Layout(((0, 2, 3), (4, 5, 7)))  # new group ranks: 0 2 3 -> 0 1 2, 4 5 7 -> 3 4 5
+    slots = plan_slots(layout, {r: (None, {}) for r in layout.members})
+    cpu = torch.device("cpu")
+    first, last = links_of(layout, slots, 2, cpu), links_of(layout, slots, 5, cpu)
+    assert (first.is_first, first.is_last, first.prev_rank, first.next_rank, first.token_peer) == (True, False, None, 4, 4)
+    assert (last.is_first, last.is_last, last.prev_rank, last.next_rank, last.token_peer) == (False, True, 1, None, 1)
+    alone = links_of(Layout(((0,), (2, 3))), [Slot((0, 2), 0)], 3, cpu)  # experts only: no neighbour
+    assert (alone.is_first, alone.is_last, alone.prev_rank, alone.next_rank) == (False, True, None, None)
+    assert links_of(Layout(((0, 1),)), [Slot((0,), 0), Slot((1,), 1)], 1, cpu) is None
+
+
+def test_a_kept_scheduler_keeps_its_metrics_label_and_an_empty_one_gets_a_label_never_used():
+    assert relabel([0, 1, 2], [0, None], fresh=3) == ([0, 3], 4)
+    assert relabel([0, 3], [None], fresh=4) == ([4], 5)  # never 1, 2 or 3 again
