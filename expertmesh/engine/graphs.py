@@ -8,7 +8,8 @@ parallelism and no capacity limit runs on buffers allocated once, for the larges
 
 A step uploads, in one non-blocking copy, its ids, positions, slots and kv_lens `[4 Bmax]` and
 what the rank's persistent block tables (`engine/block_tables.py`) lack: the step's rows `[S]`
-and the block ids written since the last step (a few, or none); on the device the tables' writes
+and the block ids written since the last step (a few, or none; neither when the tables are the
+last step's, `BlockTables.plan`); on the device the tables' writes
 are applied, its rows gathered into the tables buffer, the rest copied into the flat one. Nothing
 it sends grows with the context: at Bmax 8 and 4 sequences, 288 bytes, where the whole `[Bmax, W]`
 table would be 131 KB at 8k positions in blocks of 4.

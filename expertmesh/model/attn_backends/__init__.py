@@ -1,7 +1,8 @@
 """Attention backends over the paged KV pool (`model/paged.py`): one interface, chosen per device.
 
 A backend has `name`, `host_arrays(batch)` (index arrays only the host can make, uploaded with
-the step's plan), `prepare(batch, uploaded)` (its per-step state, once per step, kept as
+the step's plan; made from the step's seq_lens alone, so that a decode step continuing the last
+keeps the last one's, `model/paged.py`), `prepare(batch, uploaded)` (its per-step state, once per step, kept as
 `batch.meta`) and `attend(q [N, h, d], pool, batch)` -> `[N, h, d]` (per layer, after the new
 tokens' k, v are stored). `torch_paged.TorchBackend` is the reference (CPU, and CUDA without
 FlashInfer); `flashinfer.FlashInferBackend` runs FlashInfer's paged kernels on CUDA.
