@@ -18,6 +18,8 @@ steps and reports:
 - `host_ms_per_step`: wall ms of an engine step outside the model's forward (control, scheduling,
   the step's plan, sampling's host part; on CUDA also the wait for the device at the step's read);
 - `attention_backend`: the backend the runner planned the step with;
+- `expert_kernels`: the experts' kernel per rows-per-expert bucket (`--expert-kernel`; auto,
+  the default, times them on this machine: the loop kernel adds a matmul per expert to the ops);
 - on CUDA, `kernels_per_step` and `device_ms_per_step` from `torch.profiler`, and
   `decode_ms_per_step` (wall ms of the whole step).
 
@@ -49,6 +51,7 @@ from expertmesh.engine.shard import load_rank
 from expertmesh.engine.spec import RunSpec
 from expertmesh.launch import check_launch, launch
 from expertmesh.model import moe
+from expertmesh.model.expert_kernels import SETTINGS
 from expertmesh.op_count import OpCounter, counted, per_layer
 from expertmesh.parallel.dispatch import LOW_LATENCY_TOKENS
 from expertmesh.pretend_device import FakeDevice, move_to_device
@@ -181,6 +184,7 @@ def profile_rank(spec: RunSpec, batch: int, context: int, steps: int, device: to
         "kv_bytes_resident": _resident(eng),
         "host_ms_per_step": 1e3 * (sum(walls) - sum(forward)) / steps,
         "attention_backend": eng.runner.backend.name,
+        "expert_kernels": _expert_kernels(model),
     }
     if device.type == "cuda":
         mine["decode_ms_per_step"] = 1e3 * sum(walls) / steps
@@ -284,6 +288,14 @@ def _cuda_graphs_profile(spec: RunSpec, batch: int, context: int, steps: int, de
             "graphs_kernels_per_step": timed["kernels_per_step"]}
 
 
+def _expert_kernels(model) -> dict[str, str]:
+    """The experts' kernel plan this rank ran (`model/expert_kernels.py`): rows per expert ->
+    kernel, as `--expert-kernel` resolved it (auto: timed on this machine, or its cache). The
+    kernels differ in ops per layer (loop: one matmul per expert) and in host reads."""
+    plans = {m.kernels for m in model.modules() if isinstance(m, moe.GroupedExperts)}
+    return {rows: kernel for plan in plans for rows, kernel in plan.to_json().items()}
+
+
 def spec_for(args) -> RunSpec:
     """The validated plan of `profile`'s flags; raises ValueError (one line) on a bad one."""
     from expertmesh.checkpoint import config_from_hf
@@ -301,7 +313,8 @@ def spec_for(args) -> RunSpec:
         raise ValueError(f"profile runs deployments without pipeline stages; {deployment.name} has "
                          f"{deployment.pp}")
     spec = RunSpec(cfg, deployment, Workload(batch_size=args.batch), seed=args.seed, checkpoint=args.model,
-                   low_latency_tokens=max(LOW_LATENCY_TOKENS, args.batch), overlap="none")
+                   low_latency_tokens=max(LOW_LATENCY_TOKENS, args.batch), overlap="none",
+                   expert_kernel=args.expert_kernel)
     spec.validate(deployment.world_size)
     return spec
 
@@ -343,6 +356,9 @@ def add_commands(sub) -> None:
     p.add_argument("--context", type=int, default=1024, help="prompt tokens per sequence (default 1024)")
     p.add_argument("--steps", type=int, default=3, help="decode steps measured (default 3)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic weights")
+    p.add_argument("--expert-kernel", default="auto",
+                   help=f"the experts' matmuls ({', '.join(SETTINGS)}; default auto: the faster as "
+                        "timed on this machine, as serve takes it)")
     p.add_argument("--backend", default=None, help="gloo or nccl (default: nccl with CUDA, else gloo)")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds before a stuck run is stopped")
     p.add_argument("--json", default=None, help="write every rank's figures to this file")
