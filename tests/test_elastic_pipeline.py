@@ -148,15 +148,25 @@ def test_a_stage_left_without_ranks_ends_the_server_with_exit_1_and_one_line(spa
 def test_a_layout_loses_ranks_stage_by_stage_and_pairs_the_ith_survivors():
     layout = Layout.of(Deployment(ep=4, pp=2))
     assert layout.stages == ((0, 1, 2, 3), (4, 5, 6, 7))
-    assert layout.pipelines == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert layout.pipelines == ((0, 4), (1, 5), (2, 6), (3, 7))
     after = layout.without({1, 6, 9})  # 9: no rank of this layout, ignored
     assert after.stages == ((0, 2, 3), (4, 5, 7))
-    assert after.pipelines == [(0, 4), (2, 5), (3, 7)]
+    assert after.pipelines == ((0, 4), (2, 5), (3, 7))  # 2 and 5 lost their partners: paired
     assert after.members == [0, 2, 3, 4, 5, 7]
     small = Layout.of(Deployment(ep=2, pp=2)).without({1})
-    assert small.pipelines == [(0, 2)] and small.stage_of(3) == 1  # 3 serves experts only
+    assert small.pipelines == ((0, 2),) and small.stage_of(3) == 1  # 3 serves experts only
     assert small.describe() == "ep1 + ep2 (2 stages), 1 pipeline"
+    assert small.without({2}).pipelines == ((0, 3),)
     assert Layout.of(Deployment(ep=4)).without({2}).describe() == "ep3"
+
+
+def test_pipelines_that_lost_no_rank_stay_as_they_were():
+    """Not the i-th survivors of each stage: (2, 6) and (3, 7) would become (1, 6) and (2, 7)."""
+    after = Layout.of(Deployment(ep=4, pp=2)).without({5})
+    assert after.pipelines == ((0, 4), (2, 6), (3, 7))  # rank 1 serves experts only
+    again = after.without({4})  # (0, 4) broken: 0 pairs with no one left in stage 1 ...
+    assert again.pipelines == ((2, 6), (3, 7))  # ... so rank 0 serves experts only too
+    assert Layout(((0, 1, 3),)).with_rank(4).pipelines == ((0,), (1,), (3,), (4,))
 
 
 def test_a_stage_with_no_rank_left_is_stage_lost_naming_its_last_ranks():
