@@ -5,13 +5,14 @@ request completes with the greedy tokens of the tiny preset's single-device mode
 requests are served, `/health` names the dead ranks and says `degraded`, and nothing is left
 running. A stage left with no rank ends the server with exit 1 and one line naming it.
 
-Two servers, each taking three losses in order:
+Three servers, taking their losses in order:
   plain:  rank 1 mid-stream (pipeline 1 broken: its requests recomputed on pipeline 0; rank 3 left
           over, serving experts only), then rank 2 mid-stream (ranks 0 and 3 now pair up, from
           different schedulers: they start empty), then `--join` refused, SIGTERM (exit 0).
   spares: one spare replica per stage (`--redundant-experts 1`: rank 0 copies expert 8 of rank 1,
           rank 2 expert 8 of rank 3): rank 3 mid-stream (its expert 8 served by rank 2's copy),
           rank 1 during the prefills (expert 8 by rank 0's), then rank 2: stage 1 is gone.
+  ep4pp2: rank 5 (the intact pipelines stay), then rank 4 (rank 0 left serving experts only).
 Then the parts: `Layout`, the slots, the links and the labels, against plain rules.
 """
 
@@ -33,8 +34,8 @@ pytest.importorskip("openai", reason="the server is driven by the openai client 
 pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
 from test_server import Server  # noqa: E402
 
-COMMON = ("--deployment", "ep2pp2", "--elastic", "--timeout", "60", "--num-blocks", "64",
-          "--block-size", "8", "--served-model-name", "tiny")
+COMMON = ("--elastic", "--timeout", "60", "--num-blocks", "64", "--block-size", "8",
+          "--served-model-name", "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -42,9 +43,9 @@ def servers(tmp_path_factory):
     """The one factory of this file's servers: started on first use, each kept for its tests."""
     started: dict[str, Server] = {}
 
-    def get(name: str, *extra: str) -> Server:
+    def get(name: str, *extra: str, deployment: str = "ep2pp2") -> Server:
         if name not in started:
-            started[name] = Server(tmp_path_factory.mktemp(name), *COMMON, *extra)
+            started[name] = Server(tmp_path_factory.mktemp(name), "--deployment", deployment, *COMMON, *extra)
         return started[name]
 
     yield get
@@ -62,9 +63,10 @@ def spares(servers):
     return servers("spares", "--redundant-experts", "1", "--max-batched-tokens", "8")
 
 
-def kill_mid_stream(server: Server, rank: int, reference, salt: int) -> None:
-    """SIGKILL `rank` while six streams run; each completes unchanged; three more are served."""
-    streams = Streams(server, prompts(6, 12, salt), max_tokens=30)
+def kill_mid_stream(server: Server, rank: int, reference, salt: int, tokens: int = 30) -> None:
+    """SIGKILL `rank` while six streams of `tokens` run; each completes unchanged; three more
+    are served."""
+    streams = Streams(server, prompts(6, 12, salt), max_tokens=tokens)
     streams.wait_for(3)
     os.kill(pid_of(server, rank), signal.SIGKILL)
     streams.check(reference)
@@ -143,20 +145,45 @@ def test_a_stage_left_without_ranks_ends_the_server_with_exit_1_and_one_line(spa
     assert spares.leftovers.alive() == []
 
 
+def test_ep4pp2_keeps_its_intact_pipelines_and_rank_0_may_end_up_serving_experts_only(servers, reference):
+    """Rank 5 lost: pipelines 0-4, 2-6, 3-7 stay (rank 1 serves experts only); then rank 4:
+    0-4 broken and no stage-1 rank free, so rank 0 serves experts only and still runs the engine
+    loop; the two pipelines left serve everything."""
+    s = servers("ep4pp2", deployment="ep4pp2")
+    kill_mid_stream(s, 5, reference, salt=21, tokens=16)
+    assert "now ep4 + ep3 (2 stages), 3 pipelines" in lost_line(s, 5)
+    kill_mid_stream(s, 4, reference, salt=31, tokens=16)
+    assert "now ep4 + ep2 (2 stages), 2 pipelines" in lost_line(s, 4)
+    assert [r["state"] for r in health(s)["ranks"]] == ["ok"] * 4 + ["dead", "dead", "ok", "ok"]
+    s.proc.send_signal(signal.SIGTERM)
+    assert s.proc.wait(60) == 0
+    assert s.leftovers.alive() == []
+
+
 # ---- the parts, against plain rules ----
 
 def test_a_layout_loses_ranks_stage_by_stage_and_pairs_the_ith_survivors():
     layout = Layout.of(Deployment(ep=4, pp=2))
     assert layout.stages == ((0, 1, 2, 3), (4, 5, 6, 7))
-    assert layout.pipelines == [(0, 4), (1, 5), (2, 6), (3, 7)]
+    assert layout.pipelines == ((0, 4), (1, 5), (2, 6), (3, 7))
     after = layout.without({1, 6, 9})  # 9: no rank of this layout, ignored
     assert after.stages == ((0, 2, 3), (4, 5, 7))
-    assert after.pipelines == [(0, 4), (2, 5), (3, 7)]
+    assert after.pipelines == ((0, 4), (2, 5), (3, 7))  # 2 and 5 lost their partners: paired
     assert after.members == [0, 2, 3, 4, 5, 7]
     small = Layout.of(Deployment(ep=2, pp=2)).without({1})
-    assert small.pipelines == [(0, 2)] and small.stage_of(3) == 1  # 3 serves experts only
+    assert small.pipelines == ((0, 2),) and small.stage_of(3) == 1  # 3 serves experts only
     assert small.describe() == "ep1 + ep2 (2 stages), 1 pipeline"
+    assert small.without({2}).pipelines == ((0, 3),)
     assert Layout.of(Deployment(ep=4)).without({2}).describe() == "ep3"
+
+
+def test_pipelines_that_lost_no_rank_stay_as_they_were():
+    """Not the i-th survivors of each stage: (2, 6) and (3, 7) would become (1, 6) and (2, 7)."""
+    after = Layout.of(Deployment(ep=4, pp=2)).without({5})
+    assert after.pipelines == ((0, 4), (2, 6), (3, 7))  # rank 1 serves experts only
+    again = after.without({4})  # (0, 4) broken: 0 pairs with no one left in stage 1 ...
+    assert again.pipelines == ((2, 6), (3, 7))  # ... so rank 0 serves experts only too
+    assert Layout(((0, 1, 3),)).with_rank(4).pipelines == ((0,), (1,), (3,), (4,))
 
 
 def test_a_stage_with_no_rank_left_is_stage_lost_naming_its_last_ranks():

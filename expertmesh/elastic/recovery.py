@@ -21,9 +21,10 @@ Regrouping (`Elastic.recover`, every survivor, each on its own after its step fa
      loaded onto the least-loaded survivor of that stage;
   4. one all-gather tells every rank what each scheduler holds (request id -> tokens generated
      so far, with its data-parallel rank and stats) and the experts moved; every rank works
-     out the same data-parallel slots (`slots.py`: pipeline i is the i-th survivor of each
-     stage; it keeps its scheduler and KV cache where all its copies agree, else starts empty,
-     `Engine.restart`; a rank left over serves experts only), a second all-gather shares the
+     out the same data-parallel slots (`slots.py`: a pipeline that lost no rank stays, the
+     survivors of broken ones pair up, `layout.py`; a pipeline keeps its scheduler and KV cache
+     where all its copies agree, else starts empty, `Engine.restart`; a rank left over serves
+     experts only), a second all-gather shares the
      stats, and the engine resumes as rank `new rank` on its new pipeline links
      (`Engine.resume`). Under one stage every survivor keeps its own scheduler. Rank 0 then
      (`ledger.py`) streams the tokens a kept scheduler generated that the failed step never

@@ -2,13 +2,13 @@
 whether it keeps a scheduler (its requests and KV cache) or starts empty.
 
 A data-parallel rank's scheduler is replicated on every rank of its pipeline (`engine/engine.py`).
-After a loss, new pipeline i is the i-th surviving rank of each stage (`Layout.pipelines`). It
-keeps a scheduler when all its ranks held the same one, in the same state: they served the same
-data-parallel rank before and what they hold agrees (a step cut short may have advanced the
-last stage's copy and not the others: then they disagree). Otherwise it starts empty, and rank 0
-re-queues the requests it held (`ledger.py`): under one stage every survivor keeps its own;
-under several, a pipeline that lost no rank keeps its scheduler, a broken one's survivors are
-paired anew. A rank left over (its stage has more ranks than the shortest) serves experts only.
+After a loss, a pipeline that lost no rank stays, the survivors of broken ones pair up
+(`Layout.without`). A pipeline keeps a scheduler when all its ranks held the same one, in the
+same state: they served the same data-parallel rank before and what they hold agrees. A step cut
+short after the last stage sampled has advanced that stage's copy and not the others (seen in
+about one loss in two on ep4pp2): then they disagree. Otherwise it starts empty, and rank 0
+re-queues the requests it held (`ledger.py`). Under one stage every survivor keeps its own. A
+rank left over (no partner in some stage) serves experts only.
 
 Every rank computes the same slots from the same all-gathered `before`.
 """
