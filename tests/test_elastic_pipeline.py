@@ -128,9 +128,10 @@ def test_rank_3_killed_mid_stream_its_replicated_expert_is_served_by_rank_2s_cop
 def test_rank_1_killed_during_the_prefills_loses_nothing(spares, reference):
     # a short prompt, whose first token comes a step after it is admitted, and two that take
     # 30 steps of prefill each (8 tokens a step): when the first has a token the others prefill
+    victim = pid_of(spares, 1)  # asked first: a /health round trip under load outlasts the prefills
     streams = Streams(spares, prompts(1, 8, 3) + prompts(2, 240, 7), max_tokens=8)
     streams.wait_for_first(0)
-    os.kill(pid_of(spares, 1), signal.SIGKILL)
+    os.kill(victim, signal.SIGKILL)
     assert not any(streams.tokens[1:])  # the kill came before their first tokens: prefills were cut
     streams.check(reference)
     assert "still served by surviving copies: expert 8 -> rank 0 (layers [0, 1])" in lost_line(spares, 1)
