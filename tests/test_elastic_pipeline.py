@@ -21,12 +21,14 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
 
 import pytest
 import torch
 
 from expertmesh.elastic.layout import Layout, StageLost
-from expertmesh.elastic.slots import Slot, links_of, plan_slots, relabel, slot_of
+from expertmesh.elastic.slots import Copy, Slot, links_of, plan_slots, relabel, slot_of
+from expertmesh.engine.request import TokenOutput
 from expertmesh.deployment import Deployment
 from elastic_streams import Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
 
@@ -196,20 +198,43 @@ def test_a_stage_with_no_rank_left_is_stage_lost_naming_its_last_ranks():
 def test_a_pipeline_keeps_a_scheduler_only_when_all_its_copies_hold_the_same_one():
     layout = Layout(((0, 2, 3), (4, 5, 7)))
     same, other = {"r": [5, 6]}, {"r": [5, 6, 7]}
-    before = {0: (0, same), 4: (0, same),      # pipeline 0 lost no rank: kept
-              2: (2, {}), 5: (1, {}),          # ranks of two pipelines: empty
-              3: (3, same), 7: (3, other)}     # one copy a token ahead (a step cut short): empty
+    before = {0: Copy(0, same), 4: Copy(0, same),    # pipeline 0 lost no rank: kept
+              2: Copy(2, {}), 5: Copy(1, {}),        # ranks of two pipelines: empty
+              3: Copy(3, same), 7: Copy(3, other)}   # a token apart, no step to catch up: empty
     slots = plan_slots(layout, before)
     assert slots == [Slot((0, 4), 0), Slot((2, 5), None), Slot((3, 7), None)]
-    assert plan_slots(Layout(((0, 1, 3),)), {0: (0, {}), 1: (1, {}), 3: (None, {})}) == [
+    assert plan_slots(Layout(((0, 1, 3),)), {0: Copy(0, {}), 1: Copy(1, {}), 3: Copy(None, {})}) == [
         Slot((0,), 0), Slot((1,), 1), Slot((3,), None)]  # one stage: each its own; a joined one empty
     assert [slot_of(slots, r) for r in (0, 5, 7)] == [0, 1, 2]
-    assert slot_of(plan_slots(Layout(((0,), (2, 3))), {0: (0, {}), 2: (0, {}), 3: (1, {})}), 3) is None
+    assert slot_of(plan_slots(Layout(((0,), (2, 3))), {0: Copy(0, {}), 2: Copy(0, {}), 3: Copy(1, {})}), 3) is None
+
+
+def test_a_copy_one_step_behind_its_last_stage_catches_up_and_anything_else_starts_empty():
+    """The step was cut after the last stage sampled and recorded it, before the all-gather
+    took its tokens to the first stage: the first stage finishes it from the last's outputs."""
+    step = (("a", 1), ("b", 1), ("c", 4))  # c's prefill chunk samples nothing
+    outputs = [TokenOutput("a", 9, 2), TokenOutput("b", 4, 1, finished="length")]
+    first = Copy(0, {"a": [5, 6], "b": [7], "c": []}, "stats before", finished=3, open=step)
+    last = Copy(0, {"a": [5, 6, 9], "c": []}, "stats after", finished=4, last=(step, outputs))
+    layout = Layout(((0,), (4,)))
+    assert plan_slots(layout, {0: first, 4: last}) == [Slot((0, 4), 0, behind=(0,))]
+    middle = Layout(((0,), (2,), (4,)))  # a middle stage the all-gather reached: level with the last
+    assert plan_slots(middle, {0: first, 2: replace(last, last=None), 4: last}) == [Slot((0, 2, 4), 0, (0,))]
+    disagree = [replace(first, held={"a": [5, 7], "b": [7], "c": []}),  # another token before
+                replace(first, open=step[:2]),                          # another step scheduled
+                replace(first, open=None),                              # the step not scheduled
+                replace(first, finished=2),                             # two steps behind
+                replace(first, dp=1)]                                   # another scheduler
+    for copy in disagree:
+        assert plan_slots(layout, {0: copy, 4: last}) == [Slot((0, 4), None)], copy
+    # level with the last stage before it sampled, then a step begun but not finished by either
+    level = replace(last, open=step, last=((("a", 1),), [TokenOutput("a", 5, 1)]))
+    assert plan_slots(layout, {0: replace(level, last=None), 4: level}) == [Slot((0, 4), 0)]
 
 
 def test_links_join_each_pipelines_neighbours_in_the_new_numbering():
     layout = Layout(((0, 2, 3), (4, 5, 7)))  # new group ranks: 0 2 3 -> 0 1 2, 4 5 7 -> 3 4 5
-    slots = plan_slots(layout, {r: (None, {}) for r in layout.members})
+    slots = plan_slots(layout, {r: Copy(None, {}) for r in layout.members})
     cpu = torch.device("cpu")
     first, last = links_of(layout, slots, 2, cpu), links_of(layout, slots, 5, cpu)
     assert (first.is_first, first.is_last, first.prev_rank, first.next_rank, first.token_peer) == (True, False, None, 4, 4)
