@@ -12,7 +12,9 @@ Three servers, taking their losses in order:
   spares: one spare replica per stage (`--redundant-experts 1`: rank 0 copies expert 8 of rank 1,
           rank 2 expert 8 of rank 3): rank 3 mid-stream (its expert 8 served by rank 2's copy),
           rank 1 during the prefills (expert 8 by rank 0's), then rank 2: stage 1 is gone.
-  ep4pp2: rank 5 (the intact pipelines stay), then rank 4 (rank 0 left serving experts only).
+  ep4pp2: rank 5, killed by rank 4 as it recorded a step whose tokens never reached rank 0 (the
+          intact pipelines stay, 0-4 catching up that step), then rank 4 (rank 0 left serving
+          experts only).
 Then the parts: `Layout`, the slots, the links and the labels, against plain rules.
 """
 
@@ -22,6 +24,7 @@ import signal
 import subprocess
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -29,13 +32,19 @@ import torch
 from expertmesh.elastic.layout import Layout, StageLost
 from expertmesh.elastic.slots import Copy, Slot, links_of, plan_slots, relabel, slot_of
 from expertmesh.engine.request import TokenOutput
+from expertmesh import faults
 from expertmesh.deployment import Deployment
+from expertmesh.server.engine_process import WARMUP_TOKENS
 from elastic_streams import Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
 
 pytest.importorskip("openai", reason="the server is driven by the openai client (pip install -e '.[test,serve]')")
 pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
 from test_server import Server  # noqa: E402
 
+FAULTY_CLI = str(Path(__file__).with_name("faulty_cli.py"))  # the CLI with faults enabled
+# rank 4 (pipeline 0's last stage) kills rank 5 right after recording its 5th sampled step (the
+# warm-up's 2, then the third of the streams'), before the step's all-gather (`faults.py`)
+CUT = f"4:{WARMUP_TOKENS + 3}:cut:5"
 COMMON = ("--elastic", "--timeout", "60", "--num-blocks", "64", "--block-size", "8",
           "--served-model-name", "tiny")
 
@@ -45,9 +54,10 @@ def servers(tmp_path_factory):
     """The one factory of this file's servers: started on first use, each kept for its tests."""
     started: dict[str, Server] = {}
 
-    def get(name: str, *extra: str, deployment: str = "ep2pp2") -> Server:
+    def get(name: str, *extra: str, deployment: str = "ep2pp2", **options) -> Server:
         if name not in started:
-            started[name] = Server(tmp_path_factory.mktemp(name), "--deployment", deployment, *COMMON, *extra)
+            started[name] = Server(tmp_path_factory.mktemp(name), "--deployment", deployment, *COMMON,
+                                   *extra, **options)
         return started[name]
 
     yield get
@@ -148,12 +158,18 @@ def test_a_stage_left_without_ranks_ends_the_server_with_exit_1_and_one_line(spa
 
 
 def test_ep4pp2_keeps_its_intact_pipelines_and_rank_0_may_end_up_serving_experts_only(servers, reference):
-    """Rank 5 lost: pipelines 0-4, 2-6, 3-7 stay (rank 1 serves experts only); then rank 4:
-    0-4 broken and no stage-1 rank free, so rank 0 serves experts only and still runs the engine
-    loop; the two pipelines left serve everything."""
-    s = servers("ep4pp2", deployment="ep4pp2")
-    kill_mid_stream(s, 5, reference, salt=21, tokens=16)
-    assert "now ep4 + ep3 (2 stages), 3 pipelines" in lost_line(s, 5)
+    """Rank 5 lost, at the worst time for pipeline 0-4: rank 4 had sampled and recorded a step,
+    whose tokens the all-gather never took to rank 0 (rank 4 killed rank 5 there: `CUT`). Each
+    stream still has every token once, and pipelines 0-4, 2-6, 3-7 keep their schedulers, 0-4
+    after catching up that step (rank 1 serves experts only). Then rank 4: 0-4 broken and no
+    stage-1 rank free, so rank 0 serves experts only and still runs the engine loop; the two
+    pipelines left serve everything."""
+    s = servers("ep4pp2", deployment="ep4pp2", cli=(FAULTY_CLI,), env={faults.ENV: CUT})
+    streams = Streams(s, prompts(6, 12, 21), max_tokens=16)
+    streams.check(reference)
+    line = lost_line(s, 5)
+    assert re.search(r"now ep4 \+ ep3 \(2 stages\), 3 pipelines \(schedulers kept: 3 \([123] caught up a "
+                     r"step\), started empty: 0\)", line), line
     kill_mid_stream(s, 4, reference, salt=31, tokens=16)
     assert "now ep4 + ep2 (2 stages), 2 pipelines" in lost_line(s, 4)
     assert [r["state"] for r in health(s)["ranks"]] == ["ok"] * 4 + ["dead", "dead", "ok", "ok"]

@@ -244,6 +244,7 @@ class Engine:
                 outputs = [replace(o, logits=extra[o.request_id][0], logprobs=extra[o.request_id][1])
                            if o.request_id in extra else o for o in outputs]
             self.finished, self.open, self.last = self.finished + 1, None, (chosen, outputs)
+            faults.after_sampling(outputs)  # test-only; nothing unless asked
             # the stats, and the block hashes the pool cached and evicted since the last report
             mine = (self.dp, outputs, self.scheduler.stats(), self.scheduler.pool.take_changes())
         everyone = self._gather((mine, self.eplb.payload() if self.eplb else None))
