@@ -3,6 +3,7 @@
 Not a user feature, and impossible outside the tests: the environment variable
 
     EXPERTMESH_FAULT=RANK:STEP:KIND[:LAYER]      e.g. EXPERTMESH_FAULT=1:3:kill
+    EXPERTMESH_FAULT=RANK:STEP:cut:VICTIM        e.g. EXPERTMESH_FAULT=4:5:cut:5
 
 is honoured only in a process where `ENABLED` was set to True, in memory, before the run (the
 ranks a local run forks inherit it). No expertmesh entry point sets it: the tests do, in their
@@ -17,6 +18,15 @@ once per step of every `generate` call, the 2-step warm-up included, so a fault 
 (and the warm-up passes through it first, at steps 0 and 1); the serving engine
 (`engine/engine.py`) calls it once per engine step, counted by its runner. Disabled, `at_step` does nothing.
 A stall or a spin prints one line to stderr when it starts, so that a test knows the run reached it.
+
+`cut` cuts an engine step where a pipeline's stages part (`elastic/slots.py`): the serving
+engine's reporting rank RANK (a last pipeline stage), at the STEP-th step at which it sampled
+tokens (from 1, the warm-up's included; steps that sample nothing are not counted), right after
+its scheduler recorded them and before the step's all-gather, SIGKILLs rank VICTIM (another
+pipeline's: a rank of a local run, its launcher's children being the ranks in rank order) and
+waits until it is gone; the all-gather then fails, the step's tokens having reached no other
+rank. Only while no rank was lost (later the ranks are renumbered). The engine calls
+`after_sampling` there.
 """
 
 from __future__ import annotations
@@ -31,11 +41,15 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from expertmesh.launch import dead_ranks, local_store_path, process_running
+
 ENV = "EXPERTMESH_FAULT"
-KINDS = ("raise", "kill", "stall", "spin", "nan")
+KINDS = ("raise", "kill", "stall", "spin", "nan", "cut")
+GONE_S = 30.0  # how long a cut waits for its victim to be gone
 STALL_S = 3600.0
 ENABLED = False  # set only by the tests (see above)
 _poisoned: list = []  # (model, check) of an active nan fault
+_sampled = 0  # the steps at which this rank sampled tokens (a cut counts them)
 
 
 @dataclass(frozen=True)
@@ -44,22 +58,26 @@ class Fault:
     step: int
     kind: str
     layer: int | None = None
+    victim: int | None = None
 
 
 @functools.lru_cache(maxsize=8)
 def parse(text: str) -> Fault:
-    """`"1:3:kill"` -> Fault(rank=1, step=3, kind="kill"); `"0:2:nan:1"` poisons layer 1."""
+    """`"1:3:kill"` -> Fault(rank=1, step=3, kind="kill"); `"0:2:nan:1"` poisons layer 1;
+    `"4:5:cut:5"` -> Fault(4, 5, "cut", victim=5)."""
     parts = text.split(":")
     try:
         if len(parts) not in (3, 4) or parts[2] not in KINDS:
             raise ValueError
-        layer = int(parts[3]) if len(parts) == 4 else None
-        if layer is not None and parts[2] != "nan":
+        extra = int(parts[3]) if len(parts) == 4 else None
+        if (extra is None and parts[2] == "cut") or (extra is not None and parts[2] not in ("nan", "cut")):
             raise ValueError
-        return Fault(int(parts[0]), int(parts[1]), parts[2], layer)
+        if parts[2] == "cut":
+            return Fault(int(parts[0]), int(parts[1]), "cut", victim=extra)
+        return Fault(int(parts[0]), int(parts[1]), parts[2], extra)
     except ValueError:
         raise ValueError(f"{ENV}={text!r} must be RANK:STEP:KIND with KIND one of "
-                         f"{', '.join(KINDS)} (nan takes an optional :LAYER)") from None
+                         f"{', '.join(KINDS)} (nan takes an optional :LAYER, cut a :VICTIM)") from None
 
 
 def at_step(step: int, model: torch.nn.Module) -> None:
@@ -88,6 +106,33 @@ def at_step(step: int, model: torch.nn.Module) -> None:
             pass
     if fault.kind == "nan":
         _poison(model, fault.layer)
+
+
+def after_sampling(outputs: list) -> None:
+    """The serving engine's reporting rank, after its scheduler recorded the step's `outputs`:
+    a `cut` fault (see above) if enabled and it names this rank and this sampling step."""
+    global _sampled
+    text = os.environ.get(ENV)
+    if not ENABLED or not text or not outputs:
+        return
+    fault = parse(text)
+    if fault.kind != "cut" or fault.rank != (dist.get_rank() if dist.is_initialized() else 0):
+        return
+    if (store := local_store_path()) is None or dead_ranks(store):  # renumbered: not RANK's count
+        return
+    _sampled += 1
+    if _sampled != fault.step:
+        return
+    launcher = os.getppid()
+    with open(f"/proc/{launcher}/task/{launcher}/children") as f:
+        ranks = sorted(int(p) for p in f.read().split())
+    if len(ranks) != dist.get_world_size():
+        raise RuntimeError(f"{ENV}: a cut needs the ranks of a local run, not {ranks}")
+    victim = ranks[fault.victim]
+    os.kill(victim, signal.SIGKILL)
+    end = time.monotonic() + GONE_S
+    while process_running(victim) and time.monotonic() < end:
+        time.sleep(0.01)
 
 
 def _poison(model: torch.nn.Module, layer: int | None) -> None:

@@ -219,6 +219,22 @@ def test_the_ledger_reconciles_what_the_survivors_hold_with_what_was_streamed():
     assert ledger.reconcile({}, queued={0})[1] == [Request(3, (1, 2), max_tokens=4, generated=(5, 6))]
 
 
+def test_the_outputs_of_a_step_caught_up_are_streamed_once_finished_ones_included():
+    """A pipeline caught up the step its last stage recorded (`elastic/slots.py`): its outputs,
+    whose tokens the kept scheduler holds too, reach the clients once, and a request that step
+    finished is over, not re-queued; an output rank 0 had streamed before the loss is not sent again."""
+    ledger = Ledger()
+    for i in range(3):
+        ledger.add(Request(i, (1, 2), max_tokens=2))
+    ledger.record([TokenOutput(0, 9, 0), TokenOutput(1, 8, 0), TokenOutput(2, 7, 0),
+                   TokenOutput(2, 6, 1, "length")])
+    step = [TokenOutput(0, 5, 1, "length"), TokenOutput(1, 4, 1, "length"), TokenOutput(2, 6, 1, "length")]
+    ledger.record(step[1:2])  # 1's output did reach rank 0
+    outputs, requeue, drop = ledger.reconcile({}, queued=set(), caught_up=step)
+    assert (outputs, requeue, drop) == ([step[0]], [], [])
+    assert ledger.requests == {}
+
+
 @pytest.mark.parametrize("argv, message", [
     (["--deployment", "tp2", "--elastic"], "tensor parallelism is not supported"),
     (["--deployment", "tp2pp2", "--elastic"], "tensor parallelism is not supported"),

@@ -12,7 +12,9 @@ Three servers, taking their losses in order:
   spares: one spare replica per stage (`--redundant-experts 1`: rank 0 copies expert 8 of rank 1,
           rank 2 expert 8 of rank 3): rank 3 mid-stream (its expert 8 served by rank 2's copy),
           rank 1 during the prefills (expert 8 by rank 0's), then rank 2: stage 1 is gone.
-  ep4pp2: rank 5 (the intact pipelines stay), then rank 4 (rank 0 left serving experts only).
+  ep4pp2: rank 5, killed by rank 4 as it recorded a step whose tokens never reached rank 0 (the
+          intact pipelines stay, 0-4 catching up that step), then rank 4 (rank 0 left serving
+          experts only).
 Then the parts: `Layout`, the slots, the links and the labels, against plain rules.
 """
 
@@ -21,19 +23,28 @@ import re
 import signal
 import subprocess
 import sys
+from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
 
 from expertmesh.elastic.layout import Layout, StageLost
-from expertmesh.elastic.slots import Slot, links_of, plan_slots, relabel, slot_of
+from expertmesh.elastic.slots import Copy, Slot, links_of, plan_slots, relabel, slot_of
+from expertmesh.engine.request import TokenOutput
+from expertmesh import faults
 from expertmesh.deployment import Deployment
+from expertmesh.server.engine_process import WARMUP_TOKENS
 from elastic_streams import Streams, health, pid_of, prompts, reference  # noqa: F401 (fixture)
 
 pytest.importorskip("openai", reason="the server is driven by the openai client (pip install -e '.[test,serve]')")
 pytest.importorskip("fastapi", reason="expertmesh serve needs the serve extra (pip install -e '.[serve]')")
 from test_server import Server  # noqa: E402
 
+FAULTY_CLI = str(Path(__file__).with_name("faulty_cli.py"))  # the CLI with faults enabled
+# rank 4 (pipeline 0's last stage) kills rank 5 right after recording its 5th sampled step (the
+# warm-up's 2, then the third of the streams'), before the step's all-gather (`faults.py`)
+CUT = f"4:{WARMUP_TOKENS + 3}:cut:5"
 COMMON = ("--elastic", "--timeout", "60", "--num-blocks", "64", "--block-size", "8",
           "--served-model-name", "tiny")
 
@@ -43,9 +54,10 @@ def servers(tmp_path_factory):
     """The one factory of this file's servers: started on first use, each kept for its tests."""
     started: dict[str, Server] = {}
 
-    def get(name: str, *extra: str, deployment: str = "ep2pp2") -> Server:
+    def get(name: str, *extra: str, deployment: str = "ep2pp2", **options) -> Server:
         if name not in started:
-            started[name] = Server(tmp_path_factory.mktemp(name), "--deployment", deployment, *COMMON, *extra)
+            started[name] = Server(tmp_path_factory.mktemp(name), "--deployment", deployment, *COMMON,
+                                   *extra, **options)
         return started[name]
 
     yield get
@@ -147,12 +159,18 @@ def test_a_stage_left_without_ranks_ends_the_server_with_exit_1_and_one_line(spa
 
 
 def test_ep4pp2_keeps_its_intact_pipelines_and_rank_0_may_end_up_serving_experts_only(servers, reference):
-    """Rank 5 lost: pipelines 0-4, 2-6, 3-7 stay (rank 1 serves experts only); then rank 4:
-    0-4 broken and no stage-1 rank free, so rank 0 serves experts only and still runs the engine
-    loop; the two pipelines left serve everything."""
-    s = servers("ep4pp2", deployment="ep4pp2")
-    kill_mid_stream(s, 5, reference, salt=21, tokens=16)
-    assert "now ep4 + ep3 (2 stages), 3 pipelines" in lost_line(s, 5)
+    """Rank 5 lost, at the worst time for pipeline 0-4: rank 4 had sampled and recorded a step,
+    whose tokens the all-gather never took to rank 0 (rank 4 killed rank 5 there: `CUT`). Each
+    stream still has every token once, and pipelines 0-4, 2-6, 3-7 keep their schedulers, 0-4
+    after catching up that step (rank 1 serves experts only). Then rank 4: 0-4 broken and no
+    stage-1 rank free, so rank 0 serves experts only and still runs the engine loop; the two
+    pipelines left serve everything."""
+    s = servers("ep4pp2", deployment="ep4pp2", cli=(FAULTY_CLI,), env={faults.ENV: CUT})
+    streams = Streams(s, prompts(6, 12, 21), max_tokens=16)
+    streams.check(reference)
+    line = lost_line(s, 5)
+    assert re.search(r"now ep4 \+ ep3 \(2 stages\), 3 pipelines \(schedulers kept: 3 \([123] caught up a "
+                     r"step\), started empty: 0\)", line), line
     kill_mid_stream(s, 4, reference, salt=31, tokens=16)
     assert "now ep4 + ep2 (2 stages), 2 pipelines" in lost_line(s, 4)
     assert [r["state"] for r in health(s)["ranks"]] == ["ok"] * 4 + ["dead", "dead", "ok", "ok"]
@@ -197,20 +215,43 @@ def test_a_stage_with_no_rank_left_is_stage_lost_naming_its_last_ranks():
 def test_a_pipeline_keeps_a_scheduler_only_when_all_its_copies_hold_the_same_one():
     layout = Layout(((0, 2, 3), (4, 5, 7)))
     same, other = {"r": [5, 6]}, {"r": [5, 6, 7]}
-    before = {0: (0, same), 4: (0, same),      # pipeline 0 lost no rank: kept
-              2: (2, {}), 5: (1, {}),          # ranks of two pipelines: empty
-              3: (3, same), 7: (3, other)}     # one copy a token ahead (a step cut short): empty
+    before = {0: Copy(0, same), 4: Copy(0, same),    # pipeline 0 lost no rank: kept
+              2: Copy(2, {}), 5: Copy(1, {}),        # ranks of two pipelines: empty
+              3: Copy(3, same), 7: Copy(3, other)}   # a token apart, no step to catch up: empty
     slots = plan_slots(layout, before)
     assert slots == [Slot((0, 4), 0), Slot((2, 5), None), Slot((3, 7), None)]
-    assert plan_slots(Layout(((0, 1, 3),)), {0: (0, {}), 1: (1, {}), 3: (None, {})}) == [
+    assert plan_slots(Layout(((0, 1, 3),)), {0: Copy(0, {}), 1: Copy(1, {}), 3: Copy(None, {})}) == [
         Slot((0,), 0), Slot((1,), 1), Slot((3,), None)]  # one stage: each its own; a joined one empty
     assert [slot_of(slots, r) for r in (0, 5, 7)] == [0, 1, 2]
-    assert slot_of(plan_slots(Layout(((0,), (2, 3))), {0: (0, {}), 2: (0, {}), 3: (1, {})}), 3) is None
+    assert slot_of(plan_slots(Layout(((0,), (2, 3))), {0: Copy(0, {}), 2: Copy(0, {}), 3: Copy(1, {})}), 3) is None
+
+
+def test_a_copy_one_step_behind_its_last_stage_catches_up_and_anything_else_starts_empty():
+    """The step was cut after the last stage sampled and recorded it, before the all-gather
+    took its tokens to the first stage: the first stage finishes it from the last's outputs."""
+    step = (("a", 1), ("b", 1), ("c", 4))  # c's prefill chunk samples nothing
+    outputs = [TokenOutput("a", 9, 2), TokenOutput("b", 4, 1, finished="length")]
+    first = Copy(0, {"a": [5, 6], "b": [7], "c": []}, "stats before", finished=3, open=step)
+    last = Copy(0, {"a": [5, 6, 9], "c": []}, "stats after", finished=4, last=(step, outputs))
+    layout = Layout(((0,), (4,)))
+    assert plan_slots(layout, {0: first, 4: last}) == [Slot((0, 4), 0, behind=(0,))]
+    middle = Layout(((0,), (2,), (4,)))  # a middle stage the all-gather reached: level with the last
+    assert plan_slots(middle, {0: first, 2: replace(last, last=None), 4: last}) == [Slot((0, 2, 4), 0, (0,))]
+    disagree = [replace(first, held={"a": [5, 7], "b": [7], "c": []}),  # another token before
+                replace(first, open=step[:2]),                          # another step scheduled
+                replace(first, open=None),                              # the step not scheduled
+                replace(first, finished=2),                             # two steps behind
+                replace(first, dp=1)]                                   # another scheduler
+    for copy in disagree:
+        assert plan_slots(layout, {0: copy, 4: last}) == [Slot((0, 4), None)], copy
+    # level with the last stage before it sampled, then a step begun but not finished by either
+    level = replace(last, open=step, last=((("a", 1),), [TokenOutput("a", 5, 1)]))
+    assert plan_slots(layout, {0: replace(level, last=None), 4: level}) == [Slot((0, 4), 0)]
 
 
 def test_links_join_each_pipelines_neighbours_in_the_new_numbering():
     layout = Layout(((0, 2, 3), (4, 5, 7)))  # new group ranks: 0 2 3 -> 0 1 2, 4 5 7 -> 3 4 5
-    slots = plan_slots(layout, {r: (None, {}) for r in layout.members})
+    slots = plan_slots(layout, {r: Copy(None, {}) for r in layout.members})
     cpu = torch.device("cpu")
     first, last = links_of(layout, slots, 2, cpu), links_of(layout, slots, 5, cpu)
     assert (first.is_first, first.is_last, first.prev_rank, first.next_rank, first.token_peer) == (True, False, None, 4, 4)

@@ -31,18 +31,24 @@ class Ledger:
                 if out.finished:
                     self.drop(out.request_id)
 
-    def reconcile(self, held: dict, queued: set) -> tuple[list[TokenOutput], list[Request], list]:
+    def reconcile(self, held: dict, queued: set, caught_up: list[TokenOutput] = ()
+                  ) -> tuple[list[TokenOutput], list[Request], list]:
         """`held`: what the survivors' schedulers hold, {request id: tokens generated so far};
-        `queued`: ids the engine holds for its next step anyway. Returns (the outputs of tokens a
-        survivor generated that were never streamed, recorded here as streamed; the requests to
-        re-queue: in flight, neither held nor queued, each with `generated` set to the tokens
-        streamed, in the order they came; the held ids no longer in flight, to abort)."""
-        outputs = []
+        `queued`: ids the engine holds for its next step anyway; `caught_up`: the outputs of the
+        steps a pipeline caught up (`elastic/slots.py`), finished ones included, whose tokens
+        `held` holds too. Returns (the outputs of tokens a survivor generated that were never
+        streamed, recorded here as streamed; the requests to re-queue: in flight, neither held
+        nor queued, each with `generated` set to the tokens streamed, in the order they came;
+        the held ids no longer in flight, to abort)."""
+        outputs = [o for o in caught_up if o.request_id in self.streamed
+                   and o.index == len(self.streamed[o.request_id])]  # not streamed before the loss
+        self.record(outputs)
         for i, tokens in held.items():
             sent = self.streamed.get(i)
             if sent is not None:
-                outputs += [TokenOutput(i, t, n) for n, t in enumerate(tokens) if n >= len(sent)]
-        self.record(outputs)
+                fresh = [TokenOutput(i, t, n) for n, t in enumerate(tokens) if n >= len(sent)]
+                self.record(fresh)
+                outputs += fresh
         requeue = [replace(r, generated=tuple(self.streamed[i]))
                    for i, r in self.requests.items() if i not in queued and i not in held]
         return outputs, requeue, [i for i in held if i not in self.requests]

@@ -23,20 +23,24 @@ Regrouping (`Elastic.recover`, every survivor, each on its own after its step fa
      so far, with its data-parallel rank and stats) and the experts moved; every rank works
      out the same data-parallel slots (`slots.py`: a pipeline that lost no rank stays, the
      survivors of broken ones pair up, `layout.py`; a pipeline keeps its scheduler and KV cache
-     where all its copies agree, else starts empty, `Engine.restart`; a rank left over serves
-     experts only), a second all-gather shares the
+     where all its copies agree, or where some are one step behind the last stage's (a step cut
+     after it sampled: they finish it from its outputs, `Engine.catch_up`), else starts empty,
+     `Engine.restart`; a rank left over serves experts only), a second all-gather shares the
      stats, and the engine resumes as rank `new rank` on its new pipeline links
      (`Engine.resume`). Under one stage every survivor keeps its own scheduler. Rank 0 then
      (`ledger.py`) streams the tokens a kept scheduler generated that the failed step never
-     sent, re-queues every request no kept scheduler holds (the dead rank's pipeline's, and any
-     whose step message was lost) with the tokens already streamed, which are recomputed, not
-     sent again, and aborts what a survivor holds that is no longer in flight.
+     sent (with a step caught up, its outputs as the last stage made them), re-queues every
+     request no kept scheduler holds (the dead rank's pipeline's, and any whose step message
+     was lost) with the tokens already streamed, which are recomputed, not sent again, and
+     aborts what a survivor holds that is no longer in flight.
 Rank 0 dying is not survived: the launcher ends the run (exit 1).
 
 What crosses the network: at start-up one all-gather of every rank's pid; in a recovery, the
 barrier's counter on the file store, the new groups' rendezvous and two all-gathers (the
-schedulers' holdings: a request id and its generated token ids per sequence, and the experts
-moved; then the stats); no weights.
+schedulers' holdings: a request id and its generated token ids per sequence, the step each
+scheduled and did not finish and, from a last stage, the step it finished last (a request id
+and token count per sequence, and its outputs), and the experts moved; then the stats); no
+weights.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ import pickle
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -55,7 +59,7 @@ from expertmesh import heartbeat
 from expertmesh.deployment import Deployment
 from expertmesh.elastic.experts import reshard, reshard_join
 from expertmesh.elastic.layout import Layout, StageLost
-from expertmesh.elastic.slots import links_of, plan_slots, relabel, slot_of
+from expertmesh.elastic.slots import Copy, links_of, plan_slots, relabel, slot_of
 from expertmesh.elastic.sockets import break_connections
 from expertmesh.launch import JOINED_PREFIX, dead_ranks, init_group, write_marker
 from expertmesh.parallel.mesh import groups_of
@@ -73,7 +77,9 @@ class Recovery:
     experts loaded elsewhere and of the dead ranks' other experts (still held by a survivor),
     the seconds from the failed step to the new groups with every survivor's experts in place,
     what the kept schedulers hold: {request id: tokens generated so far}, and under pipeline
-    stages how many data-parallel ranks kept their scheduler and how many started empty."""
+    stages how many data-parallel ranks kept their scheduler and how many started empty, how
+    many of the kept ones caught up a step (`slots.py`), and that step's outputs, which rank 0
+    never received."""
 
     lost: dict[int, str]
     layout: str
@@ -83,6 +89,8 @@ class Recovery:
     held: dict
     kept: int = 0
     empty: int = 0
+    caught_up: int = 0
+    outputs: list = field(default_factory=list)
 
     @property
     def hung(self) -> int:
@@ -91,7 +99,9 @@ class Recovery:
 
     def describe(self) -> str:
         lost = ", ".join(f"rank {r} ({how})" for r, how in sorted(self.lost.items()))
-        pipelines = f" (schedulers kept: {self.kept}, started empty: {self.empty})" if "stages" in self.layout else ""
+        behind = f" ({self.caught_up} caught up a step)" if self.caught_up else ""
+        pipelines = (f" (schedulers kept: {self.kept}{behind}, started empty: {self.empty})"
+                     if "stages" in self.layout else "")
         return (f"elastic: lost {lost}; now {self.layout}{pipelines}; experts loaded anew: "
                 f"{_moves(self.moves)}; still served by surviving copies: {_moves(self.served)}; "
                 f"recovered in {self.seconds:.2f} s")
@@ -112,6 +122,16 @@ class Admission:
     def describe(self) -> str:
         return (f"elastic: rank {self.rank} (pid {self.pid}) joined; now ep{self.ep}; experts it "
                 f"took: {_moves(self.moves, 'from')}; joined in {self.seconds:.2f} s")
+
+
+def _copy(engine) -> Copy:
+    """`engine`'s copy of its scheduler, as `plan_slots` compares them."""
+    seqs = (*engine.scheduler.running, *engine.scheduler.waiting)
+    pairs = lambda chosen: tuple((seq.request.id, n) for seq, n in chosen)  # noqa: E731
+    return Copy(engine.dp, {s.request.id: s.tokens[len(s.request.prompt):] for s in seqs},
+                engine.scheduler.stats(), engine.finished,
+                None if engine.open is None else pairs(engine.open),
+                None if engine.last is None else (pairs(engine.last[0]), engine.last[1]))
 
 
 def _moves(per_layer: dict[int, dict[int, int]], way: str = "->") -> str:
@@ -211,7 +231,7 @@ class Elastic:
                 time.sleep(self.timeout)
             raise
         moves, served = self._reshard(model, layout, dead)
-        slots, held = self._resume(engine, layout, moves, served)
+        slots, held, outputs = self._resume(engine, layout, moves, served)
         if beat is not None:  # regrouped, experts in place: the next step is watched
             beat.arm()
         lost = {r: how for r, how in dead.items() if r not in self.lost}
@@ -219,7 +239,7 @@ class Elastic:
         self.layout = layout
         kept = sum(s.kept is not None for s in slots)
         report = Recovery(lost, layout.describe(), moves, served, time.monotonic() - started, held,
-                          kept, len(slots) - kept)
+                          kept, len(slots) - kept, sum(bool(s.behind) for s in slots), outputs)
         self.recoveries.append(report)
         return report
 
@@ -242,14 +262,12 @@ class Elastic:
         """Agree on the data-parallel slots (`slots.py`: one all-gather of what each scheduler
         holds, and of the moves for rank 0's log), restart this rank's scheduler where its
         pipeline keeps none, share the stats (a second all-gather) and resume `engine` on its
-        new links. Fills `moves` and `served` with every stage's; returns (the slots, what the
-        kept schedulers hold: {request id: tokens generated so far})."""
+        new links; a copy one step behind its last stage's catches up first. Fills `moves` and
+        `served` with every stage's; returns (the slots, what the kept schedulers hold: {request
+        id: tokens generated so far}, the outputs of the steps caught up)."""
         members = layout.members
-        seqs = (*engine.scheduler.running, *engine.scheduler.waiting)
-        mine = (engine.dp, {s.request.id: s.tokens[len(s.request.prompt):] for s in seqs},
-                engine.scheduler.stats())
         everyone: list = [None] * len(members)  # also a barrier: the time is the slowest's
-        dist.all_gather_object(everyone, (mine, moves, served))
+        dist.all_gather_object(everyone, (_copy(engine), moves, served))
         for _, m, s in everyone:
             moves.update(m)
             served.update(s)
@@ -258,6 +276,8 @@ class Elastic:
         slot = slot_of(slots, self.original)
         if slot is None or slots[slot].kept is None:
             engine.restart()
+        elif self.original in slots[slot].behind:
+            engine.catch_up(before[slots[slot].pipeline[-1]].last[1])
         stats: list = [None] * len(members)
         dist.all_gather_object(stats, engine.scheduler.stats())
         kept = [s.kept for s in slots]
@@ -265,8 +285,9 @@ class Elastic:
                       [stats[members.index(s.pipeline[-1])] for s in slots],
                       links_of(layout, slots, self.original, self.device))
         self.labels, self.fresh = relabel(self.labels, kept, self.fresh)
-        held = {k: v for s in slots if s.kept is not None for k, v in before[s.pipeline[-1]][1].items()}
-        return slots, held
+        held = {k: v for s in slots if s.kept is not None for k, v in before[s.pipeline[-1]].held.items()}
+        caught_up = [o for s in slots if s.behind for o in before[s.pipeline[-1]].last[1]]
+        return slots, held, caught_up
 
     def _meet(self, dead: dict[int, str], deadline: float) -> tuple[Layout, dict[int, str]]:
         """Destroy the old groups and form the survivors' default group; (the survivors' layout,

@@ -4,11 +4,14 @@ whether it keeps a scheduler (its requests and KV cache) or starts empty.
 A data-parallel rank's scheduler is replicated on every rank of its pipeline (`engine/engine.py`).
 After a loss, a pipeline that lost no rank stays, the survivors of broken ones pair up
 (`Layout.without`). A pipeline keeps a scheduler when all its ranks held the same one, in the
-same state: they served the same data-parallel rank before and what they hold agrees. A step cut
-short after the last stage sampled has advanced that stage's copy and not the others (seen in
-about one loss in two on ep4pp2): then they disagree. Otherwise it starts empty, and rank 0
-re-queues the requests it held (`ledger.py`). Under one stage every survivor keeps its own. A
-rank left over (no partner in some stage) serves experts only.
+same state: they served the same data-parallel rank before and what they hold agrees. A step
+cut short after the last stage sampled (seen in about one loss in two on ep4pp2) has advanced
+that stage's copy and not the others, which the step's all-gather never reached: those are one
+step behind, and catch up (`Slot.behind`: they finish that step from the last stage's outputs;
+every stage's forward of it ran, or the last stage could not have sampled, so its KV is
+written). Any other disagreement, or a new pairing, starts empty, and rank 0 re-queues the
+requests it held (`ledger.py`). Under one stage every survivor keeps its own. A rank left over
+(no partner in some stage) serves experts only.
 
 Every rank computes the same slots from the same all-gathered `before`.
 """
@@ -16,31 +19,80 @@ Every rank computes the same slots from the same all-gathered `before`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from expertmesh.elastic.layout import Layout
 from expertmesh.parallel.pipeline import PipelineLinks
 
+if TYPE_CHECKING:
+    from expertmesh.engine.scheduler import SchedulerStats
+
+
+@dataclass(frozen=True)
+class Copy:
+    """A rank's copy of a scheduler, as a recovery compares them: its data-parallel index (None:
+    experts only), what it holds ({request id: tokens generated so far}) and its stats, the
+    steps it finished since the last regrouping, the step it scheduled and did not finish
+    (`open`: (request id, tokens computed) in order, or None), and on the last stage the last
+    step it finished (`last`: the same pairs, then its `TokenOutput`s), which a copy behind
+    finishes from."""
+
+    dp: int | None
+    held: dict
+    stats: SchedulerStats | None = None
+    finished: int = 0
+    open: tuple | None = None
+    last: tuple | None = None
+
+    @property
+    def state(self) -> tuple:
+        return self.dp, self.held, self.stats, self.finished
+
 
 @dataclass(frozen=True)
 class Slot:
-    """A data-parallel rank: its `pipeline` (original ranks, first stage first) and the old
-    data-parallel index whose scheduler it keeps (`kept`), or None: it starts empty."""
+    """A data-parallel rank: its `pipeline` (original ranks, first stage first), the old
+    data-parallel index whose scheduler it keeps (`kept`), or None: it starts empty, and the
+    ranks whose copy is one step behind the last stage's (`behind`), which catch up."""
 
     pipeline: tuple[int, ...]
     kept: int | None
+    behind: tuple[int, ...] = ()
 
 
-def plan_slots(layout: Layout, before: dict[int, tuple]) -> list[Slot]:
-    """`before`: original rank -> (its old data-parallel index or None, then what its scheduler
-    holds, compared for equality). Slot i is `layout`'s pipeline i."""
+def plan_slots(layout: Layout, before: dict[int, Copy]) -> list[Slot]:
+    """`before`: original rank -> its copy. Slot i is `layout`'s pipeline i."""
     slots = []
     for pipeline in layout.pipelines:
-        first = before[pipeline[0]]
-        agree = first[0] is not None and all(before[r] == first for r in pipeline)
-        slots.append(Slot(pipeline, first[0] if agree else None))
+        last = before[pipeline[-1]]
+        behind = tuple(r for r in pipeline if one_step_behind(before[r], last))
+        agree = last.dp is not None and all(r in behind or before[r].state == last.state for r in pipeline)
+        slots.append(Slot(pipeline, last.dp, behind) if agree else Slot(pipeline, None))
     return slots
+
+
+def one_step_behind(copy: Copy, last: Copy) -> bool:
+    """`copy` scheduled the step `last` (its pipeline's last stage) finished last and did not
+    finish it: finishing it with `last`'s outputs gives what `last` holds."""
+    if last.last is None or copy.open is None or copy.dp != last.dp or copy.finished + 1 != last.finished:
+        return False
+    chosen, outputs = last.last
+    return copy.open == chosen and advance(copy.held, outputs) == last.held
+
+
+def advance(held: dict, outputs) -> dict | None:
+    """`held` ({request id: tokens generated}) after a step's `outputs`: a token more for each,
+    the finished ones gone; None where an output's request is not in `held`."""
+    after = {i: list(tokens) for i, tokens in held.items()}
+    for out in outputs:
+        if out.request_id not in after:
+            return None
+        after[out.request_id].append(out.token)
+        if out.finished:
+            del after[out.request_id]
+    return after
 
 
 def slot_of(slots: list[Slot], rank: int) -> int | None:

@@ -17,8 +17,9 @@ on its pipeline peers); otherwise there is one. Rank 0 places a new request by
 tokens), as of the last step's stats, whose all-gather also carries each pool's newly cached and
 evicted block hashes. A request stays on its rank.
 
-Under `serve --elastic` a recovery renumbers the ranks, may empty a scheduler (`restart`) and
-may leave a rank with no data-parallel rank (`self.dp` None: it serves experts only, with
+Under `serve --elastic` a recovery renumbers the ranks, may empty a scheduler (`restart`) or
+finish here a step that was cut short after the last stage recorded it (`catch_up`), and may
+leave a rank with no data-parallel rank (`self.dp` None: it serves experts only, with
 zero-token forwards); `resume` says so. Rank 0 may send a step as a bare boundary (`join` in the
 control message, no work: its new requests and aborts wait for the next step) at which every rank
 regroups with a process that joins (`elastic/recovery.py: Elastic.admit`); `resume` then makes
@@ -111,6 +112,11 @@ class Engine:
         self.join = None  # rank 0: a rank to admit at the next step (`elastic/recovery.py`)
         self.joined = None  # every rank: the admission the last step carried instead of work
         self.eplb = eplb  # online expert load balancing (`parallel/eplb.py`), or None
+        # elastic (`elastic/slots.py: Copy`): the steps finished since the last regrouping, the
+        # step scheduled and not finished yet, and on the reporting rank the last one finished
+        self.finished = 0
+        self.open: list | None = None
+        self.last: tuple | None = None
 
     def _agreed_blocks(self, model: MoETransformer, engine_cfg: EngineConfig) -> int:
         """`pool_blocks` on this rank; sized from device memory, the smallest over the ranks
@@ -184,6 +190,16 @@ class Engine:
         self.runner.exchange = ExchangeChoice(self.runner.model, self.runner.exchange.overlap)
         self.dp_stats = list(stats)
         self.aborts = []
+        self.finished, self.open, self.last = 0, None, None
+
+    def catch_up(self, outputs: list[TokenOutput]) -> None:
+        """Elastic, before `resume`: finish the step that was cut short here after this
+        pipeline's last stage finished it, with that stage's `outputs` (`elastic/slots.py`).
+        This rank's forward of it ran (the last stage could not sample before it), so its KV is
+        written; only the scheduler's record is missing."""
+        self.scheduler.finish(self.open, {o.request_id: o.token for o in outputs})
+        self.scheduler.pool.take_changes()  # the same as the reporting replica's
+        self.open = None
 
     def restart(self) -> None:
         """An empty scheduler and KV pool (elastic: this rank's pipeline is new, or its copies
@@ -215,7 +231,7 @@ class Engine:
             if dp == self.dp:
                 self.scheduler.add(request)
         faults.at_step(self.runner.steps, self.runner.model)  # test-only; nothing unless asked
-        chosen = self.scheduler.schedule()
+        chosen = self.open = self.scheduler.schedule()
         if self.eplb:
             self.eplb.begin_step()
         sampled = self.runner.forward(chosen, self.scheduler.sampled(chosen), message["decode_tokens"])
@@ -227,6 +243,8 @@ class Engine:
             if extra:
                 outputs = [replace(o, logits=extra[o.request_id][0], logprobs=extra[o.request_id][1])
                            if o.request_id in extra else o for o in outputs]
+            self.finished, self.open, self.last = self.finished + 1, None, (chosen, outputs)
+            faults.after_sampling(outputs)  # test-only; nothing unless asked
             # the stats, and the block hashes the pool cached and evicted since the last report
             mine = (self.dp, outputs, self.scheduler.stats(), self.scheduler.pool.take_changes())
         everyone = self._gather((mine, self.eplb.payload() if self.eplb else None))
@@ -237,6 +255,7 @@ class Engine:
             column = next(p for p in everyone if p is not None and p[0] == self.dp)
             self.scheduler.finish(chosen, {o.request_id: o.token for o in column[1]})
             self.scheduler.pool.take_changes()  # the same as the reporting replica's
+            self.finished, self.open = self.finished + 1, None
         if self.rank != 0:
             return []
         result = []

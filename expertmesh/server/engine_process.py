@@ -369,7 +369,9 @@ class EngineServer:
         survivors generated that were never streamed."""
         report = self.elastic.recover(self.engine, self.model, error)
         self.steps = 0
-        outputs, requeue, drop = self.ledger.reconcile(report.held, {r.id for r in self.engine.new})
+        outputs, requeue, drop = self.ledger.reconcile(report.held, {r.id for r in self.engine.new},
+                                                       report.outputs)
+        self.engine.live -= {o.request_id for o in outputs if o.finished}
         self.engine.requeue(requeue, drop)
         print(report.describe(), file=sys.stderr, flush=True)
         self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
