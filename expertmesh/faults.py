@@ -11,8 +11,11 @@ So a stray variable in a production environment (or one an attacker can set) doe
 
 The reliability tests use it to check that the run ends within its timeout, names the rank and
 leaves no process behind. KIND is `raise` (a RuntimeError), `kill` (SIGKILL to itself), `stall`
-(sleep for an hour), `spin` (a Python loop for an hour: a hung rank that keeps the CPU busy) or `nan` (the output of LAYER, default the first layer the rank holds, becomes
-NaN for that step, which the decode loop's finite check must report). The static loop (`engine/generate.py`) calls `at_step`
+(sleep for an hour), `spin` (a Python loop for an hour: a hung rank that keeps the CPU busy), `nan` (the output of LAYER, default the first layer the rank holds, becomes
+NaN for that step, which the decode loop's finite check must report) or `counters` (SIGKILL on
+entering the counters' collective, `server/rank_counters.py`, the first time at or after STEP that
+this rank holds a request: a death between a step and the collective after it, which an idle
+server's timing would make a matter of luck). The static loop (`engine/generate.py`) calls `at_step`
 once per step of every `generate` call, the 2-step warm-up included, so a fault at step >= 2 hits the measured run
 (and the warm-up passes through it first, at steps 0 and 1); the serving engine
 (`engine/engine.py`) calls it once per engine step, counted by its runner. Disabled, `at_step` does nothing.
@@ -32,7 +35,7 @@ import torch
 import torch.distributed as dist
 
 ENV = "EXPERTMESH_FAULT"
-KINDS = ("raise", "kill", "stall", "spin", "nan")
+KINDS = ("raise", "kill", "stall", "spin", "nan", "counters")
 STALL_S = 3600.0
 ENABLED = False  # set only by the tests (see above)
 _poisoned: list = []  # (model, check) of an active nan fault
@@ -62,18 +65,24 @@ def parse(text: str) -> Fault:
                          f"{', '.join(KINDS)} (nan takes an optional :LAYER)") from None
 
 
-def at_step(step: int, model: torch.nn.Module) -> None:
-    """Inject the fault of `EXPERTMESH_FAULT` if enabled and it names this rank and `step`."""
+def _mine() -> Fault | None:
+    """The fault of `EXPERTMESH_FAULT` if enabled and it names this rank."""
     text = os.environ.get(ENV)
     if not ENABLED or not text:
-        return
+        return None
+    fault = parse(text)
+    return fault if fault.rank == (dist.get_rank() if dist.is_initialized() else 0) else None
+
+
+def at_step(step: int, model: torch.nn.Module) -> None:
+    """Inject the fault of `EXPERTMESH_FAULT` if enabled and it names this rank and `step`."""
     while _poisoned:  # a nan fault lasts one step
         held, check = _poisoned.pop()
         held.after_layer.remove(check)
-    fault = parse(text)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if fault.rank != rank or fault.step != step:
+    fault = _mine()
+    if fault is None or fault.step != step or fault.kind == "counters":
         return
+    rank = fault.rank
     if fault.kind == "raise":
         raise RuntimeError(f"injected fault ({ENV}) at step {step}")
     if fault.kind == "kill":
@@ -88,6 +97,14 @@ def at_step(step: int, model: torch.nn.Module) -> None:
             pass
     if fault.kind == "nan":
         _poison(model, fault.layer)
+
+
+def at_counters(step: int, busy: bool) -> None:
+    """The `counters` fault, if it names this rank: SIGKILL when `busy` (holding a request) at or
+    after `step`."""
+    fault = _mine()
+    if fault is not None and fault.kind == "counters" and busy and step >= fault.step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _poison(model: torch.nn.Module, layer: int | None) -> None:
