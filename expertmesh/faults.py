@@ -12,8 +12,11 @@ So a stray variable in a production environment (or one an attacker can set) doe
 
 The reliability tests use it to check that the run ends within its timeout, names the rank and
 leaves no process behind. KIND is `raise` (a RuntimeError), `kill` (SIGKILL to itself), `stall`
-(sleep for an hour), `spin` (a Python loop for an hour: a hung rank that keeps the CPU busy) or `nan` (the output of LAYER, default the first layer the rank holds, becomes
-NaN for that step, which the decode loop's finite check must report). The static loop (`engine/generate.py`) calls `at_step`
+(sleep for an hour), `spin` (a Python loop for an hour: a hung rank that keeps the CPU busy), `nan` (the output of LAYER, default the first layer the rank holds, becomes
+NaN for that step, which the decode loop's finite check must report) or `counters` (SIGKILL on
+entering the counters' collective, `server/rank_counters.py`, the first time at or after STEP that
+this rank holds a request: a death between a step and the collective after it, which an idle
+server's timing would make a matter of luck); `cut` is below. The static loop (`engine/generate.py`) calls `at_step`
 once per step of every `generate` call, the 2-step warm-up included, so a fault at step >= 2 hits the measured run
 (and the warm-up passes through it first, at steps 0 and 1); the serving engine
 (`engine/engine.py`) calls it once per engine step, counted by its runner. Disabled, `at_step` does nothing.
@@ -44,7 +47,7 @@ import torch.distributed as dist
 from expertmesh.launch import dead_ranks, local_store_path, process_running
 
 ENV = "EXPERTMESH_FAULT"
-KINDS = ("raise", "kill", "stall", "spin", "nan", "cut")
+KINDS = ("raise", "kill", "stall", "spin", "nan", "counters", "cut")
 GONE_S = 30.0  # how long a cut waits for its victim to be gone
 STALL_S = 3600.0
 ENABLED = False  # set only by the tests (see above)
@@ -80,18 +83,24 @@ def parse(text: str) -> Fault:
                          f"{', '.join(KINDS)} (nan takes an optional :LAYER, cut a :VICTIM)") from None
 
 
-def at_step(step: int, model: torch.nn.Module) -> None:
-    """Inject the fault of `EXPERTMESH_FAULT` if enabled and it names this rank and `step`."""
+def _mine() -> Fault | None:
+    """The fault of `EXPERTMESH_FAULT` if enabled and it names this rank."""
     text = os.environ.get(ENV)
     if not ENABLED or not text:
-        return
+        return None
+    fault = parse(text)
+    return fault if fault.rank == (dist.get_rank() if dist.is_initialized() else 0) else None
+
+
+def at_step(step: int, model: torch.nn.Module) -> None:
+    """Inject the fault of `EXPERTMESH_FAULT` if enabled and it names this rank and `step`."""
     while _poisoned:  # a nan fault lasts one step
         held, check = _poisoned.pop()
         held.after_layer.remove(check)
-    fault = parse(text)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if fault.rank != rank or fault.step != step:
+    fault = _mine()
+    if fault is None or fault.step != step or fault.kind == "counters":
         return
+    rank = fault.rank
     if fault.kind == "raise":
         raise RuntimeError(f"injected fault ({ENV}) at step {step}")
     if fault.kind == "kill":
@@ -112,11 +121,8 @@ def after_sampling(outputs: list) -> None:
     """The serving engine's reporting rank, after its scheduler recorded the step's `outputs`:
     a `cut` fault (see above) if enabled and it names this rank and this sampling step."""
     global _sampled
-    text = os.environ.get(ENV)
-    if not ENABLED or not text or not outputs:
-        return
-    fault = parse(text)
-    if fault.kind != "cut" or fault.rank != (dist.get_rank() if dist.is_initialized() else 0):
+    fault = _mine()
+    if fault is None or fault.kind != "cut" or not outputs:
         return
     if (store := local_store_path()) is None or dead_ranks(store):  # renumbered: not RANK's count
         return
@@ -133,6 +139,14 @@ def after_sampling(outputs: list) -> None:
     end = time.monotonic() + GONE_S
     while process_running(victim) and time.monotonic() < end:
         time.sleep(0.01)
+
+
+def at_counters(step: int, busy: bool) -> None:
+    """The `counters` fault, if it names this rank: SIGKILL when `busy` (holding a request) at or
+    after `step`."""
+    fault = _mine()
+    if fault is not None and fault.kind == "counters" and busy and step >= fault.step:
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _poison(model: torch.nn.Module, layer: int | None) -> None:

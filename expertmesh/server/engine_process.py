@@ -20,7 +20,8 @@ Ending:
 - Rank 0 dies: its front ends see their parent gone, answer 503 and exit.
 - `--elastic` (`options.elastic`): a step that fails because another rank died is survived
   instead (`elastic/recovery.py`): every survivor regroups, rank 0 re-queues the requests in
-  flight (`elastic/ledger.py`), logs the recovery and sends the front ends every rank's state.
+  flight (`elastic/ledger.py`), logs the recovery and sends the front ends every rank's state
+  (rank 0's part: `server/elastic_serving.py`).
   A rank that hangs is killed by the launcher (`heartbeat.py`: every rank's step loop marks its
   progress, `--hang-timeout`), and survived the same way; rank 0 hung and killed ends the server.
   Between steps rank 0 looks for a process asking to join (`serve --join`, `elastic/join.py`);
@@ -47,7 +48,6 @@ import torch
 import torch.distributed as dist
 
 from expertmesh import heartbeat
-from expertmesh.elastic.ledger import Ledger
 from expertmesh.elastic.recovery import Elastic
 from expertmesh.engine.engine import Engine
 from expertmesh.engine.request import Request
@@ -58,9 +58,10 @@ from expertmesh.engine.worker import eplb_controller
 from expertmesh.model.transformer import MoETransformer
 from expertmesh.server.app import Limits
 from expertmesh.server.connections import ConnectionLimits
+from expertmesh.server.elastic_serving import ElasticServing
 from expertmesh.server.frontend import FRONTEND_ENV, FrontendOptions
 from expertmesh.launch import local_store_path
-from expertmesh.server.ipc import EngineChannel, FromEngine, RankState, Token
+from expertmesh.server.ipc import EngineChannel, FromEngine, Token
 from expertmesh.server.rank_counters import STATS_EVERY, counter_totals, share_counters
 
 IDLE_S = 0.5  # the longest rank 0 waits, idle, before an empty step
@@ -178,12 +179,7 @@ class EngineServer:
     def __init__(self, engine: Engine, model: MoETransformer, spec: RunSpec, options: ServeOptions,
                  elastic: Elastic | None = None, ticket: str | None = None):
         self.engine, self.model, self.spec, self.options = engine, model, spec, options
-        self.elastic, self.ticket = elastic, ticket
-        self.ledger = Ledger() if elastic is not None else None
-        # elastic: every rank's state, sent with every step (a front end may connect late), and
-        # (ranks lost, seconds, of them hung) of a recovery for front end 0 to count once
-        self.rank_states = [RankState(**r) for r in elastic.ranks()] if elastic is not None else None
-        self.recovered = (0, 0.0, 0)
+        self.elastic = ElasticServing(engine, model, elastic, ticket) if elastic is not None else None
         self.step_started: float | None = None  # monotonic time of the step in progress
         self.beat = heartbeat.mine()  # watched for hangs by the launcher (--hang-timeout)
         self.steps = 0  # warm-up included: the other ranks count those too (`follow`)
@@ -307,8 +303,8 @@ class EngineServer:
             if stopping and len(exited) == n:
                 self._stop_all()
                 return
-            if self.elastic is not None and self.engine.join is None:
-                self.engine.join = self.elastic.join_request()  # admitted at the next step
+            if self.elastic is not None:
+                self.elastic.ask_join()
             outputs, totals = [], None
             try:
                 outputs = self._step_and_record()
@@ -320,7 +316,8 @@ class EngineServer:
                         raise
                     # the step's tokens when the counters' collective failed after it: recorded
                     # as streamed, so sent now (they were lost once, a token missing mid-stream)
-                    outputs = outputs + self._recover(exc)
+                    outputs = outputs + self.elastic.recover(exc)
+                    self.steps = 0
                 except BaseException:
                     for i in range(n):
                         channel.send(i, FromEngine(failure=f"the engine failed ({type(exc).__name__})"))
@@ -336,22 +333,16 @@ class EngineServer:
                         del self.owners[out.request_id]
             stats = self.engine.stats()
             for i in range(n):
-                lost, seconds, hung = self.recovered if i == 0 else (0, 0.0, 0)
                 channel.send(i, FromEngine(tokens[i], rejected[i], stats, totals if i == 0 else None,
-                                           ranks=self.rank_states, lost=lost, recovery_s=seconds,
-                                           hung=hung,
-                                           degraded=self.elastic is not None and self.elastic.degraded,
-                                           join=self.ticket,
-                                           dp_ranks=self.elastic.labels if self.elastic is not None else None))
-            self.recovered = (0, 0.0, 0)
+                                           **(self.elastic.news(i) if self.elastic is not None else {})))
+            if self.elastic is not None:
+                self.elastic.sent()
 
     def _step_and_record(self) -> list:
         """A step's outputs, recorded in the ledger as streamed (elastic)."""
         outputs = self._step()
-        if self.engine.joined is not None:  # the step was the boundary a rank joins at
-            self._admit(self.engine.joined)
-        elif self.ledger is not None:
-            self.ledger.record(outputs)
+        if self.elastic is not None and self.elastic.after_step(outputs):
+            self.steps = 0  # the step was the boundary a rank joined at
         return outputs
 
     def _count(self):
@@ -363,43 +354,20 @@ class EngineServer:
         return counter_totals(ranks, cfg.n_experts, cfg.d_model * cfg.torch_dtype.itemsize,
                               self.spec.deployment.tp)
 
-    def _recover(self, error: RuntimeError) -> list:
-        """Survive a lost rank (raises `error` if none was lost): regroup, reconcile the requests
-        in flight with what the survivors hold, log it, tell the front ends; returns the tokens
-        survivors generated that were never streamed."""
-        report = self.elastic.recover(self.engine, self.model, error)
-        self.steps = 0
-        outputs, requeue, drop = self.ledger.reconcile(report.held, {r.id for r in self.engine.new},
-                                                       report.outputs)
-        self.engine.live -= {o.request_id for o in outputs if o.finished}
-        self.engine.requeue(requeue, drop)
-        print(report.describe(), file=sys.stderr, flush=True)
-        self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
-        self.recovered = (len(report.lost), report.seconds, report.hung)
-        return outputs
-
-    def _admit(self, join: tuple[int, int, str]) -> None:
-        """A new rank joins: regroup with it, log it, tell the front ends (the requests in
-        flight stay where they run; new ones may go to it)."""
-        report = self.elastic.admit(self.engine, self.model, join)
-        self.steps = 0
-        print(report.describe(), file=sys.stderr, flush=True)
-        self.rank_states = [RankState(**r) for r in self.elastic.ranks()]
-
     def _take(self, index: int, message, rejected: dict[str, str]) -> None:
         for request_id in message.aborts:
             if self.owners.pop(request_id, None) is not None:
                 self.engine.abort(request_id)
-                if self.ledger is not None:
-                    self.ledger.drop(request_id)
+                if self.elastic is not None:
+                    self.elastic.ledger.drop(request_id)
         for r in message.new:
             try:
                 request = Request(r.id, tuple(r.prompt), r.max_tokens, tuple(r.stop), r.temperature,
                                   r.top_p, r.seed, **r.options)
                 self.engine.add_request(request)
                 self.owners[r.id] = index
-                if self.ledger is not None:
-                    self.ledger.add(request)
+                if self.elastic is not None:
+                    self.elastic.ledger.add(request)
             except ValueError as exc:  # the front end checked what it could; the pool is ours
                 rejected[r.id] = str(exc)
 
