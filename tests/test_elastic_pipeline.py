@@ -138,14 +138,19 @@ def test_rank_3_killed_mid_stream_its_replicated_expert_is_served_by_rank_2s_cop
 
 
 def test_rank_1_killed_during_the_prefills_loses_nothing(spares, reference):
-    # a short prompt, whose first token comes a step after it is admitted, and two that take
-    # 30 steps of prefill each (8 tokens a step): when the first has a token the others prefill
+    # A short prompt first, decoding a token every step (the pipelines step together): the clock.
+    # Then two prompts that take 30 steps of prefill each (8 tokens a step), and the kill two of
+    # the clock's tokens later, well inside their prefills. Sent together, the short prompt could
+    # queue behind a long one on its pipeline and get its first token as the long ones finished.
     victim = pid_of(spares, 1)  # asked first: a /health round trip under load outlasts the prefills
-    streams = Streams(spares, prompts(1, 8, 3) + prompts(2, 240, 7), max_tokens=8)
-    streams.wait_for_first(0)
+    clock = Streams(spares, prompts(1, 8, 3), max_tokens=24)
+    clock.wait_for_first(0)
+    long = Streams(spares, prompts(2, 240, 7), max_tokens=8)
+    clock.wait_for(len(clock.tokens[0]) + 2)
     os.kill(victim, signal.SIGKILL)
-    assert not any(streams.tokens[1:])  # the kill came before their first tokens: prefills were cut
-    streams.check(reference)
+    assert not any(long.tokens)  # the kill came before their first tokens: prefills were cut
+    clock.check(reference)
+    long.check(reference)
     assert "still served by surviving copies: expert 8 -> rank 0 (layers [0, 1])" in lost_line(spares, 1)
     assert [r["state"] for r in health(spares)["ranks"]] == ["ok", "dead", "ok", "dead"]
 
