@@ -73,7 +73,7 @@ MEET_POLL_S = 0.005  # how often a survivor reads the barrier's count
 @dataclass(frozen=True)
 class Recovery:
     """One recovery, as rank 0 reports it: the ranks lost (original numbers) and how each ended,
-    the layout after (`Layout.describe`), {layer: {expert: new holder (original rank)}} of the
+    the layout after, {layer: {expert: new holder (original rank)}} of the
     experts loaded elsewhere and of the dead ranks' other experts (still held by a survivor),
     the seconds from the failed step to the new groups with every survivor's experts in place,
     what the kept schedulers hold: {request id: tokens generated so far}, and under pipeline
@@ -82,7 +82,7 @@ class Recovery:
     never received."""
 
     lost: dict[int, str]
-    layout: str
+    layout: Layout
     moves: dict[int, dict[int, int]]
     served: dict[int, dict[int, int]]
     seconds: float
@@ -101,8 +101,8 @@ class Recovery:
         lost = ", ".join(f"rank {r} ({how})" for r, how in sorted(self.lost.items()))
         behind = f" ({self.caught_up} caught up a step)" if self.caught_up else ""
         pipelines = (f" (schedulers kept: {self.kept}{behind}, started empty: {self.empty})"
-                     if "stages" in self.layout else "")
-        return (f"elastic: lost {lost}; now {self.layout}{pipelines}; experts loaded anew: "
+                     if len(self.layout.stages) > 1 else "")
+        return (f"elastic: lost {lost}; now {self.layout.describe()}{pipelines}; experts loaded anew: "
                 f"{_moves(self.moves)}; still served by surviving copies: {_moves(self.served)}; "
                 f"recovered in {self.seconds:.2f} s")
 
@@ -127,11 +127,15 @@ class Admission:
 def _copy(engine) -> Copy:
     """`engine`'s copy of its scheduler, as `plan_slots` compares them."""
     seqs = (*engine.scheduler.running, *engine.scheduler.waiting)
-    pairs = lambda chosen: tuple((seq.request.id, n) for seq, n in chosen)  # noqa: E731
     return Copy(engine.dp, {s.request.id: s.tokens[len(s.request.prompt):] for s in seqs},
                 engine.scheduler.stats(), engine.finished,
-                None if engine.open is None else pairs(engine.open),
-                None if engine.last is None else (pairs(engine.last[0]), engine.last[1]))
+                None if engine.open is None else _pairs(engine.open),
+                None if engine.last is None else (_pairs(engine.last[0]), engine.last[1]))
+
+
+def _pairs(chosen: list) -> tuple:
+    """A step's (sequence, new tokens) as (request id, new tokens) pairs: what copies compare."""
+    return tuple((seq.request.id, n) for seq, n in chosen)
 
 
 def _moves(per_layer: dict[int, dict[int, int]], way: str = "->") -> str:
@@ -238,7 +242,7 @@ class Elastic:
         self.lost.update(lost)
         self.layout = layout
         kept = sum(s.kept is not None for s in slots)
-        report = Recovery(lost, layout.describe(), moves, served, time.monotonic() - started, held,
+        report = Recovery(lost, layout, moves, served, time.monotonic() - started, held,
                           kept, len(slots) - kept, sum(bool(s.behind) for s in slots), outputs)
         self.recoveries.append(report)
         return report
