@@ -122,8 +122,7 @@ class DecodeGraphs:
         self.flat[:4 * self.rows].copy_(up[0].view(-1))
         self.table[:S, :on_device.shape[1]] = on_device
         self.table[S:, 0] = self.scratch
-        if self.backend.name == "flashinfer":
-            self._plan(B, torch.cat([tables.host().long(), torch.full((B - S, tables.width), self.scratch)]))
+        self._plan(B, tables)
         if B in self.graphs:
             graph, logits, flags, layers = self.graphs[B]
             graph.replay()
@@ -143,10 +142,15 @@ class DecodeGraphs:
              [seq.computed + 1 for seq in seqs]], dtype=torch.long).view(4, S)
         self.host[:, S:] = torch.tensor([[0], [0], [self.scratch * s], [1]])
 
-    def _plan(self, B: int, tables: torch.Tensor) -> None:
-        """FlashInfer's page table of the first B rows: their host `tables` `[B, w]` (the torch
-        backend plans on the device, inside the forward)."""
-        self.backend.plan_graph(tables, self.host[3, :B], self.block_size)
+    def _plan(self, B: int, tables: StepTables | None) -> None:
+        """FlashInfer's page table of the first B rows: the host's `tables` of the real ones
+        (none: every row padded), the rest the scratch block (the torch backend plans on the
+        device, inside the forward)."""
+        if self.backend.name != "flashinfer":
+            return
+        real = tables.host().long() if tables is not None else torch.zeros(0, 1, dtype=torch.long)
+        padding = torch.full((B - real.shape[0], real.shape[1]), self.scratch)
+        self.backend.plan_graph(torch.cat([real, padding]), self.host[3, :B], self.block_size)
 
     def _forward(self, B: int) -> torch.Tensor:
         plan = self.plans[B]
@@ -161,9 +165,7 @@ class DecodeGraphs:
         self.flat[:4 * self.rows].copy_(self.host.view(-1))
         self.table.fill_(self.scratch)
         before = len(self.finite.flags)
-        padding = torch.full((self.rows, 1), self.scratch)
-        if self.backend.name == "flashinfer":
-            self._plan(self.rows, padding)
+        self._plan(self.rows, None)
         if capture:
             side = torch.cuda.Stream()  # warm up off the capture stream, as capture requires
             side.wait_stream(torch.cuda.current_stream())
@@ -178,8 +180,7 @@ class DecodeGraphs:
         memory = torch.cuda.graph_pool_handle()
         try:
             for B in reversed(self.sizes):
-                if self.backend.name == "flashinfer":
-                    self._plan(B, padding[:B])
+                self._plan(B, None)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=memory):
                     logits = self._forward(B)
