@@ -276,12 +276,10 @@ class Scheduler:
         return chain_hashes(seq.tokens, self.cfg.block_size, self.key, seq.hashes)[:n_tokens // self.cfg.block_size]
 
     def _register(self, seq: Sequence) -> None:
-        """Offer the prefix cache each block of `seq` that its KV now fills. A decode step fills
-        a block once every block_size steps: the other steps return before touching the chain of
-        hashes, whose length grows with the context."""
+        """Offer the prefix cache each block of `seq` that its KV now fills (`finish` calls it
+        only when caching and a block filled: a decode step fills one every block_size steps,
+        and the chain of hashes grows with the context)."""
         full = seq.computed // self.cfg.block_size
-        if not self.cfg.prefix_caching or full <= seq.registered:
-            return
         hashes = self._hashes(seq, seq.computed)
         for i in range(seq.registered, full):
             self.pool.register(seq.blocks[i], hashes[i])
