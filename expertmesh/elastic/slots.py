@@ -5,8 +5,9 @@ A data-parallel rank's scheduler is replicated on every rank of its pipeline (`e
 After a loss, a pipeline that lost no rank stays, the survivors of broken ones pair up
 (`Layout.without`). A pipeline keeps a scheduler when all its ranks held the same one, in the
 same state: they served the same data-parallel rank before and what they hold agrees. A step
-cut short after the last stage sampled (seen by hand in about half of the ep4pp2 losses watched; not counted by a benchmark) has advanced
-that stage's copy and not the others, which the step's all-gather never reached: those are one
+cut short after the last stage sampled (seen by hand in about half of the ep4pp2 losses
+watched; not counted by a benchmark) has advanced that stage's copy and not the others, which
+the step's all-gather never reached: those are one
 step behind, and catch up (`Slot.behind`: they finish that step from the last stage's outputs;
 every stage's forward of it ran, or the last stage could not have sampled, so its KV is
 written). Any other disagreement, or a new pairing, starts empty, and rank 0 re-queues the
